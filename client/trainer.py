@@ -1,0 +1,150 @@
+"""Centralized private ZO training: the federated client's local loop run to completion on one machine.
+
+The loop reads like the algorithm: pick the trainable set (data-free), calibrate the noise for the whole
+run, then per stage (DP-ZOSO) and step: draw a public seed, estimate a privatised scalar on a Poisson
+batch, apply ``theta += -lr * scalar * z(seed)`` through the same code a replaying server uses, pull towards
+the stage anchor, and record the step with the accountant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from client.zo_step import zo_step
+from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, gaussian_step
+from shared.config import RunConfig
+from shared.models import TextClassifier, load_task_model
+from shared.noise import GaussianNoise, SecureRandom
+from shared.schedule import stages
+from shared.selection import TrainableSet, select_all, select_patterns, select_pruned, stage_fraction
+from shared.tasks import load_sst2
+from shared.update import TrainableView
+
+log = logging.getLogger(__name__)
+
+
+def select_trainable(task: TextClassifier, config: RunConfig, stage: int = 0) -> TrainableSet:
+    sel = config.selection
+    if sel.mode == "all":
+        return select_all(task.module)
+    if sel.mode == "patterns":
+        return select_patterns(task.module, sel.patterns)
+    fraction = stage_fraction(sel.fraction, sel.strategy, stage)
+    return select_pruned(task.module, task.synflow_output, fraction, sel.patterns)
+
+
+@dataclass
+class PrivacyPlan:
+    sample_rate: float
+    noise_multiplier: float  # 0 without privacy
+    steps: int
+
+    def noise(self, clip: float) -> GaussianNoise:
+        return GaussianNoise(self.noise_multiplier * clip)
+
+
+def plan_privacy(config: RunConfig, train_size: int) -> PrivacyPlan:
+    q = config.zo.batch_size / train_size
+    if q > 1:
+        raise ValueError(f"zo.batch_size {config.zo.batch_size} exceeds the training set size {train_size}")
+    steps = config.schedule.total_steps
+    if not config.privacy.enabled:
+        return PrivacyPlan(q, 0.0, steps)
+    sigma = config.privacy.noise_multiplier or calibrate_noise_multiplier(
+        config.privacy.epsilon, config.privacy.delta, q, steps
+    )
+    return PrivacyPlan(q, sigma, steps)
+
+
+def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
+    start = time.time()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out_dir = Path(config.out_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    task = load_task_model(config.model)
+    train_split = load_sst2("train", config.data.data_dir).balanced_subset(config.data.train_size, config.data.seed)
+    test_split = load_sst2("test", config.data.data_dir).balanced_subset(config.data.test_size, config.data.seed)
+    dev_split = load_sst2("dev", config.data.data_dir).balanced_subset(config.eval.dev_size, config.data.seed)
+    train_ids, test_ids, dev_ids = task.encode(train_split.sentences), task.encode(test_split.sentences), \
+        task.encode(dev_split.sentences)
+    log.info("model %s (%s), %d train / %d test examples", task.name, task.kind, len(train_ids), len(test_ids))
+
+    plan = plan_privacy(config, len(train_ids))
+    private = config.privacy.enabled
+    log.info("sampling rate %.3g, %d steps, noise multiplier %.4g", plan.sample_rate, plan.steps, plan.noise_multiplier)
+
+    zero_shot = task.accuracy(test_ids, test_split.labels, config.model.microbatch, progress)
+    log.info("zero-shot test accuracy %.4f", zero_shot)
+
+    rng = SecureRandom()
+    accountant = PrivacyAccountant()
+    event = gaussian_step(plan.noise_multiplier, plan.sample_rate) if private else None
+    metrics_path = out_dir / "metrics.jsonl"
+    selection = None
+    bar = tqdm(total=plan.steps, desc="DP-ZO" if private else "MeZO", unit="step", disable=not progress)
+    with metrics_path.open("w") as metrics:
+        for stage in stages(config.schedule, config.zo.lr, config.zo.mu):
+            if selection is None or (config.selection.mode == "prune" and config.selection.strategy != "static"):
+                new = select_trainable(task, config, stage.index)
+                if selection is not None and config.selection.strategy == "incremental":
+                    new = new.union(selection, [n for n, _ in task.module.named_parameters()])
+                selection = new
+                view = TrainableView(task.module, selection, config.zo.direction)
+                log.info("stage %d: %d trainable entries (%.3f%%), digest %s", stage.index, selection.size,
+                         100 * selection.fraction_of(task.module), selection.digest()[:16])
+            anchor = view.values() if config.schedule.prox > 0 else None
+            for t in range(stage.first_step, stage.first_step + stage.steps):
+                result = zo_step(
+                    task, view, train_ids, train_split.labels, seed=rng.seed64(), mu=stage.mu,
+                    sample_rate=plan.sample_rate, microbatch=config.model.microbatch, rng=rng,
+                    clip=config.privacy.clip if private else None, noise=plan.noise(config.privacy.clip),
+                )
+                coeff = float(np.float32(-stage.lr * result.scalar))
+                view.apply(result.seed, coeff)
+                if anchor is not None:
+                    view.pull_towards(anchor, stage.lr * config.schedule.prox)
+                if event is not None:
+                    accountant.record(event)
+                bar.update(1)
+                bar.set_postfix(stage=stage.index, loss=f"{result.loss:.3f}")
+                row = {"step": t + 1, "stage": stage.index, "batch": result.batch_size, "clipped": result.clipped,
+                       "loss": result.loss, "coeff": coeff}
+                if config.eval.every and (t + 1) % config.eval.every == 0 and len(dev_ids):
+                    row["dev_accuracy"] = task.accuracy(dev_ids, dev_split.labels, config.model.microbatch)
+                    bar.write(f"step {t + 1}: dev accuracy {row['dev_accuracy']:.4f}")
+                metrics.write(json.dumps(row) + "\n")
+    bar.close()
+
+    test_accuracy = task.accuracy(test_ids, test_split.labels, config.model.microbatch, progress)
+    epsilon = accountant.epsilon(config.privacy.delta) if private else None  # non-private: no guarantee
+    summary = {
+        "model": task.name,
+        "task": config.data.task,
+        "steps": plan.steps,
+        "epsilon": epsilon,
+        "delta": config.privacy.delta if private else None,
+        "noise_multiplier": plan.noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "trainable_entries": selection.size,
+        "trainable_fraction": selection.fraction_of(task.module),
+        "test_accuracy": test_accuracy,
+        "zero_shot_accuracy": zero_shot,
+        "train_size": len(train_ids),
+        "test_size": len(test_ids),
+        "wall_s": round(time.time() - start, 2),
+        "out_dir": str(out_dir),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,240 @@
+"""One typed, validated configuration for a private ZO run, loaded from TOML.
+
+Each section is a dataclass; unknown keys and bad values are rejected with an error naming the field
+(``privacy.epsilon must be > 0, got -1``), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from shared.directions import DIRECTION_KINDS
+from shared.selection import PRUNE_STRATEGIES, SELECTION_MODES
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the field."""
+
+
+def _require(ok: bool, name: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name} {message}, got {value!r}")
+
+
+def _positive(name: str, value: float) -> None:
+    _require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name, "must be > 0", value)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"  # "minilm", "smollm2", a Hugging Face model id or a local folder
+    kind: str = "auto"  # "encoder", "decoder" or "auto" (from the model's config)
+    max_length: int = 64
+    microbatch: int = 64  # examples per forward pass; bounds memory whatever the Poisson batch size
+
+    def validate(self) -> None:
+        _require(isinstance(self.name, str) and self.name != "", "model.name", "must be a non-empty string", self.name)
+        _require(self.kind in ("auto", "encoder", "decoder"), "model.kind", "must be auto, encoder or decoder",
+                 self.kind)
+        _require(isinstance(self.max_length, int) and self.max_length >= 8, "model.max_length", "must be an int >= 8",
+                 self.max_length)
+        _require(isinstance(self.microbatch, int) and self.microbatch >= 1, "model.microbatch", "must be an int >= 1",
+                 self.microbatch)
+
+
+@dataclass
+class DataConfig:
+    task: str = "sst2"
+    data_dir: str = ""  # local TSV folder; empty: $SEEDTUNE_DATA, then ../shared/data/sst2, then the hub
+    train_size: int = 0  # 0 = the whole training split; else a class-balanced subset of this size
+    test_size: int = 0  # 0 = the whole test split
+    seed: int = 0  # public seed for the subset choice
+
+    def validate(self) -> None:
+        _require(self.task == "sst2", "data.task", "must be 'sst2' (the only task so far)", self.task)
+        for name in ("train_size", "test_size"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, f"data.{name}", "must be an int >= 0", value)
+
+
+@dataclass
+class ZOConfig:
+    batch_size: int = 32  # expected batch size q*n under Poisson sampling
+    lr: float = 1e-4
+    mu: float = 1e-3  # smoothing scale of the two-point estimate
+    direction: str = "rademacher"
+
+    def validate(self) -> None:
+        _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "zo.batch_size", "must be an int >= 1",
+                 self.batch_size)
+        _positive("zo.lr", self.lr)
+        _positive("zo.mu", self.mu)
+        _require(self.direction in DIRECTION_KINDS, "zo.direction", f"must be one of {DIRECTION_KINDS}",
+                 self.direction)
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = True  # False: non-private MeZO (no clipping, no noise, epsilon reported as inf)
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    clip: float = 1.0  # per-example clipping bound C on the projected gradient
+    noise_multiplier: float = 0.0  # 0: calibrated from (epsilon, delta, sampling rate, steps)
+
+    def validate(self) -> None:
+        _require(isinstance(self.enabled, bool), "privacy.enabled", "must be true or false", self.enabled)
+        _positive("privacy.epsilon", self.epsilon)
+        _require(isinstance(self.delta, float) and 0 < self.delta < 1, "privacy.delta", "must be in (0, 1)",
+                 self.delta)
+        _positive("privacy.clip", self.clip)
+        _require(isinstance(self.noise_multiplier, (int, float)) and math.isfinite(self.noise_multiplier)
+                 and self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0", self.noise_multiplier)
+
+
+@dataclass
+class SelectionConfig:
+    mode: str = "prune"  # "all", "patterns" or "prune"
+    fraction: float = 0.01  # kept fraction for "prune"
+    strategy: str = "static"  # "static", "dynamic" (recomputed per stage), "incremental" (grows per stage)
+    patterns: list[str] = field(default_factory=list)  # glob patterns; with "prune", restricts the candidates
+
+    def validate(self) -> None:
+        _require(self.mode in SELECTION_MODES, "selection.mode", f"must be one of {SELECTION_MODES}", self.mode)
+        _require(isinstance(self.fraction, (int, float)) and 0 < self.fraction <= 1, "selection.fraction",
+                 "must be in (0, 1]", self.fraction)
+        _require(self.strategy in PRUNE_STRATEGIES, "selection.strategy", f"must be one of {PRUNE_STRATEGIES}",
+                 self.strategy)
+        _require(isinstance(self.patterns, list) and all(isinstance(p, str) for p in self.patterns),
+                 "selection.patterns", "must be a list of strings", self.patterns)
+        _require(self.mode != "patterns" or bool(self.patterns), "selection.patterns",
+                 "must name at least one pattern when selection.mode = 'patterns'", self.patterns)
+
+
+@dataclass
+class ScheduleConfig:
+    """DP-ZOSO stages: stage s runs stage_steps[s] steps at lr * lr_decay**s and mu * mu_decay**s."""
+
+    stage_steps: list[int] = field(default_factory=lambda: [300])
+    lr_decay: float = 0.5
+    mu_decay: float = 0.5
+    mu_min: float = 1e-5
+    prox: float = 0.0  # proximal strength lambda: theta -= lr_s * lambda * (theta - stage start) each step
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.stage_steps)
+
+    def validate(self) -> None:
+        _require(isinstance(self.stage_steps, list) and len(self.stage_steps) >= 1
+                 and all(isinstance(s, int) and s >= 1 for s in self.stage_steps),
+                 "schedule.stage_steps", "must be a non-empty list of ints >= 1", self.stage_steps)
+        _require(isinstance(self.lr_decay, (int, float)) and 0 < self.lr_decay <= 1, "schedule.lr_decay",
+                 "must be in (0, 1]", self.lr_decay)
+        _require(isinstance(self.mu_decay, (int, float)) and 0 < self.mu_decay <= 1, "schedule.mu_decay",
+                 "must be in (0, 1] (the perturbation scale never grows)", self.mu_decay)
+        _positive("schedule.mu_min", self.mu_min)
+        _require(isinstance(self.prox, (int, float)) and math.isfinite(self.prox) and self.prox >= 0,
+                 "schedule.prox", "must be >= 0", self.prox)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # steps between evaluations on the dev subset (0: only before and after training)
+    dev_size: int = 256  # dev examples per periodic evaluation (public-split monitoring, not model selection)
+
+    def validate(self) -> None:
+        _require(isinstance(self.every, int) and self.every >= 0, "eval.every", "must be an int >= 0", self.every)
+        _require(isinstance(self.dev_size, int) and self.dev_size >= 0, "eval.dev_size", "must be an int >= 0",
+                 self.dev_size)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    zo: ZOConfig = field(default_factory=ZOConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = ""  # where the run writes its files; empty: runs/<timestamp>
+    threads: int = 0  # torch CPU threads; 0: torch's default
+
+    def validate(self) -> "RunConfig":
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()
+        _require(isinstance(self.threads, int) and self.threads >= 0, "threads", "must be an int >= 0", self.threads)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def from_dict(data: Mapping[str, Any], cls: type = RunConfig, prefix: str = "") -> Any:
+    """Build a config dataclass from nested mappings, rejecting unknown keys by their dotted name."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {prefix}{key!r}; known keys: {sorted(fields)}")
+        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = from_dict(value, type(default), f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, default if default is not None else fields[key].default)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    # TOML writes 1e-5 as a float but 3 as an int; accept an int where a float is expected.
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the TOML file, then dotted overrides such as ``{"privacy.epsilon": 1.0}``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        with path.open("rb") as fh:
+            try:
+                data = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(data).validate()
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as a TOML value (``lr=1e-4``, ``patterns=["*norm*"]``); bare words
+    are taken as strings (``model.name=smollm2``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value

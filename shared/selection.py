@@ -1,0 +1,214 @@
+"""Which parameter entries are trained: everything, name patterns, or data-free pruning (DP-ZOPO).
+
+A :class:`TrainableSet` fixes an ordered list of (parameter name, flat entry indices). Its entries, in that
+order, form the flat vector over which directions are generated, so every node that holds the same base
+weights and the same set perturbs and updates the same entries. The set's digest lets nodes check that.
+
+Pruning uses a SynFlow-style score computed from the public weights alone (absolute weights, an all-ones
+input, score = |w * dR/dw| with R the summed output), so it costs no privacy budget and is recomputed
+identically everywhere. Scores are computed one parameter group at a time so that at most one group's
+gradient exists at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PRUNE_STRATEGIES = ("static", "dynamic", "incremental")
+SELECTION_MODES = ("all", "patterns", "prune")
+
+
+@dataclass(frozen=True)
+class TrainableSet:
+    """Ordered trainable entries: ``indices[name]`` is None for a whole tensor, else sorted flat indices."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    indices: tuple[torch.Tensor | None, ...]
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ValueError("the trainable set is empty: no parameter matched the selection")
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return tuple(
+            math.prod(shape) if idx is None else int(idx.numel()) for shape, idx in zip(self.shapes, self.indices)
+        )
+
+    @property
+    def size(self) -> int:
+        return sum(self.counts)
+
+    def segments(self) -> Iterator[tuple[str, torch.Tensor | None, int, int]]:
+        """Yield (name, indices, offset in the flat direction vector, count)."""
+        offset = 0
+        for name, idx, count in zip(self.names, self.indices, self.counts):
+            yield name, idx, offset, count
+            offset += count
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for name, shape, idx in zip(self.names, self.shapes, self.indices):
+            h.update(f"{name}:{shape}:".encode())
+            h.update(b"all" if idx is None else idx.to(torch.int64).numpy().tobytes())
+        return h.hexdigest()
+
+    def union(self, other: "TrainableSet", order: Iterable[str]) -> "TrainableSet":
+        """Entries in either set, names kept in ``order`` (the model's parameter order)."""
+        mine = dict(zip(self.names, zip(self.shapes, self.indices)))
+        theirs = dict(zip(other.names, zip(other.shapes, other.indices)))
+        names, shapes, indices = [], [], []
+        for name in order:
+            if name not in mine and name not in theirs:
+                continue
+            parts = [entry for entry in (mine.get(name), theirs.get(name)) if entry is not None]
+            shape = parts[0][0]
+            if any(idx is None for _, idx in parts):
+                merged = None
+            else:
+                merged = torch.unique(torch.cat([idx for _, idx in parts]))
+            names.append(name)
+            shapes.append(shape)
+            indices.append(merged)
+        return TrainableSet(tuple(names), tuple(shapes), tuple(indices))
+
+    def fraction_of(self, model: nn.Module) -> float:
+        return self.size / sum(p.numel() for p in model.parameters())
+
+
+def _named_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    # named_parameters() drops tied duplicates (e.g. a decoder's lm_head tied to its embedding), which is
+    # what we want: a tied tensor is one set of entries.
+    return list(model.named_parameters())
+
+
+def select_all(model: nn.Module) -> TrainableSet:
+    params = _named_params(model)
+    return TrainableSet(tuple(n for n, _ in params), tuple(tuple(p.shape) for _, p in params), (None,) * len(params))
+
+
+def select_patterns(model: nn.Module, patterns: Iterable[str]) -> TrainableSet:
+    """Whole tensors whose name matches any glob pattern (``*`` spans dots), e.g. ``*norm*`` or ``head.*``."""
+    patterns = list(patterns)
+    if not patterns:
+        raise ValueError("selection mode 'patterns' needs at least one pattern")
+    chosen = [(n, p) for n, p in _named_params(model) if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+    if not chosen:
+        names = ", ".join(n for n, _ in _named_params(model)[:8])
+        raise ValueError(f"no parameter name matches patterns {patterns}; names look like: {names}, ...")
+    return TrainableSet(tuple(n for n, _ in chosen), tuple(tuple(p.shape) for _, p in chosen), (None,) * len(chosen))
+
+
+@contextlib.contextmanager
+def _absolute_weights(model: nn.Module) -> Iterator[None]:
+    """Temporarily replace every weight by its absolute value; the signs are kept as 1 bit per entry."""
+    signs = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            signs[name] = torch.signbit(p)
+            p.abs_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p[signs[name]] = p[signs[name]].neg()
+
+
+def synflow_scores(
+    model: nn.Module,
+    synflow_output: Callable[[], torch.Tensor],
+    names: Iterable[str] | None = None,
+    group_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """SynFlow importance |w * dR/dw| for each named parameter, evaluated at the absolute weights.
+
+    ``synflow_output`` runs the model on its all-ones input and returns a scalar R. Gradients are taken for
+    ``group_size`` parameters at a time so extra memory stays at a few tensors' worth. Parameters that R does
+    not depend on (e.g. token embeddings when the input bypasses them) score zero.
+    """
+    params = dict(_named_params(model))
+    wanted = list(params) if names is None else list(names)
+    requires = {n: p.requires_grad for n, p in params.items()}
+    scores: dict[str, torch.Tensor] = {}
+    try:
+        with _absolute_weights(model):
+            for p in params.values():
+                p.requires_grad_(False)
+            for start in range(0, len(wanted), group_size):
+                group = wanted[start : start + group_size]
+                for n in group:
+                    params[n].requires_grad_(True)
+                output = synflow_output()
+                if output.requires_grad:
+                    grads = torch.autograd.grad(output, [params[n] for n in group], allow_unused=True)
+                else:  # R does not depend on this group at all
+                    grads = (None,) * len(group)
+                for n, g in zip(group, grads):
+                    p = params[n]
+                    scores[n] = torch.zeros_like(p) if g is None else (p.detach() * g).abs_()
+                    p.requires_grad_(False)
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(requires[n])
+    return scores
+
+
+def top_fraction(scores: Mapping[str, torch.Tensor], fraction: float, order: Iterable[str]) -> TrainableSet:
+    """Keep the globally highest-scoring ``fraction`` of entries; ties are broken by position, deterministically."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"pruning fraction must be in (0, 1], got {fraction}")
+    order = [n for n in order if n in scores]
+    total = sum(scores[n].numel() for n in order)
+    keep = max(1, int(round(fraction * total)))
+    flat = torch.cat([scores[n].reshape(-1).float() for n in order])
+    # Stable sort on the negated scores: equal scores keep their position order on every node.
+    chosen = torch.sort(torch.argsort(-flat, stable=True)[:keep]).values
+    del flat
+    names, shapes, indices = [], [], []
+    offset = 0
+    for n in order:
+        count = scores[n].numel()
+        lo, hi = torch.searchsorted(chosen, offset), torch.searchsorted(chosen, offset + count)
+        if hi > lo:
+            names.append(n)
+            shapes.append(tuple(scores[n].shape))
+            indices.append(chosen[lo:hi] - offset)
+        offset += count
+    return TrainableSet(tuple(names), tuple(shapes), tuple(indices))
+
+
+def select_pruned(
+    model: nn.Module, synflow_output: Callable[[], torch.Tensor], fraction: float, patterns: Iterable[str] = ()
+) -> TrainableSet:
+    """DP-ZOPO's data-free mask: the top ``fraction`` of SynFlow scores (optionally within name patterns)."""
+    candidates = [n for n, _ in _named_params(model)]
+    patterns = list(patterns)
+    if patterns:
+        candidates = [n for n in candidates if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+    scores = synflow_scores(model, synflow_output, candidates)
+    selected = top_fraction(scores, fraction, candidates)
+    log.info("pruned trainable set: %d entries (%.3f%% of candidates) in %d tensors",
+             selected.size, 100.0 * selected.size / sum(s.numel() for s in scores.values()), len(selected.names))
+    return selected
+
+
+def stage_fraction(base_fraction: float, strategy: str, stage: int) -> float:
+    """Fraction kept in ``stage``: constant for static/dynamic, growing linearly for incremental."""
+    if strategy not in PRUNE_STRATEGIES:
+        raise ValueError(f"unknown pruning strategy {strategy!r}; choose one of {PRUNE_STRATEGIES}")
+    if strategy == "incremental":
+        return min(1.0, base_fraction * (stage + 1))
+    return base_fraction

@@ -1,0 +1,105 @@
+"""Task data: SST-2 from local TSV files (the team folder) or from the Hugging Face hub.
+
+Local files win: an explicit ``data_dir``, then ``$SEEDTUNE_DATA``, then ``shared/data/sst2`` in the team
+folder beside the checkout (or the working directory). The hub (``datasets``' ``glue``/``sst2``) is the
+fallback for real users; when neither is reachable the error says where it looked.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev", "test")
+LABEL_NAMES = ("negative", "positive")
+
+
+@dataclass(frozen=True)
+class Split:
+    sentences: list[str]
+    labels: np.ndarray  # int64, 0 = negative, 1 = positive
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    def subset(self, indices: np.ndarray) -> "Split":
+        return Split([self.sentences[i] for i in indices], self.labels[indices])
+
+    def balanced_subset(self, size: int, seed: int) -> "Split":
+        """A class-balanced random subset (public seed): size // 2 examples of each label."""
+        if size <= 0 or size >= len(self):
+            return self
+        rng = np.random.default_rng(seed)
+        parts = [rng.permutation(np.flatnonzero(self.labels == c))[: size // 2 + (c < size % 2)] for c in (0, 1)]
+        return self.subset(np.sort(np.concatenate(parts)))
+
+
+def _candidate_dirs(data_dir: str) -> list[Path]:
+    if data_dir:
+        return [Path(data_dir)]
+    dirs = []
+    if os.environ.get("SEEDTUNE_DATA"):
+        dirs.append(Path(os.environ["SEEDTUNE_DATA"]))
+    repo = Path(__file__).resolve().parents[1]
+    for root in (Path.cwd(), repo):
+        dirs += [root / "shared" / "data" / "sst2", root.parent / "shared" / "data" / "sst2"]
+    return dirs
+
+
+def _read_tsv(path: Path) -> Split:
+    sentences, labels = [], []
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header is None or [h.strip().lower() for h in header[:2]] != ["sentence", "label"]:
+            raise ValueError(f"{path}: expected a header 'sentence<TAB>label', got {header!r}")
+        for lineno, row in enumerate(reader, start=2):
+            if len(row) != 2 or row[1].strip() not in ("0", "1"):
+                raise ValueError(f"{path}:{lineno}: expected 'sentence<TAB>0|1', got {row!r}")
+            sentences.append(row[0])
+            labels.append(int(row[1]))
+    return Split(sentences, np.asarray(labels, dtype=np.int64))
+
+
+def _load_hub(split: str, name: str = "glue") -> Split:
+    try:
+        import datasets  # optional: only real users fetching from the hub need it
+    except ImportError as exc:
+        raise FileNotFoundError("datasets is not installed (pip install 'seedtune[hub]')") from exc
+    hub_split = "validation" if split == "test" else "train"
+    ds = datasets.load_dataset(name, "sst2", split=hub_split)
+    sentences, labels = list(ds["sentence"]), np.asarray(ds["label"], dtype=np.int64)
+    if split != "test":
+        # The local files split GLUE's training set into train and dev; do the same, deterministically.
+        keep = (np.arange(len(labels)) % 10 == 0) == (split == "dev")
+        sentences, labels = [s for s, k in zip(sentences, keep) if k], labels[keep]
+    return Split(sentences, labels)
+
+
+def load_sst2(split: str, data_dir: str = "") -> Split:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    tried = []
+    for d in _candidate_dirs(data_dir):
+        path = d / f"{split}.tsv"
+        tried.append(str(path))
+        if path.is_file():
+            log.debug("loading SST-2 %s from %s", split, path)
+            return _read_tsv(path)
+    if data_dir:
+        raise FileNotFoundError(f"no {split}.tsv in data_dir {data_dir!r}")
+    try:
+        return _load_hub(split)
+    except Exception as exc:  # offline, no datasets package, hub error: one clear message
+        raise FileNotFoundError(
+            f"SST-2 {split} split not found locally (looked at {', '.join(tried)}) and the Hugging Face hub "
+            f"failed ({type(exc).__name__}: {exc}). Set data.data_dir or $SEEDTUNE_DATA to a folder with "
+            f"{split}.tsv, or install 'datasets' with network access."
+        ) from exc
