@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from client.zo_step import zo_step
 from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, gaussian_step
-from shared.config import RunConfig
+from shared.config import ConfigError, RunConfig
 from shared.models import TextClassifier, load_task_model
 from shared.noise import GaussianNoise, SecureRandom
 from shared.schedule import stages
@@ -55,7 +55,7 @@ class PrivacyPlan:
 def plan_privacy(config: RunConfig, train_size: int) -> PrivacyPlan:
     q = config.zo.batch_size / train_size
     if q > 1:
-        raise ValueError(f"zo.batch_size {config.zo.batch_size} exceeds the training set size {train_size}")
+        raise ConfigError(f"zo.batch_size {config.zo.batch_size} exceeds the training set size {train_size}")
     steps = config.schedule.total_steps
     if not config.privacy.enabled:
         return PrivacyPlan(q, 0.0, steps)
@@ -94,7 +94,7 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     metrics_path = out_dir / "metrics.jsonl"
     selection = None
     bar = tqdm(total=plan.steps, desc="DP-ZO" if private else "MeZO", unit="step", disable=not progress)
-    with metrics_path.open("w") as metrics:
+    with metrics_path.open("w", buffering=1) as metrics:  # line-buffered: readable while training
         for stage in stages(config.schedule, config.zo.lr, config.zo.mu):
             if selection is None or (config.selection.mode == "prune" and config.selection.strategy != "static"):
                 new = select_trainable(task, config, stage.index)

@@ -190,7 +190,7 @@ def from_dict(data: Mapping[str, Any], cls: type = RunConfig, prefix: str = "") 
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"unknown config key {prefix}{key!r}; known keys: {sorted(fields)}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'; known keys: {sorted(fields)}")
         default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
             kwargs[key] = from_dict(value, type(default), f"{prefix}{key}.")

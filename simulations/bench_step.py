@@ -1,0 +1,122 @@
+"""Benchmark: one private ZO step against one forward pass, time and peak memory, in one process.
+
+    python -m simulations.bench_step --json [--models minilm smollm2] [--batch-size 32] [--seq-len 64]
+
+Prints one JSON line per model. Ratios (step / forward, training peak / inference peak) are measured in the
+same process, alternating the timed calls, because absolute times on shared machines are noisy.
+Peak memory per phase is the process's VmHWM after resetting it (``/proc/self/clear_refs``), so each phase's
+peak includes the loaded model, exactly as a user's process would see it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.zo_step import privatize, projected_gradients
+from shared.config import ModelConfig
+from shared.models import load_task_model
+from shared.noise import GaussianNoise, SecureRandom
+from shared.selection import select_pruned
+from shared.tasks import load_sst2
+from shared.update import TrainableView
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _fixed_batch(task, batch_size: int, seq_len: int) -> list[list[int]]:
+    """Real SST-2 text, concatenated so that every row has exactly seq_len tokens."""
+    task.max_length = seq_len
+    sentences = load_sst2("test").sentences
+    ids = task.encode([" ".join(sentences[i : i + 6]) for i in range(0, 6 * batch_size, 6)])
+    if min(len(x) for x in ids) < seq_len:
+        raise RuntimeError("benchmark text too short for the requested sequence length")
+    return ids
+
+
+def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: int) -> dict:
+    task = load_task_model(ModelConfig(name=name, max_length=seq_len))
+    selection = select_pruned(task.module, task.synflow_output, fraction)
+    view = TrainableView(task.module, selection)
+    ids = _fixed_batch(task, batch_size, seq_len)
+    labels = np.arange(batch_size) % 2
+    rng, noise = SecureRandom(), GaussianNoise(1.0)
+
+    def forward() -> None:
+        task.per_example_loss(task.collate(ids, labels))
+
+    def step() -> None:
+        seed = rng.seed64()
+        g, _ = projected_gradients(task, view, ids, labels, seed, 1e-3, batch_size)
+        scalar, _ = privatize(g, 1.0, batch_size, noise, rng)
+        view.apply(seed, float(np.float32(-1e-6 * scalar)))
+
+    forward(), step()  # warm-up: lazy initialisation, allocator growth
+    exact_peak = _reset_peak()
+    forward(), forward()
+    inference_peak = _peak_mb()
+    _reset_peak()
+    step(), step()
+    training_peak = _peak_mb()
+
+    forward_times, step_times = [], []
+    for _ in range(repeats):
+        for fn, times in ((forward, forward_times), (step, step_times)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    forward_s, step_s = statistics.median(forward_times), statistics.median(step_times)
+    return {
+        "model": name,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "threads": torch.get_num_threads(),
+        "forward_s": round(forward_s, 4),
+        "zo_step_s": round(step_s, 4),
+        "step_over_forward": round(step_s / forward_s, 3),
+        "peak_rss_mb": round(training_peak, 1),
+        "inference_peak_rss_mb": round(inference_peak, 1),
+        "train_over_inference_memory": round(training_peak / inference_peak, 3),
+        "peak_is_per_phase": exact_peak,
+        "trainable_entries": selection.size,
+        "trainable_fraction": round(selection.fraction_of(task.module), 6),
+        "repeats": repeats,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="one JSON line per model (the only output format)")
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--fraction", type=float, default=0.01, help="pruned trainable fraction")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    for name in args.models:
+        print(json.dumps(bench(name, args.batch_size, args.seq_len, args.fraction, args.repeats)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

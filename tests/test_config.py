@@ -1,0 +1,47 @@
+import pytest
+
+from shared.config import ConfigError, load_config, parse_override
+
+
+def test_defaults_are_valid():
+    config = load_config()
+    assert config.privacy.epsilon == 3.0 and config.selection.fraction == 0.01
+
+
+def test_toml_file_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[privacy]\nepsilon = 1\n[selection]\nmode = "patterns"\npatterns = ["*norm*"]\n')
+    config = load_config(path, dict([parse_override("zo.lr=2e-4"), parse_override("model.name=smollm2")]))
+    assert config.privacy.epsilon == 1.0 and isinstance(config.privacy.epsilon, float)
+    assert config.selection.patterns == ["*norm*"]
+    assert config.zo.lr == 2e-4 and config.model.name == "smollm2"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("privacy.epsilon=-1", "privacy.epsilon must be > 0, got -1"),
+    ("privacy.delta=2.0", "privacy.delta must be in (0, 1), got 2.0"),
+    ("zo.batch_size=0", "zo.batch_size must be an int >= 1, got 0"),
+    ("zo.mu=nan", "zo.mu must be > 0, got nan"),
+    ("zo.direction=uniform", "zo.direction must be one of"),
+    ("selection.fraction=1.5", "selection.fraction must be in (0, 1], got 1.5"),
+    ("selection.strategy=random", "selection.strategy must be one of"),
+    ("schedule.stage_steps=[]", "schedule.stage_steps must be a non-empty list"),
+    ("schedule.mu_decay=2.0", "schedule.mu_decay must be in (0, 1]"),
+    ("privacy.lr=1", "unknown config key 'privacy.lr'"),
+    ("selection.mode=patterns", "selection.patterns must name at least one pattern"),
+])
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=dict([parse_override(override)]))
+    assert message in str(err.value)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[privacy\nepsilon = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("epsilon")

@@ -1,0 +1,60 @@
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from shared.directions import direction_numpy, direction_torch
+from tests.helpers import run_python
+
+SEEDS = [0, 1, 12345, 2**63 + 7, 2**64 - 1]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("start,count", [(0, 1), (0, 1000), (5, 999), (31, 33), (1_000_003, 4097)])
+def test_rademacher_torch_equals_numpy_bit_for_bit(seed, start, count):
+    t = direction_torch(seed, start, count)
+    n = direction_numpy(seed, start, count)
+    assert t.dtype == torch.float32 and n.dtype == np.float32
+    assert np.array_equal(t.numpy(), n)
+    assert set(np.unique(n)) <= {-1.0, 1.0}
+
+
+def test_slices_agree_with_the_whole():
+    whole = direction_torch(99, 0, 10_000)
+    for start, count in [(0, 10_000), (1, 77), (4096, 3000), (9_999, 1)]:
+        assert torch.equal(whole[start : start + count], direction_torch(99, start, count))
+
+
+def test_directions_are_balanced_and_seed_dependent():
+    a, b = direction_numpy(3, 0, 200_000), direction_numpy(4, 0, 200_000)
+    assert abs(a.mean()) < 0.01
+    assert abs(float(a @ b) / len(a)) < 0.01  # different seeds: nearly orthogonal
+    assert not np.array_equal(a, b)
+
+
+def test_same_in_a_separate_process():
+    code = ("from shared.directions import direction_torch, direction_numpy; import hashlib; "
+            "print(hashlib.sha256(direction_torch(2**64-5, 17, 100000).numpy().tobytes()).hexdigest(), "
+            "hashlib.sha256(direction_numpy(2**64-5, 17, 100000).tobytes()).hexdigest())")
+    here = hashlib.sha256(direction_torch(2**64 - 5, 17, 100000).numpy().tobytes()).hexdigest()
+    assert run_python(code).split() == [here, here]
+
+
+def test_gaussian_option_matches_numpy_and_is_standard_normal():
+    t = direction_torch(7, 3, 200_000, "gaussian")
+    n = direction_numpy(7, 3, 200_000, "gaussian")
+    np.testing.assert_allclose(t.numpy(), n, rtol=0, atol=1e-6)
+    assert abs(float(t.mean())) < 0.01 and abs(float(t.std()) - 1) < 0.01
+    assert torch.equal(direction_torch(7, 10, 5, "gaussian"), t[7:12])
+
+
+@pytest.mark.parametrize("bad", [-1, 2**64, 1.5, "3", True])
+def test_bad_seed_is_rejected_naming_it(bad):
+    with pytest.raises(ValueError, match="seed"):
+        direction_torch(bad, 0, 4)
+
+
+def test_unknown_kind():
+    with pytest.raises(ValueError, match="unknown direction kind 'uniform'"):
+        direction_numpy(1, 0, 4, "uniform")

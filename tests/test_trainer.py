@@ -1,0 +1,44 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _seedtune(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_cli_prints_a_summary_line(tmp_path):
+    out = _seedtune("train", "--no-progress", "--out", str(tmp_path / "run"),
+                    "-s", "model.name=tiny-encoder", "-s", "schedule.stage_steps=[6,6]", "-s", "eval.every=4",
+                    "-s", "eval.dev_size=32", "-s", "data.test_size=64", "-s", "data.train_size=2000",
+                    "-s", "schedule.prox=0.1", "-s", "selection.strategy=dynamic", "-s", "privacy.epsilon=2")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("model", "task", "steps", "epsilon", "delta", "test_accuracy", "zero_shot_accuracy", "wall_s"):
+        assert key in summary
+    assert summary["steps"] == 12 and summary["model"] == "tiny-encoder"
+    assert 1.9 < summary["epsilon"] <= 2.0  # calibrated for the whole run, reported by the PLD accountant
+    assert summary["train_size"] == 2000 and summary["test_size"] == 64
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and sum("dev_accuracy" in r for r in rows) == 3
+    assert {r["stage"] for r in rows} == {0, 1}
+
+
+def test_non_private_mezo_mode_reports_no_epsilon(tmp_path):
+    out = _seedtune("train", "--no-progress", "--out", str(tmp_path / "run"), "-s", "model.name=tiny-decoder",
+                    "-s", "privacy.enabled=false", "-s", "schedule.stage_steps=[3]", "-s", "eval.every=0",
+                    "-s", "data.test_size=32", "-s", "data.train_size=500")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["epsilon"] is None and summary["noise_multiplier"] == 0.0
+
+
+@pytest.mark.parametrize("override,message", [("privacy.clip=0", "privacy.clip must be > 0"),
+                                              ("zo.batch_size=100000", "exceeds the training set size")])
+def test_bad_config_fails_with_a_clear_error(tmp_path, override, message):
+    out = _seedtune("train", "--no-progress", "--out", str(tmp_path / "run"), "-s", "model.name=tiny-decoder",
+                    "-s", "data.train_size=100", "-s", override)
+    assert out.returncode == 2
+    assert message in out.stderr
