@@ -95,6 +95,9 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     selection = None
     bar = tqdm(total=plan.steps, desc="DP-ZO" if private else "MeZO", unit="step", disable=not progress)
     with metrics_path.open("w", buffering=1) as metrics:  # line-buffered: readable while training
+        if config.eval.every and len(dev_ids):
+            dev0 = task.accuracy(dev_ids, dev_split.labels, config.model.microbatch)
+            metrics.write(json.dumps({"step": 0, "dev_accuracy": dev0}) + "\n")
         for stage in stages(config.schedule, config.zo.lr, config.zo.mu):
             if selection is None or (config.selection.mode == "prune" and config.selection.strategy != "static"):
                 new = select_trainable(task, config, stage.index)

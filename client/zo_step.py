@@ -38,11 +38,17 @@ def projected_gradients(
     mu: float,
     microbatch: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example two-point estimates g_i and mean losses (L+ + L-)/2, weights restored exactly after."""
+    """Per-example two-point estimates g_i and mean losses (L+ + L-)/2, weights restored exactly after.
+
+    Rows are grouped by length into microbatches (less padding, same values) and results returned in the
+    caller's order.
+    """
     n = len(ids)
     if n == 0:
         return torch.zeros(0), torch.zeros(0)
-    batches = [task.collate(ids[s : s + microbatch], labels[s : s + microbatch]) for s in range(0, n, microbatch)]
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    batches = [task.collate([ids[i] for i in order[s : s + microbatch]], labels[order[s : s + microbatch]])
+               for s in range(0, n, microbatch)]
     view.snapshot()
     try:
         view.perturb(seed, mu)
@@ -51,8 +57,9 @@ def projected_gradients(
         minus = torch.cat([task.per_example_loss(b) for b in batches])
     finally:
         view.restore()
+    unsort = torch.from_numpy(np.argsort(order))
     g = (plus.double() - minus.double()) / (2.0 * mu)
-    return g, (plus + minus) / 2
+    return g[unsort], ((plus + minus) / 2)[unsort]
 
 
 def privatize(

@@ -22,8 +22,8 @@ def test_train_cli_prints_a_summary_line(tmp_path):
     assert 1.9 < summary["epsilon"] <= 2.0  # calibrated for the whole run, reported by the PLD accountant
     assert summary["train_size"] == 2000 and summary["test_size"] == 64
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and sum("dev_accuracy" in r for r in rows) == 3
-    assert {r["stage"] for r in rows} == {0, 1}
+    assert len(rows) == 13 and sum("dev_accuracy" in r for r in rows) == 4
+    assert {r["stage"] for r in rows[1:]} == {0, 1} and rows[0]["step"] == 0
 
 
 def test_non_private_mezo_mode_reports_no_epsilon(tmp_path):
