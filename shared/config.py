@@ -40,7 +40,7 @@ class ModelConfig:
     name: str = "minilm"  # "minilm", "smollm2", a Hugging Face model id or a local folder
     kind: str = "auto"  # "encoder", "decoder" or "auto" (from the model's config)
     max_length: int = 64
-    microbatch: int = 64  # examples per forward pass; bounds memory whatever the Poisson batch size
+    microbatch: int = 16  # examples per forward pass, grouped by length: less padding, bounded memory
 
     def validate(self) -> None:
         _require(isinstance(self.name, str) and self.name != "", "model.name", "must be a non-empty string", self.name)
