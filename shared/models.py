@@ -76,7 +76,7 @@ class DecoderClassifier(nn.Module):
         self.lm = lm
         self.register_buffer("label_ids", torch.tensor(list(label_token_ids), dtype=torch.long), persistent=False)
 
-    def _last_hidden(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+    def last_hidden(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         # Right padding: under the causal mask no real token sees a pad and every pad sees a real token
         # (left padding leaves pad rows with nothing to attend to, whose NaNs then leak through the keys).
         body = getattr(self.lm, self.lm.base_model_prefix)
@@ -89,7 +89,7 @@ class DecoderClassifier(nn.Module):
         return last_hidden @ weight.T
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.label_logits(self._last_hidden(attention_mask, input_ids=input_ids))
+        return self.label_logits(self.last_hidden(attention_mask, input_ids=input_ids))
 
 
 class TextClassifier:
@@ -135,7 +135,7 @@ class TextClassifier:
         ones = torch.ones(1, length, hidden)
         mask = torch.ones(1, length, dtype=torch.long)
         if self.kind == "decoder":
-            return self.module.label_logits(self.module._last_hidden(mask, inputs_embeds=ones)).sum()
+            return self.module.label_logits(self.module.last_hidden(mask, inputs_embeds=ones)).sum()
         return self.module.head(self.module.embed(None, mask, inputs_embeds=ones)).sum()
 
     def accuracy(self, ids: Sequence[Sequence[int]], labels: np.ndarray, batch_size: int = 64,

@@ -94,9 +94,12 @@ def _named_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return list(model.named_parameters())
 
 
-def select_all(model: nn.Module) -> TrainableSet:
-    params = _named_params(model)
+def _whole_tensors(params: list[tuple[str, nn.Parameter]]) -> TrainableSet:
     return TrainableSet(tuple(n for n, _ in params), tuple(tuple(p.shape) for _, p in params), (None,) * len(params))
+
+
+def select_all(model: nn.Module) -> TrainableSet:
+    return _whole_tensors(_named_params(model))
 
 
 def select_patterns(model: nn.Module, patterns: Iterable[str]) -> TrainableSet:
@@ -108,7 +111,7 @@ def select_patterns(model: nn.Module, patterns: Iterable[str]) -> TrainableSet:
     if not chosen:
         names = ", ".join(n for n, _ in _named_params(model)[:8])
         raise ValueError(f"no parameter name matches patterns {patterns}; names look like: {names}, ...")
-    return TrainableSet(tuple(n for n, _ in chosen), tuple(tuple(p.shape) for _, p in chosen), (None,) * len(chosen))
+    return _whole_tensors(chosen)
 
 
 @contextlib.contextmanager

@@ -101,11 +101,9 @@ class TrainableView:
         if strength == 0.0:
             return
         for flat, idx, a in zip(self._flat, self.selection.indices, anchor):
-            current = flat[idx] if idx is not None else flat.clone()
+            current = flat if idx is None else flat[idx]  # a view of the weights, or a gathered copy
             delta = torch.sub(current, a)
             delta.mul_(strength)
             current.sub_(delta)
-            if idx is None:
-                flat.copy_(current)
-            else:
+            if idx is not None:
                 flat[idx] = current
