@@ -22,24 +22,14 @@ from tqdm.auto import tqdm
 from client.zo_step import zo_step
 from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, gaussian_step
 from shared.config import ConfigError, RunConfig
-from shared.models import TextClassifier, load_task_model
+from shared.models import load_task_model
 from shared.noise import GaussianNoise, SecureRandom
 from shared.schedule import stages
-from shared.selection import TrainableSet, select_all, select_patterns, select_pruned, stage_fraction
+from shared.replica import select_trainable
 from shared.tasks import load_sst2
 from shared.update import TrainableView
 
 log = logging.getLogger(__name__)
-
-
-def select_trainable(task: TextClassifier, config: RunConfig, stage: int = 0) -> TrainableSet:
-    sel = config.selection
-    if sel.mode == "all":
-        return select_all(task.module)
-    if sel.mode == "patterns":
-        return select_patterns(task.module, sel.patterns)
-    fraction = stage_fraction(sel.fraction, sel.strategy, stage)
-    return select_pruned(task.module, task.synflow_output, fraction, sel.patterns)
 
 
 @dataclass

@@ -12,6 +12,7 @@ sum divided by the *expected* batch size (sensitivity C / (q n)).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -117,3 +118,15 @@ def calibrate_noise_multiplier(epsilon: float, delta: float, sample_rate: float,
     if achieved > epsilon * (1 + 1e-9):
         raise RuntimeError(f"calibration failed: sigma={sigma} gives epsilon {achieved} > target {epsilon}")
     return float(sigma)
+
+
+@functools.lru_cache(maxsize=4096)
+def epsilon_after(runs: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Epsilon after runs of ``(noise_multiplier, sample_rate, steps)`` Gaussian steps.
+
+    Cached: in a federation every client shares the same few histories, and the server and each client
+    ask for them every round."""
+    accountant = PrivacyAccountant()
+    for sigma, q, count in runs:
+        accountant.record(gaussian_step(sigma, q), count)
+    return accountant.epsilon(delta)

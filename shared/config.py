@@ -158,6 +158,39 @@ class EvalConfig:
                  self.dev_size)
 
 
+PARTITIONS = ("iid", "dirichlet")
+
+
+@dataclass
+class FederationConfig:
+    """Federated DP-ZO: every round the server sends the same fresh seeds to the sampled clients, each runs
+    one private ZO step per seed on its own partition, and each scalar enters the ledger with weight 1/replies."""
+
+    rounds: int = 10
+    clients_per_round: int = 0  # nodes sampled per round; 0 = every node still within its budget
+    local_steps: int = 4  # private ZO steps (seeds) per client per round
+    sample_rate: float = 0.01  # Poisson rate q on each client's partition, so every client has the same epsilon/step
+    min_replies: int = 1  # a round with fewer valid replies commits nothing
+    round_timeout_s: float = 600.0
+    eval_every: int = 1  # rounds between server-side dev evaluations (0: only before and after)
+    partition: str = "iid"  # "iid" or "dirichlet" (label skew)
+    alpha: float = 0.5  # Dirichlet concentration: smaller = more skewed
+    run_dir: str = ""  # ledger, metrics and plots; empty: runs/federated-<time>
+
+    def validate(self) -> None:
+        for name in ("rounds", "local_steps", "min_replies"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"federation.{name}", "must be an int >= 1", value)
+        for name in ("clients_per_round", "eval_every"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, f"federation.{name}", "must be an int >= 0", value)
+        _require(isinstance(self.sample_rate, (int, float)) and 0 < self.sample_rate <= 1, "federation.sample_rate",
+                 "must be in (0, 1]", self.sample_rate)
+        _positive("federation.round_timeout_s", self.round_timeout_s)
+        _require(self.partition in PARTITIONS, "federation.partition", f"must be one of {PARTITIONS}", self.partition)
+        _positive("federation.alpha", self.alpha)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -167,6 +200,7 @@ class RunConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
     out_dir: str = ""  # where the run writes its files; empty: runs/<timestamp>
     threads: int = 0  # torch CPU threads; 0: torch's default
 
@@ -238,3 +272,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw
     return key.strip(), value
+
+
+CONFIG_FILE_KEY = "config-file"
+
+
+def config_from_flower(run_config: Mapping[str, Any]) -> RunConfig:
+    """A Flower run config (``[tool.flwr.app.config]`` plus ``--run-config``): ``config-file`` names an
+    optional TOML file, every other key is a dotted override such as ``federation.rounds``."""
+    path = run_config.get(CONFIG_FILE_KEY) or None
+    overrides = {k: v for k, v in run_config.items() if k != CONFIG_FILE_KEY}
+    return load_config(path, overrides)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 DECODER_PROMPT = "Review: {sentence}\nSentiment:"
 ENCODER_LABEL_PROMPTS = ("This review is negative. It was terrible.", "This review is positive. It was great.")
 ENCODER_TEMPERATURE = 20.0
+HEAD_FILE = "seedtune_head.safetensors"  # an encoder classifier's head, beside a saved Hugging Face folder
 PACKAGED = ("minilm", "smollm2", "tiny-encoder", "tiny-decoder")
 
 
@@ -273,7 +274,13 @@ def load_task_model(config: ModelConfig) -> TextClassifier:
         model = TextClassifier(name, kind, DecoderClassifier(body, _label_token_ids(tok)), tok, config.max_length)
     else:
         model = TextClassifier(name, kind, EncoderClassifier(body), tok, config.max_length)
-        _init_zero_shot_head(model)
+        head_file = Path(name) / HEAD_FILE
+        if head_file.is_file():  # a folder written by Replica.save: the finetuned head, not a zero-shot one
+            from safetensors.torch import load_file
+
+            model.module.head.load_state_dict(load_file(str(head_file)))
+        else:
+            _init_zero_shot_head(model)
     return model
 
 

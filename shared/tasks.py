@@ -72,7 +72,7 @@ def _load_hub(split: str, name: str = "glue") -> Split:
     try:
         import datasets  # optional: only real users fetching from the hub need it
     except ImportError as exc:
-        raise FileNotFoundError("datasets is not installed (pip install 'seedtune[hub]')") from exc
+        raise FileNotFoundError("the datasets package is not installed") from exc
     hub_split = "validation" if split == "test" else "train"
     ds = datasets.load_dataset(name, "sst2", split=hub_split)
     sentences, labels = list(ds["sentence"]), np.asarray(ds["label"], dtype=np.int64)

@@ -69,12 +69,17 @@ class TrainableView:
         """Put the snapshot back exactly and drop it."""
         if self._saved is None:
             raise RuntimeError("restore() needs snapshot() first")
-        for flat, idx, saved in zip(self._flat, self.selection.indices, self._saved):
-            if idx is None:
-                flat.copy_(saved)
-            else:
-                flat[idx] = saved
+        self.set_values(self._saved)
         self._saved = None
+
+    @torch.no_grad()
+    def set_values(self, values: list[torch.Tensor]) -> None:
+        """Write the selected entries, one flat tensor per parameter: the inverse of ``values()``."""
+        for flat, idx, v in zip(self._flat, self.selection.indices, values):
+            if idx is None:
+                flat.copy_(v)
+            else:
+                flat[idx] = v
 
     # ----------------------------------------------------------------------------------------- updates
     @torch.no_grad()

@@ -1,0 +1,199 @@
+"""What a federated client does with one server instruction, independent of the transport.
+
+A node keeps, between messages, only its replica's position (version, chain head), its trainable values
+at that position, the ledger header it joined, and its own privacy ledger of steps run. Per instruction it
+checks the instruction is for this federation, catches up by replaying the ledger tail, refuses work that
+would take its own accountant past its budget (it does not have to trust the server's bookkeeping), runs
+one private ZO step per seed (each step moves its local copy, as in local SGD), and replies with the
+scalars only. The local moves are then undone: the node's model changes only through the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from client.zo_step import zo_step
+from shared.accounting import epsilon_after
+from shared.chain import ChainError, header_digest
+from shared.models import TextClassifier
+from shared.noise import GaussianNoise, SecureRandom
+from shared.proto import PROTOCOL_VERSION, Instruction, LedgerHeader, Reply
+from shared.replica import Replica, ReplicaError
+
+log = logging.getLogger(__name__)
+
+
+class Refusal(RuntimeError):
+    """The node will not do the work asked; the message goes back to the server as Reply.refusal."""
+
+
+@dataclass
+class NodeState:
+    header: bytes = b""  # serialized LedgerHeader of the federation this node joined
+    version: int = 0
+    head: bytes = b""
+    values: np.ndarray | None = None  # trainable values at `version` (None: the base model's)
+    runs: list[tuple[float, float, int]] = field(default_factory=list)  # (noise multiplier, rate, steps) run
+
+    def steps(self) -> int:
+        return sum(count for _, _, count in self.runs)
+
+    def record(self, sigma: float, rate: float, count: int) -> None:
+        if self.runs and self.runs[-1][:2] == (sigma, rate):
+            self.runs[-1] = (sigma, rate, self.runs[-1][2] + count)
+        else:
+            self.runs.append((sigma, rate, count))
+
+    def runs_json(self) -> str:
+        return json.dumps(self.runs)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The node's own privacy budget (node config); None: the federation's target from the ledger header."""
+
+    epsilon: float | None = None
+    delta: float | None = None
+
+
+@dataclass
+class Partition:
+    ids: list[list[int]]
+    labels: np.ndarray
+
+
+_REPLICAS: dict[str, Replica] = {}  # header digest -> replica: one base model per process, shared by nodes
+
+
+def replica_for(header: LedgerHeader) -> Replica:
+    key = header_digest(header)
+    if key not in _REPLICAS:
+        _REPLICAS.clear()  # one federation per process at a time: do not hold two models in memory
+        _REPLICAS[key] = Replica.from_header(header)
+        if _REPLICAS[key].config.threads:
+            torch.set_num_threads(_REPLICAS[key].config.threads)
+    return _REPLICAS[key]
+
+
+def _bind(replica: Replica, state: NodeState) -> None:
+    """Point the shared replica at this node's saved position."""
+    if state.values is None:
+        replica.reset()
+    else:
+        replica.load_values(state.values, state.version, state.head)
+
+
+def _adopt_header(ins: Instruction, state: NodeState) -> LedgerHeader:
+    if ins.HasField("header"):
+        if header_digest(ins.header) != ins.header_digest:
+            raise Refusal("the instruction's ledger header does not match its header digest")
+        if state.header and header_digest(LedgerHeader.FromString(state.header)) != ins.header_digest:
+            log.warning("the server started a new ledger %s; this node starts over from the base model",
+                        ins.header_digest[:16])
+            # A new ledger over the same private data: start from the base model, keep the privacy ledger.
+            state.version, state.head, state.values = 0, b"", None
+        state.header = ins.header.SerializeToString(deterministic=True)
+    if not state.header:
+        raise Refusal("this node has not joined a ledger yet and the instruction carries no header")
+    header = LedgerHeader.FromString(state.header)
+    if header_digest(header) != ins.header_digest:
+        raise Refusal(f"instruction for ledger {ins.header_digest[:16]}, this node follows "
+                      f"{header_digest(header)[:16]}; resend with the header")
+    return header
+
+
+DataSource = Callable[[Replica], Partition]  # the node's training partition, tokenized for the replica's model
+
+
+def handle_instruction(ins: Instruction, node_id: int, state: NodeState, data: DataSource, budget: Budget,
+                       rng: SecureRandom | None = None) -> Reply:
+    """Run the instruction and return the reply (a refusal reply if the node declines); updates ``state``."""
+    reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id)
+    try:
+        _run(ins, node_id, state, data, budget, rng or SecureRandom(), reply)
+    except (Refusal, ReplicaError, ChainError) as exc:
+        log.warning("node %d refuses round %d: %s", node_id, ins.round, exc)
+        reply.refusal = str(exc)
+        reply.model_version = state.version
+        del reply.scalars
+    return reply
+
+
+def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, budget: Budget,
+         rng: SecureRandom, reply: Reply) -> None:
+    if ins.protocol_version != PROTOCOL_VERSION:
+        raise Refusal(f"protocol version {ins.protocol_version}; this node speaks {PROTOCOL_VERSION}")
+    header = _adopt_header(ins, state)
+    replica = replica_for(header)
+    _bind(replica, state)
+    replica.catch_up(ins.tail)
+    if replica.version != ins.model_version:
+        raise Refusal(f"after the tail the replica is at version {replica.version}, the instruction says "
+                      f"{ins.model_version}")
+    state.version, state.head, state.values = replica.version, replica.head, replica.values()
+
+    h = ins.hyper
+    steps = len(ins.seeds)
+    privacy = replica.config.privacy
+    epsilon_budget = privacy.epsilon if budget.epsilon is None else budget.epsilon
+    delta = privacy.delta if budget.delta is None else budget.delta
+    if h.private:
+        if not (h.noise_multiplier > 0 and 0 < h.sample_rate <= 1 and h.clip > 0):
+            raise Refusal(f"invalid privacy parameters: noise multiplier {h.noise_multiplier}, "
+                          f"sample rate {h.sample_rate}, clip {h.clip}")
+        after = epsilon_after(tuple(state.runs) + ((h.noise_multiplier, h.sample_rate, steps),), delta)
+        if after > epsilon_budget:
+            raise Refusal(f"{steps} more steps would bring this node to epsilon {after:.3f} > its budget "
+                          f"{epsilon_budget} (delta {delta})")
+    if not (math.isfinite(h.lr) and math.isfinite(h.mu) and h.lr > 0 and h.mu > 0):
+        raise Refusal(f"invalid step parameters: lr {h.lr}, mu {h.mu}")
+
+    task: TextClassifier = replica.task
+    data = source(replica)
+    reply.num_examples = len(data.labels)
+    microbatch = replica.config.model.microbatch
+    noise = GaussianNoise(h.noise_multiplier * h.clip) if h.private else None
+    scalars, losses, batch = [], [], 0
+    start = replica.view.values()
+    try:
+        for seed in ins.seeds:
+            result = zo_step(task, replica.view, data.ids, data.labels, seed=seed, mu=h.mu,
+                             sample_rate=h.sample_rate, microbatch=microbatch, rng=rng,
+                             clip=h.clip if h.private else None, noise=noise)
+            scalars.append(result.scalar)
+            losses.append(result.loss)
+            batch += result.batch_size
+            replica.view.apply(seed, float(np.float32(-h.lr * result.scalar)))  # local progress only
+    finally:
+        replica.view.set_values(start)  # the node's model moves only by the ledger
+    if h.private:
+        state.record(h.noise_multiplier, h.sample_rate, steps)
+    reply.model_version = replica.version
+    reply.scalars = np.asarray(scalars, dtype="<f4").tobytes()
+    reply.metrics["loss"] = float(np.nanmean(losses)) if losses else float("nan")
+    reply.metrics["examples_used"] = float(batch)
+    reply.metrics["epsilon"] = epsilon_after(tuple(state.runs), delta)
+
+
+def sync(ins: Instruction, node_id: int, state: NodeState) -> Reply:
+    """Catch up without training and report the replica's digest (the end-of-run consistency check)."""
+    reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id)
+    try:
+        header = _adopt_header(ins, state)
+        replica = replica_for(header)
+        _bind(replica, state)
+        replica.catch_up(ins.tail)
+        state.version, state.head, state.values = replica.version, replica.head, replica.values()
+        reply.model_version = replica.version
+        reply.model_digest = replica.digest()
+    except (Refusal, ReplicaError, ChainError) as exc:
+        reply.refusal = str(exc)
+        reply.model_version = state.version
+    return reply

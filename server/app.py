@@ -1,0 +1,26 @@
+"""The Flower ServerApp: reads the run configuration and hands the Grid to :class:`FederatedServer`."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.federation import FederatedServer
+from shared.config import config_from_flower
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_flower(context.run_config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run_dir = config.federation.run_dir or f"runs/federated-{time.strftime('%Y%m%d-%H%M%S')}"
+    FederatedServer(config, grid, run_dir).run()

@@ -1,0 +1,303 @@
+"""The federated DP-ZO server loop, over Flower's low-level Grid API.
+
+Per round, as the protocol reads: sample the nodes still within their privacy budget, draw the round's
+seeds from the server's CSPRNG, send each node the ledger entries it lacks plus the seeds, validate the
+replies, turn the accepted scalars into ledger entries (``coeff = -lr * scalar / replies`` per seed and
+node: the mean update, replayable entry by entry), commit the round in one transaction, apply it to the
+server's replica, account every instructed node's steps, evaluate, and write the round's metrics.
+
+The ledger is the source of truth: a restarted server replays it, recovers each node's step count from
+the committed rounds, and continues with the next round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from shared.accounting import calibrate_noise_multiplier, epsilon_after
+from shared.chain import header_digest
+from shared.config import RunConfig
+from shared.proto import PROTOCOL_VERSION, Hyperparameters, Instruction, Reply
+from shared.replica import Replica, config_json
+from shared.tasks import load_sst2
+from shared.noise import SecureRandom
+from shared.wire import WireError, from_content, to_content, wire_bytes
+from server.ledger import Ledger, LedgerError
+from server.report import RunReport
+
+log = logging.getLogger(__name__)
+
+TRAIN, SYNC = "train", "query"
+LEDGER_FILE = "ledger.sqlite"
+
+
+class Rejected(ValueError):
+    """A reply the server will not use; ``kind`` is the metrics counter it goes to."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class RoundPlan:
+    round: int
+    version: int  # ledger length the round's scalars must be computed at
+    nodes: list[int]
+    seeds: list[int]
+    hyper: Hyperparameters
+
+
+class FederatedServer:
+    def __init__(self, config: RunConfig, grid: Any, run_dir: str | Path, replica: Replica | None = None) -> None:
+        self.config = config
+        self.grid = grid
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.replica = replica or Replica(config)
+        self.rng = SecureRandom()
+        self.sampler = random.SystemRandom()
+        self.ledger = self._open_ledger()
+        self.known_version: dict[int, int] = {}  # what each node holds, as far as the server knows
+        self.steps: Counter[int] = Counter()  # private steps instructed per node (conservative: sent = spent)
+        self._resume()
+        self.report = RunReport(self.run_dir)
+        dev = load_sst2("dev", config.data.data_dir).balanced_subset(config.eval.dev_size, config.data.seed)
+        self.dev = (self.replica.task.encode(dev.sentences), dev.labels)
+
+    # -------------------------------------------------------------------------------------- setup
+    def _open_ledger(self) -> Ledger:
+        path = self.run_dir / LEDGER_FILE
+        if path.exists():
+            ledger = Ledger.open(path)
+            if ledger.header.config_json != config_json(self.config):
+                raise LedgerError(f"{path} was started with another configuration; resume with the same "
+                                  f"settings or choose a new federation.run_dir")
+            self.replica.attach(ledger.header)
+            return ledger
+        fed, privacy = self.config.federation, self.config.privacy
+        sigma = 0.0
+        if privacy.enabled:
+            sigma = privacy.noise_multiplier or calibrate_noise_multiplier(
+                privacy.epsilon, privacy.delta, fed.sample_rate, fed.rounds * fed.local_steps)
+            log.info("noise multiplier %.4f for epsilon %.3g, delta %.1e over %d steps per node at rate %.4g",
+                     sigma, privacy.epsilon, privacy.delta, fed.rounds * fed.local_steps, fed.sample_rate)
+        header = self.replica.make_header("gaussian" if privacy.enabled else "none", sigma)
+        self.replica.attach(header)
+        return Ledger.create(path, header)
+
+    def _resume(self) -> None:
+        n = len(self.ledger)
+        if n:
+            log.info("resuming from %s: %d committed rounds, %d entries; replaying", self.ledger.path,
+                     self.ledger.last_round, n)
+            self.ledger.verify()
+            self.replica.apply(list(self.ledger.entries()), self.ledger.hash_at(n))
+        for row in self.ledger.rounds():
+            for node in row["metrics"].get("instructed", []):
+                self.steps[int(node)] += self.config.federation.local_steps
+
+    @property
+    def sigma(self) -> float:
+        return self.ledger.header.noise_multiplier
+
+    # ------------------------------------------------------------------------------------ accounting
+    def epsilon(self, node: int, extra_steps: int = 0) -> float | None:
+        """The node's epsilon at the federation's delta; None without privacy (no guarantee at all)."""
+        steps = self.steps[node] + extra_steps
+        if not self.config.privacy.enabled:
+            return None
+        return epsilon_after(((self.sigma, self.config.federation.sample_rate, steps),), self.config.privacy.delta)
+
+    def eligible(self, nodes: Iterable[int]) -> list[int]:
+        k = self.config.federation.local_steps
+        if not self.config.privacy.enabled:
+            return sorted(nodes)
+        return sorted(n for n in nodes if self.epsilon(n, k) <= self.config.privacy.epsilon)
+
+    # ------------------------------------------------------------------------------------- one round
+    def plan(self, rnd: int) -> RoundPlan:
+        fed, privacy = self.config.federation, self.config.privacy
+        nodes = self.eligible(self.grid.get_node_ids())
+        if fed.clients_per_round and len(nodes) > fed.clients_per_round:
+            nodes = sorted(self.sampler.sample(nodes, fed.clients_per_round))
+        hyper = Hyperparameters(lr=self.config.zo.lr, mu=self.config.zo.mu, clip=privacy.clip,
+                                noise_multiplier=self.sigma, sample_rate=fed.sample_rate, private=privacy.enabled)
+        return RoundPlan(rnd, len(self.ledger), nodes, [self.rng.seed64() for _ in range(fed.local_steps)], hyper)
+
+    def instruction(self, node: int, plan: RoundPlan, seeds: list[int], hyper: Hyperparameters | None) -> Instruction:
+        start = min(self.known_version.get(node, 0), plan.version)
+        ins = Instruction(protocol_version=PROTOCOL_VERSION, run_id=self.grid.run.run_id, round=plan.round,
+                          model_version=plan.version, header_digest=header_digest(self.ledger.header),
+                          tail=self.ledger.tail(start), seeds=seeds)
+        if hyper is not None:
+            ins.hyper.CopyFrom(hyper)
+        if start == 0:
+            ins.header.CopyFrom(self.ledger.header)
+        return ins
+
+    def _send(self, plan: RoundPlan, message_type: str, train: bool) -> tuple[list[Any], dict[int, int]]:
+        messages, down = [], {}
+        for node in plan.nodes:
+            ins = self.instruction(node, plan, plan.seeds if train else [], plan.hyper if train else None)
+            msg = self.grid.create_message(to_content(ins), message_type, node, str(plan.round))
+            down[node] = wire_bytes(msg)
+            messages.append(msg)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s))
+        return replies, down
+
+    def validate(self, msg: Any, plan: RoundPlan, accepted: dict[int, np.ndarray]) -> np.ndarray:
+        """The reply's scalars, or :class:`Rejected` naming what is wrong with it."""
+        src = msg.metadata.src_node_id
+        if src not in plan.nodes:
+            raise Rejected("unknown_node", f"reply from node {src}, which was not sent this round's instruction")
+        if msg.has_error():
+            raise Rejected("client_error", f"node {src} failed: {msg.error.reason}")
+        try:
+            reply = from_content(msg.content, Reply)
+        except WireError as exc:
+            raise Rejected("malformed", f"node {src}: {exc}") from exc
+        if reply.refusal:
+            self.known_version[src] = 0  # resend from the start with the header; the node skips what it has
+            raise Rejected("refused", f"node {src} refused: {reply.refusal}")
+        if reply.protocol_version != PROTOCOL_VERSION or reply.run_id != self.grid.run.run_id \
+                or reply.round != plan.round or reply.node != src:
+            raise Rejected("wrong_round", f"node {src}: reply for protocol {reply.protocol_version}, run "
+                           f"{reply.run_id}, round {reply.round}, node {reply.node}; expected round {plan.round}")
+        if src in accepted:
+            raise Rejected("duplicate", f"node {src}: a second reply for round {plan.round}")
+        if reply.model_version != plan.version:
+            raise Rejected("wrong_version", f"node {src}: computed at version {reply.model_version}, "
+                           f"the round is at {plan.version}")
+        if len(reply.scalars) != 4 * len(plan.seeds):
+            raise Rejected("wrong_count", f"node {src}: {len(reply.scalars)} bytes of scalars for "
+                           f"{len(plan.seeds)} seeds (4 bytes each)")
+        scalars = np.frombuffer(reply.scalars, dtype="<f4").astype(np.float64)
+        if not np.all(np.isfinite(scalars)):
+            raise Rejected("non_finite", f"node {src}: non-finite scalars {scalars.tolist()}")
+        bound = self.scalar_bound()
+        if np.any(np.abs(scalars) > bound):
+            raise Rejected("out_of_range", f"node {src}: |scalar| up to {np.abs(scalars).max():.4g} > {bound:.4g}")
+        self.known_version[src] = plan.version
+        return scalars
+
+    def scalar_bound(self) -> float:
+        """Largest |scalar| an honest client sends: a clipped mean (at most C, a little more when the Poisson
+        batch is larger than expected) plus noise, loosely bounded at 8 noise multipliers."""
+        privacy = self.config.privacy
+        return privacy.clip * (4.0 + 8.0 * self.sigma) if privacy.enabled else 1e6
+
+    def aggregate(self, plan: RoundPlan, accepted: dict[int, np.ndarray]) -> list[tuple[int, float, int]]:
+        m = len(accepted)
+        return [(seed, -plan.hyper.lr * accepted[node][k] / m, node)
+                for k, seed in enumerate(plan.seeds) for node in sorted(accepted)]
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        start = time.time()
+        plan = self.plan(rnd)
+        if not plan.nodes:
+            log.warning("round %d: no node is within its privacy budget; committing an empty round", rnd)
+            replies, down = [], {}
+        else:
+            replies, down = self._send(plan, TRAIN, train=True)
+        for node in plan.nodes:
+            self.steps[node] += len(plan.seeds)
+        accepted: dict[int, np.ndarray] = {}
+        rejected: Counter[str] = Counter()
+        up, losses = {}, []
+        for msg in replies:
+            up[msg.metadata.src_node_id] = wire_bytes(msg)
+            try:
+                accepted[msg.metadata.src_node_id] = self.validate(msg, plan, accepted)
+                losses.append(from_content(msg.content, Reply).metrics.get("loss", math.nan))
+            except Rejected as exc:
+                rejected[exc.kind] += 1
+                log.warning("round %d: rejected (%s) %s", rnd, exc.kind, exc)
+        min_replies = self.config.federation.min_replies
+        if len(accepted) < min_replies:
+            log.warning("round %d: %d valid replies < min_replies %d; committing no update", rnd, len(accepted),
+                        min_replies)
+            accepted = {}
+        updates = self.aggregate(plan, accepted)
+        entries = self.ledger.commit_round(rnd, updates, {
+            "instructed": [str(n) for n in plan.nodes], "accepted": [str(n) for n in sorted(accepted)],
+            "rejected": dict(rejected), "seeds": len(plan.seeds)})
+        self.replica.apply(entries, self.ledger.hash_at(len(self.ledger)))
+        row = {
+            "round": rnd, "nodes": len(plan.nodes), "replies": len(replies), "accepted": len(accepted),
+            "rejected": sum(rejected.values()), "rejected_by_kind": dict(rejected), "entries": len(entries),
+            "ledger_entries": len(self.ledger), "train_loss": float(np.nanmean(losses)) if losses else None,
+            "bytes_up_max": max(up.values(), default=0), "bytes_up_per_step": (
+                max(up.values()) / len(plan.seeds) if up else None),
+            "bytes_down_max": max(down.values(), default=0), "bytes_down_total": sum(down.values()),
+            "bytes_up": {str(n): b for n, b in up.items()}, "bytes_down": {str(n): b for n, b in down.items()},
+            "epsilon": {str(n): self.epsilon(n) for n in sorted(self.steps)},
+        }
+        row["epsilon_max"] = max((e for e in row["epsilon"].values() if e is not None), default=None)
+        every = self.config.federation.eval_every
+        if every and rnd % every == 0:
+            row["dev_accuracy"] = self.evaluate()
+        row["wall_s"] = round(time.time() - start, 3)
+        log.info("round %d: %d/%d replies accepted, %d entries, dev accuracy %s, max epsilon %s", rnd,
+                 len(accepted), len(plan.nodes), len(entries), row.get("dev_accuracy"), row["epsilon_max"])
+        self.report.add(row)
+        return row
+
+    def evaluate(self) -> float:
+        ids, labels = self.dev
+        return self.replica.task.accuracy(ids, labels, self.config.model.microbatch) if len(ids) else math.nan
+
+    # ------------------------------------------------------------------------------------------- run
+    def sync(self) -> dict[str, str]:
+        """Send every node the final tail and collect the digests of their replicas."""
+        plan = RoundPlan(self.ledger.last_round + 1, len(self.ledger), sorted(self.grid.get_node_ids()), [], None)
+        replies, _ = self._send(plan, SYNC, train=False)
+        digests = {}
+        for msg in replies:
+            try:
+                reply = from_content(msg.content, Reply) if not msg.has_error() else None
+            except WireError:
+                reply = None
+            if reply is not None and not reply.refusal and reply.model_version == plan.version:
+                digests[str(msg.metadata.src_node_id)] = reply.model_digest
+        return digests
+
+    def run(self) -> dict[str, Any]:
+        start = time.time()
+        fed = self.config.federation
+        first = self.ledger.last_round + 1
+        if first == 1:
+            self.report.add({"round": 0, "dev_accuracy": self.evaluate(), "ledger_entries": 0})
+        for rnd in range(first, fed.rounds + 1):
+            self.run_round(rnd)
+        server_digest = self.replica.digest()
+        client_digests = self.sync()
+        test = load_sst2("test", self.config.data.data_dir).balanced_subset(self.config.data.test_size,
+                                                                           self.config.data.seed)
+        test_accuracy = self.replica.task.accuracy(self.replica.task.encode(test.sentences), test.labels,
+                                                   self.config.model.microbatch)
+        rows = self.report.rows
+        summary = {
+            "model": self.replica.task.name, "task": self.config.data.task, "rounds": self.ledger.last_round,
+            "resumed_from_round": first - 1, "ledger_entries": len(self.ledger), "noise_multiplier": self.sigma,
+            "epsilon_max": max((r["epsilon_max"] for r in rows if r.get("epsilon_max") is not None), default=None),
+            "delta": self.config.privacy.delta if self.config.privacy.enabled else None,
+            "dev_accuracy_first": next((r["dev_accuracy"] for r in rows if "dev_accuracy" in r), None),
+            "dev_accuracy_last": next((r["dev_accuracy"] for r in reversed(rows) if "dev_accuracy" in r), None),
+            "test_accuracy": test_accuracy, "model_digest": server_digest, "client_digests": client_digests,
+            "clients_agree": bool(client_digests) and all(d == server_digest for d in client_digests.values()),
+            "ledger": str(self.ledger.path), "wall_s": round(time.time() - start, 2),
+        }
+        self.report.finish(summary)
+        log.info("federated run done: %s", json.dumps(summary))
+        return summary

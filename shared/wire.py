@@ -1,0 +1,48 @@
+"""seedtune protobufs inside Flower messages, and what they cost on the wire.
+
+A message's content is one ConfigRecord holding the serialized protobuf under ``payload``. Sizes are
+measured the way Flower 1.41 ships a message: as the deflated objects of its tree (message metadata,
+record dict, record), so the reported bytes are the real payload, envelope included.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
+
+RECORD = "seedtune"
+MAX_PAYLOAD_BYTES = 64 << 20  # a reply is a few bytes per step; an instruction carries at most a ledger
+
+T = TypeVar("T", bound=ProtoMessage)
+
+
+class WireError(ValueError):
+    """A message's content is missing, oversized or not the expected protobuf."""
+
+
+def to_content(payload: ProtoMessage) -> RecordDict:
+    return RecordDict({RECORD: ConfigRecord({"payload": payload.SerializeToString()})})
+
+
+def from_content(content: RecordDict, cls: type[T], max_bytes: int = MAX_PAYLOAD_BYTES) -> T:
+    record = content.config_records.get(RECORD) if content is not None else None
+    if record is None or "payload" not in record:
+        raise WireError(f"message has no '{RECORD}' record with a payload")
+    raw = record["payload"]
+    if not isinstance(raw, bytes):
+        raise WireError(f"payload is {type(raw).__name__}, expected bytes")
+    if len(raw) > max_bytes:
+        raise WireError(f"payload of {len(raw)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return cls.FromString(raw)
+    except DecodeError as exc:
+        raise WireError(f"payload is not a valid {cls.DESCRIPTOR.full_name}: {exc}") from exc
+
+
+def wire_bytes(message: Message) -> int:
+    """Bytes Flower transfers for this message: every deflated object in its tree."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
