@@ -122,7 +122,7 @@ def handle_instruction(ins: Instruction, node_id: int, state: NodeState, data: D
         log.warning("node %d refuses round %d: %s", node_id, ins.round, exc)
         reply.refusal = str(exc)
         reply.model_version = state.version
-        del reply.scalars
+        reply.ClearField("scalars")
     return reply
 
 

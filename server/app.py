@@ -19,6 +19,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3"):  # one line per HTTP poll otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     config = config_from_flower(context.run_config)
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from flwr.app import Message
 
 from shared.accounting import calibrate_noise_multiplier, epsilon_after
 from shared.chain import header_digest
@@ -150,7 +151,7 @@ class FederatedServer:
         messages, down = [], {}
         for node in plan.nodes:
             ins = self.instruction(node, plan, plan.seeds if train else [], plan.hyper if train else None)
-            msg = self.grid.create_message(to_content(ins), message_type, node, str(plan.round))
+            msg = Message(to_content(ins), dst_node_id=node, message_type=message_type, group_id=str(plan.round))
             down[node] = wire_bytes(msg)
             messages.append(msg)
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s))

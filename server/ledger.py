@@ -64,11 +64,10 @@ class Ledger:
         path = Path(path)
         if not path.is_file():
             raise LedgerError(f"ledger {str(path)!r} does not exist")
-        conn = cls._connect(path)
         try:
+            conn = cls._connect(path)
             row = conn.execute("SELECT value FROM meta WHERE key = 'header'").fetchone()
         except sqlite3.DatabaseError as exc:
-            conn.close()
             raise LedgerError(f"{str(path)!r} is not a seedtune ledger ({exc})") from exc
         if row is None:
             conn.close()
@@ -148,24 +147,25 @@ class Ledger:
 
     def verify(self) -> int:
         """Recompute the whole chain and the round bookkeeping; returns the number of entries checked."""
-        prev, expected_idx = self.genesis, 0
+        hashes = [self.genesis]  # hashes[v]: chain hash at version v
         for idx, rnd, node, seed, coeff, stored in self._conn.execute(
                 "SELECT idx, round, node, seed, coeff, hash FROM entries ORDER BY idx"):
-            if idx != expected_idx:
-                raise ChainError(f"ledger {self.path}: entry index {expected_idx} is missing (found {idx})")
-            prev = link(prev, Entry(idx, _to_u64(seed), coeff, rnd, _to_u64(node)))
-            if prev != stored:
+            if idx != len(hashes) - 1:
+                raise ChainError(f"ledger {self.path}: entry index {len(hashes) - 1} is missing (found {idx})")
+            hashes.append(link(hashes[-1], Entry(idx, _to_u64(seed), coeff, rnd, _to_u64(node))))
+            if hashes[-1] != stored:
                 raise ChainError(f"ledger {self.path}: entry {idx} (round {rnd}) does not match its chain hash: "
                                  f"the file was modified")
-            expected_idx += 1
+        n = len(hashes) - 1
         covered = 0
         for rnd, first, count, head in self._conn.execute("SELECT round, first_idx, count, head FROM rounds ORDER BY round"):
-            if first != covered or (count and self.hash_at(first + count) != head):
-                raise ChainError(f"ledger {self.path}: round {rnd} does not line up with its entries")
+            if first != covered or first + count > n or hashes[first + count] != head:
+                raise ChainError(f"ledger {self.path}: round {rnd} (entries {first}..{first + count - 1}) does not "
+                                 f"line up with the {n} entries stored")
             covered += count
-        if covered != expected_idx:
-            raise ChainError(f"ledger {self.path}: {expected_idx} entries but rounds account for {covered}")
-        return expected_idx
+        if covered != n:
+            raise ChainError(f"ledger {self.path}: {n} entries but rounds account for {covered}")
+        return n
 
     # --------------------------------------------------------------------------------------- writing
     def commit_round(self, rnd: int, updates: Sequence[tuple[int, float, int]],
@@ -178,7 +178,8 @@ class Ledger:
         prev = self.hash_at(first)
         entries = []
         for k, (seed, coeff, node) in enumerate(updates):
-            c = float(np.float32(coeff))  # stored and replayed as float32, the wire format
+            with np.errstate(over="ignore"):
+                c = float(np.float32(coeff))  # stored and replayed as float32, the wire format
             if not math.isfinite(c) or not 0 <= int(seed) < _U64 or not 0 <= int(node) < _U64:
                 raise LedgerError(f"round {rnd}: refusing update {k} (seed {seed!r}, coeff {coeff!r}, node {node!r})")
             entries.append(Entry(first + k, int(seed), c, rnd, int(node)))

@@ -22,6 +22,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from server.replay import replay
+
+    print(json.dumps(replay(args.ledger, args.out)), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seedtune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -34,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/train-<time>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("replay", help="rebuild the finetuned model from its ledger; prints a JSON line")
+    p.add_argument("ledger", help="ledger.sqlite of a federated run")
+    p.add_argument("--out", help="write the model as a Hugging Face folder here")
+    p.set_defaults(func=_replay)
     return parser
 
 
@@ -41,11 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from server.ledger import LedgerError
+    from shared.chain import ChainError
     from shared.models import ModelLoadError
+    from shared.replica import ReplicaError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ModelLoadError) as exc:
+    except (ConfigError, FileNotFoundError, ModelLoadError, LedgerError, ChainError, ReplicaError) as exc:
         print(f"seedtune: error: {exc}", file=sys.stderr)
         return 2
 

@@ -37,10 +37,6 @@ class InProcessGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
         for msg in messages:

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The main job: a federated DP-ZO simulation on this machine, offline, with `flwr run .`.
+#
+#   bash scripts/simulate.sh [extra --run-config overrides, e.g. "federation.rounds=20 privacy.epsilon=1"]
+#
+# `flwr run .` alone would try to install the app's dependencies with uv (fails offline; DESIGN.md section 5),
+# so this starts a simulation SuperLink with runtime dependency installation disabled, points a `flwr`
+# connection at it, runs the app, waits for it and fails if the run did not finish successfully.
+# Environment: NODES (10), RUN_DIR (runs/federated-<time>), SEEDTUNE_DATA (../shared/data/sst2), NUM_CPUS
+# per simulated client (1), FLWR_HOME (.flwr).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+BIN=$(dirname "$PY")
+export PATH="$BIN:$PATH"  # the SuperLink starts flower-superexec and the app processes from PATH
+NODES=${NODES:-10}
+RUN_DIR=${RUN_DIR:-$ROOT/runs/federated-$(date +%Y%m%d-%H%M%S)}
+DATA=${SEEDTUNE_DATA:-$ROOT/../shared/data/sst2}
+export FLWR_HOME=${FLWR_HOME:-$ROOT/.flwr}
+mkdir -p "$RUN_DIR" "$FLWR_HOME"
+RUN_DIR=$(cd "$RUN_DIR" && pwd)
+[ -f "$DATA/train.tsv" ] && DATA=$(cd "$DATA" && pwd) || DATA=""  # empty: the app tries the hub
+
+PORT=${PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+LINK_LOG=$RUN_DIR/superlink.log
+"$BIN/flower-superlink" --simulation --insecure --disable-runtime-dependency-installation \
+    --host 127.0.0.1 --port "$PORT" --database "$RUN_DIR/superlink.db" >"$LINK_LOG" 2>&1 &
+LINK_PID=$!
+trap 'kill $LINK_PID 2>/dev/null; wait $LINK_PID 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+    grep -q "Starting Flower SuperLink\|Flower Deployment Runtime\|listening" "$LINK_LOG" 2>/dev/null && \
+        "$PY" -c "import socket,sys; socket.create_connection(('127.0.0.1', $PORT), 1)" 2>/dev/null && break
+    kill -0 $LINK_PID 2>/dev/null || { echo "simulate: the SuperLink exited; see $LINK_LOG" >&2; cat "$LINK_LOG" >&2; exit 1; }
+    sleep 0.5
+done
+
+cat >"$FLWR_HOME/config.toml" <<TOML
+[superlink]
+default = "seedtune-sim"
+
+[superlink.seedtune-sim]
+address = "127.0.0.1:$PORT"
+insecure = true
+TOML
+
+OVERRIDES="federation.run_dir=\"$RUN_DIR\" data.data_dir=\"$DATA\" ${1:-}"
+echo "simulate: $NODES clients, run folder $RUN_DIR" >&2
+"$BIN/flwr" run . seedtune-sim --stream --run-config "$OVERRIDES" \
+    --federation-config "num-supernodes=$NODES client-resources-num-cpus=${NUM_CPUS:-1}" \
+    2>&1 | tee "$RUN_DIR/flwr-run.log"
+
+# `flwr run` exits 0 even when the run failed: the run's summary is the proof it finished.
+if [ ! -s "$RUN_DIR/summary.json" ]; then
+    echo "simulate: the run did not finish (no summary.json); see $RUN_DIR/flwr-run.log and $LINK_LOG" >&2
+    exit 1
+fi
+echo "simulate: done; ledger, metrics and plots in $RUN_DIR" >&2
+cat "$RUN_DIR/summary.json"

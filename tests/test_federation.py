@@ -1,0 +1,224 @@
+"""The federated protocol end to end over an in-process transport (real server loop, real ClientApp
+handlers, tiny model): ledger replay, bytes on the wire, bad replies, client budgets, restarts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from server.federation import FederatedServer
+from server.ledger import Ledger
+from shared.config import load_config
+from shared.digest import tensor_digest
+from shared.proto import Instruction, Reply
+from shared.wire import from_content, to_content
+from tests.inprocess_grid import InProcessGrid
+
+NODES, STEPS = 3, 2
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fed_config(run_dir: Path, **extra):
+    overrides = {"model.name": "tiny-encoder", "data.train_size": 240, "data.test_size": 32, "eval.dev_size": 32,
+                 "federation.rounds": 3, "federation.local_steps": STEPS, "federation.sample_rate": 0.25,
+                 "zo.lr": 1e-2, "federation.run_dir": str(run_dir), "threads": 1,
+                 "privacy.noise_multiplier": 1.5}  # skips the 10 s calibration; one test below calibrates
+    overrides.update(extra)
+    return load_config(None, overrides)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fed")
+    grid = InProcessGrid(NODES)
+    server = FederatedServer(fed_config(run_dir), grid, run_dir)
+    summary = server.run()
+    return run_dir, grid, server, summary
+
+
+def test_every_replica_agrees_and_replay_is_bit_identical(finished, tmp_path):
+    run_dir, _, server, summary = finished
+    assert summary["ledger_entries"] == 3 * NODES * STEPS
+    assert summary["clients_agree"] and len(summary["client_digests"]) == NODES
+    out = subprocess.run([sys.executable, "-m", "shared.cli", "replay", str(run_dir / "ledger.sqlite"),
+                          "--out", str(tmp_path / "model")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    replayed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert replayed["model_digest"] == summary["model_digest"] == server.replica.digest()
+    saved = load_file(str(tmp_path / "model" / "model.safetensors"))
+    live = server.replica.task.module.body.state_dict()
+    assert saved.keys() == live.keys()
+    assert all(tensor_digest(saved[k]) == tensor_digest(live[k]) for k in live)
+
+
+def test_run_folder_holds_ledger_metrics_and_plot(finished):
+    run_dir, *_ = finished
+    for name in ("ledger.sqlite", "metrics.jsonl", "metrics.csv", "metrics.png", "summary.json"):
+        assert (run_dir / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert all(0 < r["epsilon_max"] <= 3.0 for r in rows[1:])
+
+
+def test_uplink_is_four_bytes_per_step_plus_a_small_envelope(finished):
+    _, grid, _, summary = finished
+    rows = [json.loads(line) for line in (finished[0] / "metrics.jsonl").read_text().splitlines()][1:]
+    for row in rows:
+        assert row["bytes_up_max"] <= 16 * STEPS + 1024
+    # Downlink: a node receives the entries committed since the version it last computed at (its own
+    # scalars reach it through the ledger too), never the model; the header only while it is at version 0.
+    ins = [from_content(m.content, Instruction) for m in grid.sent if m.metadata.message_type == "train"]
+    by_round = {i.round: i for i in ins}
+    assert by_round[1].HasField("header") and not by_round[3].HasField("header")
+    assert by_round[3].tail.start_index == NODES * STEPS and len(by_round[3].tail.seeds) == NODES * STEPS
+    assert by_round[3].model_version == 2 * NODES * STEPS
+
+
+def _corrupt(kind: str):
+    """A reply rewriter producing one kind of bad reply from the first node's honest one."""
+    def rewrite(msg):
+        reply = from_content(msg.content, Reply)
+        if kind == "non_finite":
+            reply.scalars = np.array([np.nan, 1.0], "<f4").tobytes()
+        elif kind == "out_of_range":
+            reply.scalars = np.array([1e30, 1.0], "<f4").tobytes()
+        elif kind == "wrong_count":
+            reply.scalars = reply.scalars[:4]
+        elif kind == "wrong_round":
+            reply.round += 1
+        elif kind == "wrong_version":
+            reply.model_version += 5
+        elif kind == "malformed":
+            from flwr.app import ConfigRecord, RecordDict
+            return type(msg)(RecordDict({"seedtune": ConfigRecord({"payload": b"\x0a\xff\xff"})}), reply_to=_orig[0])
+        return type(msg)(to_content(reply), reply_to=_orig[0])
+    return rewrite
+
+
+_orig: list = []
+
+
+@pytest.mark.parametrize("kind", ["non_finite", "out_of_range", "wrong_count", "wrong_round", "wrong_version",
+                                  "malformed", "duplicate"])
+def test_bad_replies_are_rejected_and_never_reach_the_ledger(tmp_path, kind):
+    grid = InProcessGrid(NODES)
+    server = FederatedServer(fed_config(tmp_path, **{"federation.rounds": 1}), grid, tmp_path)
+    bad_node = grid.get_node_ids()[0]
+    real_send = grid.send_and_receive
+
+    def send(messages, timeout=None):
+        replies = real_send(messages, timeout=timeout)
+        out = []
+        for reply, msg in zip(replies, messages):
+            if reply.metadata.src_node_id == bad_node:
+                _orig[:] = [msg]
+                out.append(reply if kind == "duplicate" else _corrupt(kind)(reply))
+                if kind == "duplicate":
+                    out.append(reply)
+            else:
+                out.append(reply)
+        return out
+
+    grid.send_and_receive = send
+    row = server.run_round(1)
+    assert row["rejected_by_kind"] == {kind: 1}
+    ledger = Ledger.open(tmp_path / "ledger.sqlite")
+    kept = grid.get_node_ids() if kind == "duplicate" else grid.get_node_ids()[1:]  # a duplicate's first copy is fine
+    assert {e.node for e in ledger.entries()} == set(kept)
+    assert len(ledger) == len(kept) * STEPS and ledger.verify() == len(kept) * STEPS
+
+
+def test_a_client_refuses_work_beyond_its_own_budget(tmp_path):
+    grid = InProcessGrid(NODES, node_configs={0: {"epsilon-budget": 0.05}})
+    server = FederatedServer(fed_config(tmp_path, **{"federation.rounds": 1}), grid, tmp_path)
+    row = server.run_round(1)
+    assert row["rejected_by_kind"] == {"refused": 1} and row["accepted"] == NODES - 1
+    frugal = grid.get_node_ids()[0]
+    assert frugal not in {e.node for e in server.ledger.entries()}
+
+
+def test_server_stops_a_node_at_its_budget(tmp_path):
+    grid = InProcessGrid(2)
+    # Calibrated for 2 rounds: a third round would exceed epsilon, so no node is instructed.
+    config = fed_config(tmp_path, **{"federation.rounds": 2, "privacy.noise_multiplier": 0.0})
+    server = FederatedServer(config, grid, tmp_path)
+    server.config.federation.rounds = 3  # the ledger pins the calibration done for 2 rounds
+    for rnd in (1, 2):
+        assert server.run_round(rnd)["nodes"] == 2
+    row = server.run_round(3)
+    assert row["nodes"] == 0 and row["entries"] == 0
+    assert all(e <= 3.0 for e in row["epsilon"].values())
+
+
+def test_restarted_server_resumes_from_the_ledger(tmp_path):
+    grid = InProcessGrid(NODES)
+    config = fed_config(tmp_path, **{"federation.rounds": 4})
+    first = FederatedServer(config, grid, tmp_path)
+    first.run_round(1)
+    first.run_round(2)
+    heads = [first.ledger.hash_at(v) for v in range(len(first.ledger) + 1)]
+    first.ledger.close()
+    again = FederatedServer(config, grid, tmp_path)
+    assert again.replica.digest() == first.replica.digest()
+    summary = again.run()
+    assert summary["resumed_from_round"] == 2 and summary["clients_agree"]
+    assert [again.ledger.hash_at(v) for v in range(len(heads))] == heads
+    assert [r["round"] for r in again.ledger.rounds()] == [1, 2, 3, 4]
+
+
+KILLABLE = """
+import json, sys, time
+from tests.inprocess_grid import InProcessGrid
+from tests.test_federation import fed_config
+from server.federation import FederatedServer
+config = fed_config(sys.argv[1], **{"federation.rounds": 6, "privacy.noise_multiplier": 3.0})
+grid = InProcessGrid(3)
+send = grid.send_and_receive
+def slow_send(messages, timeout=None):
+    replies = send(messages, timeout=timeout)
+    time.sleep(float(sys.argv[2]))  # rounds long enough to be killed in the middle of one
+    return replies
+grid.send_and_receive = slow_send
+print(json.dumps(FederatedServer(config, grid, sys.argv[1]).run()))
+"""
+
+
+def test_server_killed_mid_round_resumes_without_loss_or_double_apply(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tmp_path), "1.0"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ledger_path = tmp_path / "ledger.sqlite"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if ledger_path.exists() and Ledger.open(ledger_path).last_round >= 2:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.1)
+    time.sleep(0.5)  # now inside round 3: instructions sent, replies pending
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = Ledger.open(ledger_path)
+    killed_at = before.last_round
+    assert 2 <= killed_at < 6 and before.verify() == killed_at * NODES * STEPS
+    heads = [before.hash_at(v) for v in range(len(before) + 1)]
+
+    out = subprocess.run([sys.executable, "-c", KILLABLE, str(tmp_path), "0"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    after = Ledger.open(ledger_path)
+    assert summary["resumed_from_round"] == killed_at and summary["clients_agree"]
+    assert after.verify() == 6 * NODES * STEPS
+    assert [after.hash_at(v) for v in range(len(heads))] == heads  # nothing committed before the kill changed
+    assert [(r["round"], r["entries"]) for r in after.rounds()] == [(r, NODES * STEPS) for r in range(1, 7)]
+    assert not math.isnan(summary["test_accuracy"])
