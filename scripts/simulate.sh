@@ -44,7 +44,15 @@ address = "127.0.0.1:$PORT"
 insecure = true
 TOML
 
-OVERRIDES="federation.run_dir=\"$RUN_DIR\" data.data_dir=\"$DATA\" ${1:-}"
+USER_OVERRIDES=${1:-}
+case "$USER_OVERRIDES" in
+    *federation.run_dir=*) echo "simulate: set the run folder with RUN_DIR=..., not federation.run_dir" >&2; exit 2 ;;
+esac
+OVERRIDES="federation.run_dir=\"$RUN_DIR\" $USER_OVERRIDES"
+case "$USER_OVERRIDES" in
+    *data.data_dir=*) ;;
+    *) OVERRIDES="$OVERRIDES data.data_dir=\"$DATA\"" ;;
+esac
 echo "simulate: $NODES clients, run folder $RUN_DIR" >&2
 "$BIN/flwr" run . seedtune-sim --stream --run-config "$OVERRIDES" \
     --federation-config "num-supernodes=$NODES client-resources-num-cpus=${NUM_CPUS:-1}" \
