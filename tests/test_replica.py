@@ -1,0 +1,79 @@
+"""Replicas: catching up from any position in the ledger, and refusing foreign or altered histories."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from server.ledger import Ledger
+from shared.chain import ChainError
+from shared.config import config_from_flower, load_config
+from shared.replica import Replica, ReplicaError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@pytest.fixture(scope="module")
+def replica() -> Replica:
+    return Replica(load_config(None, {"model.name": "tiny-decoder", "selection.fraction": 0.05}))
+
+
+@pytest.fixture
+def ledger(tmp_path, replica) -> Ledger:
+    led = Ledger.create(tmp_path / "l.sqlite", replica.make_header("gaussian", 1.0))
+    rng = np.random.default_rng(0)
+    for rnd in range(1, 5):
+        led.commit_round(rnd, [(int(rng.integers(0, 2**63)), float(rng.normal() * 1e-3), 1 + k) for k in range(3)])
+    return led
+
+
+def test_catch_up_from_any_version_agrees(replica, ledger):
+    replica.attach(ledger.header)
+    replica.catch_up(ledger.tail(0))
+    full = replica.digest()
+    for version in (0, 4, 7, 12):
+        replica.attach(ledger.header)
+        replica.apply(list(ledger.entries(0, version)), ledger.hash_at(version))
+        # A tail that starts before our version is fine when it agrees with our history.
+        applied = replica.catch_up(ledger.tail(max(0, version - 2)))
+        assert applied == 12 - version and replica.digest() == full
+
+
+def test_an_altered_history_or_a_gap_is_refused(replica, ledger):
+    replica.attach(ledger.header)
+    replica.catch_up(ledger.tail(0))
+    tail = ledger.tail(4)
+    replica.attach(ledger.header)
+    with pytest.raises(ReplicaError, match="starts at 4 but this replica is at version 0"):
+        replica.catch_up(tail)
+    replica.apply(list(ledger.entries(0, 6)), ledger.hash_at(6))
+    replica.head = b"\x00" * 32  # as if our history differed from the ledger's
+    with pytest.raises(ChainError, match="differs from this replica's"):
+        replica.catch_up(tail)
+
+
+def test_a_ledger_for_another_model_is_refused(replica, ledger):
+    other = Replica(load_config(None, {"model.name": "tiny-decoder", "selection.fraction": 0.1}))
+    with pytest.raises(ReplicaError, match="trainable set digest"):
+        other.attach(ledger.header)
+    header = ledger.header
+    header.base_model_digest = "0" * 64
+    with pytest.raises(ReplicaError, match="base model digest"):
+        replica.attach(header)
+
+
+def test_flower_app_defaults_make_a_valid_config():
+    from flwr.common.config import flatten_dict
+
+    with open("pyproject.toml", "rb") as fh:
+        app_config = flatten_dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    config = config_from_flower(app_config)
+    assert config.federation.rounds >= 1 and config.model.name == "minilm"
+    from shared.config import ConfigError
+    with pytest.raises(ConfigError, match="federation.sample_rate must be in"):
+        config_from_flower({**app_config, "federation.sample_rate": 2.0})
