@@ -9,7 +9,6 @@ model is cached per process and, for SmolLM2, de-quantised once to disk. Node co
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
@@ -36,7 +35,7 @@ def load_state(context: Context) -> NodeState:
     values = context.state.array_records.get(VALUES)
     return NodeState(header=record["header"], version=int(record["version"]), head=record["head"],
                      values=values["values"].numpy() if values is not None else None,
-                     runs=[tuple(r) for r in json.loads(record["runs"])])
+                     runs=NodeState.runs_from_json(record["runs"]))
 
 
 def save_state(context: Context, state: NodeState) -> None:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from client.zo_step import zo_step
-from shared.accounting import epsilon_after
+from shared.accounting import noise_epsilon
 from shared.chain import ChainError, header_digest
 from shared.models import TextClassifier
-from shared.noise import GaussianNoise, SecureRandom
+from shared.noise import Noise, SecureRandom
 from shared.proto import PROTOCOL_VERSION, Instruction, LedgerHeader, Reply
 from shared.replica import Replica, ReplicaError
 
@@ -40,19 +40,20 @@ class NodeState:
     version: int = 0
     head: bytes = b""
     values: np.ndarray | None = None  # trainable values at `version` (None: the base model's)
-    runs: list[tuple[float, float, int]] = field(default_factory=list)  # (noise multiplier, rate, steps) run
+    runs: list[tuple[Noise, float, int]] = field(default_factory=list)  # (noise, sampling rate, steps) runs
 
-    def steps(self) -> int:
-        return sum(count for _, _, count in self.runs)
-
-    def record(self, sigma: float, rate: float, count: int) -> None:
-        if self.runs and self.runs[-1][:2] == (sigma, rate):
-            self.runs[-1] = (sigma, rate, self.runs[-1][2] + count)
+    def record(self, noise: Noise, rate: float, count: int) -> None:
+        if self.runs and self.runs[-1][:2] == (noise, rate):
+            self.runs[-1] = (noise, rate, self.runs[-1][2] + count)
         else:
-            self.runs.append((sigma, rate, count))
+            self.runs.append((noise, rate, count))
 
     def runs_json(self) -> str:
-        return json.dumps(self.runs)
+        return json.dumps([[n.to_json(), q, c] for n, q, c in self.runs])
+
+    @staticmethod
+    def runs_from_json(text: str) -> list[tuple[Noise, float, int]]:
+        return [(Noise.from_json(n), float(q), int(c)) for n, q, c in json.loads(text)]
 
 
 @dataclass(frozen=True)
@@ -144,11 +145,16 @@ def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, b
     privacy = replica.config.privacy
     epsilon_budget = privacy.epsilon if budget.epsilon is None else budget.epsilon
     delta = privacy.delta if budget.delta is None else budget.delta
+    noise = None
     if h.private:
-        if not (h.noise_multiplier > 0 and 0 < h.sample_rate <= 1 and h.clip > 0):
-            raise Refusal(f"invalid privacy parameters: noise multiplier {h.noise_multiplier}, "
-                          f"sample rate {h.sample_rate}, clip {h.clip}")
-        after = epsilon_after(tuple(state.runs) + ((h.noise_multiplier, h.sample_rate, steps),), delta)
+        try:
+            noise = Noise.from_json(h.noise)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise Refusal(f"invalid noise description {h.noise[:200]!r}: {exc}") from exc
+        if not (noise.std > 0 and 0 < h.sample_rate <= 1 and h.clip > 0):
+            raise Refusal(f"invalid privacy parameters: noise {noise.describe()}, sample rate {h.sample_rate}, "
+                          f"clip {h.clip}")
+        after = noise_epsilon(tuple(state.runs) + ((noise, h.sample_rate, steps),), delta)
         if after > epsilon_budget:
             raise Refusal(f"{steps} more steps would bring this node to epsilon {after:.3f} > its budget "
                           f"{epsilon_budget} (delta {delta})")
@@ -159,7 +165,6 @@ def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, b
     data = source(replica)
     reply.num_examples = len(data.labels)
     microbatch = replica.config.model.microbatch
-    noise = GaussianNoise(h.noise_multiplier * h.clip) if h.private else None
     scalars, losses, batch = [], [], 0
     start = replica.view.values()
     try:
@@ -173,13 +178,13 @@ def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, b
             replica.view.apply(seed, float(np.float32(-h.lr * result.scalar)))  # local progress only
     finally:
         replica.view.set_values(start)  # the node's model moves only by the ledger
-    if h.private:
-        state.record(h.noise_multiplier, h.sample_rate, steps)
+    if noise is not None:
+        state.record(noise, h.sample_rate, steps)
     reply.model_version = replica.version
     reply.scalars = np.asarray(scalars, dtype="<f4").tobytes()
     reply.metrics["loss"] = float(np.nanmean(losses)) if losses else float("nan")
     reply.metrics["examples_used"] = float(batch)
-    reply.metrics["epsilon"] = epsilon_after(tuple(state.runs), delta)
+    reply.metrics["epsilon"] = noise_epsilon(tuple(state.runs), delta)
 
 
 def sync(ins: Instruction, node_id: int, state: NodeState) -> Reply:

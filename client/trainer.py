@@ -20,10 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from client.zo_step import zo_step
-from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, gaussian_step
+from shared.accounting import PrivacyAccountant
 from shared.config import ConfigError, RunConfig
+from shared.directions import seed_stream
 from shared.models import load_task_model
-from shared.noise import GaussianNoise, SecureRandom
+from shared.noise import Noise, SecureRandom
+from shared.noise_search import plan_noise
 from shared.schedule import stages
 from shared.replica import select_trainable
 from shared.tasks import load_sst2
@@ -35,11 +37,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class PrivacyPlan:
     sample_rate: float
-    noise_multiplier: float  # 0 without privacy
+    noise: Noise | None  # None without privacy
     steps: int
-
-    def noise(self, clip: float) -> GaussianNoise:
-        return GaussianNoise(self.noise_multiplier * clip)
 
 
 def plan_privacy(config: RunConfig, train_size: int) -> PrivacyPlan:
@@ -48,11 +47,8 @@ def plan_privacy(config: RunConfig, train_size: int) -> PrivacyPlan:
         raise ConfigError(f"zo.batch_size {config.zo.batch_size} exceeds the training set size {train_size}")
     steps = config.schedule.total_steps
     if not config.privacy.enabled:
-        return PrivacyPlan(q, 0.0, steps)
-    sigma = config.privacy.noise_multiplier or calibrate_noise_multiplier(
-        config.privacy.epsilon, config.privacy.delta, q, steps
-    )
-    return PrivacyPlan(q, sigma, steps)
+        return PrivacyPlan(q, None, steps)
+    return PrivacyPlan(q, plan_noise(config.privacy, q, steps), steps)
 
 
 def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
@@ -73,14 +69,15 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
 
     plan = plan_privacy(config, len(train_ids))
     private = config.privacy.enabled
-    log.info("sampling rate %.3g, %d steps, noise multiplier %.4g", plan.sample_rate, plan.steps, plan.noise_multiplier)
+    log.info("sampling rate %.3g, %d steps, noise %s", plan.sample_rate, plan.steps,
+             plan.noise.describe() if plan.noise else "none")
 
     zero_shot = task.accuracy(test_ids, test_split.labels, config.model.microbatch, progress)
     log.info("zero-shot test accuracy %.4f", zero_shot)
 
     rng = SecureRandom()
+    seeds = seed_stream(config.zo.seed) if config.zo.seed else iter(rng.seed64, None)
     accountant = PrivacyAccountant()
-    event = gaussian_step(plan.noise_multiplier, plan.sample_rate) if private else None
     metrics_path = out_dir / "metrics.jsonl"
     selection = None
     bar = tqdm(total=plan.steps, desc="DP-ZO" if private else "MeZO", unit="step", disable=not progress)
@@ -100,16 +97,16 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
             anchor = view.values() if config.schedule.prox > 0 else None
             for t in range(stage.first_step, stage.first_step + stage.steps):
                 result = zo_step(
-                    task, view, train_ids, train_split.labels, seed=rng.seed64(), mu=stage.mu,
+                    task, view, train_ids, train_split.labels, seed=next(seeds), mu=stage.mu,
                     sample_rate=plan.sample_rate, microbatch=config.model.microbatch, rng=rng,
-                    clip=config.privacy.clip if private else None, noise=plan.noise(config.privacy.clip),
+                    clip=config.privacy.clip if private else None, noise=plan.noise,
                 )
                 coeff = float(np.float32(-stage.lr * result.scalar))
                 view.apply(result.seed, coeff)
                 if anchor is not None:
                     view.pull_towards(anchor, stage.lr * config.schedule.prox)
-                if event is not None:
-                    accountant.record(event)
+                if private:
+                    accountant.record(plan.noise, plan.sample_rate)
                 bar.update(1)
                 bar.set_postfix(stage=stage.index, loss=f"{result.loss:.3f}")
                 row = {"step": t + 1, "stage": stage.index, "batch": result.batch_size, "clipped": result.clipped,
@@ -128,7 +125,9 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         "steps": plan.steps,
         "epsilon": epsilon,
         "delta": config.privacy.delta if private else None,
-        "noise_multiplier": plan.noise_multiplier,
+        "noise": plan.noise.family if plan.noise else None,
+        "noise_params": plan.noise.describe() if plan.noise else None,
+        "noise_std": plan.noise.std if plan.noise else 0.0,  # per unit of clip (the Gaussian's sigma)
         "sample_rate": plan.sample_rate,
         "trainable_entries": selection.size,
         "trainable_fraction": selection.fraction_of(task.module),

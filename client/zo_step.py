@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from shared.models import TextClassifier
-from shared.noise import GaussianNoise, SecureRandom
+from shared.noise import Noise, SecureRandom
 from shared.update import TrainableView
 
 
@@ -63,11 +63,11 @@ def projected_gradients(
 
 
 def privatize(
-    g: torch.Tensor, clip: float, expected_batch: float, noise: GaussianNoise, rng: SecureRandom
+    g: torch.Tensor, clip: float, expected_batch: float, noise: Noise | None, rng: SecureRandom
 ) -> tuple[float, int]:
-    """Clip each estimate to [-C, C], sum, add noise, divide by the expected batch size."""
+    """Clip each estimate to [-C, C], sum, add C times the (sensitivity-1) noise, divide by the expected batch."""
     clipped = g.clamp(-clip, clip)
-    total = float(clipped.sum()) + noise.sample(rng)
+    total = float(clipped.sum()) + (clip * float(noise.sample(rng, 1)[0]) if noise is not None else 0.0)
     return total / expected_batch, int((g.abs() > clip).sum())
 
 
@@ -83,7 +83,7 @@ def zo_step(
     microbatch: int,
     rng: SecureRandom,
     clip: float | None,
-    noise: GaussianNoise | None,
+    noise: Noise | None,
 ) -> StepResult:
     """A full step's estimate on a Poisson sample; ``clip=None`` is the non-private MeZO estimate."""
     rows = rng.poisson_sample(len(train_ids), sample_rate)
@@ -93,5 +93,5 @@ def zo_step(
     if clip is None:
         scalar, clipped = (float(g.mean()) if len(g) else 0.0), 0
     else:
-        scalar, clipped = privatize(g, clip, sample_rate * len(train_ids), noise or GaussianNoise(0.0), rng)
+        scalar, clipped = privatize(g, clip, sample_rate * len(train_ids), noise, rng)
     return StepResult(seed, scalar, len(rows), clipped, float(losses.mean()) if len(losses) else float("nan"))

@@ -25,13 +25,14 @@ from typing import Any, Iterable
 import numpy as np
 from flwr.app import Message
 
-from shared.accounting import calibrate_noise_multiplier, epsilon_after
+from shared.accounting import noise_epsilon
 from shared.chain import header_digest
 from shared.config import RunConfig
 from shared.proto import PROTOCOL_VERSION, Hyperparameters, Instruction, Reply
 from shared.replica import Replica, config_json
 from shared.tasks import load_sst2
-from shared.noise import SecureRandom
+from shared.noise import Noise, SecureRandom
+from shared.noise_search import plan_noise
 from shared.wire import WireError, from_content, to_content, wire_bytes
 from server.ledger import Ledger, LedgerError
 from server.report import RunReport
@@ -87,13 +88,12 @@ class FederatedServer:
             self.replica.attach(ledger.header)
             return ledger
         fed, privacy = self.config.federation, self.config.privacy
-        sigma = 0.0
+        noise = None
         if privacy.enabled:
-            sigma = privacy.noise_multiplier or calibrate_noise_multiplier(
-                privacy.epsilon, privacy.delta, fed.sample_rate, fed.rounds * fed.local_steps)
-            log.info("noise multiplier %.4f for epsilon %.3g, delta %.1e over %d steps per node at rate %.4g",
-                     sigma, privacy.epsilon, privacy.delta, fed.rounds * fed.local_steps, fed.sample_rate)
-        header = self.replica.make_header("gaussian" if privacy.enabled else "none", sigma)
+            noise = plan_noise(privacy, fed.sample_rate, fed.rounds * fed.local_steps)
+            log.info("noise %s for epsilon %.3g, delta %.1e over %d steps per node at rate %.4g",
+                     noise.describe(), privacy.epsilon, privacy.delta, fed.rounds * fed.local_steps, fed.sample_rate)
+        header = self.replica.make_header(noise)
         self.replica.attach(header)
         return Ledger.create(path, header)
 
@@ -109,8 +109,10 @@ class FederatedServer:
                 self.steps[int(node)] += self.config.federation.local_steps
 
     @property
-    def sigma(self) -> float:
-        return self.ledger.header.noise_multiplier
+    def noise(self) -> Noise | None:
+        """The scalar's noise, as pinned in the ledger header (None without privacy)."""
+        params = self.ledger.header.noise_params
+        return Noise.from_json(params) if params else None
 
     # ------------------------------------------------------------------------------------ accounting
     def epsilon(self, node: int, extra_steps: int = 0) -> float | None:
@@ -118,7 +120,7 @@ class FederatedServer:
         steps = self.steps[node] + extra_steps
         if not self.config.privacy.enabled:
             return None
-        return epsilon_after(((self.sigma, self.config.federation.sample_rate, steps),), self.config.privacy.delta)
+        return noise_epsilon(((self.noise, self.config.federation.sample_rate, steps),), self.config.privacy.delta)
 
     def eligible(self, nodes: Iterable[int]) -> list[int]:
         k = self.config.federation.local_steps
@@ -132,8 +134,10 @@ class FederatedServer:
         nodes = self.eligible(self.grid.get_node_ids())
         if fed.clients_per_round and len(nodes) > fed.clients_per_round:
             nodes = sorted(self.sampler.sample(nodes, fed.clients_per_round))
+        noise = self.noise
         hyper = Hyperparameters(lr=self.config.zo.lr, mu=self.config.zo.mu, clip=privacy.clip,
-                                noise_multiplier=self.sigma, sample_rate=fed.sample_rate, private=privacy.enabled)
+                                noise_multiplier=noise.sigma if noise else 0.0, sample_rate=fed.sample_rate,
+                                private=privacy.enabled, noise=noise.to_json() if noise else "")
         return RoundPlan(rnd, len(self.ledger), nodes, [self.rng.seed64() for _ in range(fed.local_steps)], hyper)
 
     def instruction(self, node: int, plan: RoundPlan, seeds: list[int], hyper: Hyperparameters | None) -> Instruction:
@@ -194,9 +198,9 @@ class FederatedServer:
 
     def scalar_bound(self) -> float:
         """Largest |scalar| an honest client sends: a clipped mean (at most C, a little more when the Poisson
-        batch is larger than expected) plus noise, loosely bounded at 8 noise multipliers."""
-        privacy = self.config.privacy
-        return privacy.clip * (4.0 + 8.0 * self.sigma) if privacy.enabled else 1e6
+        batch is larger than expected) plus noise, loosely bounded at 20 standard deviations."""
+        privacy, noise = self.config.privacy, self.noise
+        return privacy.clip * (4.0 + 20.0 * noise.std) if noise is not None else 1e6
 
     def aggregate(self, plan: RoundPlan, accepted: dict[int, np.ndarray]) -> list[tuple[int, float, int]]:
         m = len(accepted)
@@ -258,6 +262,11 @@ class FederatedServer:
         ids, labels = self.dev
         return self.replica.task.accuracy(ids, labels, self.config.model.microbatch) if len(ids) else math.nan
 
+    def test_accuracy(self) -> float:
+        cfg = self.config
+        test = load_sst2("test", cfg.data.data_dir).balanced_subset(cfg.data.test_size, cfg.data.seed)
+        return self.replica.task.accuracy(self.replica.task.encode(test.sentences), test.labels, cfg.model.microbatch)
+
     # ------------------------------------------------------------------------------------------- run
     def sync(self) -> dict[str, str]:
         """Send every node the final tail and collect the digests of their replicas."""
@@ -277,24 +286,25 @@ class FederatedServer:
         start = time.time()
         fed = self.config.federation
         first = self.ledger.last_round + 1
-        if first == 1:
-            self.report.add({"round": 0, "dev_accuracy": self.evaluate(), "ledger_entries": 0})
+        if first == 1:  # the base model's accuracy, before any private step
+            self.report.add({"round": 0, "dev_accuracy": self.evaluate(), "test_accuracy": self.test_accuracy(),
+                             "ledger_entries": 0})
         for rnd in range(first, fed.rounds + 1):
             self.run_round(rnd)
         server_digest = self.replica.digest()
         client_digests = self.sync()
-        test = load_sst2("test", self.config.data.data_dir).balanced_subset(self.config.data.test_size,
-                                                                           self.config.data.seed)
-        test_accuracy = self.replica.task.accuracy(self.replica.task.encode(test.sentences), test.labels,
-                                                   self.config.model.microbatch)
+        test_accuracy = self.test_accuracy()
         rows = self.report.rows
         summary = {
             "model": self.replica.task.name, "task": self.config.data.task, "rounds": self.ledger.last_round,
-            "resumed_from_round": first - 1, "ledger_entries": len(self.ledger), "noise_multiplier": self.sigma,
+            "resumed_from_round": first - 1, "ledger_entries": len(self.ledger),
+            "noise": self.noise.describe() if self.noise else None,
+            "noise_std": self.noise.std if self.noise else 0.0,
             "epsilon_max": max((r["epsilon_max"] for r in rows if r.get("epsilon_max") is not None), default=None),
             "delta": self.config.privacy.delta if self.config.privacy.enabled else None,
             "dev_accuracy_first": next((r["dev_accuracy"] for r in rows if "dev_accuracy" in r), None),
             "dev_accuracy_last": next((r["dev_accuracy"] for r in reversed(rows) if "dev_accuracy" in r), None),
+            "zero_shot_test_accuracy": next((r.get("test_accuracy") for r in rows if r["round"] == 0), None),
             "test_accuracy": test_accuracy, "model_digest": server_digest, "client_digests": client_digests,
             "clients_agree": bool(client_digests) and all(d == server_digest for d in client_digests.values()),
             "ledger": str(self.ledger.path), "wall_s": round(time.time() - start, 2),

@@ -99,7 +99,7 @@ class Ledger:
         if not Path(path).exists():
             return cls.create(path, header)
         ledger = cls.open(path)
-        for field in ("base_model_digest", "trainable_digest", "config_json", "direction", "noise"):
+        for field in ("base_model_digest", "trainable_digest", "config_json", "direction", "noise", "noise_params"):
             if getattr(ledger.header, field) != getattr(header, field):
                 ledger.close()
                 raise LedgerError(f"ledger {str(path)!r} was started with a different {field}; use a new run "

@@ -29,6 +29,35 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _noise_search(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from shared.noise_search import Target, accounted_epsilon, p_small, search
+
+    targets = [Target(e, args.delta, args.sample_rate, s) for s in args.steps for e in args.epsilon]
+    rows = []
+    for target in tqdm(targets, desc="noise search", unit="config", disable=args.no_progress):
+        found = search(target)
+        row = {"epsilon": target.epsilon, "delta": target.delta, "sample_rate": target.sample_rate,
+               "steps": target.steps}
+        for family, noise in found.items():
+            row[family] = {"std": noise.std, "params": noise.describe(), "p_small": p_small(noise),
+                           "accounted_epsilon": accounted_epsilon(noise, target)}
+        row["auto_family"] = found["auto"].family
+        row["auto_variance_vs_gaussian"] = (found["auto"].std / found["gaussian"].std) ** 2
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+    if not args.json:
+        print(f"noise std per unit of clip C at the same guarantee (delta {args.delta}, q {args.sample_rate:.4g}); "
+              f"epsilon as accounted (PLD)")
+        print(f"{'epsilon':>7} {'steps':>6} {'gaussian':>9} {'laplace':>9} {'lmo':>9}  {'auto':<9} {'var/gauss':>9}")
+        for r in rows:
+            print(f"{r['epsilon']:>7g} {r['steps']:>6} {r['gaussian']['std']:>9.4f} {r['laplace']['std']:>9.4f} "
+                  f"{r['lmo']['std']:>9.4f}  {r['auto_family']:<9} {r['auto_variance_vs_gaussian']:>9.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seedtune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -46,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ledger", help="ledger.sqlite of a federated run")
     p.add_argument("--out", help="write the model as a Hugging Face folder here")
     p.set_defaults(func=_replay)
+
+    p = sub.add_parser("noise-search", help="least-variance noise for the private scalar at a guarantee (cached)")
+    p.add_argument("--epsilon", type=float, nargs="+", default=[0.5, 1.0, 3.0])
+    p.add_argument("--steps", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--sample-rate", type=float, default=64 / 50000)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--json", action="store_true", help="one JSON line per configuration instead of a table")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_noise_search)
     return parser
 
 

@@ -19,6 +19,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from shared.directions import DIRECTION_KINDS
+from shared.noise import NOISE_FAMILIES
+
+NOISE_CHOICES = NOISE_FAMILIES + ("auto",)
 from shared.selection import PRUNE_STRATEGIES, SELECTION_MODES
 
 
@@ -73,6 +76,7 @@ class ZOConfig:
     lr: float = 1e-4
     mu: float = 1e-3  # smoothing scale of the two-point estimate
     direction: str = "rademacher"
+    seed: int = 0  # 0: fresh direction seeds from the CSPRNG; else a public, reproducible stream from this seed
 
     def validate(self) -> None:
         _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "zo.batch_size", "must be an int >= 1",
@@ -81,6 +85,8 @@ class ZOConfig:
         _positive("zo.mu", self.mu)
         _require(self.direction in DIRECTION_KINDS, "zo.direction", f"must be one of {DIRECTION_KINDS}",
                  self.direction)
+        _require(isinstance(self.seed, int) and 0 <= self.seed < 2**64, "zo.seed", "must be an int in [0, 2^64)",
+                 self.seed)
 
 
 @dataclass
@@ -89,7 +95,8 @@ class PrivacyConfig:
     epsilon: float = 3.0
     delta: float = 1e-5
     clip: float = 1.0  # per-example clipping bound C on the projected gradient
-    noise_multiplier: float = 0.0  # 0: calibrated from (epsilon, delta, sampling rate, steps)
+    noise_multiplier: float = 0.0  # Gaussian only; 0: calibrated from (epsilon, delta, sampling rate, steps)
+    noise: str = "gaussian"  # "gaussian", "laplace", "lmo" or "auto" (least variance at the target; see noise_search)
 
     def validate(self) -> None:
         _require(isinstance(self.enabled, bool), "privacy.enabled", "must be true or false", self.enabled)
@@ -99,6 +106,10 @@ class PrivacyConfig:
         _positive("privacy.clip", self.clip)
         _require(isinstance(self.noise_multiplier, (int, float)) and math.isfinite(self.noise_multiplier)
                  and self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0", self.noise_multiplier)
+        _require(self.noise in NOISE_CHOICES, "privacy.noise", f"must be one of {NOISE_CHOICES}", self.noise)
+        _require(self.noise == "gaussian" or not self.noise_multiplier, "privacy.noise_multiplier",
+                 "applies to privacy.noise = 'gaussian' only (other noises are always calibrated)",
+                 self.noise_multiplier)
 
 
 @dataclass

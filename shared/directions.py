@@ -18,7 +18,7 @@ comparison; their values agree across implementations only to float32 rounding.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -141,3 +141,18 @@ def direction_numpy(
         )
         return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)).astype(dtype)
     raise ValueError(f"unknown direction kind {kind!r}; choose one of {DIRECTION_KINDS}")
+
+
+def seed_stream(base: int) -> Iterator[int]:
+    """A reproducible sequence of public 64-bit direction seeds (splitmix64 of base + t).
+
+    Direction seeds are public, so a fixed stream costs no privacy; it lets two runs that differ only in
+    their noise use the same directions. The noise and the batches still come from the CSPRNG."""
+    mask = (1 << 64) - 1
+    state = base & mask
+    while True:
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        yield z ^ (z >> 31)

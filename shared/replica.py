@@ -18,6 +18,7 @@ import torch
 from shared.chain import ChainError, Entry, genesis, link, unpack_tail
 from shared.config import ConfigError, RunConfig, from_dict
 from shared.digest import model_digest
+from shared.noise import Noise
 from shared.models import HEAD_FILE, TextClassifier, load_task_model
 from shared.proto import LEDGER_FORMAT_VERSION, LedgerHeader, LedgerTail
 from shared.selection import TrainableSet, select_all, select_patterns, select_pruned, stage_fraction
@@ -59,11 +60,12 @@ class Replica:
         self.header: LedgerHeader | None = None
 
     # ---------------------------------------------------------------------------------------- header
-    def make_header(self, noise: str, noise_multiplier: float) -> LedgerHeader:
+    def make_header(self, noise: Noise | None) -> LedgerHeader:
         return LedgerHeader(
             format_version=LEDGER_FORMAT_VERSION, base_model_digest=self.base_digest,
             trainable_digest=self.selection.digest(), config_json=config_json(self.config),
-            direction=self.config.zo.direction, noise=noise, noise_multiplier=noise_multiplier,
+            direction=self.config.zo.direction, noise=noise.family if noise else "none",
+            noise_multiplier=noise.sigma if noise else 0.0, noise_params=noise.to_json() if noise else "",
             created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
 

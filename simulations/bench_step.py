@@ -23,7 +23,7 @@ import torch
 from client.zo_step import privatize, projected_gradients
 from shared.config import ModelConfig
 from shared.models import load_task_model
-from shared.noise import GaussianNoise, SecureRandom
+from shared.noise import Noise, SecureRandom
 from shared.selection import select_pruned
 from shared.tasks import load_sst2
 from shared.update import TrainableView
@@ -60,7 +60,7 @@ def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: in
     view = TrainableView(task.module, selection)
     ids = _fixed_batch(task, batch_size, seq_len)
     labels = np.arange(batch_size) % 2
-    rng, noise = SecureRandom(), GaussianNoise(1.0)
+    rng, noise = SecureRandom(), Noise.gaussian(1.0)
 
     def forward() -> None:
         task.per_example_loss(task.collate(ids, labels))

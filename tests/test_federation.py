@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+import client.app as client_app
 from server.federation import FederatedServer
+from shared.accounting import noise_epsilon
 from server.ledger import Ledger
 from shared.config import load_config
 from shared.digest import tensor_digest
@@ -222,3 +224,21 @@ def test_server_killed_mid_round_resumes_without_loss_or_double_apply(tmp_path):
     assert [after.hash_at(v) for v in range(len(heads))] == heads  # nothing committed before the kill changed
     assert [(r["round"], r["entries"]) for r in after.rounds()] == [(r, NODES * STEPS) for r in range(1, 7)]
     assert not math.isnan(summary["test_accuracy"])
+
+
+def test_laplace_noise_travels_in_the_header_and_both_sides_account_it(tmp_path):
+    grid = InProcessGrid(2)
+    config = fed_config(tmp_path, **{"federation.rounds": 2, "privacy.noise": "laplace",
+                                     "privacy.noise_multiplier": 0.0})
+    server = FederatedServer(config, grid, tmp_path)
+    assert server.ledger.header.noise == "laplace" and server.noise.family == "laplace"
+    row = server.run_round(1)
+    assert row["accepted"] == 2
+    replies = [from_content(m.content, Instruction) for m in grid.sent]
+    assert all(i.hyper.noise == server.noise.to_json() for i in replies)
+    # The node's own accountant and the server's agree on what one round of Laplace noise cost.
+    node = grid.get_node_ids()[0]
+    state = client_app.load_state(grid.contexts[node])
+    assert state.runs == [(server.noise, config.federation.sample_rate, STEPS)]
+    assert row["epsilon"][str(node)] == pytest.approx(
+        noise_epsilon(tuple(state.runs), config.privacy.delta), rel=1e-12)

@@ -5,7 +5,7 @@ from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
 
 from client.zo_step import privatize, zo_step
 from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, gaussian_step, pld_epsilon
-from shared.noise import GaussianNoise, SecureRandom
+from shared.noise import Noise, SecureRandom
 from shared.selection import select_pruned
 from shared.update import TrainableView
 from tests.helpers import LABELS, SENTENCES
@@ -13,8 +13,7 @@ from tests.helpers import LABELS, SENTENCES
 
 def test_empirical_noise_std_matches_the_configured_one():
     rng = SecureRandom()
-    noise = GaussianNoise(2.5)
-    samples = np.array([noise.sample(rng) for _ in range(20_000)])
+    samples = Noise.gaussian(2.5).sample(rng, 20_000)
     assert abs(samples.mean()) < 0.06
     assert samples.std() == pytest.approx(2.5, rel=0.03)
 
@@ -23,10 +22,10 @@ def test_privatized_scalar_has_the_calibrated_std_on_the_mean():
     rng = SecureRandom()
     g = torch.tensor([5.0, -50.0, 0.5, 300.0])  # two of them exceed the clip
     clip, sigma, expected_batch = 10.0, 1.3, 8.0
-    out = np.array([privatize(g, clip, expected_batch, GaussianNoise(sigma * clip), rng)[0] for _ in range(20_000)])
+    out = np.array([privatize(g, clip, expected_batch, Noise.gaussian(sigma), rng)[0] for _ in range(20_000)])
     assert out.mean() == pytest.approx((5 - 10 + 0.5 + 10) / expected_batch, abs=0.03)
     assert out.std() == pytest.approx(sigma * clip / expected_batch, rel=0.03)
-    assert privatize(g, clip, expected_batch, GaussianNoise(0.0), rng)[1] == 2
+    assert privatize(g, clip, expected_batch, None, rng)[1] == 2
 
 
 def test_noise_is_not_a_function_of_the_direction_seed(tiny_decoder):
@@ -34,13 +33,13 @@ def test_noise_is_not_a_function_of_the_direction_seed(tiny_decoder):
     view = TrainableView(task.module, select_pruned(task.module, task.synflow_output, 0.05))
     ids = task.encode(SENTENCES)
     kwargs = dict(seed=1234, mu=1e-3, sample_rate=1.0, microbatch=4, rng=SecureRandom(), clip=1.0,
-                  noise=GaussianNoise(1.0))
+                  noise=Noise.gaussian(1.0))
     a = zo_step(task, view, ids, LABELS, **kwargs)
     b = zo_step(task, view, ids, LABELS, **kwargs)
     assert a.seed == b.seed and a.batch_size == b.batch_size == len(SENTENCES)
     assert a.scalar != b.scalar  # same public seed, same data: only the secret noise differs
-    c = zo_step(task, view, ids, LABELS, **{**kwargs, "noise": GaussianNoise(0.0)})
-    d = zo_step(task, view, ids, LABELS, **{**kwargs, "noise": GaussianNoise(0.0)})
+    c = zo_step(task, view, ids, LABELS, **{**kwargs, "noise": None})
+    d = zo_step(task, view, ids, LABELS, **{**kwargs, "noise": None})
     assert c.scalar == d.scalar  # without noise the estimate is deterministic
 
 
@@ -59,7 +58,7 @@ CASES = [(64 / 50_000, 1.0, 1000), (32 / 60_614, 0.6, 800), (0.01, 1.0, 1000), (
 @pytest.mark.parametrize("q,sigma,steps", CASES)
 def test_pld_matches_an_independent_prv_accountant_and_beats_rdp(q, sigma, steps):
     accountant = PrivacyAccountant()
-    accountant.record(gaussian_step(sigma, q), steps)
+    accountant.record(Noise.gaussian(sigma), q, steps)
     eps = accountant.epsilon(1e-5)
     prv = PRVAccountant(prvs=[PoissonSubsampledGaussianMechanism(noise_multiplier=sigma, sampling_probability=q)],
                         max_self_compositions=[steps], eps_error=0.005, delta_error=1e-11)
@@ -69,14 +68,13 @@ def test_pld_matches_an_independent_prv_accountant_and_beats_rdp(q, sigma, steps
 
 
 def test_runs_of_identical_steps_compose_like_one_event():
-    step = gaussian_step(1.0, 0.01)
     one_by_one = PrivacyAccountant()
     for _ in range(50):
-        one_by_one.record(step)
-    assert one_by_one.runs == [(step, 50)]
+        one_by_one.record(Noise.gaussian(1.0), 0.01)
+    assert one_by_one.runs == [(Noise.gaussian(1.0), 0.01, 50)]
     mixed = PrivacyAccountant()
-    mixed.record(step, 30)
-    mixed.record(gaussian_step(2.0, 0.01), 20)
+    mixed.record(Noise.gaussian(1.0), 0.01, 30)
+    mixed.record(Noise.gaussian(2.0), 0.01, 20)
     assert mixed.steps == 50 and len(mixed.runs) == 2
     assert mixed.epsilon(1e-5) < one_by_one.epsilon(1e-5)
     assert PrivacyAccountant().epsilon(1e-5) == 0.0

@@ -10,6 +10,7 @@ import pytest
 from server.ledger import Ledger
 from shared.chain import ChainError
 from shared.config import config_from_flower, load_config
+from shared.noise import Noise
 from shared.replica import Replica, ReplicaError
 
 if sys.version_info >= (3, 11):
@@ -25,7 +26,7 @@ def replica() -> Replica:
 
 @pytest.fixture
 def ledger(tmp_path, replica) -> Ledger:
-    led = Ledger.create(tmp_path / "l.sqlite", replica.make_header("gaussian", 1.0))
+    led = Ledger.create(tmp_path / "l.sqlite", replica.make_header(Noise.gaussian(1.0)))
     rng = np.random.default_rng(0)
     for rnd in range(1, 5):
         led.commit_round(rnd, [(int(rng.integers(0, 2**63)), float(rng.normal() * 1e-3), 1 + k) for k in range(3)])

@@ -32,7 +32,7 @@ def test_non_private_mezo_mode_reports_no_epsilon(tmp_path):
                     "-s", "data.test_size=32", "-s", "data.train_size=500")
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["epsilon"] is None and summary["noise_multiplier"] == 0.0
+    assert summary["epsilon"] is None and summary["noise"] is None and summary["noise_std"] == 0.0
 
 
 @pytest.mark.parametrize("override,message", [("privacy.clip=0", "privacy.clip must be > 0"),

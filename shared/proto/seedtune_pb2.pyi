@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LedgerHeader(_message.Message):
-    __slots__ = ("format_version", "base_model_digest", "trainable_digest", "config_json", "direction", "noise", "noise_multiplier", "created_utc")
+    __slots__ = ("format_version", "base_model_digest", "trainable_digest", "config_json", "direction", "noise", "noise_multiplier", "created_utc", "noise_params")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class LedgerHeader(_message.Message):
     NOISE_FIELD_NUMBER: _ClassVar[int]
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     CREATED_UTC_FIELD_NUMBER: _ClassVar[int]
+    NOISE_PARAMS_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     base_model_digest: str
     trainable_digest: str
@@ -24,7 +25,8 @@ class LedgerHeader(_message.Message):
     noise: str
     noise_multiplier: float
     created_utc: str
-    def __init__(self, format_version: _Optional[int] = ..., base_model_digest: _Optional[str] = ..., trainable_digest: _Optional[str] = ..., config_json: _Optional[str] = ..., direction: _Optional[str] = ..., noise: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., created_utc: _Optional[str] = ...) -> None: ...
+    noise_params: str
+    def __init__(self, format_version: _Optional[int] = ..., base_model_digest: _Optional[str] = ..., trainable_digest: _Optional[str] = ..., config_json: _Optional[str] = ..., direction: _Optional[str] = ..., noise: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., created_utc: _Optional[str] = ..., noise_params: _Optional[str] = ...) -> None: ...
 
 class LedgerEntry(_message.Message):
     __slots__ = ("index", "seed", "coeff", "round", "node")
@@ -59,20 +61,22 @@ class LedgerTail(_message.Message):
     def __init__(self, start_index: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., seeds: _Optional[_Iterable[int]] = ..., coeffs: _Optional[_Iterable[float]] = ..., rounds: _Optional[_Iterable[int]] = ..., nodes: _Optional[_Iterable[int]] = ..., head_hash: _Optional[bytes] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("lr", "mu", "clip", "noise_multiplier", "sample_rate", "private")
+    __slots__ = ("lr", "mu", "clip", "noise_multiplier", "sample_rate", "private", "noise")
     LR_FIELD_NUMBER: _ClassVar[int]
     MU_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     PRIVATE_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
     lr: float
     mu: float
     clip: float
     noise_multiplier: float
     sample_rate: float
     private: bool
-    def __init__(self, lr: _Optional[float] = ..., mu: _Optional[float] = ..., clip: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., private: _Optional[bool] = ...) -> None: ...
+    noise: str
+    def __init__(self, lr: _Optional[float] = ..., mu: _Optional[float] = ..., clip: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., private: _Optional[bool] = ..., noise: _Optional[str] = ...) -> None: ...
 
 class Instruction(_message.Message):
     __slots__ = ("protocol_version", "run_id", "round", "model_version", "header_digest", "tail", "seeds", "hyper", "header")
