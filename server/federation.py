@@ -169,9 +169,10 @@ class FederatedServer:
         if msg.has_error():
             raise Rejected("client_error", f"node {src} failed: {msg.error.reason}")
         try:
-            reply = from_content(msg.content, Reply)
+            reply = from_content(msg.content, Reply, max_bytes=self.max_reply_bytes(plan))
         except WireError as exc:
-            raise Rejected("malformed", f"node {src}: {exc}") from exc
+            raise Rejected("oversized" if "exceeds the limit" in str(exc) else "malformed",
+                           f"node {src}: {exc}") from exc
         if reply.refusal:
             self.known_version[src] = 0  # resend from the start with the header; the node skips what it has
             raise Rejected("refused", f"node {src} refused: {reply.refusal}")
@@ -196,6 +197,11 @@ class FederatedServer:
         self.known_version[src] = plan.version
         return scalars
 
+    @staticmethod
+    def max_reply_bytes(plan: RoundPlan) -> int:
+        """A reply is 4 bytes per seed plus a small envelope; anything much larger is refused unparsed."""
+        return 4 * len(plan.seeds) + 16 * 1024
+
     def scalar_bound(self) -> float:
         """Largest |scalar| an honest client sends: a clipped mean (at most C, a little more when the Poisson
         batch is larger than expected) plus noise, loosely bounded at 20 standard deviations."""
@@ -203,9 +209,28 @@ class FederatedServer:
         return privacy.clip * (4.0 + 20.0 * noise.std) if noise is not None else 1e6
 
     def aggregate(self, plan: RoundPlan, accepted: dict[int, np.ndarray]) -> list[tuple[int, float, int]]:
-        m = len(accepted)
-        return [(seed, -plan.hyper.lr * accepted[node][k] / m, node)
-                for k, seed in enumerate(plan.seeds) for node in sorted(accepted)]
+        """Ledger entries for the round: per seed, weights over the nodes' scalars that sum to one.
+
+        ``mean`` weighs every reply 1/M. The robust rules keep the ledger replayable entry by entry by
+        giving weight only to the scalars they keep: ``trimmed_mean`` drops the floor(trim M) smallest and
+        largest scalars of each seed, ``median`` keeps the middle one (or the middle two at 1/2 each)."""
+        nodes = sorted(accepted)
+        fed = self.config.federation
+        entries = []
+        for k, seed in enumerate(plan.seeds):
+            values = np.array([accepted[n][k] for n in nodes])
+            order = np.argsort(values, kind="stable")
+            m = len(nodes)
+            if fed.aggregation == "median":
+                keep = order[(m - 1) // 2: m // 2 + 1]
+            elif fed.aggregation == "trimmed_mean":
+                t = int(fed.trim * m)
+                keep = order[t: m - t]
+            else:
+                keep = order
+            for i in sorted(keep.tolist()):
+                entries.append((seed, -plan.hyper.lr * values[i] / len(keep), nodes[i]))
+        return entries
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         start = time.time()

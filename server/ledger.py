@@ -179,7 +179,9 @@ class Ledger:
         entries = []
         for k, (seed, coeff, node) in enumerate(updates):
             with np.errstate(over="ignore"):
-                c = float(np.float32(coeff))  # stored and replayed as float32, the wire format
+                # Stored and replayed as float32, the wire format; + 0.0 turns -0.0 into 0.0, which SQLite
+                # would otherwise store as the integer 0 and give back without its sign (found by hypothesis).
+                c = float(np.float32(coeff)) + 0.0
             if not math.isfinite(c) or not 0 <= int(seed) < _U64 or not 0 <= int(node) < _U64:
                 raise LedgerError(f"round {rnd}: refusing update {k} (seed {seed!r}, coeff {coeff!r}, node {node!r})")
             entries.append(Entry(first + k, int(seed), c, rnd, int(node)))

@@ -170,6 +170,7 @@ class EvalConfig:
 
 
 PARTITIONS = ("iid", "dirichlet")
+AGGREGATIONS = ("mean", "trimmed_mean", "median")
 
 
 @dataclass
@@ -186,6 +187,8 @@ class FederationConfig:
     eval_every: int = 1  # rounds between server-side dev evaluations (0: only before and after)
     partition: str = "iid"  # "iid" or "dirichlet" (label skew)
     alpha: float = 0.5  # Dirichlet concentration: smaller = more skewed
+    aggregation: str = "mean"  # per seed over the replies: "mean", "trimmed_mean" or "median" (robust)
+    trim: float = 0.2  # trimmed_mean: fraction of replies dropped at each end, per seed
     run_dir: str = ""  # ledger, metrics and plots; empty: runs/federated-<time>
 
     def validate(self) -> None:
@@ -200,6 +203,10 @@ class FederationConfig:
         _positive("federation.round_timeout_s", self.round_timeout_s)
         _require(self.partition in PARTITIONS, "federation.partition", f"must be one of {PARTITIONS}", self.partition)
         _positive("federation.alpha", self.alpha)
+        _require(self.aggregation in AGGREGATIONS, "federation.aggregation", f"must be one of {AGGREGATIONS}",
+                 self.aggregation)
+        _require(isinstance(self.trim, (int, float)) and 0 <= self.trim < 0.5, "federation.trim",
+                 "must be in [0, 0.5)", self.trim)
 
 
 @dataclass

@@ -242,3 +242,27 @@ def test_laplace_noise_travels_in_the_header_and_both_sides_account_it(tmp_path)
     assert state.runs == [(server.noise, config.federation.sample_rate, STEPS)]
     assert row["epsilon"][str(node)] == pytest.approx(
         noise_epsilon(tuple(state.runs), config.privacy.delta), rel=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["trimmed_mean", "median"])
+def test_robust_aggregation_ignores_a_malicious_minority(tmp_path, rule):
+    """Five honest scalars near 1 and -2 and one attacker at the in-range extreme: the mean moves far, the
+    robust rules stay within the honest spread."""
+    server = FederatedServer(fed_config(tmp_path, **{"federation.rounds": 1, "federation.aggregation": rule,
+                                                     "federation.trim": 0.2}), InProcessGrid(1), tmp_path)
+    plan = server.plan(1)
+    plan.seeds = [11, 22]
+    honest = {n: np.array([1.0 + 0.01 * n, -2.0 - 0.01 * n]) for n in range(1, 6)}
+    bound = server.scalar_bound()
+    attacked = {**honest, 99: np.array([0.99 * bound, -0.99 * bound])}
+
+    def update(accepted):  # per seed, what the round's entries replay to, in units of -lr
+        entries = server.aggregate(plan, accepted)
+        return [sum(c for s, c, _ in entries if s == seed) / -plan.hyper.lr for seed in plan.seeds], entries
+
+    robust, entries = update(attacked)
+    assert 99 not in {node for _, _, node in entries}
+    assert 1.0 <= robust[0] <= 1.05 and -2.05 <= robust[1] <= -2.0
+    server.config.federation.aggregation = "mean"
+    assert update(honest)[0] == pytest.approx([1.03, -2.03])
+    assert update(attacked)[0][0] > 1.5  # what the attacker achieves against the plain mean

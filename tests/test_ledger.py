@@ -107,3 +107,9 @@ def test_resuming_with_another_configuration_is_refused(tmp_path):
     with pytest.raises(LedgerError, match="different trainable_digest"):
         Ledger.open_or_create(path, other)
     assert Ledger.open_or_create(path, header()).header.trainable_digest == "t" * 64
+
+
+def test_negative_zero_survives_sqlite(ledger):
+    """SQLite stores an integral REAL as an integer and drops the sign of -0.0; the chain must not care."""
+    (entry,) = ledger.commit_round(4, [(1, -0.0, 1)])
+    assert ledger.verify() == 13 and next(ledger.entries(12)).coeff == entry.coeff == 0.0

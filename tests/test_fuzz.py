@@ -1,0 +1,106 @@
+"""Property-based tests (hypothesis): whatever bytes or fields a reply carries, the server either accepts
+well-formed scalars or rejects the reply with a named reason, and the ledger never changes; any sequence of
+rounds replays to the same weights, and any single-byte tampering of the ledger is detected."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from server.federation import FederatedServer, Rejected
+from server.ledger import Ledger
+from shared.chain import ChainError
+from shared.config import load_config
+from shared.noise import Noise
+from shared.proto import PROTOCOL_VERSION, Reply
+from shared.replica import Replica
+from shared.wire import to_content
+from tests.inprocess_grid import InProcessGrid
+from tests.test_federation import STEPS, fed_config
+
+KINDS = {"unknown_node", "client_error", "malformed", "oversized", "refused", "wrong_round", "duplicate",
+         "wrong_version", "wrong_count", "non_finite", "out_of_range"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fuzz")
+    grid = InProcessGrid(2)
+    srv = FederatedServer(fed_config(run_dir, **{"federation.rounds": 1}), grid, run_dir)
+    return srv, srv.plan(1)
+
+
+def _reply_message(plan, content: RecordDict) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=plan.nodes[0], message_type="train", group_id="1")
+    return Message(content, reply_to=instruction)
+
+
+def _check(server, plan, msg) -> None:
+    before = len(server.ledger)
+    try:
+        scalars = server.validate(msg, plan, {})
+    except Rejected as exc:
+        assert exc.kind in KINDS and str(exc)
+    else:
+        assert len(scalars) == len(plan.seeds) and np.all(np.isfinite(scalars))
+        assert np.all(np.abs(scalars) <= server.scalar_bound())
+    assert len(server.ledger) == before
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.binary(max_size=4096))
+def test_arbitrary_payload_bytes_are_accepted_or_rejected_by_name(server, payload):
+    srv, plan = server
+    _check(srv, plan, _reply_message(plan, RecordDict({"seedtune": ConfigRecord({"payload": payload})})))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(protocol=st.sampled_from([PROTOCOL_VERSION, 0, 2, 2**32 - 1]), round_=st.integers(0, 3),
+       version=st.integers(0, 2**64 - 1) | st.just(0), node_is_src=st.booleans(),
+       scalars=st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), max_size=2 * STEPS),
+       refusal=st.sampled_from(["", "budget"]))
+def test_arbitrary_reply_fields_are_accepted_or_rejected_by_name(server, protocol, round_, version, node_is_src,
+                                                                 scalars, refusal):
+    srv, plan = server
+    reply = Reply(protocol_version=protocol, run_id=srv.grid.run.run_id, round=round_, model_version=version,
+                  node=plan.nodes[0] if node_is_src else plan.nodes[0] ^ 1,
+                  scalars=np.asarray(scalars, dtype="<f4").tobytes(), refusal=refusal)
+    _check(srv, plan, _reply_message(plan, to_content(reply)))
+
+
+@pytest.fixture(scope="module")
+def replica() -> Replica:
+    return Replica(load_config(None, {"model.name": "tiny-encoder"}))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rounds=st.lists(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.floats(-1 / 128, 1 / 128, width=32),
+                                          st.integers(0, 2**64 - 1)), max_size=5), min_size=1, max_size=4),
+       tamper=st.integers(0, 10_000))
+def test_ledger_replay_and_tamper_detection(tmp_path_factory, replica, rounds, tamper):
+    path = tmp_path_factory.mktemp("ledger") / "l.sqlite"
+    ledger = Ledger.create(path, replica.make_header(Noise.gaussian(1.0)))
+    replica.attach(ledger.header)
+    for rnd, updates in enumerate(rounds, start=1):
+        entries = ledger.commit_round(rnd, updates)
+        replica.apply(entries, ledger.hash_at(len(ledger)))
+    live = replica.digest()
+    replica.attach(ledger.header)
+    replica.catch_up(ledger.tail(0))
+    assert replica.digest() == live and ledger.verify() == sum(map(len, rounds))
+    n = len(ledger)
+    ledger.close()
+    if n:
+        idx = tamper % n
+        conn = sqlite3.connect(path)
+        conn.execute("UPDATE entries SET coeff = coeff * 2 + 1e-3 WHERE idx = ?", (idx,))
+        conn.commit()
+        conn.close()
+        with pytest.raises(ChainError, match=f"entry {idx} "):
+            Ledger.open(path).verify()
+
