@@ -144,10 +144,17 @@ def _load(target: Target) -> dict[str, Noise] | None:
     if not path.is_file():
         return None
     try:
-        return {k: Noise.from_json(v) for k, v in json.loads(path.read_text()).items()}
+        found = {k: Noise.from_json(v) for k, v in json.loads(path.read_text()).items()}
     except (ValueError, KeyError, TypeError):
         log.warning("ignoring an unreadable noise cache entry %s", path)
         return None
+    # The cache holds choices, not guarantees: re-account them with this code's accountant, so an entry made by
+    # another version (or edited by hand) can never yield a noise above the target.
+    if set(found) != set(CHOICES) or any(accounted_epsilon(n, target) > target.epsilon for n in found.values()):
+        log.warning("noise cache entry %s does not meet the target under the current accountant; searching again",
+                    path)
+        return None
+    return found
 
 
 def _store(target: Target, found: dict[str, Noise]) -> None:

@@ -3,6 +3,8 @@ against dp-accounting's built-ins, and the search's guarantee."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -70,3 +72,16 @@ def test_noise_config_is_validated():
         load_config(None, {"privacy.noise": "cauchy"})
     with pytest.raises(ConfigError, match="applies to privacy.noise = 'gaussian' only"):
         load_config(None, {"privacy.noise": "laplace", "privacy.noise_multiplier": 1.0})
+
+
+def test_a_cached_choice_that_misses_the_target_is_searched_again(tmp_path, monkeypatch):
+    from shared.noise_search import _cache_path
+
+    monkeypatch.setenv("SEEDTUNE_CACHE", str(tmp_path))
+    target = Target(1.0, 1e-5, 0.01, 100)
+    weak = Noise.gaussian(0.3)  # far too little noise for the target
+    path = _cache_path(target)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({k: weak.to_json() for k in ("gaussian", "laplace", "lmo", "auto")}))
+    found = search(target)
+    assert all(accounted_epsilon(n, target) <= 1.0 for n in found.values())
