@@ -7,7 +7,8 @@ node: the mean update, replayable entry by entry), commit the round in one trans
 server's replica, account every instructed node's steps, evaluate, and write the round's metrics.
 
 The ledger is the source of truth: a restarted server replays it, recovers each node's step count from
-the committed rounds, and continues with the next round.
+the instructions it recorded before sending (including rounds that never committed), and continues with the
+next round.
 """
 
 from __future__ import annotations
@@ -104,9 +105,7 @@ class FederatedServer:
                      self.ledger.last_round, n)
             self.ledger.verify()
             self.replica.apply(list(self.ledger.entries()), self.ledger.hash_at(n))
-        for row in self.ledger.rounds():
-            for node in row["metrics"].get("instructed", []):
-                self.steps[int(node)] += self.config.federation.local_steps
+        self.steps.update(self.ledger.instructed_steps())
 
     @property
     def noise(self) -> Noise | None:
@@ -239,9 +238,10 @@ class FederatedServer:
             log.warning("round %d: no node is within its privacy budget; committing an empty round", rnd)
             replies, down = [], {}
         else:
+            self.ledger.record_instructions(rnd, plan.nodes, len(plan.seeds))
+            for node in plan.nodes:
+                self.steps[node] += len(plan.seeds)
             replies, down = self._send(plan, TRAIN, train=True)
-        for node in plan.nodes:
-            self.steps[node] += len(plan.seeds)
         accepted: dict[int, np.ndarray] = {}
         rejected: Counter[str] = Counter()
         up, losses = {}, []

@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
     idx INTEGER PRIMARY KEY, round INTEGER NOT NULL, node INTEGER NOT NULL, seed INTEGER NOT NULL,
     coeff REAL NOT NULL, hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS instructions (
+    round INTEGER NOT NULL, node INTEGER NOT NULL, steps INTEGER NOT NULL, sent_utc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, first_idx INTEGER NOT NULL, count INTEGER NOT NULL, head BLOB NOT NULL,
     committed_utc TEXT NOT NULL, metrics TEXT NOT NULL);
@@ -167,7 +169,25 @@ class Ledger:
             raise ChainError(f"ledger {self.path}: {n} entries but rounds account for {covered}")
         return n
 
+    def instructed_steps(self) -> dict[int, int]:
+        """Private steps each node was asked to run, over every attempt of every round (committed or not)."""
+        rows = self._conn.execute("SELECT node, SUM(steps) FROM instructions GROUP BY node")
+        return {_to_u64(node): int(steps) for node, steps in rows}
+
     # --------------------------------------------------------------------------------------- writing
+    def record_instructions(self, rnd: int, nodes: Sequence[int], steps: int) -> None:
+        """Durably note, before sending, that these nodes are asked to run ``steps`` private steps: a node may
+        spend privacy on a round that the server never commits (it crashed, or the reply was lost), so the
+        server's accounting counts what it asked for, across restarts."""
+        sent = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.executemany("INSERT INTO instructions VALUES (?, ?, ?, ?)",
+                                   [(rnd, _to_i64(n), steps, sent) for n in nodes])
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
     def commit_round(self, rnd: int, updates: Sequence[tuple[int, float, int]],
                      metrics: dict[str, Any] | None = None) -> list[Entry]:
         """Append one round's (seed, coeff, node) updates atomically; returns the entries as committed."""

@@ -24,7 +24,7 @@ from shared.config import load_config
 from shared.digest import tensor_digest
 from shared.proto import Instruction, Reply
 from shared.wire import from_content, to_content
-from tests.inprocess_grid import InProcessGrid
+from simulations.inprocess import InProcessGrid
 
 NODES, STEPS = 3, 2
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_restarted_server_resumes_from_the_ledger(tmp_path):
 
 KILLABLE = """
 import json, sys, time
-from tests.inprocess_grid import InProcessGrid
+from simulations.inprocess import InProcessGrid
 from tests.test_federation import fed_config
 from server.federation import FederatedServer
 config = fed_config(sys.argv[1], **{"federation.rounds": 6, "privacy.noise_multiplier": 3.0})

@@ -20,7 +20,7 @@ from shared.noise import Noise
 from shared.proto import PROTOCOL_VERSION, Reply
 from shared.replica import Replica
 from shared.wire import to_content
-from tests.inprocess_grid import InProcessGrid
+from simulations.inprocess import InProcessGrid
 from tests.test_federation import STEPS, fed_config
 
 KINDS = {"unknown_node", "client_error", "malformed", "oversized", "refused", "wrong_round", "duplicate",

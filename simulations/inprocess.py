@@ -3,7 +3,8 @@
 It implements the part of Flower's Grid that :class:`server.federation.FederatedServer` uses and delivers
 each message to the real ``client.app`` handlers with a per-node :class:`flwr.app.Context`, exactly as a
 SuperNode would, minus the network. ``tamper`` lets a test rewrite or drop replies in flight. The real
-Flower paths (simulation, deployment) are covered by tests/test_flower_*.py.
+Flower paths (simulation, deployment) are covered by tests/test_flower.py; simulations/soak.py uses this
+transport to run hundreds of rounds with injected faults in minutes.
 """
 
 from __future__ import annotations
