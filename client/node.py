@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -73,11 +75,15 @@ class Partition:
 _REPLICAS: dict[str, Replica] = {}  # header digest -> replica: one base model per process, shared by nodes
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SEEDTUNE_CACHE", Path.home() / ".cache" / "seedtune"))
+
+
 def replica_for(header: LedgerHeader) -> Replica:
     key = header_digest(header)
     if key not in _REPLICAS:
         _REPLICAS.clear()  # one federation per process at a time: do not hold two models in memory
-        _REPLICAS[key] = Replica.from_header(header)
+        _REPLICAS[key] = Replica.from_header(header, _cache_dir() / "replicas")
         if _REPLICAS[key].config.threads:
             torch.set_num_threads(_REPLICAS[key].config.threads)
     return _REPLICAS[key]

@@ -17,7 +17,7 @@ import torch
 
 from shared.chain import ChainError, Entry, genesis, link, unpack_tail
 from shared.config import ConfigError, RunConfig, from_dict
-from shared.digest import model_digest
+from shared.digest import model_digest, tensor_digest
 from shared.noise import Noise
 from shared.models import HEAD_FILE, TextClassifier, load_task_model
 from shared.proto import LEDGER_FORMAT_VERSION, LedgerHeader, LedgerTail
@@ -45,14 +45,17 @@ def config_json(config: RunConfig) -> str:
 
 
 class Replica:
-    def __init__(self, config: RunConfig, task: TextClassifier | None = None) -> None:
+    def __init__(self, config: RunConfig, task: TextClassifier | None = None,
+                 selection: TrainableSet | None = None, base_digest: str | None = None) -> None:
+        """``selection`` and ``base_digest`` may come from a node's cache (``from_header``), which saves the
+        SynFlow pass and the full-model hash that a fresh ClientApp process would otherwise redo each round."""
         if config.selection.mode == "prune" and config.selection.strategy != "static":
             raise ConfigError(f"selection.strategy must be 'static' for a ledger (one trainable set for the whole "
                               f"history), got {config.selection.strategy!r}")
         self.config = config
         self.task = task or load_task_model(config.model)
-        self.base_digest = model_digest(self.task.module)
-        self.selection = select_trainable(self.task, config)
+        self.base_digest = base_digest or model_digest(self.task.module)
+        self.selection = selection or select_trainable(self.task, config)
         self.view = TrainableView(self.task.module, self.selection, config.zo.direction)
         self._base_values = self.view.values()
         self.version = 0
@@ -70,10 +73,30 @@ class Replica:
         )
 
     @classmethod
-    def from_header(cls, header: LedgerHeader) -> "Replica":
+    def from_header(cls, header: LedgerHeader, cache_dir: Path | None = None) -> "Replica":
+        """The base replica a ledger was made for; with ``cache_dir``, the trainable set and base digest are
+        kept there after the first build (checked against the header's digests on every load)."""
         config = from_dict(json.loads(header.config_json)).validate()
-        replica = cls(config)
-        replica.attach(header)
+        cached = cache_dir / f"{header.trainable_digest[:32]}.pt" if cache_dir is not None else None
+        selection = base_digest = saved = None
+        if cached is not None and cached.is_file():
+            saved = torch.load(cached, weights_only=True)
+            selection = TrainableSet(tuple(saved["names"]), tuple(tuple(s) for s in saved["shapes"]),
+                                     tuple(saved["indices"]))
+            base_digest = saved["base_digest"]
+        replica = cls(config, selection=selection, base_digest=base_digest)
+        if saved is not None and tensor_digest(torch.from_numpy(replica.values())) != saved["values_digest"]:
+            # The local base weights changed since the cache was written (e.g. an upgraded model package).
+            replica = cls(config, task=replica.task)
+            saved = selection = None
+        replica.attach(header)  # checks both digests, cached or not
+        if cached is not None and selection is None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            torch.save({"names": list(replica.selection.names), "shapes": [list(s) for s in replica.selection.shapes],
+                        "indices": list(replica.selection.indices), "base_digest": replica.base_digest,
+                        "values_digest": tensor_digest(torch.from_numpy(replica.values()))}, tmp)
+            tmp.replace(cached)
         return replica
 
     def attach(self, header: LedgerHeader) -> None:

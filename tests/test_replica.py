@@ -78,3 +78,14 @@ def test_flower_app_defaults_make_a_valid_config():
     from shared.config import ConfigError
     with pytest.raises(ConfigError, match="federation.sample_rate must be in"):
         config_from_flower({**app_config, "federation.sample_rate": 2.0})
+
+
+def test_a_node_cache_skips_the_pruning_pass_but_not_the_checks(tmp_path, replica):
+    header = replica.make_header(Noise.gaussian(1.0))
+    first = Replica.from_header(header, tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    again = Replica.from_header(header, tmp_path)
+    assert again.selection.digest() == first.selection.digest() and again.digest() == first.digest()
+    header.trainable_digest = "0" * 64
+    with pytest.raises(ReplicaError, match="trainable set digest"):
+        Replica.from_header(header, tmp_path)
