@@ -44,13 +44,14 @@ class Crash(RuntimeError):
 
 
 class FaultyGrid(InProcessGrid):
-    def __init__(self, num_nodes: int, dropout: float, crash: float, crash_rounds: set[int], seed: int) -> None:
+    def __init__(self, num_nodes: int, dropout: float, crash: float, crash_rounds: set[int], seed: int,
+                 malicious: tuple[str, ...] = MALICIOUS) -> None:
         super().__init__(num_nodes)
         self.rng = random.Random(seed)  # public fault schedule, not privacy randomness
         self.dropout, self.crash = dropout, crash
         self.crash_rounds = set(crash_rounds)
         ids = self.get_node_ids()
-        self.roles = {node: MALICIOUS[i] for i, node in enumerate(ids[-len(MALICIOUS):])}
+        self.roles = dict(zip(ids[len(ids) - len(malicious):], malicious))
         self.last_reply: dict[int, Message] = {}
         self.injected: Counter[str] = Counter()
         self.bound = 1e6  # set by the soak loop from the server's scalar bound
@@ -99,16 +100,17 @@ class FaultyGrid(InProcessGrid):
 
 
 def soak(rounds: int, clients: int, model: str, run_dir: Path, seed: int, dropout: float, crash: float,
-         crash_rounds: set[int], lr: float = 1e-2, eval_every: int = 20) -> dict[str, Any]:
+         crash_rounds: set[int], lr: float = 1e-2, eval_every: int = 20, malicious: tuple[str, ...] = MALICIOUS,
+         overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     start = time.time()
     config = load_config(None, {
         "model.name": model, "data.train_size": 100 * clients, "data.test_size": 256, "eval.dev_size": 256,
         "federation.rounds": rounds, "federation.local_steps": 2, "federation.sample_rate": 0.1,
         "federation.min_replies": 3, "federation.eval_every": eval_every, "federation.aggregation": "trimmed_mean",
         "federation.trim": 0.2, "zo.lr": lr, "privacy.epsilon": 8.0, "privacy.clip": 5.0,
-        "federation.run_dir": str(run_dir), "threads": 1,
+        "federation.run_dir": str(run_dir), "threads": 1, **(overrides or {}),
     })
-    grid = FaultyGrid(clients, dropout, crash, crash_rounds, seed)
+    grid = FaultyGrid(clients, dropout, crash, crash_rounds, seed, malicious)
     restarts, summary = [], None
     while summary is None:
         server = FederatedServer(config, grid, run_dir)
@@ -131,7 +133,7 @@ def soak(rounds: int, clients: int, model: str, run_dir: Path, seed: int, dropou
     replayed = json.loads(replay.stdout.strip().splitlines()[-1])
     committed = [r["round"] for r in ledger.rounds()]
     return {
-        "rounds": rounds, "clients": clients, "model": model, "malicious_roles": list(MALICIOUS),
+        "rounds": rounds, "clients": clients, "model": model, "malicious_roles": list(malicious),
         "injected": dict(grid.injected), "rejected_by_kind": dict(rejected),
         "instructed_replies": sum(r.get("nodes", 0) for r in rows),
         "accepted_replies": sum(r.get("accepted", 0) for r in rows),
