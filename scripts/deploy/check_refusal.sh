@@ -15,18 +15,11 @@
 # connected (it is then stopped); "TIMEOUT ..." and exit 3 if neither happened.
 set -uo pipefail
 
-if [[ $# -lt 2 ]]; then
-    echo "usage: $0 STATE unregistered|plaintext|nokey" >&2
-    exit 2
-fi
-STATE=$(cd "$1" && pwd)
-MODE=$2
-CHECK_TIMEOUT=${CHECK_TIMEOUT:-40}
-[[ -f "$STATE/env.sh" ]] || { echo "check_refusal.sh: $STATE/env.sh missing; run start_local.sh first" >&2; exit 2; }
-# shellcheck disable=SC1091
-source "$STATE/env.sh"
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+open_state "unregistered|plaintext|nokey" "$@"
+MODE=$2
+CHECK_TIMEOUT=${CHECK_TIMEOUT:-40}
 resolve_flwr_bin || exit 2
 
 case $MODE in

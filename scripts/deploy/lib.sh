@@ -127,3 +127,16 @@ stop_pidfile() {
     echo "[deploy] stopped $name (pid $pid)"
     rm -f "$pf"
 }
+
+# open_state USAGE_ARGS "$@": check there are two arguments, set STATE (absolute) and source its env.sh.
+open_state() {
+    local usage=$1; shift
+    if [[ $# -lt 2 ]]; then
+        echo "usage: $(basename "$0") STATE $usage" >&2
+        exit 2
+    fi
+    STATE=$(cd "$1" && pwd)
+    [[ -f "$STATE/env.sh" ]] || { echo "$(basename "$0"): $STATE/env.sh missing; run start_local.sh first" >&2; exit 2; }
+    # shellcheck disable=SC1091
+    source "$STATE/env.sh"
+}

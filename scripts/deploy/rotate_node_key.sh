@@ -13,17 +13,10 @@
 # Usage: scripts/deploy/rotate_node_key.sh STATE I
 set -euo pipefail
 
-if [[ $# -lt 2 ]]; then
-    echo "usage: $0 STATE I" >&2
-    exit 2
-fi
-STATE=$(cd "$1" && pwd)
-I=$2
-[[ -f "$STATE/env.sh" ]] || { echo "rotate_node_key.sh: $STATE/env.sh missing; run start_local.sh first" >&2; exit 2; }
-# shellcheck disable=SC1091
-source "$STATE/env.sh"
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+open_state "I" "$@"
+I=$2
 resolve_flwr_bin
 [[ -f "$STATE/node_ids/node_$I" && -f "$STATE/nodes/node_$I/port" ]] \
     || { echo "rotate_node_key.sh: node $I is not part of $STATE" >&2; exit 2; }
