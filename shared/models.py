@@ -267,7 +267,8 @@ def load_task_model(config: ModelConfig) -> TextClassifier:
     else:
         body, tok, kind = _load_hf(name, kind)
 
-    body = body.float()
+    if any(p.dtype != torch.float32 for p in body.parameters()):
+        body = body.float()  # (a model de-quantised from GGUF is float32 already, and refuses .float())
     if kind == "decoder":
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
