@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -88,12 +89,20 @@ class Ledger:
             raise LedgerError(f"ledger {str(path)!r} already exists")
         path.parent.mkdir(parents=True, exist_ok=True)
         header.format_version = LEDGER_FORMAT_VERSION
-        conn = cls._connect(path)
+        # Built under a temporary name and renamed into place, so a crash while creating never leaves a
+        # file without its header where a restarted server would look for the ledger.
+        tmp = path.with_name(path.name + ".creating")
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            leftover.unlink(missing_ok=True)
+        conn = cls._connect(tmp)
         conn.executescript(f"BEGIN; {_SCHEMA} COMMIT;")
         conn.execute("BEGIN")
         conn.execute("INSERT INTO meta VALUES ('header', ?)", (header.SerializeToString(deterministic=True),))
         conn.execute("COMMIT")
-        return cls(path, conn, header)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()  # the last connection: SQLite folds the WAL into the file and removes it
+        os.replace(tmp, path)
+        return cls(path, cls._connect(path), header)
 
     @classmethod
     def open_or_create(cls, path: str | Path, header: LedgerHeader) -> "Ledger":

@@ -113,3 +113,11 @@ def test_negative_zero_survives_sqlite(ledger):
     """SQLite stores an integral REAL as an integer and drops the sign of -0.0; the chain must not care."""
     (entry,) = ledger.commit_round(4, [(1, -0.0, 1)])
     assert ledger.verify() == 13 and next(ledger.entries(12)).coeff == entry.coeff == 0.0
+
+
+def test_creation_is_atomic_and_a_crashed_creation_is_cleaned_up(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    (tmp_path / "ledger.sqlite.creating").write_bytes(b"half-written by a crashed server")
+    ledger = Ledger.create(path, header())
+    assert ledger.verify() == 0 and not (tmp_path / "ledger.sqlite.creating").exists()
+    assert Ledger.open(path).header.trainable_digest == "t" * 64
