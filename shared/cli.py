@@ -29,6 +29,20 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from server.ledger import Ledger
+
+    ledger = Ledger.open(args.ledger)
+    try:
+        entries = ledger.verify()
+        print(json.dumps({"ledger": args.ledger, "ok": True, "rounds": ledger.last_round, "entries": entries,
+                          "head": ledger.hash_at(entries).hex(), "noise": ledger.header.noise,
+                          "base_model_digest": ledger.header.base_model_digest}), flush=True)
+    finally:
+        ledger.close()
+    return 0
+
+
 def _noise_search(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -75,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ledger", help="ledger.sqlite of a federated run")
     p.add_argument("--out", help="write the model as a Hugging Face folder here")
     p.set_defaults(func=_replay)
+
+    p = sub.add_parser("verify", help="check a ledger's hash chain and round bookkeeping; prints a JSON line")
+    p.add_argument("ledger", help="ledger.sqlite of a federated run")
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser("noise-search", help="least-variance noise for the private scalar at a guarantee (cached)")
     p.add_argument("--epsilon", type=float, nargs="+", default=[0.5, 1.0, 3.0])

@@ -121,3 +121,17 @@ def test_creation_is_atomic_and_a_crashed_creation_is_cleaned_up(tmp_path):
     ledger = Ledger.create(path, header())
     assert ledger.verify() == 0 and not (tmp_path / "ledger.sqlite.creating").exists()
     assert Ledger.open(path).header.trainable_digest == "t" * 64
+
+
+def test_seedtune_verify_reports_ok_or_names_the_tampered_entry(ledger, tmp_path, capsys):
+    from shared.cli import main
+
+    ledger.close()
+    assert main(["verify", str(tmp_path / "ledger.sqlite")]) == 0
+    assert '"ok": true' in capsys.readouterr().out
+    conn = sqlite3.connect(tmp_path / "ledger.sqlite")
+    conn.execute("UPDATE entries SET seed = seed + 2 WHERE idx = 5")
+    conn.commit()
+    conn.close()
+    assert main(["verify", str(tmp_path / "ledger.sqlite")]) == 2
+    assert "entry 5 (round 2) does not match its chain hash" in capsys.readouterr().err
