@@ -4,7 +4,9 @@ The node's state (ledger position, trainable values at that position, privacy le
 ``context.state``, which Flower keeps for the node across rounds, in simulation and deployment; the base
 model is cached per process and, for SmolLM2, de-quantised once to disk. Node config keys:
 ``partition-id`` and ``num-partitions`` (set by the simulation, or by hand in a deployment),
-``epsilon-budget`` and ``delta`` (the institution's own limit; default: the federation's target).
+``epsilon-budget`` and ``delta`` (the institution's own limit; default: the federation's target);
+``runtime`` (``torch``, the default, or ``onnx``: forward passes on ONNX Runtime, no torch imported) and
+``onnx-model`` (the model written by ``seedtune export-onnx``, for ``runtime=onnx``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.node import Budget, NodeState, handle_instruction, sync
+from client.node import Budget, NodeState, Runtime, handle_instruction, sync
 from client.partition import load_partition
 from shared.proto import Instruction
-from shared.replica import Replica
+from shared.follower import LedgerFollower
 from shared.wire import from_content, to_content
 
 log = logging.getLogger(__name__)
@@ -57,17 +59,23 @@ def _data_source(context: Context):
         raise ValueError("node config needs partition-id and num-partitions (flower-supernode --node-config "
                          "\"partition-id=0 num-partitions=2\")")
 
-    def source(replica: Replica):
+    def source(replica: LedgerFollower):
         return load_partition(replica.config, replica.task, int(cfg["partition-id"]), int(cfg["num-partitions"]))
 
     return source
+
+
+def _runtime(context: Context) -> Runtime:
+    cfg = context.node_config
+    return Runtime(str(cfg.get("runtime", "torch")), str(cfg.get("onnx-model", "")))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     ins = from_content(msg.content, Instruction)
     state = load_state(context)
-    reply = handle_instruction(ins, context.node_id, state, _data_source(context), _budget(context))
+    reply = handle_instruction(ins, context.node_id, state, _data_source(context), _budget(context),
+                               runtime=_runtime(context))
     save_state(context, state)
     return Message(to_content(reply), reply_to=msg)
 
@@ -76,6 +84,6 @@ def train(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     ins = from_content(msg.content, Instruction)
     state = load_state(context)
-    reply = sync(ins, context.node_id, state)
+    reply = sync(ins, context.node_id, state, _runtime(context))
     save_state(context, state)
     return Message(to_content(reply), reply_to=msg)

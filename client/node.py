@@ -6,6 +6,9 @@ checks the instruction is for this federation, catches up by replaying the ledge
 would take its own accountant past its budget (it does not have to trust the server's bookkeeping), runs
 one private ZO step per seed (each step moves its local copy, as in local SGD), and replies with the
 scalars only. The local moves are then undone: the node's model changes only through the ledger.
+
+The same protocol code serves both runtimes (:class:`Runtime`): a torch replica, or an ONNX Runtime replica
+that keeps its trainable entries in numpy; this module imports neither torch nor onnxruntime itself.
 """
 
 from __future__ import annotations
@@ -17,16 +20,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 
 from client.zo_step import zo_step
 from shared.accounting import noise_epsilon
 from shared.chain import ChainError, header_digest
 from shared.config import cache_root
-from shared.models import TextClassifier
+from shared.follower import LedgerFollower, ReplicaError
 from shared.noise import Noise, SecureRandom
 from shared.proto import PROTOCOL_VERSION, Instruction, LedgerHeader, Reply
-from shared.replica import Replica, ReplicaError
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +72,52 @@ class Partition:
     labels: np.ndarray
 
 
-_REPLICAS: dict[str, Replica] = {}  # header digest -> replica: one base model per process, shared by nodes
+RUNTIMES = ("torch", "onnx")
 
 
-def replica_for(header: LedgerHeader) -> Replica:
-    key = header_digest(header)
+@dataclass(frozen=True)
+class Runtime:
+    """The engine that runs this node's forward passes (node config ``runtime``): ``torch``, or ``onnx`` for
+    ONNX Runtime with numpy only (no torch in the process), from the model ``seedtune export-onnx`` wrote."""
+
+    kind: str = "torch"
+    onnx_model: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in RUNTIMES:
+            raise ValueError(f"node config runtime={self.kind!r}; choose one of {RUNTIMES}")
+        if self.kind == "onnx" and not self.onnx_model:
+            raise ValueError("node config runtime='onnx' needs onnx-model=PATH (a model from seedtune export-onnx)")
+
+    def load(self, header: LedgerHeader) -> LedgerFollower:
+        """The base replica for this ledger on this runtime (its digests checked against the header)."""
+        if self.kind == "onnx":
+            from client.onnx_runtime import OnnxReplica
+
+            return OnnxReplica.from_header(header, self.onnx_model)
+        import torch
+
+        from shared.replica import Replica
+
+        replica = Replica.from_header(header, cache_root() / "replicas")
+        if replica.config.threads:
+            torch.set_num_threads(replica.config.threads)
+        return replica
+
+
+# (runtime, header digest) -> replica: one base model per process, shared by the nodes it serves
+_REPLICAS: dict[tuple[Runtime, str], LedgerFollower] = {}
+
+
+def replica_for(header: LedgerHeader, runtime: Runtime) -> LedgerFollower:
+    key = (runtime, header_digest(header))
     if key not in _REPLICAS:
         _REPLICAS.clear()  # one federation per process at a time: do not hold two models in memory
-        _REPLICAS[key] = Replica.from_header(header, cache_root() / "replicas")
-        if _REPLICAS[key].config.threads:
-            torch.set_num_threads(_REPLICAS[key].config.threads)
+        _REPLICAS[key] = runtime.load(header)
     return _REPLICAS[key]
 
 
-def _bind(replica: Replica, state: NodeState) -> None:
+def _bind(replica: LedgerFollower, state: NodeState) -> None:
     """Point the shared replica at this node's saved position."""
     if state.values is None:
         replica.reset()
@@ -112,24 +145,24 @@ def _adopt_header(ins: Instruction, state: NodeState) -> LedgerHeader:
     return followed
 
 
-def _catch_up(ins: Instruction, state: NodeState) -> Replica:
+def _catch_up(ins: Instruction, state: NodeState, runtime: Runtime) -> LedgerFollower:
     """The shared replica, moved to this node's position and then along the instruction's ledger tail."""
-    replica = replica_for(_adopt_header(ins, state))
+    replica = replica_for(_adopt_header(ins, state), runtime)
     _bind(replica, state)
     replica.catch_up(ins.tail)
     state.version, state.head, state.values = replica.version, replica.head, replica.values()
     return replica
 
 
-DataSource = Callable[[Replica], Partition]  # the node's training partition, tokenized for the replica's model
+DataSource = Callable[[LedgerFollower], Partition]  # the node's training partition, tokenized for the replica's model
 
 
 def handle_instruction(ins: Instruction, node_id: int, state: NodeState, data: DataSource, budget: Budget,
-                       rng: SecureRandom | None = None) -> Reply:
+                       rng: SecureRandom | None = None, runtime: Runtime = Runtime()) -> Reply:
     """Run the instruction and return the reply (a refusal reply if the node declines); updates ``state``."""
     reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id)
     try:
-        _run(ins, node_id, state, data, budget, rng or SecureRandom(), reply)
+        _run(ins, node_id, state, data, budget, rng or SecureRandom(), runtime, reply)
     except (Refusal, ReplicaError, ChainError) as exc:
         log.warning("node %d refuses round %d: %s", node_id, ins.round, exc)
         reply.refusal = str(exc)
@@ -139,10 +172,10 @@ def handle_instruction(ins: Instruction, node_id: int, state: NodeState, data: D
 
 
 def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, budget: Budget,
-         rng: SecureRandom, reply: Reply) -> None:
+         rng: SecureRandom, runtime: Runtime, reply: Reply) -> None:
     if ins.protocol_version != PROTOCOL_VERSION:
         raise Refusal(f"protocol version {ins.protocol_version}; this node speaks {PROTOCOL_VERSION}")
-    replica = _catch_up(ins, state)
+    replica = _catch_up(ins, state, runtime)
     if replica.version != ins.model_version:
         raise Refusal(f"after the tail the replica is at version {replica.version}, the instruction says "
                       f"{ins.model_version}")
@@ -168,14 +201,13 @@ def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, b
     if not (math.isfinite(h.lr) and math.isfinite(h.mu) and h.lr > 0 and h.mu > 0):
         raise Refusal(f"invalid step parameters: lr {h.lr}, mu {h.mu}")
 
-    task: TextClassifier = replica.task
     data = source(replica)
     reply.num_examples = len(data.labels)
     microbatch = replica.config.model.microbatch
     scalars, losses, batch = [], [], 0
     try:
         for seed in ins.seeds:
-            result = zo_step(task, replica.view, data.ids, data.labels, seed=seed, mu=h.mu,
+            result = zo_step(replica.view, data.ids, data.labels, seed=seed, mu=h.mu,
                              sample_rate=h.sample_rate, microbatch=microbatch, rng=rng,
                              clip=h.clip if h.private else None, noise=noise)
             scalars.append(result.scalar)
@@ -193,13 +225,13 @@ def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, b
     reply.metrics["epsilon"] = noise_epsilon(tuple(state.runs), delta)
 
 
-def sync(ins: Instruction, node_id: int, state: NodeState) -> Reply:
-    """Catch up without training and report the replica's digest (the end-of-run consistency check)."""
+def sync(ins: Instruction, node_id: int, state: NodeState, runtime: Runtime = Runtime()) -> Reply:
+    """Catch up without training and report the replica's state digest (the end-of-run consistency check)."""
     reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id)
     try:
-        replica = _catch_up(ins, state)
+        replica = _catch_up(ins, state, runtime)
         reply.model_version = replica.version
-        reply.model_digest = replica.digest()
+        reply.model_digest = replica.state_digest()
     except (Refusal, ReplicaError, ChainError) as exc:
         reply.refusal = str(exc)
         reply.model_version = state.version

@@ -8,17 +8,25 @@ The tokenized partition is cached per process (simulation actors serve many node
 from __future__ import annotations
 
 import logging
+from typing import Protocol, Sequence
 
 import numpy as np
 
 from client.node import Partition
 from shared.config import RunConfig
-from shared.models import TextClassifier
 from shared.tasks import load_sst2
 
 log = logging.getLogger(__name__)
 
 _CACHE: dict[tuple, Partition] = {}
+
+
+class Tokenizes(Protocol):
+    """A task model as far as partitioning needs it (torch's TextClassifier or ONNX Runtime's OnnxTask)."""
+
+    name: str
+
+    def encode(self, sentences: Sequence[str]) -> list[list[int]]: ...
 
 
 def _partitioner(config: RunConfig, num_partitions: int):
@@ -31,7 +39,7 @@ def _partitioner(config: RunConfig, num_partitions: int):
                                 min_partition_size=2, self_balancing=True)
 
 
-def load_partition(config: RunConfig, task: TextClassifier, partition_id: int, num_partitions: int) -> Partition:
+def load_partition(config: RunConfig, task: Tokenizes, partition_id: int, num_partitions: int) -> Partition:
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
     key = (task.name, config.data.data_dir, config.data.train_size, config.data.seed, config.federation.partition,

@@ -29,7 +29,7 @@ from shared.noise_search import plan_noise
 from shared.schedule import stages
 from shared.replica import select_trainable
 from shared.tasks import load_sst2
-from shared.update import TrainableView
+from shared.update import ScoredView
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,13 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
                 if selection is not None and config.selection.strategy == "incremental":
                     new = new.union(selection, [n for n, _ in task.module.named_parameters()])
                 selection = new
-                view = TrainableView(task.module, selection, config.zo.direction)
+                view = ScoredView(task, selection, config.zo.direction)
                 log.info("stage %d: %d trainable entries (%.3f%%), digest %s", stage.index, selection.size,
                          100 * selection.fraction_of(task.module), selection.digest()[:16])
             anchor = view.values() if config.schedule.prox > 0 else None
             for t in range(stage.first_step, stage.first_step + stage.steps):
                 result = zo_step(
-                    task, view, train_ids, train_split.labels, seed=next(seeds), mu=stage.mu,
+                    view, train_ids, train_split.labels, seed=next(seeds), mu=stage.mu,
                     sample_rate=plan.sample_rate, microbatch=config.model.microbatch, rng=rng,
                     clip=config.privacy.clip if private else None, noise=plan.noise,
                 )

@@ -289,7 +289,7 @@ class FederatedServer:
 
     # ------------------------------------------------------------------------------------------- run
     def sync(self) -> dict[str, str]:
-        """Send every node the final tail and collect the digests of their replicas."""
+        """Send every node the final tail and collect the state digests of their replicas."""
         plan = RoundPlan(self.ledger.last_round + 1, len(self.ledger), sorted(self.grid.get_node_ids()), [], None)
         replies, _ = self._send(plan, SYNC, train=False)
         digests = {}
@@ -311,7 +311,7 @@ class FederatedServer:
                              "ledger_entries": 0})
         for rnd in range(first, fed.rounds + 1):
             self.run_round(rnd)
-        server_digest = self.replica.digest()
+        server_digest = self.replica.state_digest()
         client_digests = self.sync()
         test_accuracy = self.test_accuracy()
         rows = self.report.rows
@@ -325,7 +325,8 @@ class FederatedServer:
             "dev_accuracy_first": next((r["dev_accuracy"] for r in rows if "dev_accuracy" in r), None),
             "dev_accuracy_last": next((r["dev_accuracy"] for r in reversed(rows) if "dev_accuracy" in r), None),
             "zero_shot_test_accuracy": next((r.get("test_accuracy") for r in rows if r["round"] == 0), None),
-            "test_accuracy": test_accuracy, "model_digest": server_digest, "client_digests": client_digests,
+            "test_accuracy": test_accuracy, "model_digest": self.replica.digest(), "state_digest": server_digest,
+            "client_digests": client_digests,
             "clients_agree": bool(client_digests) and all(d == server_digest for d in client_digests.values()),
             "ledger": str(self.ledger.path), "wall_s": round(time.time() - start, 2),
         }

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.ledger import LedgerError
     from shared.chain import ChainError
     from shared.models import ModelLoadError
-    from shared.replica import ReplicaError
+    from shared.follower import ReplicaError
 
     try:
         return args.func(args)

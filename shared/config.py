@@ -22,8 +22,10 @@ else:  # pragma: no cover
 from shared.directions import DIRECTION_KINDS
 from shared.noise import NOISE_FAMILIES
 
+PRUNE_STRATEGIES = ("static", "dynamic", "incremental")
+SELECTION_MODES = ("all", "patterns", "prune")
+
 NOISE_CHOICES = NOISE_FAMILIES + ("auto",)
-from shared.selection import PRUNE_STRATEGIES, SELECTION_MODES
 
 
 class ConfigError(ValueError):

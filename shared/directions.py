@@ -18,10 +18,12 @@ comparison; their values agree across implementations only to float32 rounding.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported lazily: the numpy path (the ONNX Runtime client) runs without it
+    import torch
 
 DirectionKind = Literal["rademacher", "gaussian"]
 DIRECTION_KINDS: tuple[str, ...] = ("rademacher", "gaussian")
@@ -71,6 +73,8 @@ def _hash32_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 def _words_torch(k0: int, k1: int, first: int, count: int, device: torch.device) -> torch.Tensor:
+    import torch
+
     j = torch.arange(first, first + count, dtype=torch.int64, device=device) & MASK32
     return _hash32_torch(_hash32_torch(j ^ k0) ^ k1)
 
@@ -80,10 +84,13 @@ def direction_torch(
     start: int,
     count: int,
     kind: DirectionKind = "rademacher",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Entries ``[start, start + count)`` of the direction for ``seed`` as a torch tensor."""
+    """Entries ``[start, start + count)`` of the direction for ``seed`` as a torch tensor (float32 by default)."""
+    import torch
+
+    dtype = dtype or torch.float32
     device = torch.device(device)
     if count <= 0:
         return torch.empty(0, dtype=dtype, device=device)

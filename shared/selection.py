@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -23,10 +22,11 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from shared.config import PRUNE_STRATEGIES
+from shared.digest import selection_digest
+
 log = logging.getLogger(__name__)
 
-PRUNE_STRATEGIES = ("static", "dynamic", "incremental")
-SELECTION_MODES = ("all", "patterns", "prune")
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,8 @@ class TrainableSet:
             offset += count
 
     def digest(self) -> str:
-        h = hashlib.sha256()
-        for name, shape, idx in zip(self.names, self.shapes, self.indices):
-            h.update(f"{name}:{shape}:".encode())
-            h.update(b"all" if idx is None else idx.to(torch.int64).numpy().tobytes())
-        return h.hexdigest()
+        return selection_digest(self.names, self.shapes,
+                                [None if idx is None else idx.to(torch.int64).numpy() for idx in self.indices])
 
     def union(self, other: "TrainableSet", order: Iterable[str]) -> "TrainableSet":
         """Entries in either set, names kept in ``order`` (the model's parameter order)."""

@@ -12,13 +12,17 @@ All writes go through views of the live parameters (``flat[idx] = ...``), never 
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from shared.directions import CHUNK, DirectionKind, direction_torch
 from shared.selection import TrainableSet
+
+if TYPE_CHECKING:
+    from shared.models import TextClassifier
 
 
 class TrainableView:
@@ -112,3 +116,15 @@ class TrainableView:
             current.sub_(delta)
             if idx is not None:
                 flat[idx] = current
+
+
+class ScoredView(TrainableView):
+    """A trainable view that also scores examples with its task model: what the ZO step needs of a model
+    (:class:`client.zo_step.ZoModel`), on torch."""
+
+    def __init__(self, task: TextClassifier, selection: TrainableSet, kind: DirectionKind = "rademacher") -> None:
+        super().__init__(task.module, selection, kind)
+        self.task = task
+
+    def per_example_loss(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> np.ndarray:
+        return self.task.per_example_loss(self.task.collate(ids, labels)).numpy()

@@ -26,7 +26,7 @@ from shared.models import load_task_model
 from shared.noise import Noise, SecureRandom
 from shared.selection import select_pruned
 from shared.tasks import load_sst2
-from shared.update import TrainableView
+from shared.update import ScoredView
 
 
 def _reset_peak() -> bool:
@@ -57,7 +57,7 @@ def _fixed_batch(task, batch_size: int, seq_len: int) -> list[list[int]]:
 def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: int) -> dict:
     task = load_task_model(ModelConfig(name=name, max_length=seq_len))
     selection = select_pruned(task.module, task.synflow_output, fraction)
-    view = TrainableView(task.module, selection)
+    view = ScoredView(task, selection)
     ids = _fixed_batch(task, batch_size, seq_len)
     labels = np.arange(batch_size) % 2
     rng, noise = SecureRandom(), Noise.gaussian(1.0)
@@ -67,7 +67,7 @@ def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: in
 
     def step() -> None:
         seed = rng.seed64()
-        g, _ = projected_gradients(task, view, ids, labels, seed, 1e-3, batch_size)
+        g, _ = projected_gradients(view, ids, labels, seed, 1e-3, batch_size)
         scalar, _ = privatize(g, 1.0, batch_size, noise, rng)
         view.apply(seed, float(np.float32(-1e-6 * scalar)))
 

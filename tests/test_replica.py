@@ -11,7 +11,8 @@ from server.ledger import Ledger
 from shared.chain import ChainError
 from shared.config import config_from_flower, load_config
 from shared.noise import Noise
-from shared.replica import Replica, ReplicaError
+from shared.follower import ReplicaError
+from shared.replica import Replica
 
 if sys.version_info >= (3, 11):
     import tomllib
