@@ -1,4 +1,5 @@
-"""Rebuild the finetuned model from the base model and the ledger: ``seedtune replay LEDGER --out DIR``."""
+"""Rebuild the finetuned model from the base model and the ledger: ``seedtune replay LEDGER --out DIR``
+and ``seedtune export-onnx LEDGER --out FILE``."""
 
 from __future__ import annotations
 
@@ -10,20 +11,36 @@ from server.ledger import Ledger
 from shared.replica import Replica
 
 
-def replay(ledger_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Verify the chain, replay every entry onto the base model, optionally save a Hugging Face folder."""
-    start = time.time()
+def replay_ledger(ledger_path: str | Path) -> tuple[Replica, dict[str, Any]]:
+    """Verify the chain and replay every entry onto the base model."""
     ledger = Ledger.open(ledger_path)
     try:
         n = ledger.verify()
         replica = Replica.from_header(ledger.header)
         replica.apply(list(ledger.entries()), ledger.hash_at(n))
-        result = {"ledger": str(ledger_path), "rounds": ledger.last_round, "entries": n,
-                  "model": replica.config.model.name, "model_digest": replica.digest(),
-                  "ledger_head": replica.head.hex()}
+        return replica, {"ledger": str(ledger_path), "rounds": ledger.last_round, "entries": n}
     finally:
         ledger.close()
+
+
+def replay(ledger_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """``seedtune replay``: the replayed model's digests, optionally saved as a Hugging Face folder."""
+    start = time.time()
+    replica, result = replay_ledger(ledger_path)
+    result.update({"model": replica.config.model.name, "model_digest": replica.digest(),
+                   "state_digest": replica.state_digest(), "ledger_head": replica.head.hex()})
     if out_dir is not None:
         result["out"] = str(replica.save(out_dir))
     result["wall_s"] = round(time.time() - start, 2)
     return result
+
+
+def export(ledger_path: str | Path | None, out: str | Path, config=None) -> dict[str, Any]:
+    """``seedtune export-onnx``: the model after the ledger (or the base model of ``config``) as ONNX."""
+    from shared.onnx_export import export_onnx
+
+    if ledger_path is not None:
+        replica, info = replay_ledger(ledger_path)
+    else:
+        replica, info = Replica(config), {"ledger": None}
+    return {**info, **export_onnx(replica, out)}

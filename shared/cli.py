@@ -29,6 +29,16 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from server.replay import export
+
+    if (args.ledger is None) == (args.config is None and not args.set):
+        raise ConfigError("give either a LEDGER (the finetuned model) or --config/--set (a base model), not both")
+    config = None if args.ledger else load_config(args.config, dict(parse_override(o) for o in args.set))
+    print(json.dumps(export(args.ledger, args.out, config)), flush=True)
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from server.ledger import Ledger
 
@@ -90,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the model as a Hugging Face folder here")
     p.set_defaults(func=_replay)
 
+    p = sub.add_parser("export-onnx", help="the model (base + ledger) as ONNX with its trainable entries as an "
+                       "input, checked against torch; prints a JSON line")
+    p.add_argument("ledger", nargs="?", help="ledger.sqlite of a federated run (omit to export a base model)")
+    p.add_argument("--out", required=True, help="the .onnx file to write (sidecar files go beside it)")
+    p.add_argument("--config", "-c", help="without LEDGER: the run config whose base model and trainable set to "
+                   "export (for ONNX Runtime nodes joining that federation)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.set_defaults(func=_export_onnx)
+
     p = sub.add_parser("verify", help="check a ledger's hash chain and round bookkeeping; prints a JSON line")
     p.add_argument("ledger", help="ledger.sqlite of a federated run")
     p.set_defaults(func=_verify)
@@ -111,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from server.ledger import LedgerError
     from shared.chain import ChainError
-    from shared.models import ModelLoadError
     from shared.follower import ReplicaError
+    from shared.models import ModelLoadError
+    from shared.onnx_format import OnnxModelError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ModelLoadError, LedgerError, ChainError, ReplicaError) as exc:
+    except (ConfigError, FileNotFoundError, ModelLoadError, LedgerError, ChainError, ReplicaError,
+            OnnxModelError) as exc:
         print(f"seedtune: error: {exc}", file=sys.stderr)
         return 2
 

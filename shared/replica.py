@@ -98,6 +98,10 @@ class Replica(LedgerFollower):
     def values(self) -> np.ndarray:
         return np.concatenate([v.numpy() for v in self.view.values()])
 
+    def base_values(self) -> np.ndarray:
+        """The base model's trainable values (version 0) as one float32 vector."""
+        return np.concatenate([v.numpy() for v in self._base_values])
+
     @torch.no_grad()
     def _set_values(self, values: np.ndarray) -> None:
         chunks = np.split(values, np.cumsum(self.selection.counts)[:-1])

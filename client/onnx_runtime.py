@@ -1,0 +1,177 @@
+"""A node that runs its forward passes on ONNX Runtime, with numpy only: no torch in the process.
+
+An edge box with an inference runtime can then take part: a ZO step needs two forward passes per example at
+seeded perturbations of the trainable entries, which here are just a numpy vector fed to the exported
+graph (see :mod:`shared.onnx_format`). Directions come from the engine's numpy generator, and replay is
+``values += float32(coeff) * z``, the same single rounding as the torch replica, so both reach bit-identical
+trainable values from the same ledger (Rademacher directions only; Gaussian ones agree only to rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from shared.config import from_dict
+from shared.directions import CHUNK, direction_numpy
+from shared.follower import LedgerFollower, ReplicaError
+from shared.onnx_format import OnnxMetadata, OnnxModelError, file_sha256, load_trainable, sidecars
+from shared.proto import LedgerHeader
+
+log = logging.getLogger(__name__)
+
+
+class OnnxTask:
+    """The exported classifier: tokenises like :class:`shared.models.TextClassifier` and scores batches."""
+
+    def __init__(self, model_path: str | Path, threads: int = 0, verify: bool = True) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        path = Path(model_path)
+        meta_path, self.trainable_path, tokenizer_path = sidecars(path)
+        self.meta = OnnxMetadata.read(meta_path)
+        if not path.is_file():
+            raise OnnxModelError(f"ONNX model {path} not found")
+        if verify and file_sha256(path) != self.meta.onnx_sha256:
+            raise OnnxModelError(f"{path} differs from the file its metadata describes (SHA-256 mismatch)")
+        self.name, self.kind, self.max_length = self.meta.model, self.meta.kind, self.meta.max_length
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        if self.kind == "encoder":
+            self.tokenizer.enable_truncation(self.max_length)
+        else:
+            self._tail = self.tokenizer.encode(self.meta.prompt.split("{sentence}")[1],
+                                               add_special_tokens=False).ids
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the overridable `trainable` initializer is by design; no warning for it
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    # --------------------------------------------------------------------------------------- inputs
+    def encode(self, sentences: Sequence[str]) -> list[list[int]]:
+        if self.kind == "decoder":
+            texts = [self.meta.prompt.format(sentence=s.strip()) for s in sentences]
+            ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+            # Truncate the review, never the prompt's tail that the label words follow.
+            n, tail = self.max_length, self._tail
+            return [x if len(x) <= n else x[: n - len(tail)] + tail for x in ids]
+        return [e.ids for e in self.tokenizer.encode_batch(list(sentences))]
+
+    def collate(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        width = max(len(x) for x in ids)
+        input_ids = np.full((len(ids), width), self.meta.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, x in enumerate(ids):
+            input_ids[row, : len(x)] = x
+            mask[row, : len(x)] = 1
+        return input_ids, mask
+
+    # -------------------------------------------------------------------------------------- scoring
+    def logits(self, ids: Sequence[Sequence[int]], trainable: np.ndarray | None = None) -> np.ndarray:
+        """Class logits; ``trainable=None`` uses the values stored in the file (the exported model)."""
+        input_ids, mask = self.collate(ids)
+        feed = {"input_ids": input_ids, "attention_mask": mask}
+        if trainable is not None:
+            feed["trainable"] = trainable
+        return self.session.run(["logits"], feed)[0]
+
+    def per_example_loss(self, ids: Sequence[Sequence[int]], labels: np.ndarray,
+                         trainable: np.ndarray | None = None) -> np.ndarray:
+        logits = self.logits(ids, trainable).astype(np.float64)
+        top = logits.max(-1, keepdims=True)
+        logsumexp = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
+        return (logsumexp - logits[np.arange(len(labels)), labels]).astype(np.float32)
+
+    def accuracy(self, ids: Sequence[Sequence[int]], labels: np.ndarray, batch_size: int = 64,
+                 trainable: np.ndarray | None = None) -> float:
+        if len(ids) == 0:
+            raise ValueError("cannot compute accuracy on an empty split")
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        correct = 0
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            correct += int((self.logits([ids[i] for i in rows], trainable).argmax(-1) == labels[rows]).sum())
+        return correct / len(ids)
+
+
+class OnnxView:
+    """The trainable vector and the ZO step's moves on it (:class:`client.zo_step.ZoModel`), in numpy."""
+
+    def __init__(self, task: OnnxTask, values: np.ndarray) -> None:
+        self.task = task
+        self.values = values.astype(np.float32, copy=True)
+        self._saved: np.ndarray | None = None
+
+    def _chunks(self, seed: int):
+        for lo in range(0, self.values.size, CHUNK):
+            n = min(CHUNK, self.values.size - lo)
+            yield slice(lo, lo + n), direction_numpy(seed, lo, n)
+
+    def snapshot(self) -> None:
+        self._saved = self.values.copy()
+
+    def perturb(self, seed: int, scale: float) -> None:
+        if self._saved is None:
+            raise RuntimeError("perturb() needs snapshot() first")
+        for where, z in self._chunks(seed):
+            self.values[where] = self._saved[where] + np.float32(scale) * z
+
+    def restore(self) -> None:
+        if self._saved is None:
+            raise RuntimeError("restore() needs snapshot() first")
+        self.values[:] = self._saved
+        self._saved = None
+
+    def apply(self, seed: int, coeff: float) -> None:
+        """values += float32(coeff) * z: z is +-1, so the product is exact and the sum rounds once, as in torch."""
+        for where, z in self._chunks(seed):
+            self.values[where] += np.float32(coeff) * z
+
+    def per_example_loss(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> np.ndarray:
+        return self.task.per_example_loss(ids, labels, self.values)
+
+
+class OnnxReplica(LedgerFollower):
+    """A ledger replica whose forward passes run on ONNX Runtime."""
+
+    def __init__(self, task: OnnxTask) -> None:
+        meta = task.meta
+        if meta.direction != "rademacher":
+            raise ReplicaError(f"the ONNX Runtime replica needs Rademacher directions (bit-exact replay); the model "
+                               f"was exported for {meta.direction!r}")
+        self.task = task
+        self._base_values = load_trainable(task.trainable_path, meta)
+        super().__init__(meta.base_model_digest, meta.trainable_digest, meta.trainable_size)
+        self.view = OnnxView(task, self._base_values)
+
+    @classmethod
+    def from_header(cls, header: LedgerHeader, model_path: str | Path) -> "OnnxReplica":
+        config = from_dict(json.loads(header.config_json)).validate()
+        task = OnnxTask(model_path, threads=config.threads)
+        meta = task.meta
+        if (meta.model, meta.max_length) != (config.model.name, config.model.max_length):
+            raise ReplicaError(f"{model_path} was exported for model {meta.model!r} with max_length "
+                               f"{meta.max_length}; the ledger trains {config.model.name!r} with max_length "
+                               f"{config.model.max_length}")
+        if header.direction != "rademacher":
+            raise ReplicaError(f"the ledger uses {header.direction!r} directions; an ONNX Runtime node replays "
+                               f"bit-exactly only Rademacher ones")
+        replica = cls(task)
+        replica.config = config
+        replica.attach(header)
+        log.info("ONNX Runtime replica of %s: %d trainable entries", meta.model, meta.trainable_size)
+        return replica
+
+    def values(self) -> np.ndarray:
+        return self.view.values.copy()
+
+    def _set_values(self, values: np.ndarray) -> None:
+        self.view.values[:] = values
+
+    def _reset_values(self) -> None:
+        self.view.values[:] = self._base_values
