@@ -1,6 +1,7 @@
 """Benchmark: one private ZO step against one forward pass, time and peak memory, in one process.
 
     python -m simulations.bench_step --json [--models minilm smollm2] [--batch-size 32] [--seq-len 64]
+    python -m simulations.bench_step --json --models minilm --onnx-model M.onnx   # on ONNX Runtime, no torch
 
 Prints one JSON line per model. Ratios (step / forward, training peak / inference peak) are measured in the
 same process, alternating the timed calls, because absolute times on shared machines are noisy.
@@ -17,16 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
-import torch
 
 from client.zo_step import privatize, projected_gradients
-from shared.config import ModelConfig
-from shared.models import load_task_model
 from shared.noise import Noise, SecureRandom
-from shared.selection import select_pruned
 from shared.tasks import load_sst2
-from shared.update import ScoredView
 
 
 def _reset_peak() -> bool:
@@ -46,7 +44,6 @@ def _peak_mb() -> float:
 
 def _fixed_batch(task, batch_size: int, seq_len: int) -> list[list[int]]:
     """Real SST-2 text, concatenated so that every row has exactly seq_len tokens."""
-    task.max_length = seq_len
     sentences = load_sst2("test").sentences
     ids = task.encode([" ".join(sentences[i : i + 6]) for i in range(0, 6 * batch_size, 6)])
     if min(len(x) for x in ids) < seq_len:
@@ -54,16 +51,43 @@ def _fixed_batch(task, batch_size: int, seq_len: int) -> list[list[int]]:
     return ids
 
 
-def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: int) -> dict:
+def _torch_case(name: str, seq_len: int, fraction: float) -> tuple[Any, Any, dict]:
+    import torch
+
+    from shared.config import ModelConfig
+    from shared.models import load_task_model
+    from shared.selection import select_pruned
+    from shared.update import ScoredView
+
     task = load_task_model(ModelConfig(name=name, max_length=seq_len))
     selection = select_pruned(task.module, task.synflow_output, fraction)
-    view = ScoredView(task, selection)
+    return task, ScoredView(task, selection), {
+        "runtime": "torch", "threads": torch.get_num_threads(), "trainable_entries": selection.size,
+        "trainable_fraction": round(selection.fraction_of(task.module), 6)}
+
+
+def _onnx_case(model_path: str) -> tuple[Any, Any, dict]:
+    """The same measurement on ONNX Runtime, in a process that never imports torch."""
+    from client.onnx_runtime import OnnxReplica, OnnxTask
+    from shared.onnx_format import load_trainable
+
+    task = OnnxTask(model_path)
+    view = OnnxReplica(task).view
+    return task, view, {"runtime": "onnxruntime", "trainable_entries": int(load_trainable(
+        task.trainable_path, task.meta).size), "onnx_model": model_path}
+
+
+def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: int,
+          onnx_model: str | None = None) -> dict:
+    task, view, info = _onnx_case(onnx_model) if onnx_model else _torch_case(name, seq_len, fraction)
+    if task.max_length != seq_len:
+        raise SystemExit(f"{onnx_model} was exported with max_length {task.max_length}, not --seq-len {seq_len}")
     ids = _fixed_batch(task, batch_size, seq_len)
     labels = np.arange(batch_size) % 2
     rng, noise = SecureRandom(), Noise.gaussian(1.0)
 
     def forward() -> None:
-        task.per_example_loss(task.collate(ids, labels))
+        view.per_example_loss(ids, labels)
 
     def step() -> None:
         seed = rng.seed64()
@@ -88,9 +112,9 @@ def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: in
     forward_s, step_s = statistics.median(forward_times), statistics.median(step_times)
     return {
         "model": name,
+        **info,
         "batch_size": batch_size,
         "seq_len": seq_len,
-        "threads": torch.get_num_threads(),
         "forward_s": round(forward_s, 4),
         "zo_step_s": round(step_s, 4),
         "step_over_forward": round(step_s / forward_s, 3),
@@ -98,8 +122,6 @@ def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: in
         "inference_peak_rss_mb": round(inference_peak, 1),
         "train_over_inference_memory": round(training_peak / inference_peak, 3),
         "peak_is_per_phase": exact_peak,
-        "trainable_entries": selection.size,
-        "trainable_fraction": round(selection.fraction_of(task.module), 6),
         "repeats": repeats,
     }
 
@@ -112,9 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--fraction", type=float, default=0.01, help="pruned trainable fraction")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--onnx-model", help="measure this exported model on ONNX Runtime (one model only)")
     args = parser.parse_args(argv)
+    if args.onnx_model and len(args.models) != 1:
+        parser.error("--onnx-model measures one model: give exactly one --models name")
     for name in args.models:
-        print(json.dumps(bench(name, args.batch_size, args.seq_len, args.fraction, args.repeats)), flush=True)
+        row = bench(name, args.batch_size, args.seq_len, args.fraction, args.repeats, args.onnx_model)
+        print(json.dumps(row), flush=True)
     return 0
 
 

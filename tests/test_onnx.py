@@ -189,3 +189,26 @@ def test_onnx_node_process_imports_no_torch(mixed):
     assert not reply.refusal, reply.refusal
     scalars = np.frombuffer(reply.scalars, dtype="<f4")
     assert len(scalars) == len(ins.seeds) and np.isfinite(scalars).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_real_models_losses_match_torch(name, tmp_path):
+    replica = Replica(from_dict({"model": {"name": name}, "selection": {"mode": "prune", "fraction": 0.01}}).validate())
+    replica.attach(replica.make_header(None))
+    report = export_onnx(replica, tmp_path / "model.onnx")
+    onnx = OnnxReplica.from_header(replica.header, tmp_path / "model.onnx")
+    ids = replica.task.encode(SENTENCES)
+    assert onnx.task.encode(SENTENCES) == ids
+    for view in (replica.view, onnx.view):
+        view.snapshot()
+        view.perturb(seed=7, scale=1e-3)
+    np.testing.assert_allclose(onnx.view.per_example_loss(ids, LABELS), replica.view.per_example_loss(ids, LABELS),
+                               rtol=1e-4)
+    entries, head = _random_entries(replica, 200, seed=5)
+    for view in (replica.view, onnx.view):
+        view.restore()
+    replica.apply(entries, head)
+    onnx.apply(entries, head)
+    assert np.array_equal(onnx.values().view(np.uint32), replica.values().view(np.uint32))
+    assert report["check"]["max_abs_diff"] < 1e-4 * max(1.0, report["check"]["scale"])

@@ -1,0 +1,66 @@
+"""Benchmark: the private ZO step on ONNX Runtime against torch, per model, on this CPU.
+
+    python -m simulations.bench_runtimes --json [--models minilm smollm2] [--batch-size 32] [--seq-len 64]
+
+For each model: export the base model with its pruned trainable set (``seedtune export-onnx``, cached under
+``--export-dir``), then run ``simulations.bench_step`` once on torch and once on ONNX Runtime, each in a
+fresh process so that peak memory is the runtime's own (the ONNX Runtime process imports no torch). Prints
+one JSON line per model with both rows and the ratios. Times come from two processes run back to back, so
+compare them on a quiet machine; each row's step/forward ratio is measured within its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _json_line(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(name: str, batch_size: int, seq_len: int, fraction: float, repeats: int, export_dir: Path) -> dict:
+    model = export_dir / f"{name}-len{seq_len}-frac{fraction:g}" / "model.onnx"
+    if not model.is_file():
+        _json_line([sys.executable, "-m", "shared.cli", "export-onnx", "--out", str(model), "-s",
+                    f"model.name={name}", "-s", f"model.max_length={seq_len}", "-s", f"selection.fraction={fraction}"])
+    bench = [sys.executable, "-m", "simulations.bench_step", "--json", "--models", name, "--batch-size",
+             str(batch_size), "--seq-len", str(seq_len), "--fraction", str(fraction), "--repeats", str(repeats)]
+    torch_row = _json_line(bench)
+    onnx_row = _json_line(bench + ["--onnx-model", str(model)])
+    if onnx_row["trainable_entries"] != torch_row["trainable_entries"]:
+        raise SystemExit(f"{model} holds another trainable set than torch selects; delete it to export again")
+    return {
+        "model": name, "batch_size": batch_size, "seq_len": seq_len,
+        "torch_zo_step_s": torch_row["zo_step_s"], "onnx_zo_step_s": onnx_row["zo_step_s"],
+        "onnx_over_torch_step_time": round(onnx_row["zo_step_s"] / torch_row["zo_step_s"], 3),
+        "torch_peak_rss_mb": torch_row["peak_rss_mb"], "onnx_peak_rss_mb": onnx_row["peak_rss_mb"],
+        "onnx_over_torch_peak_memory": round(onnx_row["peak_rss_mb"] / torch_row["peak_rss_mb"], 3),
+        "torch": torch_row, "onnxruntime": onnx_row,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="one JSON line per model (the only output format)")
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--fraction", type=float, default=0.01, help="pruned trainable fraction")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--export-dir", type=Path, default=Path("results/onnx"), help="where exports are cached")
+    args = parser.parse_args(argv)
+    for name in args.models:
+        row = compare(name, args.batch_size, args.seq_len, args.fraction, args.repeats, args.export_dir)
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
