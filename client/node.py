@@ -160,7 +160,8 @@ DataSource = Callable[[LedgerFollower], Partition]  # the node's training partit
 def handle_instruction(ins: Instruction, node_id: int, state: NodeState, data: DataSource, budget: Budget,
                        rng: SecureRandom | None = None, runtime: Runtime = Runtime()) -> Reply:
     """Run the instruction and return the reply (a refusal reply if the node declines); updates ``state``."""
-    reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id)
+    reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id,
+                  runtime=runtime.kind)
     try:
         _run(ins, node_id, state, data, budget, rng or SecureRandom(), runtime, reply)
     except (Refusal, ReplicaError, ChainError) as exc:
@@ -227,7 +228,8 @@ def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, b
 
 def sync(ins: Instruction, node_id: int, state: NodeState, runtime: Runtime = Runtime()) -> Reply:
     """Catch up without training and report the replica's state digest (the end-of-run consistency check)."""
-    reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id)
+    reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id,
+                  runtime=runtime.kind)
     try:
         replica = _catch_up(ins, state, runtime)
         reply.model_version = replica.version

@@ -288,11 +288,11 @@ class FederatedServer:
         return self.replica.task.accuracy(self.replica.task.encode(test.sentences), test.labels, cfg.model.microbatch)
 
     # ------------------------------------------------------------------------------------------- run
-    def sync(self) -> dict[str, str]:
-        """Send every node the final tail and collect the state digests of their replicas."""
+    def sync(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Send every node the final tail; collect the state digests of their replicas and their runtimes."""
         plan = RoundPlan(self.ledger.last_round + 1, len(self.ledger), sorted(self.grid.get_node_ids()), [], None)
         replies, _ = self._send(plan, SYNC, train=False)
-        digests = {}
+        digests, runtimes = {}, {}
         for msg in replies:
             try:
                 reply = from_content(msg.content, Reply) if not msg.has_error() else None
@@ -300,7 +300,8 @@ class FederatedServer:
                 reply = None
             if reply is not None and not reply.refusal and reply.model_version == plan.version:
                 digests[str(msg.metadata.src_node_id)] = reply.model_digest
-        return digests
+                runtimes[str(msg.metadata.src_node_id)] = reply.runtime or "torch"
+        return digests, runtimes
 
     def run(self) -> dict[str, Any]:
         start = time.time()
@@ -312,7 +313,7 @@ class FederatedServer:
         for rnd in range(first, fed.rounds + 1):
             self.run_round(rnd)
         server_digest = self.replica.state_digest()
-        client_digests = self.sync()
+        client_digests, client_runtimes = self.sync()
         test_accuracy = self.test_accuracy()
         rows = self.report.rows
         summary = {
@@ -326,7 +327,7 @@ class FederatedServer:
             "dev_accuracy_last": next((r["dev_accuracy"] for r in reversed(rows) if "dev_accuracy" in r), None),
             "zero_shot_test_accuracy": next((r.get("test_accuracy") for r in rows if r["round"] == 0), None),
             "test_accuracy": test_accuracy, "model_digest": self.replica.digest(), "state_digest": server_digest,
-            "client_digests": client_digests,
+            "client_digests": client_digests, "client_runtimes": client_runtimes,
             "clients_agree": bool(client_digests) and all(d == server_digest for d in client_digests.values()),
             "ledger": str(self.ledger.path), "wall_s": round(time.time() - start, 2),
         }

@@ -34,8 +34,15 @@ def test_simulation_with_flwr_run_offline(tmp_path):
 
 
 def test_deployment_with_tls_and_node_authentication(tmp_path):
+    """Two SuperNodes, the second on ONNX Runtime (an edge node without torch): a mixed real federation."""
     run_dir = tmp_path / "run"
-    with start_federation(ROOT, tmp_path / "fed", num_nodes=2, extra_unregistered=True) as fed:
+    model = tmp_path / "onnx" / "model.onnx"
+    export = subprocess.run([sys.executable, "-m", "shared.cli", "export-onnx", "--out", str(model),
+                             *(f"-s{k}={v}" for k, v in TINY.items() if k.startswith("model."))],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
+    onnx_node = {"NODE_CONFIG_1": f"runtime=\"onnx\" onnx-model=\"{model}\""}
+    with start_federation(ROOT, tmp_path / "fed", num_nodes=2, extra_unregistered=True, extra_env=onnx_node) as fed:
         assert fed.unregistered is not None and fed.unregistered.refused, fed.unregistered
         result = fed.run(ROOT, {**TINY, "federation.rounds": 2, "federation.run_dir": str(run_dir)}, timeout=420)
         assert result.ok, result.output_tail()
@@ -43,5 +50,6 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
         assert ledger.last_round == 2 and ledger.verify() == 2 * 2 * 2
         assert len({e.node for e in ledger.entries()}) == 2
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["clients_agree"]
+        assert summary["clients_agree"] and len(summary["client_digests"]) == 2
+        assert sorted(summary["client_runtimes"].values()) == ["onnx", "torch"]
         assert fed.check_refusal("plaintext").refused

@@ -128,6 +128,7 @@ def mixed(tmp_path_factory):
 def test_mixed_federation_agrees_and_replays_to_one_model_on_both_paths(mixed):
     run_dir, model, grid, summary = mixed
     assert summary["clients_agree"] and len(summary["client_digests"]) == 4
+    assert sorted(summary["client_runtimes"].values()) == ["onnx", "onnx", "torch", "torch"]
     ledger = Ledger.open(run_dir / "ledger.sqlite")
     try:
         onnx_ids = {nid for i, nid in enumerate(grid.get_node_ids()) if i in (1, 3)}

@@ -23,6 +23,8 @@
 #   SUPERLINK_DB         SuperLink database (default: STATE/superlink.db, deleted at
 #                        start unless KEEP_DB=1)
 #   NODE_CONFIG_EXTRA    extra "k=v ..." appended to every node's --node-config
+#   NODE_CONFIG_<I>      extra "k=v ..." for the node with partition-id I only, e.g.
+#                        NODE_CONFIG_1="runtime=onnx onnx-model=/models/model.onnx"
 #   EXTRA_UNREGISTERED_KEYS  number of extra key pairs unregistered_J that are NOT
 #                        registered (for check_refusal.sh), default 1
 #   START_TIMEOUT        seconds to wait for each component (default 60)
@@ -180,7 +182,9 @@ done
 for ((i = 1; i <= NUM_NODES; i++)); do
     mkdir -p "$STATE/nodes/node_$i"
     echo "${SN_PORTS[$((i - 1))]}" >"$STATE/nodes/node_$i/port"
-    echo "partition-id=$((i - 1)) num-partitions=$NUM_NODES${NODE_CONFIG_EXTRA:+ $NODE_CONFIG_EXTRA}" \
+    own_var="NODE_CONFIG_$((i - 1))"
+    own=${!own_var:-}
+    echo "partition-id=$((i - 1)) num-partitions=$NUM_NODES${NODE_CONFIG_EXTRA:+ $NODE_CONFIG_EXTRA}${own:+ $own}" \
         >"$STATE/nodes/node_$i/node_config"
     start_supernode "$i" "$KEY_DIR/node_$i"
 done
