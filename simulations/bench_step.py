@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -42,7 +42,7 @@ def _peak_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _fixed_batch(task, batch_size: int, seq_len: int) -> list[list[int]]:
+def fixed_batch(task, batch_size: int, seq_len: int) -> list[list[int]]:
     """Real SST-2 text, concatenated so that every row has exactly seq_len tokens."""
     sentences = load_sst2("test").sentences
     ids = task.encode([" ".join(sentences[i : i + 6]) for i in range(0, 6 * batch_size, 6)])
@@ -51,7 +51,7 @@ def _fixed_batch(task, batch_size: int, seq_len: int) -> list[list[int]]:
     return ids
 
 
-def _torch_case(name: str, seq_len: int, fraction: float) -> tuple[Any, Any, dict]:
+def torch_case(name: str, seq_len: int, fraction: float) -> tuple[Any, Any, dict]:
     import torch
 
     from shared.config import ModelConfig
@@ -66,7 +66,7 @@ def _torch_case(name: str, seq_len: int, fraction: float) -> tuple[Any, Any, dic
         "trainable_fraction": round(selection.fraction_of(task.module), 6)}
 
 
-def _onnx_case(model_path: str) -> tuple[Any, Any, dict]:
+def onnx_case(model_path: str) -> tuple[Any, Any, dict]:
     """The same measurement on ONNX Runtime, in a process that never imports torch."""
     from client.onnx_runtime import OnnxReplica, OnnxTask
     from shared.onnx_format import load_trainable
@@ -77,13 +77,9 @@ def _onnx_case(model_path: str) -> tuple[Any, Any, dict]:
         task.trainable_path, task.meta).size), "onnx_model": model_path}
 
 
-def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: int,
-          onnx_model: str | None = None) -> dict:
-    task, view, info = _onnx_case(onnx_model) if onnx_model else _torch_case(name, seq_len, fraction)
-    if task.max_length != seq_len:
-        raise SystemExit(f"{onnx_model} was exported with max_length {task.max_length}, not --seq-len {seq_len}")
-    ids = _fixed_batch(task, batch_size, seq_len)
-    labels = np.arange(batch_size) % 2
+def timed_calls(view: Any, ids: list[list[int]]) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A forward pass over the batch, and one private ZO step on it (estimate, privatise, apply)."""
+    labels = np.arange(len(ids)) % 2
     rng, noise = SecureRandom(), Noise.gaussian(1.0)
 
     def forward() -> None:
@@ -91,10 +87,19 @@ def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: in
 
     def step() -> None:
         seed = rng.seed64()
-        g, _ = projected_gradients(view, ids, labels, seed, 1e-3, batch_size)
-        scalar, _ = privatize(g, 1.0, batch_size, noise, rng)
+        g, _ = projected_gradients(view, ids, labels, seed, 1e-3, len(ids))
+        scalar, _ = privatize(g, 1.0, len(ids), noise, rng)
         view.apply(seed, float(np.float32(-1e-6 * scalar)))
 
+    return forward, step
+
+
+def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: int,
+          onnx_model: str | None = None) -> dict:
+    task, view, info = onnx_case(onnx_model) if onnx_model else torch_case(name, seq_len, fraction)
+    if task.max_length != seq_len:
+        raise SystemExit(f"{onnx_model} was exported with max_length {task.max_length}, not --seq-len {seq_len}")
+    forward, step = timed_calls(view, fixed_batch(task, batch_size, seq_len))
     forward()  # warm-up (lazy initialisation); the step's own first-call costs count against training
     exact_peak = _reset_peak()
     forward(), forward()
