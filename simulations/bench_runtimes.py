@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from simulations.bench_step import fixed_batch, onnx_case, torch_case, timed_calls
+from simulations.bench_step import fixed_batch, onnx_case, step_parser, timed_calls, torch_case
 
 
 def _json_line(cmd: list[str]) -> dict:
@@ -74,13 +74,7 @@ def compare(name: str, batch_size: int, seq_len: int, fraction: float, repeats: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", action="store_true", help="one JSON line per model (the only output format)")
-    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--fraction", type=float, default=0.01, help="pruned trainable fraction")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser = step_parser(__doc__)
     parser.add_argument("--export-dir", type=Path, default=Path("results/onnx"), help="where exports are cached")
     parser.add_argument("--interleave", metavar="MODEL.onnx", help=argparse.SUPPRESS)  # the timing process
     args = parser.parse_args(argv)

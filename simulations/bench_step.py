@@ -131,14 +131,20 @@ def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: in
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options every step benchmark shares."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="one JSON line per model (the only output format)")
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--fraction", type=float, default=0.01, help="pruned trainable fraction")
     parser.add_argument("--repeats", type=int, default=7)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = step_parser(__doc__)
     parser.add_argument("--onnx-model", help="measure this exported model on ONNX Runtime (one model only)")
     args = parser.parse_args(argv)
     if args.onnx_model and len(args.models) != 1:
