@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -230,8 +230,10 @@ class FirstOrderLearner:
         return self.task.accuracy(ids, labels, self.config.model.microbatch)
 
 
-def train_first_order(config: FirstOrderConfig, progress: bool = False) -> dict[str, Any]:
-    """Centralized first-order run; returns a summary like :func:`client.trainer.train`'s."""
+def train_first_order(config: FirstOrderConfig, progress: bool = False,
+                      on_loop_start: Callable[[], object] | None = None) -> dict[str, Any]:
+    """Centralized first-order run; returns a summary like :func:`client.trainer.train`'s (``on_loop_start``
+    likewise runs right before the first step)."""
     from tqdm.auto import tqdm
 
     start = time.time()
@@ -247,6 +249,8 @@ def train_first_order(config: FirstOrderConfig, progress: bool = False) -> dict[
     learner = FirstOrderLearner(task, train_ids, train_split.labels, config, config.steps)
     log.info("%s on %s: %d trainable parameters, rate %.4g, noise %s", config.method, task.name, trainable,
              learner.sample_rate, learner.noise.describe() if learner.noise else "none")
+    if on_loop_start is not None:
+        on_loop_start()
     loop_start = time.perf_counter()
     losses = [learner.step() for _ in tqdm(range(config.steps), desc=config.method, disable=not progress)]
     train_s = time.perf_counter() - loop_start

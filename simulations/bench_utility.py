@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
 EPSILONS = (1.0, 3.0, 8.0)
 METHODS = ("zero-shot", "mezo", "dpzo", "finetune", "dpsgd", "dpsgd-lora", "fed-dpzo", "fed-dpsgd")
+ROWS_DIR = "rows.d"  # one JSON file per finished row
 ROW_FIELDS = ("model", "method", "epsilon_target", "epsilon_spent", "delta", "test_accuracy", "zero_shot_accuracy",
               "steps", "batch_size", "peak_rss_mb", "s_per_step", "s_per_example", "bytes_per_client_round",
               "trainable_params", "wall_s")
@@ -87,6 +88,10 @@ class RowSpec:
     def key(self) -> str:
         return f"{self.model}/{self.method}/{self.epsilon}/{self.steps}"
 
+    @property
+    def slug(self) -> str:
+        return self.key.replace("/", "-")
+
 
 FED_CLIENTS, FED_ROUNDS_DPZO, FED_LOCAL_STEPS_DPZO, FED_ROUNDS_FO, FED_LOCAL_STEPS_FO = 2, 1, 10, 2, 2
 _TINY = dict(zo_file=None, steps=8, short_steps=4, batch_size=16, fo_lr=1e-3, ft_lr=1e-3, lora_lr=1e-2,
@@ -100,18 +105,27 @@ PLANS: dict[str, dict[str, ModelPlan]] = {
         # 250-step row is the setting of docs/results.md that reached 83.7%.
         "smollm2": ModelPlan(name="smollm2", zo_file="configs/smollm2_eps3.toml", steps=100, short_steps=10,
                              batch_size=32, long_dpzo_steps=(250,), microbatch=8),
-        # configs/quickstart.toml's settings (batch 64, lr 1e-3, clip 5) in one 100-step stage.
-        "minilm": ModelPlan(name="minilm", zo_file="configs/quickstart.toml", steps=100, short_steps=25,
+        # configs/quickstart.toml's settings (batch 64, lr 1e-3, clip 5) in one 50-step stage (CPU time).
+        "minilm": ModelPlan(name="minilm", zo_file="configs/quickstart.toml", steps=50, short_steps=20,
                             batch_size=64, microbatch=64),
     },
 }
-# Run order: what the acceptance checks first, so a cut-short full run still has it.
-PRIORITY = (("smollm2", 0), ("minilm", 0), ("smollm2", 1), ("minilm", 1), ("tiny-encoder", 0),
-            ("tiny-decoder", 0), ("tiny-encoder", 1), ("tiny-decoder", 1))
+# Run order of the full plan: what the acceptance checks first (DP-SGD vs DP-ZO at epsilon 3 and equal
+# steps, the uplinks), then the epsilon sweep, so that a run cut short on a busy machine still has them.
+# Rows of models not named here (the quick plan's) run in plan order.
+RUN_ORDER = (
+    ("smollm2", ("dpsgd@3", "dpzo@3", "finetune", "zero-shot", "fed-dpzo@3", "fed-dpsgd@3", "dpzo@1", "dpzo@8",
+                 "dpsgd@1", "dpsgd@8")),
+    ("minilm", ("zero-shot", "dpzo@3", "dpsgd@3", "finetune")),
+    ("smollm2", ("mezo",)),
+    ("minilm", ("dpzo@1", "dpzo@8", "mezo", "dpsgd@1", "dpsgd@8", "dpsgd-lora@3", "fed-dpzo@3", "fed-dpsgd@3")),
+    ("smollm2", ("dpsgd-lora@3", "dpzo-long@3")),
+)
 
 
-def plan_rows(mode: str, models: list[str], methods: list[str], threads: int) -> list[RowSpec]:
-    tiers: dict[tuple[str, int], list[RowSpec]] = {}
+def plan_rows(mode: str, models: list[str], methods: list[str], threads: int,
+              epsilons: tuple[float, ...] = EPSILONS) -> list[RowSpec]:
+    rows: dict[tuple[str, str], RowSpec] = {}
     for name in models:
         plan = PLANS[mode][name]
         notes = {"main": "", "long": "the long DP-ZO setting (docs/results.md)",
@@ -119,21 +133,23 @@ def plan_rows(mode: str, models: list[str], methods: list[str], threads: int) ->
         fed = {"fed-dpzo": f"{FED_CLIENTS} clients x {FED_ROUNDS_DPZO} round x {FED_LOCAL_STEPS_DPZO} steps",
                "fed-dpsgd": f"Flower FedAvg, {FED_CLIENTS} clients x {FED_ROUNDS_FO} rounds x {FED_LOCAL_STEPS_FO} "
                             "steps"}
-        first = [("dpsgd", 3.0, plan.steps, "main"), ("dpzo", 3.0, plan.steps, "main"),
-                 ("finetune", None, plan.steps, "main"), ("zero-shot", None, 0, "main"),
-                 *[("dpzo", 3.0, n, "long") for n in plan.long_dpzo_steps],
+        items = [("zero-shot", None, 0, "main"), *[("dpzo", e, plan.steps, "main") for e in EPSILONS],
+                 ("mezo", None, plan.steps, "main"), ("dpsgd", 3.0, plan.steps, "main"),
+                 ("finetune", None, plan.steps, "main"),
+                 *[("dpsgd", e, plan.short_steps, "short") for e in EPSILONS if e != 3.0],
+                 ("dpsgd-lora", 3.0, plan.short_steps, "short"),
                  ("fed-dpzo", 3.0, FED_ROUNDS_DPZO * FED_LOCAL_STEPS_DPZO, "fed"),
-                 ("fed-dpsgd", 3.0, FED_ROUNDS_FO * FED_LOCAL_STEPS_FO, "fed")]
-        second = [("dpzo", 1.0, plan.steps, "main"), ("dpzo", 8.0, plan.steps, "main"),
-                  ("mezo", None, plan.steps, "main"), ("dpsgd", 1.0, plan.short_steps, "short"),
-                  ("dpsgd", 8.0, plan.short_steps, "short"), ("dpsgd-lora", 3.0, plan.short_steps, "short")]
-        for tier, items in enumerate((first, second)):
-            tiers[(name, tier)] = [
-                RowSpec(name, m, e, n, mode, threads, budget,
-                        notes[budget] if budget != "fed" else
-                        f"{fed[m]} on {plan.fed_train_size} examples (uplink measurement)")
-                for m, e, n, budget in items if m in methods]
-    return [spec for key in PRIORITY for spec in tiers.get(key, [])]
+                 ("fed-dpsgd", 3.0, FED_ROUNDS_FO * FED_LOCAL_STEPS_FO, "fed"),
+                 *[("dpzo", 3.0, n, "long") for n in plan.long_dpzo_steps]]
+        for m, e, n, budget in items:
+            if m not in methods or (e is not None and e not in epsilons):
+                continue
+            note = notes[budget] if budget != "fed" else \
+                f"{fed[m]} on {plan.fed_train_size} examples (uplink measurement)"
+            label = (f"{m}-long" if budget == "long" else m) + ("" if e is None else f"@{e:g}")
+            rows[(name, label)] = RowSpec(name, m, e, n, mode, threads, budget, note)
+    ordered = [rows.pop((name, label)) for name, labels in RUN_ORDER for label in labels if (name, label) in rows]
+    return ordered + list(rows.values())
 
 
 # ------------------------------------------------------------------------------------------ one row
@@ -217,7 +233,14 @@ def _fed_dpsgd(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
 
 def run_row(spec: RowSpec) -> dict[str, Any]:
     """Run one row in this process and return it (call in a fresh process: the peak RSS is the process's)."""
-    from simulations.bench_step import peak_rss_mb
+    from simulations.bench_step import peak_rss_mb, reset_peak
+
+    setup = {"peak": 0.0}
+
+    def training_starts() -> None:
+        """Keep the peak so far (model load, data, pruning, Opacus wrapping), then measure the training phase."""
+        setup["peak"] = peak_rss_mb()
+        reset_peak()
 
     plan = PLANS[spec.mode][spec.model]
     start = time.time()
@@ -230,14 +253,15 @@ def run_row(spec: RowSpec) -> dict[str, Any]:
     elif spec.method in ("dpzo", "mezo"):
         from client.trainer import train
 
-        summary = train(_zo_config(plan, spec, out_dir), progress=False)
+        summary = train(_zo_config(plan, spec, out_dir), progress=False, on_loop_start=training_starts)
         row.update(test_accuracy=summary["test_accuracy"], zero_shot_accuracy=summary["zero_shot_accuracy"],
                    epsilon_spent=summary["epsilon"], trainable_params=summary["trainable_entries"],
                    noise_multiplier=summary["noise_std"], s_per_step=summary["train_s"] / spec.steps)
     elif spec.method in ("dpsgd", "dpsgd-lora", "finetune"):
         from client.dpsgd import train_first_order
 
-        summary = train_first_order(_fo_config(plan, spec, out_dir, plan.train_size, plan.test_size))
+        summary = train_first_order(_fo_config(plan, spec, out_dir, plan.train_size, plan.test_size),
+                                    on_loop_start=training_starts)
         row.update(test_accuracy=summary["test_accuracy"], zero_shot_accuracy=summary["zero_shot_accuracy"],
                    epsilon_spent=summary["epsilon"], trainable_params=summary["trainable_params"],
                    noise_multiplier=summary["noise_multiplier"], opacus_rdp_epsilon=summary["opacus_rdp_epsilon"],
@@ -253,13 +277,24 @@ def run_row(spec: RowSpec) -> dict[str, Any]:
         row["s_per_example"] = round(row["s_per_step"] / row["batch_size"], 5)
     else:
         row["s_per_example"] = None
-    row.update(peak_rss_mb=round(peak_rss_mb(), 1), wall_s=round(time.time() - start, 2), threads=spec.threads,
+    if setup["peak"]:  # trained rows: the training phase's own peak (final evaluation included) and the setup's
+        row["train_peak_rss_mb"] = round(peak_rss_mb(), 1)
+        row["setup_peak_rss_mb"] = round(setup["peak"], 1)
+    row.update(peak_rss_mb=round(max(peak_rss_mb(), setup["peak"]), 1), wall_s=round(time.time() - start, 2), threads=spec.threads,
                mode=spec.mode, budget=spec.budget, note=spec.note)
     return row
 
 
-def _run_in_subprocess(spec: RowSpec) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "simulations.bench_utility", "--row", json.dumps(asdict(spec))]
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return pid > 0
+    except OSError:
+        return False
+
+
+def _run_in_subprocess(spec: RowSpec, out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "simulations.bench_utility", "--row", json.dumps(asdict(spec)), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -282,16 +317,43 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-        cells = [r["model"], r["method"], r["steps"], _fmt(r["batch_size"]), _fmt(r["epsilon_target"], 0),
+        cells = [r["model"], r["method"], r["steps"], _fmt(r["batch_size"], 0), _fmt(r["epsilon_target"], 0),
                  _fmt(r["epsilon_spent"]), acc(r["test_accuracy"]), acc(r["zero_shot_accuracy"]),
                  _fmt(r["peak_rss_mb"], 0), _fmt(r["s_per_step"], 2), _fmt(r["s_per_example"], 4),
                  _fmt(r["bytes_per_client_round"]), _fmt(r["trainable_params"]), _fmt(r["wall_s"], 0), r["note"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines + [""] + comparisons(rows)) + "\n")
+
+
+def comparisons(rows: list[dict[str, Any]]) -> list[str]:
+    """The acceptance figures, computed from the rows: DP-ZO vs DP-SGD peak memory at epsilon 3 and equal
+    steps, FedAvg vs DP-ZO uplink, and the accuracy gaps at the shared step budget."""
+    def find(model: str, method: str, budget: str, epsilon: float | None = 3.0) -> dict[str, Any] | None:
+        return next((r for r in rows if (r["model"], r["method"], r["budget"]) == (model, method, budget)
+                     and r["epsilon_target"] == epsilon), None)
+
+    lines = []
+    for model in sorted({r["model"] for r in rows}):
+        zo, sgd, ft = find(model, "dpzo", "main"), find(model, "dpsgd", "main"), find(model, "finetune", "main", None)
+        fed_zo, fed_sgd = find(model, "fed-dpzo", "fed"), find(model, "fed-dpsgd", "fed")
+        if zo and sgd:
+            lines.append(f"- {model}, epsilon 3, {zo['steps']} steps: DP-ZO peak RSS / DP-SGD peak RSS = "
+                         f"{zo['peak_rss_mb']:.0f} / {sgd['peak_rss_mb']:.0f} MB = "
+                         f"{zo['peak_rss_mb'] / sgd['peak_rss_mb']:.3f}; test accuracy DP-ZO "
+                         f"{100 * zo['test_accuracy']:.1f} vs DP-SGD {100 * sgd['test_accuracy']:.1f} "
+                         f"({100 * (zo['test_accuracy'] - sgd['test_accuracy']):+.1f} points)"
+                         + (f", vs non-private finetuning {100 * ft['test_accuracy']:.1f} "
+                            f"({100 * (zo['test_accuracy'] - ft['test_accuracy']):+.1f} points)" if ft else ""))
+        if fed_zo and fed_sgd:
+            lines.append(f"- {model}: uplink per client per round, FedAvg {fed_sgd['bytes_per_client_round']:,} B "
+                         f"vs DP-ZO {fed_zo['bytes_per_client_round']:,} B ({fed_zo['steps']} steps): "
+                         f"{fed_sgd['bytes_per_client_round'] / fed_zo['bytes_per_client_round']:,.0f}x")
+    return lines
 
 
 def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -311,7 +373,8 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
             if ref:
                 ax.axhline(ref[0], color=color, ls=ls, lw=1, label=f"{model} {method}")
     ax.set_xscale("log")
-    ax.set_xticks(EPSILONS, [str(e) for e in EPSILONS])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(EPSILONS, [f"{e:g}" for e in EPSILONS])
     ax.set(xlabel="epsilon (delta = 1e-5)", ylabel="SST-2 test accuracy", title="accuracy vs epsilon")
     ax.legend(fontsize=7, ncol=2)
     ax = axes[1]
@@ -336,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/utility", help="folder for rows.jsonl, table.md, plot.png")
     parser.add_argument("--models", nargs="+", help="subset of the mode's models")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS),
+                        help="subset of the private rows' targets")
     parser.add_argument("--jobs", type=int, default=1, help="rows run in parallel (one subprocess each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in OUT/rows.jsonl")
@@ -344,31 +409,48 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    out = Path(args.out)
     if args.row:
-        print(json.dumps(run_row(RowSpec(**json.loads(args.row)))), flush=True)
+        spec = RowSpec(**json.loads(args.row))
+        # The row is also kept beside the results, so it outlives an interrupted parent (--resume collects
+        # it), and marked while it runs, so a resumed parent does not start it twice.
+        (out / ROWS_DIR).mkdir(parents=True, exist_ok=True)
+        marker = out / ROWS_DIR / f"{spec.slug}.pid"
+        marker.write_text(str(os.getpid()))
+        try:
+            row = run_row(spec)
+            (out / ROWS_DIR / f"{spec.slug}.json").write_text(json.dumps(row))
+        finally:
+            marker.unlink(missing_ok=True)
+        print(json.dumps(row), flush=True)
         return 0
 
     models = args.models or list(PLANS[args.mode])
     unknown = set(models) - set(PLANS[args.mode])
     if unknown:
         parser.error(f"models {sorted(unknown)} are not in the {args.mode} plan ({sorted(PLANS[args.mode])})")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
     done = {}
-    if (args.resume or args.report_only) and rows_path.is_file():
-        for line in rows_path.read_text().splitlines():
+    if args.resume or args.report_only:
+        kept = rows_path.read_text().splitlines() if rows_path.is_file() else []
+        kept += [p.read_text() for p in sorted((out / ROWS_DIR).glob("*.json"))]
+        for line in kept:
             r = json.loads(line)
             done[f"{r['model']}/{r['method']}/{r['epsilon_target']}/{r['steps']}"] = r
-    elif rows_path.exists():
-        rows_path.unlink()
+    else:
+        rows_path.unlink(missing_ok=True)
+        for p in (out / ROWS_DIR).glob("*.json"):  # a fresh run starts from no rows
+            p.unlink()
+    running = {p.stem for p in (out / ROWS_DIR).glob("*.pid") if _alive(int(p.read_text() or 0))}
     specs = [] if args.report_only else \
-        [s for s in plan_rows(args.mode, models, args.methods, args.threads) if s.key not in done]
+        [s for s in plan_rows(args.mode, models, args.methods, args.threads, tuple(args.epsilons))
+         if s.key not in done and not (args.resume and s.slug in running)]
     log.info("%d rows to run (%d kept), %d at a time", len(specs), len(done), args.jobs)
     rows = list(done.values())
     failed = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool, rows_path.open("a", buffering=1) as fh:
-        futures = {pool.submit(_run_in_subprocess, spec): spec for spec in specs}
+        futures = {pool.submit(_run_in_subprocess, spec, out.resolve()): spec for spec in specs}
         for future in as_completed(futures):
             try:
                 row = future.result()
