@@ -296,10 +296,14 @@ def _alive(pid: int) -> bool:
 def _run_in_subprocess(spec: RowSpec, out: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "simulations.bench_utility", "--row", json.dumps(asdict(spec)), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"row {spec.key} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # The row's log goes to a file, not a pipe: a row outlives an interrupted parent (rows.d, --resume).
+    (out / ROWS_DIR).mkdir(parents=True, exist_ok=True)
+    log_path = out / ROWS_DIR / f"{spec.slug}.log"
+    with log_path.open("w") as err:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"row {spec.key} failed (log: {log_path}):\n{log_path.read_text()[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -313,13 +317,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     head = ["model", "method", "steps", "batch", "eps target", "eps spent", "test acc", "zero-shot",
-            "peak RSS MB", "s/step", "s/example", "uplink B/client/round", "trainable params", "wall s", "note"]
+            "peak RSS MB", "training-phase peak MB", "s/step", "s/example", "uplink B/client/round", "trainable params", "wall s", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
         cells = [r["model"], r["method"], r["steps"], _fmt(r["batch_size"], 0), _fmt(r["epsilon_target"], 0),
                  _fmt(r["epsilon_spent"]), acc(r["test_accuracy"]), acc(r["zero_shot_accuracy"]),
-                 _fmt(r["peak_rss_mb"], 0), _fmt(r["s_per_step"], 2), _fmt(r["s_per_example"], 4),
+                 _fmt(r["peak_rss_mb"], 0), _fmt(r.get("train_peak_rss_mb"), 0), _fmt(r["s_per_step"], 2), _fmt(r["s_per_example"], 4),
                  _fmt(r["bytes_per_client_round"]), _fmt(r["trainable_params"]), _fmt(r["wall_s"], 0), r["note"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     path.write_text("\n".join(lines + [""] + comparisons(rows)) + "\n")
@@ -344,6 +348,16 @@ def comparisons(rows: list[dict[str, Any]]) -> list[str]:
                          f"({100 * (zo['test_accuracy'] - sgd['test_accuracy']):+.1f} points)"
                          + (f", vs non-private finetuning {100 * ft['test_accuracy']:.1f} "
                             f"({100 * (zo['test_accuracy'] - ft['test_accuracy']):+.1f} points)" if ft else ""))
+        zo_train = [r for r in rows if r["model"] == model and r["method"] == "dpzo" and r.get("train_peak_rss_mb")]
+        sgd_train = [r for r in rows if r["model"] == model and r["method"] == "dpsgd" and r.get("train_peak_rss_mb")]
+        if zo_train and sgd_train:  # a step's memory does not depend on epsilon: only the noise scale differs
+            zo_peak = max(r["train_peak_rss_mb"] for r in zo_train)
+            sgd_peak = min(r["train_peak_rss_mb"] for r in sgd_train)
+            eps = {name: ", ".join(f"{r['epsilon_target']:g}" for r in group)
+                   for name, group in (("zo", zo_train), ("sgd", sgd_train))}
+            lines.append(f"- {model}, training phase only (the peak after model load and setup): DP-ZO at most "
+                         f"{zo_peak:.0f} MB (epsilon {eps['zo']}), DP-SGD at least {sgd_peak:.0f} MB (epsilon "
+                         f"{eps['sgd']}): ratio {zo_peak / sgd_peak:.3f}")
         if fed_zo and fed_sgd:
             lines.append(f"- {model}: uplink per client per round, FedAvg {fed_sgd['bytes_per_client_round']:,} B "
                          f"vs DP-ZO {fed_zo['bytes_per_client_round']:,} B ({fed_zo['steps']} steps): "
