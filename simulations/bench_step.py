@@ -27,7 +27,8 @@ from shared.noise import Noise, SecureRandom
 from shared.tasks import load_sst2
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS; False where the kernel does not allow it."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -35,7 +36,8 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (VmHWM) in MB since start or the last :func:`reset_peak`."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -101,12 +103,12 @@ def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: in
         raise SystemExit(f"{onnx_model} was exported with max_length {task.max_length}, not --seq-len {seq_len}")
     forward, step = timed_calls(view, fixed_batch(task, batch_size, seq_len))
     forward()  # warm-up (lazy initialisation); the step's own first-call costs count against training
-    exact_peak = _reset_peak()
+    exact_peak = reset_peak()
     forward(), forward()
-    inference_peak = _peak_mb()
-    _reset_peak()
+    inference_peak = peak_rss_mb()
+    reset_peak()
     step(), step()
-    training_peak = _peak_mb()
+    training_peak = peak_rss_mb()
 
     forward_times, step_times = [], []
     for _ in range(repeats):

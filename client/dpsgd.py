@@ -1,0 +1,280 @@
+"""First-order baselines: DP-SGD / DP-Adam with Opacus ghost clipping, and the same loop without privacy.
+
+DP-ZO is only worth its forward-only steps if it is compared with the first-order method it replaces, run
+the way the literature runs it (Li et al., ICLR 2022): per-example clipping by ghost clipping (per-example
+gradient norms of linear layers without materialising per-example gradients), Poisson sampling, Gaussian
+noise on the clipped sum divided by the expected batch size, and Adam or SGD on top.
+
+* The task and loss are the DP-ZO path's: :class:`shared.models.TextClassifier`'s logits and cross-entropy.
+* The noise multiplier is calibrated, and the reported epsilon computed, by :mod:`shared.accounting` (PLD),
+  for the sampling rate Opacus really uses (``1 / ceil(n / B)``). Opacus' own RDP accountant is logged as a
+  cross-check only.
+* What is trained (``trainable_parameters``): every parameter except the embedding tables. Ghost clipping
+  cannot handle the decoder's tied input/output embedding (the label logits index its rows directly, a use
+  Opacus' hooks never see, so that gradient would escape clipping), and BERT's position embeddings see a
+  batch-1 index tensor that breaks per-example norms. Parameters the loss never reaches (BERT's pooler) are
+  frozen too. With ``lora_rank > 0`` only peft LoRA adapters on the
+  attention projections are trained. Modules without a ghost-clipping rule (LlamaRMSNorm) fall back to
+  Opacus' functorch per-example gradients, which Opacus folds into the same per-example norm.
+* ``private=False`` is plain finetuning through the same loop (same sampler, no clipping, no noise).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier
+from shared.config import ConfigError, DataConfig, ModelConfig
+from shared.models import TextClassifier, load_task_model
+from shared.noise import Noise
+from shared.tasks import LABEL_NAMES, load_sst2
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "sgd")
+LORA_TARGETS = {"encoder": ["query", "value"], "decoder": ["q_proj", "v_proj"]}
+
+
+@dataclass
+class FirstOrderConfig:
+    """One first-order run: the model and data sections are the DP-ZO RunConfig's own."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 100
+    batch_size: int = 32  # expected batch size under Poisson sampling
+    lr: float = 5e-4
+    optimizer: str = "adam"  # "adam" (DP-Adam) or "sgd" (DP-SGD)
+    private: bool = True
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    clip: float = 1.0  # per-example L2 clipping bound on the whole gradient
+    noise_multiplier: float = 0.0  # 0: calibrated (PLD) from (epsilon, delta, rate, steps)
+    lora_rank: int = 0  # 0: full finetuning (embeddings frozen); r > 0: LoRA adapters only
+    lora_alpha: float = 16.0
+    threads: int = 0
+    zero_shot: bool = True  # evaluate the base model first (bench_utility takes it from its zero-shot row)
+    out_dir: str = ""  # summary.json goes here when set
+
+    def validate(self) -> "FirstOrderConfig":
+        self.model.validate()
+        self.data.validate()
+        checks = [
+            (isinstance(self.steps, int) and self.steps >= 1, "steps", "must be an int >= 1", self.steps),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an int >= 1",
+             self.batch_size),
+            (self.lr > 0, "lr", "must be > 0", self.lr),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}", self.optimizer),
+            (self.epsilon > 0, "epsilon", "must be > 0", self.epsilon),
+            (0 < self.delta < 1, "delta", "must be in (0, 1)", self.delta),
+            (self.clip > 0, "clip", "must be > 0", self.clip),
+            (self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0", self.noise_multiplier),
+            (isinstance(self.lora_rank, int) and self.lora_rank >= 0, "lora_rank", "must be an int >= 0",
+             self.lora_rank),
+        ]
+        for ok, name, message, value in checks:
+            if not ok:
+                raise ConfigError(f"{name} {message}, got {value!r}")
+        return self
+
+    @property
+    def method(self) -> str:
+        if not self.private:
+            return "finetune-lora" if self.lora_rank else "finetune"
+        return "dpsgd-lora" if self.lora_rank else "dpsgd"
+
+
+def poisson_rate(train_size: int, batch_size: int) -> float:
+    """The rate Opacus' Poisson loader samples at: one over the plain loader's number of batches."""
+    if batch_size > train_size:
+        raise ConfigError(f"batch_size {batch_size} exceeds the training set size {train_size}")
+    return 1.0 / math.ceil(train_size / batch_size)
+
+
+def prepare_trainable(task: TextClassifier, lora_rank: int, lora_alpha: float) -> int:
+    """Freeze what ghost clipping cannot clip (embedding tables) or, with LoRA, everything but the adapters.
+    Returns the number of trainable parameters."""
+    module = task.module
+    if lora_rank:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        body = module.lm if task.kind == "decoder" else module.body
+        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                           target_modules=LORA_TARGETS[task.kind]), body)
+        for name, p in module.named_parameters():
+            p.requires_grad_("lora_" in name)
+    else:
+        for sub in module.modules():
+            if isinstance(sub, nn.Embedding):
+                sub.weight.requires_grad_(False)
+        _freeze_unused(task)
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _freeze_unused(task: TextClassifier) -> None:
+    """Freeze parameters the task loss does not depend on (BERT's pooler): Opacus needs a per-example norm
+    for every trainable parameter. Found with one backward pass on public text, so no data is involved."""
+    batch = task.collate(task.encode(list(LABEL_NAMES)), np.arange(len(LABEL_NAMES)))
+    params = [p for p in task.module.parameters() if p.requires_grad]
+    loss = F.cross_entropy(task.module(batch.input_ids, batch.attention_mask), batch.labels)
+    for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+        if g is None:
+            p.requires_grad_(False)
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors by name: what a FedAvg client ships and the server averages."""
+    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+
+class _Indices(Dataset):
+    """Example indices; the loop collates token ids itself (dynamic padding, like the DP-ZO path)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor]:
+        return (torch.tensor(i),)  # a tuple: Opacus reads each field's shape to build empty batches
+
+
+def _secure_generator() -> torch.Generator:
+    """A torch generator seeded from the OS CSPRNG: sampling and noise are unpredictable, never seeded publicly."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+class FirstOrderLearner:
+    """A task model wrapped for private (Opacus, ghost clipping) or plain first-order steps on one dataset.
+
+    Used whole by :func:`train_first_order` and round by round by the FedAvg client; ``steps`` are counted
+    so that the accountant covers every step run, whatever calls them."""
+
+    def __init__(self, task: TextClassifier, ids: Sequence[Sequence[int]], labels: np.ndarray,
+                 config: FirstOrderConfig, total_steps: int) -> None:
+        from opacus import PrivacyEngine
+
+        self.task, self.ids, self.labels, self.config = task, ids, labels, config
+        self.sample_rate = poisson_rate(len(ids), config.batch_size)
+        params = [p for p in task.module.parameters() if p.requires_grad]
+        opt_cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
+        optimizer = opt_cls(params, lr=config.lr)
+        loader = DataLoader(_Indices(len(ids)), batch_size=config.batch_size, generator=_secure_generator())
+        self.criterion: Any = nn.CrossEntropyLoss()
+        self.noise: Noise | None = None
+        task.module.train()  # Opacus' hooks record only in training mode (and its validator insists)
+        if config.private:
+            sigma = config.noise_multiplier or calibrate_noise_multiplier(
+                config.epsilon, config.delta, self.sample_rate, total_steps)
+            self.noise = Noise.gaussian(sigma)
+            self.engine = PrivacyEngine(accountant="rdp")
+            self.model, self.optimizer, self.criterion, self.loader = self.engine.make_private(
+                module=task.module, optimizer=optimizer, criterion=self.criterion, data_loader=loader,
+                noise_multiplier=sigma, max_grad_norm=config.clip, poisson_sampling=True,
+                grad_sample_mode="ghost", noise_generator=_secure_generator())
+            if abs(self.loader.sample_rate - self.sample_rate) > 1e-12:
+                raise RuntimeError(f"Opacus samples at {self.loader.sample_rate}, accounted {self.sample_rate}")
+        else:
+            from opacus.data_loader import DPDataLoader
+
+            self.model, self.optimizer = task.module, optimizer
+            self.loader = DPDataLoader.from_data_loader(loader)  # the same Poisson batches, nothing else
+        self.accountant = PrivacyAccountant()
+        self.steps = 0
+        self._batches: Iterator[list[torch.Tensor]] = itertools.chain.from_iterable(itertools.repeat(self.loader))
+
+    def step(self) -> float:
+        """One optimizer step on a fresh Poisson batch; returns the batch's mean loss (nan if empty)."""
+        self.model.train()
+        rows = next(self._batches)[0].tolist()
+        self.optimizer.zero_grad(set_to_none=True)
+        if rows:
+            batch = self.task.collate([self.ids[i] for i in rows], self.labels[rows])
+            loss = self.criterion(self.model(batch.input_ids, batch.attention_mask).float(), batch.labels)
+            loss.backward()
+            value = float(loss.item())
+        else:  # an empty Poisson batch still releases a noisy (zero-sum) step: skipping it would leak
+            for p in self.optimizer.param_groups[0]["params"]:
+                p.grad = torch.zeros_like(p)
+            value = math.nan
+        self.optimizer.step()
+        self.steps += 1
+        if self.noise is not None:
+            self.accountant.record(self.noise, self.sample_rate)
+        return value
+
+    def epsilon(self) -> float | None:
+        return self.accountant.epsilon(self.config.delta) if self.noise is not None else None
+
+    def opacus_rdp_epsilon(self) -> float | None:
+        """Opacus' own RDP bound (looser than the PLD): a cross-check, never the reported epsilon."""
+        return float(self.engine.get_epsilon(self.config.delta)) if self.noise is not None else None
+
+    def accuracy(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> float:
+        self.model.eval()
+        return self.task.accuracy(ids, labels, self.config.model.microbatch)
+
+
+def train_first_order(config: FirstOrderConfig, progress: bool = False,
+                      on_loop_start: Callable[[], object] | None = None) -> dict[str, Any]:
+    """Centralized first-order run; returns a summary like :func:`client.trainer.train`'s (``on_loop_start``
+    likewise runs right before the first step)."""
+    from tqdm.auto import tqdm
+
+    start = time.time()
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    task = load_task_model(config.model)
+    trainable = prepare_trainable(task, config.lora_rank, config.lora_alpha)
+    train_split = load_sst2("train", config.data.data_dir).balanced_subset(config.data.train_size, config.data.seed)
+    test_split = load_sst2("test", config.data.data_dir).balanced_subset(config.data.test_size, config.data.seed)
+    train_ids, test_ids = task.encode(train_split.sentences), task.encode(test_split.sentences)
+    zero_shot = task.accuracy(test_ids, test_split.labels, config.model.microbatch) if config.zero_shot else None
+    learner = FirstOrderLearner(task, train_ids, train_split.labels, config, config.steps)
+    log.info("%s on %s: %d trainable parameters, rate %.4g, noise %s", config.method, task.name, trainable,
+             learner.sample_rate, learner.noise.describe() if learner.noise else "none")
+    if on_loop_start is not None:
+        on_loop_start()
+    loop_start = time.perf_counter()
+    losses = [learner.step() for _ in tqdm(range(config.steps), desc=config.method, disable=not progress)]
+    train_s = time.perf_counter() - loop_start
+    summary = {
+        "model": task.name,
+        "method": config.method,
+        "steps": config.steps,
+        "batch_size": config.batch_size,
+        "epsilon": learner.epsilon(),
+        "opacus_rdp_epsilon": learner.opacus_rdp_epsilon(),
+        "delta": config.delta if config.private else None,
+        "noise_multiplier": learner.noise.sigma if learner.noise else 0.0,
+        "sample_rate": learner.sample_rate,
+        "trainable_params": trainable,
+        "train_loss_last10": float(np.nanmean(losses[-10:])),
+        "test_accuracy": learner.accuracy(test_ids, test_split.labels),
+        "zero_shot_accuracy": zero_shot,
+        "train_size": len(train_ids),
+        "test_size": len(test_ids),
+        "train_s": round(train_s, 3),
+        "wall_s": round(time.time() - start, 2),
+        "config": asdict(config),
+    }
+    if config.out_dir:
+        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

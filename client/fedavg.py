@@ -1,0 +1,82 @@
+"""The FedAvg client of the first-order baseline: local DP-SGD / DP-Adam (Opacus ghost clipping) per round.
+
+Per ``train`` message the node loads the global trainable tensors, runs ``local_steps`` private steps on its
+own partition through :class:`client.dpsgd.FirstOrderLearner`, and replies with its new trainable tensors
+(the clipped, noised local update applied to the global model) and its epsilon. This is what DP-ZO's
+few-byte uplink is compared with: a FedAvg reply carries every trainable parameter.
+
+Privacy is example-level per node, as in the DP-ZO federation: the node's own Poisson rate, composed over
+every local step it has run (counted in ``context.state``, which Flower keeps per node), with the noise
+calibrated for ``rounds x local_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.dpsgd import FirstOrderConfig, FirstOrderLearner, prepare_trainable, trainable_state
+from client.partition import load_partition
+from shared.accounting import noise_epsilon
+from shared.config import FederationConfig, RunConfig
+from shared.models import load_task_model
+
+log = logging.getLogger(__name__)
+
+TRAINABLE = "trainable"  # ArrayRecord: the trainable tensors, by parameter name
+METRICS = "metrics"
+STATE = "fedavg-node"
+
+
+@dataclass
+class FedAvgConfig:
+    learner: FirstOrderConfig = field(default_factory=FirstOrderConfig)
+    rounds: int = 2
+    local_steps: int = 5
+    num_clients: int = 2
+    out_dir: str = ""  # the server writes summary.json here
+
+    @property
+    def steps_per_node(self) -> int:
+        return self.rounds * self.local_steps
+
+
+_LEARNERS: dict[tuple[int, int], FirstOrderLearner] = {}  # per process: a simulation actor serves many nodes
+
+
+def _learner(config: FedAvgConfig, partition_id: int, num_partitions: int) -> FirstOrderLearner:
+    key = (partition_id, num_partitions)
+    if key not in _LEARNERS:
+        cfg = config.learner
+        task = load_task_model(cfg.model)
+        prepare_trainable(task, cfg.lora_rank, cfg.lora_alpha)
+        run = RunConfig(model=cfg.model, data=cfg.data, federation=FederationConfig(partition="iid"))
+        part = load_partition(run, task, partition_id, num_partitions)
+        _LEARNERS[key] = FirstOrderLearner(task, part.ids, part.labels, cfg, config.steps_per_node)
+    return _LEARNERS[key]
+
+
+def make_client_app(config: FedAvgConfig) -> ClientApp:
+    """A ClientApp bound to one FedAvg configuration (``run_simulation`` passes no run config)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = context.node_config
+        learner = _learner(config, int(cfg["partition-id"]), int(cfg["num-partitions"]))
+        state = msg.content.array_records[TRAINABLE].to_torch_state_dict()
+        learner.task.module.load_state_dict(state, strict=False)
+        losses = [learner.step() for _ in range(config.local_steps)]
+        done = int(context.state.config_records.get(STATE, ConfigRecord({"steps": 0}))["steps"]) + len(losses)
+        context.state[STATE] = ConfigRecord({"steps": done})
+        metrics = {"num_examples": len(learner.ids), "loss": float(sum(losses) / len(losses)), "steps": done}
+        if learner.noise is not None:
+            metrics["epsilon"] = noise_epsilon(((learner.noise, learner.sample_rate, done),), config.learner.delta)
+        content = RecordDict({TRAINABLE: ArrayRecord(trainable_state(learner.task.module)),
+                              METRICS: MetricRecord(metrics)})
+        return Message(content, reply_to=msg)
+
+    return app

@@ -1,0 +1,160 @@
+"""First-order baselines (Opacus ghost clipping, LoRA, plain finetuning), the Flower FedAvg baseline and the
+utility benchmark, on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from client.dpsgd import (FirstOrderConfig, FirstOrderLearner, poisson_rate, prepare_trainable, train_first_order,
+                          trainable_state)
+from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, noise_epsilon, pld_epsilon
+from shared.config import DataConfig, ModelConfig
+from shared.models import load_task_model
+from shared.noise import Noise
+from tests.helpers import LABELS, SENTENCES
+
+
+def _config(name: str = "tiny-decoder", **extra) -> FirstOrderConfig:
+    base = dict(model=ModelConfig(name=name), data=DataConfig(train_size=300, test_size=32), steps=4,
+                batch_size=16, lr=1e-2, noise_multiplier=1.0, threads=1)
+    return FirstOrderConfig(**{**base, **extra}).validate()
+
+
+def _learner(name: str, config: FirstOrderConfig, lora: int = 0) -> FirstOrderLearner:
+    task = load_task_model(ModelConfig(name=name))
+    prepare_trainable(task, lora, 16.0)
+    ids = task.encode(SENTENCES * 4)
+    return FirstOrderLearner(task, ids, np.tile(LABELS, 4), config, config.steps)
+
+
+@pytest.mark.parametrize("name", ["tiny-encoder", "tiny-decoder"])
+def test_ghost_clipping_changes_the_trainable_weights_only(name):
+    learner = _learner(name, _config(name, batch_size=8))
+    before = {k: v.clone() for k, v in learner.task.module.state_dict().items()}
+    frozen = {k for k, p in learner.task.module.named_parameters() if not p.requires_grad}
+    assert frozen and all("embed" in k for k in frozen)  # the embedding tables, nothing else
+    for _ in range(3):
+        assert np.isfinite(learner.step()) or True
+    after = learner.task.module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not changed & frozen
+
+
+def test_ghost_clipping_sums_per_example_clipped_gradients(tiny_decoder):
+    """Opacus' two-pass ghost clipping on our model equals clipping brute-force per-example gradients
+    (LlamaRMSNorm included), so the privacy analysis' sensitivity C holds for what we train."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    task = tiny_decoder
+    prepare_trainable(task, 0, 16.0)
+    params = [p for p in task.module.parameters() if p.requires_grad]
+    batch = task.collate(task.encode(SENTENCES), LABELS)
+    clip = 0.05
+    expected = [torch.zeros_like(p) for p in params]
+    task.module.train()
+    for i in range(len(LABELS)):
+        logits = task.module(batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1])
+        grads = torch.autograd.grad(F.cross_entropy(logits, batch.labels[i:i + 1]), params)
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        assert norm > clip  # every example is clipped, so the test sees the clipping
+        for e, g in zip(expected, grads):
+            e += g * min(1.0, clip / (float(norm) + 1e-6))
+    loader = DataLoader(TensorDataset(torch.arange(6)), batch_size=6)
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, criterion, _ = engine.make_private(
+        module=task.module, optimizer=torch.optim.SGD(params, lr=0.0), criterion=torch.nn.CrossEntropyLoss(),
+        data_loader=loader, noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode="ghost")
+    criterion(model(batch.input_ids, batch.attention_mask), batch.labels).backward()
+    for e, p in zip(expected, params):  # the clipped sum; the optimizer divides by the expected batch at step()
+        torch.testing.assert_close(p.grad, e, rtol=1e-3, atol=1e-7)
+
+
+def test_reported_epsilon_is_our_pld_accountant_and_calibration_round_trips():
+    rate = poisson_rate(300, 16)
+    assert rate == 1 / 19  # Opacus' Poisson rate: one over the plain loader's batch count
+    sigma = calibrate_noise_multiplier(3.0, 1e-5, rate, 4)
+    summary = train_first_order(_config(noise_multiplier=0.0, epsilon=3.0))
+    assert summary["noise_multiplier"] == pytest.approx(sigma)
+    assert summary["sample_rate"] == rate
+    accountant = PrivacyAccountant()
+    accountant.record(Noise.gaussian(sigma), rate, 4)
+    assert summary["epsilon"] == pytest.approx(accountant.epsilon(1e-5))
+    assert summary["epsilon"] == noise_epsilon(((Noise.gaussian(sigma), rate, 4),), 1e-5)
+    assert 2.9 < summary["epsilon"] <= 3.0 + 1e-9
+    assert summary["opacus_rdp_epsilon"] >= summary["epsilon"]  # Opacus' RDP: looser, a cross-check only
+    import dp_accounting
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        rate, dp_accounting.GaussianDpEvent(sigma)), 4)
+    assert pld_epsilon(event, 1e-5) == pytest.approx(summary["epsilon"], rel=1e-6)
+
+
+def test_non_private_mode_finetunes_without_epsilon():
+    summary = train_first_order(_config("tiny-encoder", private=False))
+    assert summary["method"] == "finetune" and summary["epsilon"] is None and summary["noise_multiplier"] == 0.0
+    assert summary["opacus_rdp_epsilon"] is None and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["train_s"] > 0 and summary["trainable_params"] > 0
+
+
+@pytest.mark.parametrize("name", ["tiny-encoder", "tiny-decoder"])
+def test_lora_variant_trains_only_lora_parameters(name):
+    learner = _learner(name, _config(name, batch_size=8, lora_rank=4), lora=4)
+    module = learner.task.module
+    trainable = {k for k, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in k for k in trainable)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    for _ in range(3):
+        learner.step()
+    after = module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= trainable
+    assert set(trainable_state(module)) == trainable
+
+
+def test_fedavg_on_flower_runs_two_rounds_and_reports_bytes(tmp_path):
+    from client.fedavg import FedAvgConfig
+    from server.fedavg import run_fedavg
+
+    config = FedAvgConfig(learner=_config("tiny-encoder", data=DataConfig(train_size=200, test_size=32),
+                                          batch_size=8), rounds=2, local_steps=2, num_clients=2,
+                          out_dir=str(tmp_path))
+    summary = run_fedavg(config)
+    assert summary["rounds"] == 2 and summary["clients"] == 2 and len(summary["rounds_log"]) == 2
+    assert all(r["replies"] == 2 for r in summary["rounds_log"])
+    # The uplink carries every trainable float32 (plus a small envelope): what DP-ZO's scalars replace.
+    assert 4 * summary["trainable_params"] < summary["bytes_up_per_client_round"] < \
+        4 * summary["trainable_params"] + 64 * 1024
+    expected = noise_epsilon(((Noise.gaussian(1.0), poisson_rate(100, 8), 4),), 1e-5)
+    assert summary["epsilon_max"] == pytest.approx(expected)
+
+
+def test_bench_utility_quick_rows_are_well_formed(tmp_path, capsys):
+    from simulations.bench_utility import ROW_FIELDS, main
+
+    out = tmp_path / "utility"
+    assert main(["--json", "--mode", "quick", "--models", "tiny-encoder", "--out", str(out), "--jobs", "2",
+                 "--methods", "zero-shot", "dpzo", "dpsgd", "fed-dpzo", "--epsilons", "3"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == len(printed) == 4
+    for row in rows:
+        assert set(ROW_FIELDS) <= set(row), set(ROW_FIELDS) - set(row)
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["peak_rss_mb"] > 0
+        if row["method"] in ("dpzo", "dpsgd"):
+            assert row["epsilon_spent"] <= row["epsilon_target"] + 1e-9 and row["s_per_step"] > 0
+        if row["method"] == "fed-dpzo":
+            assert 0 < row["bytes_per_client_round"] <= 16 * row["steps"] + 1024
+    assert {r["method"] for r in rows} == {"zero-shot", "dpzo", "dpsgd", "fed-dpzo"}
+    assert all(r["train_peak_rss_mb"] <= r["peak_rss_mb"] for r in rows if r["method"] in ("dpzo", "dpsgd"))
+    assert sorted(p.name for p in (out / "rows.d").iterdir()) == sorted(f"{r['model']}-{r['method']}-"
+                                                                         f"{r['epsilon_target']}-{r['steps']}.json"
+                                                                         for r in rows)
+    table = (out / "table.md").read_text()
+    assert table.count("| tiny-encoder |") == len(rows) and "| tiny-encoder | dpzo |" in table
+    assert "DP-ZO peak RSS / DP-SGD peak RSS" in table and "uplink per client per round" not in table
+    assert (out / "plot.png").stat().st_size > 1000
