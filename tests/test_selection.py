@@ -72,3 +72,20 @@ def test_select_all_counts_tied_weights_once():
     assert sel.size == sum(p.numel() for p in task.module.parameters())
     with pytest.raises(ValueError, match="fraction"):
         top_fraction({"w": torch.ones(3)}, 0.0, ["w"])
+
+
+def test_top_fraction_keeps_the_highest_scores_with_ties_broken_by_position():
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        scores = {f"p{i}": torch.randint(0, 4, (int(torch.randint(1, 40, (), generator=gen)),), generator=gen).float()
+                  for i in range(3)}  # many ties
+        if trial % 2:
+            scores = {n: torch.rand(s.shape, generator=gen) for n, s in scores.items()}
+        flat = torch.cat(list(scores.values()))
+        for fraction in (0.05, 0.3, 1.0):
+            keep = max(1, round(fraction * flat.numel()))
+            reference = torch.sort(torch.argsort(-flat, stable=True)[:keep]).values  # the definition, in full
+            sel = top_fraction(scores, fraction, list(scores))
+            offsets = dict(zip(scores, torch.cumsum(torch.tensor([0] + [s.numel() for s in scores.values()]), 0)))
+            got = torch.cat([idx + offsets[n] for n, idx in zip(sel.names, sel.indices)])
+            assert torch.equal(got, reference)
