@@ -219,7 +219,7 @@ def _fed_dpsgd(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
     from client.fedavg import FedAvgConfig
     from server.fedavg import run_fedavg
 
-    learner = _fo_config(plan, replace(spec, method="dpsgd", steps=spec.steps), "", plan.fed_train_size,
+    learner = _fo_config(plan, replace(spec, method="dpsgd"), "", plan.fed_train_size,
                          plan.fed_test_size)
     learner.batch_size = min(plan.batch_size, plan.fed_train_size // FED_CLIENTS)
     summary = run_fedavg(FedAvgConfig(learner=learner, rounds=FED_ROUNDS_FO, local_steps=FED_LOCAL_STEPS_FO,
