@@ -84,9 +84,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     metrics_path = out_dir / "metrics.jsonl"
     selection = None
     bar = tqdm(total=plan.steps, desc="DP-ZO" if private else "MeZO", unit="step", disable=not progress)
-    if on_loop_start is not None:
-        on_loop_start()
-    loop_start = time.perf_counter()  # the training loop alone (dev evaluations included, if any)
+    loop_start = None  # set at the first step, after the first trainable set is chosen (pruning is setup)
     with metrics_path.open("w", buffering=1) as metrics:  # line-buffered: readable while training
         if config.eval.every and len(dev_ids):
             dev0 = task.accuracy(dev_ids, dev_split.labels, config.model.microbatch)
@@ -102,6 +100,10 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                          100 * selection.fraction_of(task.module), selection.digest()[:16])
             anchor = view.values() if config.schedule.prox > 0 else None
             for t in range(stage.first_step, stage.first_step + stage.steps):
+                if loop_start is None:
+                    if on_loop_start is not None:
+                        on_loop_start()
+                    loop_start = time.perf_counter()  # the steps alone (dev evaluations included, if any)
                 result = zo_step(
                     view, train_ids, train_split.labels, seed=next(seeds), mu=stage.mu,
                     sample_rate=plan.sample_rate, microbatch=config.model.microbatch, rng=rng,

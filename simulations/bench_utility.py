@@ -219,7 +219,7 @@ def _fed_dpsgd(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
     from client.fedavg import FedAvgConfig
     from server.fedavg import run_fedavg
 
-    learner = _fo_config(plan, replace(spec, method="dpsgd", steps=spec.steps), "", plan.fed_train_size,
+    learner = _fo_config(plan, replace(spec, method="dpsgd"), "", plan.fed_train_size,
                          plan.fed_test_size)
     learner.batch_size = min(plan.batch_size, plan.fed_train_size // FED_CLIENTS)
     summary = run_fedavg(FedAvgConfig(learner=learner, rounds=FED_ROUNDS_FO, local_steps=FED_LOCAL_STEPS_FO,
@@ -395,11 +395,16 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
     methods = [m for m in METHODS if not m.startswith("fed-") and any(r["method"] == m for r in rows)]
     width = 0.8 / max(len(models), 1)
     for i, model in enumerate(models):
-        peaks = [max((r["peak_rss_mb"] for r in rows if r["model"] == model and r["method"] == m), default=0)
-                 for m in methods]
-        ax.bar([j + i * width for j in range(len(methods))], peaks, width, label=model, color=f"C{i}")
+        def peak(method: str, field: str) -> float:
+            return max((r.get(field) or 0 for r in rows if r["model"] == model and r["method"] == method), default=0)
+
+        xs = [j + i * width for j in range(len(methods))]
+        ax.bar(xs, [peak(m, "peak_rss_mb") for m in methods], width, label=f"{model} whole process", color=f"C{i}",
+               alpha=0.45)
+        ax.bar(xs, [peak(m, "train_peak_rss_mb") for m in methods], width * 0.6, color=f"C{i}", hatch="//",
+               edgecolor="black", label=f"{model} training phase")
     ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(methods))], methods, rotation=20)
-    ax.set(ylabel="peak RSS (MB)", title="peak memory per method (whole process)")
+    ax.set(ylabel="peak RSS (MB)", title="peak memory per method (max over its rows)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -39,7 +39,7 @@ def test_ghost_clipping_changes_the_trainable_weights_only(name):
     frozen = {k for k, p in learner.task.module.named_parameters() if not p.requires_grad}
     assert frozen and all("embed" in k for k in frozen)  # the embedding tables, nothing else
     for _ in range(3):
-        assert np.isfinite(learner.step()) or True
+        learner.step()
     after = learner.task.module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and not changed & frozen
@@ -151,9 +151,8 @@ def test_bench_utility_quick_rows_are_well_formed(tmp_path, capsys):
             assert 0 < row["bytes_per_client_round"] <= 16 * row["steps"] + 1024
     assert {r["method"] for r in rows} == {"zero-shot", "dpzo", "dpsgd", "fed-dpzo"}
     assert all(r["train_peak_rss_mb"] <= r["peak_rss_mb"] for r in rows if r["method"] in ("dpzo", "dpsgd"))
-    assert sorted(p.name for p in (out / "rows.d").iterdir()) == sorted(f"{r['model']}-{r['method']}-"
-                                                                         f"{r['epsilon_target']}-{r['steps']}.json"
-                                                                         for r in rows)
+    kept = sorted(p.name for p in (out / "rows.d").glob("*.json"))  # each row also on its own (for --resume)
+    assert kept == sorted(f"{r['model']}-{r['method']}-{r['epsilon_target']}-{r['steps']}.json" for r in rows)
     table = (out / "table.md").read_text()
     assert table.count("| tiny-encoder |") == len(rows) and "| tiny-encoder | dpzo |" in table
     assert "DP-ZO peak RSS / DP-SGD peak RSS" in table and "uplink per client per round" not in table
