@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from shared.config import from_dict
+from shared.config import RunConfig, from_dict
 from shared.directions import CHUNK, direction_numpy
 from shared.follower import LedgerFollower, ReplicaError
 from shared.onnx_format import OnnxMetadata, OnnxModelError, file_sha256, load_trainable, sidecars
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class OnnxTask:
     """The exported classifier: tokenises like :class:`shared.models.TextClassifier` and scores batches."""
 
-    def __init__(self, model_path: str | Path, threads: int = 0, verify: bool = True) -> None:
+    def __init__(self, model_path: str | Path, threads: int = 0) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -37,7 +37,7 @@ class OnnxTask:
         self.meta = OnnxMetadata.read(meta_path)
         if not path.is_file():
             raise OnnxModelError(f"ONNX model {path} not found")
-        if verify and file_sha256(path) != self.meta.onnx_sha256:
+        if file_sha256(path) != self.meta.onnx_sha256:
             raise OnnxModelError(f"{path} differs from the file its metadata describes (SHA-256 mismatch)")
         self.name, self.kind, self.max_length = self.meta.model, self.meta.kind, self.meta.max_length
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -139,12 +139,9 @@ class OnnxView:
 class OnnxReplica(LedgerFollower):
     """A ledger replica whose forward passes run on ONNX Runtime."""
 
-    def __init__(self, task: OnnxTask) -> None:
+    def __init__(self, task: OnnxTask, config: RunConfig | None = None) -> None:
         meta = task.meta
-        if meta.direction != "rademacher":
-            raise ReplicaError(f"the ONNX Runtime replica needs Rademacher directions (bit-exact replay); the model "
-                               f"was exported for {meta.direction!r}")
-        self.task = task
+        self.task, self.config = task, config
         self._base_values = load_trainable(task.trainable_path, meta)
         super().__init__(meta.base_model_digest, meta.trainable_digest, meta.trainable_size)
         self.view = OnnxView(task, self._base_values)
@@ -161,8 +158,7 @@ class OnnxReplica(LedgerFollower):
         if header.direction != "rademacher":
             raise ReplicaError(f"the ledger uses {header.direction!r} directions; an ONNX Runtime node replays "
                                f"bit-exactly only Rademacher ones")
-        replica = cls(task)
-        replica.config = config
+        replica = cls(task, config)
         replica.attach(header)
         log.info("ONNX Runtime replica of %s: %d trainable entries", meta.model, meta.trainable_size)
         return replica

@@ -132,12 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     from shared.chain import ChainError
     from shared.follower import ReplicaError
     from shared.models import ModelLoadError
-    from shared.onnx_format import OnnxModelError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ModelLoadError, LedgerError, ChainError, ReplicaError,
-            OnnxModelError) as exc:
+    except (ConfigError, FileNotFoundError, ModelLoadError, LedgerError, ChainError, ReplicaError) as exc:
         print(f"seedtune: error: {exc}", file=sys.stderr)
         return 2
 

@@ -24,13 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from shared.digest import selection_digest
+from shared.follower import ReplicaError
 
 FORMAT_VERSION = 1
 INPUTS = ("input_ids", "attention_mask", "trainable")
 
 
-class OnnxModelError(RuntimeError):
-    """An exported model is missing, incomplete, altered, or not the one a ledger was made for."""
+class OnnxModelError(ReplicaError):
+    """An exported model is missing, incomplete, altered, or not the one a ledger was made for (a node replies
+    with a refusal naming the problem, as for any replica that cannot follow the ledger)."""
 
 
 def sidecars(model_path: str | Path) -> tuple[Path, Path, Path]:

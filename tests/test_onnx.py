@@ -213,3 +213,13 @@ def test_real_models_losses_match_torch(name, tmp_path):
     onnx.apply(entries, head)
     assert np.array_equal(onnx.values().view(np.uint32), replica.values().view(np.uint32))
     assert report["check"]["max_abs_diff"] < 1e-4 * max(1.0, report["check"]["scale"])
+
+
+def test_a_node_whose_onnx_model_is_missing_refuses_by_name(mixed, tmp_path):
+    from client.node import Budget, NodeState, Runtime, handle_instruction
+
+    _, _, grid, _ = mixed
+    first = next(m for m in grid.sent if m.metadata.message_type == "train")
+    reply = handle_instruction(from_content(first.content, Instruction), 1, NodeState(), lambda r: None, Budget(),
+                               runtime=Runtime("onnx", str(tmp_path / "absent.onnx")))
+    assert "absent.seedtune.json is missing" in reply.refusal and not reply.scalars
