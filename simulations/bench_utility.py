@@ -100,9 +100,9 @@ _TINY = dict(zo_file=None, steps=8, short_steps=4, batch_size=16, fo_lr=1e-3, ft
 PLANS: dict[str, dict[str, ModelPlan]] = {
     "quick": {name: ModelPlan(name=name, **_TINY) for name in ("tiny-encoder", "tiny-decoder")},
     "full": {
-        # configs/smollm2_eps3.toml's settings (batch 32, lr 1e-3, clip 10, microbatch 8) in one stage. The shared
-        # budget is 100 steps: a ghost-clipping DP-SGD step of SmolLM2 costs about 4 DP-ZO steps on this CPU. The
-        # 250-step row is the setting of docs/results.md that reached 83.7%.
+        # configs/smollm2_eps3.toml's settings (batch 32, clip 10, microbatch 8, its trainable set and lr) in one
+        # stage. The shared budget is 100 steps: a ghost-clipping DP-SGD step of SmolLM2 costs about 4 DP-ZO steps
+        # on this CPU. results/utility/ was measured with the earlier config (1% of all weights, lr 1e-3).
         "smollm2": ModelPlan(name="smollm2", zo_file="configs/smollm2_eps3.toml", steps=100, short_steps=10,
                              batch_size=32, long_dpzo_steps=(250,), microbatch=8),
         # configs/quickstart.toml's settings (batch 64, lr 1e-3, clip 5) in one 50-step stage (CPU time).
