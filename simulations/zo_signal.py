@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from client.trainer import plan_privacy
-from client.zo_step import projected_gradients
+from client.zo_step import privatize, projected_gradients
 from shared.config import RunConfig, load_config, parse_override
 from shared.directions import direction_torch
 from shared.models import TextClassifier, load_task_model
+from shared.noise import SecureRandom
 from shared.replica import select_trainable
 from shared.selection import TrainableSet
 from shared.tasks import load_sst2
@@ -115,15 +116,17 @@ def measure(task: TextClassifier, config: RunConfig, spec: str, halves: tuple[di
     g_a, g_b = restricted(halves[0], selection), restricted(halves[1], selection)
     mu, clip, micro = config.zo.mu, config.privacy.clip, config.model.microbatch
     mu_curv = 0.3 / math.sqrt(selection.size)  # |mu z| = 0.3 whatever the set's size: a resolvable loss change
+    rng = SecureRandom()  # unused without noise; privatize's signature asks for it
     products, squares, curvatures = [], [], []
     for k, (ids, labels) in enumerate(batches):
         seed = first_seed + k
         g_i, _ = projected_gradients(view, ids, labels, seed=seed, mu=mu, microbatch=micro)
-        s = float(np.clip(g_i, -clip, clip).mean()) if config.privacy.enabled else float(g_i.mean())
+        # the trainer's own clipping rule; the noise enters E[s^2] analytically, not as one more random draw
+        s = privatize(g_i, clip, len(ids), None, rng)[0] if config.privacy.enabled else float(g_i.mean())
         z = direction_torch(seed, 0, selection.size, config.zo.direction, dtype=torch.float64)
         products.append(s * float(z @ g_a))
         squares.append(s * s + noise_var)
-        base = np.concatenate([task.per_example_loss(task.collate(ids[j : j + micro], labels[j : j + micro])).numpy()
+        base = np.concatenate([view.per_example_loss(ids[j : j + micro], labels[j : j + micro])
                                for j in range(0, len(ids), micro)]).astype(np.float64).mean()
         _, sym = projected_gradients(view, ids, labels, seed=seed, mu=mu_curv, microbatch=micro)
         curvatures.append(2 * (float(np.mean(sym, dtype=np.float64)) - base) / mu_curv**2)
