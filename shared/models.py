@@ -21,9 +21,10 @@ import importlib.util
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -85,6 +86,44 @@ class DecoderClassifier(nn.Module):
         last = attention_mask.sum(-1) - 1
         return hidden[torch.arange(hidden.shape[0]), last]
 
+    @contextmanager
+    def _layers(self, span: slice, final_norm: bool) -> Iterator[nn.Module]:
+        """The body restricted to ``layers[span]`` (and, without ``final_norm``, no final norm), for this block.
+
+        Swapping the body's own layer list keeps its mask, position and rotary code; ``split_ok`` checks that
+        the two halves compose to the full forward before anything relies on it.
+        """
+        body = getattr(self.lm, self.lm.base_model_prefix)
+        layers, norm = body.layers, body.norm
+        body.layers = nn.ModuleList(list(layers)[span])
+        if not final_norm:
+            body.norm = nn.Identity()
+        try:
+            yield body
+        finally:
+            body.layers, body.norm = layers, norm
+
+    def prefix_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, depth: int) -> torch.Tensor:
+        """Hidden states after the first ``depth`` layers: the part of a forward that a ZO step whose
+        trainable entries all lie above ``depth`` can compute once for both perturbed passes."""
+        with self._layers(slice(0, depth), final_norm=False) as body:
+            return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor, depth: int) -> torch.Tensor:
+        """Label logits from ``prefix_hidden(..., depth)``, running only the layers from ``depth`` on."""
+        with self._layers(slice(depth, None), final_norm=True):
+            return self.label_logits(self.last_hidden(attention_mask, inputs_embeds=hidden))
+
+    def layer_of(self, name: str) -> int:
+        """The first layer whose output depends on parameter ``name``; the layer count for the final norm."""
+        body_prefix = f"lm.{self.lm.base_model_prefix}."
+        parts = name.removeprefix(body_prefix).split(".")
+        if name.startswith(body_prefix) and parts[0] == "layers":
+            return int(parts[1])
+        if name.startswith(body_prefix) and parts[0] == "norm":
+            return len(getattr(self.lm, self.lm.base_model_prefix).layers)
+        return 0  # token embeddings (also the tied label rows) or untied output rows: conservatively none
+
     def label_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm.get_output_embeddings().weight[self.label_ids]
         return last_hidden @ weight.T
@@ -126,8 +165,41 @@ class TextClassifier:
         return self.module(batch.input_ids, batch.attention_mask)
 
     @torch.no_grad()
-    def per_example_loss(self, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.logits(batch).float(), batch.labels, reduction="none")
+    def per_example_loss(self, batch: Batch, prefix: torch.Tensor | None = None, depth: int = 0) -> torch.Tensor:
+        """Cross-entropy per example; with ``prefix`` (``prefix_hidden(batch, depth)``) only the layers from
+        ``depth`` on run."""
+        logits = self.logits(batch) if prefix is None else \
+            self.module.forward_from(prefix, batch.attention_mask, depth)
+        return F.cross_entropy(logits.float(), batch.labels, reduction="none")
+
+    @torch.no_grad()
+    def prefix_hidden(self, batch: Batch, depth: int) -> torch.Tensor:
+        return self.module.prefix_hidden(batch.input_ids, batch.attention_mask, depth)
+
+    def frozen_depth(self, names: Sequence[str]) -> int:
+        """How many leading layers no parameter in ``names`` feeds, where this model can run them apart.
+
+        A ZO step perturbs only ``names``, so the output of those layers is the same in both perturbed
+        passes: computing it once saves ``depth / layers`` of one forward per step (a third of the step for a
+        set in the top third of the layers). Only decoders split; the split is checked against the full
+        forward on a probe batch and not used (with a warning) where the two disagree.
+        """
+        if self.kind != "decoder" or not names:
+            return 0
+        depth = min(self.module.layer_of(n) for n in names)
+        if depth == 0:
+            return 0
+        probe = self.collate(self.encode(["a probe.", "a longer probe sentence, checked once."]), np.zeros(2))
+        try:
+            split = self.per_example_loss(probe, self.prefix_hidden(probe, depth), depth)
+        except (AttributeError, TypeError, ValueError) as exc:  # a body without .layers / .norm, or other inputs
+            log.warning("cannot run the first %d layers apart (%s); every pass runs the whole model", depth, exc)
+            return 0
+        if not torch.allclose(split, self.per_example_loss(probe), rtol=1e-5, atol=1e-6):
+            log.warning("the first %d layers run apart do not reproduce the full forward for %s; every pass "
+                        "runs the whole model", depth, self.name)
+            return 0
+        return depth
 
     def synflow_output(self) -> torch.Tensor:
         """R for SynFlow: the summed class scores of an all-ones embedded input (no data involved)."""

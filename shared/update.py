@@ -12,6 +12,7 @@ All writes go through views of the live parameters (``flat[idx] = ...``), never 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
@@ -23,6 +24,8 @@ from shared.selection import TrainableSet
 
 if TYPE_CHECKING:
     from shared.models import TextClassifier
+
+log = logging.getLogger(__name__)
 
 
 class TrainableView:
@@ -125,6 +128,27 @@ class ScoredView(TrainableView):
     def __init__(self, task: TextClassifier, selection: TrainableSet, kind: DirectionKind = "rademacher") -> None:
         super().__init__(task.module, selection, kind)
         self.task = task
+        # Layers below the trainable set see the same weights in every pass of a step: their output is
+        # computed once per batch, between snapshot() and restore(), and reused by both perturbed passes.
+        self.depth = task.frozen_depth(selection.names)
+        self._prefixes: dict[tuple[tuple[int, ...], ...], torch.Tensor] = {}
+        if self.depth:
+            log.info("trainable set starts at layer %d: layers 0-%d run once per batch, not once per pass",
+                     self.depth, self.depth - 1)
+
+    def snapshot(self) -> None:
+        self._prefixes.clear()
+        super().snapshot()
+
+    def restore(self) -> None:
+        super().restore()
+        self._prefixes.clear()
 
     def per_example_loss(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> np.ndarray:
-        return self.task.per_example_loss(self.task.collate(ids, labels)).numpy()
+        batch = self.task.collate(ids, labels)
+        if not self.depth or self._saved is None:
+            return self.task.per_example_loss(batch).numpy()
+        key = tuple(tuple(x) for x in ids)
+        if key not in self._prefixes:
+            self._prefixes[key] = self.task.prefix_hidden(batch, self.depth)
+        return self.task.per_example_loss(batch, self._prefixes[key], self.depth).numpy()

@@ -2,12 +2,13 @@ import numpy as np
 import pytest
 import torch
 
+from client.zo_step import projected_gradients
 from shared.config import ModelConfig
 from shared.digest import model_digest
 from shared.directions import direction_numpy
 from shared.models import load_task_model
 from shared.selection import select_all, select_patterns, select_pruned
-from shared.update import TrainableView
+from shared.update import ScoredView, TrainableView
 from tests.helpers import run_python
 
 
@@ -77,7 +78,8 @@ from shared.config import ModelConfig
 from shared.digest import model_digest
 from shared.models import load_task_model
 from shared.selection import select_pruned
-from shared.update import TrainableView
+from client.zo_step import projected_gradients
+from shared.update import ScoredView, TrainableView
 task = load_task_model(ModelConfig(name="tiny-decoder"))
 sel = select_pruned(task.module, task.synflow_output, 0.05)
 rng = np.random.default_rng(2024)
@@ -132,3 +134,44 @@ def test_view_rejects_a_set_for_another_model(tiny_task):
     other = load_task_model(ModelConfig(name="tiny-decoder" if tiny_task.kind == "encoder" else "tiny-encoder"))
     with pytest.raises(ValueError, match="lacks|shape"):
         TrainableView(tiny_task.module, select_all(other.module))
+
+
+@pytest.mark.parametrize("patterns, depth", [(["*layers.1.mlp*"], 1), (["*layers.1.*", "*.norm.weight"], 1),
+                                             (["*norm*"], 0), (["*layers.1.*", "*embed_tokens*"], 0)])
+def test_frozen_prefix_depth_follows_the_lowest_trainable_layer(tiny_decoder, patterns, depth):
+    view = ScoredView(tiny_decoder, select_patterns(tiny_decoder.module, patterns))
+    assert view.depth == depth
+
+
+def test_encoders_never_split():
+    encoder = load_task_model(ModelConfig(name="tiny-encoder"))
+    assert ScoredView(encoder, select_patterns(encoder.module, ["*layer.1.*"])).depth == 0
+
+
+def test_a_split_that_does_not_reproduce_the_forward_is_not_used(tiny_decoder, monkeypatch, caplog):
+    forward_from = type(tiny_decoder.module).forward_from
+    monkeypatch.setattr(type(tiny_decoder.module), "forward_from",
+                        lambda self, hidden, mask, depth: forward_from(self, hidden * 1.01, mask, depth))
+    assert ScoredView(tiny_decoder, select_patterns(tiny_decoder.module, ["*layers.1.mlp*"])).depth == 0
+    assert "do not reproduce the full forward" in caplog.text
+
+
+def test_a_step_with_the_frozen_prefix_reused_gives_the_full_forward_estimates(tiny_decoder):
+    """The cached lower layers change the cost of a step, not its numbers: same g_i as running every layer
+    twice, weights restored bit for bit, and the cache dropped after the step."""
+    selection = select_patterns(tiny_decoder.module, ["*layers.1.mlp*"])
+    cached, full = ScoredView(tiny_decoder, selection), ScoredView(tiny_decoder, selection)
+    full.depth = 0
+    assert cached.depth == 1
+    rng = np.random.default_rng(0)
+    ids = [list(rng.integers(1000, 2000, size=int(n))) for n in rng.integers(3, 20, size=24)]
+    labels = rng.integers(0, 2, size=24)
+    before = _snapshot(tiny_decoder.module)
+    g_cached, loss_cached = projected_gradients(cached, ids, labels, seed=7, mu=1e-2, microbatch=5)
+    assert len(cached._prefixes) == 0
+    g_full, loss_full = projected_gradients(full, ids, labels, seed=7, mu=1e-2, microbatch=5)
+    np.testing.assert_allclose(g_cached, g_full, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(loss_cached, loss_full, rtol=1e-6)
+    assert np.abs(g_full).max() > 0  # the set matters to the loss: equality is not vacuous
+    after = _snapshot(tiny_decoder.module)
+    assert all(torch.equal(before[k], after[k]) for k in before)
