@@ -2,6 +2,7 @@
 
     python -m simulations.bench_step --json [--models minilm smollm2] [--batch-size 32] [--seq-len 64]
     python -m simulations.bench_step --json --models minilm --onnx-model M.onnx   # on ONNX Runtime, no torch
+    python -m simulations.bench_step --json --models smollm2 --fraction 0.03 --patterns "*layers.2?.mlp*"
 
 Prints one JSON line per model. Ratios (step / forward, training peak / inference peak) are measured in the
 same process, alternating the timed calls, because absolute times on shared machines are noisy.
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -53,7 +54,7 @@ def fixed_batch(task, batch_size: int, seq_len: int) -> list[list[int]]:
     return ids
 
 
-def torch_case(name: str, seq_len: int, fraction: float) -> tuple[Any, Any, dict]:
+def torch_case(name: str, seq_len: int, fraction: float, patterns: Sequence[str] = ()) -> tuple[Any, Any, dict]:
     import torch
 
     from shared.config import ModelConfig
@@ -62,10 +63,12 @@ def torch_case(name: str, seq_len: int, fraction: float) -> tuple[Any, Any, dict
     from shared.update import ScoredView
 
     task = load_task_model(ModelConfig(name=name, max_length=seq_len))
-    selection = select_pruned(task.module, task.synflow_output, fraction)
-    return task, ScoredView(task, selection), {
+    selection = select_pruned(task.module, task.synflow_output, fraction, patterns)
+    view = ScoredView(task, selection)
+    return task, view, {
         "runtime": "torch", "threads": torch.get_num_threads(), "trainable_entries": selection.size,
-        "trainable_fraction": round(selection.fraction_of(task.module), 6)}
+        "trainable_fraction": round(selection.fraction_of(task.module), 6), "patterns": list(patterns),
+        "layers_run_once_per_step": view.depth}
 
 
 def onnx_case(model_path: str) -> tuple[Any, Any, dict]:
@@ -97,8 +100,8 @@ def timed_calls(view: Any, ids: list[list[int]]) -> tuple[Callable[[], None], Ca
 
 
 def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: int,
-          onnx_model: str | None = None) -> dict:
-    task, view, info = onnx_case(onnx_model) if onnx_model else torch_case(name, seq_len, fraction)
+          onnx_model: str | None = None, patterns: Sequence[str] = ()) -> dict:
+    task, view, info = onnx_case(onnx_model) if onnx_model else torch_case(name, seq_len, fraction, patterns)
     if task.max_length != seq_len:
         raise SystemExit(f"{onnx_model} was exported with max_length {task.max_length}, not --seq-len {seq_len}")
     forward, step = timed_calls(view, fixed_batch(task, batch_size, seq_len))
@@ -148,11 +151,17 @@ def step_parser(description: str | None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = step_parser(__doc__)
     parser.add_argument("--onnx-model", help="measure this exported model on ONNX Runtime (one model only)")
+    parser.add_argument("--patterns", nargs="+", default=[],
+                        help="prune within parameters matching these names (torch; e.g. the top layers' MLP, "
+                             "whose lower layers then run once per step)")
     args = parser.parse_args(argv)
     if args.onnx_model and len(args.models) != 1:
         parser.error("--onnx-model measures one model: give exactly one --models name")
+    if args.onnx_model and args.patterns:
+        parser.error("--patterns applies to torch models; an exported model carries its own trainable set")
     for name in args.models:
-        row = bench(name, args.batch_size, args.seq_len, args.fraction, args.repeats, args.onnx_model)
+        row = bench(name, args.batch_size, args.seq_len, args.fraction, args.repeats, args.onnx_model,
+                    args.patterns)
         print(json.dumps(row), flush=True)
     return 0
 
