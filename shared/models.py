@@ -88,10 +88,11 @@ class DecoderClassifier(nn.Module):
 
     @contextmanager
     def _layers(self, span: slice, final_norm: bool) -> Iterator[nn.Module]:
-        """The body restricted to ``layers[span]`` (and, without ``final_norm``, no final norm), for this block.
+        """The body with only ``layers[span]`` (and, without ``final_norm``, no final norm) inside the block.
 
-        Swapping the body's own layer list keeps its mask, position and rotary code; ``split_ok`` checks that
-        the two halves compose to the full forward before anything relies on it.
+        Swapping the body's own layer list keeps its mask, position and rotary code rather than copying them;
+        ``TextClassifier.frozen_depth`` checks that the two halves compose to the full forward before any step
+        relies on it.
         """
         body = getattr(self.lm, self.lm.base_model_prefix)
         layers, norm = body.layers, body.norm
