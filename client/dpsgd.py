@@ -41,7 +41,7 @@ from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier
 from shared.config import ConfigError, DataConfig, ModelConfig
 from shared.models import TextClassifier, load_task_model
 from shared.noise import Noise
-from shared.tasks import LABEL_NAMES, load_sst2
+from shared.tasks import LABEL_NAMES, load_split
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +242,8 @@ def train_first_order(config: FirstOrderConfig, progress: bool = False,
         torch.set_num_threads(config.threads)
     task = load_task_model(config.model)
     trainable = prepare_trainable(task, config.lora_rank, config.lora_alpha)
-    train_split = load_sst2("train", config.data.data_dir).balanced_subset(config.data.train_size, config.data.seed)
-    test_split = load_sst2("test", config.data.data_dir).balanced_subset(config.data.test_size, config.data.seed)
+    train_split = load_split(config.data, "train")
+    test_split = load_split(config.data, "test")
     train_ids, test_ids = task.encode(train_split.sentences), task.encode(test_split.sentences)
     zero_shot = task.accuracy(test_ids, test_split.labels, config.model.microbatch) if config.zero_shot else None
     learner = FirstOrderLearner(task, train_ids, train_split.labels, config, config.steps)

@@ -14,7 +14,7 @@ import numpy as np
 
 from client.node import Partition
 from shared.config import RunConfig
-from shared.tasks import load_sst2
+from shared.tasks import load_split
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def load_partition(config: RunConfig, task: Tokenizes, partition_id: int, num_pa
     if key not in _CACHE:
         from datasets import Dataset
 
-        split = load_sst2("train", config.data.data_dir).balanced_subset(config.data.train_size, config.data.seed)
+        split = load_split(config.data, "train")
         partitioner = _partitioner(config, num_partitions)
         partitioner.dataset = Dataset.from_dict({"sentence": split.sentences, "label": split.labels.tolist()})
         part = partitioner.load_partition(partition_id)

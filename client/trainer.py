@@ -28,7 +28,7 @@ from shared.noise import Noise, SecureRandom
 from shared.noise_search import plan_noise
 from shared.schedule import stages
 from shared.replica import select_trainable
-from shared.tasks import load_sst2
+from shared.tasks import load_split
 from shared.update import ScoredView
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,9 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     task = load_task_model(config.model)
-    train_split = load_sst2("train", config.data.data_dir).balanced_subset(config.data.train_size, config.data.seed)
-    test_split = load_sst2("test", config.data.data_dir).balanced_subset(config.data.test_size, config.data.seed)
-    dev_split = load_sst2("dev", config.data.data_dir).balanced_subset(config.eval.dev_size, config.data.seed)
+    train_split = load_split(config.data, "train")
+    test_split = load_split(config.data, "test")
+    dev_split = load_split(config.data, "dev", config.eval.dev_size)
     train_ids, test_ids, dev_ids = task.encode(train_split.sentences), task.encode(test_split.sentences), \
         task.encode(dev_split.sentences)
     log.info("model %s (%s), %d train / %d test examples", task.name, task.kind, len(train_ids), len(test_ids))

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from client.dpsgd import prepare_trainable, trainable_state
 from client.fedavg import METRICS, TRAINABLE, FedAvgConfig, make_client_app
 from shared.models import load_task_model
-from shared.tasks import load_sst2
+from shared.tasks import load_split
 from shared.wire import wire_bytes
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def run_rounds(config: FedAvgConfig, grid: Grid) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     task = load_task_model(cfg.model)
     trainable = prepare_trainable(task, cfg.lora_rank, cfg.lora_alpha)
-    test = load_sst2("test", cfg.data.data_dir).balanced_subset(cfg.data.test_size, cfg.data.seed)
+    test = load_split(cfg.data, "test")
     test_ids = task.encode(test.sentences)
     zero_shot = task.accuracy(test_ids, test.labels, cfg.model.microbatch)
     rounds = []

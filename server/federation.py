@@ -30,7 +30,7 @@ from shared.accounting import noise_epsilon
 from shared.config import RunConfig
 from shared.proto import PROTOCOL_VERSION, Hyperparameters, Instruction, Reply
 from shared.replica import Replica, config_json
-from shared.tasks import load_sst2
+from shared.tasks import load_split
 from shared.noise import Noise, SecureRandom
 from shared.noise_search import plan_noise
 from shared.wire import PayloadTooLarge, WireError, from_content, to_content, wire_bytes
@@ -76,7 +76,7 @@ class FederatedServer:
         self.steps: Counter[int] = Counter()  # private steps instructed per node (conservative: sent = spent)
         self._resume()
         self.report = RunReport(self.run_dir)
-        dev = load_sst2("dev", config.data.data_dir).balanced_subset(config.eval.dev_size, config.data.seed)
+        dev = load_split(config.data, "dev", config.eval.dev_size)
         self.dev = (self.replica.task.encode(dev.sentences), dev.labels)
 
     # -------------------------------------------------------------------------------------- setup
@@ -284,7 +284,7 @@ class FederatedServer:
 
     def test_accuracy(self) -> float:
         cfg = self.config
-        test = load_sst2("test", cfg.data.data_dir).balanced_subset(cfg.data.test_size, cfg.data.seed)
+        test = load_split(cfg.data, "test")
         return self.replica.task.accuracy(self.replica.task.encode(test.sentences), test.labels, cfg.model.microbatch)
 
     # ------------------------------------------------------------------------------------------- run

@@ -12,8 +12,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from shared.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,13 @@ class Split:
 
     def subset(self, indices: np.ndarray) -> "Split":
         return Split([self.sentences[i] for i in indices], self.labels[indices])
+
+    def with_min_words(self, min_words: int) -> "Split":
+        """The records of at least ``min_words`` words. A rule applied to each record alone, never to the data
+        as a whole, so it costs no privacy: neighbouring data sets stay neighbouring after it."""
+        if min_words <= 0:
+            return self
+        return self.subset(np.flatnonzero([len(s.split()) >= min_words for s in self.sentences]))
 
     def balanced_subset(self, size: int, seed: int) -> "Split":
         """A class-balanced random subset (public seed): size // 2 examples of each label."""
@@ -103,3 +114,15 @@ def load_sst2(split: str, data_dir: str = "") -> Split:
             f"failed ({type(exc).__name__}: {exc}). Set data.data_dir or $SEEDTUNE_DATA to a folder with "
             f"{split}.tsv, or install 'datasets' with network access."
         ) from exc
+
+
+def load_split(data: DataConfig, split: str, size: int | None = None) -> Split:
+    """The examples a run uses from one split: ``data.min_words`` applies to train and dev (the training
+    distribution, e.g. SST-2's phrases), never to test (the benchmark); then a class-balanced subset of ``size``
+    (default: data.train_size or data.test_size; 0 = all)."""
+    loaded = load_sst2(split, data.data_dir)
+    if split != "test":
+        loaded = loaded.with_min_words(data.min_words)
+    if size is None:
+        size = {"train": data.train_size, "test": data.test_size}.get(split, 0)
+    return loaded.balanced_subset(size, data.seed)

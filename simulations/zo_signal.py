@@ -37,7 +37,7 @@ from shared.models import TextClassifier, load_task_model
 from shared.noise import SecureRandom
 from shared.replica import select_trainable
 from shared.selection import TrainableSet
-from shared.tasks import load_sst2
+from shared.tasks import load_split
 from shared.update import ScoredView
 
 
@@ -157,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     if base.threads:
         torch.set_num_threads(base.threads)
     task = load_task_model(base.model)
-    train_size = len(load_sst2("train", base.data.data_dir).balanced_subset(base.data.train_size, base.data.seed))
+    train_size = len(load_split(base.data, "train"))
     plan = plan_privacy(base, train_size)
     noise_var = (plan.noise.std * base.privacy.clip / base.zo.batch_size) ** 2 if plan.noise else 0.0
 
-    dev = load_sst2("dev", base.data.data_dir)
+    dev = load_split(base.data, "dev", 0)
     need = args.grad_examples + args.seeds * base.zo.batch_size
     if need > len(dev.sentences):
         parser.error(f"--grad-examples + seeds x batch = {need} exceeds the dev split's {len(dev.sentences)}")

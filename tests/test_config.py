@@ -21,6 +21,7 @@ def test_toml_file_and_overrides(tmp_path):
     ("privacy.epsilon=-1", "privacy.epsilon must be > 0, got -1"),
     ("privacy.delta=2.0", "privacy.delta must be in (0, 1), got 2.0"),
     ("zo.batch_size=0", "zo.batch_size must be an int >= 1, got 0"),
+    ("data.min_words=-1", "data.min_words must be an int >= 0, got -1"),
     ("zo.mu=nan", "zo.mu must be > 0, got nan"),
     ("zo.direction=uniform", "zo.direction must be one of"),
     ("selection.fraction=1.5", "selection.fraction must be in (0, 1], got 1.5"),

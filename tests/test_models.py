@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from shared.config import ModelConfig
+from shared.config import DataConfig, ModelConfig
 from shared.models import ModelLoadError, load_task_model
-from shared.tasks import load_sst2
+from shared.tasks import load_split, load_sst2
 from tests.helpers import LABELS, SENTENCES
 
 
@@ -49,6 +49,17 @@ def test_local_sst2_splits():
     sub = load_sst2("dev").balanced_subset(101, seed=3)
     assert len(sub) == 101 and abs(int(sub.labels.sum()) - 50) <= 1
     assert sub.sentences == load_sst2("dev").balanced_subset(101, seed=3).sentences
+
+
+def test_min_words_filters_training_splits_but_never_test():
+    data = DataConfig(min_words=10)
+    train, full = load_split(data, "train"), load_sst2("train")
+    assert all(len(s.split()) >= 10 for s in train.sentences)
+    assert len(train) == sum(len(s.split()) >= 10 for s in full.sentences) < len(full)
+    dev = load_split(data, "dev", 100)
+    assert len(dev) == 100 and min(len(s.split()) for s in dev.sentences) >= 10
+    assert load_split(data, "test").sentences == load_sst2("test").sentences  # the benchmark stays whole
+    assert load_split(DataConfig(), "train").sentences == full.sentences
 
 
 def test_missing_data_names_where_it_looked(tmp_path):
