@@ -3,7 +3,9 @@
 The loop reads like the algorithm: pick the trainable set (data-free), calibrate the noise for the whole
 run, then per stage (DP-ZOSO) and step: draw a public seed, estimate a privatised scalar on a Poisson
 batch, apply ``theta += -lr * scalar * z(seed)`` through the same code a replaying server uses, pull towards
-the stage anchor, and record the step with the accountant.
+the stage anchor, and record the step with the accountant. Each (seed, coeff) also goes into the run's ledger,
+the same hash-chained history a federation keeps, so ``seedtune replay`` rebuilds the finetuned model from the
+base weights in seconds (where the run is such a history: one trainable set and no proximal pull).
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ import torch
 from tqdm.auto import tqdm
 
 from client.zo_step import zo_step
+from server.ledger import Ledger
 from shared.accounting import PrivacyAccountant
 from shared.config import ConfigError, RunConfig
+from shared.digest import model_digest
 from shared.directions import seed_stream
-from shared.models import load_task_model
+from shared.models import TextClassifier, load_task_model
 from shared.noise import Noise, SecureRandom
 from shared.noise_search import plan_noise
 from shared.schedule import stages
-from shared.replica import select_trainable
+from shared.selection import TrainableSet
+from shared.replica import ledger_header, select_trainable
 from shared.tasks import load_split
 from shared.update import ScoredView
 
@@ -49,6 +54,32 @@ def plan_privacy(config: RunConfig, train_size: int) -> PrivacyPlan:
     if not config.privacy.enabled:
         return PrivacyPlan(q, None, steps)
     return PrivacyPlan(q, plan_noise(config.privacy, q, steps), steps)
+
+
+LEDGER_FILE = "ledger.sqlite"
+
+
+def _not_a_ledger(config: RunConfig) -> str | None:
+    """Why this run's weights are not base + sum of coeff * z(seed) over one trainable set, if they are not."""
+    if config.schedule.prox > 0:
+        return f"schedule.prox {config.schedule.prox} pulls the weights outside the (seed, coeff) history"
+    if config.selection.mode == "prune" and config.selection.strategy != "static":
+        return f"selection.strategy {config.selection.strategy!r} changes the trainable set between stages"
+    return None
+
+
+def _create_ledger(config: RunConfig, task: TextClassifier, selection: TrainableSet, noise: Noise | None,
+                   out_dir: Path) -> Ledger | None:
+    reason = _not_a_ledger(config)
+    if reason is not None:
+        log.warning("no ledger for this run (%s): its model cannot be rebuilt with seedtune replay", reason)
+        return None
+    path = out_dir / LEDGER_FILE
+    for old in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if old.exists():
+            log.warning("replacing %s from an earlier run in the same folder", old)
+            old.unlink()
+    return Ledger.create(path, ledger_header(config, model_digest(task.module), selection.digest(), noise))
 
 
 def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], object] | None = None
@@ -82,7 +113,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     seeds = seed_stream(config.zo.seed) if config.zo.seed else iter(rng.seed64, None)
     accountant = PrivacyAccountant()
     metrics_path = out_dir / "metrics.jsonl"
-    selection = None
+    selection = ledger = None
     bar = tqdm(total=plan.steps, desc="DP-ZO" if private else "MeZO", unit="step", disable=not progress)
     loop_start = None  # set at the first step, after the first trainable set is chosen (pruning is setup)
     with metrics_path.open("w", buffering=1) as metrics:  # line-buffered: readable while training
@@ -98,6 +129,8 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                 view = ScoredView(task, selection, config.zo.direction)
                 log.info("stage %d: %d trainable entries (%.3f%%), digest %s", stage.index, selection.size,
                          100 * selection.fraction_of(task.module), selection.digest()[:16])
+                if stage.index == 0:
+                    ledger = _create_ledger(config, task, selection, plan.noise, out_dir)
             anchor = view.values() if config.schedule.prox > 0 else None
             for t in range(stage.first_step, stage.first_step + stage.steps):
                 if loop_start is None:
@@ -111,6 +144,8 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                 )
                 coeff = float(np.float32(-stage.lr * result.scalar))
                 view.apply(result.seed, coeff)
+                if ledger is not None:
+                    ledger.commit_round(t + 1, [(result.seed, coeff, 0)])
                 if anchor is not None:
                     view.pull_towards(anchor, stage.lr * config.schedule.prox)
                 if private:
@@ -125,6 +160,8 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                 metrics.write(json.dumps(row) + "\n")
     bar.close()
     train_s = time.perf_counter() - loop_start
+    if ledger is not None:
+        ledger.close()
 
     test_accuracy = task.accuracy(test_ids, test_split.labels, config.model.microbatch, progress)
     epsilon = accountant.epsilon(config.privacy.delta) if private else None  # non-private: no guarantee
@@ -147,6 +184,9 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         "train_s": round(train_s, 3),
         "wall_s": round(time.time() - start, 2),
         "out_dir": str(out_dir),
+        # With a ledger: `seedtune replay <ledger> --out DIR` rebuilds the model; its model_digest equals this one.
+        "ledger": str(out_dir / LEDGER_FILE) if ledger is not None else None,
+        "model_digest": model_digest(task.module) if ledger is not None else None,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("replay", help="rebuild the finetuned model from its ledger; prints a JSON line")
-    p.add_argument("ledger", help="ledger.sqlite of a federated run")
+    p.add_argument("ledger", help="ledger.sqlite of a federated run or of a seedtune train run")
     p.add_argument("--out", help="write the model as a Hugging Face folder here")
     p.set_defaults(func=_replay)
 
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export_onnx)
 
     p = sub.add_parser("verify", help="check a ledger's hash chain and round bookkeeping; prints a JSON line")
-    p.add_argument("ledger", help="ledger.sqlite of a federated run")
+    p.add_argument("ledger", help="ledger.sqlite of a federated run or of a seedtune train run")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("noise-search", help="least-variance noise for the private scalar at a guarantee (cached)")

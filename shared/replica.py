@@ -39,6 +39,17 @@ def config_json(config: RunConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
+def ledger_header(config: RunConfig, base_digest: str, trainable_digest: str, noise: Noise | None) -> LedgerHeader:
+    """What a ledger pins so that any node can rebuild its base replica: the model and trainable-set digests and
+    the whole configuration (a federation's server and a centralized run write the same header)."""
+    return LedgerHeader(
+        format_version=LEDGER_FORMAT_VERSION, base_model_digest=base_digest, trainable_digest=trainable_digest,
+        config_json=config_json(config), direction=config.zo.direction, noise=noise.family if noise else "none",
+        noise_multiplier=noise.sigma if noise else 0.0, noise_params=noise.to_json() if noise else "",
+        created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+
+
 class Replica(LedgerFollower):
     def __init__(self, config: RunConfig, task: TextClassifier | None = None,
                  selection: TrainableSet | None = None, base_digest: str | None = None) -> None:
@@ -56,13 +67,7 @@ class Replica(LedgerFollower):
 
     # ---------------------------------------------------------------------------------------- header
     def make_header(self, noise: Noise | None) -> LedgerHeader:
-        return LedgerHeader(
-            format_version=LEDGER_FORMAT_VERSION, base_model_digest=self.base_digest,
-            trainable_digest=self.trainable_digest, config_json=config_json(self.config),
-            direction=self.config.zo.direction, noise=noise.family if noise else "none",
-            noise_multiplier=noise.sigma if noise else 0.0, noise_params=noise.to_json() if noise else "",
-            created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        )
+        return ledger_header(self.config, self.base_digest, self.trainable_digest, noise)
 
     @classmethod
     def from_header(cls, header: LedgerHeader, cache_dir: Path | None = None) -> "Replica":

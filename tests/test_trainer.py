@@ -42,3 +42,36 @@ def test_bad_config_fails_with_a_clear_error(tmp_path, override, message):
                     "-s", "data.train_size=100", "-s", override)
     assert out.returncode == 2
     assert message in out.stderr
+
+
+def test_replaying_the_run_ledger_rebuilds_the_trained_model(tmp_path):
+    from client.trainer import train
+    from server.ledger import Ledger
+    from server.replay import replay
+    from shared.config import load_config
+    from shared.digest import model_digest
+    from shared.models import load_task_model
+
+    config = load_config(overrides={"model.name": "tiny-decoder", "schedule.stage_steps": [4, 3], "eval.every": 0,
+                                    "data.train_size": 400, "data.test_size": 32, "out_dir": str(tmp_path / "run")})
+    summary = train(config, progress=False)
+    ledger = Ledger.open(summary["ledger"])
+    try:
+        assert len(ledger) == ledger.verify() == 7 and ledger.last_round == 7
+        assert any(e.coeff != 0.0 for e in ledger.entries())
+    finally:
+        ledger.close()
+    rebuilt = replay(summary["ledger"])
+    assert rebuilt["entries"] == 7 and rebuilt["model_digest"] == summary["model_digest"]
+    assert model_digest(load_task_model(config.model).module) != summary["model_digest"]  # training moved it
+
+
+def test_runs_outside_the_ledger_model_say_so(tmp_path):
+    from client.trainer import train
+    from shared.config import load_config
+
+    config = load_config(overrides={"model.name": "tiny-decoder", "schedule.stage_steps": [2], "eval.every": 0,
+                                    "schedule.prox": 0.1, "data.train_size": 200, "data.test_size": 16,
+                                    "out_dir": str(tmp_path / "run")})
+    summary = train(config, progress=False)
+    assert summary["ledger"] is None and not (tmp_path / "run" / "ledger.sqlite").exists()
