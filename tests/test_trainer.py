@@ -66,6 +66,25 @@ def test_replaying_the_run_ledger_rebuilds_the_trained_model(tmp_path):
     assert model_digest(load_task_model(config.model).module) != summary["model_digest"]  # training moved it
 
 
+def test_ledger_eval_scores_base_tail_means_and_last_state(tmp_path, capsys):
+    from client.trainer import train
+    from shared.config import load_config
+    from simulations.ledger_eval import main, tail_weight
+
+    assert [tail_weight(t, 4, 2) for t in range(4)] == [1.0, 1.0, 1.0, 0.5]  # mean of theta_3 and theta_4
+    config = load_config(overrides={"model.name": "tiny-decoder", "schedule.stage_steps": [5], "eval.every": 0,
+                                    "data.train_size": 400, "data.test_size": 48, "out_dir": str(tmp_path / "run")})
+    summary = train(config, progress=False)
+    assert main([summary["ledger"], "--tail", "1", "5", "--dev-size", "32", "--json"]) == 0
+    base, tail1, tail5, last = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert base["test_accuracy"] == summary["zero_shot_accuracy"]
+    assert last["test_accuracy"] == summary["test_accuracy"] and last["model"] == "last state (5 entries)"
+    assert {k: v for k, v in tail1.items() if k != "model"} == {k: v for k, v in last.items() if k != "model"}
+    assert 0.0 <= tail5["dev_predicted_positive"] <= 1.0 and last["dev_positive"] == 0.5
+    with pytest.raises(SystemExit):
+        main([summary["ledger"], "--tail", "6"])
+
+
 def test_runs_outside_the_ledger_model_say_so(tmp_path):
     from client.trainer import train
     from shared.config import load_config

@@ -1,0 +1,92 @@
+"""Diagnostic: what a finetuned model (a run's ledger) gets right and wrong, and whether averaging helps.
+
+    python -m simulations.ledger_eval runs/<run>/ledger.sqlite --tail 100 250 --json
+
+Replays the ledger onto its base model and prints one line per model: the base model (zero-shot), the ledger's
+last state, and for each ``--tail W`` the mean of the iterates after the last W entries. For each it reports
+accuracy and the share of examples predicted positive on the test split and on a dev subset, next to the true
+share: a model that calls too few sentences positive shows it here, where a single accuracy hides it.
+
+The tail average is post-processing of a released history (no privacy spent): the mean of the iterates
+theta_{T-W+1}..theta_T equals the base plus every entry's coeff * z, with the entry at position t >= T - W
+scaled by (T - t) / W. It is built directly on the trainable view, so it is not a ledger state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from server.ledger import Ledger
+from server.replay import replay_ledger
+from shared.tasks import load_split
+
+
+def tail_weight(position: int, total: int, window: int) -> float:
+    """Weight of entry ``position`` (0-based) in the mean of the last ``window`` of ``total`` iterates."""
+    return 1.0 if position < total - window else (total - position) / window
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m simulations.ledger_eval", description=__doc__.split("\n")[0])
+    ap.add_argument("ledger", help="ledger.sqlite of a seedtune train run or a federation")
+    ap.add_argument("--tail", type=int, nargs="*", default=[], help="also evaluate the mean of the last W iterates")
+    ap.add_argument("--dev-size", type=int, default=512, help="dev examples (class-balanced subset; 0 = all)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    replica, info = replay_ledger(args.ledger)
+    ledger = Ledger.open(args.ledger)
+    try:
+        entries = list(ledger.entries())
+    finally:
+        ledger.close()
+    for window in args.tail:
+        if not 1 <= window <= len(entries):
+            ap.error(f"--tail {window}: must be between 1 and the ledger's {len(entries)} entries")
+    task, cfg = replica.task, replica.config
+    splits = {"test": load_split(cfg.data, "test"), "dev": load_split(cfg.data, "dev", args.dev_size)}
+    encoded = {name: (task.encode(split.sentences), split.labels) for name, split in splits.items()}
+    final_values, final_version, final_head = replica.values(), replica.version, replica.head
+
+    def evaluate(name: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"model": name}
+        for split, (ids, labels) in encoded.items():
+            predicted = task.predictions(ids, cfg.model.microbatch)
+            row[f"{split}_accuracy"] = float((predicted == labels).mean())
+            row[f"{split}_predicted_positive"] = float(predicted.mean())
+            row[f"{split}_positive"] = float(labels.mean())
+        return row
+
+    rows = []
+    replica.reset()
+    rows.append(evaluate("base"))
+    for window in args.tail:
+        replica.reset()
+        for t, e in enumerate(entries):
+            replica.view.apply(e.seed, float(np.float32(e.coeff * tail_weight(t, len(entries), window))))
+        rows.append(evaluate(f"mean of the last {window} iterates"))
+    replica.load_values(final_values, final_version, final_head)
+    rows.append(evaluate(f"last state ({final_version} entries)"))
+
+    for row in rows:
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"{row['model']:<36} test {100 * row['test_accuracy']:5.1f}% "
+                  f"(positive {100 * row['test_predicted_positive']:4.1f}% vs {100 * row['test_positive']:4.1f}%)  "
+                  f"dev {100 * row['dev_accuracy']:5.1f}% "
+                  f"(positive {100 * row['dev_predicted_positive']:4.1f}% vs {100 * row['dev_positive']:4.1f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
