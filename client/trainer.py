@@ -165,6 +165,8 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
 
     test_accuracy = task.accuracy(test_ids, test_split.labels, config.model.microbatch, progress)
     epsilon = accountant.epsilon(config.privacy.delta) if private else None  # non-private: no guarantee
+    # With a ledger, `seedtune replay <ledger> --out DIR` rebuilds this model: the same model_digest.
+    digest = model_digest(task.module) if ledger is not None else None
     summary = {
         "model": task.name,
         "task": config.data.task,
@@ -184,9 +186,8 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         "train_s": round(train_s, 3),
         "wall_s": round(time.time() - start, 2),
         "out_dir": str(out_dir),
-        # With a ledger: `seedtune replay <ledger> --out DIR` rebuilds the model; its model_digest equals this one.
         "ledger": str(out_dir / LEDGER_FILE) if ledger is not None else None,
-        "model_digest": model_digest(task.module) if ledger is not None else None,
+        "model_digest": digest,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
