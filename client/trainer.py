@@ -103,13 +103,14 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
 
     plan = plan_privacy(config, len(train_ids))
     private = config.privacy.enabled
-    log.info("sampling rate %.3g, %d steps, noise %s", plan.sample_rate, plan.steps,
-             plan.noise.describe() if plan.noise else "none")
+    log.info("sampling rate %.3g, %d steps of %d direction(s), noise %s", plan.sample_rate, plan.steps,
+             config.zo.directions, plan.noise.describe() if plan.noise else "none")
 
     zero_shot = task.accuracy(test_ids, test_split.labels, config.model.microbatch, progress)
     log.info("zero-shot test accuracy %.4f", zero_shot)
 
     rng = SecureRandom()
+    directions = config.zo.directions
     seeds = seed_stream(config.zo.seed) if config.zo.seed else iter(rng.seed64, None)
     accountant = PrivacyAccountant()
     metrics_path = out_dir / "metrics.jsonl"
@@ -138,14 +139,16 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                         on_loop_start()
                     loop_start = time.perf_counter()  # the steps alone (dev evaluations included, if any)
                 result = zo_step(
-                    view, train_ids, train_split.labels, seed=next(seeds), mu=stage.mu,
-                    sample_rate=plan.sample_rate, microbatch=config.model.microbatch, rng=rng,
+                    view, train_ids, train_split.labels, seeds=[next(seeds) for _ in range(directions)],
+                    mu=stage.mu, sample_rate=plan.sample_rate, microbatch=config.model.microbatch, rng=rng,
                     clip=config.privacy.clip if private else None, noise=plan.noise,
                 )
-                coeff = float(np.float32(-stage.lr * result.scalar))
-                view.apply(result.seed, coeff)
+                # theta += -lr * mean_k(scalar_k * z_k): one ledger entry per direction, applied in order
+                coeffs = [float(np.float32(-stage.lr * s / directions)) for s in result.scalars]
+                for seed, coeff in zip(result.seeds, coeffs):
+                    view.apply(seed, coeff)
                 if ledger is not None:
-                    ledger.commit_round(t + 1, [(result.seed, coeff, 0)])
+                    ledger.commit_round(t + 1, [(seed, coeff, 0) for seed, coeff in zip(result.seeds, coeffs)])
                 if anchor is not None:
                     view.pull_towards(anchor, stage.lr * config.schedule.prox)
                 if private:
@@ -153,7 +156,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                 bar.update(1)
                 bar.set_postfix(stage=stage.index, loss=f"{result.loss:.3f}")
                 row = {"step": t + 1, "stage": stage.index, "batch": result.batch_size, "clipped": result.clipped,
-                       "loss": result.loss, "coeff": coeff}
+                       "loss": result.loss, "coeff": coeffs[0] if directions == 1 else coeffs}
                 if config.eval.every and (t + 1) % config.eval.every == 0 and len(dev_ids):
                     row["dev_accuracy"] = task.accuracy(dev_ids, dev_split.labels, config.model.microbatch)
                     bar.write(f"step {t + 1}: dev accuracy {row['dev_accuracy']:.4f}")
@@ -171,6 +174,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         "model": task.name,
         "task": config.data.task,
         "steps": plan.steps,
+        "directions_per_step": config.zo.directions,
         "epsilon": epsilon,
         "delta": config.privacy.delta if private else None,
         "noise": plan.noise.family if plan.noise else None,

@@ -6,6 +6,11 @@ For a public direction z(seed), each example i gives the symmetric two-point est
 and dividing by the *expected* batch size q n (not the realised one) keeps the sensitivity data-independent
 under Poisson sampling. The caller turns the scalar into the update ``theta += (-lr * scalar) * z``.
 
+With K > 1 directions per step (``zo.directions``) the K estimates share one unperturbed pass: example i gives
+the vector ``g_i[k] = (L_i(theta + mu z_k) - L_i(theta)) / mu``, K + 1 forward passes instead of 2K, clipped
+to L2 norm C as a whole. The released K-vector is then one Gaussian mechanism of L2 sensitivity C, accounted
+exactly like the single scalar, and the update averages the K directions.
+
 The step is written against :class:`ZoModel`, so the same code (sampling, clipping, noise) runs on torch
 (:class:`shared.update.ScoredView`) and on ONNX Runtime (:class:`client.onnx_runtime.OnnxView`); this module
 imports no torch.
@@ -42,11 +47,23 @@ class ZoModel(Protocol):
 
 @dataclass(frozen=True)
 class StepResult:
-    seed: int
-    scalar: float  # privatised (or, without privacy, plain mean) projected gradient
+    seeds: tuple[int, ...]
+    scalars: tuple[float, ...]  # privatised (or, without privacy, plain mean) projected gradients, one per seed
     batch_size: int  # realised Poisson batch size
     clipped: int  # examples whose estimate was clipped
-    loss: float  # mean unperturbed-loss proxy (L+ + L-) / 2 over the batch: local monitoring only
+    loss: float  # mean unperturbed-loss proxy over the batch: local monitoring only
+
+
+def _length_batches(ids: Sequence[Sequence[int]], labels: np.ndarray, microbatch: int
+                    ) -> tuple[np.ndarray, list[tuple[list[Sequence[int]], np.ndarray]]]:
+    """Rows grouped by length into microbatches (less padding, same values), and the order that sorted them."""
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    return order, [([ids[i] for i in order[s : s + microbatch]], labels[order[s : s + microbatch]])
+                   for s in range(0, len(ids), microbatch)]
+
+
+def _losses(model: ZoModel, batches: list[tuple[list[Sequence[int]], np.ndarray]]) -> np.ndarray:
+    return np.concatenate([model.per_example_loss(*b) for b in batches])
 
 
 def projected_gradients(
@@ -57,23 +74,17 @@ def projected_gradients(
     mu: float,
     microbatch: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example two-point estimates g_i (float64) and mean losses (L+ + L-)/2, weights restored exactly.
-
-    Rows are grouped by length into microbatches (less padding, same values) and results returned in the
-    caller's order.
-    """
-    n = len(ids)
-    if n == 0:
+    """Per-example two-point estimates g_i (float64) and mean losses (L+ + L-)/2, weights restored exactly,
+    in the caller's order."""
+    if len(ids) == 0:
         return np.zeros(0), np.zeros(0, dtype=np.float32)
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    batches = [([ids[i] for i in order[s : s + microbatch]], labels[order[s : s + microbatch]])
-               for s in range(0, n, microbatch)]
+    order, batches = _length_batches(ids, labels, microbatch)
     model.snapshot()
     try:
         model.perturb(seed, mu)
-        plus = np.concatenate([model.per_example_loss(*b) for b in batches])
+        plus = _losses(model, batches)
         model.perturb(seed, -mu)
-        minus = np.concatenate([model.per_example_loss(*b) for b in batches])
+        minus = _losses(model, batches)
     finally:
         model.restore()
     unsort = np.argsort(order)
@@ -81,14 +92,53 @@ def projected_gradients(
     return g[unsort], ((plus + minus) / 2)[unsort]
 
 
+def one_sided_gradients(
+    model: ZoModel,
+    ids: Sequence[Sequence[int]],
+    labels: np.ndarray,
+    seeds: Sequence[int],
+    mu: float,
+    microbatch: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example one-sided estimates along each seed's direction, shape (n, K) float64, and the unperturbed
+    losses; K + 1 passes over the batch, weights restored exactly, in the caller's order."""
+    if len(ids) == 0:
+        return np.zeros((0, len(seeds))), np.zeros(0, dtype=np.float32)
+    order, batches = _length_batches(ids, labels, microbatch)
+    model.snapshot()
+    try:
+        center = _losses(model, batches)
+        moved = []
+        for seed in seeds:
+            model.perturb(seed, mu)
+            moved.append(_losses(model, batches))
+    finally:
+        model.restore()
+    unsort = np.argsort(order)
+    g = (np.stack(moved, axis=1).astype(np.float64) - center.astype(np.float64)[:, None]) / mu
+    return g[unsort], center[unsort]
+
+
+def privatize_vectors(
+    g: np.ndarray, clip: float, expected_batch: float, noise: Noise | None, rng: SecureRandom
+) -> tuple[np.ndarray, int]:
+    """Clip each example's row of ``g`` (n, K) to L2 norm C, sum, add C times K draws of the (sensitivity-1)
+    noise, divide by the expected batch; also returns how many rows were clipped."""
+    g = np.asarray(g, dtype=np.float64)
+    norms = np.linalg.norm(g, axis=1)
+    scale = np.minimum(1.0, clip / np.maximum(norms, np.finfo(np.float64).tiny))
+    total = (g * scale[:, None]).sum(axis=0)
+    if noise is not None:
+        total = total + clip * np.asarray(noise.sample(rng, g.shape[1]), dtype=np.float64)
+    return total / expected_batch, int((norms > clip).sum())
+
+
 def privatize(
     g: np.ndarray, clip: float, expected_batch: float, noise: Noise | None, rng: SecureRandom
 ) -> tuple[float, int]:
-    """Clip each estimate to [-C, C], sum, add C times the (sensitivity-1) noise, divide by the expected batch."""
-    g = np.asarray(g, dtype=np.float64)
-    clipped = np.clip(g, -clip, clip)
-    total = float(clipped.sum()) + (clip * float(noise.sample(rng, 1)[0]) if noise is not None else 0.0)
-    return total / expected_batch, int((np.abs(g) > clip).sum())
+    """The single-direction case: clip each estimate to [-C, C], sum, add noise, divide by the expected batch."""
+    total, clipped = privatize_vectors(np.asarray(g, dtype=np.float64)[:, None], clip, expected_batch, noise, rng)
+    return float(total[0]), clipped
 
 
 def zo_step(
@@ -96,7 +146,7 @@ def zo_step(
     train_ids: Sequence[Sequence[int]],
     train_labels: np.ndarray,
     *,
-    seed: int,
+    seeds: Sequence[int],
     mu: float,
     sample_rate: float,
     microbatch: int,
@@ -104,13 +154,20 @@ def zo_step(
     clip: float | None,
     noise: Noise | None,
 ) -> StepResult:
-    """A full step's estimate on a Poisson sample; ``clip=None`` is the non-private MeZO estimate."""
+    """A full step's estimates on a Poisson sample, one per seed (one seed: the symmetric two-point estimate;
+    several: one-sided estimates sharing the unperturbed pass); ``clip=None`` is the non-private MeZO estimate."""
+    if not seeds:
+        raise ValueError("a ZO step needs at least one direction seed")
     rows = rng.poisson_sample(len(train_ids), sample_rate)
-    g, losses = projected_gradients(
-        model, [train_ids[i] for i in rows], train_labels[rows], seed, mu, microbatch
-    )
-    if clip is None:
-        scalar, clipped = (float(g.mean()) if len(g) else 0.0), 0
+    ids, labels = [train_ids[i] for i in rows], train_labels[rows]
+    if len(seeds) == 1:
+        g, losses = projected_gradients(model, ids, labels, seeds[0], mu, microbatch)
+        g = g[:, None]
     else:
-        scalar, clipped = privatize(g, clip, sample_rate * len(train_ids), noise, rng)
-    return StepResult(seed, scalar, len(rows), clipped, float(losses.mean()) if len(losses) else float("nan"))
+        g, losses = one_sided_gradients(model, ids, labels, seeds, mu, microbatch)
+    if clip is None:
+        scalars, clipped = (g.mean(axis=0) if len(g) else np.zeros(len(seeds))), 0
+    else:
+        scalars, clipped = privatize_vectors(g, clip, sample_rate * len(train_ids), noise, rng)
+    return StepResult(tuple(seeds), tuple(float(s) for s in scalars), len(rows), clipped,
+                      float(losses.mean()) if len(losses) else float("nan"))

@@ -27,7 +27,7 @@ import numpy as np
 from flwr.app import Message
 
 from shared.accounting import noise_epsilon
-from shared.config import RunConfig
+from shared.config import ConfigError, RunConfig
 from shared.proto import PROTOCOL_VERSION, Hyperparameters, Instruction, Reply
 from shared.replica import Replica, config_json
 from shared.tasks import load_split
@@ -62,6 +62,9 @@ class RoundPlan:
 
 class FederatedServer:
     def __init__(self, config: RunConfig, grid: Any, run_dir: str | Path, replica: Replica | None = None) -> None:
+        if config.zo.directions != 1:  # the wire carries one scalar per instructed seed
+            raise ConfigError(f"zo.directions {config.zo.directions}: a federation runs one direction per step; "
+                              "several directions per step are a seedtune train option")
         self.config = config
         self.grid = grid
         self.run_dir = Path(run_dir)

@@ -84,6 +84,9 @@ class ZOConfig:
     mu: float = 1e-3  # smoothing scale of the two-point estimate
     direction: str = "rademacher"
     seed: int = 0  # 0: fresh direction seeds from the CSPRNG; else a public, reproducible stream from this seed
+    # Directions per step. 1: DPZero's symmetric two-point estimate (2 passes). K > 1: one-sided estimates
+    # sharing one unperturbed pass (K + 1 passes), the per-example K-vector clipped in L2 (seedtune train only).
+    directions: int = 1
 
     def validate(self) -> None:
         _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "zo.batch_size", "must be an int >= 1",
@@ -94,6 +97,8 @@ class ZOConfig:
                  self.direction)
         _require(isinstance(self.seed, int) and 0 <= self.seed < 2**64, "zo.seed", "must be an int in [0, 2^64)",
                  self.seed)
+        _require(isinstance(self.directions, int) and self.directions >= 1, "zo.directions", "must be an int >= 1",
+                 self.directions)
 
 
 @dataclass
@@ -235,6 +240,11 @@ class RunConfig:
             if dataclasses.is_dataclass(value):
                 value.validate()
         _require(isinstance(self.threads, int) and self.threads >= 0, "threads", "must be an int >= 0", self.threads)
+        # K noisy scalars released together are one mechanism of L2 sensitivity C: accounted as one scalar for
+        # the Gaussian only (K independent Laplace or LMO draws would need an accounting of their own).
+        _require(self.zo.directions == 1 or not self.privacy.enabled or self.privacy.noise == "gaussian",
+                 "zo.directions", f"> 1 needs privacy.noise = 'gaussian' (got {self.privacy.noise!r})",
+                 self.zo.directions)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import client.app as client_app
 from server.federation import FederatedServer
 from shared.accounting import noise_epsilon
 from server.ledger import Ledger
-from shared.config import load_config
+from shared.config import ConfigError, load_config
 from shared.digest import tensor_digest
 from shared.proto import Instruction, Reply
 from shared.wire import from_content, to_content
@@ -147,6 +147,12 @@ def test_a_client_refuses_work_beyond_its_own_budget(tmp_path):
     assert row["rejected_by_kind"] == {"refused": 1} and row["accepted"] == NODES - 1
     frugal = grid.get_node_ids()[0]
     assert frugal not in {e.node for e in server.ledger.entries()}
+
+
+def test_a_federation_refuses_several_directions_per_step_before_touching_anything(tmp_path):
+    with pytest.raises(ConfigError, match="zo.directions 3"):
+        FederatedServer(fed_config(tmp_path / "run", **{"zo.directions": 3}), InProcessGrid(NODES), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_server_stops_a_node_at_its_budget(tmp_path):

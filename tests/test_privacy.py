@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
 
-from client.zo_step import privatize, zo_step
+from client.zo_step import privatize, privatize_vectors, zo_step
 from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, gaussian_step, pld_epsilon
 from shared.noise import Noise, SecureRandom
 from shared.selection import select_pruned
@@ -27,19 +27,34 @@ def test_privatized_scalar_has_the_calibrated_std_on_the_mean():
     assert privatize(g, clip, expected_batch, None, rng)[1] == 2
 
 
+def test_several_directions_clip_each_example_vector_in_l2_and_noise_each_coordinate():
+    rng = SecureRandom()
+    g = np.array([[3.0, 4.0], [0.3, -0.4], [-30.0, 0.0]])  # norms 5, 0.5, 30: two exceed the clip
+    clip, sigma, expected_batch = 2.0, 0.7, 4.0
+    exact, clipped = privatize_vectors(g, clip, expected_batch, None, rng)
+    assert clipped == 2
+    np.testing.assert_allclose(exact, (np.array([1.2, 1.6]) + [0.3, -0.4] + [-2.0, 0.0]) / expected_batch)
+    out = np.array([privatize_vectors(g, clip, expected_batch, Noise.gaussian(sigma), rng)[0] for _ in range(20_000)])
+    np.testing.assert_allclose(out.mean(axis=0), exact, atol=0.01)
+    np.testing.assert_allclose(out.std(axis=0), sigma * clip / expected_batch, rtol=0.03)
+    assert abs(np.corrcoef(out.T)[0, 1]) < 0.03  # independent draws per direction
+    # One direction: the L2 clip of a 1-vector is the [-C, C] clip of the scalar.
+    assert privatize(g[:, 0], clip, expected_batch, None, rng)[0] == pytest.approx((2.0 + 0.3 - 2.0) / 4.0)
+
+
 def test_noise_is_not_a_function_of_the_direction_seed(tiny_decoder):
     task = tiny_decoder
     view = ScoredView(task, select_pruned(task.module, task.synflow_output, 0.05))
     ids = task.encode(SENTENCES)
-    kwargs = dict(seed=1234, mu=1e-3, sample_rate=1.0, microbatch=4, rng=SecureRandom(), clip=1.0,
+    kwargs = dict(seeds=(1234,), mu=1e-3, sample_rate=1.0, microbatch=4, rng=SecureRandom(), clip=1.0,
                   noise=Noise.gaussian(1.0))
     a = zo_step(view, ids, LABELS, **kwargs)
     b = zo_step(view, ids, LABELS, **kwargs)
-    assert a.seed == b.seed and a.batch_size == b.batch_size == len(SENTENCES)
-    assert a.scalar != b.scalar  # same public seed, same data: only the secret noise differs
+    assert a.seeds == b.seeds and a.batch_size == b.batch_size == len(SENTENCES)
+    assert a.scalars != b.scalars  # same public seed, same data: only the secret noise differs
     c = zo_step(view, ids, LABELS, **{**kwargs, "noise": None})
     d = zo_step(view, ids, LABELS, **{**kwargs, "noise": None})
-    assert c.scalar == d.scalar  # without noise the estimate is deterministic
+    assert c.scalars == d.scalars  # without noise the estimate is deterministic
 
 
 def test_poisson_sampling_rate():

@@ -36,15 +36,18 @@ def test_non_private_mezo_mode_reports_no_epsilon(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [("privacy.clip=0", "privacy.clip must be > 0"),
-                                              ("zo.batch_size=100000", "exceeds the training set size")])
+                                              ("zo.batch_size=100000", "exceeds the training set size"),
+                                              ("zo.directions=0", "zo.directions must be an int >= 1"),
+                                              ("privacy.noise=laplace", "zo.directions > 1 needs privacy.noise")])
 def test_bad_config_fails_with_a_clear_error(tmp_path, override, message):
     out = _seedtune("train", "--no-progress", "--out", str(tmp_path / "run"), "-s", "model.name=tiny-decoder",
-                    "-s", "data.train_size=100", "-s", override)
+                    "-s", "data.train_size=100", "-s", "zo.directions=2", "-s", override)
     assert out.returncode == 2
     assert message in out.stderr
 
 
-def test_replaying_the_run_ledger_rebuilds_the_trained_model(tmp_path):
+@pytest.mark.parametrize("directions", [1, 3])
+def test_replaying_the_run_ledger_rebuilds_the_trained_model(tmp_path, directions):
     from client.trainer import train
     from server.ledger import Ledger
     from server.replay import replay
@@ -53,16 +56,19 @@ def test_replaying_the_run_ledger_rebuilds_the_trained_model(tmp_path):
     from shared.models import load_task_model
 
     config = load_config(overrides={"model.name": "tiny-decoder", "schedule.stage_steps": [4, 3], "eval.every": 0,
-                                    "data.train_size": 400, "data.test_size": 32, "out_dir": str(tmp_path / "run")})
+                                    "data.train_size": 400, "data.test_size": 32, "zo.directions": directions,
+                                    "out_dir": str(tmp_path / "run")})
     summary = train(config, progress=False)
+    assert summary["directions_per_step"] == directions
     ledger = Ledger.open(summary["ledger"])
-    try:
-        assert len(ledger) == ledger.verify() == 7 and ledger.last_round == 7
-        assert any(e.coeff != 0.0 for e in ledger.entries())
+    try:  # one entry per direction, one round per step
+        assert len(ledger) == ledger.verify() == 7 * directions and ledger.last_round == 7
+        entries = list(ledger.entries())
+        assert any(e.coeff != 0.0 for e in entries) and len({e.seed for e in entries}) == 7 * directions
     finally:
         ledger.close()
     rebuilt = replay(summary["ledger"])
-    assert rebuilt["entries"] == 7 and rebuilt["model_digest"] == summary["model_digest"]
+    assert rebuilt["entries"] == 7 * directions and rebuilt["model_digest"] == summary["model_digest"]
     assert model_digest(load_task_model(config.model).module) != summary["model_digest"]  # training moved it
 
 

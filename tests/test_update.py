@@ -175,3 +175,34 @@ def test_a_step_with_the_frozen_prefix_reused_gives_the_full_forward_estimates(t
     assert np.abs(g_full).max() > 0  # the set matters to the loss: equality is not vacuous
     after = _snapshot(tiny_decoder.module)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_several_directions_share_one_unperturbed_pass_and_agree_with_two_point_estimates(tiny_decoder):
+    """One-sided estimates along K seeds: K + 1 passes, each column close to that seed's symmetric two-point
+    estimate (they differ by mu/2 times the curvature along z, and by float32 rounding), losses those of the unperturbed model, weights
+    restored bit for bit; zo_step releases one scalar per seed."""
+    from client.zo_step import one_sided_gradients, zo_step
+    from shared.noise import SecureRandom
+
+    view = ScoredView(tiny_decoder, select_pruned(tiny_decoder.module, tiny_decoder.synflow_output, 0.05))
+    rng = np.random.default_rng(1)
+    ids = [list(rng.integers(1000, 2000, size=int(n))) for n in rng.integers(3, 20, size=12)]
+    labels = rng.integers(0, 2, size=12)
+    seeds = [11, 12, 13]
+    before = _snapshot(tiny_decoder.module)
+    passes = []
+    real = view.per_example_loss
+    view.per_example_loss = lambda *a: passes.append(1) or real(*a)
+    g, center = one_sided_gradients(view, ids, labels, seeds, mu=1e-4, microbatch=5)
+    del view.per_example_loss
+    assert g.shape == (12, 3) and len(passes) == 4 * 3  # (K + 1) passes of 3 microbatches
+    assert all(torch.equal(before[k], v) for k, v in _snapshot(tiny_decoder.module).items())
+    np.testing.assert_allclose(center, real(ids, labels), rtol=1e-6)
+    for k, seed in enumerate(seeds):
+        two_point, _ = projected_gradients(view, ids, labels, seed=seed, mu=1e-4, microbatch=5)
+        np.testing.assert_allclose(g[:, k], two_point, atol=0.01 * np.abs(two_point).max())
+    assert np.abs(g).max() > 0.01 and not np.allclose(g[:, 0], g[:, 1])  # distinct directions, real signal
+    result = zo_step(view, ids, labels, seeds=seeds, mu=1e-4, sample_rate=1.0, microbatch=5, rng=SecureRandom(),
+                     clip=None, noise=None)
+    assert result.seeds == tuple(seeds) and len(result.scalars) == 3
+    np.testing.assert_allclose(result.scalars, g.mean(axis=0), rtol=1e-6)
