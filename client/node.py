@@ -211,10 +211,11 @@ def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, b
             result = zo_step(replica.view, data.ids, data.labels, seeds=(seed,), mu=h.mu,
                              sample_rate=h.sample_rate, microbatch=microbatch, rng=rng,
                              clip=h.clip if h.private else None, noise=noise)
-            scalars.append(result.scalars[0])
+            (scalar,) = result.scalars
+            scalars.append(scalar)
             losses.append(result.loss)
             batch += result.batch_size
-            replica.view.apply(seed, float(np.float32(-h.lr * result.scalars[0])))  # local progress only
+            replica.view.apply(seed, float(np.float32(-h.lr * scalar)))  # local progress only
     finally:
         replica.load_values(state.values, state.version, state.head)  # the model moves only by the ledger
     if noise is not None:

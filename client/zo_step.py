@@ -54,16 +54,33 @@ class StepResult:
     loss: float  # mean unperturbed-loss proxy over the batch: local monitoring only
 
 
-def _length_batches(ids: Sequence[Sequence[int]], labels: np.ndarray, microbatch: int
-                    ) -> tuple[np.ndarray, list[tuple[list[Sequence[int]], np.ndarray]]]:
-    """Rows grouped by length into microbatches (less padding, same values), and the order that sorted them."""
+def _losses_at(
+    model: ZoModel,
+    ids: Sequence[Sequence[int]],
+    labels: np.ndarray,
+    moves: Sequence[tuple[int, float] | None],
+    microbatch: int,
+) -> np.ndarray:
+    """Per-example losses (float32, shape (n, len(moves))) at snapshot + scale * z(seed) for each (seed, scale)
+    move, ``None`` (first only) being the snapshot itself; weights restored exactly, rows in the caller's order.
+
+    Rows are scored in length-sorted microbatches: less padding, same values.
+    """
+    if len(ids) == 0:
+        return np.zeros((0, len(moves)), dtype=np.float32)
     order = np.argsort([len(x) for x in ids], kind="stable")
-    return order, [([ids[i] for i in order[s : s + microbatch]], labels[order[s : s + microbatch]])
-                   for s in range(0, len(ids), microbatch)]
-
-
-def _losses(model: ZoModel, batches: list[tuple[list[Sequence[int]], np.ndarray]]) -> np.ndarray:
-    return np.concatenate([model.per_example_loss(*b) for b in batches])
+    batches = [([ids[i] for i in order[s : s + microbatch]], labels[order[s : s + microbatch]])
+               for s in range(0, len(ids), microbatch)]
+    model.snapshot()
+    try:
+        columns = []
+        for move in moves:
+            if move is not None:
+                model.perturb(*move)
+            columns.append(np.concatenate([model.per_example_loss(*b) for b in batches]))
+    finally:
+        model.restore()
+    return np.stack(columns, axis=1)[np.argsort(order)]
 
 
 def projected_gradients(
@@ -74,22 +91,10 @@ def projected_gradients(
     mu: float,
     microbatch: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example two-point estimates g_i (float64) and mean losses (L+ + L-)/2, weights restored exactly,
-    in the caller's order."""
-    if len(ids) == 0:
-        return np.zeros(0), np.zeros(0, dtype=np.float32)
-    order, batches = _length_batches(ids, labels, microbatch)
-    model.snapshot()
-    try:
-        model.perturb(seed, mu)
-        plus = _losses(model, batches)
-        model.perturb(seed, -mu)
-        minus = _losses(model, batches)
-    finally:
-        model.restore()
-    unsort = np.argsort(order)
-    g = (plus.astype(np.float64) - minus.astype(np.float64)) / (2.0 * mu)
-    return g[unsort], ((plus + minus) / 2)[unsort]
+    """Per-example two-point estimates g_i (float64) and mean losses (L+ + L-)/2, in the caller's order."""
+    losses = _losses_at(model, ids, labels, [(seed, mu), (seed, -mu)], microbatch)
+    plus, minus = losses[:, 0], losses[:, 1]
+    return (plus.astype(np.float64) - minus.astype(np.float64)) / (2.0 * mu), (plus + minus) / 2
 
 
 def one_sided_gradients(
@@ -101,22 +106,10 @@ def one_sided_gradients(
     microbatch: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-example one-sided estimates along each seed's direction, shape (n, K) float64, and the unperturbed
-    losses; K + 1 passes over the batch, weights restored exactly, in the caller's order."""
-    if len(ids) == 0:
-        return np.zeros((0, len(seeds))), np.zeros(0, dtype=np.float32)
-    order, batches = _length_batches(ids, labels, microbatch)
-    model.snapshot()
-    try:
-        center = _losses(model, batches)
-        moved = []
-        for seed in seeds:
-            model.perturb(seed, mu)
-            moved.append(_losses(model, batches))
-    finally:
-        model.restore()
-    unsort = np.argsort(order)
-    g = (np.stack(moved, axis=1).astype(np.float64) - center.astype(np.float64)[:, None]) / mu
-    return g[unsort], center[unsort]
+    losses; K + 1 passes over the batch, in the caller's order."""
+    losses = _losses_at(model, ids, labels, [None, *((seed, mu) for seed in seeds)], microbatch)
+    g = (losses[:, 1:].astype(np.float64) - losses[:, :1].astype(np.float64)) / mu
+    return g, losses[:, 0]
 
 
 def privatize_vectors(
