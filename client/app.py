@@ -1,10 +1,14 @@
 """The Flower ClientApp: a node's side of the seed/scalar protocol.
 
-The node's state (ledger position, trainable values at that position, privacy ledger) lives in
-``context.state``, which Flower keeps for the node across rounds, in simulation and deployment; the base
-model is cached per process and, for SmolLM2, de-quantised once to disk. Node config keys:
-``partition-id`` and ``num-partitions`` (set by the simulation, or by hand in a deployment),
-``epsilon-budget`` and ``delta`` (the institution's own limit; default: the federation's target);
+The node's replica position (ledger version, trainable values at that position) lives in ``context.state``,
+which Flower keeps for the node across rounds; what the node has released from its data lives in its data
+holder's privacy ledger on disk (client.holder), which outlives the process, the run and the node id. The
+base model is cached per process and, for SmolLM2, de-quantised once to disk. Node config keys:
+``partition-id`` and ``num-partitions`` (set by the simulation, or by hand in a deployment);
+``epsilon-budget`` and ``delta`` (the data holder's own limit: required on a deployed node; a simulated node
+without them takes the federation's target); ``holder`` (the stable name the server accounts this holder by;
+default ``partition-I-of-N``); ``privacy-ledger`` (its file; default ``$SEEDTUNE_PRIVACY_LEDGER`` or the cache);
+``simulated`` (true for simulated nodes; ``$SEEDTUNE_SIMULATION=1`` says the same for a whole process);
 ``runtime`` (``torch``, the default, or ``onnx``: forward passes on ONNX Runtime, no torch imported) and
 ``onnx-model`` (the model written by ``seedtune export-onnx``, for ``runtime=onnx``).
 """
@@ -12,12 +16,14 @@ model is cached per process and, for SmolLM2, de-quantised once to disk. Node co
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.node import Budget, NodeState, Runtime, handle_instruction, sync
+from client.holder import Budget, holder_ledger
+from client.node import Holder, NodeState, Runtime, handle_instruction, refusal, sync
 from client.partition import load_partition
 from shared.proto import Instruction
 from shared.follower import LedgerFollower
@@ -25,6 +31,7 @@ from shared.wire import from_content, to_content
 
 log = logging.getLogger(__name__)
 STATE = "seedtune-node"
+SIMULATION_ENV = "SEEDTUNE_SIMULATION"  # "1": this process runs simulated nodes (scripts/simulate.sh sets it)
 VALUES = "seedtune-values"
 
 app = ClientApp()
@@ -36,21 +43,40 @@ def load_state(context: Context) -> NodeState:
         return NodeState()
     values = context.state.array_records.get(VALUES)
     return NodeState(header=record["header"], version=int(record["version"]), head=record["head"],
-                     values=values["values"].numpy() if values is not None else None,
-                     runs=NodeState.runs_from_json(record["runs"]))
+                     values=values["values"].numpy() if values is not None else None)
 
 
 def save_state(context: Context, state: NodeState) -> None:
-    context.state[STATE] = ConfigRecord({"header": state.header, "version": state.version, "head": state.head,
-                                         "runs": state.runs_json()})
+    context.state[STATE] = ConfigRecord({"header": state.header, "version": state.version, "head": state.head})
     if state.values is not None:
         context.state[VALUES] = ArrayRecord({"values": Array(np.ascontiguousarray(state.values))})
 
 
-def _budget(context: Context) -> Budget:
+class NodeConfigError(ValueError):
+    """The node config is missing a value this node needs, or has a bad one."""
+
+
+def simulated(context: Context) -> bool:
+    """A node of a simulation (``flwr run`` on one machine, or the in-process grid): its data holders are
+    simulated too, so their budget may default to the federation's target."""
+    return bool(context.node_config.get("simulated")) or os.environ.get(SIMULATION_ENV) == "1"
+
+
+def _holder(context: Context) -> Holder:
+    """The data holder this node serves, from the node config: ``holder`` (its stable name; default the
+    partition), ``epsilon-budget`` and ``delta`` (required on a deployed node), ``privacy-ledger``."""
     cfg = context.node_config
-    return Budget(float(cfg["epsilon-budget"]) if "epsilon-budget" in cfg else None,
-                  float(cfg["delta"]) if "delta" in cfg else None)
+    name = str(cfg.get("holder") or f"partition-{cfg.get('partition-id')}-of-{cfg.get('num-partitions')}")
+    ledger = holder_ledger(str(cfg.get("privacy-ledger", "")) or None)
+    budget = None
+    if "epsilon-budget" in cfg or "delta" in cfg:
+        try:
+            budget = Budget(float(cfg["epsilon-budget"]), float(cfg["delta"]))
+        except KeyError as exc:
+            raise NodeConfigError(f"node config sets one of epsilon-budget and delta but not {exc}: set both")
+        except ValueError as exc:
+            raise NodeConfigError(f"node config: {exc}") from exc
+    return Holder(name, budget, ledger, simulated(context))
 
 
 def _data_source(context: Context):
@@ -73,9 +99,12 @@ def _runtime(context: Context) -> Runtime:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     ins = from_content(msg.content, Instruction)
+    try:
+        holder, runtime, data = _holder(context), _runtime(context), _data_source(context)
+    except ValueError as exc:  # NodeConfigError included
+        return Message(to_content(refusal(ins, context.node_id, str(exc))), reply_to=msg)
     state = load_state(context)
-    reply = handle_instruction(ins, context.node_id, state, _data_source(context), _budget(context),
-                               runtime=_runtime(context))
+    reply = handle_instruction(ins, context.node_id, state, data, holder, runtime=runtime)
     save_state(context, state)
     return Message(to_content(reply), reply_to=msg)
 
@@ -83,7 +112,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     ins = from_content(msg.content, Instruction)
+    try:
+        holder, runtime, data = _holder(context), _runtime(context), _data_source(context)
+    except ValueError as exc:
+        return Message(to_content(refusal(ins, context.node_id, str(exc))), reply_to=msg)
     state = load_state(context)
-    reply = sync(ins, context.node_id, state, _runtime(context))
+    reply = sync(ins, context.node_id, state, data, holder, runtime)
     save_state(context, state)
     return Message(to_content(reply), reply_to=msg)

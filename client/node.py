@@ -1,11 +1,14 @@
 """What a federated client does with one server instruction, independent of the transport.
 
 A node keeps, between messages, only its replica's position (version, chain head), its trainable values
-at that position, the ledger header it joined, and its own privacy ledger of steps run. Per instruction it
-checks the instruction is for this federation, catches up by replaying the ledger tail, refuses work that
-would take its own accountant past its budget (it does not have to trust the server's bookkeeping), runs
-one private ZO step per seed (each step moves its local copy, as in local SGD), and replies with the
-scalars only. The local moves are then undone: the node's model changes only through the ledger.
+at that position and the ledger header it joined; what it has released lives in its data holder's privacy
+ledger on disk (client.holder). Per instruction it checks the instruction is for this federation, catches up
+by replaying the ledger tail, refuses anything that would weaken the privacy it was configured with or the
+header pinned (non-private, another noise, clip or rate) or take its holder past its budget (it does not
+have to trust the server), answers a re-delivered instruction with the stored reply, runs one private ZO step
+per seed (each step moves its local copy, as in local SGD), records the release and replies with the
+scalars, its holder identity and its epsilon only: no loss, batch size or data size leaves the node. The
+local moves are then undone: the node's model changes only through the ledger.
 
 The same protocol code serves both runtimes (:class:`Runtime`): a torch replica, or an ONNX Runtime replica
 that keeps its trainable entries in numpy; this module imports neither torch nor onnxruntime itself.
@@ -13,18 +16,17 @@ that keeps its trainable entries in numpy; this module imports neither torch nor
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from client.holder import Budget, BudgetExceeded, HolderLedger, request_key
 from client.zo_step import zo_step
-from shared.accounting import noise_epsilon
 from shared.chain import ChainError, header_digest
-from shared.config import cache_root
+from shared.config import RunConfig, cache_root
 from shared.follower import LedgerFollower, ReplicaError
 from shared.noise import Noise, SecureRandom
 from shared.proto import PROTOCOL_VERSION, Instruction, LedgerHeader, Reply
@@ -38,38 +40,52 @@ class Refusal(RuntimeError):
 
 @dataclass
 class NodeState:
+    """Where this node's replica stands (public: it moves only by the ledger); its spending is in its
+    :class:`client.holder.HolderLedger`, on disk, not here."""
+
     header: bytes = b""  # serialized LedgerHeader of the federation this node joined
     version: int = 0
     head: bytes = b""
     values: np.ndarray | None = None  # trainable values at `version` (None: the base model's)
-    runs: list[tuple[Noise, float, int]] = field(default_factory=list)  # (noise, sampling rate, steps) runs
-
-    def record(self, noise: Noise, rate: float, count: int) -> None:
-        if self.runs and self.runs[-1][:2] == (noise, rate):
-            self.runs[-1] = (noise, rate, self.runs[-1][2] + count)
-        else:
-            self.runs.append((noise, rate, count))
-
-    def runs_json(self) -> str:
-        return json.dumps([[n.to_json(), q, c] for n, q, c in self.runs])
-
-    @staticmethod
-    def runs_from_json(text: str) -> list[tuple[Noise, float, int]]:
-        return [(Noise.from_json(n), float(q), int(c)) for n, q, c in json.loads(text)]
-
-
-@dataclass(frozen=True)
-class Budget:
-    """The node's own privacy budget (node config); None: the federation's target from the ledger header."""
-
-    epsilon: float | None = None
-    delta: float | None = None
 
 
 @dataclass
 class Partition:
     ids: list[list[int]]
     labels: np.ndarray
+    key: str  # client.holder.data_key of the records: which data set the privacy ledger charges
+
+
+_ANNOUNCED: set[str] = set()  # simulated holders whose default budget was logged
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The data holder this node serves: the identity it states to the server (so the server's accounting
+    survives restarts and new node ids), its own budget and its privacy ledger on disk.
+
+    A deployed node must set its own budget; a simulated node that sets none takes the federation's target
+    from the ledger header (:meth:`budget_for`)."""
+
+    name: str
+    budget: Budget | None
+    ledger: HolderLedger
+    simulated: bool = False
+
+    def budget_for(self, config: RunConfig) -> Budget | None:
+        """The budget releases are checked against; None only for a simulated node of a non-private run."""
+        if self.budget is not None:
+            return self.budget
+        if not self.simulated:
+            raise Refusal("this deployed node has no privacy budget of its own: set epsilon-budget and delta in "
+                          "its node config (the data holder's limit, never taken from the server)")
+        if not config.privacy.enabled:
+            return None
+        if self.name not in _ANNOUNCED:
+            _ANNOUNCED.add(self.name)
+            log.info("simulated holder %s: no epsilon-budget/delta in its node config; its budget is the "
+                     "federation's target (%g, %g)", self.name, config.privacy.epsilon, config.privacy.delta)
+        return Budget(config.privacy.epsilon, config.privacy.delta)
 
 
 RUNTIMES = ("torch", "onnx")
@@ -157,14 +173,15 @@ def _catch_up(ins: Instruction, state: NodeState, runtime: Runtime) -> LedgerFol
 DataSource = Callable[[LedgerFollower], Partition]  # the node's training partition, tokenized for the replica's model
 
 
-def handle_instruction(ins: Instruction, node_id: int, state: NodeState, data: DataSource, budget: Budget,
+def handle_instruction(ins: Instruction, node_id: int, state: NodeState, data: DataSource, holder: Holder,
                        rng: SecureRandom | None = None, runtime: Runtime = Runtime()) -> Reply:
-    """Run the instruction and return the reply (a refusal reply if the node declines); updates ``state``."""
-    reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id,
-                  runtime=runtime.kind)
+    """Run the instruction and return the reply (a refusal reply if the node declines); updates ``state``.
+
+    A reply that releases anything is in the holder's privacy ledger before this returns."""
+    reply = _reply(ins, node_id, holder, runtime)
     try:
-        _run(ins, node_id, state, data, budget, rng or SecureRandom(), runtime, reply)
-    except (Refusal, ReplicaError, ChainError) as exc:
+        return _run(ins, state, data, holder, rng or SecureRandom(), runtime, reply)
+    except (Refusal, ReplicaError, ChainError, BudgetExceeded) as exc:
         log.warning("node %d refuses round %d: %s", node_id, ins.round, exc)
         reply.refusal = str(exc)
         reply.model_version = state.version
@@ -172,40 +189,74 @@ def handle_instruction(ins: Instruction, node_id: int, state: NodeState, data: D
     return reply
 
 
-def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, budget: Budget,
-         rng: SecureRandom, runtime: Runtime, reply: Reply) -> None:
+def _reply(ins: Instruction, node_id: int, holder: Holder | None, runtime: Runtime) -> Reply:
+    return Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id,
+                 runtime=runtime.kind, holder=holder.name if holder else "")
+
+
+def refusal(ins: Instruction, node_id: int, reason: str, runtime: Runtime = Runtime()) -> Reply:
+    """A reply that does no work, e.g. for a node whose own configuration is unusable."""
+    log.error("node %d refuses round %d: %s", node_id, ins.round, reason)
+    reply = _reply(ins, node_id, None, runtime)
+    reply.refusal = reason
+    return reply
+
+
+def _privacy_of(ins: Instruction, replica: LedgerFollower, holder: Holder) -> Noise | None:
+    """The noise the instruction asks for, after checking it keeps the privacy this node was configured with
+    and the ledger header pinned: a node never releases more than both allow, whatever the server says."""
+    h, config = ins.hyper, replica.config
+    if holder.budget_for(config) is not None and not h.private:
+        raise Refusal("a non-private instruction: this node releases only clipped, noised scalars")
+    if h.private != config.privacy.enabled:
+        raise Refusal(f"instruction private={h.private}, the ledger header says privacy.enabled="
+                      f"{config.privacy.enabled}")
+    if not h.private:
+        return None
+    try:
+        noise = Noise.from_json(h.noise)
+        pinned = Noise.from_json(replica.header.noise_params) if replica.header is not None else None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Refusal(f"invalid noise description {h.noise[:200]!r}: {exc}") from exc
+    if noise != pinned:
+        raise Refusal(f"noise {noise.describe()} differs from the ledger header's "
+                      f"{pinned.describe() if pinned else 'none'}")
+    if h.clip != config.privacy.clip or h.sample_rate != config.federation.sample_rate:
+        raise Refusal(f"clip {h.clip} / sample rate {h.sample_rate} differ from the ledger header's "
+                      f"{config.privacy.clip} / {config.federation.sample_rate}")
+    if not (noise.std > 0 and 0 < h.sample_rate <= 1 and h.clip > 0):
+        raise Refusal(f"invalid privacy parameters: noise {noise.describe()}, sample rate {h.sample_rate}, "
+                      f"clip {h.clip}")
+    return noise
+
+
+def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder, rng: SecureRandom,
+         runtime: Runtime, reply: Reply) -> Reply:
     if ins.protocol_version != PROTOCOL_VERSION:
         raise Refusal(f"protocol version {ins.protocol_version}; this node speaks {PROTOCOL_VERSION}")
     replica = _catch_up(ins, state, runtime)
     if replica.version != ins.model_version:
         raise Refusal(f"after the tail the replica is at version {replica.version}, the instruction says "
                       f"{ins.model_version}")
-
     h = ins.hyper
-    steps = len(ins.seeds)
-    privacy = replica.config.privacy
-    epsilon_budget = privacy.epsilon if budget.epsilon is None else budget.epsilon
-    delta = privacy.delta if budget.delta is None else budget.delta
-    noise = None
-    if h.private:
-        try:
-            noise = Noise.from_json(h.noise)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise Refusal(f"invalid noise description {h.noise[:200]!r}: {exc}") from exc
-        if not (noise.std > 0 and 0 < h.sample_rate <= 1 and h.clip > 0):
-            raise Refusal(f"invalid privacy parameters: noise {noise.describe()}, sample rate {h.sample_rate}, "
-                          f"clip {h.clip}")
-        after = noise_epsilon(tuple(state.runs) + ((noise, h.sample_rate, steps),), delta)
-        if after > epsilon_budget:
-            raise Refusal(f"{steps} more steps would bring this node to epsilon {after:.3f} > its budget "
-                          f"{epsilon_budget} (delta {delta})")
+    noise = _privacy_of(ins, replica, holder)
     if not (math.isfinite(h.lr) and math.isfinite(h.mu) and h.lr > 0 and h.mu > 0):
         raise Refusal(f"invalid step parameters: lr {h.lr}, mu {h.mu}")
+    if not ins.seeds:
+        raise Refusal("a train instruction without seeds")
 
     data = source(replica)
-    reply.num_examples = len(data.labels)
+    request = request_key(ins.header_digest, ins.round, ins.model_version, list(ins.seeds))
+    stored = holder.ledger.reply_for(data.key, request)
+    if stored is not None:  # answered before (a re-delivery): the same bytes, not a second release
+        log.info("round %d: instruction already answered; resending the stored reply", ins.round)
+        return Reply.FromString(stored)
+    run = (noise, h.sample_rate, len(ins.seeds))
+    budget = holder.budget_for(replica.config)
+    epsilon = holder.ledger.check(data.key, run, budget)
+
     microbatch = replica.config.model.microbatch
-    scalars, losses, batch = [], [], 0
+    scalars, losses, nonfinite = [], [], 0
     try:
         for seed in ins.seeds:
             result = zo_step(replica.view, data.ids, data.labels, seeds=(seed,), mu=h.mu,
@@ -214,28 +265,34 @@ def _run(ins: Instruction, node_id: int, state: NodeState, source: DataSource, b
             (scalar,) = result.scalars
             scalars.append(scalar)
             losses.append(result.loss)
-            batch += result.batch_size
+            nonfinite += result.nonfinite
             replica.view.apply(seed, float(np.float32(-h.lr * scalar)))  # local progress only
     finally:
         replica.load_values(state.values, state.version, state.head)  # the model moves only by the ledger
-    if noise is not None:
-        state.record(noise, h.sample_rate, steps)
+    # Kept in the node's own log, never sent: the loss and the non-finite count depend on the private batch.
+    log.info("round %d: mean batch loss %.4f, %d non-finite estimates zeroed (local only)", ins.round,
+             float(np.nanmean(losses)) if losses else math.nan, nonfinite)
     reply.model_version = replica.version
     reply.scalars = np.asarray(scalars, dtype="<f4").tobytes()
-    reply.metrics["loss"] = float(np.nanmean(losses)) if losses else float("nan")
-    reply.metrics["examples_used"] = float(batch)
-    reply.metrics["epsilon"] = noise_epsilon(tuple(state.runs), delta)
+    reply.metrics["epsilon"] = epsilon
+    holder.ledger.record(data.key, request, run, budget, reply.SerializeToString(deterministic=True))
+    return reply
 
 
-def sync(ins: Instruction, node_id: int, state: NodeState, runtime: Runtime = Runtime()) -> Reply:
-    """Catch up without training and report the replica's state digest (the end-of-run consistency check)."""
-    reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id,
-                  runtime=runtime.kind)
+def sync(ins: Instruction, node_id: int, state: NodeState, data: DataSource, holder: Holder,
+         runtime: Runtime = Runtime()) -> Reply:
+    """Catch up without training; report the replica's state digest (the end-of-run consistency check), the
+    holder's identity (how the server keys its accounting) and the epsilon its privacy ledger has recorded."""
+    reply = _reply(ins, node_id, holder, runtime)
     try:
         replica = _catch_up(ins, state, runtime)
         reply.model_version = replica.version
         reply.model_digest = replica.state_digest()
+        budget = holder.budget_for(replica.config)
+        if budget is not None:
+            reply.metrics["epsilon"] = holder.ledger.epsilon(data(replica).key, budget.delta)
     except (Refusal, ReplicaError, ChainError) as exc:
         reply.refusal = str(exc)
         reply.model_version = state.version
     return reply
+

@@ -12,6 +12,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from client.holder import data_key
 from client.node import Partition
 from shared.config import RunConfig
 from shared.tasks import load_split
@@ -52,7 +53,8 @@ def load_partition(config: RunConfig, task: Tokenizes, partition_id: int, num_pa
         partitioner.dataset = Dataset.from_dict({"sentence": split.sentences, "label": split.labels.tolist()})
         part = partitioner.load_partition(partition_id)
         labels = np.asarray(part["label"], dtype=np.int64)
-        _CACHE[key] = Partition(task.encode(part["sentence"]), labels)
+        _CACHE[key] = Partition(task.encode(part["sentence"]), labels,
+                                data_key(config.data.task, zip(part["sentence"], labels.tolist())))
         log.info("partition %d/%d (%s): %d examples, %.0f%% positive", partition_id, num_partitions,
                  config.federation.partition, len(labels), 100 * labels.mean() if len(labels) else 0)
     return _CACHE[key]

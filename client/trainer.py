@@ -156,7 +156,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                 bar.update(1)
                 bar.set_postfix(stage=stage.index, loss=f"{result.loss:.3f}")
                 row = {"step": t + 1, "stage": stage.index, "batch": result.batch_size, "clipped": result.clipped,
-                       "loss": result.loss, "coeff": coeffs[0] if directions == 1 else coeffs}
+                       "nonfinite": result.nonfinite, "loss": result.loss, "coeff": coeffs[0] if directions == 1 else coeffs}
                 if config.eval.every and (t + 1) % config.eval.every == 0 and len(dev_ids):
                     row["dev_accuracy"] = task.accuracy(dev_ids, dev_split.labels, config.model.microbatch)
                     bar.write(f"step {t + 1}: dev accuracy {row['dev_accuracy']:.4f}")

@@ -51,7 +51,8 @@ class StepResult:
     scalars: tuple[float, ...]  # privatised (or, without privacy, plain mean) projected gradients, one per seed
     batch_size: int  # realised Poisson batch size
     clipped: int  # examples whose estimate was clipped
-    loss: float  # mean unperturbed-loss proxy over the batch: local monitoring only
+    nonfinite: int  # examples whose estimate was not finite, zeroed before clipping
+    loss: float  # mean unperturbed-loss proxy over the batch: local monitoring only, never released
 
 
 def _losses_at(
@@ -112,12 +113,27 @@ def one_sided_gradients(
     return g, losses[:, 0]
 
 
+def zero_nonfinite(g: np.ndarray) -> tuple[np.ndarray, int]:
+    """``g`` (n, K) with every row holding a NaN or an infinity set to zero, and how many rows that was.
+
+    A loss that overflows gives an infinite estimate, and clipping cannot bound it (inf * 0 is NaN): the
+    released sum would be NaN or infinite, which no noise hides. A zero row is what removing that example's
+    contribution gives, so the clipped sum keeps its sensitivity C."""
+    g = np.asarray(g, dtype=np.float64)
+    bad = ~np.isfinite(g).all(axis=1) if g.ndim == 2 else ~np.isfinite(g)
+    if not bad.any():
+        return g, 0
+    g = g.copy()
+    g[bad] = 0.0
+    return g, int(bad.sum())
+
+
 def privatize_vectors(
     g: np.ndarray, clip: float, expected_batch: float, noise: Noise | None, rng: SecureRandom
 ) -> tuple[np.ndarray, int]:
-    """Clip each example's row of ``g`` (n, K) to L2 norm C, sum, add C times K draws of the (sensitivity-1)
-    noise, divide by the expected batch; also returns how many rows were clipped."""
-    g = np.asarray(g, dtype=np.float64)
+    """Zero non-finite rows, clip each example's row of ``g`` (n, K) to L2 norm C, sum, add C times K draws of
+    the (sensitivity-1) noise, divide by the expected batch; also returns how many rows were clipped."""
+    g, _ = zero_nonfinite(g)
     norms = np.linalg.norm(g, axis=1)
     scale = np.minimum(1.0, clip / np.maximum(norms, np.finfo(np.float64).tiny))
     total = (g * scale[:, None]).sum(axis=0)
@@ -158,9 +174,10 @@ def zo_step(
         g = g[:, None]
     else:
         g, losses = one_sided_gradients(model, ids, labels, seeds, mu, microbatch)
+    g, nonfinite = zero_nonfinite(g)
     if clip is None:
         scalars, clipped = (g.mean(axis=0) if len(g) else np.zeros(len(seeds))), 0
     else:
         scalars, clipped = privatize_vectors(g, clip, sample_rate * len(train_ids), noise, rng)
-    return StepResult(tuple(seeds), tuple(float(s) for s in scalars), len(rows), clipped,
+    return StepResult(tuple(seeds), tuple(float(s) for s in scalars), len(rows), clipped, nonfinite,
                       float(losses.mean()) if len(losses) else float("nan"))

@@ -7,7 +7,7 @@
 # so this starts a simulation SuperLink with runtime dependency installation disabled, points a `flwr`
 # connection at it, runs the app, waits for it and fails if the run did not finish successfully.
 # Environment: NODES (10), RUN_DIR (runs/federated-<time>), SEEDTUNE_DATA (../shared/data/sst2), NUM_CPUS
-# per simulated client (1), FLWR_HOME (.flwr).
+# per simulated client (1), FLWR_HOME (.flwr), SEEDTUNE_PRIVACY_LEDGER (runs/simulated-holders.sqlite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -18,6 +18,11 @@ NODES=${NODES:-10}
 RUN_DIR=${RUN_DIR:-$ROOT/runs/federated-$(date +%Y%m%d-%H%M%S)}
 DATA=${SEEDTUNE_DATA:-$ROOT/../shared/data/sst2}
 export FLWR_HOME=${FLWR_HOME:-$ROOT/.flwr}
+# The simulated nodes' data holders keep their privacy ledger here, across simulations: a second simulation
+# over the same data continues their spending (and is refused past the budget). Delete it, or point
+# SEEDTUNE_PRIVACY_LEDGER elsewhere, to simulate fresh data holders.
+export SEEDTUNE_SIMULATION=1
+export SEEDTUNE_PRIVACY_LEDGER=${SEEDTUNE_PRIVACY_LEDGER:-$ROOT/runs/simulated-holders.sqlite}
 mkdir -p "$RUN_DIR" "$FLWR_HOME"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
 [ -f "$DATA/train.tsv" ] && DATA=$(cd "$DATA" && pwd) || DATA=""  # empty: the app tries the hub

@@ -1,14 +1,17 @@
 """The federated DP-ZO server loop, over Flower's low-level Grid API.
 
-Per round, as the protocol reads: sample the nodes still within their privacy budget, draw the round's
+Per round, as the protocol reads: learn the data-holder identity of any node not seen yet (a query), sample
+one node per holder still within its privacy budget, draw the round's
 seeds from the server's CSPRNG, send each node the ledger entries it lacks plus the seeds, validate the
 replies, turn the accepted scalars into ledger entries (``coeff = -lr * scalar / replies`` per seed and
 node: the mean update, replayable entry by entry), commit the round in one transaction, apply it to the
-server's replica, account every instructed node's steps, evaluate, and write the round's metrics.
+server's replica, account every instructed holder's steps, evaluate, and write the round's metrics.
 
-The ledger is the source of truth: a restarted server replays it, recovers each node's step count from
-the instructions it recorded before sending (including rounds that never committed), and continues with the
-next round.
+Privacy is accounted per data holder, by the identity each node states (``Reply.holder``), never by Flower's
+node id, which changes at every launch and key rotation. The ledger is the source of truth: a restarted
+server replays it, recovers each holder's step count from the instructions it recorded before sending
+(including rounds that never committed), and continues with the next round. The nodes keep their own
+accounting on their own disks (client.holder); the summary shows both.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ class FederatedServer:
         params = self.ledger.header.noise_params
         self.noise: Noise | None = Noise.from_json(params) if params else None  # as pinned in the header
         self.known_version: dict[int, int] = {}  # what each node holds, as far as the server knows
-        self.steps: Counter[int] = Counter()  # private steps instructed per node (conservative: sent = spent)
+        self.holders: dict[int, str] = {}  # Flower node id -> the data holder it stated (learned by a query)
+        self.steps: Counter[str] = Counter()  # private steps instructed per holder (conservative: sent = spent)
         self._resume()
         self.report = RunReport(self.run_dir)
         dev = load_split(config.data, "dev", config.eval.dev_size)
@@ -112,23 +116,46 @@ class FederatedServer:
         self.steps.update(self.ledger.instructed_steps())
 
     # ------------------------------------------------------------------------------------ accounting
-    def epsilon(self, node: int, extra_steps: int = 0) -> float | None:
-        """The node's epsilon at the federation's delta; None without privacy (no guarantee at all)."""
-        steps = self.steps[node] + extra_steps
+    def epsilon(self, holder: str, extra_steps: int = 0) -> float | None:
+        """The holder's epsilon at the federation's delta; None without privacy (no guarantee at all)."""
+        steps = self.steps[holder] + extra_steps
         if not self.config.privacy.enabled:
             return None
         return noise_epsilon(((self.noise, self.config.federation.sample_rate, steps),), self.config.privacy.delta)
 
     def eligible(self, nodes: Iterable[int]) -> list[int]:
+        """One node per identified holder (the lowest id if several claim it), if the holder's budget allows
+        another round."""
         k = self.config.federation.local_steps
-        if not self.config.privacy.enabled:
-            return sorted(nodes)
-        return sorted(n for n in nodes if self.epsilon(n, k) <= self.config.privacy.epsilon)
+        first: dict[str, int] = {}
+        for n in sorted(nodes):
+            if n in self.holders:
+                first.setdefault(self.holders[n], n)
+        if self.config.privacy.enabled:
+            first = {h: n for h, n in first.items() if self.epsilon(h, k) <= self.config.privacy.epsilon}
+        return sorted(first.values())
+
+    def identify(self, nodes: Iterable[int], rnd: int) -> None:
+        """Ask the nodes the server has not heard from which data holder they serve (a query that also brings
+        them up to date). A node that does not answer is not instructed: its spending could not be keyed."""
+        unknown = sorted(set(nodes) - set(self.holders))
+        if not unknown:
+            return
+        plan = RoundPlan(rnd, len(self.ledger), unknown, [], None)
+        for node, reply in self._query(plan).items():
+            if reply.holder:
+                self.holders[node] = reply.holder
+        missing = [n for n in unknown if n not in self.holders]
+        if missing:
+            log.warning("round %d: %d node(s) stated no data holder; not instructed: %s", rnd, len(missing),
+                        missing)
 
     # ------------------------------------------------------------------------------------- one round
     def plan(self, rnd: int) -> RoundPlan:
         fed, privacy = self.config.federation, self.config.privacy
-        nodes = self.eligible(self.grid.get_node_ids())
+        live = self.grid.get_node_ids()
+        self.identify(live, rnd)
+        nodes = self.eligible(live)
         if fed.clients_per_round and len(nodes) > fed.clients_per_round:
             nodes = sorted(self.sampler.sample(nodes, fed.clients_per_round))
         noise = self.noise
@@ -177,6 +204,9 @@ class FederatedServer:
                 or reply.round != plan.round or reply.node != src:
             raise Rejected("wrong_round", f"node {src}: reply for protocol {reply.protocol_version}, run "
                            f"{reply.run_id}, round {reply.round}, node {reply.node}; expected round {plan.round}")
+        if reply.holder != self.holders.get(src):
+            raise Rejected("wrong_holder", f"node {src}: reply for holder {reply.holder!r}, the node stated "
+                           f"{self.holders.get(src)!r}")
         if src in accepted:
             raise Rejected("duplicate", f"node {src}: a second reply for round {plan.round}")
         if reply.model_version != plan.version:
@@ -236,18 +266,18 @@ class FederatedServer:
             log.warning("round %d: no node is within its privacy budget; committing an empty round", rnd)
             replies, down = [], {}
         else:
-            self.ledger.record_instructions(rnd, plan.nodes, len(plan.seeds))
-            for node in plan.nodes:
-                self.steps[node] += len(plan.seeds)
+            holders = [self.holders[n] for n in plan.nodes]
+            self.ledger.record_instructions(rnd, holders, len(plan.seeds))
+            for holder in holders:
+                self.steps[holder] += len(plan.seeds)
             replies, down = self._send(plan, TRAIN, train=True)
         accepted: dict[int, np.ndarray] = {}
         rejected: Counter[str] = Counter()
-        up, losses = {}, []
+        up = {}
         for msg in replies:
             up[msg.metadata.src_node_id] = wire_bytes(msg)
             try:
-                reply, accepted[msg.metadata.src_node_id] = self.validate(msg, plan, accepted)
-                losses.append(reply.metrics.get("loss", math.nan))
+                _, accepted[msg.metadata.src_node_id] = self.validate(msg, plan, accepted)
             except Rejected as exc:
                 rejected[exc.kind] += 1
                 log.warning("round %d: rejected (%s) %s", rnd, exc.kind, exc)
@@ -264,12 +294,12 @@ class FederatedServer:
         row = {
             "round": rnd, "nodes": len(plan.nodes), "replies": len(replies), "accepted": len(accepted),
             "rejected": sum(rejected.values()), "rejected_by_kind": dict(rejected), "entries": len(entries),
-            "ledger_entries": len(self.ledger), "train_loss": float(np.nanmean(losses)) if losses else None,
+            "ledger_entries": len(self.ledger),
             "bytes_up_max": max(up.values(), default=0), "bytes_up_per_step": (
                 max(up.values()) / len(plan.seeds) if up else None),
             "bytes_down_max": max(down.values(), default=0), "bytes_down_total": sum(down.values()),
             "bytes_up": {str(n): b for n, b in up.items()}, "bytes_down": {str(n): b for n, b in down.items()},
-            "epsilon": {str(n): self.epsilon(n) for n in sorted(self.steps)},
+            "epsilon": {h: self.epsilon(h) for h in sorted(self.steps)},
         }
         row["epsilon_max"] = max((e for e in row["epsilon"].values() if e is not None), default=None)
         every = self.config.federation.eval_every
@@ -291,20 +321,26 @@ class FederatedServer:
         return self.replica.task.accuracy(self.replica.task.encode(test.sentences), test.labels, cfg.model.microbatch)
 
     # ------------------------------------------------------------------------------------------- run
-    def sync(self) -> tuple[dict[str, str], dict[str, str]]:
-        """Send every node the final tail; collect the state digests of their replicas and their runtimes."""
-        plan = RoundPlan(self.ledger.last_round + 1, len(self.ledger), sorted(self.grid.get_node_ids()), [], None)
+    def _query(self, plan: RoundPlan) -> dict[int, Reply]:
+        """Send the plan's nodes a query (catch up, no training); their valid, non-refusing replies by node."""
         replies, _ = self._send(plan, SYNC, train=False)
-        digests, runtimes = {}, {}
+        out = {}
         for msg in replies:
+            src = msg.metadata.src_node_id
             try:
                 reply = from_content(msg.content, Reply) if not msg.has_error() else None
             except WireError:
                 reply = None
-            if reply is not None and not reply.refusal and reply.model_version == plan.version:
-                digests[str(msg.metadata.src_node_id)] = reply.model_digest
-                runtimes[str(msg.metadata.src_node_id)] = reply.runtime or "torch"
-        return digests, runtimes
+            if reply is not None and not reply.refusal and reply.node == src and reply.model_version == plan.version:
+                out[src] = reply
+                self.known_version[src] = plan.version
+        return out
+
+    def sync(self) -> dict[int, Reply]:
+        """Send every node the final tail; their replies carry their replicas' state digests, runtimes and the
+        epsilon each holder's own ledger recorded."""
+        plan = RoundPlan(self.ledger.last_round + 1, len(self.ledger), sorted(self.grid.get_node_ids()), [], None)
+        return self._query(plan)
 
     def run(self) -> dict[str, Any]:
         start = time.time()
@@ -316,7 +352,12 @@ class FederatedServer:
         for rnd in range(first, fed.rounds + 1):
             self.run_round(rnd)
         server_digest = self.replica.state_digest()
-        client_digests, client_runtimes = self.sync()
+        synced = self.sync()
+        client_digests = {str(n): r.model_digest for n, r in synced.items()}
+        client_runtimes = {str(n): r.runtime or "torch" for n, r in synced.items()}
+        # What each holder's own privacy ledger recorded (over every run on that data), next to this server's.
+        holder_epsilon = {r.holder: r.metrics["epsilon"] for r in synced.values() if "epsilon" in r.metrics}
+        server_epsilon = {h: self.epsilon(h) for h in sorted(self.steps)}
         test_accuracy = self.test_accuracy()
         rows = self.report.rows
         summary = {
@@ -325,6 +366,9 @@ class FederatedServer:
             "noise": self.noise.describe() if self.noise else None,
             "noise_std": self.noise.std if self.noise else 0.0,
             "epsilon_max": max((r["epsilon_max"] for r in rows if r.get("epsilon_max") is not None), default=None),
+            "epsilon_holders": holder_epsilon,
+            "epsilon_agree": all(abs(holder_epsilon.get(h, math.inf) - e) <= 1e-6 * max(1.0, e)
+                                 for h, e in server_epsilon.items() if e is not None),
             "delta": self.config.privacy.delta if self.config.privacy.enabled else None,
             "dev_accuracy_first": next((r["dev_accuracy"] for r in rows if "dev_accuracy" in r), None),
             "dev_accuracy_last": next((r["dev_accuracy"] for r in reversed(rows) if "dev_accuracy" in r), None),

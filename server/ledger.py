@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS entries (
     idx INTEGER PRIMARY KEY, round INTEGER NOT NULL, node INTEGER NOT NULL, seed INTEGER NOT NULL,
     coeff REAL NOT NULL, hash BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS instructions (
-    round INTEGER NOT NULL, node INTEGER NOT NULL, steps INTEGER NOT NULL, sent_utc TEXT NOT NULL);
+    round INTEGER NOT NULL, holder TEXT NOT NULL, steps INTEGER NOT NULL, sent_utc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, first_idx INTEGER NOT NULL, count INTEGER NOT NULL, head BLOB NOT NULL,
     committed_utc TEXT NOT NULL, metrics TEXT NOT NULL);
@@ -178,21 +178,22 @@ class Ledger:
             raise ChainError(f"ledger {self.path}: {n} entries but rounds account for {covered}")
         return n
 
-    def instructed_steps(self) -> dict[int, int]:
-        """Private steps each node was asked to run, over every attempt of every round (committed or not)."""
-        rows = self._conn.execute("SELECT node, SUM(steps) FROM instructions GROUP BY node")
-        return {_to_u64(node): int(steps) for node, steps in rows}
+    def instructed_steps(self) -> dict[str, int]:
+        """Private steps each data holder was asked to run, over every attempt of every round (committed or
+        not), keyed by the holder's stable identity rather than a Flower node id that changes at restarts."""
+        rows = self._conn.execute("SELECT holder, SUM(steps) FROM instructions GROUP BY holder")
+        return {str(holder): int(steps) for holder, steps in rows}
 
     # --------------------------------------------------------------------------------------- writing
-    def record_instructions(self, rnd: int, nodes: Sequence[int], steps: int) -> None:
-        """Durably note, before sending, that these nodes are asked to run ``steps`` private steps: a node may
-        spend privacy on a round that the server never commits (it crashed, or the reply was lost), so the
-        server's accounting counts what it asked for, across restarts."""
+    def record_instructions(self, rnd: int, holders: Sequence[str], steps: int) -> None:
+        """Durably note, before sending, that these data holders are asked to run ``steps`` private steps: a
+        node may spend privacy on a round that the server never commits (it crashed, or the reply was lost), so
+        the server's accounting counts what it asked for, across restarts."""
         sent = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             self._conn.executemany("INSERT INTO instructions VALUES (?, ?, ?, ?)",
-                                   [(rnd, _to_i64(n), steps, sent) for n in nodes])
+                                   [(rnd, h, steps, sent) for h in holders])
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")

@@ -29,7 +29,8 @@ class PayloadTooLarge(WireError):
 
 
 def to_content(payload: ProtoMessage) -> RecordDict:
-    return RecordDict({RECORD: ConfigRecord({"payload": payload.SerializeToString()})})
+    # Deterministic: the same message is always the same bytes (a node resends a stored reply byte for byte).
+    return RecordDict({RECORD: ConfigRecord({"payload": payload.SerializeToString(deterministic=True)})})
 
 
 def from_content(content: RecordDict, cls: type[T], max_bytes: int = MAX_PAYLOAD_BYTES) -> T:

@@ -28,7 +28,8 @@ class InProcessGrid:
         self.run = SimpleNamespace(run_id=run_id)
         ids = [(1 << 63) + 1000 + i for i in range(num_nodes)]  # above 2^63, as real Flower node ids can be
         self.contexts = {
-            nid: Context(run_id, nid, {"partition-id": i, "num-partitions": num_nodes, **(node_configs or {}).get(i, {})},
+            nid: Context(run_id, nid, {"partition-id": i, "num-partitions": num_nodes, "simulated": True,
+                                       **(node_configs or {}).get(i, {})},
                          RecordDict(), run_config or {})
             for i, nid in enumerate(ids)
         }

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-import client.app as client_app
+from client.holder import holder_ledger
 from server.federation import FederatedServer
 from shared.accounting import noise_epsilon
 from server.ledger import Ledger
@@ -100,6 +100,8 @@ def _corrupt(kind: str):
             reply.round += 1
         elif kind == "wrong_version":
             reply.model_version += 5
+        elif kind == "wrong_holder":
+            reply.holder = "partition-2-of-3"
         elif kind == "malformed":
             from flwr.app import ConfigRecord, RecordDict
             return type(msg)(RecordDict({"seedtune": ConfigRecord({"payload": b"\x0a\xff\xff"})}), reply_to=_orig[0])
@@ -111,7 +113,7 @@ _orig: list = []
 
 
 @pytest.mark.parametrize("kind", ["non_finite", "out_of_range", "wrong_count", "wrong_round", "wrong_version",
-                                  "malformed", "duplicate"])
+                                  "wrong_holder", "malformed", "duplicate"])
 def test_bad_replies_are_rejected_and_never_reach_the_ledger(tmp_path, kind):
     grid = InProcessGrid(NODES)
     server = FederatedServer(fed_config(tmp_path, **{"federation.rounds": 1}), grid, tmp_path)
@@ -122,7 +124,7 @@ def test_bad_replies_are_rejected_and_never_reach_the_ledger(tmp_path, kind):
         replies = real_send(messages, timeout=timeout)
         out = []
         for reply, msg in zip(replies, messages):
-            if reply.metadata.src_node_id == bad_node:
+            if reply.metadata.src_node_id == bad_node and msg.metadata.message_type == "train":
                 _orig[:] = [msg]
                 out.append(reply if kind == "duplicate" else _corrupt(kind)(reply))
                 if kind == "duplicate":
@@ -141,7 +143,7 @@ def test_bad_replies_are_rejected_and_never_reach_the_ledger(tmp_path, kind):
 
 
 def test_a_client_refuses_work_beyond_its_own_budget(tmp_path):
-    grid = InProcessGrid(NODES, node_configs={0: {"epsilon-budget": 0.05}})
+    grid = InProcessGrid(NODES, node_configs={0: {"epsilon-budget": 0.05, "delta": 1e-5}})
     server = FederatedServer(fed_config(tmp_path, **{"federation.rounds": 1}), grid, tmp_path)
     row = server.run_round(1)
     assert row["rejected_by_kind"] == {"refused": 1} and row["accepted"] == NODES - 1
@@ -267,14 +269,15 @@ def test_laplace_noise_travels_in_the_header_and_both_sides_account_it(tmp_path)
     assert server.ledger.header.noise == "laplace" and server.noise.family == "laplace"
     row = server.run_round(1)
     assert row["accepted"] == 2
-    replies = [from_content(m.content, Instruction) for m in grid.sent]
-    assert all(i.hyper.noise == server.noise.to_json() for i in replies)
-    # The node's own accountant and the server's agree on what one round of Laplace noise cost.
-    node = grid.get_node_ids()[0]
-    state = client_app.load_state(grid.contexts[node])
-    assert state.runs == [(server.noise, config.federation.sample_rate, STEPS)]
-    assert row["epsilon"][str(node)] == pytest.approx(
-        noise_epsilon(tuple(state.runs), config.privacy.delta), rel=1e-12)
+    sent = [from_content(m.content, Instruction) for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(sent) == 2 and all(i.hyper.noise == server.noise.to_json() for i in sent)
+    # The holders' own ledgers and the server agree on what one round of Laplace noise cost.
+    ledger = holder_ledger()
+    assert len(ledger.keys()) == 2 and all(ledger.steps(k) == STEPS for k in ledger.keys())
+    spent = noise_epsilon(((server.noise, config.federation.sample_rate, STEPS),), config.privacy.delta)
+    assert all(ledger.epsilon(k, config.privacy.delta) == pytest.approx(spent, rel=1e-12) for k in ledger.keys())
+    assert row["epsilon"] == {"partition-0-of-2": pytest.approx(spent, rel=1e-12),
+                              "partition-1-of-2": pytest.approx(spent, rel=1e-12)}
 
 
 @pytest.mark.parametrize("rule", ["trimmed_mean", "median"])

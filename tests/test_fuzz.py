@@ -24,7 +24,7 @@ from simulations.inprocess import InProcessGrid
 from tests.test_federation import STEPS, fed_config
 
 KINDS = {"unknown_node", "client_error", "malformed", "oversized", "refused", "wrong_round", "duplicate",
-         "wrong_version", "wrong_count", "non_finite", "out_of_range"}
+         "wrong_version", "wrong_count", "non_finite", "out_of_range", "wrong_holder"}
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +63,13 @@ def test_arbitrary_payload_bytes_are_accepted_or_rejected_by_name(server, payloa
 @given(protocol=st.sampled_from([PROTOCOL_VERSION, 0, 2, 2**32 - 1]), round_=st.integers(0, 3),
        version=st.integers(0, 2**64 - 1) | st.just(0), node_is_src=st.booleans(),
        scalars=st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), max_size=2 * STEPS),
-       refusal=st.sampled_from(["", "budget"]))
+       refusal=st.sampled_from(["", "budget"]), own_holder=st.booleans())
 def test_arbitrary_reply_fields_are_accepted_or_rejected_by_name(server, protocol, round_, version, node_is_src,
-                                                                 scalars, refusal):
+                                                                 scalars, refusal, own_holder):
     srv, plan = server
     reply = Reply(protocol_version=protocol, run_id=srv.grid.run.run_id, round=round_, model_version=version,
                   node=plan.nodes[0] if node_is_src else plan.nodes[0] ^ 1,
+                  holder=srv.holders[plan.nodes[0]] if own_holder else "someone-else",
                   scalars=np.asarray(scalars, dtype="<f4").tobytes(), refusal=refusal)
     _check(srv, plan, _reply_message(plan, to_content(reply)))
 

@@ -29,7 +29,7 @@ def test_instruction_and_reply_round_trip_with_uint64_ids():
 def test_reply_costs_four_bytes_per_step():
     def size(k: int) -> int:
         return len(Reply(protocol_version=1, run_id=9, round=3, node=2**63 + 5, model_version=400,
-                         scalars=np.ones(k, "<f4").tobytes(), num_examples=6000).SerializeToString())
+                         scalars=np.ones(k, "<f4").tobytes(), holder="partition-3-of-10").SerializeToString())
 
     assert size(200) - size(100) == 4 * 100
 

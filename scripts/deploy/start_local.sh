@@ -3,7 +3,8 @@
 # authentication (flwr 1.41):
 #   1 SuperLink (Fleet + Control + Runtime APIs share ONE HTTPS port),
 #   N SuperNodes, each with its own registered ECDSA key and
-#   --node-config "partition-id=I num-partitions=N" (I = 0..N-1),
+#   --node-config "partition-id=I num-partitions=N holder=node-I epsilon-budget=E delta=D
+#   privacy-ledger=STATE/nodes/node_I/privacy-ledger.sqlite" (I = 0..N-1),
 #   a flwr CLI connection [superlink.$CONNECTION_NAME] in $FLWR_HOME/config.toml.
 # Then run any Flower app with:
 #   source STATE/env.sh && flwr run APPDIR "$FLWR_CONNECTION" --stream
@@ -22,6 +23,8 @@
 #                        generated if missing, reused if present
 #   SUPERLINK_DB         SuperLink database (default: STATE/superlink.db, deleted at
 #                        start unless KEEP_DB=1)
+#   NODE_EPSILON_BUDGET, NODE_DELTA  each node's own privacy budget (default 3.0, 1e-5): a
+#                        deployed node refuses to start work without one
 #   NODE_CONFIG_EXTRA    extra "k=v ..." appended to every node's --node-config
 #   NODE_CONFIG_<I>      extra "k=v ..." for the node with partition-id I only, e.g.
 #                        NODE_CONFIG_1="runtime=onnx onnx-model=/models/model.onnx"
@@ -184,7 +187,9 @@ for ((i = 1; i <= NUM_NODES; i++)); do
     echo "${SN_PORTS[$((i - 1))]}" >"$STATE/nodes/node_$i/port"
     own_var="NODE_CONFIG_$((i - 1))"
     own=${!own_var:-}
-    echo "partition-id=$((i - 1)) num-partitions=$NUM_NODES${NODE_CONFIG_EXTRA:+ $NODE_CONFIG_EXTRA}${own:+ $own}" \
+    budget="holder=\"node-$((i - 1))\" epsilon-budget=${NODE_EPSILON_BUDGET:-3.0} delta=${NODE_DELTA:-1e-5}"
+    budget="$budget privacy-ledger=\"$STATE/nodes/node_$i/privacy-ledger.sqlite\""
+    echo "partition-id=$((i - 1)) num-partitions=$NUM_NODES $budget${NODE_CONFIG_EXTRA:+ $NODE_CONFIG_EXTRA}${own:+ $own}" \
         >"$STATE/nodes/node_$i/node_config"
     start_supernode "$i" "$KEY_DIR/node_$i"
 done

@@ -13,5 +13,5 @@ from shared.proto.seedtune_pb2 import (  # noqa: F401  (re-exported)
     Reply,
 )
 
-PROTOCOL_VERSION = 1  # Instruction/Reply semantics; a receiver refuses any other
-LEDGER_FORMAT_VERSION = 1  # LedgerHeader.format_version written and accepted by this code
+PROTOCOL_VERSION = 2  # Instruction/Reply semantics; a receiver refuses any other (2: Reply.holder)
+LEDGER_FORMAT_VERSION = 2  # LedgerHeader.format_version written and accepted (2: instructions by holder)

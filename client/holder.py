@@ -1,0 +1,166 @@
+"""A data holder's privacy ledger: every release a node made from its data, on the node's own disk.
+
+The budget belongs to whoever holds the data, not to a Flower run or a process: a restarted SuperNode, a
+resumed federation and a second federation over the same records all spend from the same ledger. Releases
+are keyed by a digest of the records and the task (:func:`data_key`; computed on the node, never sent), so
+two runs over the same data share one history whatever their model or node id.
+
+Each row is one instruction answered: the request it answered (ledger, round, version, seeds), the noise and
+sampling rate of its steps and the exact reply bytes sent. A row is written, in one SQLite transaction that
+first re-checks the budget, *before* the reply leaves the node, so a crash can only over-count; an instruction
+delivered twice gets the stored bytes back instead of a second, fresh release.
+
+Location: node config ``privacy-ledger``, else ``$SEEDTUNE_PRIVACY_LEDGER``, else ``<cache>/privacy-ledger.sqlite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from shared.accounting import noise_epsilon
+from shared.config import cache_root
+from shared.noise import Noise
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS releases (
+    data_key TEXT NOT NULL, request TEXT NOT NULL, noise TEXT NOT NULL, sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL, reply BLOB NOT NULL, released_utc TEXT NOT NULL, PRIMARY KEY (data_key, request));
+"""
+NON_PRIVATE = ""  # the noise column of a release without privacy: it spends an infinite epsilon
+
+
+class BudgetExceeded(RuntimeError):
+    """The release would take the data holder past its (epsilon, delta) budget."""
+
+
+def default_path() -> Path:
+    return Path(os.environ.get("SEEDTUNE_PRIVACY_LEDGER", cache_root() / "privacy-ledger.sqlite"))
+
+
+def data_key(task: str, records: Iterable[tuple[str, int]]) -> str:
+    """SHA-256 of the task name and the holder's (text, label) records in order: which data a release used."""
+    h = hashlib.sha256(f"seedtune-holder-v1\0{task}\0".encode())
+    for text, label in records:
+        h.update(f"{len(text)}:{text}\0{int(label)}\0".encode())
+    return h.hexdigest()
+
+
+def request_key(header_digest: str, rnd: int, version: int, seeds: Sequence[int]) -> str:
+    """Which instruction a reply answered: the same ledger, round, model version and seeds."""
+    return hashlib.sha256(f"{header_digest}\0{rnd}\0{version}\0{','.join(map(str, seeds))}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The data holder's own (epsilon, delta): set in its node config, never taken from the server."""
+
+    epsilon: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ValueError(f"epsilon-budget must be positive and finite, got {self.epsilon!r}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+
+
+Run = tuple[Noise | None, float, int]  # (noise, sampling rate, steps); no noise: a non-private release
+
+
+class HolderLedger:
+    """The releases of every data set this node holds, in one SQLite file (WAL, synchronous=FULL)."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=60)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _runs(self, key: str) -> tuple[Run, ...] | None:
+        """The holder's private steps as runs of identical (noise, rate); None once anything was non-private."""
+        runs: list[Run] = []
+        for noise, rate, steps in self._conn.execute(
+                "SELECT noise, sample_rate, steps FROM releases WHERE data_key = ? ORDER BY rowid", (key,)):
+            if noise == NON_PRIVATE:
+                return None
+            n = Noise.from_json(noise)
+            if runs and runs[-1][:2] == (n, rate):
+                runs[-1] = (n, rate, runs[-1][2] + steps)
+            else:
+                runs.append((n, rate, steps))
+        return tuple(runs)
+
+    def epsilon(self, key: str, delta: float, extra: Run | None = None) -> float:
+        """The holder's epsilon at ``delta`` over every recorded release (plus ``extra`` steps, if given)."""
+        runs = self._runs(key)
+        if runs is None or (extra is not None and extra[0] is None):
+            return math.inf
+        return noise_epsilon(runs + ((extra,) if extra else ()), delta)
+
+    def keys(self) -> list[str]:
+        """The data sets (data keys) with releases in this ledger."""
+        return [k for (k,) in self._conn.execute("SELECT DISTINCT data_key FROM releases ORDER BY data_key")]
+
+    def steps(self, key: str) -> int:
+        return int(self._conn.execute("SELECT COALESCE(SUM(steps), 0) FROM releases WHERE data_key = ?",
+                                      (key,)).fetchone()[0])
+
+    def reply_for(self, key: str, request: str) -> bytes | None:
+        row = self._conn.execute("SELECT reply FROM releases WHERE data_key = ? AND request = ?",
+                                 (key, request)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def check(self, key: str, run: Run, budget: Budget | None) -> float:
+        """The epsilon after ``run``; :class:`BudgetExceeded` if that passes the budget (None: no budget)."""
+        if budget is None:  # a simulated node of a non-private federation: nothing to keep
+            return math.inf
+        after = self.epsilon(key, budget.delta, run)
+        if after > budget.epsilon:
+            spent = self.epsilon(key, budget.delta)
+            raise BudgetExceeded(f"{run[2]} more steps would bring this data holder from epsilon {spent:.3f} to "
+                                 f"{after:.3f} > its budget {budget.epsilon} (delta {budget.delta}); its ledger "
+                                 f"is {self.path}")
+        return after
+
+    def record(self, key: str, request: str, run: Run, budget: Budget | None, reply: bytes) -> None:
+        """Durably note the release and its reply bytes, re-checking the budget inside the transaction (another
+        process may serve the same holder); raises :class:`BudgetExceeded` and records nothing if it no longer
+        fits. Call before the reply is sent."""
+        noise, rate, steps = run
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.check(key, run, budget)
+            self._conn.execute("INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (key, request, NON_PRIVATE if noise is None else noise.to_json(), float(rate),
+                                int(steps), reply, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+
+_LEDGERS: dict[Path, HolderLedger] = {}
+
+
+def holder_ledger(path: str | Path | None = None) -> HolderLedger:
+    """One open ledger per file and process (a simulation actor serves many nodes)."""
+    resolved = (Path(path) if path else default_path()).resolve()
+    if resolved not in _LEDGERS:
+        _LEDGERS[resolved] = HolderLedger(resolved)
+        log.info("privacy ledger of this node's data holders: %s", resolved)
+    return _LEDGERS[resolved]
