@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier
 from shared.config import ConfigError, DataConfig, ModelConfig
 from shared.models import TextClassifier, load_task_model
-from shared.noise import Noise
+from shared.noise import Noise, SecureRandom
 from shared.tasks import LABEL_NAMES, load_split
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,28 @@ class _Indices(Dataset):
 
 
 def _secure_generator() -> torch.Generator:
-    """A torch generator seeded from the OS CSPRNG: sampling and noise are unpredictable, never seeded publicly."""
+    """A torch generator seeded from the OS CSPRNG, for Opacus' Poisson sampler: unpredictable, never seeded
+    publicly. The noise does not come from it (a Mersenne Twister is no CSPRNG): see :func:`_secure_noise`."""
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def _secure_noise(optimizer: Any, rng: SecureRandom) -> None:
+    """Make an Opacus DPOptimizer draw its Gaussian noise from :class:`shared.noise.SecureRandom`.
+
+    Opacus draws the noise from a torch generator unless ``secure_mode``, which needs torchcsprng (unmaintained;
+    no build for this torch). The optimizer's one noise hook is replaced; clipping, accumulation and the
+    expected-batch scaling stay Opacus' own."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    def add_noise() -> None:
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm
+        for p in optimizer.params:
+            _check_processed_flag(p.summed_grad)
+            draws = torch.from_numpy(rng.normal(p.summed_grad.numel())).to(p.summed_grad.dtype)
+            p.grad = (p.summed_grad + std * draws.view_as(p.summed_grad)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise
 
 
 class FirstOrderLearner:
@@ -186,7 +206,8 @@ class FirstOrderLearner:
             self.model, self.optimizer, self.criterion, self.loader = self.engine.make_private(
                 module=task.module, optimizer=optimizer, criterion=self.criterion, data_loader=loader,
                 noise_multiplier=sigma, max_grad_norm=config.clip, poisson_sampling=True,
-                grad_sample_mode="ghost", noise_generator=_secure_generator())
+                grad_sample_mode="ghost")
+            _secure_noise(self.optimizer, SecureRandom())
             if abs(self.loader.sample_rate - self.sample_rate) > 1e-12:
                 raise RuntimeError(f"Opacus samples at {self.loader.sample_rate}, accounted {self.sample_rate}")
         else:

@@ -62,7 +62,7 @@ class ModelConfig:
 class DataConfig:
     task: str = "sst2"
     data_dir: str = ""  # local TSV folder; empty: $SEEDTUNE_DATA, then ../shared/data/sst2, then the hub
-    train_size: int = 0  # 0 = the whole training split; else a class-balanced subset of this size
+    train_size: int = 0  # 0 = the whole training split; else about this many, kept per record by a salted hash
     test_size: int = 0  # 0 = the whole test split
     seed: int = 0  # public seed for the subset choice
     # Keep only train/dev records of at least this many words (0 = all). SST-2's training split is mostly

@@ -36,7 +36,7 @@ def plan_noise(privacy: PrivacyConfig, sample_rate: float, steps: int) -> Noise:
         return Noise.gaussian(privacy.noise_multiplier)
     target = Target(privacy.epsilon, privacy.delta, sample_rate, steps)
     return calibrate(privacy.noise, target)
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the sampler support gap in delta, Laplace mixtures by their density
 # (a_gamma, gamma_shape, a_exp, a_unif, unif_lo, unif_hi): from near-Laplace (narrow uniform) to heavy mixtures.
 LMO_SHAPES = (
     (0.0, 4.0, 0.0, 1.0, 0.9, 1.1),

@@ -8,6 +8,7 @@ fallback for real users; when neither is reachable the error says where it looke
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -43,6 +44,17 @@ class Split:
             return self
         return self.subset(np.flatnonzero([len(s.split()) >= min_words for s in self.sentences]))
 
+    def hashed_subset(self, size: int, seed: int) -> "Split":
+        """About ``size`` records, each kept when a salted hash of the record alone falls below
+        ``size / len(self)``: removing or adding one record changes the subset by that record only, so a
+        guarantee for the subset is one for the file (a class-balanced draw reshuffles whole classes). The
+        split's length is public in seedtune's privacy model (docs/federation.md, "Privacy")."""
+        if size <= 0 or size >= len(self):
+            return self
+        threshold = size / len(self)
+        keep = [_record_uniform(seed, text, int(label)) < threshold for text, label in zip(self.sentences, self.labels)]
+        return self.subset(np.flatnonzero(keep))
+
     def balanced_subset(self, size: int, seed: int) -> "Split":
         """A class-balanced random subset (public seed): size // 2 examples of each label."""
         if size <= 0 or size >= len(self):
@@ -50,6 +62,12 @@ class Split:
         rng = np.random.default_rng(seed)
         parts = [rng.permutation(np.flatnonzero(self.labels == c))[: size // 2 + (c < size % 2)] for c in (0, 1)]
         return self.subset(np.sort(np.concatenate(parts)))
+
+
+def _record_uniform(seed: int, text: str, label: int) -> float:
+    """A public pseudo-uniform in [0, 1) for one record: SHA-256 of (seed, label, text)."""
+    digest = hashlib.sha256(f"{seed}\0{label}\0{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2.0**64
 
 
 def _candidate_dirs(data_dir: str) -> list[Path]:
@@ -118,11 +136,14 @@ def load_sst2(split: str, data_dir: str = "") -> Split:
 
 def load_split(data: DataConfig, split: str, size: int | None = None) -> Split:
     """The examples a run uses from one split: ``data.min_words`` applies to train and dev (the training
-    distribution, e.g. SST-2's phrases), never to test (the benchmark); then a class-balanced subset of ``size``
-    (default: data.train_size or data.test_size; 0 = all)."""
+    distribution, e.g. SST-2's phrases), never to test (the benchmark); then a subset of ``size`` (default:
+    data.train_size or data.test_size; 0 = all): kept per record by a salted hash for the private train split,
+    class-balanced for the public dev and test splits."""
     loaded = load_sst2(split, data.data_dir)
     if split != "test":
         loaded = loaded.with_min_words(data.min_words)
     if size is None:
         size = {"train": data.train_size, "test": data.test_size}.get(split, 0)
+    if split == "train":
+        return loaded.hashed_subset(size, data.seed)
     return loaded.balanced_subset(size, data.seed)

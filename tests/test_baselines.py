@@ -45,6 +45,20 @@ def test_ghost_clipping_changes_the_trainable_weights_only(name):
     assert changed and not changed & frozen
 
 
+def test_dpsgd_noise_comes_from_the_csprng_not_a_seeded_torch_generator(monkeypatch):
+    """Two learners whose torch generators are seeded alike (same batches) still get different noise."""
+    import client.dpsgd as dpsgd
+
+    monkeypatch.setattr(dpsgd, "_secure_generator", lambda: torch.Generator().manual_seed(1234))
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        learner = _learner("tiny-encoder", _config("tiny-encoder", batch_size=8))
+        learner.step()
+        grads.append(torch.cat([p.grad.flatten() for p in learner.optimizer.params]))
+    assert not torch.equal(grads[0], grads[1])
+
+
 def test_ghost_clipping_sums_per_example_clipped_gradients(tiny_decoder):
     """Opacus' two-pass ghost clipping on our model equals clipping brute-force per-example gradients
     (LlamaRMSNorm included), so the privacy analysis' sensitivity C holds for what we train."""

@@ -1,0 +1,206 @@
+"""What a node releases and keeps of its privacy: one test per finding of the privacy review (issue 16).
+
+Each test is named after the finding it guards and fails on the code before the fix."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+import client.app as client_app
+from client.holder import holder_ledger
+from client.zo_step import privatize, zo_step
+from server.federation import FederatedServer
+from shared.accounting import noise_epsilon, noise_pld, step_pld
+from shared.noise import GAUSSIAN_SUPPORT, Noise, SecureRandom
+from shared.proto import Instruction, Reply
+from shared.tasks import Split
+from shared.wire import from_content, to_content
+from simulations.inprocess import InProcessGrid
+from tests.test_federation import NODES, STEPS, fed_config
+
+PUBLIC_REPLY_FIELDS = {"protocol_version", "run_id", "round", "node", "model_version", "scalars", "metrics",
+                       "runtime", "holder"}
+
+
+def _train_round(tmp_path, **extra):
+    """A server after one round, its grid, and every train message with the node's reply."""
+    grid = InProcessGrid(NODES)
+    exchanged = []
+    send = grid.send_and_receive
+
+    def recording(messages, timeout=None):
+        messages = list(messages)
+        replies = send(messages, timeout=timeout)
+        exchanged.extend((m, r) for m, r in zip(messages, replies) if m.metadata.message_type == "train")
+        return replies
+
+    grid.send_and_receive = recording
+    server = FederatedServer(fed_config(tmp_path, **{"federation.rounds": 1, **extra}), grid, tmp_path)
+    row = server.run_round(1)
+    return server, grid, exchanged, row
+
+
+def test_the_reply_of_a_private_node_carries_no_loss_batch_size_or_data_size(tmp_path):
+    server, _, exchanged, row = _train_round(tmp_path)
+    assert len(exchanged) == NODES and row["accepted"] == NODES
+    for _, msg in exchanged:
+        reply = from_content(msg.content, Reply)
+        assert {f.name for f, _ in reply.ListFields()} <= PUBLIC_REPLY_FIELDS
+        assert set(reply.metrics) == {"epsilon"} and len(reply.scalars) == 4 * STEPS
+    assert "train_loss" not in row and all("loss" not in k for k in row)
+
+
+def _instruction(server, grid) -> tuple[Message, Instruction]:
+    msg = next(m for m in grid.sent if m.metadata.message_type == "train")
+    return msg, from_content(msg.content, Instruction)
+
+
+def _answer(grid, msg: Message, ins: Instruction, node_config: dict | None = None) -> Reply:
+    context = grid.contexts[msg.metadata.dst_node_id]
+    if node_config is not None:
+        context = SimpleNamespace(**{**vars(context), "node_config": node_config})
+    reply = client_app.train(Message(to_content(ins), dst_node_id=msg.metadata.dst_node_id, message_type="train",
+                                     group_id=msg.metadata.group_id), context)
+    return from_content(reply.content, Reply)
+
+
+@pytest.mark.parametrize("change, refusal", [
+    (lambda h: setattr(h, "private", False), "non-private instruction"),
+    (lambda h: setattr(h, "noise", Noise.gaussian(0.3).to_json()), "differs from the ledger header"),
+    (lambda h: setattr(h, "clip", h.clip * 10), "differ from the ledger header"),
+    (lambda h: setattr(h, "sample_rate", 1.0), "differ from the ledger header"),
+])
+def test_a_non_private_or_weakened_instruction_to_a_private_node_is_refused_by_name(tmp_path, change, refusal):
+    server, grid, _, _ = _train_round(tmp_path)
+    msg, ins = _instruction(server, grid)
+    ins.round = 2  # not the answered instruction: a new one, weakened
+    change(ins.hyper)
+    reply = _answer(grid, msg, ins)
+    assert refusal in reply.refusal and not reply.scalars
+
+
+def test_a_deployed_node_without_its_own_budget_refuses_and_never_takes_the_servers(tmp_path):
+    server, grid, _, _ = _train_round(tmp_path)
+    msg, ins = _instruction(server, grid)
+    ins.round = 2
+    deployed = {"partition-id": 0, "num-partitions": NODES}  # no "simulated": a real SuperNode
+    reply = _answer(grid, msg, ins, deployed)
+    assert "no privacy budget of its own" in reply.refusal and not reply.scalars
+    half = _answer(grid, msg, ins, {**deployed, "epsilon-budget": 3.0})
+    assert "delta" in half.refusal and not half.scalars
+    own = _answer(grid, msg, ins, {**deployed, "epsilon-budget": 3.0, "delta": 1e-5})
+    assert not own.refusal and len(own.scalars) == 4 * STEPS
+
+
+def test_a_multi_atom_laplace_is_accounted_by_its_mixture_pld():
+    mixture = Noise("laplace", rates=(0.5, 1000.0), weights=(0.5, 0.5))
+    epsilon = noise_epsilon(((mixture, 0.08, 20),), 1e-5)
+    assert epsilon == pytest.approx(29.8, abs=0.2)  # its first atom alone would say 0.61
+    assert step_pld(mixture, 0.08).get_epsilon_for_delta(1e-5) == pytest.approx(
+        noise_pld(mixture, 0.08).get_epsilon_for_delta(1e-5), rel=1e-9)
+
+
+def test_restarting_a_node_and_a_second_federation_continue_its_spending_from_disk_and_refuse_past_it(tmp_path):
+    budget = {"epsilon-budget": 3.0, "delta": 1e-5}
+    first = FederatedServer(fed_config(tmp_path / "a", **{"federation.rounds": 1}),
+                            InProcessGrid(NODES, node_configs={i: budget for i in range(NODES)}), tmp_path / "a")
+    assert first.run_round(1)["accepted"] == NODES
+    ledger = holder_ledger()
+    spent = {k: ledger.epsilon(k, 1e-5) for k in ledger.keys()}
+    assert len(spent) == NODES and all(0 < e < 3.0 for e in spent.values())
+    # New processes' worth of state (fresh contexts, new node ids), a new federation over the same data and
+    # a budget that leaves room for less than one more round: every node refuses, by its ledger on disk.
+    two_rounds = noise_epsilon(((first.noise, first.config.federation.sample_rate, 2 * STEPS),), 1e-5)
+    tight = {"epsilon-budget": (max(spent.values()) + two_rounds) / 2, "delta": 1e-5}
+    second = FederatedServer(fed_config(tmp_path / "b", **{"federation.rounds": 1}),
+                             InProcessGrid(NODES, node_configs={i: tight for i in range(NODES)}, first_id=77),
+                             tmp_path / "b")
+    row = second.run_round(1)
+    assert row["accepted"] == 0 and row["rejected_by_kind"] == {"refused": NODES}
+    assert {k: ledger.epsilon(k, 1e-5) for k in ledger.keys()} == spent  # refused: nothing more was spent
+    assert all(ledger.steps(k) == STEPS for k in ledger.keys())
+
+
+def test_a_resumed_simulation_whose_node_ids_changed_still_accounts_every_partitions_spending(tmp_path):
+    config = fed_config(tmp_path, **{"federation.rounds": 3})
+    first = FederatedServer(config, InProcessGrid(NODES), tmp_path)
+    first.run_round(1)
+    first.run_round(2)
+    first.ledger.close()
+    resumed = FederatedServer(config, InProcessGrid(NODES, first_id=5), tmp_path)  # relaunched: new node ids
+    row = resumed.run_round(3)
+    three_rounds = noise_epsilon(((resumed.noise, config.federation.sample_rate, 3 * STEPS),), config.privacy.delta)
+    assert row["epsilon"] == {f"partition-{i}-of-{NODES}": pytest.approx(three_rounds, rel=1e-12)
+                              for i in range(NODES)}
+    ledger = holder_ledger()  # and the holders' own ledgers say the same
+    assert sorted(ledger.epsilon(k, config.privacy.delta) for k in ledger.keys()) == pytest.approx(
+        [three_rounds] * NODES, rel=1e-12)
+
+
+def test_a_redelivered_instruction_gets_the_same_bytes_back(tmp_path):
+    server, grid, exchanged, _ = _train_round(tmp_path)
+    msg, first = exchanged[0]
+    again = client_app.train(msg, grid.contexts[msg.metadata.dst_node_id])
+    assert again.content.config_records["seedtune"]["payload"] == first.content.config_records["seedtune"]["payload"]
+    ledger = holder_ledger()
+    assert sorted(ledger.steps(k) for k in ledger.keys()) == [STEPS] * NODES  # one release, not two
+
+
+class _Overflowing:
+    """A model whose loss overflows for one example along any direction (a ZoModel of four examples)."""
+
+    def snapshot(self) -> None:
+        self.scale = 0.0
+
+    def perturb(self, seed: int, scale: float) -> None:
+        self.scale = scale
+
+    def restore(self) -> None:
+        self.scale = 0.0
+
+    def apply(self, seed: int, coeff: float) -> None:
+        pass
+
+    def per_example_loss(self, ids, labels) -> np.ndarray:
+        base = np.array([0.5 + 0.1 * self.scale * i for i in range(len(ids))], dtype=np.float32)
+        base[np.asarray(labels) == 9] = np.inf if self.scale > 0 else 1.0
+        return base
+
+
+def test_an_infinite_estimate_releases_a_finite_scalar():
+    rng = SecureRandom()
+    g = np.array([0.5, np.inf, -np.inf, np.nan, -0.25])
+    scalar, clipped = privatize(g, 1.0, 4.0, Noise.gaussian(1.0), rng)
+    assert math.isfinite(scalar) and clipped == 0
+    assert privatize(g, 1.0, 4.0, None, rng)[0] == pytest.approx((0.5 - 0.25) / 4.0)
+    result = zo_step(_Overflowing(), [[1], [2], [3], [4]], np.array([0, 9, 1, 0]), seeds=(5,), mu=1e-3,
+                     sample_rate=1.0, microbatch=2, rng=rng, clip=1.0, noise=Noise.gaussian(1.0))
+    assert all(math.isfinite(s) for s in result.scalars) and result.nonfinite == 1
+
+
+def test_the_train_subset_changes_by_one_record_when_one_record_is_removed():
+    sentences = [f"record number {i}" for i in range(4000)]
+    split = Split(sentences, np.arange(4000) % 2)
+    kept = set(split.hashed_subset(1000, seed=3).sentences)
+    assert 850 < len(kept) < 1150
+    removed = sentences[17]
+    # The neighbouring file, one record short; the public size is that of the original (its rate unchanged).
+    neighbour = Split(sentences[:17] + sentences[18:], np.delete(np.arange(4000) % 2, 17))
+    kept_without = set(neighbour.hashed_subset(1000 * 3999 / 4000, seed=3).sentences)
+    assert kept - {removed} == kept_without
+
+
+def test_the_gaussian_sampler_reaches_far_beyond_8_65_sigma_and_its_gap_is_negligible(monkeypatch):
+    # Force the rare event: a first uniform whose leading 120 bits are zero (probability 2^-120).
+    words = iter([b"\xff" * 8, b"\x00" * 8, b"\x00" * 8, b"\xff\xff\xff\xff\xff\xff\xff\x7f"])
+    monkeypatch.setattr(SecureRandom, "_bytes", lambda self, n: next(words))
+    u = SecureRandom().uniform(1)
+    assert 0 < u[0] < 2.0**-100  # a 53-bit uniform stops at 2^-54, so Box-Muller at 8.65 sigma
+    assert math.sqrt(-2 * math.log(u[0])) > 11.0
+    assert GAUSSIAN_SUPPORT > 37 and Noise.gaussian(1.0).support_gap() < 1e-300
+    assert Noise.laplace(1.0).support_gap() < 1e-300
