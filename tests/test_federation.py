@@ -186,21 +186,38 @@ def test_restarted_server_resumes_from_the_ledger(tmp_path):
     assert [r["round"] for r in again.ledger.rounds()] == [1, 2, 3, 4]
 
 
+# The server in this process, each node in its own (simulations.process_grid): a SIGKILL ends them all, and
+# the restarted server meets new node processes with new node ids, as a relaunched simulation would.
 KILLABLE = """
 import json, sys, time
-from simulations.inprocess import InProcessGrid
+from simulations.process_grid import ProcessGrid
 from tests.test_federation import fed_config
 from server.federation import FederatedServer
 config = fed_config(sys.argv[1], **{"federation.rounds": 6, "privacy.noise_multiplier": 3.0})
-grid = InProcessGrid(3)
+grid = ProcessGrid(3)
 send = grid.send_and_receive
 def slow_send(messages, timeout=None):
     replies = send(messages, timeout=timeout)
     time.sleep(float(sys.argv[2]))  # rounds long enough to be killed in the middle of one
     return replies
 grid.send_and_receive = slow_send
-print(json.dumps(FederatedServer(config, grid, sys.argv[1]).run()))
+summary = FederatedServer(config, grid, sys.argv[1]).run()
+grid.close()
+print(json.dumps(summary))
 """
+
+
+def _assert_every_holder_accounted(summary: dict, ledger: Ledger) -> None:
+    """Across kills and new node ids: the server counts every step it ever instructed per holder, each
+    holder's own ledger every step it released: committed <= released <= instructed, and the epsilon the
+    holders report is at most the server's (conservative) one."""
+    instructed = ledger.instructed_steps()
+    assert sorted(instructed) == [f"partition-{i}-of-{NODES}" for i in range(NODES)]
+    holders = holder_ledger()
+    released = sorted(holders.steps(k) for k in holders.keys())
+    assert len(released) == NODES and all(6 * STEPS <= s <= min(instructed.values()) for s in released)
+    assert set(summary["epsilon_holders"]) == set(instructed)
+    assert all(e <= summary["epsilon_max"] * (1 + 1e-9) for e in summary["epsilon_holders"].values())
 
 
 def test_server_killed_mid_round_resumes_without_loss_or_double_apply(tmp_path):
@@ -232,6 +249,7 @@ def test_server_killed_mid_round_resumes_without_loss_or_double_apply(tmp_path):
     assert [after.hash_at(v) for v in range(len(heads))] == heads  # nothing committed before the kill changed
     assert [(r["round"], r["entries"]) for r in after.rounds()] == [(r, NODES * STEPS) for r in range(1, 7)]
     assert not math.isnan(summary["test_accuracy"])
+    _assert_every_holder_accounted(summary, after)
 
 
 def test_server_killed_at_random_points_never_loses_or_repeats_a_round(tmp_path):
@@ -259,6 +277,7 @@ def test_server_killed_at_random_points_never_loses_or_repeats_a_round(tmp_path)
     assert after.verify() == 6 * NODES * STEPS
     assert [(r["round"], r["entries"]) for r in after.rounds()] == [(r, NODES * STEPS) for r in range(1, 7)]
     assert survived == sorted(survived)  # committed rounds only ever grow
+    _assert_every_holder_accounted(json.loads(out.stdout.strip().splitlines()[-1]), after)
 
 
 def test_laplace_noise_travels_in_the_header_and_both_sides_account_it(tmp_path):
