@@ -72,7 +72,10 @@ def make_client_app(config: FedAvgConfig) -> ClientApp:
         losses = [learner.step() for _ in range(config.local_steps)]
         done = int(context.state.config_records.get(STATE, ConfigRecord({"steps": 0}))["steps"]) + len(losses)
         context.state[STATE] = ConfigRecord({"steps": done})
-        metrics = {"num_examples": len(learner.ids), "loss": float(sum(losses) / len(losses)), "steps": done}
+        # The loss and the data size depend on the private data: they stay in the node's log, never sent.
+        log.info("fedavg node %s: mean loss %.4f over %d local steps (local only)", context.node_id,
+                 sum(losses) / len(losses), len(losses))
+        metrics = {"steps": done}
         if learner.noise is not None:
             metrics["epsilon"] = noise_epsilon(((learner.noise, learner.sample_rate, done),), config.learner.delta)
         content = RecordDict({TRAINABLE: ArrayRecord(trainable_state(learner.task.module)),

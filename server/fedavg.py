@@ -59,8 +59,7 @@ def run_rounds(config: FedAvgConfig, grid: Grid) -> dict[str, Any]:
         task.module.load_state_dict(new, strict=False)
         metrics = [r.content.metric_records[METRICS] for r in replies]
         rounds.append({"round": rnd, "replies": len(replies), "bytes_up_max": max(up), "bytes_down_max": max(down),
-                       "epsilon_max": max((m["epsilon"] for m in metrics if "epsilon" in m), default=None),
-                       "train_loss": sum(m["loss"] for m in metrics) / len(metrics)})
+                       "epsilon_max": max((m["epsilon"] for m in metrics if "epsilon" in m), default=None)})
         log.info("fedavg round %d: %d replies, uplink %d B per node", rnd, len(replies), max(up))
     summary = {
         "model": task.name, "method": "fed-" + cfg.method, "rounds": config.rounds, "clients": len(nodes),

@@ -375,7 +375,10 @@ class FederatedServer:
             "zero_shot_test_accuracy": next((r.get("test_accuracy") for r in rows if r["round"] == 0), None),
             "test_accuracy": test_accuracy, "model_digest": self.replica.digest(), "state_digest": server_digest,
             "client_digests": client_digests, "client_runtimes": client_runtimes,
-            "clients_agree": bool(client_digests) and all(d == server_digest for d in client_digests.values()),
+            # Every live node answered the final sync, and every answer matches: a silent or refusing node is
+            # not agreement.
+            "clients_agree": bool(client_digests) and len(client_digests) == len(self.grid.get_node_ids())
+                             and all(d == server_digest for d in client_digests.values()),
             "ledger": str(self.ledger.path), "wall_s": round(time.time() - start, 2),
         }
         self.report.finish(summary)

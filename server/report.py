@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-CSV_COLUMNS = ("round", "dev_accuracy", "train_loss", "nodes", "replies", "accepted", "rejected", "entries",
+CSV_COLUMNS = ("round", "dev_accuracy", "nodes", "replies", "accepted", "rejected", "entries",
                "ledger_entries", "epsilon_max", "bytes_up_max", "bytes_up_per_step", "bytes_down_max",
                "bytes_down_total", "wall_s")
 

@@ -321,3 +321,13 @@ def test_robust_aggregation_ignores_a_malicious_minority(tmp_path, rule):
     server.config.federation.aggregation = "mean"
     assert update(honest)[0] == pytest.approx([1.03, -2.03])
     assert update(attacked)[0][0] > 1.5  # what the attacker achieves against the plain mean
+
+
+def test_clients_agree_only_when_every_node_answers_the_final_sync(tmp_path):
+    grid = InProcessGrid(NODES)
+    server = FederatedServer(fed_config(tmp_path, **{"federation.rounds": 1}), grid, tmp_path)
+    silent = grid.get_node_ids()[0]
+    grid.tamper = lambda r: None if (r.metadata.message_type == "query" and r.metadata.src_node_id == silent
+                                     and server.ledger.last_round >= 1) else r
+    summary = server.run()
+    assert len(summary["client_digests"]) == NODES - 1 and not summary["clients_agree"]
