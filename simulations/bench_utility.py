@@ -205,7 +205,9 @@ def _fed_dpzo(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
         "data.train_size": plan.fed_train_size, "data.test_size": plan.fed_test_size, "eval.dev_size": 32,
         "federation.rounds": FED_ROUNDS_DPZO, "federation.local_steps": FED_LOCAL_STEPS_DPZO,
         "federation.clients_per_round": 0, "federation.sample_rate": sample_rate, "federation.run_dir": out_dir})
-    summary = FederatedServer(config, InProcessGrid(FED_CLIENTS), out_dir).run()
+    # Fresh simulated data holders per row: their privacy ledger lives in the row's folder.
+    grid = InProcessGrid(FED_CLIENTS, privacy_ledger=str(Path(out_dir) / "privacy-ledger.sqlite"))
+    summary = FederatedServer(config, grid, out_dir).run()
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     return {"test_accuracy": summary["test_accuracy"], "zero_shot_accuracy": summary["zero_shot_test_accuracy"],
             "epsilon_spent": summary["epsilon_max"], "batch_size": round(sample_rate * plan.fed_train_size

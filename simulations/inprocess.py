@@ -24,13 +24,16 @@ TaskIdentity.task_id = TaskIdentity.task_id if TaskIdentity._task_id is not None
 
 class InProcessGrid:
     def __init__(self, num_nodes: int, run_config: dict | None = None, node_configs: dict[int, dict] | None = None,
-                 run_id: int = 7, first_id: int = (1 << 63) + 1000) -> None:
+                 run_id: int = 7, first_id: int = (1 << 63) + 1000, privacy_ledger: str = "") -> None:
         """``first_id``: node ids are first_id + partition (above 2^63 by default, as real Flower ids can be);
-        another value is what a relaunched simulation looks like: same partitions, new node ids."""
+        another value is what a relaunched simulation looks like: same partitions, new node ids.
+        ``privacy_ledger``: the simulated holders' privacy ledger (default: client.holder's location); a
+        benchmark that simulates fresh holders every run points it into its run folder."""
         self.run = SimpleNamespace(run_id=run_id)
         ids = [first_id + i for i in range(num_nodes)]
         self.contexts = {
             nid: Context(run_id, nid, {"partition-id": i, "num-partitions": num_nodes, "simulated": True,
+                                       **({"privacy-ledger": privacy_ledger} if privacy_ledger else {}),
                                        **(node_configs or {}).get(i, {})},
                          RecordDict(), run_config or {})
             for i, nid in enumerate(ids)

@@ -45,8 +45,8 @@ class Crash(RuntimeError):
 
 class FaultyGrid(InProcessGrid):
     def __init__(self, num_nodes: int, dropout: float, crash: float, crash_rounds: set[int], seed: int,
-                 malicious: tuple[str, ...] = MALICIOUS) -> None:
-        super().__init__(num_nodes)
+                 malicious: tuple[str, ...] = MALICIOUS, privacy_ledger: str = "") -> None:
+        super().__init__(num_nodes, privacy_ledger=privacy_ledger)
         self.rng = random.Random(seed)  # public fault schedule, not privacy randomness
         self.dropout, self.crash = dropout, crash
         self.crash_rounds = set(crash_rounds)
@@ -110,7 +110,9 @@ def soak(rounds: int, clients: int, model: str, run_dir: Path, seed: int, dropou
         "federation.trim": 0.2, "zo.lr": lr, "privacy.epsilon": 8.0, "privacy.clip": 5.0,
         "federation.run_dir": str(run_dir), "threads": 1, **(overrides or {}),
     })
-    grid = FaultyGrid(clients, dropout, crash, crash_rounds, seed, malicious)
+    # Fresh simulated data holders for every soak: their privacy ledger lives in the run folder.
+    grid = FaultyGrid(clients, dropout, crash, crash_rounds, seed, malicious,
+                      privacy_ledger=str(Path(run_dir) / "privacy-ledger.sqlite"))
     restarts, summary = [], None
     while summary is None:
         server = FederatedServer(config, grid, run_dir)
