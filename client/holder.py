@@ -91,26 +91,27 @@ class HolderLedger:
     def close(self) -> None:
         self._conn.close()
 
-    def _runs(self, key: str) -> tuple[Run, ...] | None:
-        """The holder's private steps as runs of identical (noise, rate); None once anything was non-private."""
+    def _runs(self, key: str, extra: Run | None = None) -> tuple[Run, ...] | None:
+        """The holder's private steps (and ``extra``) as runs of identical (noise, rate), merged the way every
+        accountant of this project merges them, so equal histories hit one cached epsilon; None once anything
+        was non-private."""
+        rows = [(Noise.from_json(n) if n != NON_PRIVATE else None, rate, steps) for n, rate, steps in
+                self._conn.execute("SELECT noise, sample_rate, steps FROM releases WHERE data_key = ? ORDER BY rowid",
+                                   (key,))]
         runs: list[Run] = []
-        for noise, rate, steps in self._conn.execute(
-                "SELECT noise, sample_rate, steps FROM releases WHERE data_key = ? ORDER BY rowid", (key,)):
-            if noise == NON_PRIVATE:
+        for noise, rate, steps in rows + ([extra] if extra else []):
+            if noise is None:
                 return None
-            n = Noise.from_json(noise)
-            if runs and runs[-1][:2] == (n, rate):
-                runs[-1] = (n, rate, runs[-1][2] + steps)
+            if runs and runs[-1][:2] == (noise, rate):
+                runs[-1] = (noise, rate, runs[-1][2] + steps)
             else:
-                runs.append((n, rate, steps))
+                runs.append((noise, rate, steps))
         return tuple(runs)
 
     def epsilon(self, key: str, delta: float, extra: Run | None = None) -> float:
         """The holder's epsilon at ``delta`` over every recorded release (plus ``extra`` steps, if given)."""
-        runs = self._runs(key)
-        if runs is None or (extra is not None and extra[0] is None):
-            return math.inf
-        return noise_epsilon(runs + ((extra,) if extra else ()), delta)
+        runs = self._runs(key, extra)
+        return math.inf if runs is None else noise_epsilon(runs, delta)
 
     def keys(self) -> list[str]:
         """The data sets (data keys) with releases in this ledger."""
@@ -132,9 +133,9 @@ class HolderLedger:
         after = self.epsilon(key, budget.delta, run)
         if after > budget.epsilon:
             spent = self.epsilon(key, budget.delta)
+            log.warning("data holder budget reached; its privacy ledger is %s", self.path)
             raise BudgetExceeded(f"{run[2]} more steps would bring this data holder from epsilon {spent:.3f} to "
-                                 f"{after:.3f} > its budget {budget.epsilon} (delta {budget.delta}); its ledger "
-                                 f"is {self.path}")
+                                 f"{after:.3f} > its budget {budget.epsilon} (delta {budget.delta})")
         return after
 
     def record(self, key: str, request: str, run: Run, budget: Budget | None, reply: bytes) -> None:

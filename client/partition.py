@@ -15,7 +15,7 @@ import numpy as np
 from client.holder import data_key
 from client.node import Partition
 from shared.config import RunConfig
-from shared.tasks import load_split
+from shared.tasks import Split, load_split
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,19 @@ class Tokenizes(Protocol):
     name: str
 
     def encode(self, sentences: Sequence[str]) -> list[list[int]]: ...
+
+
+_SPLITS: dict[tuple, Split] = {}
+
+
+def _train_split(config: RunConfig) -> Split:
+    """The training split, loaded once per process (a simulation actor serves many partitions of it)."""
+    d = config.data
+    key = (d.task, d.data_dir, d.train_size, d.seed, d.min_words)
+    if key not in _SPLITS:
+        _SPLITS.clear()  # one data set per process at a time
+        _SPLITS[key] = load_split(d, "train")
+    return _SPLITS[key]
 
 
 def _partitioner(config: RunConfig, num_partitions: int):
@@ -48,7 +61,7 @@ def load_partition(config: RunConfig, task: Tokenizes, partition_id: int, num_pa
     if key not in _CACHE:
         from datasets import Dataset
 
-        split = load_split(config.data, "train")
+        split = _train_split(config)
         partitioner = _partitioner(config, num_partitions)
         partitioner.dataset = Dataset.from_dict({"sentence": split.sentences, "label": split.labels.tolist()})
         part = partitioner.load_partition(partition_id)
