@@ -2,7 +2,7 @@
 
 The node's replica position (ledger version, trainable values at that position) lives in ``context.state``,
 which Flower keeps for the node across rounds; what the node has released from its data lives in its data
-holder's privacy ledger on disk (client.holder), which outlives the process, the run and the node id. The
+holder's privacy ledger on disk (client.privacy_ledger), which outlives the process, the run and the node id. The
 base model is cached per process and, for SmolLM2, de-quantised once to disk. Node config keys:
 ``partition-id`` and ``num-partitions`` (set by the simulation, or by hand in a deployment);
 ``epsilon-budget`` and ``delta`` (the data holder's own limit: required on a deployed node; a simulated node
@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.holder import Budget, holder_ledger
+from client.privacy_ledger import Budget, open_privacy_ledger
 from client.node import Holder, NodeState, Runtime, handle_instruction, refusal, sync
 from client.partition import load_partition
 from shared.proto import Instruction
@@ -67,7 +67,7 @@ def _holder(context: Context) -> Holder:
     partition), ``epsilon-budget`` and ``delta`` (required on a deployed node), ``privacy-ledger``."""
     cfg = context.node_config
     name = str(cfg.get("holder") or f"partition-{cfg.get('partition-id')}-of-{cfg.get('num-partitions')}")
-    ledger = holder_ledger(str(cfg.get("privacy-ledger", "")) or None)
+    ledger = open_privacy_ledger(str(cfg.get("privacy-ledger", "")) or None)
     budget = None
     if "epsilon-budget" in cfg or "delta" in cfg:
         try:

@@ -2,7 +2,7 @@
 
 A node keeps, between messages, only its replica's position (version, chain head), its trainable values
 at that position and the ledger header it joined; what it has released lives in its data holder's privacy
-ledger on disk (client.holder). Per instruction it checks the instruction is for this federation, catches up
+ledger on disk (client.privacy_ledger). Per instruction it checks the instruction is for this federation, catches up
 by replaying the ledger tail, refuses anything that would weaken the privacy it was configured with or the
 header pinned (non-private, another noise, clip or rate) or take its holder past its budget (it does not
 have to trust the server), answers a re-delivered instruction with the stored reply, runs one private ZO step
@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from client.holder import Budget, BudgetExceeded, HolderLedger, request_key
+from client.privacy_ledger import Budget, BudgetExceeded, PrivacyLedger, request_key
 from client.zo_step import zo_step
 from shared.chain import ChainError, header_digest
 from shared.config import RunConfig, cache_root
@@ -41,7 +41,7 @@ class Refusal(RuntimeError):
 @dataclass
 class NodeState:
     """Where this node's replica stands (public: it moves only by the ledger); its spending is in its
-    :class:`client.holder.HolderLedger`, on disk, not here."""
+    :class:`client.privacy_ledger.PrivacyLedger`, on disk, not here."""
 
     header: bytes = b""  # serialized LedgerHeader of the federation this node joined
     version: int = 0
@@ -53,7 +53,7 @@ class NodeState:
 class Partition:
     ids: list[list[int]]
     labels: np.ndarray
-    key: str  # client.holder.data_key of the records: which data set the privacy ledger charges
+    key: str  # client.privacy_ledger.data_key of the records: which data set the privacy ledger charges
 
 
 _ANNOUNCED: set[str] = set()  # simulated holders whose default budget was logged
@@ -69,7 +69,7 @@ class Holder:
 
     name: str
     budget: Budget | None
-    ledger: HolderLedger
+    ledger: PrivacyLedger
     simulated: bool = False
 
     def budget_for(self, config: RunConfig) -> Budget | None:

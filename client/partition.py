@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from client.holder import data_key
+from client.privacy_ledger import data_key
 from client.node import Partition
 from shared.config import RunConfig
 from shared.tasks import Split, load_split

@@ -11,7 +11,7 @@ Privacy is accounted per data holder, by the identity each node states (``Reply.
 node id, which changes at every launch and key rotation. The ledger is the source of truth: a restarted
 server replays it, recovers each holder's step count from the instructions it recorded before sending
 (including rounds that never committed), and continues with the next round. The nodes keep their own
-accounting on their own disks (client.holder); the summary shows both.
+accounting on their own disks (client.privacy_ledger); the summary shows both.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ class InProcessGrid:
                  run_id: int = 7, first_id: int = (1 << 63) + 1000, privacy_ledger: str = "") -> None:
         """``first_id``: node ids are first_id + partition (above 2^63 by default, as real Flower ids can be);
         another value is what a relaunched simulation looks like: same partitions, new node ids.
-        ``privacy_ledger``: the simulated holders' privacy ledger (default: client.holder's location); a
+        ``privacy_ledger``: the simulated holders' privacy ledger (default: client.privacy_ledger's location); a
         benchmark that simulates fresh holders every run points it into its run folder."""
         self.run = SimpleNamespace(run_id=run_id)
         ids = [first_id + i for i in range(num_nodes)]

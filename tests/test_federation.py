@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from client.holder import holder_ledger
+from client.privacy_ledger import open_privacy_ledger
 from server.federation import FederatedServer
 from shared.accounting import noise_epsilon
 from server.ledger import Ledger
@@ -213,7 +213,7 @@ def _assert_every_holder_accounted(summary: dict, ledger: Ledger) -> None:
     holders report is at most the server's (conservative) one."""
     instructed = ledger.instructed_steps()
     assert sorted(instructed) == [f"partition-{i}-of-{NODES}" for i in range(NODES)]
-    holders = holder_ledger()
+    holders = open_privacy_ledger()
     released = sorted(holders.steps(k) for k in holders.keys())
     assert len(released) == NODES and all(6 * STEPS <= s <= min(instructed.values()) for s in released)
     assert set(summary["epsilon_holders"]) == set(instructed)
@@ -291,7 +291,7 @@ def test_laplace_noise_travels_in_the_header_and_both_sides_account_it(tmp_path)
     sent = [from_content(m.content, Instruction) for m in grid.sent if m.metadata.message_type == "train"]
     assert len(sent) == 2 and all(i.hyper.noise == server.noise.to_json() for i in sent)
     # The holders' own ledgers and the server agree on what one round of Laplace noise cost.
-    ledger = holder_ledger()
+    ledger = open_privacy_ledger()
     assert len(ledger.keys()) == 2 and all(ledger.steps(k) == STEPS for k in ledger.keys())
     spent = noise_epsilon(((server.noise, config.federation.sample_rate, STEPS),), config.privacy.delta)
     assert all(ledger.epsilon(k, config.privacy.delta) == pytest.approx(spent, rel=1e-12) for k in ledger.keys())

@@ -12,7 +12,7 @@ import pytest
 from flwr.app import Message
 
 import client.app as client_app
-from client.holder import holder_ledger
+from client.privacy_ledger import open_privacy_ledger
 from client.zo_step import privatize, zo_step
 from server.federation import FederatedServer
 from shared.accounting import noise_epsilon, noise_pld, step_pld
@@ -110,7 +110,7 @@ def test_restarting_a_node_and_a_second_federation_continue_its_spending_from_di
     first = FederatedServer(fed_config(tmp_path / "a", **{"federation.rounds": 1}),
                             InProcessGrid(NODES, node_configs={i: budget for i in range(NODES)}), tmp_path / "a")
     assert first.run_round(1)["accepted"] == NODES
-    ledger = holder_ledger()
+    ledger = open_privacy_ledger()
     spent = {k: ledger.epsilon(k, 1e-5) for k in ledger.keys()}
     assert len(spent) == NODES and all(0 < e < 3.0 for e in spent.values())
     # New processes' worth of state (fresh contexts, new node ids), a new federation over the same data and
@@ -137,7 +137,7 @@ def test_a_resumed_simulation_whose_node_ids_changed_still_accounts_every_partit
     three_rounds = noise_epsilon(((resumed.noise, config.federation.sample_rate, 3 * STEPS),), config.privacy.delta)
     assert row["epsilon"] == {f"partition-{i}-of-{NODES}": pytest.approx(three_rounds, rel=1e-12)
                               for i in range(NODES)}
-    ledger = holder_ledger()  # and the holders' own ledgers say the same
+    ledger = open_privacy_ledger()  # and the holders' own ledgers say the same
     assert sorted(ledger.epsilon(k, config.privacy.delta) for k in ledger.keys()) == pytest.approx(
         [three_rounds] * NODES, rel=1e-12)
 
@@ -147,7 +147,7 @@ def test_a_redelivered_instruction_gets_the_same_bytes_back(tmp_path):
     msg, first = exchanged[0]
     again = client_app.train(msg, grid.contexts[msg.metadata.dst_node_id])
     assert again.content.config_records["seedtune"]["payload"] == first.content.config_records["seedtune"]["payload"]
-    ledger = holder_ledger()
+    ledger = open_privacy_ledger()
     assert sorted(ledger.steps(k) for k in ledger.keys()) == [STEPS] * NODES  # one release, not two
 
 

@@ -216,12 +216,12 @@ def test_real_models_losses_match_torch(name, tmp_path):
 
 
 def test_a_node_whose_onnx_model_is_missing_refuses_by_name(mixed, tmp_path):
-    from client.holder import Budget, holder_ledger
+    from client.privacy_ledger import Budget, open_privacy_ledger
     from client.node import Holder, NodeState, Runtime, handle_instruction
 
     _, _, grid, _ = mixed
     first = next(m for m in grid.sent if m.metadata.message_type == "train")
-    holder = Holder("partition-0-of-4", Budget(3.0, 1e-5), holder_ledger())
+    holder = Holder("partition-0-of-4", Budget(3.0, 1e-5), open_privacy_ledger())
     reply = handle_instruction(from_content(first.content, Instruction), 1, NodeState(), lambda r: None, holder,
                                runtime=Runtime("onnx", str(tmp_path / "absent.onnx")))
     assert "absent.seedtune.json is missing" in reply.refusal and not reply.scalars

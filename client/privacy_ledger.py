@@ -77,7 +77,7 @@ class Budget:
 Run = tuple[Noise | None, float, int]  # (noise, sampling rate, steps); no noise: a non-private release
 
 
-class HolderLedger:
+class PrivacyLedger:
     """The releases of every data set this node holds, in one SQLite file (WAL, synchronous=FULL)."""
 
     def __init__(self, path: str | Path | None = None) -> None:
@@ -155,13 +155,13 @@ class HolderLedger:
             raise
 
 
-_LEDGERS: dict[Path, HolderLedger] = {}
+_LEDGERS: dict[Path, PrivacyLedger] = {}
 
 
-def holder_ledger(path: str | Path | None = None) -> HolderLedger:
+def open_privacy_ledger(path: str | Path | None = None) -> PrivacyLedger:
     """One open ledger per file and process (a simulation actor serves many nodes)."""
     resolved = (Path(path) if path else default_path()).resolve()
     if resolved not in _LEDGERS:
-        _LEDGERS[resolved] = HolderLedger(resolved)
+        _LEDGERS[resolved] = PrivacyLedger(resolved)
         log.info("privacy ledger of this node's data holders: %s", resolved)
     return _LEDGERS[resolved]
