@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.privacy_ledger import Budget, open_privacy_ledger
-from client.node import Holder, NodeState, Runtime, handle_instruction, refusal, sync
+from client.node import DataSource, Holder, NodeState, Runtime, handle_instruction, refusal, sync
 from client.partition import load_partition
 from shared.proto import Instruction
 from shared.follower import LedgerFollower
@@ -96,12 +96,17 @@ def _runtime(context: Context) -> Runtime:
     return Runtime(str(cfg.get("runtime", "torch")), str(cfg.get("onnx-model", "")))
 
 
+def _node(context: Context) -> tuple[Holder, Runtime, DataSource]:
+    """What the node config says this node is: its data holder, runtime and data (ValueError if unusable)."""
+    return _holder(context), _runtime(context), _data_source(context)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     ins = from_content(msg.content, Instruction)
     try:
-        holder, runtime, data = _holder(context), _runtime(context), _data_source(context)
-    except ValueError as exc:  # NodeConfigError included
+        holder, runtime, data = _node(context)
+    except ValueError as exc:  # NodeConfigError included: refuse by name rather than fail the ClientApp
         return Message(to_content(refusal(ins, context.node_id, str(exc))), reply_to=msg)
     state = load_state(context)
     reply = handle_instruction(ins, context.node_id, state, data, holder, runtime=runtime)
@@ -113,7 +118,7 @@ def train(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     ins = from_content(msg.content, Instruction)
     try:
-        holder, runtime, data = _holder(context), _runtime(context), _data_source(context)
+        holder, runtime, data = _node(context)
     except ValueError as exc:
         return Message(to_content(refusal(ins, context.node_id, str(exc))), reply_to=msg)
     state = load_state(context)

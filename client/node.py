@@ -202,11 +202,11 @@ def refusal(ins: Instruction, node_id: int, reason: str, runtime: Runtime = Runt
     return reply
 
 
-def _privacy_of(ins: Instruction, replica: LedgerFollower, holder: Holder) -> Noise | None:
+def _privacy_of(ins: Instruction, replica: LedgerFollower, budget: Budget | None) -> Noise | None:
     """The noise the instruction asks for, after checking it keeps the privacy this node was configured with
     and the ledger header pinned: a node never releases more than both allow, whatever the server says."""
     h, config = ins.hyper, replica.config
-    if holder.budget_for(config) is not None and not h.private:
+    if budget is not None and not h.private:
         raise Refusal("a non-private instruction: this node releases only clipped, noised scalars")
     if h.private != config.privacy.enabled:
         raise Refusal(f"instruction private={h.private}, the ledger header says privacy.enabled="
@@ -239,7 +239,8 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
         raise Refusal(f"after the tail the replica is at version {replica.version}, the instruction says "
                       f"{ins.model_version}")
     h = ins.hyper
-    noise = _privacy_of(ins, replica, holder)
+    budget = holder.budget_for(replica.config)
+    noise = _privacy_of(ins, replica, budget)
     if not (math.isfinite(h.lr) and math.isfinite(h.mu) and h.lr > 0 and h.mu > 0):
         raise Refusal(f"invalid step parameters: lr {h.lr}, mu {h.mu}")
     if not ins.seeds:
@@ -252,7 +253,6 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
         log.info("round %d: instruction already answered; resending the stored reply", ins.round)
         return Reply.FromString(stored)
     run = (noise, h.sample_rate, len(ins.seeds))
-    budget = holder.budget_for(replica.config)
     epsilon = holder.ledger.check(data.key, run, budget)
 
     microbatch = replica.config.model.microbatch
