@@ -19,84 +19,11 @@ import numpy as np
 from shared.config import RunConfig, from_dict
 from shared.directions import CHUNK, direction_numpy
 from shared.follower import LedgerFollower, ReplicaError
-from shared.onnx_format import OnnxMetadata, OnnxModelError, file_sha256, load_trainable, sidecars
+from shared.onnx_format import load_trainable
+from shared.onnx_task import OnnxTask
 from shared.proto import LedgerHeader
 
 log = logging.getLogger(__name__)
-
-
-class OnnxTask:
-    """The exported classifier: tokenises like :class:`shared.models.TextClassifier` and scores batches."""
-
-    def __init__(self, model_path: str | Path, threads: int = 0) -> None:
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
-        path = Path(model_path)
-        meta_path, self.trainable_path, tokenizer_path = sidecars(path)
-        self.meta = OnnxMetadata.read(meta_path)
-        if not path.is_file():
-            raise OnnxModelError(f"ONNX model {path} not found")
-        if file_sha256(path) != self.meta.onnx_sha256:
-            raise OnnxModelError(f"{path} differs from the file its metadata describes (SHA-256 mismatch)")
-        self.name, self.kind, self.max_length = self.meta.model, self.meta.kind, self.meta.max_length
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        if self.kind == "encoder":
-            self.tokenizer.enable_truncation(self.max_length)
-        else:
-            self._tail = self.tokenizer.encode(self.meta.prompt.split("{sentence}")[1],
-                                               add_special_tokens=False).ids
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # the overridable `trainable` initializer is by design; no warning for it
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    # --------------------------------------------------------------------------------------- inputs
-    def encode(self, sentences: Sequence[str]) -> list[list[int]]:
-        if self.kind == "decoder":
-            texts = [self.meta.prompt.format(sentence=s.strip()) for s in sentences]
-            ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
-            # Truncate the review, never the prompt's tail that the label words follow.
-            n, tail = self.max_length, self._tail
-            return [x if len(x) <= n else x[: n - len(tail)] + tail for x in ids]
-        return [e.ids for e in self.tokenizer.encode_batch(list(sentences))]
-
-    def collate(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        width = max(len(x) for x in ids)
-        input_ids = np.full((len(ids), width), self.meta.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        for row, x in enumerate(ids):
-            input_ids[row, : len(x)] = x
-            mask[row, : len(x)] = 1
-        return input_ids, mask
-
-    # -------------------------------------------------------------------------------------- scoring
-    def logits(self, ids: Sequence[Sequence[int]], trainable: np.ndarray | None = None) -> np.ndarray:
-        """Class logits; ``trainable=None`` uses the values stored in the file (the exported model)."""
-        input_ids, mask = self.collate(ids)
-        feed = {"input_ids": input_ids, "attention_mask": mask}
-        if trainable is not None:
-            feed["trainable"] = trainable
-        return self.session.run(["logits"], feed)[0]
-
-    def per_example_loss(self, ids: Sequence[Sequence[int]], labels: np.ndarray,
-                         trainable: np.ndarray | None = None) -> np.ndarray:
-        logits = self.logits(ids, trainable).astype(np.float64)
-        top = logits.max(-1, keepdims=True)
-        logsumexp = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
-        return (logsumexp - logits[np.arange(len(labels)), labels]).astype(np.float32)
-
-    def accuracy(self, ids: Sequence[Sequence[int]], labels: np.ndarray, batch_size: int = 64,
-                 trainable: np.ndarray | None = None) -> float:
-        if len(ids) == 0:
-            raise ValueError("cannot compute accuracy on an empty split")
-        order = np.argsort([len(x) for x in ids], kind="stable")
-        correct = 0
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            correct += int((self.logits([ids[i] for i in rows], trainable).argmax(-1) == labels[rows]).sum())
-        return correct / len(ids)
 
 
 class OnnxView:

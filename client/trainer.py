@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from client.zo_step import zo_step
-from server.ledger import Ledger
+from shared.ledger import Ledger
 from shared.accounting import PrivacyAccountant
 from shared.config import ConfigError, RunConfig
 from shared.digest import model_digest

@@ -37,7 +37,7 @@ from shared.tasks import load_split
 from shared.noise import Noise, SecureRandom
 from shared.noise_search import plan_noise
 from shared.wire import PayloadTooLarge, WireError, from_content, to_content, wire_bytes
-from server.ledger import Ledger, LedgerError
+from shared.ledger import Ledger, LedgerError
 from server.report import RunReport
 
 log = logging.getLogger(__name__)

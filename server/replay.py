@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.ledger import Ledger
+from shared.ledger import Ledger
 from shared.replica import Replica
 
 

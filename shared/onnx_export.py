@@ -75,7 +75,7 @@ def _with_default(path: Path, values: np.ndarray) -> None:
 
 def _check(task: TextClassifier, model_path: Path, values: np.ndarray) -> dict[str, float]:
     """ONNX Runtime vs torch logits on public sentences, at the exported values and at a perturbed vector."""
-    from client.onnx_runtime import OnnxTask
+    from shared.onnx_task import OnnxTask
 
     ort_task = OnnxTask(model_path)
     ids = task.encode(CHECK_SENTENCES)

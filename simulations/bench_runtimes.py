@@ -52,7 +52,7 @@ def interleaved_step_ratio(name: str, model: str, batch_size: int, seq_len: int,
 def compare(name: str, batch_size: int, seq_len: int, fraction: float, repeats: int, export_dir: Path) -> dict:
     model = export_dir / f"{name}-len{seq_len}-frac{fraction:g}" / "model.onnx"
     if not model.is_file():
-        _json_line([sys.executable, "-m", "shared.cli", "export-onnx", "--out", str(model), "-s",
+        _json_line([sys.executable, "-m", "seedtune.cli", "export-onnx", "--out", str(model), "-s",
                     f"model.name={name}", "-s", f"model.max_length={seq_len}", "-s", f"selection.fraction={fraction}"])
     bench = [sys.executable, "-m", "simulations.bench_step", "--json", "--models", name, "--batch-size",
              str(batch_size), "--seq-len", str(seq_len), "--fraction", str(fraction), "--repeats", str(repeats)]

@@ -8,7 +8,7 @@ Methods, all on SST-2 with the same task loss (shared.models.TextClassifier, cro
 * ``zero-shot``: the base model, no step.
 * ``dpzo`` (epsilon 1, 3, 8) and ``mezo`` (the same engine, privacy off): client/trainer.py ``train``.
 * ``dpsgd`` (epsilon 1, 3, 8; DP-Adam, Opacus ghost clipping), ``dpsgd-lora`` (epsilon 3) and ``finetune``
-  (the same loop without privacy): client/dpsgd.py.
+  (the same loop without privacy): client/baselines/dpsgd.py.
 * ``fed-dpzo``: a real federated DP-ZO round (server loop + ClientApp handlers, in-process transport) and
   ``fed-dpsgd``: a real Flower FedAvg simulation of the DP-SGD clients. Their rows exist for the uplink
   (bytes per client per round, measured as Flower ships each message); their few steps are not meant to
@@ -167,7 +167,7 @@ def _zo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, extra: dict[str, An
 
 
 def _fo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, train_size: int, test_size: int):
-    from client.dpsgd import FirstOrderConfig
+    from shared.first_order import FirstOrderConfig
     from shared.config import DataConfig, ModelConfig
 
     private = spec.method != "finetune"
@@ -218,8 +218,8 @@ def _fed_dpzo(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
 
 
 def _fed_dpsgd(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
-    from client.fedavg import FedAvgConfig
-    from server.fedavg import run_fedavg
+    from shared.first_order import FedAvgConfig
+    from simulations.fedavg import run_fedavg
 
     learner = _fo_config(plan, replace(spec, method="dpsgd"), "", plan.fed_train_size,
                          plan.fed_test_size)
@@ -260,7 +260,7 @@ def run_row(spec: RowSpec) -> dict[str, Any]:
                    epsilon_spent=summary["epsilon"], trainable_params=summary["trainable_entries"],
                    noise_multiplier=summary["noise_std"], s_per_step=summary["train_s"] / spec.steps)
     elif spec.method in ("dpsgd", "dpsgd-lora", "finetune"):
-        from client.dpsgd import train_first_order
+        from client.baselines.dpsgd import train_first_order
 
         summary = train_first_order(_fo_config(plan, spec, out_dir, plan.train_size, plan.test_size),
                                     on_loop_start=training_starts)

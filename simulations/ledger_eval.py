@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.ledger import Ledger
+from shared.ledger import Ledger
 from server.replay import replay_ledger
 from shared.tasks import load_split
 

@@ -29,7 +29,7 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 import client.app as client_app
 from server.federation import FederatedServer
-from server.ledger import Ledger
+from shared.ledger import Ledger
 from shared.config import load_config
 from shared.proto import Reply
 from shared.wire import from_content, to_content
@@ -130,7 +130,7 @@ def soak(rounds: int, clients: int, model: str, run_dir: Path, seed: int, dropou
     rejected: Counter[str] = Counter()
     for r in rows:
         rejected.update(r.get("rejected_by_kind", {}))
-    replay = subprocess.run([sys.executable, "-m", "shared.cli", "replay", str(run_dir / "ledger.sqlite")],
+    replay = subprocess.run([sys.executable, "-m", "seedtune.cli", "replay", str(run_dir / "ledger.sqlite")],
                             capture_output=True, text=True, check=True)
     replayed = json.loads(replay.stdout.strip().splitlines()[-1])
     committed = [r["round"] for r in ledger.rounds()]

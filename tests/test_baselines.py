@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client.dpsgd import (FirstOrderConfig, FirstOrderLearner, poisson_rate, prepare_trainable, train_first_order,
-                          trainable_state)
+from client.baselines.dpsgd import FirstOrderLearner, train_first_order
 from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, noise_epsilon, pld_epsilon
 from shared.config import DataConfig, ModelConfig
+from shared.first_order import FirstOrderConfig, poisson_rate, prepare_trainable, trainable_state
 from shared.models import load_task_model
 from shared.noise import Noise
 from tests.helpers import LABELS, SENTENCES
@@ -47,7 +47,7 @@ def test_ghost_clipping_changes_the_trainable_weights_only(name):
 
 def test_dpsgd_noise_comes_from_the_csprng_not_a_seeded_torch_generator(monkeypatch):
     """Two learners whose torch generators are seeded alike (same batches) still get different noise."""
-    import client.dpsgd as dpsgd
+    import client.baselines.dpsgd as dpsgd
 
     monkeypatch.setattr(dpsgd, "_secure_generator", lambda: torch.Generator().manual_seed(1234))
     grads = []
@@ -131,8 +131,8 @@ def test_lora_variant_trains_only_lora_parameters(name):
 
 
 def test_fedavg_on_flower_runs_two_rounds_and_reports_bytes(tmp_path):
-    from client.fedavg import FedAvgConfig
-    from server.fedavg import run_fedavg
+    from shared.first_order import FedAvgConfig
+    from simulations.fedavg import run_fedavg
 
     config = FedAvgConfig(learner=_config("tiny-encoder", data=DataConfig(train_size=200, test_size=32),
                                           batch_size=8), rounds=2, local_steps=2, num_clients=2,

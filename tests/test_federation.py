@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from client.privacy_ledger import open_privacy_ledger
 from server.federation import FederatedServer
 from shared.accounting import noise_epsilon
-from server.ledger import Ledger
+from shared.ledger import Ledger
 from shared.config import ConfigError, load_config
 from shared.digest import tensor_digest
 from shared.proto import Instruction, Reply
@@ -52,7 +52,7 @@ def test_every_replica_agrees_and_replay_is_bit_identical(finished, tmp_path):
     run_dir, _, server, summary = finished
     assert summary["ledger_entries"] == 3 * NODES * STEPS
     assert summary["clients_agree"] and len(summary["client_digests"]) == NODES
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "replay", str(run_dir / "ledger.sqlite"),
+    out = subprocess.run([sys.executable, "-m", "seedtune.cli", "replay", str(run_dir / "ledger.sqlite"),
                           "--out", str(tmp_path / "model")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     replayed = json.loads(out.stdout.strip().splitlines()[-1])

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.ledger import Ledger
+from shared.ledger import Ledger
 from tests.deploy_harness import start_federation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
     """Two SuperNodes, the second on ONNX Runtime (an edge node without torch): a mixed real federation."""
     run_dir = tmp_path / "run"
     model = tmp_path / "onnx" / "model.onnx"
-    export = subprocess.run([sys.executable, "-m", "shared.cli", "export-onnx", "--out", str(model),
+    export = subprocess.run([sys.executable, "-m", "seedtune.cli", "export-onnx", "--out", str(model),
                              *(f"-s{k}={v}" for k, v in TINY.items() if k.startswith("model."))],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.federation import FederatedServer, Rejected
-from server.ledger import Ledger
+from shared.ledger import Ledger
 from shared.chain import ChainError
 from shared.config import load_config
 from shared.noise import Noise

@@ -7,7 +7,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from server.ledger import Ledger, LedgerError
+from shared.ledger import Ledger, LedgerError
 from shared.chain import ChainError, unpack_tail
 from shared.proto import LedgerHeader
 
@@ -124,7 +124,7 @@ def test_creation_is_atomic_and_a_crashed_creation_is_cleaned_up(tmp_path):
 
 
 def test_seedtune_verify_reports_ok_or_names_the_tampered_entry(ledger, tmp_path, capsys):
-    from shared.cli import main
+    from seedtune.cli import main
 
     ledger.close()
     assert main(["verify", str(tmp_path / "ledger.sqlite")]) == 0

@@ -13,7 +13,7 @@ import pytest
 
 from client.onnx_runtime import OnnxReplica, OnnxTask
 from server.federation import FederatedServer
-from server.ledger import Ledger
+from shared.ledger import Ledger
 from shared.chain import Entry, link
 from shared.config import from_dict
 from shared.follower import ReplicaError
@@ -138,7 +138,7 @@ def test_mixed_federation_agrees_and_replays_to_one_model_on_both_paths(mixed):
         onnx.apply(list(ledger.entries()), ledger.hash_at(len(ledger)))
     finally:
         ledger.close()
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "replay", str(run_dir / "ledger.sqlite")],
+    out = subprocess.run([sys.executable, "-m", "seedtune.cli", "replay", str(run_dir / "ledger.sqlite")],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     replayed = json.loads(out.stdout.strip().splitlines()[-1])
@@ -147,14 +147,14 @@ def test_mixed_federation_agrees_and_replays_to_one_model_on_both_paths(mixed):
 
 def test_export_onnx_command_writes_a_checked_finetuned_model(mixed, tmp_path):
     run_dir, _, _, summary = mixed
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "export-onnx", str(run_dir / "ledger.sqlite"),
+    out = subprocess.run([sys.executable, "-m", "seedtune.cli", "export-onnx", str(run_dir / "ledger.sqlite"),
                           "--out", str(tmp_path / "final.onnx")], capture_output=True, text=True, cwd=ROOT,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["state_digest"] == summary["state_digest"] and report["entries"] == summary["ledger_entries"]
     assert report["check"]["max_abs_diff"] < 1e-4 * max(1.0, report["check"]["scale"])
-    bad = subprocess.run([sys.executable, "-m", "shared.cli", "export-onnx", "--out", str(tmp_path / "x.onnx")],
+    bad = subprocess.run([sys.executable, "-m", "seedtune.cli", "export-onnx", "--out", str(tmp_path / "x.onnx")],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 2 and "LEDGER" in bad.stderr
 

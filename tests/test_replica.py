@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from server.ledger import Ledger
+from shared.ledger import Ledger
 from shared.chain import ChainError
 from shared.config import config_from_flower, load_config
 from shared.noise import Noise

@@ -6,7 +6,7 @@ import pytest
 
 
 def _seedtune(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "seedtune.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_train_cli_prints_a_summary_line(tmp_path):
@@ -49,7 +49,7 @@ def test_bad_config_fails_with_a_clear_error(tmp_path, override, message):
 @pytest.mark.parametrize("directions", [1, 3])
 def test_replaying_the_run_ledger_rebuilds_the_trained_model(tmp_path, directions):
     from client.trainer import train
-    from server.ledger import Ledger
+    from shared.ledger import Ledger
     from server.replay import replay
     from shared.config import load_config
     from shared.digest import model_digest

@@ -4,9 +4,7 @@ Per round the server sends every node the global trainable tensors, averages the
 equal weights (each is one node's clipped, noised local update applied to the global model; the average is
 post-processing), and records the bytes each message really costs on the wire (``shared.wire.wire_bytes``).
 After the last round it evaluates the global model on the test split and writes ``summary.json``.
-
-``run_fedavg`` runs the ServerApp/ClientApp pair with ``flwr.simulation.run_simulation`` (in-process, Ray
-backend) and returns that summary.
+:func:`simulations.fedavg.run_fedavg` runs it with its client half (:mod:`client.baselines.fedavg`).
 """
 
 from __future__ import annotations
@@ -21,8 +19,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from client.dpsgd import prepare_trainable, trainable_state
-from client.fedavg import METRICS, TRAINABLE, FedAvgConfig, make_client_app
+from shared.first_order import METRICS, TRAINABLE, FedAvgConfig, prepare_trainable, trainable_state
 from shared.models import load_task_model
 from shared.tasks import load_split
 from shared.wire import wire_bytes
@@ -86,25 +83,3 @@ def make_server_app(config: FedAvgConfig) -> ServerApp:
         run_rounds(config, grid)
 
     return app
-
-
-def run_fedavg(config: FedAvgConfig) -> dict[str, Any]:
-    """Run the federation in this process with Flower's simulation runtime; returns the server's summary."""
-    from flwr.simulation import run_simulation
-
-    if not config.out_dir:
-        raise ValueError("run_fedavg needs config.out_dir: the ServerApp reports through its summary.json")
-    config.learner.validate()
-    threads = max(config.learner.threads, 1)
-    run_simulation(server_app=make_server_app(config), client_app=make_client_app(config),
-                   num_supernodes=config.num_clients,
-                   backend_config={"client_resources": {"num_cpus": threads, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": threads, "include_dashboard": False}})
-    import ray
-
-    if ray.is_initialized():  # leave no actor behind (a benchmark runs rows one after another)
-        ray.shutdown()
-    path = Path(config.out_dir) / "summary.json"
-    if not path.is_file():
-        raise RuntimeError(f"the FedAvg simulation wrote no {path}; see the log above")
-    return json.loads(path.read_text())

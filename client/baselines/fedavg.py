@@ -1,7 +1,7 @@
 """The FedAvg client of the first-order baseline: local DP-SGD / DP-Adam (Opacus ghost clipping) per round.
 
 Per ``train`` message the node loads the global trainable tensors, runs ``local_steps`` private steps on its
-own partition through :class:`client.dpsgd.FirstOrderLearner`, and replies with its new trainable tensors
+own partition through :class:`client.baselines.dpsgd.FirstOrderLearner`, and replies with its new trainable tensors
 (the clipped, noised local update applied to the global model) and its epsilon. This is what DP-ZO's
 few-byte uplink is compared with: a FedAvg reply carries every trainable parameter.
 
@@ -13,35 +13,20 @@ calibrated for ``rounds x local_steps`` steps.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.dpsgd import FirstOrderConfig, FirstOrderLearner, prepare_trainable, trainable_state
+from client.baselines.dpsgd import FirstOrderLearner
 from client.partition import load_partition
 from shared.accounting import noise_epsilon
 from shared.config import FederationConfig, RunConfig
+from shared.first_order import METRICS, TRAINABLE, FedAvgConfig, prepare_trainable, trainable_state
 from shared.models import load_task_model
 
 log = logging.getLogger(__name__)
 
-TRAINABLE = "trainable"  # ArrayRecord: the trainable tensors, by parameter name
-METRICS = "metrics"
 STATE = "fedavg-node"
-
-
-@dataclass
-class FedAvgConfig:
-    learner: FirstOrderConfig = field(default_factory=FirstOrderConfig)
-    rounds: int = 2
-    local_steps: int = 5
-    num_clients: int = 2
-    out_dir: str = ""  # the server writes summary.json here
-
-    @property
-    def steps_per_node(self) -> int:
-        return self.rounds * self.local_steps
 
 
 _LEARNERS: dict[tuple[int, int], FirstOrderLearner] = {}  # per process: a simulation actor serves many nodes

@@ -40,7 +40,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from server.ledger import Ledger
+    from shared.ledger import Ledger
 
     ledger = Ledger.open(args.ledger)
     try:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from server.ledger import LedgerError
+    from shared.ledger import LedgerError
     from shared.chain import ChainError
     from shared.follower import ReplicaError
     from shared.models import ModelLoadError

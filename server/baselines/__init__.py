@@ -1,0 +1,1 @@
+"""The server half of the FedAvg first-order baseline."""

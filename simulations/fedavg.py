@@ -1,0 +1,35 @@
+"""The FedAvg baseline as one in-process Flower simulation: its server half (:mod:`server.baselines.fedavg`)
+and client half (:mod:`client.baselines.fedavg`) run together by ``flwr.simulation.run_simulation`` (Ray
+backend); what bench_utility's ``fed-dpsgd`` rows and the baseline tests call."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from client.baselines.fedavg import make_client_app
+from server.baselines.fedavg import make_server_app
+from shared.first_order import FedAvgConfig
+
+
+def run_fedavg(config: FedAvgConfig) -> dict[str, Any]:
+    """Run the federation in this process with Flower's simulation runtime; returns the server's summary."""
+    from flwr.simulation import run_simulation
+
+    if not config.out_dir:
+        raise ValueError("run_fedavg needs config.out_dir: the ServerApp reports through its summary.json")
+    config.learner.validate()
+    threads = max(config.learner.threads, 1)
+    run_simulation(server_app=make_server_app(config), client_app=make_client_app(config),
+                   num_supernodes=config.num_clients,
+                   backend_config={"client_resources": {"num_cpus": threads, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": threads, "include_dashboard": False}})
+    import ray
+
+    if ray.is_initialized():  # leave no actor behind (a benchmark runs rows one after another)
+        ray.shutdown()
+    path = Path(config.out_dir) / "summary.json"
+    if not path.is_file():
+        raise RuntimeError(f"the FedAvg simulation wrote no {path}; see the log above")
+    return json.loads(path.read_text())
