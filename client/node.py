@@ -25,6 +25,7 @@ import numpy as np
 
 from client.privacy_ledger import Budget, BudgetExceeded, PrivacyLedger, request_key
 from client.zo_step import zo_step
+from shared.aggregation import coefficient
 from shared.chain import ChainError, header_digest
 from shared.config import RunConfig, cache_root
 from shared.follower import LedgerFollower, ReplicaError
@@ -266,7 +267,7 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
             scalars.append(scalar)
             losses.append(result.loss)
             nonfinite += result.nonfinite
-            replica.view.apply(seed, float(np.float32(-h.lr * scalar)))  # local progress only
+            replica.view.apply(seed, coefficient(h.lr, scalar))  # local progress only
     finally:
         replica.load_values(state.values, state.version, state.head)  # the model moves only by the ledger
     # Kept in the node's own log, never sent: the loss and the non-finite count depend on the private batch.
@@ -287,7 +288,7 @@ def sync(ins: Instruction, node_id: int, state: NodeState, data: DataSource, hol
     try:
         replica = _catch_up(ins, state, runtime)
         reply.model_version = replica.version
-        reply.model_digest = replica.state_digest()
+        reply.state_digest = replica.state_digest()
         budget = holder.budget_for(replica.config)
         if budget is not None:
             reply.metrics["epsilon"] = holder.ledger.epsilon(data(replica).key, budget.delta)

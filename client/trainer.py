@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from client.zo_step import zo_step
-from shared.ledger import Ledger
+from shared.aggregation import ACCEPTED, RoundRule
+from shared.ledger import LEDGER_FILE, Ledger, Provenance
 from shared.accounting import PrivacyAccountant
 from shared.config import ConfigError, RunConfig
 from shared.digest import model_digest
@@ -56,7 +57,7 @@ def plan_privacy(config: RunConfig, train_size: int) -> PrivacyPlan:
     return PrivacyPlan(q, plan_noise(config.privacy, q, steps), steps)
 
 
-LEDGER_FILE = "ledger.sqlite"
+TRAINER = "trainer"  # the provenance holder of a centralized run: its one data set
 
 
 def _not_a_ledger(config: RunConfig) -> str | None:
@@ -143,12 +144,16 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                     mu=stage.mu, sample_rate=plan.sample_rate, microbatch=config.model.microbatch, rng=rng,
                     clip=config.privacy.clip if private else None, noise=plan.noise,
                 )
-                # theta += -lr * mean_k(scalar_k * z_k): one ledger entry per direction, applied in order
-                coeffs = [float(np.float32(-stage.lr * s / directions)) for s in result.scalars]
+                # theta += -(lr / K) sum_k scalar_k z_k: one ledger entry per direction, applied in order, by the
+                # ledger's own rule over the released float32 scalars (a round of one reply: the trainer's)
+                released = np.asarray(result.scalars, dtype="<f4")
+                rule = RoundRule("mean", stage.lr / directions)
+                coeffs = [float(c) for c in rule.coefficients(released[None, :])]
                 for seed, coeff in zip(result.seeds, coeffs):
                     view.apply(seed, coeff)
                 if ledger is not None:
-                    ledger.commit_round(t + 1, [(seed, coeff, 0) for seed, coeff in zip(result.seeds, coeffs)])
+                    ledger.commit_round(t + 1, result.seeds, [Provenance(0, TRAINER, ACCEPTED, released.tobytes())],
+                                        rule)
                 if anchor is not None:
                     view.pull_towards(anchor, stage.lr * config.schedule.prox)
                 if private:

@@ -1,11 +1,18 @@
 """The federated DP-ZO server loop, over Flower's low-level Grid API.
 
-Per round, as the protocol reads: learn the data-holder identity of any node not seen yet (a query), sample
-one node per holder still within its privacy budget, draw the round's
-seeds from the server's CSPRNG, send each node the ledger entries it lacks plus the seeds, validate the
-replies, turn the accepted scalars into ledger entries (``coeff = -lr * scalar / replies`` per seed and
-node: the mean update, replayable entry by entry), commit the round in one transaction, apply it to the
-server's replica, account every instructed holder's steps, evaluate, and write the round's metrics.
+A round reads like the protocol (:meth:`FederatedServer.run_round`):
+
+1. **configure**: learn the data-holder identity of any node not seen yet (a query), sample one node per
+   holder still within its privacy budget, draw the round's seeds from the server's CSPRNG, durably record
+   the instructed holders, and build each distinct instruction once (every node at the same ledger position
+   gets the same bytes);
+2. **send** them and collect the replies;
+3. **validate** each reply (:func:`server.round.validate`, pure: a named rejection or the scalars);
+4. **aggregate** the accepted scalars per seed under the round's rule (:mod:`shared.aggregation`, pure): K
+   coefficients, whatever the number of replies;
+5. **commit** the K entries and every reply's provenance in one transaction, and apply the K entries to the
+   server's replica;
+6. **evaluate** on the public dev split and write the round's metrics.
 
 Privacy is accounted per data holder, by the identity each node states (``Reply.holder``), never by Flower's
 node id, which changes at every launch and key rotation. The ledger is the source of truth: a restarted
@@ -22,7 +29,6 @@ import math
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,37 +36,22 @@ import numpy as np
 from flwr.app import Message
 
 from shared.accounting import noise_epsilon
+from shared.aggregation import ACCEPTED, RoundRule
 from shared.config import ConfigError, RunConfig
+from shared.ledger import LEDGER_FILE, Ledger, Provenance
 from shared.proto import PROTOCOL_VERSION, Hyperparameters, Instruction, Reply
 from shared.replica import Replica, config_json
 from shared.tasks import load_split
 from shared.noise import Noise, SecureRandom
 from shared.noise_search import plan_noise
-from shared.wire import PayloadTooLarge, WireError, from_content, to_content, wire_bytes
-from shared.ledger import Ledger, LedgerError
+from shared.wire import WireError, content_of, from_content, wire_bytes
 from server.report import RunReport
+from server.round import Rejected, RoundPlan, scalar_bound, validate
 
 log = logging.getLogger(__name__)
 
 TRAIN, SYNC = "train", "query"
-LEDGER_FILE = "ledger.sqlite"
-
-
-class Rejected(ValueError):
-    """A reply the server will not use; ``kind`` is the metrics counter it goes to."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass
-class RoundPlan:
-    round: int
-    version: int  # ledger length the round's scalars must be computed at
-    nodes: list[int]
-    seeds: list[int]
-    hyper: Hyperparameters
+BELOW_MIN_REPLIES = "below_min_replies"  # provenance status of valid replies in a round with too few of them
 
 
 class FederatedServer:
@@ -70,41 +61,39 @@ class FederatedServer:
                               "several directions per step are a seedtune train option")
         self.config = config
         self.grid = grid
+        self.replica = replica or Replica(config)
+        # Every input is loaded and checked before anything is written: a bad data folder leaves no ledger.
+        dev = load_split(config.data, "dev", config.eval.dev_size)
+        self.dev = (self.replica.task.encode(dev.sentences), dev.labels)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.replica = replica or Replica(config)
         self.rng = SecureRandom()
         self.sampler = random.SystemRandom()
-        self.ledger = self._open_ledger()
+        self.ledger = Ledger.open_or_create(self.run_dir / LEDGER_FILE, self._new_header,
+                                            config_json=config_json(config),
+                                            base_model_digest=self.replica.base_digest,
+                                            trainable_digest=self.replica.trainable_digest)
+        self.replica.attach(self.ledger.header)
         params = self.ledger.header.noise_params
         self.noise: Noise | None = Noise.from_json(params) if params else None  # as pinned in the header
+        self.rule = RoundRule(config.federation.aggregation, config.zo.lr, config.federation.trim)
+        self.bound = scalar_bound(config.privacy.clip, self.noise)
         self.known_version: dict[int, int] = {}  # what each node holds, as far as the server knows
         self.holders: dict[int, str] = {}  # Flower node id -> the data holder it stated (learned by a query)
         self.steps: Counter[str] = Counter()  # private steps instructed per holder (conservative: sent = spent)
         self._resume()
         self.report = RunReport(self.run_dir)
-        dev = load_split(config.data, "dev", config.eval.dev_size)
-        self.dev = (self.replica.task.encode(dev.sentences), dev.labels)
 
     # -------------------------------------------------------------------------------------- setup
-    def _open_ledger(self) -> Ledger:
-        path = self.run_dir / LEDGER_FILE
-        if path.exists():
-            ledger = Ledger.open(path)
-            if ledger.header.config_json != config_json(self.config):
-                raise LedgerError(f"{path} was started with another configuration; resume with the same "
-                                  f"settings or choose a new federation.run_dir")
-            self.replica.attach(ledger.header)
-            return ledger
+    def _new_header(self):
+        """The header of a new ledger: calibrates the noise for the whole run (only when no ledger exists)."""
         fed, privacy = self.config.federation, self.config.privacy
         noise = None
         if privacy.enabled:
             noise = plan_noise(privacy, fed.sample_rate, fed.rounds * fed.local_steps)
             log.info("noise %s for epsilon %.3g, delta %.1e over %d steps per node at rate %.4g",
                      noise.describe(), privacy.epsilon, privacy.delta, fed.rounds * fed.local_steps, fed.sample_rate)
-        header = self.replica.make_header(noise)
-        self.replica.attach(header)
-        return Ledger.create(path, header)
+        return self.replica.make_header(noise)
 
     def _resume(self) -> None:
         n = len(self.ledger)
@@ -141,8 +130,7 @@ class FederatedServer:
         unknown = sorted(set(nodes) - set(self.holders))
         if not unknown:
             return
-        plan = RoundPlan(rnd, len(self.ledger), unknown, [], None)
-        for node, reply in self._query(plan).items():
+        for node, reply in self._query(RoundPlan(rnd, len(self.ledger), unknown, [], None)).items():
             if reply.holder:
                 self.holders[node] = reply.holder
         missing = [n for n in unknown if n not in self.holders]
@@ -151,163 +139,153 @@ class FederatedServer:
                         missing)
 
     # ------------------------------------------------------------------------------------- one round
-    def plan(self, rnd: int) -> RoundPlan:
+    def configure(self, rnd: int) -> RoundPlan:
+        """Eligibility (one node per holder within budget, sampled), the round's seeds and hyperparameters;
+        the instructed holders' steps are durably recorded before anything is sent."""
         fed, privacy = self.config.federation, self.config.privacy
         live = self.grid.get_node_ids()
         self.identify(live, rnd)
         nodes = self.eligible(live)
         if fed.clients_per_round and len(nodes) > fed.clients_per_round:
             nodes = sorted(self.sampler.sample(nodes, fed.clients_per_round))
-        noise = self.noise
         hyper = Hyperparameters(lr=self.config.zo.lr, mu=self.config.zo.mu, clip=privacy.clip,
-                                noise_multiplier=noise.sigma if noise else 0.0, sample_rate=fed.sample_rate,
-                                private=privacy.enabled, noise=noise.to_json() if noise else "")
-        return RoundPlan(rnd, len(self.ledger), nodes, [self.rng.seed64() for _ in range(fed.local_steps)], hyper)
+                                sample_rate=fed.sample_rate, private=privacy.enabled,
+                                noise=self.noise.to_json() if self.noise else "")
+        plan = RoundPlan(rnd, len(self.ledger), nodes, [self.rng.seed64() for _ in range(fed.local_steps)], hyper)
+        if nodes:
+            holders = [self.holders[n] for n in nodes]
+            self.ledger.record_instructions(rnd, holders, len(plan.seeds))
+            for holder in holders:
+                self.steps[holder] += len(plan.seeds)
+        return plan
 
-    def instruction(self, node: int, plan: RoundPlan, seeds: list[int], hyper: Hyperparameters | None) -> Instruction:
-        start = min(self.known_version.get(node, 0), plan.version)
+    def instruction(self, plan: RoundPlan, start: int) -> Instruction:
+        """What every node at ledger position ``start`` gets this round: nothing in it names the node."""
         ins = Instruction(protocol_version=PROTOCOL_VERSION, run_id=self.grid.run.run_id, round=plan.round,
                           model_version=plan.version, header_digest=self.ledger.genesis.hex(),
-                          tail=self.ledger.tail(start), seeds=seeds)
-        if hyper is not None:
-            ins.hyper.CopyFrom(hyper)
+                          tail=self.ledger.tail(start), seeds=plan.seeds)
+        if plan.hyper is not None:
+            ins.hyper.CopyFrom(plan.hyper)
         if start == 0:
             ins.header.CopyFrom(self.ledger.header)
         return ins
 
-    def _send(self, plan: RoundPlan, message_type: str, train: bool) -> tuple[list[Any], dict[int, int]]:
+    def send(self, plan: RoundPlan) -> tuple[list[Any], dict[int, int], dict[str, float]]:
+        """Send the plan's instructions; returns the replies, the downlink bytes per node, and the time spent
+        building instructions (``tail``) and waiting for replies (``transport``).
+
+        Each distinct ledger position's instruction is serialized and measured once, and its bytes are shared
+        by every node at that position: the cost grows with the number of distinct positions, not of nodes."""
+        t0 = time.perf_counter()
+        built: dict[int, tuple[bytes, int | None]] = {}
         messages, down = [], {}
+        message_type = TRAIN if plan.hyper is not None else SYNC
         for node in plan.nodes:
-            ins = self.instruction(node, plan, plan.seeds if train else [], plan.hyper if train else None)
-            msg = Message(to_content(ins), dst_node_id=node, message_type=message_type, group_id=str(plan.round))
-            down[node] = wire_bytes(msg)
+            start = min(self.known_version.get(node, 0), plan.version)
+            if start not in built:
+                built[start] = (self.instruction(plan, start).SerializeToString(deterministic=True), None)
+            raw, size = built[start]
+            msg = Message(content_of(raw), dst_node_id=node, message_type=message_type, group_id=str(plan.round))
+            if size is None:  # messages differ only in their destination id: measured once per distinct payload
+                size = wire_bytes(msg)
+                built[start] = (raw, size)
+            down[node] = size
             messages.append(msg)
+        t1 = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s))
-        return replies, down
+        return replies, down, {"tail": t1 - t0, "transport": time.perf_counter() - t1}
 
-    def validate(self, msg: Any, plan: RoundPlan, accepted: dict[int, np.ndarray]) -> tuple[Reply, np.ndarray]:
-        """The reply and its scalars, or :class:`Rejected` naming what is wrong with it."""
-        src = msg.metadata.src_node_id
-        if src not in plan.nodes:
-            raise Rejected("unknown_node", f"reply from node {src}, which was not sent this round's instruction")
-        if msg.has_error():
-            raise Rejected("client_error", f"node {src} failed: {msg.error.reason}")
-        try:
-            reply = from_content(msg.content, Reply, max_bytes=self.max_reply_bytes(plan))
-        except WireError as exc:
-            raise Rejected("oversized" if isinstance(exc, PayloadTooLarge) else "malformed",
-                           f"node {src}: {exc}") from exc
-        if reply.refusal:
-            self.known_version[src] = 0  # resend from the start with the header; the node skips what it has
-            raise Rejected("refused", f"node {src} refused: {reply.refusal}")
-        if reply.protocol_version != PROTOCOL_VERSION or reply.run_id != self.grid.run.run_id \
-                or reply.round != plan.round or reply.node != src:
-            raise Rejected("wrong_round", f"node {src}: reply for protocol {reply.protocol_version}, run "
-                           f"{reply.run_id}, round {reply.round}, node {reply.node}; expected round {plan.round}")
-        if reply.holder != self.holders.get(src):
-            raise Rejected("wrong_holder", f"node {src}: reply for holder {reply.holder!r}, the node stated "
-                           f"{self.holders.get(src)!r}")
-        if src in accepted:
-            raise Rejected("duplicate", f"node {src}: a second reply for round {plan.round}")
-        if reply.model_version != plan.version:
-            raise Rejected("wrong_version", f"node {src}: computed at version {reply.model_version}, "
-                           f"the round is at {plan.version}")
-        if len(reply.scalars) != 4 * len(plan.seeds):
-            raise Rejected("wrong_count", f"node {src}: {len(reply.scalars)} bytes of scalars for "
-                           f"{len(plan.seeds)} seeds (4 bytes each)")
-        scalars = np.frombuffer(reply.scalars, dtype="<f4").astype(np.float64)
-        if not np.all(np.isfinite(scalars)):
-            raise Rejected("non_finite", f"node {src}: non-finite scalars {scalars.tolist()}")
-        bound = self.scalar_bound()
-        if np.any(np.abs(scalars) > bound):
-            raise Rejected("out_of_range", f"node {src}: |scalar| up to {np.abs(scalars).max():.4g} > {bound:.4g}")
-        self.known_version[src] = plan.version
-        return reply, scalars
+    def judge(self, plan: RoundPlan, replies: list[Any]) -> tuple[list[Provenance], Counter[str], dict[int, int]]:
+        """Validate every reply: its provenance row (accepted, or the rejection kind), the rejections by kind,
+        and the uplink bytes per node."""
+        provenance, rejected, up = [], Counter(), {}
+        accepted: set[int] = set()
+        run_id = self.grid.run.run_id
+        for msg in replies:
+            src = msg.metadata.src_node_id
+            up[src] = wire_bytes(msg)
+            holder = self.holders.get(src)
+            try:
+                _, scalars = validate(msg, plan, run_id, holder, accepted, self.bound)
+            except Rejected as exc:
+                rejected[exc.kind] += 1
+                log.warning("round %d: rejected (%s) %s", plan.round, exc.kind, exc)
+                if exc.kind == "refused":
+                    self.known_version[src] = 0  # resend from the start with the header; the node skips what it has
+                provenance.append(Provenance(src, holder or "", exc.kind))
+                continue
+            accepted.add(src)
+            self.known_version[src] = plan.version
+            provenance.append(Provenance(src, holder, ACCEPTED, scalars.tobytes()))
+        min_replies = self.config.federation.min_replies
+        if 0 < len(accepted) < min_replies:
+            log.warning("round %d: %d valid replies < min_replies %d; committing no update", plan.round,
+                        len(accepted), min_replies)
+            provenance = [Provenance(p.node, p.holder, BELOW_MIN_REPLIES, p.scalars) if p.status == ACCEPTED else p
+                          for p in provenance]
+        return provenance, rejected, up
 
-    @staticmethod
-    def max_reply_bytes(plan: RoundPlan) -> int:
-        """A reply is 4 bytes per seed plus a small envelope; anything much larger is refused unparsed."""
-        return 4 * len(plan.seeds) + 16 * 1024
+    def aggregate(self, plan: RoundPlan, provenance: list[Provenance]) -> np.ndarray:
+        """The round's K coefficients: the rule over the accepted scalars, per seed (none if nothing accepted)."""
+        accepted = [p.values() for p in provenance if p.status == ACCEPTED]
+        if not accepted:
+            return np.zeros(0, dtype=np.float32)
+        return self.rule.coefficients(np.stack(accepted))
 
-    def scalar_bound(self) -> float:
-        """Largest |scalar| an honest client sends: a clipped mean (at most C, a little more when the Poisson
-        batch is larger than expected) plus noise, loosely bounded at 20 standard deviations."""
-        privacy, noise = self.config.privacy, self.noise
-        return privacy.clip * (4.0 + 20.0 * noise.std) if noise is not None else 1e6
-
-    def aggregate(self, plan: RoundPlan, accepted: dict[int, np.ndarray]) -> list[tuple[int, float, int]]:
-        """Ledger entries for the round: per seed, weights over the nodes' scalars that sum to one.
-
-        ``mean`` weighs every reply 1/M. The robust rules keep the ledger replayable entry by entry by
-        giving weight only to the scalars they keep: ``trimmed_mean`` drops the floor(trim M) smallest and
-        largest scalars of each seed, ``median`` keeps the middle one (or the middle two at 1/2 each)."""
-        nodes = sorted(accepted)
-        fed = self.config.federation
-        entries = []
-        for k, seed in enumerate(plan.seeds):
-            values = np.array([accepted[n][k] for n in nodes])
-            order = np.argsort(values, kind="stable")
-            m = len(nodes)
-            if fed.aggregation == "median":
-                keep = order[(m - 1) // 2: m // 2 + 1]
-            elif fed.aggregation == "trimmed_mean":
-                t = int(fed.trim * m)
-                keep = order[t: m - t]
-            else:
-                keep = order
-            for i in sorted(keep.tolist()):
-                entries.append((seed, -plan.hyper.lr * values[i] / len(keep), nodes[i]))
-        return entries
+    def commit(self, plan: RoundPlan, provenance: list[Provenance], metrics: dict[str, Any]) -> list:
+        """The round's entries and provenance in one ledger transaction (the ledger re-derives the
+        coefficients from the accepted scalars and refuses a round whose entries do not follow from them)."""
+        return self.ledger.commit_round(plan.round, plan.seeds, provenance, self.rule, metrics)
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         start = time.time()
-        plan = self.plan(rnd)
+        phase: dict[str, float] = {}
+
+        def timed(name: str, t0: float) -> float:
+            now = time.perf_counter()
+            phase[name] = round(now - t0, 6)
+            return now
+
+        t = time.perf_counter()
+        plan = self.configure(rnd)
+        t = timed("configure", t)
         if not plan.nodes:
             log.warning("round %d: no node is within its privacy budget; committing an empty round", rnd)
             replies, down = [], {}
         else:
-            holders = [self.holders[n] for n in plan.nodes]
-            self.ledger.record_instructions(rnd, holders, len(plan.seeds))
-            for holder in holders:
-                self.steps[holder] += len(plan.seeds)
-            replies, down = self._send(plan, TRAIN, train=True)
-        accepted: dict[int, np.ndarray] = {}
-        rejected: Counter[str] = Counter()
-        up = {}
-        for msg in replies:
-            up[msg.metadata.src_node_id] = wire_bytes(msg)
-            try:
-                _, accepted[msg.metadata.src_node_id] = self.validate(msg, plan, accepted)
-            except Rejected as exc:
-                rejected[exc.kind] += 1
-                log.warning("round %d: rejected (%s) %s", rnd, exc.kind, exc)
-        min_replies = self.config.federation.min_replies
-        if len(accepted) < min_replies:
-            log.warning("round %d: %d valid replies < min_replies %d; committing no update", rnd, len(accepted),
-                        min_replies)
-            accepted = {}
-        updates = self.aggregate(plan, accepted)
-        entries = self.ledger.commit_round(rnd, updates, {
-            "instructed": [str(n) for n in plan.nodes], "accepted": [str(n) for n in sorted(accepted)],
-            "rejected": dict(rejected), "seeds": len(plan.seeds)})
+            replies, down, sent = self.send(plan)
+            phase.update({k: round(v, 6) for k, v in sent.items()})
+        t = time.perf_counter()
+        provenance, rejected, up = self.judge(plan, replies)
+        t = timed("validate", t)
+        coeffs = self.aggregate(plan, provenance)
+        t = timed("aggregate", t)
+        accepted = sum(p.status == ACCEPTED for p in provenance)
+        entries = self.commit(plan, provenance, {"instructed": len(plan.nodes), "accepted": accepted,
+                                                 "rejected": dict(rejected), "seeds": len(plan.seeds)})
+        if not np.array_equal(np.array([e.coeff for e in entries], dtype=np.float32), coeffs):
+            raise RuntimeError(f"round {rnd}: the ledger committed other coefficients than the aggregate")
+        t = timed("commit", t)
         self.replica.apply(entries, self.ledger.hash_at(len(self.ledger)))
+        t = timed("apply", t)
         row = {
-            "round": rnd, "nodes": len(plan.nodes), "replies": len(replies), "accepted": len(accepted),
+            "round": rnd, "nodes": len(plan.nodes), "replies": len(replies), "accepted": accepted,
             "rejected": sum(rejected.values()), "rejected_by_kind": dict(rejected), "entries": len(entries),
             "ledger_entries": len(self.ledger),
-            "bytes_up_max": max(up.values(), default=0), "bytes_up_per_step": (
-                max(up.values()) / len(plan.seeds) if up else None),
+            "bytes_up_max": max(up.values(), default=0), "bytes_up_total": sum(up.values()),
+            "bytes_up_per_step": max(up.values()) / len(plan.seeds) if up else None,
             "bytes_down_max": max(down.values(), default=0), "bytes_down_total": sum(down.values()),
-            "bytes_up": {str(n): b for n, b in up.items()}, "bytes_down": {str(n): b for n, b in down.items()},
             "epsilon": {h: self.epsilon(h) for h in sorted(self.steps)},
         }
         row["epsilon_max"] = max((e for e in row["epsilon"].values() if e is not None), default=None)
         every = self.config.federation.eval_every
         if every and rnd % every == 0:
             row["dev_accuracy"] = self.evaluate()
+        timed("evaluate", t)
+        row["phase_s"] = phase
         row["wall_s"] = round(time.time() - start, 3)
         log.info("round %d: %d/%d replies accepted, %d entries, dev accuracy %s, max epsilon %s", rnd,
-                 len(accepted), len(plan.nodes), len(entries), row.get("dev_accuracy"), row["epsilon_max"])
+                 accepted, len(plan.nodes), len(entries), row.get("dev_accuracy"), row["epsilon_max"])
         self.report.add(row)
         return row
 
@@ -323,7 +301,7 @@ class FederatedServer:
     # ------------------------------------------------------------------------------------------- run
     def _query(self, plan: RoundPlan) -> dict[int, Reply]:
         """Send the plan's nodes a query (catch up, no training); their valid, non-refusing replies by node."""
-        replies, _ = self._send(plan, SYNC, train=False)
+        replies, _, _ = self.send(plan)
         out = {}
         for msg in replies:
             src = msg.metadata.src_node_id
@@ -353,7 +331,7 @@ class FederatedServer:
             self.run_round(rnd)
         server_digest = self.replica.state_digest()
         synced = self.sync()
-        client_digests = {str(n): r.model_digest for n, r in synced.items()}
+        client_digests = {str(n): r.state_digest for n, r in synced.items()}
         client_runtimes = {str(n): r.runtime or "torch" for n, r in synced.items()}
         # What each holder's own privacy ledger recorded (over every run on that data), next to this server's.
         holder_epsilon = {r.holder: r.metrics["epsilon"] for r in synced.values() if "epsilon" in r.metrics}

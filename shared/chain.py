@@ -1,7 +1,7 @@
 """The ledger's hash chain, computed identically by the server's store, replay and every client.
 
-``h_0 = SHA-256(serialized LedgerHeader)`` and ``h_{i+1} = SHA-256(h_i || pack(i, seed, coeff, round, node))``
-with a fixed little-endian packing (``<QQfIQ``), so the chain does not depend on how a protobuf library
+``h_0 = SHA-256(serialized LedgerHeader)`` and ``h_{i+1} = SHA-256(h_i || pack(i, seed, coeff, round))``
+with a fixed little-endian packing (``<QQfI``), so the chain does not depend on how a protobuf library
 chooses to serialise. Changing, dropping, reordering or inserting any entry changes every later hash.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from shared.proto import LedgerHeader, LedgerTail
 
-_ENTRY = struct.Struct("<QQfIQ")
+_ENTRY = struct.Struct("<QQfI")
 
 
 class ChainError(ValueError):
@@ -27,9 +27,8 @@ class ChainError(ValueError):
 class Entry:
     index: int
     seed: int
-    coeff: float  # a float32 value
+    coeff: float  # a float32 value: -lr times the round's aggregate for this seed (shared.aggregation)
     round: int
-    node: int
 
 
 def genesis(header: LedgerHeader) -> bytes:
@@ -41,7 +40,7 @@ def header_digest(header: LedgerHeader) -> str:
 
 
 def link(prev: bytes, entry: Entry) -> bytes:
-    packed = _ENTRY.pack(entry.index, entry.seed, float(np.float32(entry.coeff)), entry.round, entry.node)
+    packed = _ENTRY.pack(entry.index, entry.seed, float(np.float32(entry.coeff)), entry.round)
     return hashlib.sha256(prev + packed).digest()
 
 
@@ -59,7 +58,6 @@ def pack_tail(entries: list[Entry], prev_hash: bytes, head_hash: bytes, start_in
         seeds=[e.seed for e in entries],
         coeffs=[e.coeff for e in entries],
         rounds=[e.round for e in entries],
-        nodes=[e.node for e in entries],
         head_hash=head_hash,
     )
 
@@ -67,11 +65,11 @@ def pack_tail(entries: list[Entry], prev_hash: bytes, head_hash: bytes, start_in
 def unpack_tail(tail: LedgerTail) -> Iterator[Entry]:
     """Entries of a tail after checking its columns line up and that it hashes from prev_hash to head_hash."""
     n = len(tail.seeds)
-    if not (len(tail.coeffs) == len(tail.rounds) == len(tail.nodes) == n):
+    if not (len(tail.coeffs) == len(tail.rounds) == n):
         raise ChainError(f"ledger tail columns differ in length: {n} seeds, {len(tail.coeffs)} coeffs, "
-                         f"{len(tail.rounds)} rounds, {len(tail.nodes)} nodes")
-    entries = [Entry(tail.start_index + i, s, c, r, d)
-               for i, (s, c, r, d) in enumerate(zip(tail.seeds, tail.coeffs, tail.rounds, tail.nodes))]
+                         f"{len(tail.rounds)} rounds")
+    entries = [Entry(tail.start_index + i, s, c, r)
+               for i, (s, c, r) in enumerate(zip(tail.seeds, tail.coeffs, tail.rounds))]
     bad = [e.index for e in entries if not np.isfinite(e.coeff)]
     if bad:
         raise ChainError(f"ledger tail has non-finite coefficients at indices {bad[:5]}")

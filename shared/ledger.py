@@ -1,9 +1,16 @@
-"""The ledger: the global model's whole history as hash-chained (seed, coeff, round, node) entries in SQLite.
+"""The ledger: the global model's whole history as hash-chained (seed, coeff, round) entries in SQLite.
+
+A round adds one entry per seed, its coefficient the round's aggregate of the accepted scalars
+(:mod:`shared.aggregation`), so replaying a round costs K direction generations whatever the number of
+replies. Each reply's scalars and fate (accepted, or the rejection kind) go into the ``replies`` provenance
+table in the same transaction: it is never replayed, but :meth:`Ledger.verify` recomputes every coefficient
+from it under the round's recorded rule, and :meth:`Ledger.commit_round` refuses a round whose coefficients do
+not follow from its accepted scalars.
 
 Durability: WAL journal with ``synchronous=FULL`` and one transaction per round, so a crash at any point
-leaves the file at the last committed round, never half a round. A round number can be committed only
-once, and only after the previous one, so no entry is ever applied twice. Every entry row keeps its chain
-hash; :meth:`Ledger.verify` recomputes the chain from the header and names the first entry that differs.
+leaves the file at the last committed round, never half a round. Rounds are committed in order, each number
+once, so no entry is ever applied twice. Every entry row keeps its chain hash; :meth:`Ledger.verify`
+recomputes the chain from the header and names the first entry that differs.
 """
 
 from __future__ import annotations
@@ -14,25 +21,46 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from shared.aggregation import ACCEPTED, RoundRule
 from shared.chain import ChainError, Entry, genesis, link, pack_tail
 from shared.proto import LEDGER_FORMAT_VERSION, LedgerHeader, LedgerTail
 
+LEDGER_FILE = "ledger.sqlite"  # the ledger's name in a run folder (federation.run_dir, a trainer's out_dir)
 _U64 = 1 << 64
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
-    idx INTEGER PRIMARY KEY, round INTEGER NOT NULL, node INTEGER NOT NULL, seed INTEGER NOT NULL,
-    coeff REAL NOT NULL, hash BLOB NOT NULL);
+    idx INTEGER PRIMARY KEY, round INTEGER NOT NULL, seed INTEGER NOT NULL, coeff REAL NOT NULL,
+    hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS replies (
+    round INTEGER NOT NULL, node INTEGER NOT NULL, holder TEXT NOT NULL, status TEXT NOT NULL,
+    scalars BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS replies_by_round ON replies (round);
 CREATE TABLE IF NOT EXISTS instructions (
     round INTEGER NOT NULL, holder TEXT NOT NULL, steps INTEGER NOT NULL, sent_utc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, first_idx INTEGER NOT NULL, count INTEGER NOT NULL, head BLOB NOT NULL,
-    committed_utc TEXT NOT NULL, metrics TEXT NOT NULL);
+    rule TEXT NOT NULL, lr REAL NOT NULL, trim REAL NOT NULL, committed_utc TEXT NOT NULL, metrics TEXT NOT NULL);
 """
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """One reply of a round, as the server judged it: which node and data holder sent it, ``accepted`` or the
+    rejection kind, and its float32 scalars (little-endian, one per seed; empty if none could be read)."""
+
+    node: int
+    holder: str
+    status: str
+    scalars: bytes = b""
+
+    def values(self) -> np.ndarray:
+        return np.frombuffer(self.scalars, dtype="<f4")
 
 
 class LedgerError(RuntimeError):
@@ -105,16 +133,23 @@ class Ledger:
         return cls(path, cls._connect(path), header)
 
     @classmethod
-    def open_or_create(cls, path: str | Path, header: LedgerHeader) -> "Ledger":
-        """Resume an existing ledger if it pins the same model, trainable set and configuration."""
+    def open_or_create(cls, path: str | Path, make_header: Callable[[], LedgerHeader], **pinned: str) -> "Ledger":
+        """Resume the ledger at ``path`` if its header pins the same values (``pinned``: header field -> value,
+        e.g. config_json, base_model_digest), else create it with ``make_header()``, which is called only then
+        (a federation calibrates its noise there)."""
         if not Path(path).exists():
+            header = make_header()
+            for field, value in pinned.items():
+                if getattr(header, field) != value:
+                    raise LedgerError(f"the new ledger's header has {field} {getattr(header, field)!r:.80}, "
+                                      f"expected {value!r:.80}")
             return cls.create(path, header)
         ledger = cls.open(path)
-        for field in ("base_model_digest", "trainable_digest", "config_json", "direction", "noise", "noise_params"):
-            if getattr(ledger.header, field) != getattr(header, field):
+        for field, value in pinned.items():
+            if getattr(ledger.header, field) != value:
                 ledger.close()
-                raise LedgerError(f"ledger {str(path)!r} was started with a different {field}; use a new run "
-                                  f"folder or the original configuration")
+                raise LedgerError(f"ledger {str(path)!r} was started with a different {field}; resume with the "
+                                  f"same settings, or choose a new run folder (federation.run_dir / out_dir)")
         return ledger
 
     def close(self) -> None:
@@ -139,10 +174,16 @@ class Ledger:
 
     def entries(self, start: int = 0, stop: int | None = None) -> Iterator[Entry]:
         stop = len(self) if stop is None else stop
-        for idx, rnd, node, seed, coeff in self._conn.execute(
-                "SELECT idx, round, node, seed, coeff FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+        for idx, rnd, seed, coeff in self._conn.execute(
+                "SELECT idx, round, seed, coeff FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
                 (start, stop)):
-            yield Entry(idx, _to_u64(seed), coeff, rnd, _to_u64(node))
+            yield Entry(idx, _to_u64(seed), coeff, rnd)
+
+    def replies(self, rnd: int) -> list[Provenance]:
+        """The provenance of one round: every reply the server judged, in the order it was recorded."""
+        rows = self._conn.execute("SELECT node, holder, status, scalars FROM replies WHERE round = ? ORDER BY rowid",
+                                  (rnd,))
+        return [Provenance(_to_u64(node), holder, status, bytes(scalars)) for node, holder, status, scalars in rows]
 
     def tail(self, start: int) -> LedgerTail:
         """The entries from ``start`` on, packed for a client at version ``start``."""
@@ -152,31 +193,50 @@ class Ledger:
         return pack_tail(list(self.entries(start, end)), self.hash_at(start), self.hash_at(end), start)
 
     def rounds(self) -> list[dict[str, Any]]:
-        rows = self._conn.execute("SELECT round, first_idx, count, committed_utc, metrics FROM rounds ORDER BY round")
-        return [{"round": r, "first_index": i, "entries": c, "committed_utc": t, "metrics": json.loads(m)}
-                for r, i, c, t, m in rows]
+        rows = self._conn.execute(
+            "SELECT round, first_idx, count, rule, lr, trim, committed_utc, metrics FROM rounds ORDER BY round")
+        return [{"round": r, "first_index": i, "entries": c, "rule": rule, "lr": lr, "trim": trim,
+                 "committed_utc": t, "metrics": json.loads(m)} for r, i, c, rule, lr, trim, t, m in rows]
 
     def verify(self) -> int:
-        """Recompute the whole chain and the round bookkeeping; returns the number of entries checked."""
+        """Recompute the whole chain, the round bookkeeping and every coefficient from the provenance table;
+        returns the number of entries checked."""
         hashes = [self.genesis]  # hashes[v]: chain hash at version v
-        for idx, rnd, node, seed, coeff, stored in self._conn.execute(
-                "SELECT idx, round, node, seed, coeff, hash FROM entries ORDER BY idx"):
+        coeffs = []
+        for idx, rnd, seed, coeff, stored in self._conn.execute(
+                "SELECT idx, round, seed, coeff, hash FROM entries ORDER BY idx"):
             if idx != len(hashes) - 1:
                 raise ChainError(f"ledger {self.path}: entry index {len(hashes) - 1} is missing (found {idx})")
-            hashes.append(link(hashes[-1], Entry(idx, _to_u64(seed), coeff, rnd, _to_u64(node))))
+            hashes.append(link(hashes[-1], Entry(idx, _to_u64(seed), coeff, rnd)))
+            coeffs.append(coeff)
             if hashes[-1] != stored:
                 raise ChainError(f"ledger {self.path}: entry {idx} (round {rnd}) does not match its chain hash: "
                                  f"the file was modified")
         n = len(hashes) - 1
         covered = 0
-        for rnd, first, count, head in self._conn.execute("SELECT round, first_idx, count, head FROM rounds ORDER BY round"):
+        for rnd, first, count, head, rule, lr, trim in self._conn.execute(
+                "SELECT round, first_idx, count, head, rule, lr, trim FROM rounds ORDER BY round"):
             if first != covered or first + count > n or hashes[first + count] != head:
                 raise ChainError(f"ledger {self.path}: round {rnd} (entries {first}..{first + count - 1}) does not "
                                  f"line up with the {n} entries stored")
+            expected = self._coefficients(rnd, RoundRule(rule, lr, trim), count)
+            if not np.array_equal(expected, np.asarray(coeffs[first: first + count], dtype=np.float32)):
+                raise ChainError(f"ledger {self.path}: the coefficients of round {rnd} do not follow from its "
+                                 f"accepted replies under rule {rule} (lr {lr}): the provenance was modified")
             covered += count
         if covered != n:
             raise ChainError(f"ledger {self.path}: {n} entries but rounds account for {covered}")
         return n
+
+    def _coefficients(self, rnd: int, rule: RoundRule, count: int) -> np.ndarray:
+        """What a round's coefficients must be: its rule over the accepted scalars (none if nothing accepted)."""
+        accepted = [p.values() for p in self.replies(rnd) if p.status == ACCEPTED]
+        if not accepted:
+            return np.zeros(0, dtype=np.float32)
+        if any(v.size != count for v in accepted):
+            raise ChainError(f"ledger {self.path}: round {rnd} has {count} entries but accepted replies carry "
+                             f"{sorted({v.size for v in accepted})} scalars")
+        return rule.coefficients(np.stack(accepted))
 
     def instructed_steps(self) -> dict[str, int]:
         """Private steps each data holder was asked to run, over every attempt of every round (committed or
@@ -198,34 +258,39 @@ class Ledger:
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
-    def commit_round(self, rnd: int, updates: Sequence[tuple[int, float, int]],
+    def commit_round(self, rnd: int, seeds: Sequence[int], replies: Sequence[Provenance], rule: RoundRule,
                      metrics: dict[str, Any] | None = None) -> list[Entry]:
-        """Append one round's (seed, coeff, node) updates atomically; returns the entries as committed."""
+        """Append one round atomically: one entry per seed, its coefficient the rule's aggregate of the
+        accepted replies' scalars (no entries if none was accepted), and every reply's provenance. Returns the
+        entries as committed."""
         last = self.last_round
-        if rnd <= last:
-            raise LedgerError(f"round {rnd} is already committed (last committed round is {last})")
+        if rnd != last + 1:
+            raise LedgerError(f"round {rnd} cannot follow round {last}: rounds are committed once each, in order")
+        accepted = [p.values() for p in replies if p.status == ACCEPTED]
+        if accepted and any(v.size != len(seeds) for v in accepted):
+            raise LedgerError(f"round {rnd}: accepted replies carry {sorted({v.size for v in accepted})} scalars "
+                              f"for {len(seeds)} seeds")
+        coeffs = rule.coefficients(np.stack(accepted)) if accepted else []
         first = len(self)
         prev = self.hash_at(first)
         entries = []
-        for k, (seed, coeff, node) in enumerate(updates):
-            with np.errstate(over="ignore"):
-                # Stored and replayed as float32, the wire format; + 0.0 turns -0.0 into 0.0, which SQLite
-                # would otherwise store as the integer 0 and give back without its sign (found by hypothesis).
-                c = float(np.float32(coeff)) + 0.0
-            if not math.isfinite(c) or not 0 <= int(seed) < _U64 or not 0 <= int(node) < _U64:
-                raise LedgerError(f"round {rnd}: refusing update {k} (seed {seed!r}, coeff {coeff!r}, node {node!r})")
-            entries.append(Entry(first + k, int(seed), c, rnd, int(node)))
+        for k, (seed, c) in enumerate(zip(seeds, coeffs)):
+            if not math.isfinite(float(c)) or not 0 <= int(seed) < _U64:
+                raise LedgerError(f"round {rnd}: refusing entry {k} (seed {seed!r}, coeff {c!r})")
+            entries.append(Entry(first + k, int(seed), float(c), rnd))
         rows = []
         for e in entries:
             prev = link(prev, e)
-            rows.append((e.index, e.round, _to_i64(e.node), _to_i64(e.seed), e.coeff, prev))
+            rows.append((e.index, e.round, _to_i64(e.seed), e.coeff, prev))
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)", rows)
-            conn.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?)",
-                         (rnd, first, len(entries), prev, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                          json.dumps(metrics or {}, sort_keys=True)))
+            conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?)", rows)
+            conn.executemany("INSERT INTO replies VALUES (?, ?, ?, ?, ?)",
+                             [(rnd, _to_i64(p.node), p.holder, p.status, p.scalars) for p in replies])
+            conn.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (rnd, first, len(entries), prev, rule.rule, float(rule.lr), float(rule.trim),
+                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), json.dumps(metrics or {}, sort_keys=True)))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

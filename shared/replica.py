@@ -45,7 +45,7 @@ def ledger_header(config: RunConfig, base_digest: str, trainable_digest: str, no
     return LedgerHeader(
         format_version=LEDGER_FORMAT_VERSION, base_model_digest=base_digest, trainable_digest=trainable_digest,
         config_json=config_json(config), direction=config.zo.direction, noise=noise.family if noise else "none",
-        noise_multiplier=noise.sigma if noise else 0.0, noise_params=noise.to_json() if noise else "",
+        noise_params=noise.to_json() if noise else "",
         created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
 

@@ -30,7 +30,13 @@ class PayloadTooLarge(WireError):
 
 def to_content(payload: ProtoMessage) -> RecordDict:
     # Deterministic: the same message is always the same bytes (a node resends a stored reply byte for byte).
-    return RecordDict({RECORD: ConfigRecord({"payload": payload.SerializeToString(deterministic=True)})})
+    return content_of(payload.SerializeToString(deterministic=True))
+
+
+def content_of(payload: bytes) -> RecordDict:
+    """A message content around already serialized bytes (the server serializes each distinct instruction
+    once per round and wraps the same bytes for every node that gets it)."""
+    return RecordDict({RECORD: ConfigRecord({"payload": payload})})
 
 
 def from_content(content: RecordDict, cls: type[T], max_bytes: int = MAX_PAYLOAD_BYTES) -> T:

@@ -29,7 +29,7 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 import client.app as client_app
 from server.federation import FederatedServer
-from shared.ledger import Ledger
+from shared.ledger import LEDGER_FILE, Ledger
 from shared.config import load_config
 from shared.proto import Reply
 from shared.wire import from_content, to_content
@@ -116,21 +116,21 @@ def soak(rounds: int, clients: int, model: str, run_dir: Path, seed: int, dropou
     restarts, summary = [], None
     while summary is None:
         server = FederatedServer(config, grid, run_dir)
-        grid.bound = server.scalar_bound()
+        grid.bound = server.bound
         try:
             summary = server.run()
         except Crash as exc:
             server.ledger.close()
-            ledger = Ledger.open(run_dir / "ledger.sqlite")
+            ledger = Ledger.open(run_dir / LEDGER_FILE)
             restarts.append({"crash": str(exc), "committed_rounds": ledger.last_round, "entries": ledger.verify()})
             ledger.close()
             log.warning("%s; ledger intact at round %d; restarting", exc, restarts[-1]["committed_rounds"])
-    ledger = Ledger.open(run_dir / "ledger.sqlite")
+    ledger = Ledger.open(run_dir / LEDGER_FILE)
     rows = [r for r in server.report.rows if r["round"] > 0]
     rejected: Counter[str] = Counter()
     for r in rows:
         rejected.update(r.get("rejected_by_kind", {}))
-    replay = subprocess.run([sys.executable, "-m", "seedtune.cli", "replay", str(run_dir / "ledger.sqlite")],
+    replay = subprocess.run([sys.executable, "-m", "seedtune.cli", "replay", str(run_dir / LEDGER_FILE)],
                             capture_output=True, text=True, check=True)
     replayed = json.loads(replay.stdout.strip().splitlines()[-1])
     committed = [r["round"] for r in ledger.rounds()]
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     crash_rounds = set(args.crash_rounds) if args.crash_rounds is not None else \
         {max(1, int(args.rounds * f)) for f in (0.19, 0.41, 0.63, 0.86)}
     run_dir = Path(args.run_dir)
-    if (run_dir / "ledger.sqlite").exists():
+    if (run_dir / LEDGER_FILE).exists():
         parser.error(f"{run_dir} already holds a ledger; choose a new --run-dir")
     print(json.dumps(soak(args.rounds, args.clients, args.model, run_dir, args.seed, args.dropout, args.crash,
                           crash_rounds, args.lr, args.eval_every)), flush=True)

@@ -27,7 +27,7 @@ def test_simulation_with_flwr_run_offline(tmp_path):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["rounds"] == 2 and summary["ledger_entries"] == 2 * 3 * 2
+    assert summary["rounds"] == 2 and summary["ledger_entries"] == 2 * 2  # rounds x local steps, for 3 nodes
     assert summary["clients_agree"] and len(summary["client_digests"]) == 3
     for name in ("metrics.csv", "metrics.png", "metrics.jsonl"):
         assert (tmp_path / "run" / name).stat().st_size > 0
@@ -47,8 +47,8 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
         result = fed.run(ROOT, {**TINY, "federation.rounds": 2, "federation.run_dir": str(run_dir)}, timeout=420)
         assert result.ok, result.output_tail()
         ledger = Ledger.open(run_dir / "ledger.sqlite")
-        assert ledger.last_round == 2 and ledger.verify() == 2 * 2 * 2
-        assert len({e.node for e in ledger.entries()}) == 2
+        assert ledger.last_round == 2 and ledger.verify() == 2 * 2  # rounds x local steps
+        assert len({p.node for p in ledger.replies(1) if p.status == "accepted"}) == 2
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["clients_agree"] and len(summary["client_digests"]) == 2
         assert sorted(summary["client_runtimes"].values()) == ["onnx", "torch"]

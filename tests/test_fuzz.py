@@ -1,6 +1,7 @@
-"""Property-based tests (hypothesis): whatever bytes or fields a reply carries, the server either accepts
-well-formed scalars or rejects the reply with a named reason, and the ledger never changes; any sequence of
-rounds replays to the same weights, and any single-byte tampering of the ledger is detected."""
+"""Property-based tests (hypothesis): whatever bytes or fields a reply carries, the server's validation either
+accepts well-formed scalars of the plan's round, version, node and holder, or rejects the reply with a named
+reason; any sequence of rounds replays to the same weights, and tampering with an entry or with the provenance
+its coefficient came from is detected."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.federation import FederatedServer, Rejected
-from shared.ledger import Ledger
+from server.federation import FederatedServer
+from server.round import Rejected, validate
+from shared.aggregation import ACCEPTED, RoundRule
+from shared.ledger import Ledger, Provenance
 from shared.chain import ChainError
 from shared.config import load_config
 from shared.noise import Noise
@@ -32,7 +35,7 @@ def server(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fuzz")
     grid = InProcessGrid(2)
     srv = FederatedServer(fed_config(run_dir, **{"federation.rounds": 1}), grid, run_dir)
-    return srv, srv.plan(1)
+    return srv, srv.configure(1)
 
 
 def _reply_message(plan, content: RecordDict) -> Message:
@@ -41,15 +44,21 @@ def _reply_message(plan, content: RecordDict) -> Message:
 
 
 def _check(server, plan, msg) -> None:
-    before = len(server.ledger)
+    src = msg.metadata.src_node_id
     try:
-        _, scalars = server.validate(msg, plan, {})
+        reply, scalars = validate(msg, plan, server.grid.run.run_id, server.holders[src], set(), server.bound)
     except Rejected as exc:
         assert exc.kind in KINDS and str(exc)
+        with pytest.raises(Rejected) as again:  # pure: the same reply, the same verdict
+            validate(msg, plan, server.grid.run.run_id, server.holders[src], set(), server.bound)
+        assert again.value.kind == exc.kind
     else:
         assert len(scalars) == len(plan.seeds) and np.all(np.isfinite(scalars))
-        assert np.all(np.abs(scalars) <= server.scalar_bound())
-    assert len(server.ledger) == before
+        assert np.all(np.abs(scalars) <= server.bound)
+        assert (reply.round, reply.model_version, reply.node, reply.holder, reply.refusal) == (
+            plan.round, plan.version, src, server.holders[src], "")
+        with pytest.raises(Rejected, match="a second reply"):  # and a node is accepted once per round
+            validate(msg, plan, server.grid.run.run_id, server.holders[src], {src}, server.bound)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -80,15 +89,18 @@ def replica() -> Replica:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rounds=st.lists(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.floats(-1 / 128, 1 / 128, width=32),
-                                          st.integers(0, 2**64 - 1)), max_size=5), min_size=1, max_size=4),
-       tamper=st.integers(0, 10_000))
-def test_ledger_replay_and_tamper_detection(tmp_path_factory, replica, rounds, tamper):
+@given(rounds=st.lists(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.floats(-1 / 128, 1 / 128, width=32)),
+                                max_size=5), min_size=1, max_size=4),
+       rule=st.sampled_from(["mean", "median", "trimmed_mean"]), tamper=st.integers(0, 10_000))
+def test_ledger_replay_and_tamper_detection(tmp_path_factory, replica, rounds, rule, tamper):
     path = tmp_path_factory.mktemp("ledger") / "l.sqlite"
     ledger = Ledger.create(path, replica.make_header(Noise.gaussian(1.0)))
     replica.attach(ledger.header)
-    for rnd, updates in enumerate(rounds, start=1):
-        entries = ledger.commit_round(rnd, updates)
+    for rnd, steps in enumerate(rounds, start=1):
+        seeds = [seed for seed, _ in steps]
+        own = np.array([s for _, s in steps], dtype="<f4")
+        replies = [Provenance(n + 1, f"h{n}", ACCEPTED, (own * np.float32(n - 1)).tobytes()) for n in range(3)]
+        entries = ledger.commit_round(rnd, seeds, replies if steps else [], RoundRule(rule, 1.0, 0.34))
         replica.apply(entries, ledger.hash_at(len(ledger)))
     live = replica.digest()
     replica.attach(ledger.header)
@@ -99,9 +111,15 @@ def test_ledger_replay_and_tamper_detection(tmp_path_factory, replica, rounds, t
     if n:
         idx = tamper % n
         conn = sqlite3.connect(path)
-        conn.execute("UPDATE entries SET coeff = coeff * 2 + 1e-3 WHERE idx = ?", (idx,))
+        if tamper % 2:
+            conn.execute("UPDATE entries SET coeff = coeff * 2 + 1e-3 WHERE idx = ?", (idx,))
+            message = f"entry {idx} "
+        else:  # the provenance of the round holding entry idx: every scalar becomes 0.25 (|a real one| <= 1/64)
+            rnd = conn.execute("SELECT round FROM entries WHERE idx = ?", (idx,)).fetchone()[0]
+            conn.execute("UPDATE replies SET scalars = ? WHERE round = ?",
+                         (np.full(len(rounds[rnd - 1]), 0.25, "<f4").tobytes(), rnd))
+            message = f"coefficients of round {rnd} do not follow"
         conn.commit()
         conn.close()
-        with pytest.raises(ChainError, match=f"entry {idx} "):
+        with pytest.raises(ChainError, match=message):
             Ledger.open(path).verify()
-

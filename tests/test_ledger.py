@@ -7,37 +7,54 @@ import sqlite3
 import numpy as np
 import pytest
 
-from shared.ledger import Ledger, LedgerError
+from shared.aggregation import ACCEPTED, RoundRule
+from shared.ledger import Ledger, LedgerError, Provenance
 from shared.chain import ChainError, unpack_tail
 from shared.proto import LedgerHeader
+
+RULE = RoundRule("mean", lr=0.01)
+NODES = 3
 
 
 def header() -> LedgerHeader:
     return LedgerHeader(base_model_digest="b" * 64, trainable_digest="t" * 64, config_json="{}", direction="rademacher",
-                        noise="gaussian", noise_multiplier=0.5)
+                        noise="gaussian")
 
 
-def updates(n: int, rnd: int) -> list[tuple[int, float, int]]:
+def round_of(k: int, rnd: int) -> tuple[list[int], list[Provenance]]:
+    """K seeds (some above 2^63) and three nodes' float32 scalars, plus one rejected reply."""
     rng = np.random.default_rng(rnd)
-    return [(int(rng.integers(0, 2**63)) * 2 + 1, float(rng.normal()), 2**64 - 1 - k) for k in range(n)]
+    seeds = [int(rng.integers(0, 2**63)) * 2 + 1 for _ in range(k)]
+    replies = [Provenance(2**64 - 1 - n, f"holder-{n}", ACCEPTED, rng.normal(size=k).astype("<f4").tobytes())
+               for n in range(NODES)]
+    return seeds, replies + [Provenance(7, "holder-7", "out_of_range")]
 
 
 @pytest.fixture
 def ledger(tmp_path) -> Ledger:
     led = Ledger.create(tmp_path / "ledger.sqlite", header())
     for rnd in (1, 2, 3):
-        led.commit_round(rnd, updates(4, rnd), {"round": rnd})
+        led.commit_round(rnd, *round_of(4, rnd), RULE, {"round": rnd})
     return led
 
 
-def test_entries_round_trip_as_float32_and_uint64(ledger):
+def test_one_entry_per_seed_whose_coefficient_is_the_rounds_aggregate(ledger):
     assert len(ledger) == 12 and ledger.last_round == 3 and ledger.verify() == 12
     entries = list(ledger.entries())
-    ups = updates(4, 2)
-    for e, (seed, coeff, node) in zip(entries[4:8], ups):
-        assert (e.seed, e.node, e.round) == (seed, node, 2)
-        assert e.coeff == float(np.float32(coeff))
+    seeds, replies = round_of(4, 2)
+    scalars = np.stack([p.values() for p in replies[:NODES]]).astype(np.float64)
+    for k, e in enumerate(entries[4:8]):
+        assert (e.seed, e.round) == (seeds[k], 2)
+        assert e.coeff == float(np.float32(-0.01 * scalars[:, k].mean()))
     assert [r["entries"] for r in ledger.rounds()] == [4, 4, 4]
+    assert [r["rule"] for r in ledger.rounds()] == ["mean"] * 3
+    assert ledger.replies(2) == replies  # provenance: every reply, accepted or not, with its scalars
+
+
+def test_a_round_without_accepted_replies_has_no_entries(ledger):
+    seeds, replies = round_of(4, 4)
+    assert ledger.commit_round(4, seeds, [replies[-1]], RULE) == []
+    assert len(ledger) == 12 and ledger.last_round == 4 and ledger.verify() == 12
 
 
 def test_reopen_and_tail_catch_up(ledger, tmp_path):
@@ -53,15 +70,26 @@ def test_reopen_and_tail_catch_up(ledger, tmp_path):
 
 
 def test_a_round_is_committed_once_and_in_order(ledger):
-    with pytest.raises(LedgerError, match="round 3 is already committed"):
-        ledger.commit_round(3, updates(2, 9))
+    with pytest.raises(LedgerError, match="round 3 cannot follow round 3"):
+        ledger.commit_round(3, *round_of(2, 9), RULE)
+    with pytest.raises(LedgerError, match="round 5 cannot follow round 3"):
+        ledger.commit_round(5, *round_of(2, 9), RULE)
     assert len(ledger) == 12
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e39])
+def test_accepted_replies_must_carry_one_scalar_per_seed(ledger):
+    seeds, replies = round_of(4, 4)
+    with pytest.raises(LedgerError, match=r"carry \[3, 4\] scalars for 4 seeds"):
+        ledger.commit_round(4, seeds, replies + [Provenance(9, "h", ACCEPTED, np.zeros(3, "<f4").tobytes())], RULE)
+    assert len(ledger) == 12 and ledger.last_round == 3
+
+
+@pytest.mark.parametrize("bad", [np.float32("nan"), np.float32("inf"), np.float32(3e38)])
 def test_non_finite_coefficients_never_reach_the_ledger(ledger, bad):
-    with pytest.raises(LedgerError, match="refusing update 1"):
-        ledger.commit_round(4, [(1, 0.5, 1), (2, bad, 1)])
+    seeds, replies = round_of(2, 4)
+    values = np.array([0.5, bad], dtype="<f4")
+    with pytest.raises((LedgerError, ValueError), match="refusing entry 1|must be finite"):
+        ledger.commit_round(4, seeds, [Provenance(1, "h", ACCEPTED, values.tobytes())], RoundRule("mean", lr=10.0))
     assert len(ledger) == 12 and ledger.last_round == 3 and ledger.verify() == 12
 
 
@@ -70,6 +98,12 @@ def test_non_finite_coefficients_never_reach_the_ledger(ledger, bad):
     ("UPDATE entries SET seed = seed + 1 WHERE idx = 0", "entry 0 .* does not match"),
     ("DELETE FROM entries WHERE idx = 11", "round 3 .* does not line up"),
     ("DELETE FROM entries WHERE idx = 4", "entry index 4 is missing"),
+    # the provenance is verified too: every coefficient must follow from the accepted replies it keeps
+    ("UPDATE replies SET scalars = zeroblob(16) WHERE round = 2 AND holder = 'holder-1'", "round 2 do not follow"),
+    ("UPDATE replies SET status = 'out_of_range' WHERE round = 3 AND holder = 'holder-0'", "round 3 do not follow"),
+    ("UPDATE replies SET status = 'accepted' WHERE round = 1 AND holder = 'holder-7'", "round 1 has 4 entries"),
+    ("DELETE FROM replies WHERE round = 2 AND holder = 'holder-2'", "round 2 do not follow"),
+    ("UPDATE rounds SET lr = 0.02 WHERE round = 1", "round 1 do not follow"),
 ])
 def test_tampering_is_detected_and_named(ledger, tmp_path, sql, message):
     ledger.close()
@@ -102,16 +136,18 @@ def test_wrong_format_version_and_foreign_files_are_refused(tmp_path):
 def test_resuming_with_another_configuration_is_refused(tmp_path):
     path = tmp_path / "ledger.sqlite"
     Ledger.create(path, header()).close()
-    other = header()
-    other.trainable_digest = "x" * 64
     with pytest.raises(LedgerError, match="different trainable_digest"):
-        Ledger.open_or_create(path, other)
-    assert Ledger.open_or_create(path, header()).header.trainable_digest == "t" * 64
+        Ledger.open_or_create(path, header, trainable_digest="x" * 64)
+    assert Ledger.open_or_create(path, header, trainable_digest="t" * 64).header.trainable_digest == "t" * 64
+    with pytest.raises(LedgerError, match="header has trainable_digest"):  # a new header must pin the same
+        Ledger.open_or_create(tmp_path / "new.sqlite", header, trainable_digest="x" * 64)
+    assert not (tmp_path / "new.sqlite").exists()
 
 
 def test_negative_zero_survives_sqlite(ledger):
     """SQLite stores an integral REAL as an integer and drops the sign of -0.0; the chain must not care."""
-    (entry,) = ledger.commit_round(4, [(1, -0.0, 1)])
+    zero = np.array([0.0], dtype="<f4").tobytes()  # -lr * 0.0 is -0.0
+    (entry,) = ledger.commit_round(4, [1], [Provenance(1, "h", ACCEPTED, zero)], RULE)
     assert ledger.verify() == 13 and next(ledger.entries(12)).coeff == entry.coeff == 0.0
 
 

@@ -17,12 +17,12 @@ def test_generated_code_matches_the_proto_files():
 def test_instruction_and_reply_round_trip_with_uint64_ids():
     ins = Instruction(protocol_version=1, run_id=2**64 - 1, round=7, model_version=123, header_digest="ab" * 32,
                       seeds=[0, 2**64 - 1, 12345])
-    ins.hyper.lr, ins.hyper.noise_multiplier, ins.hyper.sample_rate = 1e-3, 0.4512345678901, 0.0012
+    ins.hyper.lr, ins.hyper.clip, ins.hyper.sample_rate = 1e-3, 0.4512345678901, 0.0012
     ins.tail.seeds.extend([5, 6])
     ins.tail.coeffs.extend([np.float32(0.1), np.float32(-3e-7)])
     back = Instruction.FromString(ins.SerializeToString())
     assert back == ins
-    assert back.hyper.noise_multiplier == 0.4512345678901  # double: the client accounts the exact sigma
+    assert back.hyper.clip == 0.4512345678901  # double: the client checks the exact values the header pinned
     assert back.tail.coeffs[0] == np.float32(0.1)
 
 

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from shared.ledger import Ledger
+from shared.aggregation import ACCEPTED, RoundRule
+from shared.ledger import Ledger, Provenance
 from shared.chain import ChainError
 from shared.config import config_from_flower, load_config
 from shared.noise import Noise
@@ -30,7 +31,10 @@ def ledger(tmp_path, replica) -> Ledger:
     led = Ledger.create(tmp_path / "l.sqlite", replica.make_header(Noise.gaussian(1.0)))
     rng = np.random.default_rng(0)
     for rnd in range(1, 5):
-        led.commit_round(rnd, [(int(rng.integers(0, 2**63)), float(rng.normal() * 1e-3), 1 + k) for k in range(3)])
+        scalars = (rng.normal(size=(2, 3)) * 0.1).astype("<f4")
+        led.commit_round(rnd, [int(rng.integers(0, 2**63)) for _ in range(3)],
+                         [Provenance(1 + n, f"h{n}", ACCEPTED, scalars[n].tobytes()) for n in range(2)],
+                         RoundRule("mean", 1e-2))
     return led
 
 

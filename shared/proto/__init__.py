@@ -7,11 +7,14 @@ The generated modules are committed so that neither a client nor the server need
 from shared.proto.seedtune_pb2 import (  # noqa: F401  (re-exported)
     Hyperparameters,
     Instruction,
-    LedgerEntry,
     LedgerHeader,
     LedgerTail,
     Reply,
 )
 
-PROTOCOL_VERSION = 2  # Instruction/Reply semantics; a receiver refuses any other (2: Reply.holder)
-LEDGER_FORMAT_VERSION = 2  # LedgerHeader.format_version written and accepted (2: instructions by holder)
+# Instruction/Reply semantics; a receiver refuses any other (2: Reply.holder; 3: tails of aggregated entries
+# without nodes, Reply.state_digest, no noise_multiplier)
+PROTOCOL_VERSION = 3
+# LedgerHeader.format_version written and accepted (2: instructions by holder; 3: one entry per seed per round,
+# entries hashed without a node, per-reply provenance table, rounds record their rule and learning rate)
+LEDGER_FORMAT_VERSION = 3

@@ -7,14 +7,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LedgerHeader(_message.Message):
-    __slots__ = ("format_version", "base_model_digest", "trainable_digest", "config_json", "direction", "noise", "noise_multiplier", "created_utc", "noise_params")
+    __slots__ = ("format_version", "base_model_digest", "trainable_digest", "config_json", "direction", "noise", "created_utc", "noise_params")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
     NOISE_FIELD_NUMBER: _ClassVar[int]
-    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     CREATED_UTC_FIELD_NUMBER: _ClassVar[int]
     NOISE_PARAMS_FIELD_NUMBER: _ClassVar[int]
     format_version: int
@@ -23,60 +22,41 @@ class LedgerHeader(_message.Message):
     config_json: str
     direction: str
     noise: str
-    noise_multiplier: float
     created_utc: str
     noise_params: str
-    def __init__(self, format_version: _Optional[int] = ..., base_model_digest: _Optional[str] = ..., trainable_digest: _Optional[str] = ..., config_json: _Optional[str] = ..., direction: _Optional[str] = ..., noise: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., created_utc: _Optional[str] = ..., noise_params: _Optional[str] = ...) -> None: ...
-
-class LedgerEntry(_message.Message):
-    __slots__ = ("index", "seed", "coeff", "round", "node")
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    SEED_FIELD_NUMBER: _ClassVar[int]
-    COEFF_FIELD_NUMBER: _ClassVar[int]
-    ROUND_FIELD_NUMBER: _ClassVar[int]
-    NODE_FIELD_NUMBER: _ClassVar[int]
-    index: int
-    seed: int
-    coeff: float
-    round: int
-    node: int
-    def __init__(self, index: _Optional[int] = ..., seed: _Optional[int] = ..., coeff: _Optional[float] = ..., round: _Optional[int] = ..., node: _Optional[int] = ...) -> None: ...
+    def __init__(self, format_version: _Optional[int] = ..., base_model_digest: _Optional[str] = ..., trainable_digest: _Optional[str] = ..., config_json: _Optional[str] = ..., direction: _Optional[str] = ..., noise: _Optional[str] = ..., created_utc: _Optional[str] = ..., noise_params: _Optional[str] = ...) -> None: ...
 
 class LedgerTail(_message.Message):
-    __slots__ = ("start_index", "prev_hash", "seeds", "coeffs", "rounds", "nodes", "head_hash")
+    __slots__ = ("start_index", "prev_hash", "seeds", "coeffs", "rounds", "head_hash")
     START_INDEX_FIELD_NUMBER: _ClassVar[int]
     PREV_HASH_FIELD_NUMBER: _ClassVar[int]
     SEEDS_FIELD_NUMBER: _ClassVar[int]
     COEFFS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
-    NODES_FIELD_NUMBER: _ClassVar[int]
     HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
     start_index: int
     prev_hash: bytes
     seeds: _containers.RepeatedScalarFieldContainer[int]
     coeffs: _containers.RepeatedScalarFieldContainer[float]
     rounds: _containers.RepeatedScalarFieldContainer[int]
-    nodes: _containers.RepeatedScalarFieldContainer[int]
     head_hash: bytes
-    def __init__(self, start_index: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., seeds: _Optional[_Iterable[int]] = ..., coeffs: _Optional[_Iterable[float]] = ..., rounds: _Optional[_Iterable[int]] = ..., nodes: _Optional[_Iterable[int]] = ..., head_hash: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, start_index: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., seeds: _Optional[_Iterable[int]] = ..., coeffs: _Optional[_Iterable[float]] = ..., rounds: _Optional[_Iterable[int]] = ..., head_hash: _Optional[bytes] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("lr", "mu", "clip", "noise_multiplier", "sample_rate", "private", "noise")
+    __slots__ = ("lr", "mu", "clip", "sample_rate", "private", "noise")
     LR_FIELD_NUMBER: _ClassVar[int]
     MU_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
-    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     PRIVATE_FIELD_NUMBER: _ClassVar[int]
     NOISE_FIELD_NUMBER: _ClassVar[int]
     lr: float
     mu: float
     clip: float
-    noise_multiplier: float
     sample_rate: float
     private: bool
     noise: str
-    def __init__(self, lr: _Optional[float] = ..., mu: _Optional[float] = ..., clip: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., private: _Optional[bool] = ..., noise: _Optional[str] = ...) -> None: ...
+    def __init__(self, lr: _Optional[float] = ..., mu: _Optional[float] = ..., clip: _Optional[float] = ..., sample_rate: _Optional[float] = ..., private: _Optional[bool] = ..., noise: _Optional[str] = ...) -> None: ...
 
 class Instruction(_message.Message):
     __slots__ = ("protocol_version", "run_id", "round", "model_version", "header_digest", "tail", "seeds", "hyper", "header")
@@ -101,7 +81,7 @@ class Instruction(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., header_digest: _Optional[str] = ..., tail: _Optional[_Union[LedgerTail, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., hyper: _Optional[_Union[Hyperparameters, _Mapping]] = ..., header: _Optional[_Union[LedgerHeader, _Mapping]] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("protocol_version", "run_id", "round", "node", "model_version", "scalars", "metrics", "refusal", "model_digest", "runtime", "holder")
+    __slots__ = ("protocol_version", "run_id", "round", "node", "model_version", "scalars", "metrics", "refusal", "state_digest", "runtime", "holder")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,7 +97,7 @@ class Reply(_message.Message):
     SCALARS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
-    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
@@ -128,7 +108,7 @@ class Reply(_message.Message):
     scalars: bytes
     metrics: _containers.ScalarMap[str, float]
     refusal: str
-    model_digest: str
+    state_digest: str
     runtime: str
     holder: str
-    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., node: _Optional[int] = ..., model_version: _Optional[int] = ..., scalars: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., refusal: _Optional[str] = ..., model_digest: _Optional[str] = ..., runtime: _Optional[str] = ..., holder: _Optional[str] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., node: _Optional[int] = ..., model_version: _Optional[int] = ..., scalars: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., refusal: _Optional[str] = ..., state_digest: _Optional[str] = ..., runtime: _Optional[str] = ..., holder: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,84 @@
+"""One federated round's pure parts: the plan the server sends, the validation of a reply, the scalar bound.
+
+:class:`server.federation.FederatedServer` is the loop around them (configure, send, validate, aggregate,
+commit, evaluate); these functions hold no state and touch no ledger, so each is testable alone. The
+aggregation itself is :mod:`shared.aggregation` (the ledger's verifier recomputes it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shared.noise import Noise
+from shared.proto import PROTOCOL_VERSION, Hyperparameters, Reply
+from shared.wire import PayloadTooLarge, WireError, from_content
+
+
+class Rejected(ValueError):
+    """A reply the server will not use; ``kind`` is the metrics counter and provenance status it goes to."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class RoundPlan:
+    round: int
+    version: int  # ledger length the round's scalars must be computed at
+    nodes: list[int]
+    seeds: list[int]
+    hyper: Hyperparameters | None  # None: a query (catch up, report), no training
+
+    @property
+    def max_reply_bytes(self) -> int:
+        """A reply is 4 bytes per seed plus a small envelope; anything much larger is refused unparsed."""
+        return 4 * len(self.seeds) + 16 * 1024
+
+
+def scalar_bound(clip: float, noise: Noise | None) -> float:
+    """Largest |scalar| an honest client sends: a clipped mean (at most C, a little more when the Poisson batch
+    is larger than expected) plus noise, loosely bounded at 20 standard deviations."""
+    return clip * (4.0 + 20.0 * noise.std) if noise is not None else 1e6
+
+
+def validate(msg: Any, plan: RoundPlan, run_id: int, holder: str | None, seen: set[int],
+             bound: float) -> tuple[Reply, np.ndarray]:
+    """The reply in ``msg`` and its float32 scalars, or :class:`Rejected` naming what is wrong with it.
+
+    ``holder`` is the data holder the sending node stated; ``seen`` the nodes already accepted this round."""
+    src = msg.metadata.src_node_id
+    if src not in plan.nodes:
+        raise Rejected("unknown_node", f"reply from node {src}, which was not sent this round's instruction")
+    if msg.has_error():
+        raise Rejected("client_error", f"node {src} failed: {msg.error.reason}")
+    try:
+        reply = from_content(msg.content, Reply, max_bytes=plan.max_reply_bytes)
+    except WireError as exc:
+        raise Rejected("oversized" if isinstance(exc, PayloadTooLarge) else "malformed",
+                       f"node {src}: {exc}") from exc
+    if reply.refusal:
+        raise Rejected("refused", f"node {src} refused: {reply.refusal}")
+    if reply.protocol_version != PROTOCOL_VERSION or reply.run_id != run_id or reply.round != plan.round \
+            or reply.node != src:
+        raise Rejected("wrong_round", f"node {src}: reply for protocol {reply.protocol_version}, run "
+                       f"{reply.run_id}, round {reply.round}, node {reply.node}; expected round {plan.round}")
+    if reply.holder != holder:
+        raise Rejected("wrong_holder", f"node {src}: reply for holder {reply.holder!r}, the node stated {holder!r}")
+    if src in seen:
+        raise Rejected("duplicate", f"node {src}: a second reply for round {plan.round}")
+    if reply.model_version != plan.version:
+        raise Rejected("wrong_version", f"node {src}: computed at version {reply.model_version}, "
+                       f"the round is at {plan.version}")
+    if len(reply.scalars) != 4 * len(plan.seeds):
+        raise Rejected("wrong_count", f"node {src}: {len(reply.scalars)} bytes of scalars for "
+                       f"{len(plan.seeds)} seeds (4 bytes each)")
+    scalars = np.frombuffer(reply.scalars, dtype="<f4")
+    if not np.all(np.isfinite(scalars)):
+        raise Rejected("non_finite", f"node {src}: non-finite scalars {scalars.tolist()}")
+    if np.any(np.abs(scalars) > bound):
+        raise Rejected("out_of_range", f"node {src}: |scalar| up to {np.abs(scalars).max():.4g} > {bound:.4g}")
+    return reply, scalars

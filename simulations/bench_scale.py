@@ -1,0 +1,195 @@
+"""The server's cost per round against the number of replies M: ``python -m simulations.bench_scale --json``.
+
+Part 1, in process: the real :class:`server.federation.FederatedServer` (MiniLM, its 1% SynFlow set, K = 10
+seeds per round, a real SQLite ledger) runs rounds against a load generator that answers every instruction
+with a real ``Reply`` message (the holder it serves; K float32 scalars inside the honest bound). The generator
+is a benchmark driver standing in for M nodes' networks and forward passes; the server's own phases are
+timed by the server (``phase_s`` in each round's metrics): configure (eligibility, seeds, recorded
+instructions), tail (building the instructions), validate, aggregate, commit, apply (the replica). The time
+the generator takes is reported apart (``generator_s``) and not counted as the server's.
+
+Part 2, ``--flwr-nodes N`` (default 100): a real ``flwr run`` simulation (scripts/simulate.sh) of the tiny
+encoder with N simulated nodes, every node instructed every round; it reports the rounds' server phases from
+the run's metrics, the ledger's entries per round and whether every node's replica agrees with the server's.
+
+Steady-state rounds only (round 1 also asks every node for its data-holder identity); each figure is the
+median over ``--rounds`` rounds. Run it alone: the machine has two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterable
+
+import numpy as np
+from flwr.app import Message
+
+from server.federation import FederatedServer
+from shared.config import load_config
+from shared.ledger import LEDGER_FILE, Ledger
+from shared.proto import PROTOCOL_VERSION, Instruction, Reply
+from shared.replica import Replica
+from shared.wire import from_content, to_content
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_PHASES = ("configure", "tail", "validate", "aggregate", "commit", "apply")
+SIZES = (10, 100, 1000, 10_000)
+
+
+class LoadGrid:
+    """M simulated nodes answering with real Reply messages (a benchmark driver for the Grid API)."""
+
+    def __init__(self, num_nodes: int, clip: float, seed: int = 0) -> None:
+        self.run = SimpleNamespace(run_id=11)
+        self.ids = [(1 << 63) + 17 + i for i in range(num_nodes)]
+        self.holder = {nid: f"holder-{i}" for i, nid in enumerate(self.ids)}
+        self.clip = clip
+        self.rng = np.random.default_rng(seed)
+        self.generator_s = 0.0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        start = time.perf_counter()
+        parsed: dict[bytes, Instruction] = {}
+        replies = []
+        for msg in messages:
+            raw = msg.content.config_records["seedtune"]["payload"]
+            if raw not in parsed:  # the server shares one payload among the nodes at one position
+                parsed[raw] = from_content(msg.content, Instruction)
+            ins = parsed[raw]
+            node = msg.metadata.dst_node_id
+            reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node,
+                          model_version=ins.model_version, holder=self.holder[node], runtime="load-generator")
+            if msg.metadata.message_type == "train":
+                scalars = np.clip(self.rng.normal(0.0, self.clip, len(ins.seeds)), -self.clip, self.clip)
+                reply.scalars = scalars.astype("<f4").tobytes()
+            replies.append(Message(to_content(reply), reply_to=msg))
+        self.generator_s += time.perf_counter() - start
+        return replies
+
+
+def _config(run_dir: Path, rounds: int, model: str, extra: dict[str, Any] | None = None):
+    return load_config(None, {
+        "model.name": model, "selection.mode": "prune", "selection.fraction": 0.01, "threads": 2,
+        "data.train_size": 400, "eval.dev_size": 32, "federation.rounds": rounds, "federation.local_steps": 10,
+        "federation.clients_per_round": 0, "federation.eval_every": 0, "federation.sample_rate": 0.01,
+        "privacy.noise_multiplier": 1.0, "privacy.epsilon": 8.0, "federation.run_dir": str(run_dir),
+        **(extra or {})})
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r["phase_s"].get(key, 0.0) for r in rows)
+
+
+def bench_in_process(sizes: Iterable[int], rounds: int, model: str) -> list[dict[str, Any]]:
+    replica = None
+    out = []
+    for m in sizes:
+        with tempfile.TemporaryDirectory(prefix=f"bench-scale-{m}-") as tmp:
+            config = _config(Path(tmp), rounds + 1, model)
+            replica = replica or Replica(config)
+            grid = LoadGrid(m, config.privacy.clip)
+            server = FederatedServer(config, grid, tmp, replica=replica)
+            server.run_round(1)  # identifies every node (a query) before it is first instructed
+            grid.generator_s = 0.0
+            rows = [server.run_round(r) for r in range(2, rounds + 2)]
+            assert all(r["accepted"] == m for r in rows), [r["rejected_by_kind"] for r in rows]
+            phases = {k: _median(rows, k) for k in SERVER_PHASES}
+            entry = {
+                "replies": m, "seeds": config.federation.local_steps, "rounds_timed": len(rows),
+                "entries_per_round": rows[-1]["entries"], "trainable_entries": replica.size,
+                "phase_s": {k: round(v, 6) for k, v in phases.items()},
+                "server_s": round(sum(phases.values()), 6),
+                "generator_s": round(grid.generator_s / len(rows), 6),
+                "bytes_down_total": rows[-1]["bytes_down_total"], "bytes_up_total": rows[-1]["bytes_up_total"],
+            }
+            server.ledger.verify()
+            server.ledger.close()
+        log.info("M=%d: %s", m, json.dumps(entry))
+        out.append(entry)
+    return out
+
+
+def bench_flwr(nodes: int, rounds: int) -> dict[str, Any]:
+    """A real ``flwr run`` simulation of the tiny encoder with every node instructed every round."""
+    with tempfile.TemporaryDirectory(prefix="bench-scale-flwr-") as tmp:
+        run_dir = Path(tmp) / "run"
+        env = {**os.environ, "NODES": str(nodes), "RUN_DIR": str(run_dir), "FLWR_HOME": str(Path(tmp) / "flwr"),
+               "SEEDTUNE_PRIVACY_LEDGER": str(Path(tmp) / "holders.sqlite"), "NUM_CPUS": "1"}
+        overrides = (f"model.name=\"tiny-encoder\" federation.rounds={rounds} federation.local_steps=10 "
+                     f"federation.clients_per_round={nodes} data.train_size={20 * nodes} data.test_size=64 "
+                     "eval.dev_size=64 federation.eval_every=0 privacy.noise_multiplier=1.0 "
+                     "federation.sample_rate=0.25")
+        start = time.perf_counter()
+        proc = subprocess.run(["bash", "scripts/simulate.sh", overrides], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=3600)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"the flwr simulation failed:\n{proc.stderr[-3000:]}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if r["round"] >= 2]
+        ledger = Ledger.open(run_dir / LEDGER_FILE)
+        per_round = sorted({r["entries"] for r in ledger.rounds()})
+        ledger.close()
+    return {
+        "nodes": nodes, "rounds": summary["rounds"], "wall_s": round(wall, 1), "clients_agree": summary["clients_agree"],
+        "client_digests": len(summary["client_digests"]), "entries_per_round": per_round,
+        "accepted_per_round": sorted({r["accepted"] for r in rows}),
+        "round_wall_s": round(statistics.median(r["wall_s"] for r in rows), 3),
+        "server_s": round(statistics.median(sum(r["phase_s"].get(k, 0.0) for k in SERVER_PHASES) for r in rows), 4),
+        "phase_s": {k: round(_median(rows, k), 4) for k in (*SERVER_PHASES, "transport")},
+    }
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets: server time sublinear in M, aggregation <= 1 s at the largest M, replica apply
+    independent of M (within a factor 1.5 of the smallest M's)."""
+    small, large = rows[0], rows[-1]
+    growth = large["server_s"] / small["server_s"]
+    applies = [r["phase_s"]["apply"] for r in rows]
+    return {
+        "server_growth": round(growth, 2), "replies_growth": large["replies"] / small["replies"],
+        "sublinear": growth < large["replies"] / small["replies"],
+        "aggregate_s_at_max": large["phase_s"]["aggregate"], "aggregate_ok": large["phase_s"]["aggregate"] <= 1.0,
+        "apply_s_range": [min(applies), max(applies)], "apply_independent_of_m": max(applies) <= 1.5 * min(applies),
+        "entries_per_round": sorted({r["entries_per_round"] for r in rows}),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object (the default prints it indented)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="numbers of replies M")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per M (after the identifying round)")
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--flwr-nodes", type=int, default=100, help="nodes of the real flwr simulation (0: skip it)")
+    ap.add_argument("--flwr-rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    if any(m < 1 for m in args.sizes) or args.rounds < 1:
+        ap.error("--sizes and --rounds must be positive")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger(__name__).setLevel(logging.INFO)
+    rows = bench_in_process(sorted(args.sizes), args.rounds, args.model)
+    result = {"bench": "scale", "model": args.model, "in_process": rows, "targets": targets(rows)}
+    if args.flwr_nodes:
+        result["flwr_simulation"] = bench_flwr(args.flwr_nodes, args.flwr_rounds)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
