@@ -44,7 +44,7 @@ from shared.replica import Replica, config_json
 from shared.tasks import load_split
 from shared.noise import Noise, SecureRandom
 from shared.noise_search import plan_noise
-from shared.wire import WireError, content_of, from_content, wire_bytes
+from shared.wire import WireError, content_of, from_content, payload_length, wire_bytes
 from server.report import RunReport
 from server.round import Rejected, RoundPlan, scalar_bound, validate
 
@@ -201,9 +201,13 @@ class FederatedServer:
         provenance, rejected, up = [], Counter(), {}
         accepted: set[int] = set()
         run_id = self.grid.run.run_id
+        sizes: dict[int, int] = {}  # payload length -> wire bytes, measured on the first reply of that length
         for msg in replies:
             src = msg.metadata.src_node_id
-            up[src] = wire_bytes(msg)
+            length = payload_length(msg)
+            if length not in sizes:  # replies of one payload length differ only in their ids
+                sizes[length] = wire_bytes(msg)
+            up[src] = sizes[length]
             holder = self.holders.get(src)
             try:
                 _, scalars = validate(msg, plan, run_id, holder, accepted, self.bound)

@@ -54,6 +54,15 @@ def from_content(content: RecordDict, cls: type[T], max_bytes: int = MAX_PAYLOAD
         raise WireError(f"payload is not a valid {cls.DESCRIPTOR.full_name}: {exc}") from exc
 
 
+def payload_length(message: Message) -> int:
+    """Length of a message's seedtune payload, without parsing it (-1: an error message, or no payload)."""
+    if message.has_error():
+        return -1
+    record = message.content.config_records.get(RECORD)
+    payload = record.get("payload") if record is not None else None
+    return len(payload) if isinstance(payload, bytes) else -1
+
+
 def wire_bytes(message: Message) -> int:
     """Bytes Flower transfers for this message: every deflated object in its tree."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())

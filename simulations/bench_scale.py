@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,11 +36,13 @@ import numpy as np
 from flwr.app import Message
 
 from server.federation import FederatedServer
+from shared.accounting import noise_epsilon
 from shared.config import load_config
 from shared.ledger import LEDGER_FILE, Ledger
 from shared.proto import PROTOCOL_VERSION, Instruction, Reply
 from shared.replica import Replica
 from shared.wire import from_content, to_content
+from simulations.inprocess import outside_flower
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,31 +98,36 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def bench_in_process(sizes: Iterable[int], rounds: int, model: str) -> list[dict[str, Any]]:
+    outside_flower()
     replica = None
     out = []
+    base = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     for m in sizes:
-        with tempfile.TemporaryDirectory(prefix=f"bench-scale-{m}-") as tmp:
-            config = _config(Path(tmp), rounds + 1, model)
-            replica = replica or Replica(config)
-            grid = LoadGrid(m, config.privacy.clip)
-            server = FederatedServer(config, grid, tmp, replica=replica)
-            server.run_round(1)  # identifies every node (a query) before it is first instructed
-            grid.generator_s = 0.0
-            rows = [server.run_round(r) for r in range(2, rounds + 2)]
-            assert all(r["accepted"] == m for r in rows), [r["rejected_by_kind"] for r in rows]
-            phases = {k: _median(rows, k) for k in SERVER_PHASES}
-            entry = {
-                "replies": m, "seeds": config.federation.local_steps, "rounds_timed": len(rows),
-                "entries_per_round": rows[-1]["entries"], "trainable_entries": replica.size,
-                "phase_s": {k: round(v, 6) for k, v in phases.items()},
-                "server_s": round(sum(phases.values()), 6),
-                "generator_s": round(grid.generator_s / len(rows), 6),
-                "bytes_down_total": rows[-1]["bytes_down_total"], "bytes_up_total": rows[-1]["bytes_up_total"],
-            }
-            server.ledger.verify()
-            server.ledger.close()
+        tmp = base / "run"  # one run folder name for every M: the shared replica's config pins it
+        shutil.rmtree(tmp, ignore_errors=True)
+        noise_epsilon.cache_clear()  # every M pays its own accounting (one PLD per round: M holders share it)
+        config = _config(tmp, rounds + 1, model)
+        replica = replica or Replica(config)
+        grid = LoadGrid(m, config.privacy.clip)
+        server = FederatedServer(config, grid, tmp, replica=replica)
+        server.run_round(1)  # identifies every node (a query) before it is first instructed
+        grid.generator_s = 0.0
+        rows = [server.run_round(r) for r in range(2, rounds + 2)]
+        assert all(r["accepted"] == m for r in rows), [r["rejected_by_kind"] for r in rows]
+        phases = {k: _median(rows, k) for k in SERVER_PHASES}
+        entry = {
+            "replies": m, "seeds": config.federation.local_steps, "rounds_timed": len(rows),
+            "entries_per_round": rows[-1]["entries"], "trainable_entries": replica.size,
+            "phase_s": {k: round(v, 6) for k, v in phases.items()},
+            "server_s": round(sum(phases.values()), 6),
+            "generator_s": round(grid.generator_s / len(rows), 6),
+            "bytes_down_total": rows[-1]["bytes_down_total"], "bytes_up_total": rows[-1]["bytes_up_total"],
+        }
+        server.ledger.verify()
+        server.ledger.close()
         log.info("M=%d: %s", m, json.dumps(entry))
         out.append(entry)
+    shutil.rmtree(base, ignore_errors=True)
     return out
 
 
@@ -131,8 +139,7 @@ def bench_flwr(nodes: int, rounds: int) -> dict[str, Any]:
                "SEEDTUNE_PRIVACY_LEDGER": str(Path(tmp) / "holders.sqlite"), "NUM_CPUS": "1"}
         overrides = (f"model.name=\"tiny-encoder\" federation.rounds={rounds} federation.local_steps=10 "
                      f"federation.clients_per_round={nodes} data.train_size={20 * nodes} data.test_size=64 "
-                     "eval.dev_size=64 federation.eval_every=0 privacy.noise_multiplier=1.0 "
-                     "federation.sample_rate=0.25")
+                     "eval.dev_size=64 federation.eval_every=0 federation.sample_rate=0.25")  # noise calibrated
         start = time.perf_counter()
         proc = subprocess.run(["bash", "scripts/simulate.sh", overrides], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=3600)
@@ -145,10 +152,13 @@ def bench_flwr(nodes: int, rounds: int) -> dict[str, Any]:
         ledger = Ledger.open(run_dir / LEDGER_FILE)
         per_round = sorted({r["entries"] for r in ledger.rounds()})
         ledger.close()
+    accepted = sorted({r["accepted"] for r in rows})
+    if accepted != [nodes]:
+        raise RuntimeError(f"the flwr simulation accepted {accepted} replies per round, not all {nodes} nodes'")
     return {
         "nodes": nodes, "rounds": summary["rounds"], "wall_s": round(wall, 1), "clients_agree": summary["clients_agree"],
         "client_digests": len(summary["client_digests"]), "entries_per_round": per_round,
-        "accepted_per_round": sorted({r["accepted"] for r in rows}),
+        "accepted_per_round": accepted,
         "round_wall_s": round(statistics.median(r["wall_s"] for r in rows), 3),
         "server_s": round(statistics.median(sum(r["phase_s"].get(k, 0.0) for k in SERVER_PHASES) for r in rows), 4),
         "phase_s": {k: round(_median(rows, k), 4) for k in (*SERVER_PHASES, "transport")},

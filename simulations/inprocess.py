@@ -17,9 +17,17 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
 
-TaskIdentity.run_id = TaskIdentity.run_id if TaskIdentity._run_id is not None else 7
-TaskIdentity.node_id = TaskIdentity.node_id if TaskIdentity._node_id is not None else 1
-TaskIdentity.task_id = TaskIdentity.task_id if TaskIdentity._task_id is not None else 1
+
+
+def outside_flower() -> None:
+    """Give Flower the task identity it stamps on messages, for messages made outside a Flower runtime (this
+    transport, simulations.process_grid's nodes, bench_scale's load generator)."""
+    TaskIdentity.run_id = TaskIdentity.run_id if TaskIdentity._run_id is not None else 7
+    TaskIdentity.node_id = TaskIdentity.node_id if TaskIdentity._node_id is not None else 1
+    TaskIdentity.task_id = TaskIdentity.task_id if TaskIdentity._task_id is not None else 1
+
+
+outside_flower()
 
 
 class InProcessGrid:

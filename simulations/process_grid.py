@@ -114,7 +114,9 @@ class ProcessGrid:
 def _serve(node_id: int, node_config: dict) -> None:
     """One node: answer framed messages with the ClientApp's handlers until the parent goes away."""
     import client.app as client_app
-    import simulations.inprocess  # noqa: F401  (sets Flower's task identity for messages made outside a runtime)
+    from simulations.inprocess import outside_flower
+
+    outside_flower()
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed must not corrupt the frames
