@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from shared.accounting import noise_epsilon
+from shared.accounting import PrivacyAccountant
 from shared.config import cache_root
 from shared.noise import Noise
 
@@ -91,27 +91,18 @@ class PrivacyLedger:
     def close(self) -> None:
         self._conn.close()
 
-    def _runs(self, key: str, extra: Run | None = None) -> tuple[Run, ...] | None:
-        """The holder's private steps (and ``extra``) as runs of identical (noise, rate), merged the way every
-        accountant of this project merges them, so equal histories hit one cached epsilon; None once anything
-        was non-private."""
-        rows = [(Noise.from_json(n) if n != NON_PRIVATE else None, rate, steps) for n, rate, steps in
-                self._conn.execute("SELECT noise, sample_rate, steps FROM releases WHERE data_key = ? ORDER BY rowid",
-                                   (key,))]
-        runs: list[Run] = []
-        for noise, rate, steps in rows + ([extra] if extra else []):
-            if noise is None:
-                return None
-            if runs and runs[-1][:2] == (noise, rate):
-                runs[-1] = (noise, rate, runs[-1][2] + steps)
-            else:
-                runs.append((noise, rate, steps))
-        return tuple(runs)
+    def accountant(self, key: str) -> PrivacyAccountant:
+        """The holder's releases of data set ``key``, in order, as a :class:`PrivacyAccountant`."""
+        accountant = PrivacyAccountant()
+        for noise, rate, steps in self._conn.execute(
+                "SELECT noise, sample_rate, steps FROM releases WHERE data_key = ? ORDER BY rowid", (key,)):
+            accountant.record(Noise.from_json(noise) if noise != NON_PRIVATE else None, rate, steps)
+        return accountant
 
     def epsilon(self, key: str, delta: float, extra: Run | None = None) -> float:
         """The holder's epsilon at ``delta`` over every recorded release (plus ``extra`` steps, if given)."""
-        runs = self._runs(key, extra)
-        return math.inf if runs is None else noise_epsilon(runs, delta)
+        accountant = self.accountant(key)
+        return (accountant.after(*extra) if extra else accountant).epsilon(delta)
 
     def keys(self) -> list[str]:
         """The data sets (data keys) with releases in this ledger."""

@@ -138,7 +138,7 @@ def privatize_vectors(
     scale = np.minimum(1.0, clip / np.maximum(norms, np.finfo(np.float64).tiny))
     total = (g * scale[:, None]).sum(axis=0)
     if noise is not None:
-        total = total + clip * np.asarray(noise.sample(rng, g.shape[1]), dtype=np.float64)
+        total = total + clip * np.asarray(rng.noise(noise, g.shape[1]), dtype=np.float64)
     return total / expected_batch, int((norms > clip).sum())
 
 

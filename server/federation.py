@@ -35,7 +35,7 @@ from typing import Any, Iterable
 import numpy as np
 from flwr.app import Message
 
-from shared.accounting import noise_epsilon
+from shared.accounting import PrivacyAccountant
 from shared.aggregation import ACCEPTED, RoundRule
 from shared.config import ConfigError, RunConfig
 from shared.ledger import LEDGER_FILE, Ledger, Provenance
@@ -80,7 +80,8 @@ class FederatedServer:
         self.bound = scalar_bound(config.privacy.clip, self.noise)
         self.known_version: dict[int, int] = {}  # what each node holds, as far as the server knows
         self.holders: dict[int, str] = {}  # Flower node id -> the data holder it stated (learned by a query)
-        self.steps: Counter[str] = Counter()  # private steps instructed per holder (conservative: sent = spent)
+        # One accountant per data holder, of every private step instructed (conservative: sent = spent)
+        self.accountants: dict[str, PrivacyAccountant] = {}
         self._resume()
         self.report = RunReport(self.run_dir)
 
@@ -102,15 +103,22 @@ class FederatedServer:
                      self.ledger.last_round, n)
             self.ledger.verify()
             self.replica.apply(list(self.ledger.entries()), self.ledger.hash_at(n))
-        self.steps.update(self.ledger.instructed_steps())
+        for holder, steps in self.ledger.instructed_steps().items():
+            self._record(holder, steps)
 
     # ------------------------------------------------------------------------------------ accounting
+    def _record(self, holder: str, steps: int) -> None:
+        """Every step of this federation has the header's noise at its sampling rate (None: non-private)."""
+        self.accountants.setdefault(holder, PrivacyAccountant()).record(
+            self.noise, self.config.federation.sample_rate, steps)
+
     def epsilon(self, holder: str, extra_steps: int = 0) -> float | None:
         """The holder's epsilon at the federation's delta; None without privacy (no guarantee at all)."""
-        steps = self.steps[holder] + extra_steps
         if not self.config.privacy.enabled:
             return None
-        return noise_epsilon(((self.noise, self.config.federation.sample_rate, steps),), self.config.privacy.delta)
+        accountant = self.accountants.get(holder, PrivacyAccountant())
+        return accountant.after(self.noise, self.config.federation.sample_rate, extra_steps).epsilon(
+            self.config.privacy.delta)
 
     def eligible(self, nodes: Iterable[int]) -> list[int]:
         """One node per identified holder (the lowest id if several claim it), if the holder's budget allows
@@ -156,7 +164,7 @@ class FederatedServer:
             holders = [self.holders[n] for n in nodes]
             self.ledger.record_instructions(rnd, holders, len(plan.seeds))
             for holder in holders:
-                self.steps[holder] += len(plan.seeds)
+                self._record(holder, len(plan.seeds))
         return plan
 
     def instruction(self, plan: RoundPlan, start: int) -> Instruction:
@@ -279,7 +287,7 @@ class FederatedServer:
             "bytes_up_max": max(up.values(), default=0), "bytes_up_total": sum(up.values()),
             "bytes_up_per_step": max(up.values()) / len(plan.seeds) if up else None,
             "bytes_down_max": max(down.values(), default=0), "bytes_down_total": sum(down.values()),
-            "epsilon": {h: self.epsilon(h) for h in sorted(self.steps)},
+            "epsilon": {h: self.epsilon(h) for h in sorted(self.accountants)},
         }
         row["epsilon_max"] = max((e for e in row["epsilon"].values() if e is not None), default=None)
         every = self.config.federation.eval_every
@@ -339,7 +347,7 @@ class FederatedServer:
         client_runtimes = {str(n): r.runtime or "torch" for n, r in synced.items()}
         # What each holder's own privacy ledger recorded (over every run on that data), next to this server's.
         holder_epsilon = {r.holder: r.metrics["epsilon"] for r in synced.values() if "epsilon" in r.metrics}
-        server_epsilon = {h: self.epsilon(h) for h in sorted(self.steps)}
+        server_epsilon = {h: self.epsilon(h) for h in sorted(self.accountants)}
         test_accuracy = self.test_accuracy()
         rows = self.report.rows
         summary = {

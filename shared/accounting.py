@@ -13,6 +13,7 @@ sum divided by the *expected* batch size (sensitivity C / (q n)).
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -43,28 +44,57 @@ def gaussian_step(noise_multiplier: float, sample_rate: float) -> dp_accounting.
 class PrivacyAccountant:
     """Accumulates runs of identical private steps (noise, sampling rate) and reports (epsilon, delta).
 
+    The one accountant of the project: the trainer and the DP-SGD baseline record their steps in one, the
+    federation's server keeps one per data holder (rebuilt from the instructions its ledger recorded), each
+    node's privacy ledger builds one from its releases, and the FedAvg baseline's nodes keep theirs in
+    Flower's node state (``to_json``/``from_json``). A non-private release (``noise=None``) makes epsilon
+    infinite for good.
+
     Epsilon comes from privacy loss distributions: dp-accounting's own for the Gaussian and the Laplace, the
     density-based one of :func:`noise_pld` for other noises (LMO)."""
 
     runs: list[tuple[Noise, float, int]] = field(default_factory=list)
+    non_private: bool = False
 
-    def record(self, noise: Noise, sample_rate: float, count: int = 1) -> None:
+    def record(self, noise: Noise | None, sample_rate: float, count: int = 1) -> None:
         if count < 0:
             raise ValueError(f"step count must be >= 0, got {count}")
         if count == 0:
             return
-        if self.runs and self.runs[-1][:2] == (noise, sample_rate):
+        if noise is None:
+            self.non_private = True
+        elif self.runs and self.runs[-1][:2] == (noise, sample_rate):
             self.runs[-1] = (noise, sample_rate, self.runs[-1][2] + count)
         else:
             self.runs.append((noise, sample_rate, count))
+
+    def after(self, noise: Noise | None, sample_rate: float, count: int) -> "PrivacyAccountant":
+        """A copy with ``count`` more steps: what epsilon would be, without spending anything here."""
+        copy = PrivacyAccountant(list(self.runs), self.non_private)
+        copy.record(noise, sample_rate, count)
+        return copy
 
     @property
     def steps(self) -> int:
         return sum(count for _, _, count in self.runs)
 
     def epsilon(self, delta: float) -> float:
-        """Tightest epsilon at ``delta`` (PLD); 0 before any step."""
-        return noise_epsilon(tuple(self.runs), delta)
+        """Tightest epsilon at ``delta`` (PLD); 0 before any step, infinite after a non-private release."""
+        return math.inf if self.non_private else noise_epsilon(tuple(self.runs), delta)
+
+    def to_json(self) -> str:
+        return json.dumps({"runs": [[n.to_json(), q, c] for n, q, c in self.runs], "non_private": self.non_private})
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrivacyAccountant":
+        try:
+            data = json.loads(text)
+            accountant = cls(non_private=bool(data["non_private"]))
+            for noise, rate, count in data["runs"]:
+                accountant.record(Noise.from_json(noise), float(rate), int(count))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"not a saved PrivacyAccountant: {text[:120]!r} ({exc})") from exc
+        return accountant
 
     def rdp_epsilon(self, delta: float) -> float:
         """RDP bound for a Gaussian history: looser, kept as a cross-check."""

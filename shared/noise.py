@@ -68,6 +68,16 @@ class SecureRandom:
             raise ValueError(f"sampling rate must be in (0, 1], got {rate}")
         return np.flatnonzero(self.uniform(population) < rate)
 
+    def noise(self, noise: "Noise", n: int = 1) -> np.ndarray:
+        """``n`` draws of the noise that ``noise`` describes (the description holds no randomness of its own)."""
+        if noise.family == "gaussian":
+            return self.normal(n) * noise.sigma if noise.sigma > 0 else np.zeros(n)
+        atom = np.searchsorted(np.cumsum(noise.weights), self.uniform(n) * sum(noise.weights))
+        atom = np.minimum(atom, len(noise.rates) - 1)
+        u, side = self.uniform(n), self.uniform(n)
+        magnitude = -np.log(u) / np.asarray(noise.rates)[atom]  # Exp(rate): |Laplace|
+        return np.where(side < 0.5, -magnitude, magnitude)
+
     def seed64(self) -> int:
         """A fresh 64-bit seed, e.g. for a public direction (unpredictable before it is announced)."""
         return int.from_bytes(self._bytes(8), "little")
@@ -85,7 +95,8 @@ _LMO_DRAWS = 200_000  # public, fixed-seed draws used to place them
 
 @dataclass(frozen=True)
 class Noise:
-    """Noise for a sensitivity-1 release: the private sum gets ``clip * noise.sample()``.
+    """The description of a noise for a sensitivity-1 release (the private sum gets ``clip * rng.noise(noise)``,
+    drawn by :meth:`SecureRandom.noise`): what the ledger header pins and the accountant composes.
 
     ``gaussian``: N(0, sigma^2). ``laplace`` and ``lmo``: a finite mixture of Laplace(0, 1/rate_j) with weights
     w_j (one atom for Laplace). The LMO-DP family draws the Laplace inverse scale from a positive combination
@@ -156,23 +167,13 @@ class Noise:
         return f"lmo(recipe={tuple(round(x, 4) for x in self.recipe)}, std={self.std:.4g})"
 
     def support_gap(self) -> float:
-        """Mass the ideal distribution puts beyond what :meth:`sample` can draw (see :class:`SecureRandom`):
+        """Mass the ideal distribution puts beyond what :meth:`SecureRandom.noise` can draw:
         the total variation between the sampled and the accounted noise, per draw, from the support cut."""
         if self.family == "gaussian":
             from scipy.special import ndtr
 
             return float(2.0 * ndtr(-GAUSSIAN_SUPPORT))
         return math.exp(-LAPLACE_SUPPORT)  # every atom: P(|Lap(1/r)| > LAPLACE_SUPPORT / r)
-
-    # ------------------------------------------------------------------------------------ sampling
-    def sample(self, rng: SecureRandom, n: int = 1) -> np.ndarray:
-        if self.family == "gaussian":
-            return rng.normal(n) * self.sigma if self.sigma > 0 else np.zeros(n)
-        atom = np.searchsorted(np.cumsum(self.weights), rng.uniform(n) * sum(self.weights))
-        atom = np.minimum(atom, len(self.rates) - 1)
-        u, side = rng.uniform(n), rng.uniform(n)
-        magnitude = -np.log(u) / np.asarray(self.rates)[atom]  # Exp(rate): |Laplace|
-        return np.where(side < 0.5, -magnitude, magnitude)
 
     # ------------------------------------------------------------------------------------- density
     def log_pdf(self, x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from tests.helpers import LABELS, SENTENCES
 
 def test_empirical_noise_std_matches_the_configured_one():
     rng = SecureRandom()
-    samples = Noise.gaussian(2.5).sample(rng, 20_000)
+    samples = rng.noise(Noise.gaussian(2.5), 20_000)
     assert abs(samples.mean()) < 0.06
     assert samples.std() == pytest.approx(2.5, rel=0.03)
 
@@ -111,3 +111,19 @@ def test_calibration_rejects_bad_values(bad):
     args = dict(epsilon=3.0, delta=1e-5, sample_rate=0.01, steps=10) | bad
     with pytest.raises(ValueError, match=next(iter(bad))):
         calibrate_noise_multiplier(**args)
+
+
+def test_the_accountant_saves_restores_and_answers_what_if_without_spending():
+    gauss, laplace = Noise.gaussian(1.1), Noise.laplace(0.7)
+    accountant = PrivacyAccountant()
+    accountant.record(gauss, 0.01, 300)
+    accountant.record(laplace, 0.02, 40)
+    back = PrivacyAccountant.from_json(accountant.to_json())
+    assert back == accountant and back.epsilon(1e-5) == accountant.epsilon(1e-5)
+    more = accountant.after(laplace, 0.02, 10)
+    assert accountant.steps == 340 and more.steps == 350 and more.epsilon(1e-5) > accountant.epsilon(1e-5)
+    assert more.runs[-1] == (laplace, 0.02, 50)  # merged into the last run: one cached epsilon per history
+    leaked = PrivacyAccountant.from_json(accountant.after(None, 1.0, 1).to_json())
+    assert leaked.non_private and leaked.epsilon(1e-5) == float("inf")
+    with pytest.raises(ValueError, match="not a saved PrivacyAccountant"):
+        PrivacyAccountant.from_json('{"runs": [["gaussian", 0.1, 3]]}')

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from client.baselines.dpsgd import FirstOrderLearner
 from client.partition import load_partition
-from shared.accounting import noise_epsilon
+from shared.accounting import PrivacyAccountant
 from shared.config import FederationConfig, RunConfig
 from shared.first_order import METRICS, TRAINABLE, FedAvgConfig, prepare_trainable, trainable_state
 from shared.models import load_task_model
@@ -55,14 +55,15 @@ def make_client_app(config: FedAvgConfig) -> ClientApp:
         state = msg.content.array_records[TRAINABLE].to_torch_state_dict()
         learner.task.module.load_state_dict(state, strict=False)
         losses = [learner.step() for _ in range(config.local_steps)]
-        done = int(context.state.config_records.get(STATE, ConfigRecord({"steps": 0}))["steps"]) + len(losses)
-        context.state[STATE] = ConfigRecord({"steps": done})
+        # The node's accountant lives in Flower's node state, across rounds and ClientApp processes.
+        saved = context.state.config_records.get(STATE)
+        accountant = PrivacyAccountant.from_json(saved["accountant"]) if saved else PrivacyAccountant()
+        accountant.record(learner.noise, learner.sample_rate, len(losses))
+        context.state[STATE] = ConfigRecord({"accountant": accountant.to_json()})
         # The loss and the data size depend on the private data: they stay in the node's log, never sent.
         log.info("fedavg node %s: mean loss %.4f over %d local steps (local only)", context.node_id,
                  sum(losses) / len(losses), len(losses))
-        metrics = {"steps": done}
-        if learner.noise is not None:
-            metrics["epsilon"] = noise_epsilon(((learner.noise, learner.sample_rate, done),), config.learner.delta)
+        metrics = {"epsilon": accountant.epsilon(config.learner.delta)} if learner.noise is not None else {}
         content = RecordDict({TRAINABLE: ArrayRecord(trainable_state(learner.task.module)),
                               METRICS: MetricRecord(metrics)})
         return Message(content, reply_to=msg)
