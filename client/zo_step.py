@@ -23,6 +23,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from shared.batching import length_sorted
 from shared.noise import Noise, SecureRandom
 
 
@@ -69,19 +70,18 @@ def _losses_at(
     """
     if len(ids) == 0:
         return np.zeros((0, len(moves)), dtype=np.float32)
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    batches = [([ids[i] for i in order[s : s + microbatch]], labels[order[s : s + microbatch]])
-               for s in range(0, len(ids), microbatch)]
+    batches = [(rows, [ids[i] for i in rows], labels[rows]) for rows in length_sorted(ids, microbatch)]
+    losses = np.empty((len(ids), len(moves)), dtype=np.float32)
     model.snapshot()
     try:
-        columns = []
-        for move in moves:
+        for column, move in enumerate(moves):
             if move is not None:
                 model.perturb(*move)
-            columns.append(np.concatenate([model.per_example_loss(*b) for b in batches]))
+            for rows, batch_ids, batch_labels in batches:
+                losses[rows, column] = model.per_example_loss(batch_ids, batch_labels)
     finally:
         model.restore()
-    return np.stack(columns, axis=1)[np.argsort(order)]
+    return losses
 
 
 def projected_gradients(

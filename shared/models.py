@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.batching import keep_tail, length_sorted, pad
 from shared.config import ModelConfig, cache_root
 from shared.tasks import LABEL_NAMES
 
@@ -145,20 +146,13 @@ class TextClassifier:
         if self.kind == "decoder":
             texts = [DECODER_PROMPT.format(sentence=s.strip()) for s in sentences]
             ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-            # Truncate the review, never the prompt's tail that the label words follow.
             tail = self.tokenizer("\nSentiment:", add_special_tokens=False)["input_ids"]
-            return [x if len(x) <= self.max_length else x[: self.max_length - len(tail)] + tail for x in ids]
+            return keep_tail(ids, self.max_length, tail)
         return self.tokenizer(list(sentences), truncation=True, max_length=self.max_length)["input_ids"]
 
     def collate(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> Batch:
-        width = max(len(x) for x in ids)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[row, : len(x)] = 1
-        return Batch(input_ids, mask, torch.as_tensor(labels, dtype=torch.long))
+        input_ids, mask = pad(ids, self.tokenizer.pad_token_id)
+        return Batch(torch.from_numpy(input_ids), torch.from_numpy(mask), torch.as_tensor(labels, dtype=torch.long))
 
     # -------------------------------------------------------------------------------------- scoring
     @torch.no_grad()
@@ -216,14 +210,12 @@ class TextClassifier:
         """Predicted labels in the order of ``ids``, scored in length-sorted batches (less padding, same result)."""
         if len(ids) == 0:
             raise ValueError("cannot score an empty split")
-        order = np.argsort([len(x) for x in ids], kind="stable")
         predicted = np.empty(len(ids), dtype=np.int64)
-        starts = range(0, len(order), batch_size)
+        batches = length_sorted(ids, batch_size)
         if progress:
             from tqdm.auto import tqdm
-            starts = tqdm(starts, desc="evaluating", unit="batch", leave=False)
-        for start in starts:
-            rows = order[start : start + batch_size]
+            batches = tqdm(batches, total=-(-len(ids) // batch_size), desc="evaluating", unit="batch", leave=False)
+        for rows in batches:
             batch = self.collate([ids[i] for i in rows], np.zeros(len(rows), dtype=np.int64))
             predicted[rows] = self.logits(batch).argmax(-1).numpy()
         return predicted

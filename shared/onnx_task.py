@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from shared.batching import keep_tail, length_sorted, pad
 from shared.onnx_format import OnnxMetadata, OnnxModelError, file_sha256, sidecars
 
 
@@ -46,24 +47,13 @@ class OnnxTask:
         if self.kind == "decoder":
             texts = [self.meta.prompt.format(sentence=s.strip()) for s in sentences]
             ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
-            # Truncate the review, never the prompt's tail that the label words follow.
-            n, tail = self.max_length, self._tail
-            return [x if len(x) <= n else x[: n - len(tail)] + tail for x in ids]
+            return keep_tail(ids, self.max_length, self._tail)
         return [e.ids for e in self.tokenizer.encode_batch(list(sentences))]
-
-    def collate(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        width = max(len(x) for x in ids)
-        input_ids = np.full((len(ids), width), self.meta.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        for row, x in enumerate(ids):
-            input_ids[row, : len(x)] = x
-            mask[row, : len(x)] = 1
-        return input_ids, mask
 
     # -------------------------------------------------------------------------------------- scoring
     def logits(self, ids: Sequence[Sequence[int]], trainable: np.ndarray | None = None) -> np.ndarray:
         """Class logits; ``trainable=None`` uses the values stored in the file (the exported model)."""
-        input_ids, mask = self.collate(ids)
+        input_ids, mask = pad(ids, self.meta.pad_token_id)
         feed = {"input_ids": input_ids, "attention_mask": mask}
         if trainable is not None:
             feed["trainable"] = trainable
@@ -80,9 +70,7 @@ class OnnxTask:
                  trainable: np.ndarray | None = None) -> float:
         if len(ids) == 0:
             raise ValueError("cannot compute accuracy on an empty split")
-        order = np.argsort([len(x) for x in ids], kind="stable")
         correct = 0
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in length_sorted(ids, batch_size):
             correct += int((self.logits([ids[i] for i in rows], trainable).argmax(-1) == labels[rows]).sum())
         return correct / len(ids)

@@ -147,6 +147,7 @@ def test_fedavg_on_flower_runs_two_rounds_and_reports_bytes(tmp_path):
     assert summary["epsilon_max"] == pytest.approx(expected)
 
 
+@pytest.mark.slow  # a multi-minute integration run on CI (four subprocess rows); run with -m slow
 def test_bench_utility_quick_rows_are_well_formed(tmp_path, capsys):
     from simulations.bench_utility import ROW_FIELDS, main
 

@@ -261,6 +261,7 @@ def test_server_killed_mid_round_resumes_without_loss_or_double_apply(tmp_path):
     _assert_every_holder_accounted(summary, after)
 
 
+@pytest.mark.slow  # four server processes on CI; the mid-round SIGKILL test above stays in the fast suite
 def test_server_killed_at_random_points_never_loses_or_repeats_a_round(tmp_path):
     """Three SIGKILLs at seeded random moments: the first from the process start (it may land in start-up),
     the others after the ledger exists (sending, committing, evaluating: wherever they land); the ledger is

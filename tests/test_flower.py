@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from shared.ledger import Ledger
 from tests.deploy_harness import start_federation
 
@@ -33,6 +35,7 @@ def test_simulation_with_flwr_run_offline(tmp_path):
         assert (tmp_path / "run" / name).stat().st_size > 0
 
 
+@pytest.mark.slow  # a real SuperLink and SuperNodes with TLS: multi-minute on CI; run with -m slow
 def test_deployment_with_tls_and_node_authentication(tmp_path):
     """Two SuperNodes, the second on ONNX Runtime (an edge node without torch): a mixed real federation."""
     run_dir = tmp_path / "run"

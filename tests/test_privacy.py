@@ -22,7 +22,8 @@ def test_privatized_scalar_has_the_calibrated_std_on_the_mean():
     g = np.array([5.0, -50.0, 0.5, 300.0])  # two of them exceed the clip
     clip, sigma, expected_batch = 10.0, 1.3, 8.0
     out = np.array([privatize(g, clip, expected_batch, Noise.gaussian(sigma), rng)[0] for _ in range(20_000)])
-    assert out.mean() == pytest.approx((5 - 10 + 0.5 + 10) / expected_batch, abs=0.03)
+    # 5 standard errors of the mean (1.625 / sqrt(20,000)): the noise is unseeded by design
+    assert out.mean() == pytest.approx((5 - 10 + 0.5 + 10) / expected_batch, abs=0.06)
     assert out.std() == pytest.approx(sigma * clip / expected_batch, rel=0.03)
     assert privatize(g, clip, expected_batch, None, rng)[1] == 2
 
