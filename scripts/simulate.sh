@@ -51,9 +51,9 @@ TOML
 
 USER_OVERRIDES=${1:-}
 case "$USER_OVERRIDES" in
-    *federation.run_dir=*) echo "simulate: set the run folder with RUN_DIR=..., not federation.run_dir" >&2; exit 2 ;;
+    *out_dir=*) echo "simulate: set the run folder with RUN_DIR=..., not out_dir" >&2; exit 2 ;;
 esac
-OVERRIDES="federation.run_dir=\"$RUN_DIR\" $USER_OVERRIDES"
+OVERRIDES="out_dir=\"$RUN_DIR\" $USER_OVERRIDES"
 case "$USER_OVERRIDES" in
     *data.data_dir=*) ;;
     *) OVERRIDES="$OVERRIDES data.data_dir=\"$DATA\"" ;;

@@ -24,5 +24,5 @@ def main(grid: Grid, context: Context) -> None:
     config = config_from_flower(context.run_config)
     if config.threads:
         torch.set_num_threads(config.threads)
-    run_dir = config.federation.run_dir or f"runs/federated-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = config.out_dir or f"runs/federated-{time.strftime('%Y%m%d-%H%M%S')}"
     FederatedServer(config, grid, run_dir).run()

@@ -290,7 +290,7 @@ class FederatedServer:
             "epsilon": {h: self.epsilon(h) for h in sorted(self.accountants)},
         }
         row["epsilon_max"] = max((e for e in row["epsilon"].values() if e is not None), default=None)
-        every = self.config.federation.eval_every
+        every = self.config.eval.every
         if every and rnd % every == 0:
             row["dev_accuracy"] = self.evaluate()
         timed("evaluate", t)

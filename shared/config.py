@@ -172,7 +172,9 @@ class ScheduleConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 100  # steps between evaluations on the dev subset (0: only before and after training)
+    # Dev-subset evaluations every this many steps (seedtune train) or rounds (a federation); 0: only before
+    # and after training
+    every: int = 100
     dev_size: int = 256  # dev examples per periodic evaluation (public-split monitoring, not model selection)
 
     def validate(self) -> None:
@@ -188,7 +190,8 @@ AGGREGATIONS = ("mean", "trimmed_mean", "median")
 @dataclass
 class FederationConfig:
     """Federated DP-ZO: every round the server sends the same fresh seeds to the sampled clients, each runs
-    one private ZO step per seed on its own partition, and each scalar enters the ledger with weight 1/replies."""
+    one private ZO step per seed on its own partition, and each seed's scalars are aggregated into one ledger
+    entry (``aggregation``). Its run folder is the top-level ``out_dir``, its evaluation cadence ``eval.every``."""
 
     rounds: int = 10
     clients_per_round: int = 0  # nodes sampled per round; 0 = every node still within its budget
@@ -196,20 +199,17 @@ class FederationConfig:
     sample_rate: float = 0.01  # Poisson rate q on each client's partition, so every client has the same epsilon/step
     min_replies: int = 1  # a round with fewer valid replies commits nothing
     round_timeout_s: float = 600.0
-    eval_every: int = 1  # rounds between server-side dev evaluations (0: only before and after)
     partition: str = "iid"  # "iid" or "dirichlet" (label skew)
     alpha: float = 0.5  # Dirichlet concentration: smaller = more skewed
     aggregation: str = "mean"  # per seed over the replies: "mean", "trimmed_mean" or "median" (robust)
     trim: float = 0.2  # trimmed_mean: fraction of replies dropped at each end, per seed
-    run_dir: str = ""  # ledger, metrics and plots; empty: runs/federated-<time>
 
     def validate(self) -> None:
         for name in ("rounds", "local_steps", "min_replies"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"federation.{name}", "must be an int >= 1", value)
-        for name in ("clients_per_round", "eval_every"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 0, f"federation.{name}", "must be an int >= 0", value)
+        _require(isinstance(self.clients_per_round, int) and self.clients_per_round >= 0,
+                 "federation.clients_per_round", "must be an int >= 0", self.clients_per_round)
         _require(isinstance(self.sample_rate, (int, float)) and 0 < self.sample_rate <= 1, "federation.sample_rate",
                  "must be in (0, 1]", self.sample_rate)
         _positive("federation.round_timeout_s", self.round_timeout_s)
@@ -231,7 +231,9 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
-    out_dir: str = ""  # where the run writes its files; empty: runs/<timestamp>
+    # The run folder (ledger, metrics, summary, plots) of a training or a federation's server; empty:
+    # runs/train-<time> or runs/federated-<time>
+    out_dir: str = ""
     threads: int = 0  # torch CPU threads; 0: torch's default
 
     def validate(self) -> "RunConfig":
@@ -251,6 +253,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+RENAMED = {"federation.run_dir": "out_dir", "federation.eval_every": "eval.every"}
+
+
 def from_dict(data: Mapping[str, Any], cls: type = RunConfig, prefix: str = "") -> Any:
     """Build a config dataclass from nested mappings, rejecting unknown keys by their dotted name."""
     if not isinstance(data, Mapping):
@@ -258,6 +263,8 @@ def from_dict(data: Mapping[str, Any], cls: type = RunConfig, prefix: str = "") 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
+        if f"{prefix}{key}" in RENAMED:
+            raise ConfigError(f"config key '{prefix}{key}' is now '{RENAMED[prefix + key]}' (one key per concept)")
         if key not in fields:
             raise ConfigError(f"unknown config key '{prefix}{key}'; known keys: {sorted(fields)}")
         default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None

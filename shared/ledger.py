@@ -30,7 +30,7 @@ from shared.aggregation import ACCEPTED, RoundRule
 from shared.chain import ChainError, Entry, genesis, link, pack_tail
 from shared.proto import LEDGER_FORMAT_VERSION, LedgerHeader, LedgerTail
 
-LEDGER_FILE = "ledger.sqlite"  # the ledger's name in a run folder (federation.run_dir, a trainer's out_dir)
+LEDGER_FILE = "ledger.sqlite"  # the ledger's name in a run folder (the run's out_dir)
 _U64 = 1 << 64
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -149,7 +149,7 @@ class Ledger:
             if getattr(ledger.header, field) != value:
                 ledger.close()
                 raise LedgerError(f"ledger {str(path)!r} was started with a different {field}; resume with the "
-                                  f"same settings, or choose a new run folder (federation.run_dir / out_dir)")
+                                  f"same settings, or choose a new run folder (out_dir)")
         return ledger
 
     def close(self) -> None:

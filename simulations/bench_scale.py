@@ -88,8 +88,8 @@ def _config(run_dir: Path, rounds: int, model: str, extra: dict[str, Any] | None
     return load_config(None, {
         "model.name": model, "selection.mode": "prune", "selection.fraction": 0.01, "threads": 2,
         "data.train_size": 400, "eval.dev_size": 32, "federation.rounds": rounds, "federation.local_steps": 10,
-        "federation.clients_per_round": 0, "federation.eval_every": 0, "federation.sample_rate": 0.01,
-        "privacy.noise_multiplier": 1.0, "privacy.epsilon": 8.0, "federation.run_dir": str(run_dir),
+        "federation.clients_per_round": 0, "eval.every": 0, "federation.sample_rate": 0.01,
+        "privacy.noise_multiplier": 1.0, "privacy.epsilon": 8.0, "out_dir": str(run_dir),
         **(extra or {})})
 
 
@@ -139,7 +139,7 @@ def bench_flwr(nodes: int, rounds: int) -> dict[str, Any]:
                "SEEDTUNE_PRIVACY_LEDGER": str(Path(tmp) / "holders.sqlite"), "NUM_CPUS": "1"}
         overrides = (f"model.name=\"tiny-encoder\" federation.rounds={rounds} federation.local_steps=10 "
                      f"federation.clients_per_round={nodes} data.train_size={20 * nodes} data.test_size=64 "
-                     "eval.dev_size=64 federation.eval_every=0 federation.sample_rate=0.25")  # noise calibrated
+                     "eval.dev_size=64 eval.every=0 federation.sample_rate=0.25")  # noise calibrated
         start = time.perf_counter()
         proc = subprocess.run(["bash", "scripts/simulate.sh", overrides], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=3600)

@@ -204,7 +204,7 @@ def _fed_dpzo(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
     config = _zo_config(plan, spec, out_dir, {
         "data.train_size": plan.fed_train_size, "data.test_size": plan.fed_test_size, "eval.dev_size": 32,
         "federation.rounds": FED_ROUNDS_DPZO, "federation.local_steps": FED_LOCAL_STEPS_DPZO,
-        "federation.clients_per_round": 0, "federation.sample_rate": sample_rate, "federation.run_dir": out_dir})
+        "federation.clients_per_round": 0, "federation.sample_rate": sample_rate, "out_dir": out_dir})
     # Fresh simulated data holders per row: their privacy ledger lives in the row's folder.
     grid = InProcessGrid(FED_CLIENTS, privacy_ledger=str(Path(out_dir) / "privacy-ledger.sqlite"))
     summary = FederatedServer(config, grid, out_dir).run()

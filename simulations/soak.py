@@ -106,9 +106,9 @@ def soak(rounds: int, clients: int, model: str, run_dir: Path, seed: int, dropou
     config = load_config(None, {
         "model.name": model, "data.train_size": 100 * clients, "data.test_size": 256, "eval.dev_size": 256,
         "federation.rounds": rounds, "federation.local_steps": 2, "federation.sample_rate": 0.1,
-        "federation.min_replies": 3, "federation.eval_every": eval_every, "federation.aggregation": "trimmed_mean",
+        "federation.min_replies": 3, "eval.every": eval_every, "federation.aggregation": "trimmed_mean",
         "federation.trim": 0.2, "zo.lr": lr, "privacy.epsilon": 8.0, "privacy.clip": 5.0,
-        "federation.run_dir": str(run_dir), "threads": 1, **(overrides or {}),
+        "out_dir": str(run_dir), "threads": 1, **(overrides or {}),
     })
     # Fresh simulated data holders for every soak: their privacy ledger lives in the run folder.
     grid = FaultyGrid(clients, dropout, crash, crash_rounds, seed, malicious,

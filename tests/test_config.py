@@ -30,6 +30,9 @@ def test_toml_file_and_overrides(tmp_path):
     ("schedule.mu_decay=2.0", "schedule.mu_decay must be in (0, 1]"),
     ("privacy.lr=1", "unknown config key 'privacy.lr'"),
     ("selection.mode=patterns", "selection.patterns must name at least one pattern"),
+    # one key per concept: the federation's old run-folder and evaluation keys name their replacement
+    ("federation.run_dir=runs/x", "config key 'federation.run_dir' is now 'out_dir'"),
+    ("federation.eval_every=2", "config key 'federation.eval_every' is now 'eval.every'"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:

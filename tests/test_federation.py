@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def fed_config(run_dir: Path, **extra):
     overrides = {"model.name": "tiny-encoder", "data.train_size": 240, "data.test_size": 32, "eval.dev_size": 32,
                  "federation.rounds": 3, "federation.local_steps": STEPS, "federation.sample_rate": 0.25,
-                 "zo.lr": 1e-2, "federation.run_dir": str(run_dir), "threads": 1,
+                 "zo.lr": 1e-2, "out_dir": str(run_dir), "threads": 1, "eval.every": 1,
                  "privacy.noise_multiplier": 1.5}  # skips the 10 s calibration; one test below calibrates
     overrides.update(extra)
     return load_config(None, overrides)

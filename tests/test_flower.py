@@ -16,7 +16,7 @@ from tests.deploy_harness import start_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
-TINY = {"model.name": "tiny-encoder", "data.train_size": 240, "data.test_size": 64, "eval.dev_size": 32,
+TINY = {"model.name": "tiny-encoder", "data.train_size": 240, "data.test_size": 64, "eval.dev_size": 32, "eval.every": 1,
         "federation.local_steps": 2, "federation.sample_rate": 0.25, "federation.clients_per_round": 0,
         "zo.lr": 1e-2, "privacy.noise_multiplier": 2.0, "data.data_dir": str(DATA)}
 
@@ -47,7 +47,7 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
     onnx_node = {"NODE_CONFIG_1": f"runtime=\"onnx\" onnx-model=\"{model}\""}
     with start_federation(ROOT, tmp_path / "fed", num_nodes=2, extra_unregistered=True, extra_env=onnx_node) as fed:
         assert fed.unregistered is not None and fed.unregistered.refused, fed.unregistered
-        result = fed.run(ROOT, {**TINY, "federation.rounds": 2, "federation.run_dir": str(run_dir)}, timeout=420)
+        result = fed.run(ROOT, {**TINY, "federation.rounds": 2, "out_dir": str(run_dir)}, timeout=420)
         assert result.ok, result.output_tail()
         ledger = Ledger.open(run_dir / "ledger.sqlite")
         assert ledger.last_round == 2 and ledger.verify() == 2 * 2  # rounds x local steps
