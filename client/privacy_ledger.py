@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 from shared.accounting import PrivacyAccountant
 from shared.config import cache_root
 from shared.noise import Noise
+from shared.run_folder import PRIVACY_LEDGER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class BudgetExceeded(RuntimeError):
 
 
 def default_path() -> Path:
-    return Path(os.environ.get("SEEDTUNE_PRIVACY_LEDGER", cache_root() / "privacy-ledger.sqlite"))
+    return Path(os.environ.get("SEEDTUNE_PRIVACY_LEDGER", cache_root() / PRIVACY_LEDGER_FILE))
 
 
 def data_key(task: str, records: Iterable[tuple[str, int]]) -> str:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from client.zo_step import zo_step
 from shared.aggregation import ACCEPTED, RoundRule
-from shared.ledger import LEDGER_FILE, Ledger, Provenance
+from shared.ledger import Ledger, Provenance
 from shared.accounting import PrivacyAccountant
 from shared.config import ConfigError, RunConfig
 from shared.digest import model_digest
@@ -36,6 +36,7 @@ from shared.selection import TrainableSet
 from shared.replica import ledger_header, select_trainable
 from shared.tasks import load_split
 from shared.update import ScoredView
+from shared.run_folder import CONFIG_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         torch.set_num_threads(config.threads)
     out_dir = Path(config.out_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
 
     task = load_task_model(config.model)
     train_split = load_split(config.data, "train")
@@ -114,7 +115,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     directions = config.zo.directions
     seeds = seed_stream(config.zo.seed) if config.zo.seed else iter(rng.seed64, None)
     accountant = PrivacyAccountant()
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = out_dir / METRICS_FILE
     selection = ledger = None
     bar = tqdm(total=plan.steps, desc="DP-ZO" if private else "MeZO", unit="step", disable=not progress)
     loop_start = None  # set at the first step, after the first trainable set is chosen (pruning is setup)
@@ -198,5 +199,5 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         "ledger": str(out_dir / LEDGER_FILE) if ledger is not None else None,
         "model_digest": digest,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary

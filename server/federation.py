@@ -38,9 +38,10 @@ from flwr.app import Message
 from shared.accounting import PrivacyAccountant
 from shared.aggregation import ACCEPTED, RoundRule
 from shared.config import ConfigError, RunConfig
-from shared.ledger import LEDGER_FILE, Ledger, Provenance
+from shared.ledger import Ledger, Provenance
 from shared.proto import PROTOCOL_VERSION, Hyperparameters, Instruction, Reply
 from shared.replica import Replica, config_json
+from shared.run_folder import LEDGER_FILE
 from shared.tasks import load_split
 from shared.noise import Noise, SecureRandom
 from shared.noise_search import plan_noise

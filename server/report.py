@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from shared.run_folder import METRICS_FILE, SUMMARY_FILE
 CSV_COLUMNS = ("round", "dev_accuracy", "nodes", "replies", "accepted", "rejected", "entries",
                "ledger_entries", "epsilon_max", "bytes_up_max", "bytes_up_per_step", "bytes_down_max",
                "bytes_down_total", "wall_s")
@@ -20,7 +21,7 @@ CSV_COLUMNS = ("round", "dev_accuracy", "nodes", "replies", "accepted", "rejecte
 class RunReport:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self.rows: list[dict[str, Any]] = []
         if self.path.exists():
             with self.path.open() as fh:
@@ -35,7 +36,7 @@ class RunReport:
             os.fsync(fh.fileno())
 
     def finish(self, summary: dict[str, Any]) -> None:
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         with (self.run_dir / "metrics.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()

@@ -30,7 +30,6 @@ from shared.aggregation import ACCEPTED, RoundRule
 from shared.chain import ChainError, Entry, genesis, link, pack_tail
 from shared.proto import LEDGER_FORMAT_VERSION, LedgerHeader, LedgerTail
 
-LEDGER_FILE = "ledger.sqlite"  # the ledger's name in a run folder (the run's out_dir)
 _U64 = 1 << 64
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);

@@ -38,9 +38,10 @@ from flwr.app import Message
 from server.federation import FederatedServer
 from shared.accounting import noise_epsilon
 from shared.config import load_config
-from shared.ledger import LEDGER_FILE, Ledger
+from shared.ledger import Ledger
 from shared.proto import PROTOCOL_VERSION, Instruction, Reply
 from shared.replica import Replica
+from shared.run_folder import LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
 from shared.wire import from_content, to_content
 from simulations.inprocess import outside_flower
 
@@ -146,8 +147,8 @@ def bench_flwr(nodes: int, rounds: int) -> dict[str, Any]:
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"the flwr simulation failed:\n{proc.stderr[-3000:]}")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
         rows = [r for r in rows if r["round"] >= 2]
         ledger = Ledger.open(run_dir / LEDGER_FILE)
         per_round = sorted({r["entries"] for r in ledger.rounds()})

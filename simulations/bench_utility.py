@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from shared.run_folder import METRICS_FILE, PRIVACY_LEDGER_FILE
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,9 +208,9 @@ def _fed_dpzo(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
         "federation.rounds": FED_ROUNDS_DPZO, "federation.local_steps": FED_LOCAL_STEPS_DPZO,
         "federation.clients_per_round": 0, "federation.sample_rate": sample_rate, "out_dir": out_dir})
     # Fresh simulated data holders per row: their privacy ledger lives in the row's folder.
-    grid = InProcessGrid(FED_CLIENTS, privacy_ledger=str(Path(out_dir) / "privacy-ledger.sqlite"))
+    grid = InProcessGrid(FED_CLIENTS, privacy_ledger=str(Path(out_dir) / PRIVACY_LEDGER_FILE))
     summary = FederatedServer(config, grid, out_dir).run()
-    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(out_dir) / METRICS_FILE).read_text().splitlines()]
     return {"test_accuracy": summary["test_accuracy"], "zero_shot_accuracy": summary["zero_shot_test_accuracy"],
             "epsilon_spent": summary["epsilon_max"], "batch_size": round(sample_rate * plan.fed_train_size
                                                                             / FED_CLIENTS, 2),

@@ -11,6 +11,7 @@ from typing import Any
 from client.baselines.fedavg import make_client_app
 from server.baselines.fedavg import make_server_app
 from shared.first_order import FedAvgConfig
+from shared.run_folder import SUMMARY_FILE
 
 
 def run_fedavg(config: FedAvgConfig) -> dict[str, Any]:
@@ -29,7 +30,7 @@ def run_fedavg(config: FedAvgConfig) -> dict[str, Any]:
 
     if ray.is_initialized():  # leave no actor behind (a benchmark runs rows one after another)
         ray.shutdown()
-    path = Path(config.out_dir) / "summary.json"
+    path = Path(config.out_dir) / SUMMARY_FILE
     if not path.is_file():
         raise RuntimeError(f"the FedAvg simulation wrote no {path}; see the log above")
     return json.loads(path.read_text())

@@ -29,7 +29,8 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 import client.app as client_app
 from server.federation import FederatedServer
-from shared.ledger import LEDGER_FILE, Ledger
+from shared.ledger import Ledger
+from shared.run_folder import LEDGER_FILE, PRIVACY_LEDGER_FILE
 from shared.config import load_config
 from shared.proto import Reply
 from shared.wire import from_content, to_content
@@ -112,7 +113,7 @@ def soak(rounds: int, clients: int, model: str, run_dir: Path, seed: int, dropou
     })
     # Fresh simulated data holders for every soak: their privacy ledger lives in the run folder.
     grid = FaultyGrid(clients, dropout, crash, crash_rounds, seed, malicious,
-                      privacy_ledger=str(Path(run_dir) / "privacy-ledger.sqlite"))
+                      privacy_ledger=str(Path(run_dir) / PRIVACY_LEDGER_FILE))
     restarts, summary = [], None
     while summary is None:
         server = FederatedServer(config, grid, run_dir)

@@ -41,6 +41,7 @@ from shared.first_order import FirstOrderConfig, poisson_rate, prepare_trainable
 from shared.models import TextClassifier, load_task_model
 from shared.noise import Noise, SecureRandom
 from shared.tasks import load_split
+from shared.run_folder import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -200,5 +201,5 @@ def train_first_order(config: FirstOrderConfig, progress: bool = False,
     }
     if config.out_dir:
         Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        (Path(config.out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary

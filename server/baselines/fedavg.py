@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from shared.first_order import METRICS, TRAINABLE, FedAvgConfig, prepare_trainable, trainable_state
 from shared.models import load_task_model
+from shared.run_folder import SUMMARY_FILE
 from shared.tasks import load_split
 from shared.wire import wire_bytes
 
@@ -70,7 +71,7 @@ def run_rounds(config: FedAvgConfig, grid: Grid) -> dict[str, Any]:
     }
     if config.out_dir:
         Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        (Path(config.out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
 
