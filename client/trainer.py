@@ -153,8 +153,8 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                 for seed, coeff in zip(result.seeds, coeffs):
                     view.apply(seed, coeff)
                 if ledger is not None:
-                    ledger.commit_round(t + 1, result.seeds, [Provenance(0, TRAINER, ACCEPTED, released.tobytes())],
-                                        rule)
+                    ledger.commit_round(t + 1, result.seeds, coeffs,
+                                        [Provenance(0, TRAINER, ACCEPTED, released.tobytes())], rule)
                 if anchor is not None:
                     view.pull_towards(anchor, stage.lr * config.schedule.prox)
                 if private:

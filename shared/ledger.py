@@ -257,11 +257,13 @@ class Ledger:
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
-    def commit_round(self, rnd: int, seeds: Sequence[int], replies: Sequence[Provenance], rule: RoundRule,
+    def commit_round(self, rnd: int, seeds: Sequence[int], coeffs: Sequence[float] | np.ndarray,
+                     replies: Sequence[Provenance], rule: RoundRule,
                      metrics: dict[str, Any] | None = None) -> list[Entry]:
-        """Append one round atomically: one entry per seed, its coefficient the rule's aggregate of the
-        accepted replies' scalars (no entries if none was accepted), and every reply's provenance. Returns the
-        entries as committed."""
+        """Append one round atomically: one entry per seed with the caller's coefficient, and every reply's
+        provenance. The coefficients must be the rule's aggregate of the accepted replies' scalars (none if
+        nothing was accepted): a round that does not follow from its provenance is refused, unwritten. Returns
+        the entries as committed."""
         last = self.last_round
         if rnd != last + 1:
             raise LedgerError(f"round {rnd} cannot follow round {last}: rounds are committed once each, in order")
@@ -269,7 +271,11 @@ class Ledger:
         if accepted and any(v.size != len(seeds) for v in accepted):
             raise LedgerError(f"round {rnd}: accepted replies carry {sorted({v.size for v in accepted})} scalars "
                               f"for {len(seeds)} seeds")
-        coeffs = rule.coefficients(np.stack(accepted)) if accepted else []
+        expected = rule.coefficients(np.stack(accepted)) if accepted else np.zeros(0, dtype=np.float32)
+        given = np.asarray(coeffs, dtype=np.float64)
+        if given.shape != expected.shape or not np.array_equal(given, expected.astype(np.float64), equal_nan=False):
+            raise LedgerError(f"round {rnd}: coefficients {given.tolist()[:4]} do not follow from the accepted "
+                              f"replies under rule {rule.rule} (expected {expected.tolist()[:4]})")
         first = len(self)
         prev = self.hash_at(first)
         entries = []

@@ -100,7 +100,9 @@ def test_ledger_replay_and_tamper_detection(tmp_path_factory, replica, rounds, r
         seeds = [seed for seed, _ in steps]
         own = np.array([s for _, s in steps], dtype="<f4")
         replies = [Provenance(n + 1, f"h{n}", ACCEPTED, (own * np.float32(n - 1)).tobytes()) for n in range(3)]
-        entries = ledger.commit_round(rnd, seeds, replies if steps else [], RoundRule(rule, 1.0, 0.34))
+        rule_ = RoundRule(rule, 1.0, 0.34)
+        coeffs = rule_.coefficients(np.stack([p.values() for p in replies])) if steps else []
+        entries = ledger.commit_round(rnd, seeds, coeffs, replies if steps else [], rule_)
         replica.apply(entries, ledger.hash_at(len(ledger)))
     live = replica.digest()
     replica.attach(ledger.header)

@@ -30,11 +30,18 @@ def round_of(k: int, rnd: int) -> tuple[list[int], list[Provenance]]:
     return seeds, replies + [Provenance(7, "holder-7", "out_of_range")]
 
 
+def commit(led: Ledger, rnd: int, seeds, replies, rule: RoundRule = RULE, metrics=None):
+    """Commit a round the way the server does: the coefficients are the rule over the accepted scalars."""
+    accepted = [p.values() for p in replies if p.status == ACCEPTED]
+    coeffs = rule.coefficients(np.stack(accepted)) if accepted and seeds else []
+    return led.commit_round(rnd, seeds, coeffs, replies, rule, metrics)
+
+
 @pytest.fixture
 def ledger(tmp_path) -> Ledger:
     led = Ledger.create(tmp_path / "ledger.sqlite", header())
     for rnd in (1, 2, 3):
-        led.commit_round(rnd, *round_of(4, rnd), RULE, {"round": rnd})
+        commit(led, rnd, *round_of(4, rnd), metrics={"round": rnd})
     return led
 
 
@@ -53,7 +60,7 @@ def test_one_entry_per_seed_whose_coefficient_is_the_rounds_aggregate(ledger):
 
 def test_a_round_without_accepted_replies_has_no_entries(ledger):
     seeds, replies = round_of(4, 4)
-    assert ledger.commit_round(4, seeds, [replies[-1]], RULE) == []
+    assert commit(ledger, 4, seeds, [replies[-1]]) == []
     assert len(ledger) == 12 and ledger.last_round == 4 and ledger.verify() == 12
 
 
@@ -71,16 +78,26 @@ def test_reopen_and_tail_catch_up(ledger, tmp_path):
 
 def test_a_round_is_committed_once_and_in_order(ledger):
     with pytest.raises(LedgerError, match="round 3 cannot follow round 3"):
-        ledger.commit_round(3, *round_of(2, 9), RULE)
+        commit(ledger, 3, *round_of(2, 9))
     with pytest.raises(LedgerError, match="round 5 cannot follow round 3"):
-        ledger.commit_round(5, *round_of(2, 9), RULE)
+        commit(ledger, 5, *round_of(2, 9))
     assert len(ledger) == 12
+
+
+def test_coefficients_that_do_not_follow_from_the_accepted_replies_are_refused_unwritten(ledger):
+    seeds, replies = round_of(4, 4)
+    good = RULE.coefficients(np.stack([p.values() for p in replies if p.status == ACCEPTED]))
+    for bad in (good * np.float32(2), good[:3], []):
+        with pytest.raises(LedgerError, match="do not follow from the accepted replies"):
+            ledger.commit_round(4, seeds, bad, replies, RULE)
+    assert len(ledger) == 12 and ledger.last_round == 3 and ledger.verify() == 12
 
 
 def test_accepted_replies_must_carry_one_scalar_per_seed(ledger):
     seeds, replies = round_of(4, 4)
     with pytest.raises(LedgerError, match=r"carry \[3, 4\] scalars for 4 seeds"):
-        ledger.commit_round(4, seeds, replies + [Provenance(9, "h", ACCEPTED, np.zeros(3, "<f4").tobytes())], RULE)
+        ledger.commit_round(4, seeds, [0.0] * 4, replies + [Provenance(9, "h", ACCEPTED, np.zeros(3, "<f4").tobytes())],
+                            RULE)
     assert len(ledger) == 12 and ledger.last_round == 3
 
 
@@ -89,7 +106,7 @@ def test_non_finite_coefficients_never_reach_the_ledger(ledger, bad):
     seeds, replies = round_of(2, 4)
     values = np.array([0.5, bad], dtype="<f4")
     with pytest.raises((LedgerError, ValueError), match="refusing entry 1|must be finite"):
-        ledger.commit_round(4, seeds, [Provenance(1, "h", ACCEPTED, values.tobytes())], RoundRule("mean", lr=10.0))
+        commit(ledger, 4, seeds, [Provenance(1, "h", ACCEPTED, values.tobytes())], RoundRule("mean", lr=10.0))
     assert len(ledger) == 12 and ledger.last_round == 3 and ledger.verify() == 12
 
 
@@ -147,7 +164,7 @@ def test_resuming_with_another_configuration_is_refused(tmp_path):
 def test_negative_zero_survives_sqlite(ledger):
     """SQLite stores an integral REAL as an integer and drops the sign of -0.0; the chain must not care."""
     zero = np.array([0.0], dtype="<f4").tobytes()  # -lr * 0.0 is -0.0
-    (entry,) = ledger.commit_round(4, [1], [Provenance(1, "h", ACCEPTED, zero)], RULE)
+    (entry,) = commit(ledger, 4, [1], [Provenance(1, "h", ACCEPTED, zero)])
     assert ledger.verify() == 13 and next(ledger.entries(12)).coeff == entry.coeff == 0.0
 
 

@@ -32,9 +32,9 @@ def ledger(tmp_path, replica) -> Ledger:
     rng = np.random.default_rng(0)
     for rnd in range(1, 5):
         scalars = (rng.normal(size=(2, 3)) * 0.1).astype("<f4")
-        led.commit_round(rnd, [int(rng.integers(0, 2**63)) for _ in range(3)],
-                         [Provenance(1 + n, f"h{n}", ACCEPTED, scalars[n].tobytes()) for n in range(2)],
-                         RoundRule("mean", 1e-2))
+        rule = RoundRule("mean", 1e-2)
+        led.commit_round(rnd, [int(rng.integers(0, 2**63)) for _ in range(3)], rule.coefficients(scalars),
+                         [Provenance(1 + n, f"h{n}", ACCEPTED, scalars[n].tobytes()) for n in range(2)], rule)
     return led
 
 
