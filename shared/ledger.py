@@ -28,7 +28,7 @@ import numpy as np
 
 from shared.aggregation import ACCEPTED, RoundRule
 from shared.chain import ChainError, Entry, genesis, link, pack_tail
-from shared.proto import LEDGER_FORMAT_VERSION, LedgerHeader, LedgerTail
+from shared.proto import LEDGER_FORMAT_VERSION, LEDGER_FORMATS_READ, LedgerHeader, LedgerTail
 
 _U64 = 1 << 64
 _SCHEMA = """
@@ -103,10 +103,16 @@ class Ledger:
             conn.close()
             raise LedgerError(f"{str(path)!r} has no ledger header")
         header = LedgerHeader.FromString(row[0])
-        if header.format_version != LEDGER_FORMAT_VERSION:
+        kinds = LEDGER_FORMATS_READ.get(header.format_version)
+        if kinds is None:
             conn.close()
             raise LedgerError(f"ledger {str(path)!r} has format version {header.format_version}; this seedtune "
-                              f"reads version {LEDGER_FORMAT_VERSION}")
+                              f"reads versions {sorted(LEDGER_FORMATS_READ)}")
+        if header.direction not in kinds:
+            conn.close()
+            raise LedgerError(f"ledger {str(path)!r} (format {header.format_version}) uses {header.direction!r} "
+                              f"directions, whose stream changed in format {LEDGER_FORMAT_VERSION}: replay it with "
+                              f"the seedtune that wrote it")
         return cls(path, conn, header)
 
     @classmethod

@@ -41,12 +41,38 @@ def test_same_in_a_separate_process():
     assert run_python(code).split() == [here, here]
 
 
-def test_gaussian_option_matches_numpy_and_is_standard_normal():
+def test_gaussian_option_matches_numpy_bit_for_bit_and_is_standard_normal():
+    for seed, start, count in [(7, 3, 200_000), (2**64 - 1, 1, 1), (5, 2**33 + 1, 3_000)]:
+        t = direction_torch(seed, start, count, "gaussian")
+        assert np.array_equal(t.numpy(), direction_numpy(seed, start, count, "gaussian")), (seed, start, count)
+        assert np.array_equal(direction_torch(seed, start, count, "gaussian", dtype=torch.float64).numpy(),
+                              direction_numpy(seed, start, count, "gaussian", dtype=np.float64))
     t = direction_torch(7, 3, 200_000, "gaussian")
-    n = direction_numpy(7, 3, 200_000, "gaussian")
-    np.testing.assert_allclose(t.numpy(), n, rtol=0, atol=1e-6)
     assert abs(float(t.mean())) < 0.01 and abs(float(t.std()) - 1) < 0.01
     assert torch.equal(direction_torch(7, 10, 5, "gaussian"), t[7:12])
+    assert 2.9 < float((t.double() ** 4).mean()) < 3.1  # a normal's kurtosis, not a uniform's 1.8
+
+
+def test_normal_levels_are_symmetric_with_unit_variance():
+    from shared.directions import LEVELS, normal_levels
+
+    levels = normal_levels()
+    assert levels.shape == (LEVELS,) and np.all(np.diff(levels) > 0)
+    assert np.array_equal(levels, -levels[::-1])
+    assert abs(float(np.mean(levels**2)) - 1) < 1e-12 and 4.3 < levels[-1] < 4.4
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_scale_and_scratch_give_the_same_values(kind):
+    from shared.directions import SCRATCH_EXTRA
+
+    plain = direction_torch(11, 37, 5_000, kind)
+    scratch = torch.full((5_000 + SCRATCH_EXTRA,), float("nan"))
+    scaled = direction_torch(11, 37, 5_000, kind, scale=-0.25, scratch=scratch)
+    assert scaled.data_ptr() >= scratch.data_ptr() and scaled.numel() == 5_000
+    assert torch.equal(scaled, plain * -0.25)
+    with pytest.raises(ValueError, match="scratch must be"):
+        direction_torch(11, 37, 5_000, kind, scratch=torch.empty(100))
 
 
 @pytest.mark.parametrize("bad", [-1, 2**64, 1.5, "3", True])
