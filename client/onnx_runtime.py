@@ -59,6 +59,11 @@ class OnnxView:
         for where, z in self._chunks(seed):
             self.values[where] += np.float32(coeff) * z
 
+    def apply_all(self, moves: Sequence[tuple[int, float]]) -> None:
+        """Each move's ``apply`` in order (the values are one contiguous vector: nothing to gather)."""
+        for seed, coeff in moves:
+            self.apply(seed, coeff)
+
     def per_example_loss(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> np.ndarray:
         return self.task.per_example_loss(ids, labels, self.values)
 

@@ -47,7 +47,7 @@ _M1 = 0x7FEB352D
 _M2 = 0x846CA68B
 _GAUSS_STREAM = 0x5BD1E995  # separates the Gaussian stream's words from the sign stream's
 CHUNK = 1 << 20  # elements generated at a time: 4 MiB of float32 plus small integer scratch
-SCRATCH_EXTRA = 32  # a caller's scratch buffer holds count + this many entries (alignment slack)
+SCRATCH_EXTRA = 64  # a caller's scratch buffer holds count + this many entries (whole words either side)
 LEVELS = 1 << 16  # Gaussian quantisation levels (16 bits of a word per entry)
 
 

@@ -8,7 +8,7 @@ subclasses say where the weights live (:class:`shared.replica.Replica`: a torch 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -24,8 +24,8 @@ class ReplicaError(RuntimeError):
 
 
 class DirectionApplier(Protocol):
-    def apply(self, seed: int, coeff: float) -> None:
-        """theta += coeff * z(seed) on the trainable entries."""
+    def apply_all(self, moves: Sequence[tuple[int, float]]) -> None:
+        """theta += coeff * z(seed) on the trainable entries for each (seed, coeff), in order."""
 
 
 class LedgerFollower:
@@ -92,8 +92,7 @@ class LedgerFollower:
 
     def _advance(self, entries: list[Entry], head: bytes) -> None:
         """The replay loop proper, for entries already checked to chain from our head to ``head``."""
-        for e in entries:
-            self.view.apply(e.seed, e.coeff)
+        self.view.apply_all([(e.seed, e.coeff) for e in entries])
         self.version += len(entries)
         self.head = head
 

@@ -3,6 +3,7 @@
     python -m simulations.bench_step --json [--models minilm smollm2] [--batch-size 32] [--seq-len 64]
     python -m simulations.bench_step --json --models minilm --onnx-model M.onnx   # on ONNX Runtime, no torch
     python -m simulations.bench_step --json --models smollm2 --fraction 0.03 --patterns "*layers.2?.mlp*"
+    python -m simulations.bench_step --json --models minilm --fraction 1.0 --mezo-reference  # every weight, beside MeZO
 
 Prints one JSON line per model. Ratios (step / forward, training peak / inference peak) are measured in the
 same process, alternating the timed calls, because absolute times on shared machines are noisy.
@@ -99,12 +100,47 @@ def timed_calls(view: Any, ids: list[list[int]]) -> tuple[Callable[[], None], Ca
     return forward, step
 
 
+def mezo_reference_step(task: Any, ids: list[list[int]]) -> Callable[[], None]:
+    """The MeZO / DPZero reference recipe on every weight, for comparison (a baseline, not the product):
+    ``torch.manual_seed(seed)`` then ``torch.normal`` per parameter, in place: perturb +mu, forward, -2 mu,
+    forward, +mu, then the clipped, noised update regenerating z once more from the seed. (The reference code
+    writes ``param.data = param.data + s * z``; in-place ``add_`` is the faster form of the same recipe.)"""
+    import torch
+
+    params = list(task.module.parameters())
+    batch = task.collate(ids, np.arange(len(ids)) % 2)
+    mu, clip, lr = 1e-3, 1.0, 1e-6
+
+    def move(seed: int, scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in params:
+            p.data.add_(torch.normal(0.0, 1.0, size=p.shape, dtype=p.dtype), alpha=scale)
+
+    @torch.no_grad()
+    def step() -> None:
+        seed = int(np.random.randint(1_000_000_000))
+        move(seed, mu)
+        plus = task.per_example_loss(batch).double()
+        move(seed, -2 * mu)
+        minus = task.per_example_loss(batch).double()
+        move(seed, mu)
+        g = ((plus - minus) / (2 * mu)).clamp(-clip, clip)
+        scalar = float((g.sum() + clip * torch.randn((), dtype=torch.float64)) / len(ids))
+        move(seed, -lr * scalar)
+
+    return step
+
+
 def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: int,
-          onnx_model: str | None = None, patterns: Sequence[str] = ()) -> dict:
+          onnx_model: str | None = None, patterns: Sequence[str] = (), mezo_reference: bool = False) -> dict:
     task, view, info = onnx_case(onnx_model) if onnx_model else torch_case(name, seq_len, fraction, patterns)
     if task.max_length != seq_len:
         raise SystemExit(f"{onnx_model} was exported with max_length {task.max_length}, not --seq-len {seq_len}")
-    forward, step = timed_calls(view, fixed_batch(task, batch_size, seq_len))
+    ids = fixed_batch(task, batch_size, seq_len)
+    forward, step = timed_calls(view, ids)
+    calls = [("forward", forward), ("step", step)]
+    if mezo_reference:
+        calls.append(("mezo", mezo_reference_step(task, ids)))
     forward()  # warm-up (lazy initialisation); the step's own first-call costs count against training
     exact_peak = reset_peak()
     forward(), forward()
@@ -112,14 +148,22 @@ def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: in
     reset_peak()
     step(), step()
     training_peak = peak_rss_mb()
+    if mezo_reference:
+        calls[2][1]()  # its warm-up, after the peaks were taken: the product's peak is measured alone
 
-    forward_times, step_times = [], []
+    times: dict[str, list[float]] = {label: [] for label, _ in calls}
     for _ in range(repeats):
-        for fn, times in ((forward, forward_times), (step, step_times)):
+        for label, fn in calls:
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-    forward_s, step_s = statistics.median(forward_times), statistics.median(step_times)
+            times[label].append(time.perf_counter() - start)
+    forward_s, step_s = statistics.median(times["forward"]), statistics.median(times["step"])
+    reference = {}
+    if mezo_reference:
+        mezo_s = statistics.median(times["mezo"])
+        reference = {"mezo_reference_entries": sum(p.numel() for p in task.module.parameters()),
+                     "mezo_reference_step_s": round(mezo_s, 4),
+                     "mezo_reference_over_forward": round(mezo_s / forward_s, 3)}
     return {
         "model": name,
         **info,
@@ -133,6 +177,7 @@ def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: in
         "train_over_inference_memory": round(training_peak / inference_peak, 3),
         "peak_is_per_phase": exact_peak,
         "repeats": repeats,
+        **reference,
     }
 
 
@@ -154,14 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patterns", nargs="+", default=[],
                         help="prune within parameters matching these names (torch; e.g. the top layers' MLP, "
                              "whose lower layers then run once per step)")
+    parser.add_argument("--mezo-reference", action="store_true",
+                        help="also time the MeZO/DPZero reference recipe on every weight, on the same batch")
     args = parser.parse_args(argv)
+    if args.mezo_reference and args.onnx_model:
+        parser.error("--mezo-reference is a torch recipe; it does not run on ONNX Runtime")
     if args.onnx_model and len(args.models) != 1:
         parser.error("--onnx-model measures one model: give exactly one --models name")
     if args.onnx_model and args.patterns:
         parser.error("--patterns applies to torch models; an exported model carries its own trainable set")
     for name in args.models:
         row = bench(name, args.batch_size, args.seq_len, args.fraction, args.repeats, args.onnx_model,
-                    args.patterns)
+                    args.patterns, args.mezo_reference)
         print(json.dumps(row), flush=True)
     return 0
 

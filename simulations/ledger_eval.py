@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(evaluate("base"))
     for window in args.tail:
         replica.reset()
-        for t, e in enumerate(entries):
-            replica.view.apply(e.seed, float(np.float32(e.coeff * tail_weight(t, len(entries), window))))
+        replica.view.apply_all([(e.seed, float(np.float32(e.coeff * tail_weight(t, len(entries), window))))
+                                for t, e in enumerate(entries)])
         rows.append(evaluate(f"mean of the last {window} iterates"))
     replica.load_values(final_values, final_version, final_head)
     rows.append(evaluate(f"last state ({final_version} entries)"))

@@ -73,6 +73,10 @@ def test_scale_and_scratch_give_the_same_values(kind):
     assert torch.equal(scaled, plain * -0.25)
     with pytest.raises(ValueError, match="scratch must be"):
         direction_torch(11, 37, 5_000, kind, scratch=torch.empty(100))
+    for start in range(0, 64, 3):  # every alignment fits in count + SCRATCH_EXTRA
+        for count in (1, 31, 32, 33, 95):
+            got = direction_torch(5, start, count, kind, scratch=torch.empty(count + SCRATCH_EXTRA))
+            assert torch.equal(got, direction_torch(5, start, count, kind)), (start, count)
 
 
 @pytest.mark.parametrize("bad", [-1, 2**64, 1.5, "3", True])

@@ -119,6 +119,73 @@ def test_numpy_replay_is_bit_identical_to_torch(tiny_decoder):
         assert np.array_equal(params[name].detach().numpy().reshape(-1), flat_np[name]), name
 
 
+def _numpy_replay(task, sel, moves):
+    """The trainable values after ``moves`` by the numpy formula, from the model's current weights."""
+    params = dict(task.module.named_parameters())
+    flat_np = {n: params[n].detach().numpy().copy().reshape(-1) for n in sel.names}
+    for seed, coeff in moves:
+        for name, idx, offset, count in sel.segments():
+            where = slice(None) if idx is None else idx.numpy()
+            values = flat_np[name][where]
+            values += np.float32(coeff) * direction_numpy(seed, offset, count)
+            flat_np[name][where] = values
+    return flat_np
+
+
+@pytest.mark.parametrize("mode", ["all", "prune"])
+def test_apply_all_is_one_apply_after_another_across_chunks(tiny_decoder, mode, monkeypatch):
+    """A round's entries applied at once (each pruned chunk gathered once) give the bits of applying them one
+    by one, and of the numpy formula, also when tensors span several chunks."""
+    import shared.update
+
+    monkeypatch.setattr(shared.update, "CHUNK", 100)
+    sel = {"all": select_all, "prune": lambda m: select_pruned(m, tiny_decoder.synflow_output, 0.3)}[mode](
+        tiny_decoder.module)
+    assert max(sel.counts) > 300
+    rng = np.random.default_rng(3)
+    moves = [(int(s), float(np.float32(c))) for s, c in zip(rng.integers(0, 2**63, 12), rng.standard_normal(12))]
+    expected = _numpy_replay(tiny_decoder, sel, moves)
+    before = _snapshot(tiny_decoder.module)
+    view = TrainableView(tiny_decoder.module, sel)
+    for seed, coeff in moves:
+        view.apply(seed, coeff)
+    one_by_one = _snapshot(tiny_decoder.module)
+    tiny_decoder.module.load_state_dict(before)
+    view.apply_all(moves)
+    params = dict(tiny_decoder.module.named_parameters())
+    for name in sel.names:
+        assert torch.equal(params[name].detach(), one_by_one[name]), name
+        assert np.array_equal(params[name].detach().numpy().reshape(-1), expected[name]), name
+    tiny_decoder.module.load_state_dict(before)
+
+
+def test_an_index_set_covering_every_entry_is_written_as_the_whole_tensor(tiny_decoder):
+    """SynFlow at fraction 1.0 keeps every index of every tensor: the view writes those tensors in place, with
+    the same bits as the whole-tensor set."""
+    full = select_pruned(tiny_decoder.module, tiny_decoder.synflow_output, 1.0)
+    whole = select_all(tiny_decoder.module)
+    assert full.size == whole.size and all(idx is not None for idx in full.indices)
+    view = TrainableView(tiny_decoder.module, full)
+    assert all(idx is None for idx in view._indices)
+    before = _snapshot(tiny_decoder.module)
+    view.snapshot()
+    view.perturb(9, 1e-2)
+    perturbed = _snapshot(tiny_decoder.module)
+    view.restore()
+    assert all(torch.equal(before[k], v) for k, v in tiny_decoder.module.state_dict().items())
+    view.apply(9, 1e-2)
+    applied = _snapshot(tiny_decoder.module)
+    tiny_decoder.module.load_state_dict(before)
+    other = TrainableView(tiny_decoder.module, whole)
+    other.snapshot()
+    other.perturb(9, 1e-2)
+    assert all(torch.equal(perturbed[k], v) for k, v in tiny_decoder.module.state_dict().items())
+    other.restore()
+    other.apply(9, 1e-2)
+    assert all(torch.equal(applied[k], v) for k, v in tiny_decoder.module.state_dict().items())
+    tiny_decoder.module.load_state_dict(before)
+
+
 def test_proximal_pull_moves_towards_the_anchor(tiny_decoder):
     sel = select_patterns(tiny_decoder.module, ["*norm*"])
     view = TrainableView(tiny_decoder.module, sel)

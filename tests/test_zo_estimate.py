@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from shared.directions import direction_torch
 from shared.selection import select_all
 from shared.update import TrainableView
 
@@ -40,7 +41,7 @@ def test_mean_estimate_over_many_directions_matches_the_gradient(kind):
         view.perturb(seed, -mu)
         minus = model.loss()
         g = float(plus - minus) / (2 * mu)
-        total += g * view._z(seed, 0, dim, model.theta).double()
+        total += g * direction_torch(seed, 0, dim, kind, dtype=torch.float64)
     view.restore()
     estimate, truth = total / n, model.gradient()
     # Rademacher: var of each coordinate is ||grad||^2 - grad_i^2 per sample; 20k samples -> ~1-3% error.
