@@ -179,8 +179,18 @@ def direction_torch(
 
     dtype = dtype or torch.float32
     device = torch.device(device)
+    _check_seed(seed)
+    if kind not in DIRECTION_KINDS:
+        raise ValueError(f"unknown direction kind {kind!r}; choose one of {DIRECTION_KINDS}")
     if count <= 0:
         return torch.empty(0, dtype=dtype, device=device)
+    if count > CHUNK:  # piece by piece through one chunk-sized scratch: no full-size integer temporaries
+        out = _output(count, dtype, device, scratch)
+        piece = torch.empty(CHUNK + SCRATCH_EXTRA, dtype=dtype, device=device)
+        for lo in range(0, count, CHUNK):
+            n = min(CHUNK, count - lo)
+            out[lo : lo + n] = direction_torch(seed, start + lo, n, kind, dtype, device, scale=scale, scratch=piece)
+        return out
     if kind == "rademacher":
         k0, k1 = _keys(seed)
         first, last = start >> 5, (start + count - 1) >> 5
@@ -195,18 +205,17 @@ def direction_torch(
         torch.index_select(table, 0, octets, out=out.view(-1, 8))
         offset = start - (first << 5)
         return out[offset : offset + count]
-    if kind == "gaussian":
-        k0, k1 = _keys(seed, _GAUSS_STREAM)
-        first, last = start >> 1, (start + count - 1) >> 1
-        words = words_torch(k0, k1, first, last - first + 1, device)
-        halves = torch.stack((words & 0xFFFF, (words >> 16) & 0xFFFF), dim=1).reshape(-1)
-        out = _output(halves.numel(), dtype, device, scratch)
-        torch.index_select(_table("levels", dtype, device), 0, halves, out=out)
-        if scale != 1.0:
-            out.mul_(scale)
-        offset = start - (first << 1)
-        return out[offset : offset + count]
-    raise ValueError(f"unknown direction kind {kind!r}; choose one of {DIRECTION_KINDS}")
+    # Gaussian: entries 2j and 2j + 1 are the low and high 16 bits of word j, each picking one level
+    k0, k1 = _keys(seed, _GAUSS_STREAM)
+    first, last = start >> 1, (start + count - 1) >> 1
+    words = words_torch(k0, k1, first, last - first + 1, device)
+    halves = torch.stack((words & 0xFFFF, (words >> 16) & 0xFFFF), dim=1).reshape(-1)
+    out = _output(halves.numel(), dtype, device, scratch)
+    torch.index_select(_table("levels", dtype, device), 0, halves, out=out)
+    if scale != 1.0:
+        out.mul_(scale)
+    offset = start - (first << 1)
+    return out[offset : offset + count]
 
 
 # ----------------------------------------------------------------------------------------------- numpy

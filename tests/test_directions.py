@@ -47,6 +47,8 @@ def test_gaussian_option_matches_numpy_bit_for_bit_and_is_standard_normal():
         assert np.array_equal(t.numpy(), direction_numpy(seed, start, count, "gaussian")), (seed, start, count)
         assert np.array_equal(direction_torch(seed, start, count, "gaussian", dtype=torch.float64).numpy(),
                               direction_numpy(seed, start, count, "gaussian", dtype=np.float64))
+    whole = direction_torch(3, 5, (1 << 20) + 9, "gaussian")  # longer than a chunk: generated piece by piece
+    assert np.array_equal(whole.numpy(), direction_numpy(3, 5, (1 << 20) + 9, "gaussian"))
     t = direction_torch(7, 3, 200_000, "gaussian")
     assert abs(float(t.mean())) < 0.01 and abs(float(t.std()) - 1) < 0.01
     assert torch.equal(direction_torch(7, 10, 5, "gaussian"), t[7:12])
@@ -98,7 +100,7 @@ def test_the_byte_table_generator_reproduces_the_reference_stream_bit_for_bit():
     from tests.reference_directions import rademacher_reference
 
     rng = np.random.default_rng(22)
-    cases = [(0, 0, 1), (2**64 - 1, 31, 33), (7, 32, 32), (7, 1, 100_003)]
+    cases = [(0, 0, 1), (2**64 - 1, 31, 33), (7, 32, 32), (7, 1, 100_003), (9, 45, (1 << 20) * 2 + 77)]
     cases += [(int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2)), int(rng.integers(0, 10**7)),
                int(rng.integers(1, 70_000))) for _ in range(40)]
     for seed, start, count in cases:
