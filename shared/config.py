@@ -75,6 +75,8 @@ class DataConfig:
         for name in ("train_size", "test_size", "min_words"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, f"data.{name}", "must be an int >= 0", value)
+        _require(isinstance(self.seed, int) and 0 <= self.seed < 2**64, "data.seed", "must be an int in [0, 2^64)",
+                 self.seed)
 
 
 @dataclass
@@ -271,14 +273,25 @@ def from_dict(data: Mapping[str, Any], cls: type = RunConfig, prefix: str = "") 
         if dataclasses.is_dataclass(default):
             kwargs[key] = from_dict(value, type(default), f"{prefix}{key}.")
         else:
-            kwargs[key] = _coerce(value, default if default is not None else fields[key].default)
+            kwargs[key] = _coerce(value, default if default is not None else fields[key].default, prefix + key)
     return cls(**kwargs)
 
 
-def _coerce(value: Any, default: Any) -> Any:
-    # TOML writes 1e-5 as a float but 3 as an int; accept an int where a float is expected.
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+def _coerce(value: Any, default: Any, name: str) -> Any:
+    """The value checked against the type of the field's default: TOML booleans are Python ints, so
+    ``rounds = true`` would otherwise pass as 1; an int where a float is expected is accepted (TOML writes
+    ``epsilon = 3`` as an int)."""
+    if isinstance(default, bool):
+        _require(isinstance(value, bool), name, "must be true or false", value)
+    elif isinstance(default, int):
+        _require(isinstance(value, int) and not isinstance(value, bool), name, "must be an int", value)
+    elif isinstance(default, float):
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, "must be a number", value)
         return float(value)
+    elif isinstance(default, str):
+        _require(isinstance(value, str), name, "must be a string", value)
+    elif isinstance(default, list):
+        _require(isinstance(value, list), name, "must be a list", value)
     return value
 
 
@@ -297,8 +310,11 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(parents[:depth + 1])} must be a table, got {node!r} "
+                                  f"(override {dotted!r})")
         node[leaf] = value
     return from_dict(data).validate()
 

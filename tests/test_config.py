@@ -49,3 +49,46 @@ def test_missing_and_broken_files(tmp_path):
         load_config(broken)
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_override("epsilon")
+
+
+@pytest.mark.parametrize("override,message", [
+    # TOML booleans are Python ints: a field that wants a count must still refuse them by name
+    ("federation.rounds=true", "federation.rounds must be an int, got True"),
+    ("zo.batch_size=false", "zo.batch_size must be an int, got False"),
+    ("privacy.epsilon=true", "privacy.epsilon must be a number, got True"),
+    ("data.seed=-1", "data.seed must be an int in [0, 2^64), got -1"),
+    ("data.seed=1.5", "data.seed must be an int, got 1.5"),
+    ("data.seed=true", "data.seed must be an int, got True"),
+    ("privacy.enabled=1", "privacy.enabled must be true or false, got 1"),
+    ("model.name=[1]", "model.name must be a string, got [1]"),
+    ("federation.trim=[0.1]", "federation.trim must be a number, got [0.1]"),
+    ("selection.patterns=3", "selection.patterns must be a list, got 3"),
+])
+def test_values_of_the_wrong_type_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=dict([parse_override(override)]))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("toml, overrides, message", [
+    ("privacy = 3\n", {}, "privacy must be a table, got 3"),
+    ("privacy = 3\n", {"privacy.epsilon": 1.0}, "privacy must be a table, got 3"),
+    ("[privacy]\nepsilon = 1\n", {"privacy": 2}, "privacy must be a table, got 2"),
+    ("out_dir = 'x'\n", {"out_dir.sub": 1}, "out_dir must be a table, got 'x'"),
+    ("[federation]\nrounds = { n = 3 }\n", {}, "federation.rounds must be an int, got {'n': 3}"),
+])
+def test_tables_of_the_wrong_type_name_the_field(tmp_path, toml, overrides, message):
+    path = tmp_path / "run.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert message in str(err.value)
+
+
+def test_seedtune_train_reports_a_wrong_type_with_exit_code_2(tmp_path, capsys):
+    from seedtune.cli import main
+
+    path = tmp_path / "run.toml"
+    path.write_text("privacy = 3\n")
+    assert main(["train", "--config", str(path), "-s", "privacy.epsilon=1"]) == 2
+    assert "privacy must be a table, got 3" in capsys.readouterr().err
