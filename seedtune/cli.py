@@ -40,13 +40,19 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from server.report import anchor_beside
     from shared.ledger import Ledger
 
     ledger = Ledger.open(args.ledger)
     try:
-        entries = ledger.verify()
-        print(json.dumps({"ledger": args.ledger, "ok": True, "rounds": ledger.last_round, "entries": entries,
-                          "head": ledger.hash_at(entries).hex(), "noise": ledger.header.noise,
+        anchor = anchor_beside(args.ledger)
+        entries = ledger.verify(anchor)
+        rounds = ledger.last_round
+        print(json.dumps({"ledger": args.ledger, "ok": True, "rounds": rounds, "entries": entries,
+                          "head": ledger.hash_at(entries).hex(),
+                          "record": ledger.record_at(rounds).hex() if ledger.chains_rounds else None,
+                          "format": ledger.header.format_version,
+                          "anchored_round": anchor.round if anchor else None, "noise": ledger.header.noise,
                           "base_model_digest": ledger.header.base_model_digest}), flush=True)
     finally:
         ledger.close()
@@ -109,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.set_defaults(func=_export_onnx)
 
-    p = sub.add_parser("verify", help="check a ledger's hash chain and round bookkeeping; prints a JSON line")
+    p = sub.add_parser("verify", help="check a ledger's hash chains and round bookkeeping, and that it still "
+                       "reaches the last round its run folder's metrics.jsonl anchors; prints a JSON line")
     p.add_argument("ledger", help="ledger.sqlite of a federated run or of a seedtune train run")
     p.set_defaults(func=_verify)
 

@@ -38,7 +38,7 @@ from flwr.app import Message
 from shared.accounting import PrivacyAccountant
 from shared.aggregation import ACCEPTED, RoundRule
 from shared.config import ConfigError, RunConfig
-from shared.ledger import Ledger, Provenance
+from shared.ledger import Anchor, Ledger, LedgerError, Provenance
 from shared.proto import PROTOCOL_VERSION, Hyperparameters, Instruction, Reply
 from shared.replica import Replica, config_json
 from shared.run_folder import LEDGER_FILE
@@ -70,6 +70,11 @@ class FederatedServer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rng = SecureRandom()
         self.sampler = random.SystemRandom()
+        self.report = RunReport(self.run_dir)
+        anchor = self.report.anchor()  # the ledger head this run folder recorded, outside the ledger file
+        if anchor is not None and not (self.run_dir / LEDGER_FILE).exists():
+            raise LedgerError(f"{self.run_dir / LEDGER_FILE} is missing, but {anchor.source} records round "
+                              f"{anchor.round} of it: restore the ledger, or choose a new run folder (out_dir)")
         self.ledger = Ledger.open_or_create(self.run_dir / LEDGER_FILE, self._new_header,
                                             config_json=config_json(config),
                                             base_model_digest=self.replica.base_digest,
@@ -83,8 +88,7 @@ class FederatedServer:
         self.holders: dict[int, str] = {}  # Flower node id -> the data holder it stated (learned by a query)
         # One accountant per data holder, of every private step instructed (conservative: sent = spent)
         self.accountants: dict[str, PrivacyAccountant] = {}
-        self._resume()
-        self.report = RunReport(self.run_dir)
+        self._resume(anchor)
 
     # -------------------------------------------------------------------------------------- setup
     def _new_header(self):
@@ -97,12 +101,12 @@ class FederatedServer:
                      noise.describe(), privacy.epsilon, privacy.delta, fed.rounds * fed.local_steps, fed.sample_rate)
         return self.replica.make_header(noise)
 
-    def _resume(self) -> None:
+    def _resume(self, anchor: Anchor | None) -> None:
         n = len(self.ledger)
-        if n:
+        if n or anchor is not None:
             log.info("resuming from %s: %d committed rounds, %d entries; replaying", self.ledger.path,
                      self.ledger.last_round, n)
-            self.ledger.verify()
+            self.ledger.verify(anchor)  # a ledger behind or beside the run folder's anchor is refused
             self.replica.apply(list(self.ledger.entries()), self.ledger.hash_at(n))
         for holder, steps in self.ledger.instructed_steps().items():
             self._record(holder, steps)
@@ -283,7 +287,7 @@ class FederatedServer:
         row = {
             "round": rnd, "nodes": len(plan.nodes), "replies": len(replies), "accepted": accepted,
             "rejected": sum(rejected.values()), "rejected_by_kind": dict(rejected), "entries": len(entries),
-            "ledger_entries": len(self.ledger),
+            "ledger_entries": len(self.ledger), "ledger_record": self.ledger.record_at(rnd).hex(),
             "bytes_up_max": max(up.values(), default=0), "bytes_up_total": sum(up.values()),
             "bytes_up_per_step": max(up.values()) / len(plan.seeds) if up else None,
             "bytes_down_max": max(down.values(), default=0), "bytes_down_total": sum(down.values()),

@@ -7,15 +7,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from server.report import anchor_beside
 from shared.ledger import Ledger
 from shared.replica import Replica
 
 
 def replay_ledger(ledger_path: str | Path) -> tuple[Replica, dict[str, Any]]:
-    """Verify the chain and replay every entry onto the base model."""
+    """Verify the chains (against the run folder's anchor, when there is one) and replay every entry onto the
+    base model."""
     ledger = Ledger.open(ledger_path)
     try:
-        n = ledger.verify()
+        n = ledger.verify(anchor_beside(ledger_path))
         replica = Replica.from_header(ledger.header)
         replica.apply(list(ledger.entries()), ledger.hash_at(n))
         return replica, {"ledger": str(ledger_path), "rounds": ledger.last_round, "entries": n}

@@ -2,17 +2,26 @@
 
 metrics.jsonl is appended and flushed per round, so it is readable while the run goes on and survives
 a server crash (a resumed run appends to it); the CSV, the summary and the plots are written at the end.
+Each committed round's line carries the ledger's round chain head (``ledger_record``): the :class:`Anchor`
+outside the ledger file against which a resumed server and ``seedtune verify`` check that the ledger did not
+go backwards or get rewritten. A line torn by a crash (the last one) is skipped with a warning; values that
+are not finite numbers are written as null, never as ``Infinity`` (not JSON).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+from shared.ledger import Anchor
 from shared.run_folder import METRICS_FILE, SUMMARY_FILE
+
+log = logging.getLogger(__name__)
 CSV_COLUMNS = ("round", "dev_accuracy", "nodes", "replies", "accepted", "rejected", "entries",
                "ledger_entries", "epsilon_max", "bytes_up_max", "bytes_up_per_step", "bytes_down_max",
                "bytes_down_total", "wall_s")
@@ -23,20 +32,23 @@ class RunReport:
         self.run_dir = run_dir
         self.path = run_dir / METRICS_FILE
         self.rows: list[dict[str, Any]] = []
-        if self.path.exists():
-            with self.path.open() as fh:
-                self.rows = [json.loads(line) for line in fh if line.strip()]
+        self.rows = read_rows(self.path)
+
+    def anchor(self) -> Anchor | None:
+        """The last committed round's ledger record, as this run folder wrote it (None before any round)."""
+        return anchor_of(self.rows, str(self.path))
 
     def add(self, row: dict[str, Any]) -> None:
-        # A resumed run may repeat a round whose metrics line was written but whose commit was lost: keep the last.
+        row = finite(row)
         self.rows = [r for r in self.rows if r.get("round") != row.get("round")] + [row]
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        torn = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+        with self.path.open("a") as fh:  # after a torn line, on a line of its own (the torn one stays skipped)
+            fh.write(("\n" if torn else "") + json.dumps(row, allow_nan=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
     def finish(self, summary: dict[str, Any]) -> None:
-        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(finite(summary), indent=2, allow_nan=False))
         with (self.run_dir / "metrics.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
@@ -72,3 +84,52 @@ class RunReport:
         fig.tight_layout()
         fig.savefig(self.run_dir / "metrics.png", dpi=100)
         plt.close(fig)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file; a line that is not a JSON object (the last one torn by a crash while
+    appending, or one damaged since) is skipped with a warning naming it."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            what = "its torn last line" if number == len(lines) else "malformed line"
+            log.warning("%s: skipping %s %d (%.60r): %s", path, what, number, line, exc)
+            continue
+        rows.append(row)
+    return rows
+
+
+def anchor_of(rows: list[dict[str, Any]], source: str) -> Anchor | None:
+    """The anchor of the highest round whose row carries a ledger record."""
+    anchored = [r for r in rows if isinstance(r.get("ledger_record"), str) and isinstance(r.get("round"), int)]
+    if not anchored:
+        return None
+    last = max(anchored, key=lambda r: r["round"])
+    return Anchor(last["round"], last["ledger_record"], source)
+
+
+def finite(value: Any, where: str = "") -> Any:
+    """``value`` with every non-finite float replaced by None (logged): JSON has no Infinity or NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        log.warning("metric %s is %r; written as null", where or "value", value)
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def anchor_beside(ledger_path: str | Path) -> Anchor | None:
+    """The anchor in the metrics.jsonl of the ledger's own run folder, if the folder has one."""
+    path = Path(ledger_path).parent / METRICS_FILE
+    return anchor_of(read_rows(path), str(path))

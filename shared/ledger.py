@@ -9,12 +9,20 @@ not follow from its accepted scalars.
 
 Durability: WAL journal with ``synchronous=FULL`` and one transaction per round, so a crash at any point
 leaves the file at the last committed round, never half a round. Rounds are committed in order, each number
-once, so no entry is ever applied twice. Every entry row keeps its chain hash; :meth:`Ledger.verify`
-recomputes the chain from the header and names the first entry that differs.
+once (1, 2, ... without gaps), so no entry is ever applied twice. Every entry row keeps its chain hash;
+:meth:`Ledger.verify` recomputes the chain from the header and names the first entry that differs.
+
+Two chains, both from the header's hash: the *entry chain* (:mod:`shared.chain`) is what replicas follow; the
+*round chain* (format 5 on) covers everything else a round leaves: its rounds row, every reply's provenance and
+every instruction recorded for it, on which the server's privacy accounting rests. Neither can tell, from the
+file alone, a consistent rewrite or a file that lost its last rounds (a rolled-back copy, a lost WAL): an
+:class:`Anchor` kept outside the file (the run folder's metrics, :mod:`server.report`) can, and
+:meth:`Ledger.verify` compares against it when given one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -45,7 +53,9 @@ CREATE TABLE IF NOT EXISTS instructions (
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, first_idx INTEGER NOT NULL, count INTEGER NOT NULL, head BLOB NOT NULL,
     rule TEXT NOT NULL, lr REAL NOT NULL, trim REAL NOT NULL, committed_utc TEXT NOT NULL, metrics TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (round INTEGER PRIMARY KEY, hash BLOB NOT NULL);
 """
+ROUND_CHAIN_FORMAT = 5  # the first ledger format whose rounds, replies and instructions are chained (records)
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,31 @@ class Provenance:
 
 class LedgerError(RuntimeError):
     """The ledger file is missing, of another format, for another run, or fails its hash chain."""
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The round chain's head after ``round``, as recorded outside the ledger file: a ledger that no longer
+    reaches it, or reaches it by another history, went backwards or was rewritten."""
+
+    round: int
+    record: str  # hex of the round record hash (:func:`round_record`)
+    source: str = ""  # where it was read, for the error message
+
+
+def round_record(prev: bytes, row: Sequence[Any], replies: Sequence[Provenance],
+                 instructions: Sequence[tuple[str, int, str]]) -> bytes:
+    """Hash of one round's record chained on ``prev``: its rounds row (round, first index, count, entry chain
+    head, rule, lr, trim, commit time, metrics), its replies' provenance and the instructions recorded for it.
+    Replies and instructions enter in sorted order, so the hash does not depend on SQLite row ids."""
+    rnd, first, count, head, rule, lr, trim, committed, metrics = row
+    content = {
+        "round": rnd, "first": first, "count": count, "head": bytes(head).hex(), "rule": rule, "lr": float(lr),
+        "trim": float(trim), "committed_utc": committed, "metrics": metrics,
+        "replies": sorted([p.node, p.holder, p.status, p.scalars.hex()] for p in replies),
+        "instructions": sorted([h, int(steps), sent] for h, steps, sent in instructions),
+    }
+    return hashlib.sha256(prev + json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).digest()
 
 
 def _to_i64(x: int) -> int:  # SQLite integers are signed 64-bit; seeds and node ids are unsigned
@@ -150,6 +185,11 @@ class Ledger:
                                       f"expected {value!r:.80}")
             return cls.create(path, header)
         ledger = cls.open(path)
+        if ledger.header.format_version != LEDGER_FORMAT_VERSION:
+            ledger.close()
+            raise LedgerError(f"ledger {str(path)!r} has format {ledger.header.format_version}, written by an older "
+                              f"seedtune: replay or verify it, but continue in a new run folder (out_dir), which "
+                              f"gets format {LEDGER_FORMAT_VERSION}")
         for field, value in pinned.items():
             if getattr(ledger.header, field) != value:
                 ledger.close()
@@ -167,6 +207,20 @@ class Ledger:
     @property
     def last_round(self) -> int:
         return self._conn.execute("SELECT COALESCE(MAX(round), 0) FROM rounds").fetchone()[0]
+
+    @property
+    def chains_rounds(self) -> bool:
+        """Whether this ledger's rounds, replies and instructions are chained (format 5 on)."""
+        return self.header.format_version >= ROUND_CHAIN_FORMAT
+
+    def record_at(self, rnd: int) -> bytes:
+        """The round chain's head after round ``rnd`` (the genesis hash for 0)."""
+        if rnd == 0:
+            return self.genesis
+        row = self._conn.execute("SELECT hash FROM records WHERE round = ?", (rnd,)).fetchone()
+        if row is None:
+            raise LedgerError(f"ledger has no record of round {rnd} (last round {self.last_round})")
+        return bytes(row[0])
 
     def hash_at(self, version: int) -> bytes:
         """Chain hash of the model after ``version`` entries (the genesis hash for 0)."""
@@ -203,45 +257,101 @@ class Ledger:
         return [{"round": r, "first_index": i, "entries": c, "rule": rule, "lr": lr, "trim": trim,
                  "committed_utc": t, "metrics": json.loads(m)} for r, i, c, rule, lr, trim, t, m in rows]
 
-    def verify(self) -> int:
-        """Recompute the whole chain, the round bookkeeping and every coefficient from the provenance table;
-        returns the number of entries checked."""
+    def verify(self, anchor: Anchor | None = None) -> int:
+        """Recompute the whole entry chain, the round bookkeeping (rounds 1..N, each covering its entries),
+        every coefficient from the provenance table and, from format 5 on, the round chain over rounds, replies
+        and instructions; then compare with ``anchor`` if given. One read transaction: a server committing
+        meanwhile is seen either before or after its round, never half-way. Returns the number of entries."""
+        self._conn.execute("BEGIN")
+        try:
+            n = self._verify()
+            if anchor is not None:
+                self._check_anchor(anchor)
+            return n
+        finally:
+            self._conn.execute("COMMIT")
+
+    def _verify(self) -> int:
         hashes = [self.genesis]  # hashes[v]: chain hash at version v
-        coeffs = []
+        coeffs, entry_rounds = [], []
         for idx, rnd, seed, coeff, stored in self._conn.execute(
-                "SELECT idx, round, seed, coeff, hash FROM entries ORDER BY idx"):
+                "SELECT idx, round, seed, coeff, hash FROM entries ORDER BY idx").fetchall():
             if idx != len(hashes) - 1:
                 raise ChainError(f"ledger {self.path}: entry index {len(hashes) - 1} is missing (found {idx})")
             hashes.append(link(hashes[-1], Entry(idx, _to_u64(seed), coeff, rnd)))
             coeffs.append(coeff)
+            entry_rounds.append(rnd)
             if hashes[-1] != stored:
                 raise ChainError(f"ledger {self.path}: entry {idx} (round {rnd}) does not match its chain hash: "
                                  f"the file was modified")
         n = len(hashes) - 1
         covered = 0
-        for rnd, first, count, head, rule, lr, trim in self._conn.execute(
-                "SELECT round, first_idx, count, head, rule, lr, trim FROM rounds ORDER BY round"):
+        record = self.genesis
+        records = dict(self._conn.execute("SELECT round, hash FROM records").fetchall()) if self.chains_rounds else {}
+        rows = self._conn.execute("SELECT round, first_idx, count, head, rule, lr, trim, committed_utc, metrics "
+                                  "FROM rounds ORDER BY round").fetchall()
+        for position, row in enumerate(rows, start=1):
+            rnd, first, count, head, rule, lr, trim = row[:7]
+            if rnd != position:
+                raise ChainError(f"ledger {self.path}: round {rnd} follows round {position - 1}: rounds run 1, 2, ... "
+                                 f"without gaps, so the rounds were renumbered or one was removed")
             if first != covered or first + count > n or hashes[first + count] != head:
                 raise ChainError(f"ledger {self.path}: round {rnd} (entries {first}..{first + count - 1}) does not "
                                  f"line up with the {n} entries stored")
-            expected = self._coefficients(rnd, RoundRule(rule, lr, trim), count)
+            if any(r != rnd for r in entry_rounds[first: first + count]):
+                raise ChainError(f"ledger {self.path}: entries {first}..{first + count - 1} are not all of round "
+                                 f"{rnd}: the rounds were renumbered")
+            replies = self.replies(rnd)
+            expected = self._coefficients(rnd, replies, RoundRule(rule, lr, trim), count)
             if not np.array_equal(expected, np.asarray(coeffs[first: first + count], dtype=np.float32)):
                 raise ChainError(f"ledger {self.path}: the coefficients of round {rnd} do not follow from its "
                                  f"accepted replies under rule {rule} (lr {lr}): the provenance was modified")
+            if self.chains_rounds:
+                record = round_record(record, row, replies, self._instructions(rnd))
+                if records.get(rnd) != record:
+                    raise ChainError(f"ledger {self.path}: round {rnd} does not match its record hash: its rounds "
+                                     f"row, replies or instructions were modified (or an earlier round's were)")
             covered += count
         if covered != n:
             raise ChainError(f"ledger {self.path}: {n} entries but rounds account for {covered}")
+        if set(records) - set(range(1, len(rows) + 1)):
+            raise ChainError(f"ledger {self.path}: records of rounds {sorted(set(records) - set(range(1, len(rows) + 1)))[:5]} "
+                             f"without a rounds row: rounds were removed")
+        late = self._conn.execute("SELECT MIN(round), MAX(round) FROM instructions WHERE round < 1 OR round > ?",
+                                  (len(rows) + 1,)).fetchone()
+        if late[0] is not None:
+            raise ChainError(f"ledger {self.path}: instructions recorded for rounds {late[0]}..{late[1]}, but only "
+                             f"round {len(rows) + 1} can be pending after {len(rows)} committed rounds")
         return n
 
-    def _coefficients(self, rnd: int, rule: RoundRule, count: int) -> np.ndarray:
+    def _check_anchor(self, anchor: Anchor) -> None:
+        where = f" ({anchor.source})" if anchor.source else ""
+        last = self.last_round
+        if last < anchor.round:
+            raise ChainError(f"ledger {self.path} ends at round {last}, but its anchor{where} records round "
+                             f"{anchor.round}: the ledger went backwards (a rolled-back copy or a lost WAL)")
+        if not self.chains_rounds:
+            raise ChainError(f"ledger {self.path} has format {self.header.format_version}, without round records; "
+                             f"it cannot be checked against an anchor{where}")
+        if self.record_at(anchor.round).hex() != anchor.record:
+            raise ChainError(f"ledger {self.path}: round {anchor.round} differs from its anchor{where} (record "
+                             f"{self.record_at(anchor.round).hex()[:16]} vs {anchor.record[:16]}): the history "
+                             f"was rewritten")
+
+    def _coefficients(self, rnd: int, replies: Sequence[Provenance], rule: RoundRule, count: int) -> np.ndarray:
         """What a round's coefficients must be: its rule over the accepted scalars (none if nothing accepted)."""
-        accepted = [p.values() for p in self.replies(rnd) if p.status == ACCEPTED]
+        accepted = [p.values() for p in replies if p.status == ACCEPTED]
         if not accepted:
             return np.zeros(0, dtype=np.float32)
         if any(v.size != count for v in accepted):
             raise ChainError(f"ledger {self.path}: round {rnd} has {count} entries but accepted replies carry "
                              f"{sorted({v.size for v in accepted})} scalars")
         return rule.coefficients(np.stack(accepted))
+
+    def _instructions(self, rnd: int) -> list[tuple[str, int, str]]:
+        """The (holder, steps, sent time) rows recorded for round ``rnd``, over all its attempts."""
+        return [(str(h), int(steps), str(sent)) for h, steps, sent in self._conn.execute(
+            "SELECT holder, steps, sent_utc FROM instructions WHERE round = ?", (rnd,))]
 
     def instructed_steps(self) -> dict[str, int]:
         """Private steps each data holder was asked to run, over every attempt of every round (committed or
@@ -293,15 +403,18 @@ class Ledger:
         for e in entries:
             prev = link(prev, e)
             rows.append((e.index, e.round, _to_i64(e.seed), e.coeff, prev))
+        round_row = (rnd, first, len(entries), prev, rule.rule, float(rule.lr), float(rule.trim),
+                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), json.dumps(metrics or {}, sort_keys=True))
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?)", rows)
             conn.executemany("INSERT INTO replies VALUES (?, ?, ?, ?, ?)",
                              [(rnd, _to_i64(p.node), p.holder, p.status, p.scalars) for p in replies])
-            conn.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (rnd, first, len(entries), prev, rule.rule, float(rule.lr), float(rule.trim),
-                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), json.dumps(metrics or {}, sort_keys=True)))
+            conn.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", round_row)
+            if self.chains_rounds:
+                record = round_record(self.record_at(rnd - 1), round_row, replies, self._instructions(rnd))
+                conn.execute("INSERT INTO records VALUES (?, ?)", (rnd, record))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -20,7 +20,8 @@ from client.privacy_ledger import open_privacy_ledger
 from server.federation import FederatedServer
 from shared.accounting import noise_epsilon
 from shared.aggregation import RoundRule
-from shared.ledger import Ledger, Provenance
+from shared.chain import ChainError
+from shared.ledger import Ledger, LedgerError, Provenance
 from shared.config import ConfigError, load_config
 from shared.digest import tensor_digest
 from shared.proto import Instruction, Reply
@@ -346,3 +347,64 @@ def test_clients_agree_only_when_every_node_answers_the_final_sync(tmp_path):
                                      and server.ledger.last_round >= 1) else r
     summary = server.run()
     assert len(summary["client_digests"]) == NODES - 1 and not summary["clients_agree"]
+
+
+def test_each_rounds_metrics_line_anchors_the_ledger(finished):
+    run_dir, _, server, _ = finished
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("ledger_record") for r in rows] == [None] + [server.ledger.record_at(r).hex() for r in (1, 2, 3)]
+
+
+def _two_rounds(run_dir: Path) -> tuple:
+    grid = InProcessGrid(NODES)
+    config = fed_config(run_dir, **{"federation.rounds": 4})
+    server = FederatedServer(config, grid, run_dir)
+    server.run_round(1)
+    server.run_round(2)
+    server.ledger.close()
+    return config, grid
+
+
+def test_a_resumed_server_refuses_a_ledger_that_went_backwards(tmp_path):
+    """The ledger lost its last round consistently (a restored backup, a lost WAL): nothing in the file shows
+    it, but the run folder's metrics anchor round 2, so the server refuses to continue from round 1."""
+    import sqlite3
+
+    config, grid = _two_rounds(tmp_path)
+    conn = sqlite3.connect(tmp_path / "ledger.sqlite")
+    conn.executescript("DELETE FROM entries WHERE round = 2; DELETE FROM rounds WHERE round = 2; "
+                       "DELETE FROM replies WHERE round = 2; DELETE FROM instructions WHERE round = 2; "
+                       "DELETE FROM records WHERE round = 2")
+    conn.close()
+    assert Ledger.open(tmp_path / "ledger.sqlite").verify() == STEPS
+    with pytest.raises(ChainError, match="ends at round 1, but its anchor .*metrics.jsonl.* records round 2"):
+        FederatedServer(config, grid, tmp_path)
+    (tmp_path / "ledger.sqlite").unlink()  # and a ledger gone altogether is not silently started afresh
+    with pytest.raises(LedgerError, match="ledger.sqlite is missing, but .*metrics.jsonl records round 2"):
+        FederatedServer(config, grid, tmp_path)
+    assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path, caplog):
+    from server.report import read_rows
+
+    config, grid = _two_rounds(tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"round": 3, "dev_acc')  # the server died while appending round 3's line
+    again = FederatedServer(config, grid, tmp_path)
+    assert "skipping its torn last line 3" in caplog.text
+    assert again.report.anchor().round == 2 and again.run()["rounds"] == 4
+    rows = read_rows(tmp_path / "metrics.jsonl")  # the torn line stays skipped; the rounds after it are read
+    assert [r["round"] for r in rows] == [1, 2, 3, 4] and rows[-1]["ledger_record"] == again.ledger.record_at(4).hex()
+
+
+def test_non_finite_metrics_are_written_as_null(tmp_path, caplog):
+    from server.report import RunReport, read_rows
+
+    report = RunReport(tmp_path)
+    report.add({"round": 1, "epsilon": {"a": math.inf}, "dev_accuracy": math.nan, "ok": 1.5})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert "Infinity" not in line and "NaN" not in line
+    assert read_rows(tmp_path / "metrics.jsonl") == [{"round": 1, "epsilon": {"a": None}, "dev_accuracy": None,
+                                                     "ok": 1.5}]
+    assert "metric epsilon.a is inf" in caplog.text

@@ -17,7 +17,8 @@ from shared.proto.seedtune_pb2 import (  # noqa: F401  (re-exported)
 PROTOCOL_VERSION = 3
 # LedgerHeader.format_version written and accepted (2: instructions by holder; 3: one entry per seed per round,
 # entries hashed without a node, per-reply provenance table, rounds record their rule and learning rate;
-# 4: Gaussian directions are the 16-bit quantised normal of shared.directions, not Box-Muller)
-LEDGER_FORMAT_VERSION = 4
+# 4: Gaussian directions are the 16-bit quantised normal of shared.directions, not Box-Muller; 5: the round
+# chain: each round's rounds row, replies and instructions hashed into its record, chained from the header)
+LEDGER_FORMAT_VERSION = 5
 # Older formats still read, with the direction kinds whose stream has not changed since
-LEDGER_FORMATS_READ = {3: ("rademacher",), 4: ("rademacher", "gaussian")}
+LEDGER_FORMATS_READ = {3: ("rademacher",), 4: ("rademacher", "gaussian"), 5: ("rademacher", "gaussian")}
