@@ -26,7 +26,7 @@ import numpy as np
 from client.privacy_ledger import Budget, BudgetExceeded, PrivacyLedger, request_key
 from client.zo_step import zo_step
 from shared.aggregation import coefficient
-from shared.chain import ChainError, header_digest
+from shared.chain import ChainError, hash_along, header_digest
 from shared.config import RunConfig, cache_root
 from shared.follower import LedgerFollower, ReplicaError
 from shared.noise import Noise, SecureRandom
@@ -162,13 +162,38 @@ def _adopt_header(ins: Instruction, state: NodeState) -> LedgerHeader:
     return followed
 
 
-def _catch_up(ins: Instruction, state: NodeState, runtime: Runtime) -> LedgerFollower:
-    """The shared replica, moved to this node's position and then along the instruction's ledger tail."""
+def _catch_up(ins: Instruction, state: NodeState, runtime: Runtime, holder: Holder) -> LedgerFollower:
+    """The shared replica, moved to this node's position and then along the instruction's ledger tail, which
+    must still pass through the furthest position this holder's node ever followed (its anchor on disk)."""
     replica = replica_for(_adopt_header(ins, state), runtime)
     _bind(replica, state)
+    before = (replica.version, replica.head)
     replica.catch_up(ins.tail)
+    anchor = holder.ledger.followed(holder.name, ins.header_digest)
+    if anchor is not None:
+        _check_anchor(anchor, ins, before, replica)
+    holder.ledger.follow(holder.name, ins.header_digest, replica.version, replica.head)
     state.version, state.head, state.values = replica.version, replica.head, replica.values()
     return replica
+
+
+def _check_anchor(anchor: tuple[int, bytes], ins: Instruction, before: tuple[int, bytes],
+                  replica: LedgerFollower) -> None:
+    """Refuse a server whose ledger no longer reaches the node's anchor, or reaches it by another history."""
+    version, head = anchor
+    if replica.version < version:
+        raise Refusal(f"this node followed ledger {ins.header_digest[:16]} to version {version}, but the server's "
+                      f"is at version {replica.version}: its ledger went backwards (a restored copy or a lost "
+                      f"WAL); refusing to follow it")
+    if version == replica.version:
+        seen = replica.head
+    elif version == before[0]:
+        seen = before[1]
+    else:  # None: the replica passed the anchor earlier in this process, under this same check
+        seen = hash_along(ins.tail, version)
+    if seen is not None and seen != head:
+        raise Refusal(f"the server's ledger {ins.header_digest[:16]} differs, up to version {version}, from the "
+                      f"history this node followed: it forked or was rewritten; refusing to follow it")
 
 
 DataSource = Callable[[LedgerFollower], Partition]  # the node's training partition, tokenized for the replica's model
@@ -235,7 +260,7 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
          runtime: Runtime, reply: Reply) -> Reply:
     if ins.protocol_version != PROTOCOL_VERSION:
         raise Refusal(f"protocol version {ins.protocol_version}; this node speaks {PROTOCOL_VERSION}")
-    replica = _catch_up(ins, state, runtime)
+    replica = _catch_up(ins, state, runtime, holder)
     if replica.version != ins.model_version:
         raise Refusal(f"after the tail the replica is at version {replica.version}, the instruction says "
                       f"{ins.model_version}")
@@ -286,7 +311,7 @@ def sync(ins: Instruction, node_id: int, state: NodeState, data: DataSource, hol
     holder's identity (how the server keys its accounting) and the epsilon its privacy ledger has recorded."""
     reply = _reply(ins, node_id, holder, runtime)
     try:
-        replica = _catch_up(ins, state, runtime)
+        replica = _catch_up(ins, state, runtime, holder)
         reply.model_version = replica.version
         reply.state_digest = replica.state_digest()
         budget = holder.budget_for(replica.config)

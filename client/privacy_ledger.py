@@ -10,6 +10,11 @@ sampling rate of its steps and the exact reply bytes sent. A row is written, in 
 first re-checks the budget, *before* the reply leaves the node, so a crash can only over-count; an instruction
 delivered twice gets the stored bytes back instead of a second, fresh release.
 
+The same file keeps, per data holder and federation ledger, the furthest position (version, chain head) the
+node has followed (:meth:`PrivacyLedger.follow`): the node's anchor, outside the server's reach. A server whose
+ledger went backwards or forked since (a restored backup, a lost WAL, a rewritten history) is refused even by
+a node that restarted and kept nothing else (client.node).
+
 Location: node config ``privacy-ledger``, else ``$SEEDTUNE_PRIVACY_LEDGER``, else ``<cache>/privacy-ledger.sqlite``.
 """
 
@@ -36,6 +41,9 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS releases (
     data_key TEXT NOT NULL, request TEXT NOT NULL, noise TEXT NOT NULL, sample_rate REAL NOT NULL,
     steps INTEGER NOT NULL, reply BLOB NOT NULL, released_utc TEXT NOT NULL, PRIMARY KEY (data_key, request));
+CREATE TABLE IF NOT EXISTS followed (
+    holder TEXT NOT NULL, ledger TEXT NOT NULL, version INTEGER NOT NULL, head BLOB NOT NULL,
+    followed_utc TEXT NOT NULL, PRIMARY KEY (holder, ledger));
 """
 NON_PRIVATE = ""  # the noise column of a release without privacy: it spends an infinite epsilon
 
@@ -112,6 +120,21 @@ class PrivacyLedger:
     def steps(self, key: str) -> int:
         return int(self._conn.execute("SELECT COALESCE(SUM(steps), 0) FROM releases WHERE data_key = ?",
                                       (key,)).fetchone()[0])
+
+    def followed(self, holder: str, ledger: str) -> tuple[int, bytes] | None:
+        """The furthest (version, chain head) this holder's node followed ledger ``ledger`` (its header
+        digest) to, or None."""
+        row = self._conn.execute("SELECT version, head FROM followed WHERE holder = ? AND ledger = ?",
+                                 (holder, ledger)).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def follow(self, holder: str, ledger: str, version: int, head: bytes) -> None:
+        """Durably note the position followed; the anchor only moves forward."""
+        self._conn.execute(
+            "INSERT INTO followed VALUES (?, ?, ?, ?, ?) ON CONFLICT (holder, ledger) DO UPDATE SET "
+            "version = excluded.version, head = excluded.head, followed_utc = excluded.followed_utc "
+            "WHERE excluded.version > followed.version",
+            (holder, ledger, int(version), head, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
 
     def reply_for(self, key: str, request: str) -> bytes | None:
         row = self._conn.execute("SELECT reply FROM releases WHERE data_key = ? AND request = ?",

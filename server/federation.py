@@ -325,7 +325,9 @@ class FederatedServer:
                 reply = from_content(msg.content, Reply) if not msg.has_error() else None
             except WireError:
                 reply = None
-            if reply is not None and not reply.refusal and reply.node == src and reply.model_version == plan.version:
+            if reply is not None and reply.refusal:
+                log.warning("node %d refused the query: %s", src, reply.refusal)
+            elif reply is not None and reply.node == src and reply.model_version == plan.version:
                 out[src] = reply
                 self.known_version[src] = plan.version
         return out

@@ -62,6 +62,16 @@ def pack_tail(entries: list[Entry], prev_hash: bytes, head_hash: bytes, start_in
     )
 
 
+def hash_along(tail: LedgerTail, version: int) -> bytes | None:
+    """The chain hash after ``version`` entries along ``tail`` (whose own hashes the caller has checked), or
+    None if the tail does not reach back to, or forward to, that version."""
+    offset = version - tail.start_index
+    if not 0 <= offset <= len(tail.seeds):
+        return None
+    return chain(tail.prev_hash, (Entry(tail.start_index + i, tail.seeds[i], tail.coeffs[i], tail.rounds[i])
+                                  for i in range(offset)))
+
+
 def unpack_tail(tail: LedgerTail) -> Iterator[Entry]:
     """Entries of a tail after checking its columns line up and that it hashes from prev_hash to head_hash."""
     n = len(tail.seeds)

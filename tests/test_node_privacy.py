@@ -204,3 +204,48 @@ def test_the_gaussian_sampler_reaches_far_beyond_8_65_sigma_and_its_gap_is_negli
     assert math.sqrt(-2 * math.log(u[0])) > 11.0
     assert GAUSSIAN_SUPPORT > 37 and Noise.gaussian(1.0).support_gap() < 1e-300
     assert Noise.laplace(1.0).support_gap() < 1e-300
+
+
+def test_a_restarted_node_refuses_a_server_whose_run_folder_was_rolled_back(tmp_path, caplog):
+    """The whole run folder restored from a backup taken after round 1 (ledger and metrics consistent with
+    each other, so the server itself cannot tell): nodes that restarted with nothing but their disks still
+    refuse it, by the position they last followed (issue 20), and nothing more is committed or released."""
+    import shutil
+
+    config = fed_config(tmp_path / "run", **{"federation.rounds": 3})
+    server = FederatedServer(config, InProcessGrid(NODES), tmp_path / "run")
+    server.run_round(1)
+    server.ledger.close()
+    shutil.copytree(tmp_path / "run", tmp_path / "backup")
+    server = FederatedServer(config, InProcessGrid(NODES), tmp_path / "run")
+    server.run_round(2)
+    assert len(server.sync()) == NODES  # the nodes follow round 2's entries (the end-of-run sync)
+    server.ledger.close()
+    ledger = open_privacy_ledger()
+    released = {k: ledger.steps(k) for k in ledger.keys()}
+    shutil.rmtree(tmp_path / "run")
+    shutil.copytree(tmp_path / "backup", tmp_path / "run")
+    restored = FederatedServer(config, InProcessGrid(NODES, first_id=40), tmp_path / "run")  # new node processes
+    assert restored.ledger.last_round == 1
+    row = restored.run_round(2)
+    assert row["nodes"] == 0 and row["entries"] == 0
+    assert caplog.text.count("its ledger went backwards") >= NODES
+    assert {k: ledger.steps(k) for k in ledger.keys()} == released
+
+
+def test_a_node_refuses_a_tail_that_forks_from_the_history_it_followed(tmp_path):
+    from client.node import Refusal, _check_anchor
+    from shared.chain import Entry, chain, genesis, pack_tail
+    from shared.proto import LedgerHeader
+
+    start = genesis(LedgerHeader(config_json="{}"))
+    ours = [Entry(i, 100 + i, 0.5, 1 + i // 2) for i in range(4)]
+    theirs = ours[:2] + [Entry(i, 900 + i, 0.5, 2) for i in (2, 3)] + [Entry(4, 7, 0.1, 3)]
+    tail = pack_tail(theirs, start, chain(start, theirs), 0)
+    ins = Instruction(header_digest="ab" * 32, tail=tail)
+    replica = SimpleNamespace(version=5, head=tail.head_hash)
+    with pytest.raises(Refusal, match="differs, up to version 4, from the history this node followed"):
+        _check_anchor((4, chain(start, ours)), ins, (0, start), replica)
+    _check_anchor((2, chain(start, ours[:2])), ins, (0, start), replica)  # the shared prefix is fine
+    with pytest.raises(Refusal, match="to version 6, but the server's is at version 5: its ledger went backwards"):
+        _check_anchor((6, b"x"), ins, (0, start), replica)
