@@ -22,11 +22,13 @@ file alone, a consistent rewrite or a file that lost its last rounds (a rolled-b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import sqlite3
+import struct
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ import numpy as np
 
 from shared.aggregation import ACCEPTED, RoundRule
 from shared.chain import ChainError, Entry, genesis, link, pack_tail
+from google.protobuf.message import DecodeError
+
 from shared.proto import LEDGER_FORMAT_VERSION, LEDGER_FORMATS_READ, LedgerHeader, LedgerTail
 
 _U64 = 1 << 64
@@ -93,12 +97,20 @@ def round_record(prev: bytes, row: Sequence[Any], replies: Sequence[Provenance],
     Replies and instructions enter in sorted order, so the hash does not depend on SQLite row ids."""
     rnd, first, count, head, rule, lr, trim, committed, metrics = row
     content = {
-        "round": rnd, "first": first, "count": count, "head": bytes(head).hex(), "rule": rule, "lr": float(lr),
+        "round": rnd, "first": first, "count": count, "head": _blob(head, f"round {rnd}'s head").hex(), "rule": rule, "lr": float(lr),
         "trim": float(trim), "committed_utc": committed, "metrics": metrics,
         "replies": sorted([p.node, p.holder, p.status, p.scalars.hex()] for p in replies),
         "instructions": sorted([h, int(steps), sent] for h, steps, sent in instructions),
     }
     return hashlib.sha256(prev + json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+def _blob(value: Any, what: str) -> bytes:
+    """A BLOB column's value; anything else (``bytes(n)`` of a damaged integer would allocate n bytes) is a
+    named error."""
+    if not isinstance(value, bytes):
+        raise ChainError(f"{what} is stored as {type(value).__name__}, not bytes: the ledger was modified")
+    return value
 
 
 def _to_i64(x: int) -> int:  # SQLite integers are signed 64-bit; seeds and node ids are unsigned
@@ -132,12 +144,16 @@ class Ledger:
         try:
             conn = cls._connect(path)
             row = conn.execute("SELECT value FROM meta WHERE key = 'header'").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"{str(path)!r} is not a seedtune ledger ({exc})") from exc
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            raise LedgerError(f"{str(path)!r} is not a seedtune ledger, or a damaged one ({exc})") from exc
         if row is None:
             conn.close()
             raise LedgerError(f"{str(path)!r} has no ledger header")
-        header = LedgerHeader.FromString(row[0])
+        try:
+            header = LedgerHeader.FromString(row[0])
+        except (DecodeError, TypeError) as exc:
+            conn.close()
+            raise LedgerError(f"{str(path)!r} has a damaged ledger header ({exc})") from exc
         kinds = LEDGER_FORMATS_READ.get(header.format_version)
         if kinds is None:
             conn.close()
@@ -201,12 +217,19 @@ class Ledger:
         self._conn.close()
 
     # --------------------------------------------------------------------------------------- reading
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        """Every row of one read; a damaged file is a :class:`LedgerError` naming it, not a raw sqlite3 error."""
+        try:
+            return self._conn.execute(sql, args).fetchall()
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:  # a damaged page, or text that is not UTF-8
+            raise LedgerError(f"ledger {self.path} is damaged ({exc}): restore it from a copy") from exc
+
     def __len__(self) -> int:
-        return self._conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        return self._rows("SELECT COUNT(*) FROM entries")[0][0]
 
     @property
     def last_round(self) -> int:
-        return self._conn.execute("SELECT COALESCE(MAX(round), 0) FROM rounds").fetchone()[0]
+        return self._rows("SELECT COALESCE(MAX(round), 0) FROM rounds")[0][0]
 
     @property
     def chains_rounds(self) -> bool:
@@ -217,32 +240,33 @@ class Ledger:
         """The round chain's head after round ``rnd`` (the genesis hash for 0)."""
         if rnd == 0:
             return self.genesis
-        row = self._conn.execute("SELECT hash FROM records WHERE round = ?", (rnd,)).fetchone()
+        row = next(iter(self._rows("SELECT hash FROM records WHERE round = ?", (rnd,))), None)
         if row is None:
             raise LedgerError(f"ledger has no record of round {rnd} (last round {self.last_round})")
-        return bytes(row[0])
+        return _blob(row[0], f"the record of round {rnd}")
 
     def hash_at(self, version: int) -> bytes:
         """Chain hash of the model after ``version`` entries (the genesis hash for 0)."""
         if version == 0:
             return self.genesis
-        row = self._conn.execute("SELECT hash FROM entries WHERE idx = ?", (version - 1,)).fetchone()
+        row = next(iter(self._rows("SELECT hash FROM entries WHERE idx = ?", (version - 1,))), None)
         if row is None:
             raise LedgerError(f"ledger has {len(self)} entries; no version {version}")
         return row[0]
 
     def entries(self, start: int = 0, stop: int | None = None) -> Iterator[Entry]:
         stop = len(self) if stop is None else stop
-        for idx, rnd, seed, coeff in self._conn.execute(
+        for idx, rnd, seed, coeff in self._rows(
                 "SELECT idx, round, seed, coeff FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
                 (start, stop)):
             yield Entry(idx, _to_u64(seed), coeff, rnd)
 
     def replies(self, rnd: int) -> list[Provenance]:
         """The provenance of one round: every reply the server judged, in the order it was recorded."""
-        rows = self._conn.execute("SELECT node, holder, status, scalars FROM replies WHERE round = ? ORDER BY rowid",
+        rows = self._rows("SELECT node, holder, status, scalars FROM replies WHERE round = ? ORDER BY rowid",
                                   (rnd,))
-        return [Provenance(_to_u64(node), holder, status, bytes(scalars)) for node, holder, status, scalars in rows]
+        return [Provenance(_to_u64(node), holder, status, _blob(scalars, f"a reply's scalars in round {rnd}"))
+                for node, holder, status, scalars in rows]
 
     def tail(self, start: int) -> LedgerTail:
         """The entries from ``start`` on, packed for a client at version ``start``."""
@@ -252,7 +276,7 @@ class Ledger:
         return pack_tail(list(self.entries(start, end)), self.hash_at(start), self.hash_at(end), start)
 
     def rounds(self) -> list[dict[str, Any]]:
-        rows = self._conn.execute(
+        rows = self._rows(
             "SELECT round, first_idx, count, rule, lr, trim, committed_utc, metrics FROM rounds ORDER BY round")
         return [{"round": r, "first_index": i, "entries": c, "rule": rule, "lr": lr, "trim": trim,
                  "committed_utc": t, "metrics": json.loads(m)} for r, i, c, rule, lr, trim, t, m in rows]
@@ -268,14 +292,19 @@ class Ledger:
             if anchor is not None:
                 self._check_anchor(anchor)
             return n
-        finally:
-            self._conn.execute("COMMIT")
+        except ChainError:
+            raise
+        except (TypeError, ValueError, OverflowError, struct.error) as exc:  # a value of the wrong type or range
+            raise ChainError(f"ledger {self.path}: a stored value is damaged ({type(exc).__name__}: {exc}): the "
+                             f"file was modified") from exc
+        finally:  # a read transaction: ending it loses nothing, and on a damaged file the error is raised above
+            with contextlib.suppress(sqlite3.DatabaseError):
+                self._conn.execute("ROLLBACK")
 
     def _verify(self) -> int:
         hashes = [self.genesis]  # hashes[v]: chain hash at version v
         coeffs, entry_rounds = [], []
-        for idx, rnd, seed, coeff, stored in self._conn.execute(
-                "SELECT idx, round, seed, coeff, hash FROM entries ORDER BY idx").fetchall():
+        for idx, rnd, seed, coeff, stored in self._rows("SELECT idx, round, seed, coeff, hash FROM entries ORDER BY idx"):
             if idx != len(hashes) - 1:
                 raise ChainError(f"ledger {self.path}: entry index {len(hashes) - 1} is missing (found {idx})")
             hashes.append(link(hashes[-1], Entry(idx, _to_u64(seed), coeff, rnd)))
@@ -287,9 +316,9 @@ class Ledger:
         n = len(hashes) - 1
         covered = 0
         record = self.genesis
-        records = dict(self._conn.execute("SELECT round, hash FROM records").fetchall()) if self.chains_rounds else {}
-        rows = self._conn.execute("SELECT round, first_idx, count, head, rule, lr, trim, committed_utc, metrics "
-                                  "FROM rounds ORDER BY round").fetchall()
+        records = dict(self._rows("SELECT round, hash FROM records")) if self.chains_rounds else {}
+        rows = self._rows("SELECT round, first_idx, count, head, rule, lr, trim, committed_utc, metrics FROM rounds "
+                          "ORDER BY round")
         for position, row in enumerate(rows, start=1):
             rnd, first, count, head, rule, lr, trim = row[:7]
             if rnd != position:
@@ -317,8 +346,8 @@ class Ledger:
         if set(records) - set(range(1, len(rows) + 1)):
             raise ChainError(f"ledger {self.path}: records of rounds {sorted(set(records) - set(range(1, len(rows) + 1)))[:5]} "
                              f"without a rounds row: rounds were removed")
-        late = self._conn.execute("SELECT MIN(round), MAX(round) FROM instructions WHERE round < 1 OR round > ?",
-                                  (len(rows) + 1,)).fetchone()
+        (late,) = self._rows("SELECT MIN(round), MAX(round) FROM instructions WHERE round < 1 OR round > ?",
+                             (len(rows) + 1,))
         if late[0] is not None:
             raise ChainError(f"ledger {self.path}: instructions recorded for rounds {late[0]}..{late[1]}, but only "
                              f"round {len(rows) + 1} can be pending after {len(rows)} committed rounds")
@@ -350,13 +379,13 @@ class Ledger:
 
     def _instructions(self, rnd: int) -> list[tuple[str, int, str]]:
         """The (holder, steps, sent time) rows recorded for round ``rnd``, over all its attempts."""
-        return [(str(h), int(steps), str(sent)) for h, steps, sent in self._conn.execute(
+        return [(str(h), int(steps), str(sent)) for h, steps, sent in self._rows(
             "SELECT holder, steps, sent_utc FROM instructions WHERE round = ?", (rnd,))]
 
     def instructed_steps(self) -> dict[str, int]:
         """Private steps each data holder was asked to run, over every attempt of every round (committed or
         not), keyed by the holder's stable identity rather than a Flower node id that changes at restarts."""
-        rows = self._conn.execute("SELECT holder, SUM(steps) FROM instructions GROUP BY holder")
+        rows = self._rows("SELECT holder, SUM(steps) FROM instructions GROUP BY holder")
         return {str(holder): int(steps) for holder, steps in rows}
 
     # --------------------------------------------------------------------------------------- writing

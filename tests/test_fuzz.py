@@ -5,6 +5,7 @@ its coefficient came from is detected."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import numpy as np
@@ -125,3 +126,130 @@ def test_ledger_replay_and_tamper_detection(tmp_path_factory, replica, rounds, r
         conn.close()
         with pytest.raises(ChainError, match=message):
             Ledger.open(path).verify()
+
+
+TABLE_COLUMNS = {"meta": ("key", "value"), "entries": ("idx", "round", "seed", "coeff", "hash"),
+                 "replies": ("round", "node", "holder", "status", "scalars"),
+                 "instructions": ("round", "holder", "steps", "sent_utc"),
+                 "rounds": ("round", "first_idx", "count", "head", "rule", "lr", "trim", "committed_utc", "metrics"),
+                 "records": ("round", "hash")}
+
+
+def _random_value(rng: np.random.Generator):
+    kind = int(rng.integers(6))
+    return [None, int(rng.integers(-2**63, 2**63 - 1)), float(rng.normal() * 10.0 ** rng.integers(-5, 40)),
+            float(rng.choice([np.nan, np.inf, -np.inf])), "x" * int(rng.integers(9)),
+            rng.bytes(int(rng.integers(41)))][kind]
+
+
+def _random_mutation(rng: np.random.Generator, size: int) -> tuple:
+    kind = ("flip", "truncate", "edit", "delete")[int(rng.integers(4))]
+    table = sorted(TABLE_COLUMNS)[int(rng.integers(len(TABLE_COLUMNS)))]
+    if kind == "flip":
+        return kind, int(rng.integers(size)), int(rng.integers(1, 256))
+    if kind == "truncate":
+        return kind, int(rng.integers(size))
+    if kind == "edit":
+        column = TABLE_COLUMNS[table][int(rng.integers(len(TABLE_COLUMNS[table])))]
+        return kind, table, column, int(rng.integers(1, 13)), _random_value(rng)
+    return kind, table, int(rng.integers(1, 13))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory, replica):
+    """A three-round ledger with instructions and provenance folded into one file, and its replay digest."""
+    path = tmp_path_factory.mktemp("pristine") / "ledger.sqlite"
+    ledger = Ledger.create(path, replica.make_header(Noise.gaussian(1.0)))
+    rng = np.random.default_rng(0)
+    rule = RoundRule("mean", 1.0)
+    for rnd in (1, 2, 3):
+        ledger.record_instructions(rnd, ["h0", "h1", "h2", "h9"], 4)
+        seeds = [int(s) for s in rng.integers(0, 2**63, 4)]
+        replies = [Provenance(n + 1, f"h{n}", ACCEPTED, rng.uniform(-1 / 64, 1 / 64, 4).astype("<f4").tobytes())
+                   for n in range(3)] + [Provenance(9, "h9", "out_of_range")]
+        ledger.commit_round(rnd, seeds, rule.coefficients(np.stack([p.values() for p in replies[:3]])), replies,
+                            rule, {"accepted": 3})
+    replica.attach(ledger.header)
+    replica.apply(list(ledger.entries()), ledger.hash_at(len(ledger)))
+    ledger.close()  # the last connection folds the WAL into the file
+    return path.read_bytes(), replica.digest()
+
+
+def _mutate(path, data: bytes, mutation: tuple) -> bool:
+    """Write ``data`` to ``path`` with one mutation applied; False if it changed nothing (a row that does not
+    exist, or an edit SQLite's constraints refuse)."""
+    kind = mutation[0]
+    if kind == "flip":
+        at = mutation[1]
+        data = data[:at] + bytes([data[at] ^ mutation[2]]) + data[at + 1:]
+    elif kind == "truncate":
+        data = data[: mutation[1]]
+    path.write_bytes(data)
+    if kind in ("flip", "truncate"):
+        return True
+    conn = sqlite3.connect(path)
+    try:
+        if kind == "edit":
+            _, table, column, rowid, value = mutation
+            conn.execute(f"UPDATE {table} SET {column} = ? WHERE rowid = ?", (value, rowid))
+        else:
+            conn.execute(f"DELETE FROM {mutation[1]} WHERE rowid = ?", (mutation[2],))
+        conn.commit()
+        return conn.total_changes > 0
+    except sqlite3.IntegrityError:  # a duplicate primary key, or NULL where NOT NULL
+        return False
+    finally:
+        conn.close()
+
+
+def _outcome(path, replica, digest: str) -> str:
+    """A named refusal, or a ledger that verifies and replays to the pristine model: nothing else."""
+    from shared.follower import ReplicaError
+    from shared.ledger import LedgerError
+
+    try:
+        ledger = Ledger.open(path)
+        try:
+            n = ledger.verify()
+            replica.attach(ledger.header)
+            replica.apply(list(ledger.entries()), ledger.hash_at(n))
+        finally:
+            ledger.close()
+    except (LedgerError, ChainError, ReplicaError) as exc:
+        assert str(exc)
+        return type(exc).__name__
+    assert replica.digest() == digest, "a damaged ledger verified and replayed to another model"
+    return "verified"
+
+
+def fuzz_ledger(folder, replica, pristine, cases: int, seed: int) -> dict[str, int]:
+    """``cases`` random mutations of the pristine file (byte flips, truncations, row edits and deletions in
+    every table); returns the outcome counts. Any other outcome fails, naming the mutation."""
+    data, digest = pristine
+    rng = np.random.default_rng(seed)
+    counts: dict[str, int] = {}
+    for case in range(cases):
+        mutation = _random_mutation(rng, len(data))
+        path = folder / f"case{case}.sqlite"
+        try:
+            result = _outcome(path, replica, digest) if _mutate(path, data, mutation) else "unchanged"
+        except Exception as exc:
+            raise AssertionError(f"case {case}, mutation {mutation!r:.200}: {type(exc).__name__}: {exc}") from exc
+        for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+        key = f"{mutation[0]}:{result}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_a_damaged_ledger_file_is_refused_by_name_or_replays_to_the_same_model(tmp_path, replica, pristine):
+    counts = fuzz_ledger(tmp_path, replica, pristine, cases=300, seed=20)
+    print("ledger fuzz outcomes:", json.dumps(counts, sort_keys=True))
+    for kind in ("flip", "truncate", "edit", "delete"):  # every kind of damage was met, and refused
+        assert sum(n for k, n in counts.items() if k.startswith(kind) and not k.endswith(("verified", "unchanged")))
+
+
+@pytest.mark.slow
+def test_ledger_fuzz_long(tmp_path, replica, pristine):
+    counts = fuzz_ledger(tmp_path, replica, pristine, cases=5000, seed=2020)
+    print("ledger fuzz outcomes (5,000 cases):", json.dumps(counts, sort_keys=True))
