@@ -31,6 +31,7 @@ from shared.config import RunConfig, cache_root
 from shared.follower import LedgerFollower, ReplicaError
 from shared.noise import Noise, SecureRandom
 from shared.proto import PROTOCOL_VERSION, Instruction, LedgerHeader, Reply
+from shared.tasks import DataError
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,17 @@ def refusal(ins: Instruction, node_id: int, reason: str, runtime: Runtime = Runt
     return reply
 
 
+def _load(source: DataSource, replica: LedgerFollower) -> Partition:
+    """The node's partition; a bad data file is refused without its details, which quote private records:
+    they go to the node's own log only."""
+    try:
+        return source(replica)
+    except DataError as exc:
+        log.error("this node's data is unusable: %s", exc)
+        raise Refusal("this node's data file is unusable (a bad header or row, or no examples); the details are "
+                      "in the node's own log, never sent") from exc
+
+
 def _privacy_of(ins: Instruction, replica: LedgerFollower, budget: Budget | None) -> Noise | None:
     """The noise the instruction asks for, after checking it keeps the privacy this node was configured with
     and the ledger header pinned: a node never releases more than both allow, whatever the server says."""
@@ -272,7 +284,7 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
     if not ins.seeds:
         raise Refusal("a train instruction without seeds")
 
-    data = source(replica)
+    data = _load(source, replica)
     request = request_key(ins.header_digest, ins.round, ins.model_version, list(ins.seeds))
     stored = holder.ledger.reply_for(data.key, request)
     if stored is not None:  # answered before (a re-delivery): the same bytes, not a second release
@@ -316,7 +328,7 @@ def sync(ins: Instruction, node_id: int, state: NodeState, data: DataSource, hol
         reply.state_digest = replica.state_digest()
         budget = holder.budget_for(replica.config)
         if budget is not None:
-            reply.metrics["epsilon"] = holder.ledger.epsilon(data(replica).key, budget.delta)
+            reply.metrics["epsilon"] = holder.ledger.epsilon(_load(data, replica).key, budget.delta)
     except (Refusal, ReplicaError, ChainError) as exc:
         reply.refusal = str(exc)
         reply.model_version = state.version

@@ -91,14 +91,14 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     start = time.time()
     if config.threads:
         torch.set_num_threads(config.threads)
-    out_dir = Path(config.out_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-
+    # Every input is loaded and checked before the run folder is made: a bad data file leaves nothing behind.
     task = load_task_model(config.model)
     train_split = load_split(config.data, "train")
     test_split = load_split(config.data, "test")
     dev_split = load_split(config.data, "dev", config.eval.dev_size)
+    out_dir = Path(config.out_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     train_ids, test_ids, dev_ids = task.encode(train_split.sentences), task.encode(test_split.sentences), \
         task.encode(dev_split.sentences)
     log.info("model %s (%s), %d train / %d test examples", task.name, task.kind, len(train_ids), len(test_ids))

@@ -139,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     from shared.chain import ChainError
     from shared.follower import ReplicaError
     from shared.models import ModelLoadError
+    from shared.tasks import DataError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ModelLoadError, LedgerError, ChainError, ReplicaError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ModelLoadError, LedgerError, ChainError, ReplicaError) as exc:
         print(f"seedtune: error: {exc}", file=sys.stderr)
         return 2
 

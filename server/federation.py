@@ -63,9 +63,11 @@ class FederatedServer:
         self.config = config
         self.grid = grid
         self.replica = replica or Replica(config)
-        # Every input is loaded and checked before anything is written: a bad data folder leaves no ledger.
+        # Every input is loaded and checked before anything is written: a bad data folder leaves no run folder.
         dev = load_split(config.data, "dev", config.eval.dev_size)
+        test = load_split(config.data, "test")
         self.dev = (self.replica.task.encode(dev.sentences), dev.labels)
+        self.test = (self.replica.task.encode(test.sentences), test.labels)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rng = SecureRandom()
@@ -310,9 +312,8 @@ class FederatedServer:
         return self.replica.task.accuracy(ids, labels, self.config.model.microbatch) if len(ids) else math.nan
 
     def test_accuracy(self) -> float:
-        cfg = self.config
-        test = load_split(cfg.data, "test")
-        return self.replica.task.accuracy(self.replica.task.encode(test.sentences), test.labels, cfg.model.microbatch)
+        ids, labels = self.test
+        return self.replica.task.accuracy(ids, labels, self.config.model.microbatch)
 
     # ------------------------------------------------------------------------------------------- run
     def _query(self, plan: RoundPlan) -> dict[int, Reply]:

@@ -26,6 +26,11 @@ SPLITS = ("train", "dev", "test")
 LABEL_NAMES = ("negative", "positive")
 
 
+class DataError(ValueError):
+    """A data file without the expected header, with a malformed row, or with no examples; the message names
+    the file and line."""
+
+
 @dataclass(frozen=True)
 class Split:
     sentences: list[str]
@@ -88,12 +93,14 @@ def _read_tsv(path: Path) -> Split:
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
         if header is None or [h.strip().lower() for h in header[:2]] != ["sentence", "label"]:
-            raise ValueError(f"{path}: expected a header 'sentence<TAB>label', got {header!r}")
+            raise DataError(f"{path}: expected a header 'sentence<TAB>label', got {header!r}")
         for lineno, row in enumerate(reader, start=2):
             if len(row) != 2 or row[1].strip() not in ("0", "1"):
-                raise ValueError(f"{path}:{lineno}: expected 'sentence<TAB>0|1', got {row!r}")
+                raise DataError(f"{path}:{lineno}: expected 'sentence<TAB>0|1', got {row!r:.120}")
             sentences.append(row[0])
             labels.append(int(row[1]))
+    if not sentences:
+        raise DataError(f"{path}: no examples after the header")
     return Split(sentences, np.asarray(labels, dtype=np.int64))
 
 

@@ -349,6 +349,12 @@ def test_clients_agree_only_when_every_node_answers_the_final_sync(tmp_path):
     assert len(summary["client_digests"]) == NODES - 1 and not summary["clients_agree"]
 
 
+def test_clients_do_not_agree_when_a_node_refuses_the_final_sync(tmp_path):
+    grid = InProcessGrid(NODES, node_configs={0: {"runtime": "no-such-runtime"}})  # refuses every message by name
+    summary = FederatedServer(fed_config(tmp_path, **{"federation.rounds": 1}), grid, tmp_path).run()
+    assert len(summary["client_digests"]) == NODES - 1 and not summary["clients_agree"]
+
+
 def test_each_rounds_metrics_line_anchors_the_ledger(finished):
     run_dir, _, server, _ = finished
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -408,3 +414,41 @@ def test_non_finite_metrics_are_written_as_null(tmp_path, caplog):
     assert read_rows(tmp_path / "metrics.jsonl") == [{"round": 1, "epsilon": {"a": None}, "dev_accuracy": None,
                                                      "ok": 1.5}]
     assert "metric epsilon.a is inf" in caplog.text
+
+
+def _data_folder(folder: Path, broken: str, content: str) -> Path:
+    """A small SST-2 folder whose ``broken`` split file holds ``content``."""
+    folder.mkdir()
+    good = "sentence\tlabel\n" + "".join(f"a fine sentence number {i}\t{i % 2}\n" for i in range(40))
+    for split in ("train", "dev", "test"):
+        (folder / f"{split}.tsv").write_text(content if split == broken else good)
+    return folder
+
+
+@pytest.mark.parametrize("broken, content, message", [
+    ("dev", "sentence\tlabel\ngood\t1\nbad label\t7\n", r"dev.tsv:3: expected 'sentence<TAB>0\|1'"),
+    ("test", "sentence\tlabel\n", "test.tsv: no examples after the header"),
+    ("dev", "text,label\nx,1\n", "dev.tsv: expected a header 'sentence<TAB>label'"),
+])
+def test_a_bad_data_file_is_named_and_leaves_no_run_folder(tmp_path, broken, content, message):
+    from shared.tasks import DataError
+
+    data = _data_folder(tmp_path / "data", broken, content)
+    run_dir = tmp_path / "run"
+    with pytest.raises(DataError, match=message):
+        FederatedServer(fed_config(run_dir, **{"data.data_dir": str(data)}), InProcessGrid(NODES), run_dir)
+    assert not run_dir.exists()
+    with pytest.raises(FileNotFoundError, match="no dev.tsv in data_dir"):  # a folder that is not there at all
+        FederatedServer(fed_config(run_dir, **{"data.data_dir": str(tmp_path / "nowhere")}), InProcessGrid(NODES),
+                        run_dir)
+    assert not run_dir.exists()
+
+
+def test_seedtune_train_names_a_bad_data_file_with_exit_code_2_and_writes_nothing(tmp_path, capsys):
+    from seedtune.cli import main
+
+    data = _data_folder(tmp_path / "data", "train", "sentence\tlabel\nfine\t1\nno label here\n")
+    code = main(["train", "--no-progress", "-s", "model.name=tiny-encoder", "-s", f"data.data_dir={data}",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2 and "train.tsv:3: expected 'sentence<TAB>0|1'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -249,3 +249,17 @@ def test_a_node_refuses_a_tail_that_forks_from_the_history_it_followed(tmp_path)
     _check_anchor((2, chain(start, ours[:2])), ins, (0, start), replica)  # the shared prefix is fine
     with pytest.raises(Refusal, match="to version 6, but the server's is at version 5: its ledger went backwards"):
         _check_anchor((6, b"x"), ins, (0, start), replica)
+
+
+def test_a_node_with_a_bad_data_file_refuses_without_quoting_its_records(tmp_path, caplog):
+    from tests.test_federation import _data_folder
+
+    data = _data_folder(tmp_path / "data", "train", "sentence\tlabel\nfine\t1\nmy secret diagnosis\tX\n")
+    server = FederatedServer(fed_config(tmp_path / "run", **{"data.data_dir": str(data)}), InProcessGrid(NODES),
+                             tmp_path / "run")
+    row = server.run_round(1)
+    assert row["nodes"] == 0 and row["entries"] == 0
+    to_server = [r.getMessage() for r in caplog.records if r.name.startswith("server.")]
+    assert sum("data file is unusable" in m for m in to_server) == NODES
+    assert not any("secret" in m for m in to_server)  # what the server saw and logged
+    assert any("secret" in r.getMessage() for r in caplog.records if r.name == "client.node")  # the node's own log
