@@ -173,7 +173,8 @@ def _catch_up(ins: Instruction, state: NodeState, runtime: Runtime, holder: Hold
     anchor = holder.ledger.followed(holder.name, ins.header_digest)
     if anchor is not None:
         _check_anchor(anchor, ins, before, replica)
-    holder.ledger.follow(holder.name, ins.header_digest, replica.version, replica.head)
+    if anchor is None or replica.version > anchor[0]:
+        holder.ledger.follow(holder.name, ins.header_digest, replica.version, replica.head)
     state.version, state.head, state.values = replica.version, replica.head, replica.values()
     return replica
 

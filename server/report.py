@@ -31,8 +31,7 @@ class RunReport:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.path = run_dir / METRICS_FILE
-        self.rows: list[dict[str, Any]] = []
-        self.rows = read_rows(self.path)
+        self.rows: list[dict[str, Any]] = read_rows(self.path)
 
     def anchor(self) -> Anchor | None:
         """The last committed round's ledger record, as this run folder wrote it (None before any round)."""
@@ -41,7 +40,7 @@ class RunReport:
     def add(self, row: dict[str, Any]) -> None:
         row = finite(row)
         self.rows = [r for r in self.rows if r.get("round") != row.get("round")] + [row]
-        torn = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+        torn = not _ends_with_newline(self.path)
         with self.path.open("a") as fh:  # after a torn line, on a line of its own (the torn one stays skipped)
             fh.write(("\n" if torn else "") + json.dumps(row, allow_nan=False) + "\n")
             fh.flush()
@@ -84,6 +83,15 @@ class RunReport:
         fig.tight_layout()
         fig.savefig(self.run_dir / "metrics.png", dpi=100)
         plt.close(fig)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """Whether the file is empty, absent, or ends its last line (reads one byte, not the file)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return True
+    with path.open("rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
