@@ -9,8 +9,13 @@ base model is cached per process and, for SmolLM2, de-quantised once to disk. No
 without them takes the federation's target); ``holder`` (the stable name the server accounts this holder by;
 default ``partition-I-of-N``); ``privacy-ledger`` (its file; default ``$SEEDTUNE_PRIVACY_LEDGER`` or the cache);
 ``simulated`` (true for simulated nodes; ``$SEEDTUNE_SIMULATION=1`` says the same for a whole process);
-``runtime`` (``torch``, the default, or ``onnx``: forward passes on ONNX Runtime, no torch imported) and
-``onnx-model`` (the model written by ``seedtune export-onnx``, for ``runtime=onnx``).
+``runtime`` (``torch``, the default, or ``onnx``: forward passes on ONNX Runtime, no torch imported),
+``onnx-model`` (the model written by ``seedtune export-onnx``, for ``runtime=onnx``) and ``node-key`` (the
+node's private key, OpenSSH or PEM: it signs the node's identity and replies; required to join a federation
+that pins its nodes, see shared.identity).
+
+Three message types: ``query.identify`` (which holder this node serves, signed; nothing of the ledger comes
+with it), ``train`` (catch up, private steps) and ``query`` (catch up, report the state digest).
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.privacy_ledger import Budget, open_privacy_ledger
-from client.node import DataSource, Holder, NodeState, Runtime, handle_instruction, refusal, sync
+from client.node import DataSource, Holder, NodeState, Runtime, handle_instruction, identify as identity_of
+from client.node import refusal, sync
 from client.partition import load_partition
-from shared.proto import Instruction
+from shared.identity import NodeKey
+from shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction
 from shared.follower import LedgerFollower
 from shared.wire import from_content, to_content
 
@@ -64,7 +71,8 @@ def simulated(context: Context) -> bool:
 
 def _holder(context: Context) -> Holder:
     """The data holder this node serves, from the node config: ``holder`` (its stable name; default the
-    partition), ``epsilon-budget`` and ``delta`` (required on a deployed node), ``privacy-ledger``."""
+    partition), ``epsilon-budget`` and ``delta`` (required on a deployed node), ``privacy-ledger``,
+    ``node-key``."""
     cfg = context.node_config
     name = str(cfg.get("holder") or f"partition-{cfg.get('partition-id')}-of-{cfg.get('num-partitions')}")
     ledger = open_privacy_ledger(str(cfg.get("privacy-ledger", "")) or None)
@@ -76,7 +84,8 @@ def _holder(context: Context) -> Holder:
             raise NodeConfigError(f"node config sets one of epsilon-budget and delta but not {exc}: set both")
         except ValueError as exc:
             raise NodeConfigError(f"node config: {exc}") from exc
-    return Holder(name, budget, ledger, simulated(context))
+    key = NodeKey.load(str(cfg["node-key"])) if cfg.get("node-key") else None  # IdentityError names the file
+    return Holder(name, budget, ledger, simulated(context), key)
 
 
 def _data_source(context: Context):
@@ -114,6 +123,19 @@ def train(msg: Message, context: Context) -> Message:
     return Message(to_content(reply), reply_to=msg)
 
 
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    challenge = from_content(msg.content, Challenge)
+    try:
+        holder, _, _ = _node(context)
+    except ValueError as exc:  # a node that cannot work says so now, before it is sent the ledger
+        log.error("node %d will not identify: %s", context.node_id, exc)
+        identity = Identity(protocol_version=PROTOCOL_VERSION, run_id=challenge.run_id, node=context.node_id,
+                            refusal=str(exc))
+        return Message(to_content(identity), reply_to=msg)
+    return Message(to_content(identity_of(challenge, context.node_id, holder)), reply_to=msg)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     ins = from_content(msg.content, Instruction)
@@ -125,3 +147,12 @@ def query(msg: Message, context: Context) -> Message:
     reply = sync(ins, context.node_id, state, data, holder, runtime)
     save_state(context, state)
     return Message(to_content(reply), reply_to=msg)
+
+
+HANDLERS = {"train": train, "query": query, "query.identify": identify}  # message type -> handler
+
+
+def handler_for(message_type: str):
+    """The handler Flower's ClientApp routes ``message_type`` to, for transports that call it directly
+    (simulations.inprocess, simulations.process_grid, simulations.soak)."""
+    return HANDLERS[message_type]

@@ -29,8 +29,9 @@ from shared.aggregation import coefficient
 from shared.chain import ChainError, hash_along, header_digest
 from shared.config import RunConfig, cache_root
 from shared.follower import LedgerFollower, ReplicaError
+from shared.identity import NodeKey, identity_bytes, sign_reply
 from shared.noise import Noise, SecureRandom
-from shared.proto import PROTOCOL_VERSION, Instruction, LedgerHeader, Reply
+from shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, LedgerHeader, Reply
 from shared.tasks import DataError
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,14 @@ class Holder:
     survives restarts and new node ids), its own budget and its privacy ledger on disk.
 
     A deployed node must set its own budget; a simulated node that sets none takes the federation's target
-    from the ledger header (:meth:`budget_for`)."""
+    from the ledger header (:meth:`budget_for`). With a ``key`` the node signs its identity and every reply
+    (a federation that pins its nodes accepts nothing unsigned)."""
 
     name: str
     budget: Budget | None
     ledger: PrivacyLedger
     simulated: bool = False
+    key: NodeKey | None = None
 
     def budget_for(self, config: RunConfig) -> Budget | None:
         """The budget releases are checked against; None only for a simulated node of a non-private run."""
@@ -201,6 +204,21 @@ def _check_anchor(anchor: tuple[int, bytes], ins: Instruction, before: tuple[int
 DataSource = Callable[[LedgerFollower], Partition]  # the node's training partition, tokenized for the replica's model
 
 
+def identify(challenge: Challenge, node_id: int, holder: Holder) -> Identity:
+    """The answer to the server's challenge: the holder this node serves and, with a key, the public key and a
+    signature over this run, node, ledger and nonce. It needs neither the model nor the data."""
+    identity = Identity(protocol_version=PROTOCOL_VERSION, run_id=challenge.run_id, node=node_id,
+                        holder=holder.name)
+    if challenge.protocol_version != PROTOCOL_VERSION:
+        identity.refusal = f"protocol version {challenge.protocol_version}; this node speaks {PROTOCOL_VERSION}"
+        log.warning("node %d will not identify: %s", node_id, identity.refusal)
+    elif holder.key is not None:
+        identity.public_key = holder.key.public
+        identity.signature = holder.key.sign(identity_bytes(challenge.run_id, node_id, holder.name,
+                                                            challenge.header_digest, challenge.nonce))
+    return identity
+
+
 def handle_instruction(ins: Instruction, node_id: int, state: NodeState, data: DataSource, holder: Holder,
                        rng: SecureRandom | None = None, runtime: Runtime = Runtime()) -> Reply:
     """Run the instruction and return the reply (a refusal reply if the node declines); updates ``state``.
@@ -214,7 +232,7 @@ def handle_instruction(ins: Instruction, node_id: int, state: NodeState, data: D
         reply.refusal = str(exc)
         reply.model_version = state.version
         reply.ClearField("scalars")
-    return reply
+    return sign_reply(reply, holder.key)
 
 
 def _reply(ins: Instruction, node_id: int, holder: Holder | None, runtime: Runtime) -> Reply:
@@ -314,6 +332,7 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
     reply.model_version = replica.version
     reply.scalars = np.asarray(scalars, dtype="<f4").tobytes()
     reply.metrics["epsilon"] = epsilon
+    sign_reply(reply, holder.key)  # before it is stored: a re-delivery gets the same signed bytes
     holder.ledger.record(data.key, request, run, budget, reply.SerializeToString(deterministic=True))
     return reply
 
@@ -333,5 +352,5 @@ def sync(ins: Instruction, node_id: int, state: NodeState, data: DataSource, hol
     except (Refusal, ReplicaError, ChainError) as exc:
         reply.refusal = str(exc)
         reply.model_version = state.version
-    return reply
+    return sign_reply(reply, holder.key)
 

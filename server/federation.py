@@ -2,12 +2,14 @@
 
 A round reads like the protocol (:meth:`FederatedServer.run_round`):
 
-1. **configure**: learn the data-holder identity of any node not seen yet (a query), sample one node per
-   holder still within its privacy budget, draw the round's seeds from the server's CSPRNG, durably record
+1. **configure**: learn the data-holder identity of any node not seen yet (a signed answer to a challenge,
+   checked against the pinned keys when the run pins its nodes: a node that fails is sent nothing of the
+   ledger), sample one node per holder still within its privacy budget, draw the round's seeds from the server's CSPRNG, durably record
    the instructed holders, and build each distinct instruction once (every node at the same ledger position
    gets the same bytes);
 2. **send** them and collect the replies;
-3. **validate** each reply (:func:`server.round.validate`, pure: a named rejection or the scalars);
+3. **validate** each reply (:func:`server.round.validate`, pure: a named rejection or the scalars; in a
+   pinned federation the reply must carry its node's signature);
 4. **aggregate** the accepted scalars per seed under the round's rule (:mod:`shared.aggregation`, pure): K
    coefficients, whatever the number of replies;
 5. **commit** the K entries and every reply's provenance in one transaction, and apply the K entries to the
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -38,8 +41,9 @@ from flwr.app import Message
 from shared.accounting import PrivacyAccountant
 from shared.aggregation import ACCEPTED, RoundRule
 from shared.config import ConfigError, RunConfig
+from shared.identity import NONCE_BYTES, AllowedNodes, IdentityError
 from shared.ledger import Anchor, Ledger, LedgerError, Provenance
-from shared.proto import PROTOCOL_VERSION, Hyperparameters, Instruction, Reply
+from shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Instruction, Reply
 from shared.replica import Replica, config_json
 from shared.run_folder import LEDGER_FILE
 from shared.tasks import load_split
@@ -47,11 +51,11 @@ from shared.noise import Noise, SecureRandom
 from shared.noise_search import plan_noise
 from shared.wire import WireError, content_of, from_content, payload_length, wire_bytes
 from server.report import RunReport
-from server.round import Rejected, RoundPlan, scalar_bound, validate
+from server.round import Rejected, RoundPlan, scalar_bound, signed, validate, validate_identity
 
 log = logging.getLogger(__name__)
 
-TRAIN, SYNC = "train", "query"
+TRAIN, SYNC, IDENTIFY = "train", "query", "query.identify"
 BELOW_MIN_REPLIES = "below_min_replies"  # provenance status of valid replies in a round with too few of them
 
 
@@ -64,6 +68,7 @@ class FederatedServer:
         self.grid = grid
         self.replica = replica or Replica(config)
         # Every input is loaded and checked before anything is written: a bad data folder leaves no run folder.
+        self.pins = self._load_pins(config.federation.allowed_nodes)
         dev = load_split(config.data, "dev", config.eval.dev_size)
         test = load_split(config.data, "test")
         self.dev = (self.replica.task.encode(dev.sentences), dev.labels)
@@ -80,19 +85,32 @@ class FederatedServer:
         self.ledger = Ledger.open_or_create(self.run_dir / LEDGER_FILE, self._new_header,
                                             config_json=config_json(config),
                                             base_model_digest=self.replica.base_digest,
-                                            trainable_digest=self.replica.trainable_digest)
+                                            trainable_digest=self.replica.trainable_digest,
+                                            allowed_nodes=self.pins.digest if self.pins else "")
         self.replica.attach(self.ledger.header)
         params = self.ledger.header.noise_params
         self.noise: Noise | None = Noise.from_json(params) if params else None  # as pinned in the header
         self.rule = RoundRule(config.federation.aggregation, config.zo.lr, config.federation.trim)
         self.bound = scalar_bound(config.privacy.clip, self.noise)
         self.known_version: dict[int, int] = {}  # what each node holds, as far as the server knows
-        self.holders: dict[int, str] = {}  # Flower node id -> the data holder it stated (learned by a query)
+        self.holders: dict[int, str] = {}  # Flower node id -> the data holder it proved (learned by identify)
+        self.strangers: set[int] = set()  # nodes whose identity the pinned list refused: never asked again
         # One accountant per data holder, of every private step instructed (conservative: sent = spent)
         self.accountants: dict[str, PrivacyAccountant] = {}
         self._resume(anchor)
 
     # -------------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _load_pins(path: str) -> AllowedNodes | None:
+        if not path:
+            return None
+        try:
+            pins = AllowedNodes.load(path)
+        except IdentityError as exc:
+            raise ConfigError(str(exc)) from exc
+        log.info("pinned nodes: %d holders from %s (digest %s)", len(pins.keys), path, pins.digest[:16])
+        return pins
+
     def _new_header(self):
         """The header of a new ledger: calibrates the noise for the whole run (only when no ledger exists)."""
         fed, privacy = self.config.federation, self.config.privacy
@@ -101,7 +119,9 @@ class FederatedServer:
             noise = plan_noise(privacy, fed.sample_rate, fed.rounds * fed.local_steps)
             log.info("noise %s for epsilon %.3g, delta %.1e over %d steps per node at rate %.4g",
                      noise.describe(), privacy.epsilon, privacy.delta, fed.rounds * fed.local_steps, fed.sample_rate)
-        return self.replica.make_header(noise)
+        header = self.replica.make_header(noise)
+        header.allowed_nodes = self.pins.digest if self.pins else ""
+        return header
 
     def _resume(self, anchor: Anchor | None) -> None:
         n = len(self.ledger)
@@ -140,18 +160,28 @@ class FederatedServer:
         return sorted(first.values())
 
     def identify(self, nodes: Iterable[int], rnd: int) -> None:
-        """Ask the nodes the server has not heard from which data holder they serve (a query that also brings
-        them up to date). A node that does not answer is not instructed: its spending could not be keyed."""
-        unknown = sorted(set(nodes) - set(self.holders))
+        """Ask the nodes the server has not identified which data holder they serve, with a challenge that
+        carries nothing of the ledger. A node that does not answer is not instructed (its spending could not be
+        keyed) and is asked again next round; one the pinned list refuses is never asked again."""
+        unknown = sorted(set(nodes) - set(self.holders) - self.strangers)
         if not unknown:
             return
-        for node, reply in self._query(RoundPlan(rnd, len(self.ledger), unknown, [], None)).items():
-            if reply.holder:
-                self.holders[node] = reply.holder
+        challenge = Challenge(protocol_version=PROTOCOL_VERSION, run_id=self.grid.run.run_id,
+                              header_digest=self.ledger.genesis.hex(), nonce=os.urandom(NONCE_BYTES))
+        payload = challenge.SerializeToString(deterministic=True)
+        messages = [Message(content_of(payload), dst_node_id=n, message_type=IDENTIFY, group_id=str(rnd))
+                    for n in unknown]
+        for msg in self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s):
+            src = msg.metadata.src_node_id
+            try:
+                self.holders[src] = validate_identity(msg, challenge, unknown, self.pins)
+            except Rejected as exc:
+                log.warning("round %d: node %d not identified (%s): %s", rnd, src, exc.kind, exc)
+                if exc.kind in ("not_pinned", "bad_signature"):
+                    self.strangers.add(src)
         missing = [n for n in unknown if n not in self.holders]
         if missing:
-            log.warning("round %d: %d node(s) stated no data holder; not instructed: %s", rnd, len(missing),
-                        missing)
+            log.warning("round %d: %d node(s) not identified; not instructed: %s", rnd, len(missing), missing)
 
     # ------------------------------------------------------------------------------------- one round
     def configure(self, rnd: int) -> RoundPlan:
@@ -225,7 +255,7 @@ class FederatedServer:
             up[src] = sizes[length]
             holder = self.holders.get(src)
             try:
-                _, scalars = validate(msg, plan, run_id, holder, accepted, self.bound)
+                _, scalars = validate(msg, plan, run_id, holder, accepted, self.bound, self.pins)
             except Rejected as exc:
                 rejected[exc.kind] += 1
                 log.warning("round %d: rejected (%s) %s", plan.round, exc.kind, exc)
@@ -328,16 +358,20 @@ class FederatedServer:
                 reply = None
             if reply is not None and reply.refusal:
                 log.warning("node %d refused the query: %s", src, reply.refusal)
+            elif reply is not None and not signed(reply, self.holders.get(src), self.pins):
+                log.warning("node %d: the query reply is not signed by its pinned key; ignored", src)
             elif reply is not None and reply.node == src and reply.model_version == plan.version:
                 out[src] = reply
                 self.known_version[src] = plan.version
         return out
 
-    def sync(self) -> dict[int, Reply]:
-        """Send every node the final tail; their replies carry their replicas' state digests, runtimes and the
-        epsilon each holder's own ledger recorded."""
-        plan = RoundPlan(self.ledger.last_round + 1, len(self.ledger), sorted(self.grid.get_node_ids()), [], None)
-        return self._query(plan)
+    def sync(self) -> tuple[list[int], dict[int, Reply]]:
+        """Send the final tail to every live node (only the identified ones when the run pins its nodes: the
+        others get nothing of the ledger); returns the nodes asked and their replies, which carry their
+        replicas' state digests, runtimes and the epsilon each holder's own ledger recorded."""
+        live = self.grid.get_node_ids()
+        nodes = sorted(n for n in live if n in self.holders) if self.pins else sorted(live)
+        return nodes, self._query(RoundPlan(self.ledger.last_round + 1, len(self.ledger), nodes, [], None))
 
     def run(self) -> dict[str, Any]:
         start = time.time()
@@ -349,7 +383,7 @@ class FederatedServer:
         for rnd in range(first, fed.rounds + 1):
             self.run_round(rnd)
         server_digest = self.replica.state_digest()
-        synced = self.sync()
+        asked, synced = self.sync()
         client_digests = {str(n): r.state_digest for n, r in synced.items()}
         client_runtimes = {str(n): r.runtime or "torch" for n, r in synced.items()}
         # What each holder's own privacy ledger recorded (over every run on that data), next to this server's.
@@ -372,10 +406,12 @@ class FederatedServer:
             "zero_shot_test_accuracy": next((r.get("test_accuracy") for r in rows if r["round"] == 0), None),
             "test_accuracy": test_accuracy, "model_digest": self.replica.digest(), "state_digest": server_digest,
             "client_digests": client_digests, "client_runtimes": client_runtimes,
-            # Every live node answered the final sync, and every answer matches: a silent or refusing node is
-            # not agreement.
-            "clients_agree": bool(client_digests) and len(client_digests) == len(self.grid.get_node_ids())
+            # Every node asked in the final sync (every live node; only the identified ones when the run pins
+            # its nodes) answered, and every answer matches: a silent or refusing node is not agreement.
+            "clients_agree": bool(client_digests) and len(client_digests) == len(asked)
                              and all(d == server_digest for d in client_digests.values()),
+            "pinned_nodes": len(self.pins.keys) if self.pins else None,
+            "refused_identities": sorted(self.strangers),
             "ledger": str(self.ledger.path), "wall_s": round(time.time() - start, 2),
         }
         self.report.finish(summary)

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from shared.identity import AllowedNodes, identity_bytes, reply_bytes
 from shared.noise import Noise
-from shared.proto import PROTOCOL_VERSION, Hyperparameters, Reply
+from shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Identity, Reply
 from shared.wire import PayloadTooLarge, WireError, from_content
 
 
@@ -45,11 +46,57 @@ def scalar_bound(clip: float, noise: Noise | None) -> float:
     return clip * (4.0 + 20.0 * noise.std) if noise is not None else 1e6
 
 
+MAX_IDENTITY_BYTES = 16 * 1024  # a holder name, a public key line and a signature
+
+
+def validate_identity(msg: Any, challenge: Challenge, asked: list[int], pins: AllowedNodes | None) -> str:
+    """The data holder a node's answer to ``challenge`` establishes, or :class:`Rejected` naming what is wrong.
+
+    With ``pins`` the node must prove a holder on the list: the list's key for that holder, and a signature
+    by it over this challenge (its run, node id, ledger and fresh nonce), so an answer is never valid twice."""
+    src = msg.metadata.src_node_id
+    if src not in asked:
+        raise Rejected("unknown_node", f"identity from node {src}, which was not asked")
+    if msg.has_error():
+        raise Rejected("client_error", f"node {src} failed: {msg.error.reason}")
+    try:
+        identity = from_content(msg.content, Identity, max_bytes=MAX_IDENTITY_BYTES)
+    except WireError as exc:
+        raise Rejected("malformed", f"node {src}: {exc}") from exc
+    if identity.refusal:
+        raise Rejected("refused", f"node {src} refused to identify: {identity.refusal}")
+    if identity.protocol_version != PROTOCOL_VERSION or identity.run_id != challenge.run_id or identity.node != src:
+        raise Rejected("wrong_round", f"node {src}: identity for protocol {identity.protocol_version}, run "
+                       f"{identity.run_id}, node {identity.node}")
+    holder = identity.holder
+    if not holder:
+        raise Rejected("no_holder", f"node {src} stated no data holder")
+    if pins is None:
+        return holder
+    if holder not in pins.keys:
+        raise Rejected("not_pinned", f"node {src}: holder {holder!r} is not on {pins.path}")
+    if identity.public_key != pins.keys[holder]:
+        raise Rejected("not_pinned", f"node {src} claims holder {holder!r} with "
+                       f"{'no key (set node-key in its node config)' if not identity.public_key else 'another key'}"
+                       f" than {pins.path} pins")
+    signed_bytes = identity_bytes(challenge.run_id, src, holder, challenge.header_digest, challenge.nonce)
+    if not pins.signed_by(holder, signed_bytes, identity.signature):
+        raise Rejected("bad_signature", f"node {src}: the identity of {holder!r} is not signed by its pinned key")
+    return holder
+
+
+def signed(reply: Reply, holder: str | None, pins: AllowedNodes | None) -> bool:
+    """Whether ``reply`` is the pinned holder's own (always true when the federation pins no nodes)."""
+    return pins is None or (holder is not None and reply.holder == holder
+                            and pins.signed_by(holder, reply_bytes(reply), reply.signature))
+
+
 def validate(msg: Any, plan: RoundPlan, run_id: int, holder: str | None, seen: set[int],
-             bound: float) -> tuple[Reply, np.ndarray]:
+             bound: float, pins: AllowedNodes | None = None) -> tuple[Reply, np.ndarray]:
     """The reply in ``msg`` and its float32 scalars, or :class:`Rejected` naming what is wrong with it.
 
-    ``holder`` is the data holder the sending node stated; ``seen`` the nodes already accepted this round."""
+    ``holder`` is the data holder the sending node proved; ``seen`` the nodes already accepted this round;
+    ``pins`` the federation's pinned keys (a reply must then carry its holder's signature)."""
     src = msg.metadata.src_node_id
     if src not in plan.nodes:
         raise Rejected("unknown_node", f"reply from node {src}, which was not sent this round's instruction")
@@ -68,6 +115,8 @@ def validate(msg: Any, plan: RoundPlan, run_id: int, holder: str | None, seen: s
                        f"{reply.run_id}, round {reply.round}, node {reply.node}; expected round {plan.round}")
     if reply.holder != holder:
         raise Rejected("wrong_holder", f"node {src}: reply for holder {reply.holder!r}, the node stated {holder!r}")
+    if not signed(reply, holder, pins):
+        raise Rejected("bad_signature", f"node {src}: the reply is not signed by {holder!r}'s pinned key")
     if src in seen:
         raise Rejected("duplicate", f"node {src}: a second reply for round {plan.round}")
     if reply.model_version != plan.version:

@@ -205,6 +205,9 @@ class FederationConfig:
     alpha: float = 0.5  # Dirichlet concentration: smaller = more skewed
     aggregation: str = "mean"  # per seed over the replies: "mean", "trimmed_mean" or "median" (robust)
     trim: float = 0.2  # trimmed_mean: fraction of replies dropped at each end, per seed
+    # File of "HOLDER PUBLIC-KEY" lines (shared.identity.AllowedNodes): only these nodes are instructed, and
+    # only their signed replies count. "": any node that states a holder takes part (simulations).
+    allowed_nodes: str = ""
 
     def validate(self) -> None:
         for name in ("rounds", "local_steps", "min_replies"):

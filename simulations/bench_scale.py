@@ -39,7 +39,7 @@ from server.federation import FederatedServer
 from shared.accounting import noise_epsilon
 from shared.config import load_config
 from shared.ledger import Ledger
-from shared.proto import PROTOCOL_VERSION, Instruction, Reply
+from shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, Reply
 from shared.replica import Replica
 from shared.run_folder import LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
 from shared.wire import from_content, to_content
@@ -52,7 +52,7 @@ SIZES = (10, 100, 1000, 10_000)
 
 
 class LoadGrid:
-    """M simulated nodes answering with real Reply messages (a benchmark driver for the Grid API)."""
+    """M simulated nodes answering with real Identity and Reply messages (a benchmark driver for the Grid API)."""
 
     def __init__(self, num_nodes: int, clip: float, seed: int = 0) -> None:
         self.run = SimpleNamespace(run_id=11)
@@ -70,11 +70,17 @@ class LoadGrid:
         parsed: dict[bytes, Instruction] = {}
         replies = []
         for msg in messages:
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == "query.identify":
+                challenge = from_content(msg.content, Challenge)
+                identity = Identity(protocol_version=PROTOCOL_VERSION, run_id=challenge.run_id, node=node,
+                                    holder=self.holder[node])
+                replies.append(Message(to_content(identity), reply_to=msg))
+                continue
             raw = msg.content.config_records["seedtune"]["payload"]
             if raw not in parsed:  # the server shares one payload among the nodes at one position
                 parsed[raw] = from_content(msg.content, Instruction)
             ins = parsed[raw]
-            node = msg.metadata.dst_node_id
             reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node,
                           model_version=ins.model_version, holder=self.holder[node], runtime="load-generator")
             if msg.metadata.message_type == "train":
@@ -111,7 +117,7 @@ def bench_in_process(sizes: Iterable[int], rounds: int, model: str) -> list[dict
         replica = replica or Replica(config)
         grid = LoadGrid(m, config.privacy.clip)
         server = FederatedServer(config, grid, tmp, replica=replica)
-        server.run_round(1)  # identifies every node (a query) before it is first instructed
+        server.run_round(1)  # identifies every node (a challenge) and sends it the ledger from the start
         grid.generator_s = 0.0
         rows = [server.run_round(r) for r in range(2, rounds + 2)]
         assert all(r["accepted"] == m for r in rows), [r["rejected_by_kind"] for r in rows]

@@ -56,7 +56,7 @@ class InProcessGrid:
         replies = []
         for msg in messages:
             self.sent.append(msg)
-            handler = client_app.train if msg.metadata.message_type == "train" else client_app.query
+            handler = client_app.handler_for(msg.metadata.message_type)
             reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
             if self.tamper is not None:
                 reply = self.tamper(reply)

@@ -130,7 +130,7 @@ def _serve(node_id: int, node_config: dict) -> None:
             context = Context(header["run_id"], node_id, node_config, RecordDict(), {})
         msg = Message(RecordDict({RECORD: ConfigRecord({"payload": payload})}), dst_node_id=node_id,
                       message_type=header["type"], group_id="0")
-        handler = client_app.train if header["type"] == "train" else client_app.query
+        handler = client_app.handler_for(header["type"])
         reply = handler(msg, context)
         _write(stdout, {}, reply.content.config_records[RECORD]["payload"])
 

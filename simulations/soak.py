@@ -68,7 +68,7 @@ class FaultyGrid(InProcessGrid):
             if is_train and role == "honest" and self.rng.random() < self.dropout:
                 self.injected["dropout_or_straggler"] += 1  # never answers before the deadline
                 continue
-            handler = client_app.train if is_train else client_app.query
+            handler = client_app.handler_for(msg.metadata.message_type)
             reply = handler(msg, self.contexts[node])
             if is_train and role == "honest" and self.rng.random() < self.crash:
                 self.injected["crash_after_compute"] += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,9 @@ def test_simulation_with_flwr_run_offline(tmp_path):
 
 @pytest.mark.slow  # a real SuperLink and SuperNodes with TLS: multi-minute on CI; run with -m slow
 def test_deployment_with_tls_and_node_authentication(tmp_path):
-    """Two SuperNodes, the second on ONNX Runtime (an edge node without torch): a mixed real federation."""
+    """Two SuperNodes, the second on ONNX Runtime (an edge node without torch): a mixed real federation that
+    pins its nodes. A third, rogue SuperNode registers a key of its own through the Control API (Flower admits
+    it) and claims node-0's name: it is asked who it is, refused, and sent nothing else."""
     run_dir = tmp_path / "run"
     model = tmp_path / "onnx" / "model.onnx"
     export = subprocess.run([sys.executable, "-m", "seedtune.cli", "export-onnx", "--out", str(model),
@@ -47,7 +50,12 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
     onnx_node = {"NODE_CONFIG_1": f"runtime=\"onnx\" onnx-model=\"{model}\""}
     with start_federation(ROOT, tmp_path / "fed", num_nodes=2, extra_unregistered=True, extra_env=onnx_node) as fed:
         assert fed.unregistered is not None and fed.unregistered.refused, fed.unregistered
-        result = fed.run(ROOT, {**TINY, "federation.rounds": 2, "out_dir": str(run_dir)}, timeout=420)
+        rogue = subprocess.run([str(ROOT / "scripts" / "deploy" / "start_rogue.sh"), str(fed.state_dir)],
+                               env=fed.env, capture_output=True, text=True, timeout=120)
+        assert rogue.returncode == 0, rogue.stdout + rogue.stderr  # the gap in Flower that pinning closes
+        rogue_id = int(re.search(r"ROGUE node_id=(\d+)", rogue.stdout).group(1))
+        result = fed.run(ROOT, {**TINY, "federation.rounds": 2, "out_dir": str(run_dir),
+                                "federation.allowed_nodes": fed.env["SEEDTUNE_ALLOWED_NODES"]}, timeout=420)
         assert result.ok, result.output_tail()
         ledger = Ledger.open(run_dir / "ledger.sqlite")
         assert ledger.last_round == 2 and ledger.verify() == 2 * 2  # rounds x local steps
@@ -55,4 +63,8 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["clients_agree"] and len(summary["client_digests"]) == 2
         assert sorted(summary["client_runtimes"].values()) == ["onnx", "torch"]
+        assert summary["refused_identities"] == [rogue_id] and summary["pinned_nodes"] == 2
+        assert rogue_id not in {p.node for r in (1, 2) for p in ledger.replies(r)}
+        received = re.findall(r"Receiving: (\S+) message", fed.log("rogue"))
+        assert received == ["query.identify"], received
         assert fed.check_refusal("plaintext").refused

@@ -219,7 +219,7 @@ def test_a_restarted_node_refuses_a_server_whose_run_folder_was_rolled_back(tmp_
     shutil.copytree(tmp_path / "run", tmp_path / "backup")
     server = FederatedServer(config, InProcessGrid(NODES), tmp_path / "run")
     server.run_round(2)
-    assert len(server.sync()) == NODES  # the nodes follow round 2's entries (the end-of-run sync)
+    assert len(server.sync()[1]) == NODES  # the nodes follow round 2's entries (the end-of-run sync)
     server.ledger.close()
     ledger = open_privacy_ledger()
     released = {k: ledger.steps(k) for k in ledger.keys()}
@@ -227,8 +227,8 @@ def test_a_restarted_node_refuses_a_server_whose_run_folder_was_rolled_back(tmp_
     shutil.copytree(tmp_path / "backup", tmp_path / "run")
     restored = FederatedServer(config, InProcessGrid(NODES, first_id=40), tmp_path / "run")  # new node processes
     assert restored.ledger.last_round == 1
-    row = restored.run_round(2)
-    assert row["nodes"] == 0 and row["entries"] == 0
+    row = restored.run_round(2)  # the nodes identify (nothing of the ledger yet), then refuse its tail
+    assert row["accepted"] == 0 and row["rejected_by_kind"] == {"refused": NODES} and row["entries"] == 0
     assert caplog.text.count("its ledger went backwards") >= NODES
     assert {k: ledger.steps(k) for k in ledger.keys()} == released
 
@@ -258,7 +258,7 @@ def test_a_node_with_a_bad_data_file_refuses_without_quoting_its_records(tmp_pat
     server = FederatedServer(fed_config(tmp_path / "run", **{"data.data_dir": str(data)}), InProcessGrid(NODES),
                              tmp_path / "run")
     row = server.run_round(1)
-    assert row["nodes"] == 0 and row["entries"] == 0
+    assert row["rejected_by_kind"] == {"refused": NODES} and row["entries"] == 0
     to_server = [r.getMessage() for r in caplog.records if r.name.startswith("server.")]
     assert sum("data file is unusable" in m for m in to_server) == NODES
     assert not any("secret" in m for m in to_server)  # what the server saw and logged

@@ -128,11 +128,12 @@ stop_pidfile() {
     rm -f "$pf"
 }
 
-# open_state USAGE_ARGS "$@": check there are two arguments, set STATE (absolute) and source its env.sh.
+# open_state USAGE_ARGS "$@": check there is STATE (and one more argument when USAGE_ARGS names one), set STATE
+# (absolute) and source its env.sh.
 open_state() {
     local usage=$1; shift
-    if [[ $# -lt 2 ]]; then
-        echo "usage: $(basename "$0") STATE $usage" >&2
+    if [[ $# -lt 1 || ( -n $usage && $# -lt 2 ) ]]; then
+        echo "usage: $(basename "$0") STATE${usage:+ $usage}" >&2
         exit 2
     fi
     STATE=$(cd "$1" && pwd)

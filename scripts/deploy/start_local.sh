@@ -4,10 +4,16 @@
 #   1 SuperLink (Fleet + Control + Runtime APIs share ONE HTTPS port),
 #   N SuperNodes, each with its own registered ECDSA key and
 #   --node-config "partition-id=I num-partitions=N holder=node-I epsilon-budget=E delta=D
-#   privacy-ledger=STATE/nodes/node_I/privacy-ledger.sqlite" (I = 0..N-1),
+#   privacy-ledger=STATE/nodes/node_I/privacy-ledger.sqlite node-key=KEY_DIR/identity_J" (I = 0..N-1,
+#   J = I+1),
+#   STATE/allowed_nodes: each holder with the public key of its identity key (identity_J), the list a
+#   seedtune federation pins (federation.allowed_nodes; see docs/deployment.md, "Threat model"); the identity
+#   keys are not the Flower keys, so rotate_node_key.sh does not change the list,
 #   a flwr CLI connection [superlink.$CONNECTION_NAME] in $FLWR_HOME/config.toml.
 # Then run any Flower app with:
 #   source STATE/env.sh && flwr run APPDIR "$FLWR_CONNECTION" --stream
+# and seedtune, pinned to these nodes, with:
+#   flwr run . "$FLWR_CONNECTION" --stream --run-config "federation.allowed_nodes='$SEEDTUNE_ALLOWED_NODES'"
 #
 # Usage: scripts/deploy/start_local.sh STATE [NUM_NODES]
 #
@@ -91,12 +97,20 @@ rm -f "$STATE"/node_ids/* "$STATE"/logs/*.log "$STATE/env.sh"
 # ---- 1. certificates and node keys ---------------------------------------------
 "$DEPLOY_DIR/make_certs.sh" "$CERT_DIR" >/dev/null
 "$DEPLOY_DIR/make_node_keys.sh" "$KEY_DIR" "$NUM_NODES" node >/dev/null
+"$DEPLOY_DIR/make_node_keys.sh" "$KEY_DIR" "$NUM_NODES" identity >/dev/null  # seedtune's pinned node keys
 if (( EXTRA_UNREGISTERED_KEYS > 0 )); then
     "$DEPLOY_DIR/make_node_keys.sh" "$KEY_DIR" "$EXTRA_UNREGISTERED_KEYS" unregistered >/dev/null
 fi
 CERT_DIR=$(cd "$CERT_DIR" && pwd)   # absolute paths: SuperExec children get them too
 KEY_DIR=$(cd "$KEY_DIR" && pwd)
 CA="$CERT_DIR/ca.crt"
+ALLOWED="$STATE/allowed_nodes"
+{
+    echo "# seedtune federation.allowed_nodes: HOLDER PUBLIC-KEY [COMMENT] (written by start_local.sh)"
+    for ((i = 1; i <= NUM_NODES; i++)); do
+        echo "node-$((i - 1)) $(cat "$KEY_DIR/identity_$i.pub")"
+    done
+} >"$ALLOWED"
 
 # ---- 2. ports --------------------------------------------------------------------
 read -r -a FREE <<<"$("$PY" - $((NUM_NODES + 1)) <<'EOF'
@@ -188,7 +202,7 @@ for ((i = 1; i <= NUM_NODES; i++)); do
     own_var="NODE_CONFIG_$((i - 1))"
     own=${!own_var:-}
     budget="holder=\"node-$((i - 1))\" epsilon-budget=${NODE_EPSILON_BUDGET:-3.0} delta=${NODE_DELTA:-1e-5}"
-    budget="$budget privacy-ledger=\"$STATE/nodes/node_$i/privacy-ledger.sqlite\""
+    budget="$budget privacy-ledger=\"$STATE/nodes/node_$i/privacy-ledger.sqlite\" node-key=\"$KEY_DIR/identity_$i\""
     echo "partition-id=$((i - 1)) num-partitions=$NUM_NODES $budget${NODE_CONFIG_EXTRA:+ $NODE_CONFIG_EXTRA}${own:+ $own}" \
         >"$STATE/nodes/node_$i/node_config"
     start_supernode "$i" "$KEY_DIR/node_$i"
@@ -222,6 +236,7 @@ export FLWR_KEY_DIR="$KEY_DIR"
 export FLWR_BIN="$FLWR_BIN"
 export FLWR_STATE="$STATE"
 export FLWR_NUM_NODES=$NUM_NODES
+export SEEDTUNE_ALLOWED_NODES="$ALLOWED"
 export PATH="$FLWR_BIN:\$PATH"
 EOF
 echo "superlink=$SUPERLINK_PORT supernodes=${SN_PORTS[*]:0:$NUM_NODES}" >"$STATE/ports"

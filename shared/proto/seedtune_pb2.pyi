@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LedgerHeader(_message.Message):
-    __slots__ = ("format_version", "base_model_digest", "trainable_digest", "config_json", "direction", "noise", "created_utc", "noise_params")
+    __slots__ = ("format_version", "base_model_digest", "trainable_digest", "config_json", "direction", "noise", "created_utc", "noise_params", "allowed_nodes")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class LedgerHeader(_message.Message):
     NOISE_FIELD_NUMBER: _ClassVar[int]
     CREATED_UTC_FIELD_NUMBER: _ClassVar[int]
     NOISE_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_NODES_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     base_model_digest: str
     trainable_digest: str
@@ -24,7 +25,8 @@ class LedgerHeader(_message.Message):
     noise: str
     created_utc: str
     noise_params: str
-    def __init__(self, format_version: _Optional[int] = ..., base_model_digest: _Optional[str] = ..., trainable_digest: _Optional[str] = ..., config_json: _Optional[str] = ..., direction: _Optional[str] = ..., noise: _Optional[str] = ..., created_utc: _Optional[str] = ..., noise_params: _Optional[str] = ...) -> None: ...
+    allowed_nodes: str
+    def __init__(self, format_version: _Optional[int] = ..., base_model_digest: _Optional[str] = ..., trainable_digest: _Optional[str] = ..., config_json: _Optional[str] = ..., direction: _Optional[str] = ..., noise: _Optional[str] = ..., created_utc: _Optional[str] = ..., noise_params: _Optional[str] = ..., allowed_nodes: _Optional[str] = ...) -> None: ...
 
 class LedgerTail(_message.Message):
     __slots__ = ("start_index", "prev_hash", "seeds", "coeffs", "rounds", "head_hash")
@@ -81,7 +83,7 @@ class Instruction(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., header_digest: _Optional[str] = ..., tail: _Optional[_Union[LedgerTail, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., hyper: _Optional[_Union[Hyperparameters, _Mapping]] = ..., header: _Optional[_Union[LedgerHeader, _Mapping]] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("protocol_version", "run_id", "round", "node", "model_version", "scalars", "metrics", "refusal", "state_digest", "runtime", "holder")
+    __slots__ = ("protocol_version", "run_id", "round", "node", "model_version", "scalars", "metrics", "refusal", "state_digest", "runtime", "holder", "signature")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +102,7 @@ class Reply(_message.Message):
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     run_id: int
     round: int
@@ -111,4 +114,35 @@ class Reply(_message.Message):
     state_digest: str
     runtime: str
     holder: str
-    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., node: _Optional[int] = ..., model_version: _Optional[int] = ..., scalars: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., refusal: _Optional[str] = ..., state_digest: _Optional[str] = ..., runtime: _Optional[str] = ..., holder: _Optional[str] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., node: _Optional[int] = ..., model_version: _Optional[int] = ..., scalars: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., refusal: _Optional[str] = ..., state_digest: _Optional[str] = ..., runtime: _Optional[str] = ..., holder: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class Challenge(_message.Message):
+    __slots__ = ("protocol_version", "run_id", "header_digest", "nonce")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    HEADER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    run_id: int
+    header_digest: str
+    nonce: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., header_digest: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class Identity(_message.Message):
+    __slots__ = ("protocol_version", "run_id", "node", "holder", "public_key", "signature", "refusal")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    run_id: int
+    node: int
+    holder: str
+    public_key: str
+    signature: bytes
+    refusal: str
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., node: _Optional[int] = ..., holder: _Optional[str] = ..., public_key: _Optional[str] = ..., signature: _Optional[bytes] = ..., refusal: _Optional[str] = ...) -> None: ...
