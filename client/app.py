@@ -10,7 +10,11 @@ without them takes the federation's target); ``holder`` (the stable name the ser
 default ``partition-I-of-N``); ``privacy-ledger`` (its file; default ``$SEEDTUNE_PRIVACY_LEDGER`` or the cache);
 ``simulated`` (true for simulated nodes; ``$SEEDTUNE_SIMULATION=1`` says the same for a whole process);
 ``runtime`` (``torch``, the default, or ``onnx``: forward passes on ONNX Runtime, no torch imported),
-``onnx-model`` (the model written by ``seedtune export-onnx``, for ``runtime=onnx``) and ``node-key`` (the
+``onnx-model`` (the model written by ``seedtune export-onnx``, for ``runtime=onnx``), ``onnx-providers``
+(its ONNX Runtime execution providers, comma-separated, in order of preference; default
+``CPUExecutionProvider``), ``device`` and ``dtype`` (where a torch node runs its forward passes: ``auto``,
+``cpu``, ``cuda``, ``cuda:N``, ``mps``; ``float32``, ``bfloat16``, ``float16``; default the ledger header's)
+and ``node-key`` (the
 node's private key, OpenSSH or PEM: it signs the node's identity and replies; required to join a federation
 that pins its nodes, see shared.identity).
 
@@ -32,6 +36,7 @@ from client.node import DataSource, Holder, NodeState, Runtime, handle_instructi
 from client.node import refusal, sync
 from client.partition import load_partition
 from shared.identity import NodeKey
+from shared.onnx_task import DEFAULT_PROVIDERS
 from shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction
 from shared.follower import LedgerFollower
 from shared.wire import from_content, to_content
@@ -102,7 +107,9 @@ def _data_source(context: Context):
 
 def _runtime(context: Context) -> Runtime:
     cfg = context.node_config
-    return Runtime(str(cfg.get("runtime", "torch")), str(cfg.get("onnx-model", "")))
+    providers = str(cfg.get("onnx-providers", "") or ",".join(DEFAULT_PROVIDERS))
+    return Runtime(str(cfg.get("runtime", "torch")), str(cfg.get("onnx-model", "")), str(cfg.get("device", "")),
+                   str(cfg.get("dtype", "")), tuple(p.strip() for p in providers.split(",") if p.strip()))
 
 
 def _node(context: Context) -> tuple[Holder, Runtime, DataSource]:

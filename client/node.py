@@ -27,10 +27,11 @@ from client.privacy_ledger import Budget, BudgetExceeded, PrivacyLedger, request
 from client.zo_step import zo_step
 from shared.aggregation import coefficient
 from shared.chain import ChainError, hash_along, header_digest
-from shared.config import RunConfig, cache_root
+from shared.config import ConfigError, RunConfig, cache_root
 from shared.follower import LedgerFollower, ReplicaError
 from shared.identity import NodeKey, identity_bytes, sign_reply
 from shared.noise import Noise, SecureRandom
+from shared.onnx_task import DEFAULT_PROVIDERS
 from shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, LedgerHeader, Reply
 from shared.tasks import DataError
 
@@ -99,10 +100,15 @@ RUNTIMES = ("torch", "onnx")
 @dataclass(frozen=True)
 class Runtime:
     """The engine that runs this node's forward passes (node config ``runtime``): ``torch``, or ``onnx`` for
-    ONNX Runtime with numpy only (no torch in the process), from the model ``seedtune export-onnx`` wrote."""
+    ONNX Runtime with numpy only (no torch in the process), from the model ``seedtune export-onnx`` wrote.
+    A torch node places its forward passes itself (node config ``device``, ``dtype``; default the ledger
+    header's ``model.device`` and ``model.dtype``): each institution picks its own hardware."""
 
     kind: str = "torch"
     onnx_model: str = ""
+    device: str = ""
+    dtype: str = ""
+    onnx_providers: tuple[str, ...] = DEFAULT_PROVIDERS  # ONNX Runtime execution providers, in preference order
 
     def __post_init__(self) -> None:
         if self.kind not in RUNTIMES:
@@ -115,12 +121,16 @@ class Runtime:
         if self.kind == "onnx":
             from client.onnx_runtime import OnnxReplica
 
-            return OnnxReplica.from_header(header, self.onnx_model)
+            # (a provider this onnxruntime build lacks is an OnnxModelError, a ReplicaError: refused by name)
+            return OnnxReplica.from_header(header, self.onnx_model, self.onnx_providers)
         import torch
 
         from shared.replica import Replica
 
-        replica = Replica.from_header(header, cache_root() / "replicas")
+        try:
+            replica = Replica.from_header(header, cache_root() / "replicas", self.device or None, self.dtype or None)
+        except ConfigError as exc:  # e.g. device=cuda on a node without CUDA: refused by name
+            raise Refusal(f"node config: {exc}") from exc
         if replica.config.threads:
             torch.set_num_threads(replica.config.threads)
         return replica
@@ -236,6 +246,7 @@ def handle_instruction(ins: Instruction, node_id: int, state: NodeState, data: D
 
 
 def _reply(ins: Instruction, node_id: int, holder: Holder | None, runtime: Runtime) -> Reply:
+    """A reply's envelope; ``runtime`` says the runtime kind until the replica is loaded, then its engine."""
     return Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id,
                  runtime=runtime.kind, holder=holder.name if holder else "")
 
@@ -292,6 +303,7 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
     if ins.protocol_version != PROTOCOL_VERSION:
         raise Refusal(f"protocol version {ins.protocol_version}; this node speaks {PROTOCOL_VERSION}")
     replica = _catch_up(ins, state, runtime, holder)
+    reply.runtime = replica.engine
     if replica.version != ins.model_version:
         raise Refusal(f"after the tail the replica is at version {replica.version}, the instruction says "
                       f"{ins.model_version}")
@@ -344,6 +356,7 @@ def sync(ins: Instruction, node_id: int, state: NodeState, data: DataSource, hol
     reply = _reply(ins, node_id, holder, runtime)
     try:
         replica = _catch_up(ins, state, runtime, holder)
+        reply.runtime = replica.engine
         reply.model_version = replica.version
         reply.state_digest = replica.state_digest()
         budget = holder.budget_for(replica.config)

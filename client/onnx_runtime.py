@@ -20,7 +20,7 @@ from shared.config import RunConfig, from_dict
 from shared.directions import CHUNK, direction_numpy
 from shared.follower import LedgerFollower, ReplicaError
 from shared.onnx_format import load_trainable
-from shared.onnx_task import OnnxTask
+from shared.onnx_task import DEFAULT_PROVIDERS, OnnxTask
 from shared.proto import LedgerHeader
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,15 @@ class OnnxReplica(LedgerFollower):
         super().__init__(meta.base_model_digest, meta.trainable_digest, meta.trainable_size)
         self.view = OnnxView(task, self._base_values)
 
+    @property
+    def engine(self) -> str:
+        return f"onnx:{self.task.provider}"
+
     @classmethod
-    def from_header(cls, header: LedgerHeader, model_path: str | Path) -> "OnnxReplica":
+    def from_header(cls, header: LedgerHeader, model_path: str | Path,
+                    providers: Sequence[str] = DEFAULT_PROVIDERS) -> "OnnxReplica":
         config = from_dict(json.loads(header.config_json)).validate()
-        task = OnnxTask(model_path, threads=config.threads)
+        task = OnnxTask(model_path, threads=config.threads, providers=providers)
         meta = task.meta
         if (meta.model, meta.max_length) != (config.model.name, config.model.max_length):
             raise ReplicaError(f"{model_path} was exported for model {meta.model!r} with max_length "
@@ -92,7 +97,8 @@ class OnnxReplica(LedgerFollower):
                                f"bit-exactly only Rademacher ones")
         replica = cls(task, config)
         replica.attach(header)
-        log.info("ONNX Runtime replica of %s: %d trainable entries", meta.model, meta.trainable_size)
+        log.info("ONNX Runtime replica of %s on %s: %d trainable entries", meta.model, task.provider,
+                 meta.trainable_size)
         return replica
 
     def values(self) -> np.ndarray:

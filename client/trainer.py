@@ -28,12 +28,12 @@ from shared.accounting import PrivacyAccountant
 from shared.config import ConfigError, RunConfig
 from shared.digest import model_digest
 from shared.directions import seed_stream
-from shared.models import TextClassifier, load_task_model
+from shared.models import load_task_model, placement
 from shared.noise import Noise, SecureRandom
 from shared.noise_search import plan_noise
 from shared.schedule import stages
 from shared.selection import TrainableSet
-from shared.replica import ledger_header, select_trainable
+from shared.replica import float32_model, ledger_header, select_trainable
 from shared.tasks import load_split
 from shared.update import ScoredView
 from shared.run_folder import CONFIG_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
@@ -70,18 +70,14 @@ def _not_a_ledger(config: RunConfig) -> str | None:
     return None
 
 
-def _create_ledger(config: RunConfig, task: TextClassifier, selection: TrainableSet, noise: Noise | None,
-                   out_dir: Path) -> Ledger | None:
-    reason = _not_a_ledger(config)
-    if reason is not None:
-        log.warning("no ledger for this run (%s): its model cannot be rebuilt with seedtune replay", reason)
-        return None
+def _create_ledger(config: RunConfig, base_digest: str, selection: TrainableSet, noise: Noise | None,
+                   out_dir: Path) -> Ledger:
     path = out_dir / LEDGER_FILE
     for old in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         if old.exists():
             log.warning("replacing %s from an earlier run in the same folder", old)
             old.unlink()
-    return Ledger.create(path, ledger_header(config, model_digest(task.module), selection.digest(), noise))
+    return Ledger.create(path, ledger_header(config, base_digest, selection.digest(), noise))
 
 
 def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], object] | None = None
@@ -91,7 +87,9 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     start = time.time()
     if config.threads:
         torch.set_num_threads(config.threads)
-    # Every input is loaded and checked before the run folder is made: a bad data file leaves nothing behind.
+    # Every input is loaded and checked before the run folder is made: a bad data file or a device this
+    # machine lacks leaves nothing behind.
+    device, dtype = placement(config.model)
     task = load_task_model(config.model)
     train_split = load_split(config.data, "train")
     test_split = load_split(config.data, "test")
@@ -108,6 +106,20 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     log.info("sampling rate %.3g, %d steps of %d direction(s), noise %s", plan.sample_rate, plan.steps,
              config.zo.directions, plan.noise.describe() if plan.noise else "none")
 
+    # The base digest and the first trainable set come from the float32 model on the CPU (as every replica
+    # derives them); then the forward passes move to their device and dtype.
+    not_a_ledger = _not_a_ledger(config)
+    base_digest = model_digest(task.module) if not_a_ledger is None else None
+    selection = select_trainable(task, config, 0)
+    view = ScoredView.placed(task, selection, config.zo.direction, device, dtype)
+    log.info("forward passes on %s in %s; %d trainable entries (%.3f%%), digest %s", device, config.model.dtype,
+             selection.size, 100 * selection.fraction_of(task.module), selection.digest()[:16])
+    if not_a_ledger is None:
+        ledger = _create_ledger(config, base_digest, selection, plan.noise, out_dir)
+    else:
+        ledger = None
+        log.warning("no ledger for this run (%s): its model cannot be rebuilt with seedtune replay", not_a_ledger)
+
     zero_shot = task.accuracy(test_ids, test_split.labels, config.model.microbatch, progress)
     log.info("zero-shot test accuracy %.4f", zero_shot)
 
@@ -116,7 +128,6 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     seeds = seed_stream(config.zo.seed) if config.zo.seed else iter(rng.seed64, None)
     accountant = PrivacyAccountant()
     metrics_path = out_dir / METRICS_FILE
-    selection = ledger = None
     bar = tqdm(total=plan.steps, desc="DP-ZO" if private else "MeZO", unit="step", disable=not progress)
     loop_start = None  # set at the first step, after the first trainable set is chosen (pruning is setup)
     with metrics_path.open("w", buffering=1) as metrics:  # line-buffered: readable while training
@@ -124,16 +135,14 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
             dev0 = task.accuracy(dev_ids, dev_split.labels, config.model.microbatch)
             metrics.write(json.dumps({"step": 0, "dev_accuracy": dev0}) + "\n")
         for stage in stages(config.schedule, config.zo.lr, config.zo.mu):
-            if selection is None or (config.selection.mode == "prune" and config.selection.strategy != "static"):
-                new = select_trainable(task, config, stage.index)
-                if selection is not None and config.selection.strategy == "incremental":
+            if stage.index > 0 and config.selection.mode == "prune" and config.selection.strategy != "static":
+                new = select_trainable(task, config, stage.index)  # float32 only (RunConfig.validate)
+                if config.selection.strategy == "incremental":
                     new = new.union(selection, [n for n, _ in task.module.named_parameters()])
                 selection = new
                 view = ScoredView(task, selection, config.zo.direction)
                 log.info("stage %d: %d trainable entries (%.3f%%), digest %s", stage.index, selection.size,
                          100 * selection.fraction_of(task.module), selection.digest()[:16])
-                if stage.index == 0:
-                    ledger = _create_ledger(config, task, selection, plan.noise, out_dir)
             anchor = view.values() if config.schedule.prox > 0 else None
             for t in range(stage.first_step, stage.first_step + stage.steps):
                 if loop_start is None:
@@ -175,10 +184,12 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     test_accuracy = task.accuracy(test_ids, test_split.labels, config.model.microbatch, progress)
     epsilon = accountant.epsilon(config.privacy.delta) if private else None  # non-private: no guarantee
     # With a ledger, `seedtune replay <ledger> --out DIR` rebuilds this model: the same model_digest.
-    digest = model_digest(task.module) if ledger is not None else None
+    digest = model_digest(float32_model(task, config.model, view).module) if ledger is not None else None
     summary = {
         "model": task.name,
         "task": config.data.task,
+        "device": str(device),
+        "dtype": config.model.dtype,
         "steps": plan.steps,
         "directions_per_step": config.zo.directions,
         "epsilon": epsilon,

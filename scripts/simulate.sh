@@ -7,7 +7,9 @@
 # so this starts a simulation SuperLink with runtime dependency installation disabled, points a `flwr`
 # connection at it, runs the app, waits for it and fails if the run did not finish successfully.
 # Environment: NODES (10), RUN_DIR (runs/federated-<time>), SEEDTUNE_DATA (../shared/data/sst2), NUM_CPUS
-# per simulated client (1), FLWR_HOME (.flwr), SEEDTUNE_PRIVACY_LEDGER (runs/simulated-holders.sqlite).
+# per simulated client (1), NUM_GPUS per simulated client (0; e.g. 0.25 puts four clients on one GPU, with
+# "model.device=cuda" in the overrides), FLWR_HOME (.flwr), SEEDTUNE_PRIVACY_LEDGER
+# (runs/simulated-holders.sqlite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -60,7 +62,7 @@ case "$USER_OVERRIDES" in
 esac
 echo "simulate: $NODES clients, run folder $RUN_DIR" >&2
 "$BIN/flwr" run . seedtune-sim --stream --run-config "$OVERRIDES" \
-    --federation-config "num-supernodes=$NODES client-resources-num-cpus=${NUM_CPUS:-1}" \
+    --federation-config "num-supernodes=$NODES client-resources-num-cpus=${NUM_CPUS:-1} client-resources-num-gpus=${NUM_GPUS:-0}" \
     2>&1 | tee "$RUN_DIR/flwr-run.log"
 
 # `flwr run` exits 0 even when the run failed: the run's summary is the proof it finished.

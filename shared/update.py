@@ -4,15 +4,19 @@
 writes into trainable weights, for the ZO step (perturb, restore) and for replay (``apply_all``), so the
 trainer, a client and the server all change weights through the same arithmetic and agree bit for bit.
 
-Perturbation never accumulates: ``perturb`` writes ``saved + scale * z`` from a snapshot and ``restore``
-copies the snapshot back, so no float drift builds up over steps (a pitfall of in-place +mu/-2mu/+mu).
-The snapshot holds only the selected entries (1% of the model under default pruning).
+The truth is a float32 **master copy** of the selected entries (1% of the model under default pruning), kept on
+the model's device in direction order; the parameters hold its cast. For a float32 model the cast is a copy;
+for a bfloat16 or float16 forward a ZO update of 1e-5 on a weight of 0.05 would be lost to rounding in the
+half-precision weight, but it is kept in the master, so a replay (in any dtype, on any device) reaches the same
+float32 values. The parameters are written only through the view (a change made to them behind its back is
+overwritten at its next write). Perturbation never accumulates: ``perturb`` writes ``master + scale * z`` and ``restore`` writes
+the master back, so no float drift builds up over steps (a pitfall of in-place +mu/-2mu/+mu).
 
-Memory speed: every pass works chunk by chunk through buffers the view keeps (the snapshot, a scratch for the
-direction, a work chunk for gathered entries), so no pass touches fresh memory: a fresh 90 MB tensor costs
-more in page faults than the arithmetic on it. Whole tensors (and index sets that cover a tensor, as SynFlow
-keeps at fraction 1.0) are written in place through views; pruned tensors are gathered and scattered once per
-chunk and pass, and ``apply_all`` gathers once for all of a round's entries.
+Memory speed: every pass works chunk by chunk through buffers the view keeps (a scratch for the direction, work
+chunks for moved values), so no pass touches fresh memory: a fresh 90 MB tensor costs more in page faults than
+the arithmetic on it. Whole float32 tensors (and index sets that cover a tensor, as SynFlow keeps at fraction
+1.0) are written in place through views; pruned or half-precision tensors are scattered once per chunk and pass,
+and ``apply_all`` writes once for all of a round's entries.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class _Piece:
 @dataclass(frozen=True)
 class _Chunk:
     """Direction entries [start, start + count) and the parameters' pieces they move. ``in_place``: the chunk is
-    one slice of one whole tensor, written through that view; any other chunk goes through the work buffer."""
+    one slice of one whole float32 tensor, written through that view; any other chunk is scattered."""
 
     start: int
     count: int
@@ -94,13 +98,17 @@ def _plan(flats: Sequence[torch.Tensor], indices: Sequence[torch.Tensor | None],
     plan = []
     for k, group in enumerate(chunks):
         size = sum(p.n for p in group)
-        whole = len(group) == 1 and isinstance(group[0].where, slice)
+        whole = len(group) == 1 and isinstance(group[0].where, slice) and group[0].flat.dtype == torch.float32
         plan.append(_Chunk(k * chunk, size, tuple(group), group[0].flat[group[0].where] if whole else None))
     return tuple(plan)
 
 
 class TrainableView:
-    def __init__(self, model: nn.Module, selection: TrainableSet, kind: DirectionKind = "rademacher") -> None:
+    def __init__(self, model: nn.Module, selection: TrainableSet, kind: DirectionKind = "rademacher",
+                 values: Sequence[torch.Tensor] | None = None) -> None:
+        """``values``: the float32 master's starting values, one flat tensor per parameter (``values()`` of a
+        view of the float32 model before it was cast to a half-precision forward dtype); default: the
+        parameters' own values."""
         params = dict(model.named_parameters())
         missing = [n for n in selection.names if n not in params]
         if missing:
@@ -114,69 +122,83 @@ class TrainableView:
         self.selection = selection
         self.kind = kind
         self._flat = [params[n].data.view(-1) for n in selection.names]
+        self.dtype, self.device = self._flat[0].dtype, self._flat[0].device
         # None: the whole tensor, written through views; an index set covering the tensor is the tensor
         self._indices = [None if idx is None or _covers(idx, flat.numel()) else idx
                          for flat, idx in zip(self._flat, selection.indices)]
         self._plan = _plan(self._flat, self._indices, selection.counts, CHUNK)
-        self._saved: torch.Tensor | None = None  # the snapshot, in direction order, while a step runs
+        self._offsets = np.concatenate([[0], np.cumsum(selection.counts)]).tolist()  # each parameter's span
         self._buffers: dict[str, torch.Tensor] = {}  # kept between steps: no pass touches fresh memory
+        self._master = torch.empty(selection.size, dtype=torch.float32, device=self.device)
+        if values is None:
+            for c in self._plan:
+                for p in c.pieces:
+                    p.read(self._cast_buffer(p.n))
+                    self._master[c.start + p.at : c.start + p.at + p.n].copy_(self._cast_buffer(p.n))
+        else:
+            self.set_values(values)
+        self._stepping = False  # between snapshot() and restore()
 
-    def _buffer(self, name: str, n: int) -> torch.Tensor:
-        """The first n entries of a buffer kept per purpose (at least chunk-sized), in the parameters' dtype."""
-        size = self.selection.size if name == "snapshot" else CHUNK + SCRATCH_EXTRA
-        if name not in self._buffers:
-            like = self._flat[0]
-            self._buffers[name] = torch.empty(size, dtype=like.dtype, device=like.device)
-        return self._buffers[name][:n]
+    def _buffer(self, name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The first n entries of a chunk-sized buffer kept per purpose."""
+        key = f"{name}:{dtype}"
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(CHUNK + SCRATCH_EXTRA, dtype=dtype, device=self.device)
+        return self._buffers[key][:n]
+
+    def _cast_buffer(self, n: int) -> torch.Tensor:
+        return self._buffer("cast", n, self.dtype)
 
     def _z(self, seed: int, chunk: _Chunk, scale: float) -> torch.Tensor:
-        """scale * z(seed) over the chunk, a view into the scratch buffer (valid until the next call)."""
-        like = self._flat[0]
-        return direction_torch(seed, chunk.start, chunk.count, self.kind, dtype=like.dtype, device=like.device,
+        """scale * z(seed) over the chunk in float32, a view into the scratch buffer (valid until the next call)."""
+        return direction_torch(seed, chunk.start, chunk.count, self.kind, dtype=torch.float32, device=self.device,
                                scale=scale, scratch=self._buffer("direction", chunk.count + SCRATCH_EXTRA))
 
-    # ------------------------------------------------------------------------------------ perturbation
-    @torch.no_grad()
-    def snapshot(self) -> None:
-        """Remember the current selected values; ``perturb`` and ``restore`` work from them."""
-        saved = self._buffer("snapshot", self.selection.size)
+    def _store(self, c: _Chunk, values: torch.Tensor) -> None:
+        """Write a chunk's float32 values into the parameters (cast to their dtype)."""
+        if c.in_place is not None:
+            c.in_place.copy_(values)
+            return
+        if self.dtype != torch.float32:
+            values = self._cast_buffer(c.count).copy_(values)
+        for p in c.pieces:
+            p.write(values[p.at : p.at + p.n])
+
+    def _store_all(self) -> None:
         for c in self._plan:
-            for p in c.pieces:
-                p.read(saved[c.start + p.at : c.start + p.at + p.n])
-        self._saved = saved
+            self._store(c, self._master[c.start : c.start + c.count])
+
+    # ------------------------------------------------------------------------------------ perturbation
+    def snapshot(self) -> None:
+        """Begin a step: ``perturb`` and ``restore`` work from the master, which only ``apply`` moves."""
+        self._stepping = True
 
     @torch.no_grad()
     def perturb(self, seed: int, scale: float) -> None:
-        """Set the selected entries to ``saved + scale * z(seed)``."""
-        if self._saved is None:
+        """Set the selected entries to ``master + scale * z(seed)``."""
+        if not self._stepping:
             raise RuntimeError("perturb() needs snapshot() first")
         for c in self._plan:
-            base = self._saved[c.start : c.start + c.count]
+            base = self._master[c.start : c.start + c.count]
             if c.in_place is not None:
                 torch.add(base, self._z(seed, c, scale), out=c.in_place)
                 continue
-            moved = torch.add(base, self._z(seed, c, scale), out=self._buffer("work", c.count))
-            for p in c.pieces:
-                p.write(moved[p.at : p.at + p.n])
+            self._store(c, torch.add(base, self._z(seed, c, scale), out=self._buffer("work", c.count)))
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put the snapshot back exactly and drop it."""
-        if self._saved is None:
+        """Put the master's values back exactly and end the step."""
+        if not self._stepping:
             raise RuntimeError("restore() needs snapshot() first")
-        for c in self._plan:
-            for p in c.pieces:
-                p.write(self._saved[c.start + p.at : c.start + p.at + p.n])
-        self._saved = None
+        self._store_all()
+        self._stepping = False
 
     @torch.no_grad()
-    def set_values(self, values: list[torch.Tensor]) -> None:
-        """Write the selected entries, one flat tensor per parameter: the inverse of ``values()``."""
-        for flat, idx, v in zip(self._flat, self._indices, values):
-            if idx is None:
-                flat.copy_(v)
-            else:
-                flat.index_copy_(0, idx, v)
+    def set_values(self, values: Sequence[torch.Tensor]) -> None:
+        """Write the selected entries, one flat float32 tensor per parameter: the inverse of ``values()``."""
+        for i, v in enumerate(values):
+            self._master[self._offsets[i] : self._offsets[i + 1]].copy_(v)
+        self._store_all()
 
     # ----------------------------------------------------------------------------------------- updates
     def apply(self, seed: int, coeff: float) -> None:
@@ -185,28 +207,21 @@ class TrainableView:
 
     @torch.no_grad()
     def apply_all(self, moves: Sequence[tuple[int, float]]) -> None:
-        """theta += coeff * z(seed) for each (seed, coeff) in order: the same bits as one ``apply`` after
-        another (each entry's addition rounds once, in the same order), each chunk gathered and scattered once
-        for all of them."""
+        """theta += coeff * z(seed) for each (seed, coeff) in order, in float32 on the master: the same bits as
+        one ``apply`` after another (each entry's addition rounds once, in the same order), each chunk written
+        to the parameters once for all of them."""
         if not moves:
             return
         for c in self._plan:
-            values = c.in_place
-            if values is None:
-                values = self._buffer("work", c.count)
-                for p in c.pieces:
-                    p.read(values[p.at : p.at + p.n])
+            values = self._master[c.start : c.start + c.count]
             for seed, coeff in moves:
                 values.add_(self._z(seed, c, coeff))
-            if c.in_place is None:
-                for p in c.pieces:
-                    p.write(values[p.at : p.at + p.n])
+            self._store(c, values)
 
     @torch.no_grad()
     def values(self) -> list[torch.Tensor]:
-        """Copies of the selected entries, one flat tensor per parameter (an anchor for the proximal pull)."""
-        return [flat[idx].clone() if idx is not None else flat.clone()
-                for flat, idx in zip(self._flat, self._indices)]
+        """Copies of the master's entries (float32, on the model's device), one flat tensor per parameter."""
+        return [self._master[a:b].clone() for a, b in zip(self._offsets, self._offsets[1:])]
 
     @torch.no_grad()
     def pull_towards(self, anchor: list[torch.Tensor], strength: float) -> None:
@@ -217,21 +232,21 @@ class TrainableView:
         """
         if strength == 0.0:
             return
-        for flat, idx, a in zip(self._flat, self._indices, anchor):
-            current = flat if idx is None else flat[idx]  # a view of the weights, or a gathered copy
-            delta = torch.sub(current, a)
+        for a, b, target in zip(self._offsets, self._offsets[1:], anchor):
+            current = self._master[a:b]
+            delta = torch.sub(current, target)
             delta.mul_(strength)
             current.sub_(delta)
-            if idx is not None:
-                flat.index_copy_(0, idx, current)
+        self._store_all()
 
 
 class ScoredView(TrainableView):
     """A trainable view that also scores examples with its task model: what the ZO step needs of a model
     (:class:`client.zo_step.ZoModel`), on torch."""
 
-    def __init__(self, task: TextClassifier, selection: TrainableSet, kind: DirectionKind = "rademacher") -> None:
-        super().__init__(task.module, selection, kind)
+    def __init__(self, task: TextClassifier, selection: TrainableSet, kind: DirectionKind = "rademacher",
+                 values: Sequence[torch.Tensor] | None = None) -> None:
+        super().__init__(task.module, selection, kind, values)
         self.task = task
         # Layers below the trainable set see the same weights in every pass of a step: their output is
         # computed once per batch, between snapshot() and restore(), and reused by both perturbed passes.
@@ -240,6 +255,15 @@ class ScoredView(TrainableView):
         if self.depth:
             log.info("trainable set starts at layer %d: layers 0-%d run once per batch, not once per pass",
                      self.depth, self.depth - 1)
+
+    @classmethod
+    def placed(cls, task: TextClassifier, selection: TrainableSet, kind: DirectionKind, device: torch.device,
+               dtype: torch.dtype) -> "ScoredView":
+        """The view after ``task.place(device, dtype)``, its float32 master taken from the float32 values before
+        the cast (a bfloat16 weight cannot give them back)."""
+        values = TrainableView(task.module, selection).values() if dtype != task.dtype else None
+        task.place(device, dtype)
+        return cls(task, selection, kind, values=values)
 
     def snapshot(self) -> None:
         self._prefixes.clear()
@@ -251,9 +275,9 @@ class ScoredView(TrainableView):
 
     def per_example_loss(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> np.ndarray:
         batch = self.task.collate(ids, labels)
-        if not self.depth or self._saved is None:
-            return self.task.per_example_loss(batch).numpy()
+        if not self.depth or not self._stepping:
+            return self.task.per_example_loss(batch).cpu().numpy()
         key = tuple(tuple(x) for x in ids)
         if key not in self._prefixes:
             self._prefixes[key] = self.task.prefix_hidden(batch, self.depth)
-        return self.task.per_example_loss(batch, self._prefixes[key], self.depth).numpy()
+        return self.task.per_example_loss(batch, self._prefixes[key], self.depth).cpu().numpy()

@@ -4,6 +4,7 @@
     python -m simulations.bench_step --json --models minilm --onnx-model M.onnx   # on ONNX Runtime, no torch
     python -m simulations.bench_step --json --models smollm2 --fraction 0.03 --patterns "*layers.2?.mlp*"
     python -m simulations.bench_step --json --models minilm --fraction 1.0 --mezo-reference  # every weight, beside MeZO
+    python -m simulations.bench_step --json --dtypes float32 bfloat16 --device cpu  # one row per model and dtype
 
 Prints one JSON line per model. Ratios (step / forward, training peak / inference peak) are measured in the
 same process, alternating the timed calls, because absolute times on shared machines are noisy.
@@ -14,6 +15,7 @@ peak includes the loaded model, exactly as a user's process would see it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -55,19 +57,24 @@ def fixed_batch(task, batch_size: int, seq_len: int) -> list[list[int]]:
     return ids
 
 
-def torch_case(name: str, seq_len: int, fraction: float, patterns: Sequence[str] = ()) -> tuple[Any, Any, dict]:
+def torch_case(name: str, seq_len: int, fraction: float, patterns: Sequence[str] = (), device: str = "cpu",
+               dtype: str = "float32") -> tuple[Any, Any, dict]:
     import torch
 
     from shared.config import ModelConfig
-    from shared.models import load_task_model
+    from shared.models import load_task_model, placement
     from shared.selection import select_pruned
     from shared.update import ScoredView
 
-    task = load_task_model(ModelConfig(name=name, max_length=seq_len))
+    config = ModelConfig(name=name, max_length=seq_len, device=device, dtype=dtype)
+    config.validate()
+    where, precision = placement(config)
+    task = load_task_model(config)
     selection = select_pruned(task.module, task.synflow_output, fraction, patterns)
-    view = ScoredView(task, selection)
+    view = ScoredView.placed(task, selection, "rademacher", where, precision)
     return task, view, {
-        "runtime": "torch", "threads": torch.get_num_threads(), "trainable_entries": selection.size,
+        "runtime": "torch", "device": str(where), "dtype": dtype, "threads": torch.get_num_threads(),
+        "trainable_entries": selection.size,
         "trainable_fraction": round(selection.fraction_of(task.module), 6), "patterns": list(patterns),
         "layers_run_once_per_step": view.depth}
 
@@ -132,8 +139,10 @@ def mezo_reference_step(task: Any, ids: list[list[int]]) -> Callable[[], None]:
 
 
 def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: int,
-          onnx_model: str | None = None, patterns: Sequence[str] = (), mezo_reference: bool = False) -> dict:
-    task, view, info = onnx_case(onnx_model) if onnx_model else torch_case(name, seq_len, fraction, patterns)
+          onnx_model: str | None = None, patterns: Sequence[str] = (), mezo_reference: bool = False,
+          device: str = "cpu", dtype: str = "float32") -> dict:
+    task, view, info = onnx_case(onnx_model) if onnx_model else \
+        torch_case(name, seq_len, fraction, patterns, device, dtype)
     if task.max_length != seq_len:
         raise SystemExit(f"{onnx_model} was exported with max_length {task.max_length}, not --seq-len {seq_len}")
     ids = fixed_batch(task, batch_size, seq_len)
@@ -143,11 +152,21 @@ def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: in
         calls.append(("mezo", mezo_reference_step(task, ids)))
     forward()  # warm-up (lazy initialisation); the step's own first-call costs count against training
     exact_peak = reset_peak()
-    forward(), forward()
-    inference_peak = peak_rss_mb()
-    reset_peak()
-    step(), step()
-    training_peak = peak_rss_mb()
+    gpu = str(info.get("device", "cpu")).startswith("cuda")
+    peaks: dict[str, float] = {}
+    for phase, fn in (("inference", forward), ("training", step)):
+        reset_peak()
+        if gpu:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        fn(), fn()
+        peaks[phase] = peak_rss_mb()
+        if gpu:
+            torch.cuda.synchronize()
+            peaks[f"gpu_{phase}"] = torch.cuda.max_memory_allocated() / 2**20
+    inference_peak, training_peak = peaks["inference"], peaks["training"]
     if mezo_reference:
         calls[2][1]()  # its warm-up, after the peaks were taken: the product's peak is measured alone
 
@@ -176,6 +195,9 @@ def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: in
         "inference_peak_rss_mb": round(inference_peak, 1),
         "train_over_inference_memory": round(training_peak / inference_peak, 3),
         "peak_is_per_phase": exact_peak,
+        **({"gpu_peak_mb": round(peaks["gpu_training"], 1), "gpu_inference_peak_mb": round(peaks["gpu_inference"], 1),
+            "gpu_train_over_inference_memory": round(peaks["gpu_training"] / peaks["gpu_inference"], 3)}
+           if gpu else {}),
         "repeats": repeats,
         **reference,
     }
@@ -201,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                              "whose lower layers then run once per step)")
     parser.add_argument("--mezo-reference", action="store_true",
                         help="also time the MeZO/DPZero reference recipe on every weight, on the same batch")
+    parser.add_argument("--device", default="cpu", help="torch: where the forward passes run (auto, cpu, cuda, ...)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
+                        help="torch: one row per model and forward dtype (the trainable entries stay float32)")
     args = parser.parse_args(argv)
     if args.mezo_reference and args.onnx_model:
         parser.error("--mezo-reference is a torch recipe; it does not run on ONNX Runtime")
@@ -208,10 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--onnx-model measures one model: give exactly one --models name")
     if args.onnx_model and args.patterns:
         parser.error("--patterns applies to torch models; an exported model carries its own trainable set")
+    if args.onnx_model and args.dtypes != ["float32"]:
+        parser.error("--dtypes applies to torch models; an ONNX Runtime node runs the exported float32 graph")
     for name in args.models:
-        row = bench(name, args.batch_size, args.seq_len, args.fraction, args.repeats, args.onnx_model,
-                    args.patterns, args.mezo_reference)
-        print(json.dumps(row), flush=True)
+        for dtype in args.dtypes:
+            row = bench(name, args.batch_size, args.seq_len, args.fraction, args.repeats, args.onnx_model,
+                        args.patterns, args.mezo_reference, args.device, dtype)
+            print(json.dumps(row), flush=True)
+            gc.collect()  # the next dtype's model loads into the memory this one held
     return 0
 
 

@@ -2,6 +2,7 @@
 
     python -m simulations.zo_signal -c configs/smollm2_eps3.toml --json \\
         --selection prune:0.01 --selection "prune:0.01:*mlp*" --selection "patterns:*norm*"
+    python -m simulations.zo_signal -c configs/smollm2_eps3.toml --json --compare-dtype bfloat16 --mus 1e-3 1e-2
 
 A step moves theta by ``-lr * s * z`` with ``s`` the clipped, noised two-point scalar. To second order the
 expected loss change is ``-lr E[s z.g] + lr^2/2 E[s^2] E[z'Hz]``; its best value over lr,
@@ -14,12 +15,18 @@ disjoint halves' gradients), ``s`` is computed exactly as the trainer computes i
 config's C; the noise variance of its calibrated mechanism added analytically), ``z'Hz`` is a symmetric second
 difference. All of it runs on the dev split, which the project treats as public: no privacy is spent.
 Estimates from a few seeds are noisy; each comes with its standard error.
+
+``--compare-dtype bfloat16`` asks instead whether the two-point estimate survives half-precision forwards: for
+the config's trainable set, the same seeds and batches, it computes every per-example projected gradient with
+float32 and with the given dtype's forward passes, at each ``--mus`` value, and reports their correlation and
+the dtype's error relative to the float32 estimates' spread (the master stays float32 in both).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -136,6 +143,32 @@ def measure(task: TextClassifier, config: RunConfig, spec: str, halves: tuple[di
                   float(np.mean(curvatures)), float(np.std(curvatures, ddof=1) / math.sqrt(n)))
 
 
+def dtype_agreement(config: RunConfig, dtype: str, mus: list[float],
+                    batches: list[tuple[list[list[int]], np.ndarray]], first_seed: int) -> list[dict]:
+    """Per mu: correlation of the per-example two-point estimates between float32 and ``dtype`` forwards."""
+    from shared.models import placement
+    from shared.update import ScoredView
+
+    views = {}
+    for name in ("float32", dtype):
+        task = load_task_model(config.model)
+        selection = select_trainable(task, config)
+        device, precision = placement(dataclasses.replace(config.model, dtype=name))
+        views[name] = ScoredView.placed(task, selection, config.zo.direction, device, precision)
+    rows = []
+    for mu in mus:
+        est = {name: np.concatenate([projected_gradients(view, ids, labels, seed=first_seed + k, mu=mu,
+                                                         microbatch=config.model.microbatch)[0]
+                                     for k, (ids, labels) in enumerate(batches)])
+               for name, view in views.items()}
+        a, b = est["float32"].astype(np.float64), est[dtype].astype(np.float64)
+        rows.append({"model": config.model.name, "dtype": dtype, "mu": mu, "estimates": int(a.size),
+                     "correlation": float(np.corrcoef(a, b)[0, 1]),
+                     "relative_error": float(np.sqrt(np.mean((a - b) ** 2)) / max(np.std(a), 1e-30)),
+                     "float32_std": float(np.std(a)), "trainable_entries": views[dtype].selection.size})
+    return rows
+
+
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2e}"
 
@@ -149,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=8, help="directions (and batches) per selection")
     parser.add_argument("--grad-examples", type=int, default=256, help="dev examples for the gradient")
     parser.add_argument("--json", action="store_true", help="one JSON line per selection")
+    parser.add_argument("--compare-dtype", choices=["bfloat16", "float16"],
+                        help="compare the two-point estimates of this forward dtype with float32's instead")
+    parser.add_argument("--mus", type=float, nargs="+", default=[1e-3], help="mu values for --compare-dtype")
     args = parser.parse_args(argv)
     if args.seeds < 2:
         parser.error("--seeds must be >= 2 (standard errors need two samples)")
@@ -168,13 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     order = np.random.default_rng(0).permutation(len(dev.sentences))[:need]
     ids = task.encode([dev.sentences[i] for i in order])
     labels = np.asarray(dev.labels)[order]
-    half = args.grad_examples // 2
-    halves = (mean_gradient(task, ids[:half], labels[:half], base.model.microbatch),
-              mean_gradient(task, ids[half : 2 * half], labels[half : 2 * half], base.model.microbatch))
     b = base.zo.batch_size
     batches = [(ids[args.grad_examples + k * b : args.grad_examples + (k + 1) * b],
                 labels[args.grad_examples + k * b : args.grad_examples + (k + 1) * b]) for k in range(args.seeds)]
-
+    if args.compare_dtype:
+        for row in dtype_agreement(base, args.compare_dtype, args.mus, batches, first_seed=1_000):
+            print(json.dumps(row), flush=True)
+        return 0
+    half = args.grad_examples // 2
+    halves = (mean_gradient(task, ids[:half], labels[:half], base.model.microbatch),
+              mean_gradient(task, ids[half : 2 * half], labels[half : 2 * half], base.model.microbatch))
     for spec in args.selection or [base.selection.mode]:
         config = parse_selection(spec, base) if args.selection else base
         result = measure(task, config, spec, halves, batches, noise_var, first_seed=1_000)

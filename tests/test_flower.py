@@ -62,7 +62,7 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
         assert len({p.node for p in ledger.replies(1) if p.status == "accepted"}) == 2
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["clients_agree"] and len(summary["client_digests"]) == 2
-        assert sorted(summary["client_runtimes"].values()) == ["onnx", "torch"]
+        assert sorted(summary["client_runtimes"].values()) == ["onnx:CPUExecutionProvider", "torch:cpu:float32"]
         assert summary["refused_identities"] == [rogue_id] and summary["pinned_nodes"] == 2
         assert rogue_id not in {p.node for r in (1, 2) for p in ledger.replies(r)}
         received = re.findall(r"Receiving: (\S+) message", fed.log("rogue"))

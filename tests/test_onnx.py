@@ -112,6 +112,32 @@ def test_altered_or_mismatched_models_are_refused(exported, tmp_path):
         OnnxReplica.from_header(other.make_header(None), path)
 
 
+def test_execution_providers_are_chosen_by_the_node_and_a_missing_one_is_named(exported, tmp_path):
+    """onnx-providers lists the node's preference; one this onnxruntime build lacks is refused by name, before
+    any forward pass (this machine's build is CPU-only)."""
+    import onnxruntime as ort
+
+    replica, path, _ = exported
+    assert OnnxTask(path, providers=["CPUExecutionProvider"]).provider == "CPUExecutionProvider"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(OnnxModelError, match="onnx-providers CUDAExecutionProvider not available"):
+            OnnxTask(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(OnnxModelError, match="onnx-providers is empty"):
+        OnnxTask(path, providers=[])
+
+
+def test_a_node_asking_for_a_missing_provider_refuses_by_name(tmp_path, caplog):
+    config = fed_config(tmp_path / "run", **{"federation.rounds": 1})
+    model = tmp_path / "onnx" / "model.onnx"
+    export_onnx(Replica(config), model)
+    grid = InProcessGrid(2, node_configs={0: {"runtime": "onnx", "onnx-model": str(model),
+                                              "onnx-providers": "NoSuchExecutionProvider,CPUExecutionProvider"},
+                                          1: {"runtime": "onnx", "onnx-model": str(model)}})
+    summary = FederatedServer(config, grid, tmp_path / "run").run()
+    assert "onnx-providers NoSuchExecutionProvider not available" in caplog.text
+    assert list(summary["client_runtimes"].values()) == ["onnx:CPUExecutionProvider"] and not summary["clients_agree"]
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """A federation of 4 nodes, two of them on ONNX Runtime, over the in-process transport."""
@@ -128,7 +154,7 @@ def mixed(tmp_path_factory):
 def test_mixed_federation_agrees_and_replays_to_one_model_on_both_paths(mixed):
     run_dir, model, grid, summary = mixed
     assert summary["clients_agree"] and len(summary["client_digests"]) == 4
-    assert sorted(summary["client_runtimes"].values()) == ["onnx", "onnx", "torch", "torch"]
+    assert sorted(summary["client_runtimes"].values()) == ["onnx:CPUExecutionProvider"] * 2 + ["torch:cpu:float32"] * 2
     ledger = Ledger.open(run_dir / "ledger.sqlite")
     try:
         onnx_ids = {nid for i, nid in enumerate(grid.get_node_ids()) if i in (1, 3)}
