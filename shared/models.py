@@ -114,7 +114,10 @@ class EncoderClassifier(nn.Module):
         return F.normalize(pooled, dim=-1)
 
     def scores(self, embedding: torch.Tensor) -> torch.Tensor:
-        """The head in float32 (the temperature-scaled cosine would magnify a half-precision rounding)."""
+        """The head in float32 (the temperature-scaled cosine would magnify a half-precision rounding). A float32
+        head runs as its own module, so that hooks on it (Opacus's per-example gradients) see the call."""
+        if self.head.weight.dtype == embedding.dtype:
+            return self.head(embedding)
         return F.linear(embedding, self.head.weight.float(), self.head.bias.float())
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
