@@ -53,12 +53,6 @@ class _Piece:
     at: int
     n: int
 
-    def read(self, out: torch.Tensor) -> None:
-        if isinstance(self.where, slice):
-            out.copy_(self.flat[self.where])
-        else:
-            torch.index_select(self.flat, 0, self.where, out=out)
-
     def write(self, values: torch.Tensor) -> None:
         if isinstance(self.where, slice):
             self.flat[self.where].copy_(values)
@@ -131,10 +125,9 @@ class TrainableView:
         self._buffers: dict[str, torch.Tensor] = {}  # kept between steps: no pass touches fresh memory
         self._master = torch.empty(selection.size, dtype=torch.float32, device=self.device)
         if values is None:
-            for c in self._plan:
+            for c in self._plan:  # once, at construction: a gathered copy per piece is fine here
                 for p in c.pieces:
-                    p.read(self._cast_buffer(p.n))
-                    self._master[c.start + p.at : c.start + p.at + p.n].copy_(self._cast_buffer(p.n))
+                    self._master[c.start + p.at : c.start + p.at + p.n].copy_(p.flat[p.where])
         else:
             self.set_values(values)
         self._stepping = False  # between snapshot() and restore()
