@@ -9,6 +9,7 @@ trainable values from the same ledger (Rademacher directions only; Gaussian ones
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -92,6 +93,9 @@ class OnnxReplica(LedgerFollower):
             raise ReplicaError(f"{model_path} was exported for model {meta.model!r} with max_length "
                                f"{meta.max_length}; the ledger trains {config.model.name!r} with max_length "
                                f"{config.model.max_length}")
+        if meta.task != dataclasses.asdict(config.task):
+            raise ReplicaError(f"{model_path} was exported for another task ({meta.task}); the ledger trains "
+                               f"{dataclasses.asdict(config.task)}: export the ledger's model again")
         if header.direction != "rademacher":
             raise ReplicaError(f"the ledger uses {header.direction!r} directions; an ONNX Runtime node replays "
                                f"bit-exactly only Rademacher ones")

@@ -2,8 +2,8 @@
 
 The budget belongs to whoever holds the data, not to a Flower run or a process: a restarted SuperNode, a
 resumed federation and a second federation over the same records all spend from the same ledger. Releases
-are keyed by a digest of the records and the task (:func:`data_key`; computed on the node, never sent), so
-two runs over the same data share one history whatever their model or node id.
+are keyed by a digest of the records (:func:`data_key`; computed on the node, never sent), so two runs over
+the same data share one history whatever their model, task name, prompt or node id.
 
 Each row is one instruction answered: the request it answered (ledger, round, version, seeds), the noise and
 sampling rate of its steps and the exact reply bytes sent. A row is written, in one SQLite transaction that
@@ -56,11 +56,15 @@ def default_path() -> Path:
     return Path(os.environ.get("SEEDTUNE_PRIVACY_LEDGER", cache_root() / PRIVACY_LEDGER_FILE))
 
 
-def data_key(task: str, records: Iterable[tuple[str, int]]) -> str:
-    """SHA-256 of the task name and the holder's (text, label) records in order: which data a release used."""
-    h = hashlib.sha256(f"seedtune-holder-v1\0{task}\0".encode())
-    for text, label in records:
-        h.update(f"{len(text)}:{text}\0{int(label)}\0".encode())
+def data_key(records: Iterable[tuple[Sequence[str], str]]) -> str:
+    """SHA-256 of the holder's records in order, each its text fields and its label as the data spell them:
+    which data a release used. Nothing a config chooses enters it (v1 hashed the task name, which a renamed
+    task would have turned into a fresh budget for the same records)."""
+    h = hashlib.sha256(b"seedtune-holder-v2\0")
+    for texts, label in records:
+        for text in texts:
+            h.update(f"{len(text)}:{text}\0".encode())
+        h.update(f"{len(label)}:{label}\0".encode())
     return h.hexdigest()
 
 

@@ -34,7 +34,7 @@ from shared.noise_search import plan_noise
 from shared.schedule import stages
 from shared.selection import TrainableSet
 from shared.replica import float32_model, ledger_header, select_trainable
-from shared.tasks import load_split
+from shared.tasks import load_split, with_labels
 from shared.update import ScoredView
 from shared.run_folder import CONFIG_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
 
@@ -90,16 +90,20 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     # Every input is loaded and checked before the run folder is made: a bad data file or a device this
     # machine lacks leaves nothing behind.
     device, dtype = placement(config.model)
-    task = load_task_model(config.model)
-    train_split = load_split(config.data, "train")
-    test_split = load_split(config.data, "test")
-    dev_split = load_split(config.data, "dev", config.eval.dev_size)
+    config = with_labels(config, "train")
+    train_split = load_split(config, "train")
+    test_split = load_split(config, "test")
+    dev_split = load_split(config, "dev", config.eval.dev_size)
+    task = load_task_model(config.model, config.task)
     out_dir = Path(config.out_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-    train_ids, test_ids, dev_ids = task.encode(train_split.sentences), task.encode(test_split.sentences), \
-        task.encode(dev_split.sentences)
-    log.info("model %s (%s), %d train / %d test examples", task.name, task.kind, len(train_ids), len(test_ids))
+    train_ids, test_ids, dev_ids = task.encode(train_split.records), task.encode(test_split.records), \
+        task.encode(dev_split.records)
+    log.info("task %s (%d labels), model %s (%s), %d train / %d test / %d dev examples", config.task.name,
+             len(config.task.labels), task.name, task.kind, len(train_ids), len(test_ids), len(dev_ids))
+    if not len(dev_ids) and config.eval.every:
+        log.info("no dev split: no periodic evaluation (eval.every applies to a public dev split only)")
 
     plan = plan_privacy(config, len(train_ids))
     private = config.privacy.enabled
@@ -120,8 +124,8 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         ledger = None
         log.warning("no ledger for this run (%s): its model cannot be rebuilt with seedtune replay", not_a_ledger)
 
-    zero_shot = task.accuracy(test_ids, test_split.labels, config.model.microbatch, progress)
-    log.info("zero-shot test accuracy %.4f", zero_shot)
+    zero_shot = task.evaluate(test_ids, test_split.labels, config.model.microbatch, progress)
+    log.info("zero-shot test accuracy %.4f, macro-F1 %.4f", zero_shot["accuracy"], zero_shot["macro_f1"])
 
     rng = SecureRandom()
     directions = config.zo.directions
@@ -181,13 +185,14 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     if ledger is not None:
         ledger.close()
 
-    test_accuracy = task.accuracy(test_ids, test_split.labels, config.model.microbatch, progress)
+    test = task.evaluate(test_ids, test_split.labels, config.model.microbatch, progress)
     epsilon = accountant.epsilon(config.privacy.delta) if private else None  # non-private: no guarantee
     # With a ledger, `seedtune replay <ledger> --out DIR` rebuilds this model: the same model_digest.
-    digest = model_digest(float32_model(task, config.model, view).module) if ledger is not None else None
+    digest = model_digest(float32_model(task, config, view).module) if ledger is not None else None
     summary = {
         "model": task.name,
-        "task": config.data.task,
+        "task": config.task.name,
+        "labels": config.task.labels,
         "device": str(device),
         "dtype": config.model.dtype,
         "steps": plan.steps,
@@ -200,8 +205,13 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         "sample_rate": plan.sample_rate,
         "trainable_entries": selection.size,
         "trainable_fraction": selection.fraction_of(task.module),
-        "test_accuracy": test_accuracy,
-        "zero_shot_accuracy": zero_shot,
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "zero_shot_accuracy": zero_shot["accuracy"],
+        "zero_shot_macro_f1": zero_shot["macro_f1"],
+        # per label of the public test split: examples, predicted, correct (after training; before it)
+        "test_per_label": test["per_label"],
+        "zero_shot_per_label": zero_shot["per_label"],
         "train_size": len(train_ids),
         "test_size": len(test_ids),
         "train_s": round(train_s, 3),

@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="centralized DP zeroth-order training; prints a JSON summary line")
-    p.add_argument("--config", "-c", help="TOML config file (defaults are used for anything it omits)")
+    p.add_argument("--config", "-c", action="append", default=[],
+                   help="TOML config file; repeat to layer them, e.g. -c configs/trec.toml -c configs/smollm2_eps3.toml "
+                   "(later files win; defaults fill anything they omit)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. -s privacy.epsilon=1 -s model.name=smollm2")
     p.add_argument("--out", help="run folder (default runs/train-<time>)")

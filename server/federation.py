@@ -46,7 +46,7 @@ from shared.ledger import Anchor, Ledger, LedgerError, Provenance
 from shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Instruction, Reply
 from shared.replica import Replica, config_json
 from shared.run_folder import LEDGER_FILE
-from shared.tasks import load_split
+from shared.tasks import load_split, with_labels
 from shared.noise import Noise, SecureRandom
 from shared.noise_search import plan_noise
 from shared.wire import WireError, content_of, from_content, payload_length, wire_bytes
@@ -64,15 +64,17 @@ class FederatedServer:
         if config.zo.directions != 1:  # the wire carries one scalar per instructed seed
             raise ConfigError(f"zo.directions {config.zo.directions}: a federation runs one direction per step; "
                               "several directions per step are a seedtune train option")
+        # Every input is loaded and checked before anything is written: a bad data folder leaves no run folder.
+        # The labels, when the config leaves them to the data, come from the server's public test split.
+        config = with_labels(config, "test")
         self.config = config
         self.grid = grid
-        self.replica = replica or Replica(config)
-        # Every input is loaded and checked before anything is written: a bad data folder leaves no run folder.
         self.pins = self._load_pins(config.federation.allowed_nodes)
-        dev = load_split(config.data, "dev", config.eval.dev_size)
-        test = load_split(config.data, "test")
-        self.dev = (self.replica.task.encode(dev.sentences), dev.labels)
-        self.test = (self.replica.task.encode(test.sentences), test.labels)
+        dev = load_split(config, "dev", config.eval.dev_size)
+        test = load_split(config, "test")
+        self.replica = replica or Replica(config)
+        self.dev = (self.replica.task.encode(dev.records), dev.labels)
+        self.test = (self.replica.task.encode(test.records), test.labels)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rng = SecureRandom()
@@ -341,9 +343,9 @@ class FederatedServer:
         ids, labels = self.dev
         return self.replica.task.accuracy(ids, labels, self.config.model.microbatch) if len(ids) else math.nan
 
-    def test_accuracy(self) -> float:
+    def test_metrics(self) -> dict:
         ids, labels = self.test
-        return self.replica.task.accuracy(ids, labels, self.config.model.microbatch)
+        return self.replica.task.evaluate(ids, labels, self.config.model.microbatch)
 
     # ------------------------------------------------------------------------------------------- run
     def _query(self, plan: RoundPlan) -> dict[int, Reply]:
@@ -378,8 +380,9 @@ class FederatedServer:
         fed = self.config.federation
         first = self.ledger.last_round + 1
         if first == 1:  # the base model's accuracy, before any private step
-            self.report.add({"round": 0, "dev_accuracy": self.evaluate(), "test_accuracy": self.test_accuracy(),
-                             "ledger_entries": 0})
+            zero_shot = self.test_metrics()
+            self.report.add({"round": 0, "dev_accuracy": self.evaluate(), "test_accuracy": zero_shot["accuracy"],
+                             "test_macro_f1": zero_shot["macro_f1"], "ledger_entries": 0})
         for rnd in range(first, fed.rounds + 1):
             self.run_round(rnd)
         server_digest = self.replica.state_digest()
@@ -389,10 +392,11 @@ class FederatedServer:
         # What each holder's own privacy ledger recorded (over every run on that data), next to this server's.
         holder_epsilon = {r.holder: r.metrics["epsilon"] for r in synced.values() if "epsilon" in r.metrics}
         server_epsilon = {h: self.epsilon(h) for h in sorted(self.accountants)}
-        test_accuracy = self.test_accuracy()
+        test = self.test_metrics()
         rows = self.report.rows
         summary = {
-            "model": self.replica.task.name, "task": self.config.data.task, "rounds": self.ledger.last_round,
+            "model": self.replica.task.name, "task": self.config.task.name, "labels": self.config.task.labels,
+            "rounds": self.ledger.last_round,
             "resumed_from_round": first - 1, "ledger_entries": len(self.ledger),
             "noise": self.noise.describe() if self.noise else None,
             "noise_std": self.noise.std if self.noise else 0.0,
@@ -404,7 +408,9 @@ class FederatedServer:
             "dev_accuracy_first": next((r["dev_accuracy"] for r in rows if "dev_accuracy" in r), None),
             "dev_accuracy_last": next((r["dev_accuracy"] for r in reversed(rows) if "dev_accuracy" in r), None),
             "zero_shot_test_accuracy": next((r.get("test_accuracy") for r in rows if r["round"] == 0), None),
-            "test_accuracy": test_accuracy, "model_digest": self.replica.digest(), "state_digest": server_digest,
+            "zero_shot_test_macro_f1": next((r.get("test_macro_f1") for r in rows if r["round"] == 0), None),
+            "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "test_per_label": test["per_label"],
+            "model_digest": self.replica.digest(), "state_digest": server_digest,
             "client_digests": client_digests, "client_runtimes": client_runtimes,
             # Every node asked in the final sync (every live node; only the identified ones when the run pins
             # its nodes) answered, and every answer matches: a silent or refusing node is not agreement.

@@ -13,7 +13,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,10 +67,95 @@ class ModelConfig:
         _require(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", self.dtype)
 
 
+TASK_KINDS = ("classification",)
+DATA_FORMATS = ("csv", "tsv", "json", "parquet")  # by file extension; .jsonl is JSON Lines
+
+
+@dataclass
+class TaskConfig:
+    """What the model learns: which columns it reads, the prompt they fill, and the labels it tells apart.
+
+    The task travels in the ledger header (the whole config does), so a replay, an export and every node of a
+    federation build the same prompt and label scores. The defaults are SST-2 (configs/sst2.toml states them);
+    nothing task-specific lives in the engine.
+    """
+
+    name: str = "sst2"  # a name for summaries and the privacy ledger's data key
+    kind: str = "classification"
+    text_fields: list[str] = field(default_factory=lambda: ["sentence"])  # one text, or a pair (premise, hypothesis)
+    label_field: str = "label"
+    # A decoder's prompt: {field} placeholders name text_fields; the label word's score is read right after it.
+    template: str = "Review: {sentence}\nSentiment:"
+    # The label values as the data spells them, in class order; empty: the training split's values, sorted
+    # (stated in the log; a federation takes them from the server's public test split).
+    labels: list[str] = field(default_factory=lambda: ["0", "1"])
+    # What a decoder scores for each label (" " + word after the prompt); empty: the labels themselves
+    label_words: list[str] = field(default_factory=lambda: ["negative", "positive"])
+    # An encoder's public label prompts: its zero-shot head rows are their embeddings; empty: the label words
+    label_prompts: list[str] = field(default_factory=lambda: ["This review is negative. It was terrible.",
+                                                              "This review is positive. It was great."])
+
+    def validate(self) -> None:
+        _require(isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "task.name",
+                 "must be a non-empty name of letters, digits, '_', '.' or '-'", self.name)
+        _require(self.kind in TASK_KINDS, "task.kind", f"must be one of {TASK_KINDS}", self.kind)
+        _require(isinstance(self.text_fields, list) and 1 <= len(self.text_fields) <= 2
+                 and all(isinstance(f, str) and f for f in self.text_fields), "task.text_fields",
+                 "must list one or two column names", self.text_fields)
+        _require(len(set(self.text_fields)) == len(self.text_fields), "task.text_fields", "must not repeat a column",
+                 self.text_fields)
+        _require(isinstance(self.label_field, str) and self.label_field != "" and self.label_field not in
+                 self.text_fields, "task.label_field", "must be a column name that is not a text field",
+                 self.label_field)
+        from shared.tasks import template_fields  # the one parser of templates (shared.tasks imports no config)
+
+        _require(isinstance(self.template, str), "task.template", "must be a string", self.template)
+        try:
+            used = template_fields(self.template)
+        except ValueError as exc:
+            raise ConfigError(f"task.template {self.template!r} is not a valid template: {exc}") from None
+        unknown = [f for f in used if f not in self.text_fields]
+        _require(not unknown, "task.template", f"names {unknown} which are not task.text_fields "
+                 f"{self.text_fields}", self.template)
+        _require(sorted(used) == sorted(self.text_fields), "task.template",
+                 f"must use every text field of task.text_fields {self.text_fields} once", self.template)
+        for name in ("labels", "label_words", "label_prompts"):
+            value = getattr(self, name)
+            _require(isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value),
+                     f"task.{name}", "must be a list of non-empty strings", value)
+            _require(len(set(value)) == len(value), f"task.{name}",
+                     "must not repeat a value (two labels would score the same)", value)
+        _require(len(self.labels) != 1, "task.labels", "must name at least two labels (or none: from the data)",
+                 self.labels)
+        for name in ("label_words", "label_prompts"):
+            value = getattr(self, name)
+            _require(not value or not self.labels or len(value) == len(self.labels), f"task.{name}",
+                     f"must give one entry per label ({len(self.labels)}: {self.labels}) or none", value)
+
+    @property
+    def words(self) -> list[str]:
+        """The decoder's label words, one per label."""
+        return self.label_words or self.labels
+
+    @property
+    def prompts(self) -> list[str]:
+        """The encoder's label prompts, one per label."""
+        return self.label_prompts or self.words
+
+
 @dataclass
 class DataConfig:
-    task: str = "sst2"
-    data_dir: str = ""  # local TSV folder; empty: $SEEDTUNE_DATA, then ../shared/data/sst2, then the hub
+    # Where the task's files are: a folder with train and test (and optionally dev) files, each .csv, .tsv,
+    # .jsonl/.json or .parquet; a relative folder is looked up in the working directory, $SEEDTUNE_DATA and
+    # the team data folder (../shared/data). Empty: the folder named task.name there.
+    data_dir: str = ""
+    train_file: str = ""  # explicit files, instead of the folder's (test_file needs train_file)
+    test_file: str = ""
+    dev_file: str = ""  # optional: without a dev split there is no periodic (public) dev evaluation
+    # A Hugging Face dataset, used when no local files are found (real users with hub access); "" = none
+    hub: str = "glue"
+    hub_config: str = "sst2"
+    hub_splits: list[str] = field(default_factory=lambda: ["train[10%:]", "validation", "train[:10%]"])  # train, test, dev
     train_size: int = 0  # 0 = the whole training split; else about this many, kept per record by a salted hash
     test_size: int = 0  # 0 = the whole test split
     seed: int = 0  # public seed for the subset choice
@@ -80,7 +165,15 @@ class DataConfig:
     min_words: int = 0
 
     def validate(self) -> None:
-        _require(self.task == "sst2", "data.task", "must be 'sst2' (the only task so far)", self.task)
+        for name in ("data_dir", "train_file", "test_file", "dev_file", "hub", "hub_config"):
+            _require(isinstance(getattr(self, name), str), f"data.{name}", "must be a string", getattr(self, name))
+        _require(not (self.test_file or self.dev_file) or bool(self.train_file), "data.train_file",
+                 "must be set when data.test_file or data.dev_file is", self.train_file)
+        _require(not self.train_file or bool(self.test_file), "data.test_file", "must be set with data.train_file",
+                 self.test_file)
+        _require(isinstance(self.hub_splits, list) and len(self.hub_splits) in (2, 3)
+                 and all(isinstance(s, str) and s for s in self.hub_splits), "data.hub_splits",
+                 "must list the hub's train and test split names, and optionally dev", self.hub_splits)
         for name in ("train_size", "test_size", "min_words"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, f"data.{name}", "must be an int >= 0", value)
@@ -238,6 +331,7 @@ class FederationConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     zo: ZOConfig = field(default_factory=ZOConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -272,7 +366,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-RENAMED = {"federation.run_dir": "out_dir", "federation.eval_every": "eval.every"}
+RENAMED = {"federation.run_dir": "out_dir", "federation.eval_every": "eval.every", "data.task": "task.name"}
 
 
 def from_dict(data: Mapping[str, Any], cls: type = RunConfig, prefix: str = "") -> Any:
@@ -312,18 +406,29 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
     return value
 
 
-def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the TOML file, then dotted overrides such as ``{"privacy.epsilon": 1.0}``."""
+def _merge(base: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    """``layer`` into ``base``, table by table: a later file's key replaces an earlier one's, its tables merge."""
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def load_config(path: str | Path | Sequence[str | Path] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the TOML file(s) in order (e.g. a task preset, then a model's: later keys win, tables
+    merge), then dotted overrides such as ``{"privacy.epsilon": 1.0}``."""
     data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        with path.open("rb") as fh:
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        with p.open("rb") as fh:
             try:
-                data = tomllib.load(fh)
+                _merge(data, tomllib.load(fh))
             except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+                raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -358,8 +463,9 @@ def cache_root() -> Path:
 
 
 def config_from_flower(run_config: Mapping[str, Any]) -> RunConfig:
-    """A Flower run config (``[tool.flwr.app.config]`` plus ``--run-config``): ``config-file`` names an
-    optional TOML file, every other key is a dotted override such as ``federation.rounds``."""
-    path = run_config.get(CONFIG_FILE_KEY) or None
+    """A Flower run config (``[tool.flwr.app.config]`` plus ``--run-config``): ``config-file`` names optional
+    TOML files (comma-separated, applied in order: e.g. a task preset, then a model's), every other key is a
+    dotted override such as ``federation.rounds``."""
+    paths = [p.strip() for p in str(run_config.get(CONFIG_FILE_KEY) or "").split(",") if p.strip()]
     overrides = {k: v for k, v in run_config.items() if k != CONFIG_FILE_KEY}
-    return load_config(path, overrides)
+    return load_config(paths, overrides)

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.config import ConfigError, DataConfig, ModelConfig
+from shared.config import ConfigError, DataConfig, ModelConfig, TaskConfig
 from shared.models import TextClassifier
-from shared.tasks import LABEL_NAMES
 
 TRAINABLE = "trainable"  # FedAvg ArrayRecord: the trainable tensors, by parameter name
 METRICS = "metrics"  # FedAvg MetricRecord: the node's public counters (steps, epsilon)
@@ -33,6 +32,7 @@ class FirstOrderConfig:
     """One first-order run: the model and data sections are the DP-ZO RunConfig's own."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     steps: int = 100
     batch_size: int = 32  # expected batch size under Poisson sampling
@@ -51,6 +51,7 @@ class FirstOrderConfig:
 
     def validate(self) -> "FirstOrderConfig":
         self.model.validate()
+        self.task.validate()
         self.data.validate()
         checks = [
             (isinstance(self.steps, int) and self.steps >= 1, "steps", "must be an int >= 1", self.steps),
@@ -107,7 +108,7 @@ def prepare_trainable(task: TextClassifier, lora_rank: int, lora_alpha: float) -
 def _freeze_unused(task: TextClassifier) -> None:
     """Freeze parameters the task loss does not depend on (BERT's pooler): Opacus needs a per-example norm
     for every trainable parameter. Found with one backward pass on public text, so no data is involved."""
-    batch = task.collate(task.encode(list(LABEL_NAMES)), np.arange(len(LABEL_NAMES)))
+    batch = task.collate(task.encode(task.probe(["a public probe.", "another public probe."])), np.arange(2) % 2)
     params = [p for p in task.module.parameters() if p.requires_grad]
     loss = F.cross_entropy(task.module(batch.input_ids, batch.attention_mask), batch.labels)
     for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):

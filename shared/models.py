@@ -1,11 +1,16 @@
-"""Task models: a sentence classifier over an encoder or a decoder, giving per-example losses.
+"""Task models: a K-label text classifier over an encoder or a decoder, giving per-example losses.
 
-* Encoder (BERT-like, e.g. MiniLM): mean-pooled, L2-normalised embedding and a linear head. The head starts
-  as a zero-shot classifier, its rows the normalised embeddings of two public label prompts, so the model
-  has a meaningful zero-shot accuracy before any private step.
-* Decoder (causal LM, e.g. SmolLM2): a prompt ending in "Sentiment:" and the logits of the label words
-  " negative" / " positive" at the last position, computed from the last hidden state and the two output
-  embedding rows only (the full vocabulary projection would cost more than the rest of the model).
+The task (``shared.config.TaskConfig``: text fields, prompt template, labels, label words and prompts) decides
+what the model reads and scores; nothing task-specific is written here.
+
+* Encoder (BERT-like, e.g. MiniLM): mean-pooled, L2-normalised embedding of the text (or of the pair, joined
+  by the tokenizer) and a linear head of K rows. The head starts as a zero-shot classifier, its rows the
+  normalised embeddings of the K public label prompts, so the model has a meaningful zero-shot accuracy
+  before any private step.
+* Decoder (causal LM, e.g. SmolLM2): the filled prompt template and the logits of the K label words (" " +
+  word, its first token) at the last position, computed from the last hidden state and K output embedding
+  rows only (the full vocabulary projection would cost more than the rest of the model). Two label words
+  with the same first token are refused: they would score the same.
 
 Both expose per-example cross-entropy losses, the input of the two-point estimate, and a SynFlow output
 (an all-ones input through the body, bypassing token embeddings) for data-free pruning.
@@ -36,13 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.batching import keep_tail, length_sorted, pad
-from shared.config import ModelConfig, cache_root
-from shared.tasks import LABEL_NAMES
+from shared.config import ConfigError, ModelConfig, TaskConfig, cache_root
+from shared.tasks import Prompter, Record, as_record, classification_metrics
 
 log = logging.getLogger(__name__)
 
-DECODER_PROMPT = "Review: {sentence}\nSentiment:"
-ENCODER_LABEL_PROMPTS = ("This review is negative. It was terrible.", "This review is positive. It was great.")
 ENCODER_TEMPERATURE = 20.0
 HEAD_FILE = "seedtune_head.safetensors"  # an encoder classifier's head, beside a saved Hugging Face folder
 PACKAGED = ("minilm", "smollm2", "tiny-encoder", "tiny-decoder")
@@ -67,8 +70,6 @@ def cpu_has_bf16() -> bool:
 def placement(config: ModelConfig) -> tuple[torch.device, torch.dtype]:
     """The device and dtype of the forward passes, resolved and checked: ``auto`` picks CUDA, then MPS, then the
     CPU (logged); a device this machine lacks is a :class:`~shared.config.ConfigError` naming it."""
-    from shared.config import ConfigError
-
     name = config.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else \
@@ -188,8 +189,10 @@ class DecoderClassifier(nn.Module):
 class TextClassifier:
     """A task model plus its tokenizer: tokenises once, batches with dynamic padding, scores batches."""
 
-    def __init__(self, name: str, kind: str, module: nn.Module, tokenizer, max_length: int) -> None:
+    def __init__(self, name: str, kind: str, module: nn.Module, tokenizer, max_length: int,
+                 task: TaskConfig) -> None:
         self.name, self.kind, self.module, self.tokenizer, self.max_length = name, kind, module, tokenizer, max_length
+        self.labels, self.prompter = list(task.labels), Prompter.of(task)
         self.module.eval()  # no dropout: the two-point estimate needs a deterministic loss
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
@@ -204,13 +207,22 @@ class TextClassifier:
         self.device, self.dtype = device, dtype
 
     # --------------------------------------------------------------------------------------- inputs
-    def encode(self, sentences: Sequence[str]) -> list[list[int]]:
+    def encode(self, records: Sequence[Record | str]) -> list[list[int]]:
+        """Token ids of each record (a tuple of the task's text fields; a bare string for a one-field task)."""
+        fields = self.prompter.fields
+        if not records:
+            return []
         if self.kind == "decoder":
-            texts = [DECODER_PROMPT.format(sentence=s.strip()) for s in sentences]
+            texts = [self.prompter.render(r) for r in records]
             ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-            tail = self.tokenizer("\nSentiment:", add_special_tokens=False)["input_ids"]
+            tail = self.tokenizer(self.prompter.tail, add_special_tokens=False)["input_ids"] if self.prompter.tail else []
             return keep_tail(ids, self.max_length, tail)
-        return self.tokenizer(list(sentences), truncation=True, max_length=self.max_length)["input_ids"]
+        columns = list(zip(*(as_record(r, fields) for r in records)))
+        return self.tokenizer(*(list(c) for c in columns), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def probe(self, texts: Sequence[str]) -> list[Record]:
+        """Public probe records (each text in every field) for checks that need some input, never data."""
+        return [(t,) * len(self.prompter.fields) for t in texts]
 
     def collate(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> Batch:
         input_ids, mask = pad(ids, self.tokenizer.pad_token_id)
@@ -247,7 +259,8 @@ class TextClassifier:
         depth = min(self.module.layer_of(n) for n in names)
         if depth == 0:
             return 0
-        probe = self.collate(self.encode(["a probe.", "a longer probe sentence, checked once."]), np.zeros(2))
+        probe = self.collate(self.encode(self.probe(["a probe.", "a longer probe sentence, checked once."])),
+                             np.zeros(2))
         try:
             split = self.per_example_loss(probe, self.prefix_hidden(probe, depth), depth)
         except (AttributeError, TypeError, ValueError) as exc:  # a body without .layers / .norm, or other inputs
@@ -291,6 +304,11 @@ class TextClassifier:
     def accuracy(self, ids: Sequence[Sequence[int]], labels: np.ndarray, batch_size: int = 64,
                  progress: bool = False) -> float:
         return int((self.predictions(ids, batch_size, progress) == labels).sum()) / len(ids)
+
+    def evaluate(self, ids: Sequence[Sequence[int]], labels: np.ndarray, batch_size: int = 64,
+                 progress: bool = False) -> dict:
+        """Accuracy, macro-F1 and per-label counts (shared.tasks.classification_metrics)."""
+        return classification_metrics(self.predictions(ids, batch_size, progress), labels, self.labels)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -374,17 +392,31 @@ def _load_hf(name: str, kind: str):
         ) from exc
 
 
-def _label_token_ids(tokenizer) -> list[int]:
-    ids = []
-    for word in LABEL_NAMES:
+def label_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    """The first token of " " + each label word: what a decoder scores after the prompt. Two words sharing a
+    first token would score the same, so they are refused by name."""
+    ids, owner = [], {}
+    for word in words:
         pieces = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        if not pieces:
+            raise ConfigError(f"task.label_words: {word!r} tokenizes to nothing")
         if len(pieces) != 1:
-            log.warning("label word %r is %d tokens; scoring its first token only", word, len(pieces))
+            log.info("label word %r is %d tokens; scoring its first token %r", word, len(pieces),
+                     tokenizer.decode(pieces[:1]))
+        if pieces[0] in owner:
+            raise ConfigError(f"task.label_words {owner[pieces[0]]!r} and {word!r} begin with the same token "
+                              f"{tokenizer.decode(pieces[:1])!r}, so a decoder cannot tell them apart; choose "
+                              f"label words that differ in their first token")
+        owner[pieces[0]] = word
         ids.append(pieces[0])
     return ids
 
 
-def load_task_model(config: ModelConfig) -> TextClassifier:
+def load_task_model(config: ModelConfig, task: TaskConfig | None = None) -> TextClassifier:
+    """The classifier of ``task`` (default: the embedded default task, SST-2) over model ``config.name``."""
+    task = task or TaskConfig()
+    if not task.labels:
+        raise ConfigError("task.labels is empty: resolve the labels from the data first (shared.tasks.with_labels)")
     name, kind = config.name, config.kind
     if name == "minilm":
         from transformers import AutoModel
@@ -404,23 +436,28 @@ def load_task_model(config: ModelConfig) -> TextClassifier:
     if kind == "decoder":
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        model = TextClassifier(name, kind, DecoderClassifier(body, _label_token_ids(tok)), tok, config.max_length)
+        model = TextClassifier(name, kind, DecoderClassifier(body, label_token_ids(tok, task.words)), tok,
+                               config.max_length, task)
     else:
-        model = TextClassifier(name, kind, EncoderClassifier(body), tok, config.max_length)
+        model = TextClassifier(name, kind, EncoderClassifier(body, len(task.labels)), tok, config.max_length, task)
         head_file = Path(name) / HEAD_FILE
         if head_file.is_file():  # a folder written by Replica.save: the finetuned head, not a zero-shot one
             from safetensors.torch import load_file
 
-            model.module.head.load_state_dict(load_file(str(head_file)))
+            head = load_file(str(head_file))
+            if head["weight"].shape[0] != len(task.labels):
+                raise ConfigError(f"{head_file} has {head['weight'].shape[0]} label rows; task {task.name!r} has "
+                                  f"{len(task.labels)} labels {task.labels}")
+            model.module.head.load_state_dict(head)
         else:
-            _init_zero_shot_head(model)
+            _init_zero_shot_head(model, task.prompts)
     return model
 
 
 @torch.no_grad()
-def _init_zero_shot_head(model: TextClassifier) -> None:
+def _init_zero_shot_head(model: TextClassifier, prompts: Sequence[str]) -> None:
     """Head rows = temperature x normalised embeddings of the label prompts (public text, no data)."""
-    ids = model.encode(ENCODER_LABEL_PROMPTS)
+    ids = model.tokenizer(list(prompts), truncation=True, max_length=model.max_length)["input_ids"]
     batch = model.collate(ids, np.zeros(len(ids), dtype=np.int64))
     prototypes = model.module.embed(batch.input_ids, batch.attention_mask)
     model.module.head.weight.copy_(ENCODER_TEMPERATURE * prototypes)

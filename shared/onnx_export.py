@@ -9,6 +9,7 @@ the exported values and at a perturbed vector, and the export fails if the outpu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -21,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from shared.directions import direction_numpy
-from shared.models import DECODER_PROMPT, TextClassifier
+from shared.models import TextClassifier
 from shared.onnx_format import INPUTS, OnnxMetadata, OnnxModelError, file_sha256, save_trainable, sidecars
 from shared.replica import Replica
 from shared.selection import TrainableSet
@@ -78,8 +79,9 @@ def _check(task: TextClassifier, model_path: Path, values: np.ndarray) -> dict[s
     from shared.onnx_task import OnnxTask
 
     ort_task = OnnxTask(model_path)
-    ids = task.encode(CHECK_SENTENCES)
-    if ort_task.encode(CHECK_SENTENCES) != ids:
+    probe = task.probe(CHECK_SENTENCES)
+    ids = task.encode(probe)
+    if ort_task.encode(probe) != ids:
         raise OnnxModelError("the exported tokenizer encodes the check sentences differently from the model's")
     batch = task.collate(ids, np.zeros(len(ids), dtype=np.int64))
     reference = task.logits(batch).numpy()
@@ -110,7 +112,7 @@ def export_onnx(replica: Replica, out: str | Path, check: bool = True) -> dict[s
     values = replica.values()
 
     wrapper = _TrainableInputModel(task, selection).eval()
-    example = task.collate(task.encode(CHECK_SENTENCES[:2]), np.zeros(2, dtype=np.int64))
+    example = task.collate(task.encode(task.probe(CHECK_SENTENCES[:2])), np.zeros(2, dtype=np.int64))
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("length")}
     tmp = out.with_name(out.name + ".tmp")
     log.info("exporting %s to ONNX (%d trainable entries as input)", task.name, values.size)
@@ -127,7 +129,7 @@ def export_onnx(replica: Replica, out: str | Path, check: bool = True) -> dict[s
                    replica.base_values())
     meta = OnnxMetadata(
         model=replica.config.model.name, kind=task.kind, max_length=task.max_length,
-        pad_token_id=int(task.tokenizer.pad_token_id), prompt=DECODER_PROMPT if task.kind == "decoder" else "",
+        pad_token_id=int(task.tokenizer.pad_token_id), task=dataclasses.asdict(replica.config.task),
         direction=replica.config.zo.direction, base_model_digest=replica.base_digest,
         trainable_digest=replica.trainable_digest, trainable_size=int(values.size),
         param_names=list(selection.names), param_shapes=[list(s) for s in selection.shapes],

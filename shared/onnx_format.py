@@ -26,7 +26,7 @@ import numpy as np
 from shared.digest import selection_digest
 from shared.follower import ReplicaError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the whole task (1: SST-2's prompt only)
 INPUTS = ("input_ids", "attention_mask", "trainable")
 
 
@@ -57,7 +57,7 @@ class OnnxMetadata:
     kind: str  # "encoder" or "decoder"
     max_length: int
     pad_token_id: int
-    prompt: str  # decoder prompt template with {sentence}; "" for an encoder
+    task: dict  # the task (shared.config.TaskConfig as a dict): fields, template, labels in the logits' order
     direction: str
     base_model_digest: str
     trainable_digest: str

@@ -14,6 +14,7 @@ import numpy as np
 
 from shared.batching import keep_tail, length_sorted, pad
 from shared.onnx_format import OnnxMetadata, OnnxModelError, file_sha256, sidecars
+from shared.tasks import Prompter, Record, as_record
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,13 @@ class OnnxTask:
         if file_sha256(path) != self.meta.onnx_sha256:
             raise OnnxModelError(f"{path} differs from the file its metadata describes (SHA-256 mismatch)")
         self.name, self.kind, self.max_length = self.meta.model, self.meta.kind, self.meta.max_length
+        self.prompter = Prompter(self.meta.task["template"], tuple(self.meta.task["text_fields"]))
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         if self.kind == "encoder":
             self.tokenizer.enable_truncation(self.max_length)
         else:
-            self._tail = self.tokenizer.encode(self.meta.prompt.split("{sentence}")[1],
-                                               add_special_tokens=False).ids
+            self._tail = self.tokenizer.encode(self.prompter.tail, add_special_tokens=False).ids \
+                if self.prompter.tail else []
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the overridable `trainable` initializer is by design; no warning for it
         if threads:
@@ -67,12 +69,13 @@ class OnnxTask:
             log.warning("ONNX Runtime could not start %s; running on %s", wanted[0], self.provider)
 
     # --------------------------------------------------------------------------------------- inputs
-    def encode(self, sentences: Sequence[str]) -> list[list[int]]:
+    def encode(self, records: Sequence[Record | str]) -> list[list[int]]:
         if self.kind == "decoder":
-            texts = [self.meta.prompt.format(sentence=s.strip()) for s in sentences]
+            texts = [self.prompter.render(r) for r in records]
             ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
             return keep_tail(ids, self.max_length, self._tail)
-        return [e.ids for e in self.tokenizer.encode_batch(list(sentences))]
+        rows = [as_record(r, self.prompter.fields) for r in records]
+        return [e.ids for e in self.tokenizer.encode_batch([r[0] if len(r) == 1 else r for r in rows])]
 
     # -------------------------------------------------------------------------------------- scoring
     def logits(self, ids: Sequence[Sequence[int]], trainable: np.ndarray | None = None) -> np.ndarray:

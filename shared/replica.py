@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.config import ConfigError, ModelConfig, RunConfig, from_dict
+from shared.config import ConfigError, RunConfig, from_dict
 from shared.digest import model_digest, tensor_digest
 from shared.follower import LedgerFollower
 from shared.noise import Noise
@@ -36,13 +36,13 @@ def select_trainable(task: TextClassifier, config: RunConfig, stage: int = 0) ->
     return select_pruned(task.module, task.synflow_output, fraction, sel.patterns)
 
 
-def float32_model(task: TextClassifier, config: ModelConfig, view: TrainableView) -> TextClassifier:
+def float32_model(task: TextClassifier, config: RunConfig, view: TrainableView) -> TextClassifier:
     """The float32 CPU model with the view's trainable values: ``task`` itself when its forward passes run
     there; else the base model loaded afresh (the half-precision copy has lost the float32 weights) with the
     master's values written in, the model a float32 replay rebuilds."""
     if task.dtype == torch.float32 and task.device.type == "cpu":
         return task
-    full = load_task_model(config)
+    full = load_task_model(config.model, config.task)
     TrainableView(full.module, view.selection).set_values([v.cpu() for v in view.values()])
     return full
 
@@ -80,7 +80,7 @@ class Replica(LedgerFollower):
             raise ConfigError(f"selection.strategy must be 'static' for a ledger (one trainable set for the whole "
                               f"history), got {config.selection.strategy!r}")
         self.config = config
-        self.task = task or load_task_model(config.model)
+        self.task = task or load_task_model(config.model, config.task)
         self.selection = selection or select_trainable(self.task, config)
         super().__init__(base_digest or model_digest(self.task.module), self.selection.digest(), self.selection.size)
         device, dtype = placement(config.model)
@@ -145,7 +145,7 @@ class Replica(LedgerFollower):
     def digest(self) -> str:
         """The full float32 model's digest (every weight): what ``seedtune replay`` reports, whatever device
         and dtype ran this replica's forward passes."""
-        return model_digest(float32_model(self.task, self.config.model, self.view).module)
+        return model_digest(float32_model(self.task, self.config, self.view).module)
 
     # ---------------------------------------------------------------------------------------- export
     def save(self, out_dir: str | Path) -> Path:
@@ -154,7 +154,7 @@ class Replica(LedgerFollower):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        task = float32_model(self.task, self.config.model, self.view)
+        task = float32_model(self.task, self.config, self.view)
         module = task.module
         backbone = module.lm if self.task.kind == "decoder" else module.body
         backbone.save_pretrained(out)

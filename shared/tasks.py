@@ -1,8 +1,16 @@
-"""Task data: SST-2 from local TSV files (the team folder) or from the Hugging Face hub.
+"""Task data: a task's train, test and optional dev splits, from local files or the Hugging Face hub.
 
-Local files win: an explicit ``data_dir``, then ``$SEEDTUNE_DATA``, then ``shared/data/sst2`` in the team
-folder beside the checkout (or the working directory). The hub (``datasets``' ``glue``/``sst2``) is the
-fallback for real users; when neither is reachable the error says where it looked.
+A task (``shared.config.TaskConfig``) names its columns, its prompt and its labels; its data come from local
+files read with the ``datasets`` library (CSV, TSV, JSON Lines, Parquet) or from a hub dataset. Local files
+win: explicit ``data.train_file``/``test_file``/``dev_file``; else the folder ``data.data_dir`` (default: the
+task's name) holding ``train.*``, ``test.*`` and optionally ``dev.*``, looked up as given, then under
+``$SEEDTUNE_DATA`` and the team data folder (``shared/data`` beside the checkout). The hub
+(``data.hub``/``hub_config``/``hub_splits``) is the fallback for real users; when neither is reachable the
+error says where it looked.
+
+Every bad input is a :class:`DataError` naming the file, the record or the column, raised before anything is
+written: a missing file or column, an empty split, a record without text or label, a test label the task does
+not know, text that is not UTF-8.
 """
 
 from __future__ import annotations
@@ -11,43 +19,89 @@ import csv
 import hashlib
 import logging
 import os
+import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from shared.config import DataConfig
+    from shared.config import DataConfig, RunConfig, TaskConfig
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "dev", "test")
-LABEL_NAMES = ("negative", "positive")
+SPLITS = ("train", "test", "dev")
+EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+Record = tuple[str, ...]  # a record's text fields, in task.text_fields order
 
 
 class DataError(ValueError):
-    """A data file without the expected header, with a malformed row, or with no examples; the message names
-    the file and line."""
+    """A data file that is missing, unreadable or without the task's columns, a record without text or label,
+    or a split with no examples; the message names the file and the record or column."""
+
+
+def template_fields(template: str) -> list[str]:
+    """The ``{field}`` placeholders of a prompt template, in order (ValueError for a malformed template,
+    a positional ``{}`` or a format spec, which a prompt never needs)."""
+    fields = []
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(f"placeholder {{{name}{'!' + conversion if conversion else ''}"
+                             f"{':' + spec if spec else ''}}} must be a plain {{column_name}}")
+        fields.append(name)
+    return fields
+
+
+@dataclass(frozen=True)
+class Prompter:
+    """How a record becomes model input, one way for every runtime (torch and ONNX Runtime): a decoder reads
+    the filled template, whose ``tail`` (the text after the last field, e.g. "\\nSentiment:") truncation keeps;
+    an encoder reads the text, or the pair, as its tokenizer joins them."""
+
+    template: str
+    fields: tuple[str, ...]
+
+    @classmethod
+    def of(cls, task: "TaskConfig") -> "Prompter":
+        return cls(task.template, tuple(task.text_fields))
+
+    @property
+    def tail(self) -> str:
+        return self.template[self.template.rindex("}") + 1:] if "}" in self.template else ""
+
+    def render(self, record: Record | str) -> str:
+        return self.template.format(**dict(zip(self.fields, (t.strip() for t in as_record(record, self.fields)))))
+
+
+def as_record(record: Record | str, fields: Sequence[str]) -> Record:
+    """A record as a tuple of its text fields (a bare string is a one-field record)."""
+    record = (record,) if isinstance(record, str) else tuple(record)
+    if len(record) != len(fields):
+        raise ValueError(f"a record of {len(record)} field(s) for a task of {len(fields)} ({list(fields)})")
+    return record
 
 
 @dataclass(frozen=True)
 class Split:
-    sentences: list[str]
-    labels: np.ndarray  # int64, 0 = negative, 1 = positive
+    records: list[Record]
+    labels: np.ndarray  # int64 class indices into the task's labels
 
     def __len__(self) -> int:
-        return len(self.sentences)
+        return len(self.records)
 
     def subset(self, indices: np.ndarray) -> "Split":
-        return Split([self.sentences[i] for i in indices], self.labels[indices])
+        return Split([self.records[i] for i in indices], self.labels[indices])
 
     def with_min_words(self, min_words: int) -> "Split":
         """The records of at least ``min_words`` words. A rule applied to each record alone, never to the data
         as a whole, so it costs no privacy: neighbouring data sets stay neighbouring after it."""
         if min_words <= 0:
             return self
-        return self.subset(np.flatnonzero([len(s.split()) >= min_words for s in self.sentences]))
+        return self.subset(np.flatnonzero([sum(len(t.split()) for t in r) >= min_words for r in self.records]))
 
     def hashed_subset(self, size: int, seed: int) -> "Split":
         """About ``size`` records, each kept when a salted hash of the record alone falls below
@@ -57,100 +111,258 @@ class Split:
         if size <= 0 or size >= len(self):
             return self
         threshold = size / len(self)
-        keep = [_record_uniform(seed, text, int(label)) < threshold for text, label in zip(self.sentences, self.labels)]
+        keep = [_record_uniform(seed, r, int(label)) < threshold for r, label in zip(self.records, self.labels)]
         return self.subset(np.flatnonzero(keep))
 
-    def balanced_subset(self, size: int, seed: int) -> "Split":
-        """A class-balanced random subset (public seed): size // 2 examples of each label."""
+    def balanced_subset(self, size: int, seed: int, num_labels: int) -> "Split":
+        """A class-balanced random subset (public seed): size // K examples of each of the K labels (the first
+        size % K labels one more), fewer of a label that has fewer."""
         if size <= 0 or size >= len(self):
             return self
         rng = np.random.default_rng(seed)
-        parts = [rng.permutation(np.flatnonzero(self.labels == c))[: size // 2 + (c < size % 2)] for c in (0, 1)]
+        parts = [rng.permutation(np.flatnonzero(self.labels == c))[: size // num_labels + (c < size % num_labels)]
+                 for c in range(num_labels)]
         return self.subset(np.sort(np.concatenate(parts)))
 
 
-def _record_uniform(seed: int, text: str, label: int) -> float:
-    """A public pseudo-uniform in [0, 1) for one record: SHA-256 of (seed, label, text)."""
-    digest = hashlib.sha256(f"{seed}\0{label}\0{text}".encode()).digest()
+def _record_uniform(seed: int, record: Record, label: int) -> float:
+    """A public pseudo-uniform in [0, 1) for one record: SHA-256 of (seed, label, text fields)."""
+    digest = hashlib.sha256(f"{seed}\0{label}\0{chr(31).join(record)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") / 2.0**64
 
 
-def _candidate_dirs(data_dir: str) -> list[Path]:
-    if data_dir:
-        return [Path(data_dir)]
-    dirs = []
+# ------------------------------------------------------------------------------------------ locating
+def data_roots() -> list[Path]:
+    """Where a relative data folder is looked up: the working directory, $SEEDTUNE_DATA, then the team data
+    folder (``shared/data``) beside the working directory and beside the checkout."""
+    roots = [Path.cwd()]
     if os.environ.get("SEEDTUNE_DATA"):
-        dirs.append(Path(os.environ["SEEDTUNE_DATA"]))
+        roots.append(Path(os.environ["SEEDTUNE_DATA"]))
     repo = Path(__file__).resolve().parents[1]
-    for root in (Path.cwd(), repo):
-        dirs += [root / "shared" / "data" / "sst2", root.parent / "shared" / "data" / "sst2"]
-    return dirs
+    for base in (Path.cwd(), repo):
+        roots += [base / "shared" / "data", base.parent / "shared" / "data"]
+    return list(dict.fromkeys(roots))
 
 
-def _read_tsv(path: Path) -> Split:
-    sentences, labels = [], []
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None or [h.strip().lower() for h in header[:2]] != ["sentence", "label"]:
-            raise DataError(f"{path}: expected a header 'sentence<TAB>label', got {header!r}")
-        for lineno, row in enumerate(reader, start=2):
-            if len(row) != 2 or row[1].strip() not in ("0", "1"):
-                raise DataError(f"{path}:{lineno}: expected 'sentence<TAB>0|1', got {row!r:.120}")
-            sentences.append(row[0])
-            labels.append(int(row[1]))
-    if not sentences:
-        raise DataError(f"{path}: no examples after the header")
-    return Split(sentences, np.asarray(labels, dtype=np.int64))
+def _split_file(folder: Path, split: str) -> Path | None:
+    found = [folder / f"{split}{ext}" for ext in EXTENSIONS if (folder / f"{split}{ext}").is_file()]
+    if len(found) > 1:
+        raise DataError(f"{folder}: more than one {split} file ({', '.join(p.name for p in found)}); keep one")
+    return found[0] if found else None
 
 
-def _load_hub(split: str, name: str = "glue") -> Split:
+def local_files(data: "DataConfig", task_name: str) -> dict[str, Path] | None:
+    """The split files of a task, or None when no local folder has them (then the hub is tried)."""
+    if data.train_file:
+        files = {s: Path(getattr(data, f"{s}_file")) for s in SPLITS if getattr(data, f"{s}_file")}
+        for split, path in files.items():
+            if not path.is_file():
+                raise DataError(f"data.{split}_file {str(path)!r} does not exist")
+        return files
+    name = data.data_dir or task_name
+    folders = [Path(name)] if Path(name).is_absolute() else [root / name for root in data_roots()]
+    for folder in folders:
+        if folder.is_dir() and (_split_file(folder, "train") or _split_file(folder, "test")):
+            files = {s: p for s in SPLITS if (p := _split_file(folder, s)) is not None}
+            for split in ("train", "test"):
+                if split not in files:
+                    raise DataError(f"{folder}: no {split} file (expected {split}.csv, .tsv, .jsonl, .json or "
+                                    f".parquet beside {', '.join(p.name for p in files.values())})")
+            return files
+    if data.data_dir:
+        raise DataError(f"data.data_dir {data.data_dir!r}: no folder with train and test files (looked at "
+                        f"{', '.join(map(str, folders))})")
+    return None
+
+
+# ------------------------------------------------------------------------------------------- reading
+def _check_utf8(path: Path) -> None:
+    """Text files must be UTF-8: a bad byte is named by its line, not left to a decoder deep in a parser."""
+    raw = path.read_bytes()
     try:
-        import datasets  # optional: only real users fetching from the hub need it
-    except ImportError as exc:
-        raise FileNotFoundError("the datasets package is not installed") from exc
-    hub_split = "validation" if split == "test" else "train"
-    ds = datasets.load_dataset(name, "sst2", split=hub_split)
-    sentences, labels = list(ds["sentence"]), np.asarray(ds["label"], dtype=np.int64)
-    if split != "test":
-        # The local files split GLUE's training set into train and dev; do the same, deterministically.
-        keep = (np.arange(len(labels)) % 10 == 0) == (split == "dev")
-        sentences, labels = [s for s, k in zip(sentences, keep) if k], labels[keep]
-    return Split(sentences, labels)
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        f"save the file as UTF-8") from None
 
 
-def load_sst2(split: str, data_dir: str = "") -> Split:
+def read_file(path: Path):
+    """One split file as a ``datasets.Dataset``, every CSV/TSV column read as text (a label "01" stays "01")."""
+    import datasets
+
+    fmt = EXTENSIONS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(EXTENSIONS)}")
+    if fmt != "parquet":
+        _check_utf8(path)
+    if fmt == "json" and not path.read_bytes().strip():
+        raise DataError(f"{path}: no examples (an empty file)")
+    kwargs: dict = {}
+    if fmt in ("csv", "tsv"):
+        # TSV: tabs separate and quotes are text (csv.QUOTE_NONE). Every column is read as a string.
+        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
+        with path.open(newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh, **dialect), None)
+            rest = fh.read().strip()
+        if not header:
+            raise DataError(f"{path}: empty file (expected a header row naming the columns)")
+        if not rest:
+            raise DataError(f"{path}: no examples (a header row only)")
+        kwargs = {**dialect, "keep_default_na": False,
+                  "features": datasets.Features({name: datasets.Value("string") for name in header})}
+    from shared.config import cache_root
+
+    datasets.disable_progress_bars()
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False  # a holder's own file: no request to the hub's counter
+    try:
+        return datasets.load_dataset("csv" if fmt == "tsv" else fmt, data_files=str(path), split="train",
+                                     cache_dir=str(cache_root() / "datasets"), **kwargs)
+    except Exception as exc:  # a parser's error, whatever the library wraps it in: name the file
+        cause = exc.__cause__ or exc
+        raise DataError(f"{path}: cannot be read as {fmt}: {type(cause).__name__}: {cause}") from exc
+
+
+def _hub_split(data: "DataConfig", split: str):
+    import datasets
+
+    names = dict(zip(SPLITS, data.hub_splits))
+    if split not in names:
+        return None
+    return datasets.load_dataset(data.hub, data.hub_config or None, split=names[split])
+
+
+def to_split(dataset, task: "TaskConfig", labels: Sequence[str] | None, source: str) -> tuple[Split, list[str]]:
+    """Records and label indices from a dataset's columns. With ``labels`` (the task's), a value outside them
+    is an error naming the record; without, the labels are the data's values, sorted (numbers numerically)."""
+    columns = list(dataset.column_names)
+    for name in (*task.text_fields, task.label_field):
+        if name not in columns:
+            role = "task.label_field" if name == task.label_field else "task.text_fields"
+            raise DataError(f"{source}: no column {name!r} ({role}); its columns are {columns}")
+    if len(dataset) == 0:
+        raise DataError(f"{source}: no examples")
+    table = dataset.select_columns([*task.text_fields, task.label_field]).to_dict()  # columns as lists: fast
+    texts = [table[f] for f in task.text_fields]
+    raw_labels = table[task.label_field]
+    for i, value in enumerate(raw_labels):
+        if value is None or str(value).strip() == "":
+            raise DataError(f"{source}: record {i + 1} has no {task.label_field!r}")
+    for field_name, column in zip(task.text_fields, texts):
+        for i, value in enumerate(column):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{source}: record {i + 1} has no text in {field_name!r} (got {value!r:.60})")
+    values = [str(v).strip() for v in raw_labels]
+    if not labels:
+        labels = sort_labels(set(values))
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = next(((i, v) for i, v in enumerate(values) if v not in index), None)
+    if unknown is not None:
+        raise DataError(f"{source}: record {unknown[0] + 1} has {task.label_field} {unknown[1]!r}, not one of the "
+                        f"task's labels {list(labels)}")
+    return Split(list(zip(*texts)), np.asarray([index[v] for v in values], dtype=np.int64)), list(labels)
+
+
+def sort_labels(values: Iterable[str]) -> list[str]:
+    values = list(values)
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return sorted(values)
+
+
+def load_raw(data: "DataConfig", task: "TaskConfig", split: str,
+             labels: Sequence[str] | None = None) -> tuple[Split, list[str]] | None:
+    """A whole split as the task reads it and the labels used; None for a dev split the data does not have."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    tried = []
-    for d in _candidate_dirs(data_dir):
-        path = d / f"{split}.tsv"
-        tried.append(str(path))
-        if path.is_file():
-            log.debug("loading SST-2 %s from %s", split, path)
-            return _read_tsv(path)
-    if data_dir:
-        raise FileNotFoundError(f"no {split}.tsv in data_dir {data_dir!r}")
+    files = local_files(data, task.name)
+    if files is not None:
+        if split not in files:
+            return None
+        log.debug("loading %s %s from %s", task.name, split, files[split])
+        return to_split(read_file(files[split]), task, labels, str(files[split]))
+    if not data.hub:
+        raise DataError(f"no local files for task {task.name!r} (looked for a folder {task.name!r} in "
+                        f"{', '.join(map(str, data_roots()))}) and data.hub is empty; set data.data_dir or "
+                        f"data.train_file/test_file")
     try:
-        return _load_hub(split)
-    except Exception as exc:  # offline, no datasets package, hub error: one clear message
-        raise FileNotFoundError(
-            f"SST-2 {split} split not found locally (looked at {', '.join(tried)}) and the Hugging Face hub "
-            f"failed ({type(exc).__name__}: {exc}). Set data.data_dir or $SEEDTUNE_DATA to a folder with "
-            f"{split}.tsv, or install 'datasets' with network access."
+        dataset = _hub_split(data, split)
+    except Exception as exc:  # offline, no such dataset, hub error: one clear message
+        raise DataError(
+            f"task {task.name!r}: no local files (looked for a folder {data.data_dir or task.name!r} in "
+            f"{', '.join(map(str, data_roots()))}) and the Hugging Face dataset {data.hub!r} "
+            f"({data.hub_config or 'default config'}) failed ({type(exc).__name__}: {exc}). Set data.data_dir, "
+            f"data.train_file/test_file or $SEEDTUNE_DATA, or allow network access to the hub."
         ) from exc
+    if dataset is None:
+        return None
+    return to_split(dataset, task, labels, f"hub:{data.hub}/{data.hub_config}:{split}")
 
 
-def load_split(data: DataConfig, split: str, size: int | None = None) -> Split:
-    """The examples a run uses from one split: ``data.min_words`` applies to train and dev (the training
-    distribution, e.g. SST-2's phrases), never to test (the benchmark); then a subset of ``size`` (default:
-    data.train_size or data.test_size; 0 = all): kept per record by a salted hash for the private train split,
-    class-balanced for the public dev and test splits."""
-    loaded = load_sst2(split, data.data_dir)
+def load_split(config: "RunConfig", split: str, size: int | None = None) -> Split:
+    """The examples a run uses from one split, labelled with the task's labels (which must be resolved:
+    :func:`with_labels`); an empty Split for a dev split the data does not have. ``data.min_words`` applies to
+    train and dev (the training distribution, e.g. SST-2's phrases), never to test (the benchmark); then a
+    subset of ``size`` (default: data.train_size or data.test_size; 0 = all): kept per record by a salted
+    hash for the private train split, class-balanced for the public dev and test splits."""
+    data, task = config.data, config.task
+    if not task.labels:
+        raise ValueError("task.labels is empty: resolve them first (shared.tasks.with_labels)")
+    loaded = load_raw(data, task, split, task.labels)
+    if loaded is None:
+        return Split([], np.zeros(0, dtype=np.int64))
+    part = loaded[0]
     if split != "test":
-        loaded = loaded.with_min_words(data.min_words)
+        part = part.with_min_words(data.min_words)
     if size is None:
         size = {"train": data.train_size, "test": data.test_size}.get(split, 0)
     if split == "train":
-        return loaded.hashed_subset(size, data.seed)
-    return loaded.balanced_subset(size, data.seed)
+        part = part.hashed_subset(size, data.seed)
+        if len(part) == 0:
+            raise DataError(f"task {task.name!r}: no training examples left (data.min_words {data.min_words}, "
+                            f"data.train_size {data.train_size})")
+        return part
+    return part.balanced_subset(size, data.seed, len(task.labels))
+
+
+def with_labels(config: "RunConfig", split: str = "train") -> "RunConfig":
+    """``config`` with ``task.labels`` filled in from ``split`` when the config leaves them empty (sorted, stated
+    in the log), and its label words and prompts checked against them. A federation's server takes them from
+    its public test split; a trainer from its training split, whose label set is then part of the ledger's
+    config (state the labels in the config to keep even the set private)."""
+    import dataclasses
+
+    from shared.config import ConfigError
+
+    if config.task.labels:
+        return config
+    loaded = load_raw(config.data, config.task, split)
+    if loaded is None:
+        raise DataError(f"task {config.task.name!r}: no {split} split to take task.labels from")
+    labels = loaded[1]
+    if len(labels) < 2:
+        raise DataError(f"task {config.task.name!r}: the {split} split has one label only ({labels}); a "
+                        f"classifier needs two or more")
+    log.info("task.labels from the %s split (sorted): %s", split, labels)
+    task = dataclasses.replace(config.task, labels=labels)
+    try:
+        task.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (task.labels from the {split} split: {labels})") from None
+    return dataclasses.replace(config, task=task)
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def classification_metrics(predicted: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> dict:
+    """Accuracy, macro-F1 (the mean over the labels of each label's F1, 0 for a label never predicted nor
+    present) and per-label counts (examples, predicted, correct): what a K-label summary reports."""
+    per_label, f1s = {}, []
+    for c, name in enumerate(names):
+        true, pred = labels == c, predicted == c
+        hit = int((true & pred).sum())
+        n_true, n_pred = int(true.sum()), int(pred.sum())
+        f1s.append(2 * hit / (n_true + n_pred) if n_true + n_pred else 0.0)
+        per_label[name] = {"examples": n_true, "predicted": n_pred, "correct": hit}
+    return {"accuracy": float((predicted == labels).mean()) if len(labels) else float("nan"),
+            "macro_f1": float(np.mean(f1s)), "per_label": per_label}

@@ -28,7 +28,8 @@ import numpy as np
 
 from client.zo_step import privatize, projected_gradients
 from shared.noise import Noise, SecureRandom
-from shared.tasks import load_sst2
+from shared.config import RunConfig
+from shared.tasks import load_split
 
 
 def reset_peak() -> bool:
@@ -50,7 +51,7 @@ def peak_rss_mb() -> float:
 
 def fixed_batch(task, batch_size: int, seq_len: int) -> list[list[int]]:
     """Real SST-2 text, concatenated so that every row has exactly seq_len tokens."""
-    sentences = load_sst2("test").sentences
+    sentences = [r[0] for r in load_split(RunConfig().validate(), "test").records]
     ids = task.encode([" ".join(sentences[i : i + 6]) for i in range(0, 6 * batch_size, 6)])
     if min(len(x) for x in ids) < seq_len:
         raise RuntimeError("benchmark text too short for the requested sequence length")

@@ -185,15 +185,17 @@ def _fo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, train_size: int, te
 def _zero_shot(plan: ModelPlan, spec: RowSpec) -> dict[str, Any]:
     import torch
 
-    from shared.config import ModelConfig
+    from shared.config import DataConfig, ModelConfig, RunConfig
     from shared.models import load_task_model
-    from shared.tasks import load_sst2
+    from shared.tasks import load_split
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    task = load_task_model(ModelConfig(name=plan.name, microbatch=plan.microbatch))
-    test = load_sst2("test").balanced_subset(plan.test_size, 0)
-    acc = task.accuracy(task.encode(test.sentences), test.labels, plan.microbatch)
+    config = RunConfig(model=ModelConfig(name=plan.name, microbatch=plan.microbatch),
+                       data=DataConfig(test_size=plan.test_size)).validate()
+    task = load_task_model(config.model, config.task)
+    test = load_split(config, "test")
+    acc = task.accuracy(task.encode(test.records), test.labels, plan.microbatch)
     return {"test_accuracy": acc, "zero_shot_accuracy": acc, "batch_size": None,
             "trainable_params": 0, "epsilon_spent": 0.0}
 

@@ -4,8 +4,9 @@
 
 Replays the ledger onto its base model and prints one line per model: the base model (zero-shot), the ledger's
 last state, and for each ``--tail W`` the mean of the iterates after the last W entries. For each it reports
-accuracy and the share of examples predicted positive on the test split and on a dev subset, next to the true
-share: a model that calls too few sentences positive shows it here, where a single accuracy hides it.
+accuracy, macro-F1 and each label's share of the predictions on the test split and on a dev subset (where the
+task has one), next to the true shares: a model that collapses onto one label shows it here, where a single
+accuracy hides it.
 
 The tail average is post-processing of a released history (no privacy spent): the mean of the iterates
 theta_{T-W+1}..theta_T equals the base plus every entry's coeff * z, with the entry at position t >= T - W
@@ -53,17 +54,19 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= window <= len(entries):
             ap.error(f"--tail {window}: must be between 1 and the ledger's {len(entries)} entries")
     task, cfg = replica.task, replica.config
-    splits = {"test": load_split(cfg.data, "test"), "dev": load_split(cfg.data, "dev", args.dev_size)}
-    encoded = {name: (task.encode(split.sentences), split.labels) for name, split in splits.items()}
+    splits = {"test": load_split(cfg, "test"), "dev": load_split(cfg, "dev", args.dev_size)}
+    encoded = {name: (task.encode(split.records), split.labels) for name, split in splits.items() if len(split)}
     final_values, final_version, final_head = replica.values(), replica.version, replica.head
 
     def evaluate(name: str) -> dict[str, Any]:
         row: dict[str, Any] = {"model": name}
         for split, (ids, labels) in encoded.items():
-            predicted = task.predictions(ids, cfg.model.microbatch)
-            row[f"{split}_accuracy"] = float((predicted == labels).mean())
-            row[f"{split}_predicted_positive"] = float(predicted.mean())
-            row[f"{split}_positive"] = float(labels.mean())
+            metrics = task.evaluate(ids, labels, cfg.model.microbatch)
+            row[f"{split}_accuracy"], row[f"{split}_macro_f1"] = metrics["accuracy"], metrics["macro_f1"]
+            # each label's share of the predictions beside its share of the split: a collapse onto one label
+            # shows here, where a single accuracy hides it
+            row[f"{split}_predicted_share"] = {k: c["predicted"] / len(labels) for k, c in metrics["per_label"].items()}
+            row[f"{split}_share"] = {k: c["examples"] / len(labels) for k, c in metrics["per_label"].items()}
         return row
 
     rows = []
@@ -81,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(row), flush=True)
         else:
-            print(f"{row['model']:<36} test {100 * row['test_accuracy']:5.1f}% "
-                  f"(positive {100 * row['test_predicted_positive']:4.1f}% vs {100 * row['test_positive']:4.1f}%)  "
-                  f"dev {100 * row['dev_accuracy']:5.1f}% "
-                  f"(positive {100 * row['dev_predicted_positive']:4.1f}% vs {100 * row['dev_positive']:4.1f}%)")
+            print(f"{row['model']:<36} " + "  ".join(
+                f"{split} {100 * row[f'{split}_accuracy']:5.1f}% (macro-F1 {100 * row[f'{split}_macro_f1']:4.1f}; "
+                f"predicted " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in row[f"{split}_predicted_share"].items())
+                + ")" for split in encoded))
     return 0
 
 

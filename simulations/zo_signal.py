@@ -151,7 +151,7 @@ def dtype_agreement(config: RunConfig, dtype: str, mus: list[float],
 
     views = {}
     for name in ("float32", dtype):
-        task = load_task_model(config.model)
+        task = load_task_model(config.model, config.task)
         selection = select_trainable(task, config)
         device, precision = placement(dataclasses.replace(config.model, dtype=name))
         views[name] = ScoredView.placed(task, selection, config.zo.direction, device, precision)
@@ -192,17 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(args.config, dict(parse_override(o) for o in args.set))
     if base.threads:
         torch.set_num_threads(base.threads)
-    task = load_task_model(base.model)
-    train_size = len(load_split(base.data, "train"))
+    task = load_task_model(base.model, base.task)
+    train_size = len(load_split(base, "train"))
     plan = plan_privacy(base, train_size)
     noise_var = (plan.noise.std * base.privacy.clip / base.zo.batch_size) ** 2 if plan.noise else 0.0
 
-    dev = load_split(base.data, "dev", 0)
+    dev = load_split(base, "dev", 0)
     need = args.grad_examples + args.seeds * base.zo.batch_size
-    if need > len(dev.sentences):
-        parser.error(f"--grad-examples + seeds x batch = {need} exceeds the dev split's {len(dev.sentences)}")
-    order = np.random.default_rng(0).permutation(len(dev.sentences))[:need]
-    ids = task.encode([dev.sentences[i] for i in order])
+    if need > len(dev):
+        parser.error(f"--grad-examples + seeds x batch = {need} exceeds the dev split's {len(dev)}")
+    order = np.random.default_rng(0).permutation(len(dev))[:need]
+    ids = task.encode([dev.records[i] for i in order])
     labels = np.asarray(dev.labels)[order]
     b = base.zo.batch_size
     batches = [(ids[args.grad_examples + k * b : args.grad_examples + (k + 1) * b],

@@ -426,9 +426,9 @@ def _data_folder(folder: Path, broken: str, content: str) -> Path:
 
 
 @pytest.mark.parametrize("broken, content, message", [
-    ("dev", "sentence\tlabel\ngood\t1\nbad label\t7\n", r"dev.tsv:3: expected 'sentence<TAB>0\|1'"),
-    ("test", "sentence\tlabel\n", "test.tsv: no examples after the header"),
-    ("dev", "text,label\nx,1\n", "dev.tsv: expected a header 'sentence<TAB>label'"),
+    ("dev", "sentence\tlabel\ngood\t1\nbad label\t7\n", r"dev.tsv: record 2 has label '7', not one of the task's"),
+    ("test", "sentence\tlabel\n", "test.tsv: no examples"),
+    ("dev", "text,label\nx,1\n", r"dev.tsv: no column 'sentence' \(task.text_fields\)"),
 ])
 def test_a_bad_data_file_is_named_and_leaves_no_run_folder(tmp_path, broken, content, message):
     from shared.tasks import DataError
@@ -438,7 +438,7 @@ def test_a_bad_data_file_is_named_and_leaves_no_run_folder(tmp_path, broken, con
     with pytest.raises(DataError, match=message):
         FederatedServer(fed_config(run_dir, **{"data.data_dir": str(data)}), InProcessGrid(NODES), run_dir)
     assert not run_dir.exists()
-    with pytest.raises(FileNotFoundError, match="no dev.tsv in data_dir"):  # a folder that is not there at all
+    with pytest.raises(DataError, match="nowhere'?: no folder with train and test files"):  # not there at all
         FederatedServer(fed_config(run_dir, **{"data.data_dir": str(tmp_path / "nowhere")}), InProcessGrid(NODES),
                         run_dir)
     assert not run_dir.exists()
@@ -450,5 +450,5 @@ def test_seedtune_train_names_a_bad_data_file_with_exit_code_2_and_writes_nothin
     data = _data_folder(tmp_path / "data", "train", "sentence\tlabel\nfine\t1\nno label here\n")
     code = main(["train", "--no-progress", "-s", "model.name=tiny-encoder", "-s", f"data.data_dir={data}",
                  "--out", str(tmp_path / "run")])
-    assert code == 2 and "train.tsv:3: expected 'sentence<TAB>0|1'" in capsys.readouterr().err
+    assert code == 2 and "train.tsv: record 2 has no 'label'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -1,10 +1,9 @@
-import numpy as np
 import pytest
 import torch
 
-from shared.config import DataConfig, ModelConfig
+from shared.config import DataConfig, ModelConfig, RunConfig
 from shared.models import ModelLoadError, load_task_model
-from shared.tasks import load_split, load_sst2
+from shared.tasks import load_split
 from tests.helpers import LABELS, SENTENCES
 
 
@@ -43,39 +42,9 @@ def test_unknown_model_fails_clearly(monkeypatch, tmp_path):
         load_task_model(ModelConfig(name=str(tmp_path / "no-such-model")))
 
 
-def test_local_sst2_splits():
-    test = load_sst2("test")
-    assert len(test) == 872 and set(np.unique(test.labels)) == {0, 1}
-    sub = load_sst2("dev").balanced_subset(101, seed=3)
-    assert len(sub) == 101 and abs(int(sub.labels.sum()) - 50) <= 1
-    assert sub.sentences == load_sst2("dev").balanced_subset(101, seed=3).sentences
-
-
-def test_min_words_filters_training_splits_but_never_test():
-    data = DataConfig(min_words=10)
-    train, full = load_split(data, "train"), load_sst2("train")
-    assert all(len(s.split()) >= 10 for s in train.sentences)
-    assert len(train) == sum(len(s.split()) >= 10 for s in full.sentences) < len(full)
-    dev = load_split(data, "dev", 100)
-    assert len(dev) == 100 and min(len(s.split()) for s in dev.sentences) >= 10
-    assert load_split(data, "test").sentences == load_sst2("test").sentences  # the benchmark stays whole
-    assert load_split(DataConfig(), "train").sentences == full.sentences
-
-
-def test_missing_data_names_where_it_looked(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no train.tsv in data_dir"):
-        load_sst2("train", str(tmp_path))
-    (tmp_path / "test.tsv").write_text("text\tlabel\nfoo\t1\n")
-    with pytest.raises(ValueError, match="header"):
-        load_sst2("test", str(tmp_path))
-    (tmp_path / "test.tsv").write_text("sentence\tlabel\nfoo\t7\n")
-    with pytest.raises(ValueError, match="test.tsv:2"):
-        load_sst2("test", str(tmp_path))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["minilm", "smollm2"])
 def test_packaged_models_beat_chance_zero_shot(name):
     task = load_task_model(ModelConfig(name=name))
-    test = load_sst2("test").balanced_subset(200, seed=0)
-    assert task.accuracy(task.encode(test.sentences), test.labels) > 0.6
+    test = load_split(RunConfig(data=DataConfig(test_size=200)), "test")
+    assert task.accuracy(task.encode(test.records), test.labels) > 0.6

@@ -184,14 +184,14 @@ def test_an_infinite_estimate_releases_a_finite_scalar():
 
 
 def test_the_train_subset_changes_by_one_record_when_one_record_is_removed():
-    sentences = [f"record number {i}" for i in range(4000)]
+    sentences = [(f"record number {i}",) for i in range(4000)]
     split = Split(sentences, np.arange(4000) % 2)
-    kept = set(split.hashed_subset(1000, seed=3).sentences)
+    kept = set(split.hashed_subset(1000, seed=3).records)
     assert 850 < len(kept) < 1150
     removed = sentences[17]
     # The neighbouring file, one record short; the public size is that of the original (its rate unchanged).
     neighbour = Split(sentences[:17] + sentences[18:], np.delete(np.arange(4000) % 2, 17))
-    kept_without = set(neighbour.hashed_subset(1000 * 3999 / 4000, seed=3).sentences)
+    kept_without = set(neighbour.hashed_subset(1000 * 3999 / 4000, seed=3).records)
     assert kept - {removed} == kept_without
 
 
@@ -261,5 +261,5 @@ def test_a_node_with_a_bad_data_file_refuses_without_quoting_its_records(tmp_pat
     assert row["rejected_by_kind"] == {"refused": NODES} and row["entries"] == 0
     to_server = [r.getMessage() for r in caplog.records if r.name.startswith("server.")]
     assert sum("data file is unusable" in m for m in to_server) == NODES
-    assert not any("secret" in m for m in to_server)  # what the server saw and logged
-    assert any("secret" in r.getMessage() for r in caplog.records if r.name == "client.node")  # the node's own log
+    assert not any("secret" in m or "'X'" in m for m in to_server)  # what the server saw and logged
+    assert any("record 2 has label 'X'" in r.getMessage() for r in caplog.records if r.name == "client.node")

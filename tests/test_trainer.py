@@ -86,7 +86,8 @@ def test_ledger_eval_scores_base_tail_means_and_last_state(tmp_path, capsys):
     assert base["test_accuracy"] == summary["zero_shot_accuracy"]
     assert last["test_accuracy"] == summary["test_accuracy"] and last["model"] == "last state (5 entries)"
     assert {k: v for k, v in tail1.items() if k != "model"} == {k: v for k, v in last.items() if k != "model"}
-    assert 0.0 <= tail5["dev_predicted_positive"] <= 1.0 and last["dev_positive"] == 0.5
+    assert sum(tail5["dev_predicted_share"].values()) == pytest.approx(1.0) and last["dev_share"] == {"0": 0.5, "1": 0.5}
+    assert last["test_macro_f1"] == summary["test_macro_f1"]
     with pytest.raises(SystemExit):
         main([summary["ledger"], "--tail", "6"])
 

@@ -165,11 +165,11 @@ def train_first_order(config: FirstOrderConfig, progress: bool = False,
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    task = load_task_model(config.model)
+    task = load_task_model(config.model, config.task)
     trainable = prepare_trainable(task, config.lora_rank, config.lora_alpha)
-    train_split = load_split(config.data, "train")
-    test_split = load_split(config.data, "test")
-    train_ids, test_ids = task.encode(train_split.sentences), task.encode(test_split.sentences)
+    train_split = load_split(config, "train")
+    test_split = load_split(config, "test")
+    train_ids, test_ids = task.encode(train_split.records), task.encode(test_split.records)
     zero_shot = task.accuracy(test_ids, test_split.labels, config.model.microbatch) if config.zero_shot else None
     learner = FirstOrderLearner(task, train_ids, train_split.labels, config, config.steps)
     log.info("%s on %s: %d trainable parameters, rate %.4g, noise %s", config.method, task.name, trainable,

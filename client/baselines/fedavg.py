@@ -36,9 +36,9 @@ def _learner(config: FedAvgConfig, partition_id: int, num_partitions: int) -> Fi
     key = (partition_id, num_partitions)
     if key not in _LEARNERS:
         cfg = config.learner
-        task = load_task_model(cfg.model)
+        task = load_task_model(cfg.model, cfg.task)
         prepare_trainable(task, cfg.lora_rank, cfg.lora_alpha)
-        run = RunConfig(model=cfg.model, data=cfg.data, federation=FederationConfig(partition="iid"))
+        run = RunConfig(model=cfg.model, task=cfg.task, data=cfg.data, federation=FederationConfig(partition="iid"))
         part = load_partition(run, task, partition_id, num_partitions)
         _LEARNERS[key] = FirstOrderLearner(task, part.ids, part.labels, cfg, config.steps_per_node)
     return _LEARNERS[key]

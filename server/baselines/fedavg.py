@@ -38,10 +38,10 @@ def run_rounds(config: FedAvgConfig, grid: Grid) -> dict[str, Any]:
     cfg = config.learner
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    task = load_task_model(cfg.model)
+    task = load_task_model(cfg.model, cfg.task)
     trainable = prepare_trainable(task, cfg.lora_rank, cfg.lora_alpha)
-    test = load_split(cfg.data, "test")
-    test_ids = task.encode(test.sentences)
+    test = load_split(cfg, "test")
+    test_ids = task.encode(test.records)
     zero_shot = task.accuracy(test_ids, test.labels, cfg.model.microbatch)
     rounds = []
     for rnd in range(1, config.rounds + 1):
