@@ -34,7 +34,7 @@ from flwr.clientapp import ClientApp
 from client.privacy_ledger import Budget, open_privacy_ledger
 from client.node import DataSource, Holder, NodeState, Runtime, handle_instruction, identify as identity_of
 from client.node import refusal, sync
-from client.partition import load_partition
+from client.partition import load_own_data, load_partition
 from shared.identity import NodeKey
 from shared.onnx_task import DEFAULT_PROVIDERS
 from shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction
@@ -94,10 +94,18 @@ def _holder(context: Context) -> Holder:
 
 
 def _data_source(context: Context):
+    """The node's training data: its own file (``data-path``, read as the ledger's task reads it; it never
+    leaves the node), else its partition of the task's training split (``partition-id``, ``num-partitions``)."""
     cfg = context.node_config
+    own = str(cfg.get("data-path", "") or "")
+    if own:
+        if not cfg.get("holder"):
+            raise NodeConfigError("node config sets data-path but no holder: name the data holder whose budget "
+                                  "this data spends (holder=...)")
+        return lambda replica: load_own_data(replica.config, replica.task, own)
     if "partition-id" not in cfg or "num-partitions" not in cfg:
-        raise ValueError("node config needs partition-id and num-partitions (flower-supernode --node-config "
-                         "\"partition-id=0 num-partitions=2\")")
+        raise ValueError("node config needs data-path (this institution's own training file) or partition-id and "
+                         "num-partitions (flower-supernode --node-config \"partition-id=0 num-partitions=2\")")
 
     def source(replica: LedgerFollower):
         return load_partition(replica.config, replica.task, int(cfg["partition-id"]), int(cfg["num-partitions"]))

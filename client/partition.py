@@ -1,8 +1,9 @@
-"""A node's share of the training data, partitioned with flwr-datasets (IID or Dirichlet label skew).
+"""A node's training data: its institution's own file (node config ``data-path``), or in a simulation its
+share of the task's training split, partitioned with flwr-datasets (IID or Dirichlet label skew).
 
-Every node partitions the same public-seeded subset with the same seeded partitioner, so partition i is
-the same wherever it is computed; in a real deployment each institution would instead load its own data.
-The tokenized partition is cached per process (simulation actors serve many nodes).
+Every simulated node partitions the same public-seeded subset with the same seeded partitioner, so partition
+i is the same wherever it is computed. A deployed node reads its own file, which never leaves it, as the
+ledger header's task reads it. The tokenized data are cached per process (simulation actors serve many nodes).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from client.privacy_ledger import data_key
 from client.node import Partition
 from shared.config import RunConfig
-from shared.tasks import Record, Split, load_split
+from shared.tasks import DataError, Record, Split, load_own, load_split
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,15 @@ class Tokenizes(Protocol):
 _SPLITS: dict[str, Split] = {}
 
 
+def _group_field(config: RunConfig) -> str:
+    fed = config.federation
+    return fed.partition_by if fed.partition == "natural" else ""
+
+
 def _data_id(config: RunConfig) -> str:
-    """What decides the training split: the task's reading of the data and the data section."""
-    return json.dumps({"task": dataclasses.asdict(config.task), "data": dataclasses.asdict(config.data)},
-                      sort_keys=True)
+    """What decides the training split: the task's reading of the data, the data section, the grouping column."""
+    return json.dumps({"task": dataclasses.asdict(config.task), "data": dataclasses.asdict(config.data),
+                       "groups": _group_field(config)}, sort_keys=True)
 
 
 def _train_split(config: RunConfig) -> Split:
@@ -46,18 +52,39 @@ def _train_split(config: RunConfig) -> Split:
     key = _data_id(config)
     if key not in _SPLITS:
         _SPLITS.clear()  # one data set per process at a time
-        _SPLITS[key] = load_split(config, "train")
+        _SPLITS[key] = load_split(config, "train", group_field=_group_field(config))
     return _SPLITS[key]
 
 
 def _partitioner(config: RunConfig, num_partitions: int):
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
     fed = config.federation
     if fed.partition == "iid":
         return IidPartitioner(num_partitions)
+    if fed.partition == "natural":
+        return NaturalIdPartitioner(partition_by="group")
     return DirichletPartitioner(num_partitions, partition_by="label", alpha=fed.alpha, seed=config.data.seed,
                                 min_partition_size=2, self_balancing=True)
+
+
+def _partition(config: RunConfig, task: Tokenizes, split: Split) -> Partition:
+    """The tokenized records and the data key the holder's privacy ledger charges them under."""
+    names = config.task.labels
+    return Partition(task.encode(split.records), split.labels,
+                     data_key((r, names[y]) for r, y in zip(split.records, split.labels)))
+
+
+def load_own_data(config: RunConfig, task: Tokenizes, path: str) -> Partition:
+    """The holder's own training file (node config ``data-path``); re-read when the file changes."""
+    from pathlib import Path
+
+    stat = Path(path).stat() if Path(path).exists() else None
+    key = (task.name, _data_id(config), str(Path(path).resolve()), stat and (stat.st_mtime_ns, stat.st_size))
+    if key not in _CACHE:
+        _CACHE[key] = _partition(config, task, load_own(config, path))
+        log.info("own data %s: %d examples", path, len(_CACHE[key].labels))
+    return _CACHE[key]
 
 
 def load_partition(config: RunConfig, task: Tokenizes, partition_id: int, num_partitions: int) -> Partition:
@@ -72,12 +99,17 @@ def load_partition(config: RunConfig, task: Tokenizes, partition_id: int, num_pa
         fields = [f"text{i}" for i in range(len(config.task.text_fields))]
         columns = {f: list(c) for f, c in zip(fields, zip(*split.records))} if len(split) else {f: [] for f in fields}
         partitioner = _partitioner(config, num_partitions)
+        if split.groups is not None:
+            columns["group"] = split.groups
+            ids = sorted(set(split.groups))
+            if len(ids) != num_partitions:
+                raise DataError(f"federation.partition 'natural': column {config.federation.partition_by!r} has "
+                                f"{len(ids)} distinct values but the federation has {num_partitions} nodes; run "
+                                f"one node per value")
         partitioner.dataset = Dataset.from_dict({**columns, "label": split.labels.tolist()})
         part = partitioner.load_partition(partition_id)
-        labels = np.asarray(part["label"], dtype=np.int64)
         records = list(zip(*(part[f] for f in fields)))
-        names = config.task.labels
-        _CACHE[key] = Partition(task.encode(records), labels, data_key((r, names[y]) for r, y in zip(records, labels)))
+        _CACHE[key] = _partition(config, task, Split(records, np.asarray(part["label"], dtype=np.int64)))
         log.info("partition %d/%d (%s): %d examples", partition_id, num_partitions, config.federation.partition,
-                 len(labels))
+                 len(_CACHE[key].labels))
     return _CACHE[key]

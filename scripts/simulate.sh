@@ -6,7 +6,9 @@
 # `flwr run .` alone would try to install the app's dependencies with uv (fails offline; DESIGN.md section 5),
 # so this starts a simulation SuperLink with runtime dependency installation disabled, points a `flwr`
 # connection at it, runs the app, waits for it and fails if the run did not finish successfully.
-# Environment: NODES (10), RUN_DIR (runs/federated-<time>), SEEDTUNE_DATA (../shared/data/sst2), NUM_CPUS
+# A task preset (and a model preset before it): "config-file=\"configs/quickstart.toml,configs/trec.toml\"".
+# Environment: NODES (10), RUN_DIR (runs/federated-<time>), SEEDTUNE_DATA (the data root holding one folder
+# per task, default ../shared/data), NUM_CPUS
 # per simulated client (1), NUM_GPUS per simulated client (0; e.g. 0.25 puts four clients on one GPU, with
 # "model.device=cuda" in the overrides), FLWR_HOME (.flwr), SEEDTUNE_PRIVACY_LEDGER
 # (runs/simulated-holders.sqlite).
@@ -18,7 +20,7 @@ BIN=$(dirname "$PY")
 export PATH="$BIN:$PATH"  # the SuperLink starts flower-superexec and the app processes from PATH
 NODES=${NODES:-10}
 RUN_DIR=${RUN_DIR:-$ROOT/runs/federated-$(date +%Y%m%d-%H%M%S)}
-DATA=${SEEDTUNE_DATA:-$ROOT/../shared/data/sst2}
+DATA=${SEEDTUNE_DATA:-$ROOT/../shared/data}
 export FLWR_HOME=${FLWR_HOME:-$ROOT/.flwr}
 # The simulated nodes' data holders keep their privacy ledger here, across simulations: a second simulation
 # over the same data continues their spending (and is refused past the budget). Delete it, or point
@@ -27,7 +29,8 @@ export SEEDTUNE_SIMULATION=1
 export SEEDTUNE_PRIVACY_LEDGER=${SEEDTUNE_PRIVACY_LEDGER:-$ROOT/runs/simulated-holders.sqlite}
 mkdir -p "$RUN_DIR" "$FLWR_HOME"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
-[ -f "$DATA/train.tsv" ] && DATA=$(cd "$DATA" && pwd) || DATA=""  # empty: the app tries the hub
+# The server and every simulated client look a task's folder (data.data_dir, default task.name) up here.
+[ -d "$DATA" ] && export SEEDTUNE_DATA=$(cd "$DATA" && pwd)
 
 PORT=${PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 LINK_LOG=$RUN_DIR/superlink.log
@@ -56,10 +59,6 @@ case "$USER_OVERRIDES" in
     *out_dir=*) echo "simulate: set the run folder with RUN_DIR=..., not out_dir" >&2; exit 2 ;;
 esac
 OVERRIDES="out_dir=\"$RUN_DIR\" $USER_OVERRIDES"
-case "$USER_OVERRIDES" in
-    *data.data_dir=*) ;;
-    *) OVERRIDES="$OVERRIDES data.data_dir=\"$DATA\"" ;;
-esac
 echo "simulate: $NODES clients, run folder $RUN_DIR" >&2
 "$BIN/flwr" run . seedtune-sim --stream --run-config "$OVERRIDES" \
     --federation-config "num-supernodes=$NODES client-resources-num-cpus=${NUM_CPUS:-1} client-resources-num-gpus=${NUM_GPUS:-0}" \

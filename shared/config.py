@@ -287,7 +287,7 @@ class EvalConfig:
                  self.dev_size)
 
 
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "natural")
 AGGREGATIONS = ("mean", "trimmed_mean", "median")
 
 
@@ -303,7 +303,8 @@ class FederationConfig:
     sample_rate: float = 0.01  # Poisson rate q on each client's partition, so every client has the same epsilon/step
     min_replies: int = 1  # a round with fewer valid replies commits nothing
     round_timeout_s: float = 600.0
-    partition: str = "iid"  # "iid" or "dirichlet" (label skew)
+    partition: str = "iid"  # "iid", "dirichlet" (label skew) or "natural" (one node per value of partition_by)
+    partition_by: str = ""  # "natural": the column naming each record's institution or user
     alpha: float = 0.5  # Dirichlet concentration: smaller = more skewed
     aggregation: str = "mean"  # per seed over the replies: "mean", "trimmed_mean" or "median" (robust)
     trim: float = 0.2  # trimmed_mean: fraction of replies dropped at each end, per seed
@@ -321,6 +322,9 @@ class FederationConfig:
                  "must be in (0, 1]", self.sample_rate)
         _positive("federation.round_timeout_s", self.round_timeout_s)
         _require(self.partition in PARTITIONS, "federation.partition", f"must be one of {PARTITIONS}", self.partition)
+        _require(isinstance(self.partition_by, str) and (self.partition != "natural") != bool(self.partition_by),
+                 "federation.partition_by", "must name a column exactly when federation.partition = 'natural'",
+                 self.partition_by)
         _positive("federation.alpha", self.alpha)
         _require(self.aggregation in AGGREGATIONS, "federation.aggregation", f"must be one of {AGGREGATIONS}",
                  self.aggregation)

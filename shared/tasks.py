@@ -89,12 +89,14 @@ def as_record(record: Record | str, fields: Sequence[str]) -> Record:
 class Split:
     records: list[Record]
     labels: np.ndarray  # int64 class indices into the task's labels
+    groups: list[str] | None = None  # each record's value of a grouping column (a natural partition), if read
 
     def __len__(self) -> int:
         return len(self.records)
 
     def subset(self, indices: np.ndarray) -> "Split":
-        return Split([self.records[i] for i in indices], self.labels[indices])
+        groups = None if self.groups is None else [self.groups[i] for i in indices]
+        return Split([self.records[i] for i in indices], self.labels[indices], groups)
 
     def with_min_words(self, min_words: int) -> "Split":
         """The records of at least ``min_words`` words. A rule applied to each record alone, never to the data
@@ -232,17 +234,21 @@ def _hub_split(data: "DataConfig", split: str):
     return datasets.load_dataset(data.hub, data.hub_config or None, split=names[split])
 
 
-def to_split(dataset, task: "TaskConfig", labels: Sequence[str] | None, source: str) -> tuple[Split, list[str]]:
-    """Records and label indices from a dataset's columns. With ``labels`` (the task's), a value outside them
-    is an error naming the record; without, the labels are the data's values, sorted (numbers numerically)."""
+def to_split(dataset, task: "TaskConfig", labels: Sequence[str] | None, source: str,
+             group_field: str = "") -> tuple[Split, list[str]]:
+    """Records and label indices from a dataset's columns (and each record's ``group_field`` value, if named).
+    With ``labels`` (the task's), a value outside them is an error naming the record; without, the labels are
+    the data's values, sorted (numbers numerically)."""
     columns = list(dataset.column_names)
-    for name in (*task.text_fields, task.label_field):
+    wanted = [*task.text_fields, task.label_field] + ([group_field] if group_field else [])
+    for name in wanted:
         if name not in columns:
-            role = "task.label_field" if name == task.label_field else "task.text_fields"
+            role = {task.label_field: "task.label_field", group_field: "federation.partition_by"}.get(
+                name, "task.text_fields")
             raise DataError(f"{source}: no column {name!r} ({role}); its columns are {columns}")
     if len(dataset) == 0:
         raise DataError(f"{source}: no examples")
-    table = dataset.select_columns([*task.text_fields, task.label_field]).to_dict()  # columns as lists: fast
+    table = dataset.select_columns(list(dict.fromkeys(wanted))).to_dict()  # columns as lists: fast
     texts = [table[f] for f in task.text_fields]
     raw_labels = table[task.label_field]
     for i, value in enumerate(raw_labels):
@@ -260,7 +266,8 @@ def to_split(dataset, task: "TaskConfig", labels: Sequence[str] | None, source: 
     if unknown is not None:
         raise DataError(f"{source}: record {unknown[0] + 1} has {task.label_field} {unknown[1]!r}, not one of the "
                         f"task's labels {list(labels)}")
-    return Split(list(zip(*texts)), np.asarray([index[v] for v in values], dtype=np.int64)), list(labels)
+    groups = [str(g) for g in table[group_field]] if group_field else None
+    return Split(list(zip(*texts)), np.asarray([index[v] for v in values], dtype=np.int64), groups), list(labels)
 
 
 def sort_labels(values: Iterable[str]) -> list[str]:
@@ -271,8 +278,8 @@ def sort_labels(values: Iterable[str]) -> list[str]:
         return sorted(values)
 
 
-def load_raw(data: "DataConfig", task: "TaskConfig", split: str,
-             labels: Sequence[str] | None = None) -> tuple[Split, list[str]] | None:
+def load_raw(data: "DataConfig", task: "TaskConfig", split: str, labels: Sequence[str] | None = None,
+             group_field: str = "") -> tuple[Split, list[str]] | None:
     """A whole split as the task reads it and the labels used; None for a dev split the data does not have."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
@@ -281,7 +288,7 @@ def load_raw(data: "DataConfig", task: "TaskConfig", split: str,
         if split not in files:
             return None
         log.debug("loading %s %s from %s", task.name, split, files[split])
-        return to_split(read_file(files[split]), task, labels, str(files[split]))
+        return to_split(read_file(files[split]), task, labels, str(files[split]), group_field)
     if not data.hub:
         raise DataError(f"no local files for task {task.name!r} (looked for a folder {task.name!r} in "
                         f"{', '.join(map(str, data_roots()))}) and data.hub is empty; set data.data_dir or "
@@ -297,10 +304,25 @@ def load_raw(data: "DataConfig", task: "TaskConfig", split: str,
         ) from exc
     if dataset is None:
         return None
-    return to_split(dataset, task, labels, f"hub:{data.hub}/{data.hub_config}:{split}")
+    return to_split(dataset, task, labels, f"hub:{data.hub}/{data.hub_config}:{split}", group_field)
 
 
-def load_split(config: "RunConfig", split: str, size: int | None = None) -> Split:
+def load_own(config: "RunConfig", path: str | Path) -> Split:
+    """A data holder's own training data: the file at ``path``, or the train file of the folder ``path``,
+    read as the ledger's task reads it (its columns, its labels: a value outside them is an error naming the
+    record). All of it is the holder's; ``data.min_words`` applies, as it does to every training split."""
+    where = Path(path)
+    file = _split_file(where, "train") if where.is_dir() else where
+    if file is None or not file.is_file():
+        raise DataError(f"data-path {str(path)!r}: no such file, nor a folder with a train file")
+    part, _ = to_split(read_file(file), config.task, config.task.labels, str(file))
+    part = part.with_min_words(config.data.min_words)
+    if len(part) == 0:
+        raise DataError(f"{file}: no training examples left (data.min_words {config.data.min_words})")
+    return part
+
+
+def load_split(config: "RunConfig", split: str, size: int | None = None, group_field: str = "") -> Split:
     """The examples a run uses from one split, labelled with the task's labels (which must be resolved:
     :func:`with_labels`); an empty Split for a dev split the data does not have. ``data.min_words`` applies to
     train and dev (the training distribution, e.g. SST-2's phrases), never to test (the benchmark); then a
@@ -309,7 +331,7 @@ def load_split(config: "RunConfig", split: str, size: int | None = None) -> Spli
     data, task = config.data, config.task
     if not task.labels:
         raise ValueError("task.labels is empty: resolve them first (shared.tasks.with_labels)")
-    loaded = load_raw(data, task, split, task.labels)
+    loaded = load_raw(data, task, split, task.labels, group_field)
     if loaded is None:
         return Split([], np.zeros(0, dtype=np.int64))
     part = loaded[0]

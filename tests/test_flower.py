@@ -38,17 +38,29 @@ def test_simulation_with_flwr_run_offline(tmp_path):
 
 @pytest.mark.slow  # a real SuperLink and SuperNodes with TLS: multi-minute on CI; run with -m slow
 def test_deployment_with_tls_and_node_authentication(tmp_path):
-    """Two SuperNodes, the second on ONNX Runtime (an edge node without torch): a mixed real federation that
-    pins its nodes. A third, rogue SuperNode registers a key of its own through the Control API (Flower admits
-    it) and claims node-0's name: it is asked who it is, refused, and sent nothing else."""
+    """Three SuperNodes, each reading its institution's own file (node config data-path), the second on ONNX
+    Runtime (an edge node without torch), the third with a bad file: a mixed real federation that pins its
+    nodes, whose rounds commit from the two good nodes while the third refuses by name. A fourth, rogue
+    SuperNode registers a key of its own through the Control API (Flower admits it) and claims node-0's name:
+    it is asked who it is, refused, and sent nothing else."""
     run_dir = tmp_path / "run"
+    own = []
+    for i, rows in enumerate((range(0, 60), range(60, 120))):
+        own.append(tmp_path / f"site-{i}" / "train.tsv")
+        own[-1].parent.mkdir()
+        own[-1].write_text("sentence\tlabel\n" + "".join(f"site {i} sentence {k} , a fine one\t{k % 2}\n" for k in rows))
+    bad = tmp_path / "site-2" / "train.tsv"
+    bad.parent.mkdir()
+    bad.write_text("sentence\tlabel\nfine\t1\nmy secret record\t7\n")
     model = tmp_path / "onnx" / "model.onnx"
     export = subprocess.run([sys.executable, "-m", "seedtune.cli", "export-onnx", "--out", str(model),
                              *(f"-s{k}={v}" for k, v in TINY.items() if k.startswith("model."))],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]
-    onnx_node = {"NODE_CONFIG_1": f"runtime=\"onnx\" onnx-model=\"{model}\""}
-    with start_federation(ROOT, tmp_path / "fed", num_nodes=2, extra_unregistered=True, extra_env=onnx_node) as fed:
+    nodes = {"NODE_CONFIG_0": f"data-path=\"{own[0]}\"",
+             "NODE_CONFIG_1": f"runtime=\"onnx\" onnx-model=\"{model}\" data-path=\"{own[1].parent}\"",
+             "NODE_CONFIG_2": f"data-path=\"{bad}\""}
+    with start_federation(ROOT, tmp_path / "fed", num_nodes=3, extra_unregistered=True, extra_env=nodes) as fed:
         assert fed.unregistered is not None and fed.unregistered.refused, fed.unregistered
         rogue = subprocess.run([str(ROOT / "scripts" / "deploy" / "start_rogue.sh"), str(fed.state_dir)],
                                env=fed.env, capture_output=True, text=True, timeout=120)
@@ -59,11 +71,17 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
         assert result.ok, result.output_tail()
         ledger = Ledger.open(run_dir / "ledger.sqlite")
         assert ledger.last_round == 2 and ledger.verify() == 2 * 2  # rounds x local steps
-        assert len({p.node for p in ledger.replies(1) if p.status == "accepted"}) == 2
+        for rnd in (1, 2):  # each round from the two good sites; the bad one refused, by name, every round
+            assert sorted((p.holder, p.status) for p in ledger.replies(rnd)) == [
+                ("node-0", "accepted"), ("node-1", "accepted"), ("node-2", "refused")]
+        assert "this node's data file is unusable" in fed.log("supernode_3") + result.output_tail(20000)
+        assert "record 2 has label '7'" in fed.log("supernode_3")  # the details stay in the node's own log
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["clients_agree"] and len(summary["client_digests"]) == 2
+        assert not summary["clients_agree"]  # the bad site never followed the ledger: said, not hidden
+        digests = summary["client_digests"]
+        assert len(digests) == 2 and set(digests.values()) == {summary["state_digest"]}
         assert sorted(summary["client_runtimes"].values()) == ["onnx:CPUExecutionProvider", "torch:cpu:float32"]
-        assert summary["refused_identities"] == [rogue_id] and summary["pinned_nodes"] == 2
+        assert summary["refused_identities"] == [rogue_id] and summary["pinned_nodes"] == 3
         assert rogue_id not in {p.node for r in (1, 2) for p in ledger.replies(r)}
         received = re.findall(r"Receiving: (\S+) message", fed.log("rogue"))
         assert received == ["query.identify"], received
