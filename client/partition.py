@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from client.privacy_ledger import data_key
 from client.node import Partition
 from shared.config import RunConfig
-from shared.tasks import DataError, Record, Split, load_own, load_split
+from shared.tasks import DataError, Split, load_own, load_split
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class Tokenizes(Protocol):
 
     name: str
 
-    def encode(self, records: Sequence[Record]) -> list[list[int]]: ...
+    def examples(self, split: Split) -> tuple[list[list[int]], np.ndarray]: ...
 
 
 _SPLITS: dict[str, Split] = {}
@@ -70,9 +70,8 @@ def _partitioner(config: RunConfig, num_partitions: int):
 
 def _partition(config: RunConfig, task: Tokenizes, split: Split) -> Partition:
     """The tokenized records and the data key the holder's privacy ledger charges them under."""
-    names = config.task.labels
-    return Partition(task.encode(split.records), split.labels,
-                     data_key((r, names[y]) for r, y in zip(split.records, split.labels)))
+    ids, labels = task.examples(split)
+    return Partition(ids, labels, data_key(zip(split.records, split.answers(config.task.labels))))
 
 
 def load_own_data(config: RunConfig, task: Tokenizes, path: str) -> Partition:
@@ -106,10 +105,13 @@ def load_partition(config: RunConfig, task: Tokenizes, partition_id: int, num_pa
                 raise DataError(f"federation.partition 'natural': column {config.federation.partition_by!r} has "
                                 f"{len(ids)} distinct values but the federation has {num_partitions} nodes; run "
                                 f"one node per value")
+        if split.targets is not None:
+            columns["target"] = split.targets
         partitioner.dataset = Dataset.from_dict({**columns, "label": split.labels.tolist()})
         part = partitioner.load_partition(partition_id)
         records = list(zip(*(part[f] for f in fields)))
-        _CACHE[key] = _partition(config, task, Split(records, np.asarray(part["label"], dtype=np.int64)))
+        _CACHE[key] = _partition(config, task, Split(records, np.asarray(part["label"], dtype=np.int64),
+                                                     targets=part["target"] if "target" in part.column_names else None))
         log.info("partition %d/%d (%s): %d examples", partition_id, num_partitions, config.federation.partition,
                  len(_CACHE[key].labels))
     return _CACHE[key]

@@ -98,12 +98,15 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     out_dir = Path(config.out_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-    train_ids, test_ids, dev_ids = task.encode(train_split.records), task.encode(test_split.records), \
-        task.encode(dev_split.records)
-    log.info("task %s (%d labels), model %s (%s), %d train / %d test / %d dev examples", config.task.name,
-             len(config.task.labels), task.name, task.kind, len(train_ids), len(test_ids), len(dev_ids))
+    train_ids, train_labels = task.examples(train_split)
+    test_set = task.eval_set(test_split)
+    # the periodic dev evaluation (public-split monitoring) is a classifier's accuracy
+    dev_ids, dev_labels = task.examples(dev_split) if not task.generation else ([], dev_split.labels[:0])
+    log.info("task %s (%s), model %s (%s), %d train / %d test / %d dev examples", config.task.name,
+             f"{len(config.task.labels)} labels" if not task.generation else "generation", task.name, task.kind,
+             len(train_ids), len(test_set), len(dev_ids))
     if not len(dev_ids) and config.eval.every:
-        log.info("no dev split: no periodic evaluation (eval.every applies to a public dev split only)")
+        log.info("no periodic evaluation: it needs a dev split and a classification task")
 
     plan = plan_privacy(config, len(train_ids))
     private = config.privacy.enabled
@@ -124,8 +127,8 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         ledger = None
         log.warning("no ledger for this run (%s): its model cannot be rebuilt with seedtune replay", not_a_ledger)
 
-    zero_shot = task.evaluate(test_ids, test_split.labels, config.model.microbatch, progress)
-    log.info("zero-shot test accuracy %.4f, macro-F1 %.4f", zero_shot["accuracy"], zero_shot["macro_f1"])
+    zero_shot = task.evaluate(test_set, config.model.microbatch, progress)
+    log.info("zero-shot test %s", ", ".join(f"{k} {v:.4f}" for k, v in zero_shot.items() if isinstance(v, float)))
 
     rng = SecureRandom()
     directions = config.zo.directions
@@ -136,7 +139,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     loop_start = None  # set at the first step, after the first trainable set is chosen (pruning is setup)
     with metrics_path.open("w", buffering=1) as metrics:  # line-buffered: readable while training
         if config.eval.every and len(dev_ids):
-            dev0 = task.accuracy(dev_ids, dev_split.labels, config.model.microbatch)
+            dev0 = task.accuracy(dev_ids, dev_labels, config.model.microbatch)
             metrics.write(json.dumps({"step": 0, "dev_accuracy": dev0}) + "\n")
         for stage in stages(config.schedule, config.zo.lr, config.zo.mu):
             if stage.index > 0 and config.selection.mode == "prune" and config.selection.strategy != "static":
@@ -154,7 +157,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                         on_loop_start()
                     loop_start = time.perf_counter()  # the steps alone (dev evaluations included, if any)
                 result = zo_step(
-                    view, train_ids, train_split.labels, seeds=[next(seeds) for _ in range(directions)],
+                    view, train_ids, train_labels, seeds=[next(seeds) for _ in range(directions)],
                     mu=stage.mu, sample_rate=plan.sample_rate, microbatch=config.model.microbatch, rng=rng,
                     clip=config.privacy.clip if private else None, noise=plan.noise,
                 )
@@ -177,7 +180,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                 row = {"step": t + 1, "stage": stage.index, "batch": result.batch_size, "clipped": result.clipped,
                        "nonfinite": result.nonfinite, "loss": result.loss, "coeff": coeffs[0] if directions == 1 else coeffs}
                 if config.eval.every and (t + 1) % config.eval.every == 0 and len(dev_ids):
-                    row["dev_accuracy"] = task.accuracy(dev_ids, dev_split.labels, config.model.microbatch)
+                    row["dev_accuracy"] = task.accuracy(dev_ids, dev_labels, config.model.microbatch)
                     bar.write(f"step {t + 1}: dev accuracy {row['dev_accuracy']:.4f}")
                 metrics.write(json.dumps(row) + "\n")
     bar.close()
@@ -185,7 +188,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     if ledger is not None:
         ledger.close()
 
-    test = task.evaluate(test_ids, test_split.labels, config.model.microbatch, progress)
+    test = task.evaluate(test_set, config.model.microbatch, progress)
     epsilon = accountant.epsilon(config.privacy.delta) if private else None  # non-private: no guarantee
     # With a ledger, `seedtune replay <ledger> --out DIR` rebuilds this model: the same model_digest.
     digest = model_digest(float32_model(task, config, view).module) if ledger is not None else None
@@ -205,15 +208,12 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         "sample_rate": plan.sample_rate,
         "trainable_entries": selection.size,
         "trainable_fraction": selection.fraction_of(task.module),
-        "test_accuracy": test["accuracy"],
-        "test_macro_f1": test["macro_f1"],
-        "zero_shot_accuracy": zero_shot["accuracy"],
-        "zero_shot_macro_f1": zero_shot["macro_f1"],
-        # per label of the public test split: examples, predicted, correct (after training; before it)
-        "test_per_label": test["per_label"],
-        "zero_shot_per_label": zero_shot["per_label"],
+        # on the public test split, after training and before it (zero-shot): classification's accuracy,
+        # macro-F1 and per label examples, predicted, correct; generation's BLEU, ROUGE-L, perplexity, examples
+        **{f"test_{k}": v for k, v in test.items()},
+        **{f"zero_shot_{k}": v for k, v in zero_shot.items()},
         "train_size": len(train_ids),
-        "test_size": len(test_ids),
+        "test_size": len(test_set),
         "train_s": round(train_s, 3),
         "wall_s": round(time.time() - start, 2),
         "out_dir": str(out_dir),

@@ -74,7 +74,7 @@ class FederatedServer:
         test = load_split(config, "test")
         self.replica = replica or Replica(config)
         self.dev = (self.replica.task.encode(dev.records), dev.labels)
-        self.test = (self.replica.task.encode(test.records), test.labels)
+        self.test = self.replica.task.eval_set(test)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rng = SecureRandom()
@@ -344,8 +344,7 @@ class FederatedServer:
         return self.replica.task.accuracy(ids, labels, self.config.model.microbatch) if len(ids) else math.nan
 
     def test_metrics(self) -> dict:
-        ids, labels = self.test
-        return self.replica.task.evaluate(ids, labels, self.config.model.microbatch)
+        return self.replica.task.evaluate(self.test, self.config.model.microbatch)
 
     # ------------------------------------------------------------------------------------------- run
     def _query(self, plan: RoundPlan) -> dict[int, Reply]:
@@ -381,8 +380,8 @@ class FederatedServer:
         first = self.ledger.last_round + 1
         if first == 1:  # the base model's accuracy, before any private step
             zero_shot = self.test_metrics()
-            self.report.add({"round": 0, "dev_accuracy": self.evaluate(), "test_accuracy": zero_shot["accuracy"],
-                             "test_macro_f1": zero_shot["macro_f1"], "ledger_entries": 0})
+            self.report.add({"round": 0, "dev_accuracy": self.evaluate(), "ledger_entries": 0,
+                             **{f"test_{k}": v for k, v in zero_shot.items() if isinstance(v, float)}})
         for rnd in range(first, fed.rounds + 1):
             self.run_round(rnd)
         server_digest = self.replica.state_digest()
@@ -407,9 +406,8 @@ class FederatedServer:
             "delta": self.config.privacy.delta if self.config.privacy.enabled else None,
             "dev_accuracy_first": next((r["dev_accuracy"] for r in rows if "dev_accuracy" in r), None),
             "dev_accuracy_last": next((r["dev_accuracy"] for r in reversed(rows) if "dev_accuracy" in r), None),
-            "zero_shot_test_accuracy": next((r.get("test_accuracy") for r in rows if r["round"] == 0), None),
-            "zero_shot_test_macro_f1": next((r.get("test_macro_f1") for r in rows if r["round"] == 0), None),
-            "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "test_per_label": test["per_label"],
+            **{f"zero_shot_{k}": v for r in rows if r["round"] == 0 for k, v in r.items() if k.startswith("test_")},
+            **{f"test_{k}": v for k, v in test.items()},
             "model_digest": self.replica.digest(), "state_digest": server_digest,
             "client_digests": client_digests, "client_runtimes": client_runtimes,
             # Every node asked in the final sync (every live node; only the identified ones when the run pins

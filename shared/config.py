@@ -67,13 +67,14 @@ class ModelConfig:
         _require(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", self.dtype)
 
 
-TASK_KINDS = ("classification",)
+TASK_KINDS = ("classification", "generation")
 DATA_FORMATS = ("csv", "tsv", "json", "parquet")  # by file extension; .jsonl is JSON Lines
 
 
 @dataclass
 class TaskConfig:
-    """What the model learns: which columns it reads, the prompt they fill, and the labels it tells apart.
+    """What the model learns: which columns it reads, the prompt they fill, and the labels it tells apart
+    (classification) or the text it writes after the prompt (generation, decoders only).
 
     The task travels in the ledger header (the whole config does), so a replay, an export and every node of a
     federation build the same prompt and label scores. The defaults are SST-2 (configs/sst2.toml states them);
@@ -83,7 +84,9 @@ class TaskConfig:
     name: str = "sst2"  # a name for summaries and the privacy ledger's data key
     kind: str = "classification"
     text_fields: list[str] = field(default_factory=lambda: ["sentence"])  # one text, or a pair (premise, hypothesis)
-    label_field: str = "label"
+    label_field: str = "label"  # classification: the label column
+    target_field: str = ""  # generation: the column the model learns to write after the prompt
+    max_new_tokens: int = 64  # generation: the longest greedy continuation scored at evaluation
     # A decoder's prompt: {field} placeholders name text_fields; the label word's score is read right after it.
     template: str = "Review: {sentence}\nSentiment:"
     # The label values as the data spells them, in class order; empty: the training split's values, sorted
@@ -107,6 +110,16 @@ class TaskConfig:
         _require(isinstance(self.label_field, str) and self.label_field != "" and self.label_field not in
                  self.text_fields, "task.label_field", "must be a column name that is not a text field",
                  self.label_field)
+        generation = self.kind == "generation"
+        _require(isinstance(self.target_field, str) and bool(self.target_field) == generation
+                 and self.target_field not in self.text_fields, "task.target_field",
+                 "must name the target column (not a text field) exactly when task.kind = 'generation'",
+                 self.target_field)
+        _require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "task.max_new_tokens",
+                 "must be an int >= 1", self.max_new_tokens)
+        for name in ("labels", "label_words", "label_prompts"):
+            _require(not generation or getattr(self, name) == [], f"task.{name}",
+                     "applies to classification: set it to [] for a generation task", getattr(self, name))
         from shared.tasks import template_fields  # the one parser of templates (shared.tasks imports no config)
 
         _require(isinstance(self.template, str), "task.template", "must be a string", self.template)
@@ -361,6 +374,8 @@ class RunConfig:
                  self.zo.directions)
         # SynFlow scores a float32 model on the CPU (every node must derive the same set): a strategy that re-prunes
         # between stages would have to score the half-precision forward copy.
+        _require(self.federation.partition != "dirichlet" or self.task.kind == "classification",
+                 "federation.partition", "'dirichlet' skews labels: a classification task's only", "dirichlet")
         _require(self.model.dtype == "float32" or self.selection.mode != "prune" or self.selection.strategy == "static",
                  "selection.strategy", f"must be 'static' with model.dtype = {self.model.dtype!r} (re-pruning runs "
                  f"in float32 only)", self.selection.strategy)

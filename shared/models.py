@@ -42,7 +42,7 @@ from torch import nn
 
 from shared.batching import keep_tail, length_sorted, pad
 from shared.config import ConfigError, ModelConfig, TaskConfig, cache_root
-from shared.tasks import Prompter, Record, as_record, classification_metrics
+from shared.tasks import Prompter, Record, Split, as_record, classification_metrics, generation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,55 @@ class DecoderClassifier(nn.Module):
         return self.label_logits(self.last_hidden(attention_mask, input_ids=input_ids))
 
 
+class DecoderGenerator(DecoderClassifier):
+    """A causal LM scored on its target tokens: the per-example mean negative log-likelihood of the target given
+    the prompt, the loss a generation task's two-point estimate uses. (It shares the classifier's body plumbing,
+    with no label rows.) Only the positions that predict a target token are projected onto the vocabulary, and
+    CHUNK of them at a time: never the whole sequence x vocabulary at once."""
+
+    CHUNK = 256  # target positions per vocabulary projection (256 x 49,152 float32 logits: 50 MB for SmolLM2)
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__(lm, [])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prompt_lengths: torch.Tensor) -> torch.Tensor:
+        body = getattr(self.lm, self.lm.base_model_prefix)
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        # position t predicts token t + 1: the targets are the tokens from prompt_length to the row's end
+        positions = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
+        predicts = (positions[None] >= prompt_lengths[:, None] - 1) & \
+            (positions[None] < attention_mask.sum(-1)[:, None] - 1)
+        rows, cols = predicts.nonzero(as_tuple=True)
+        states, targets = hidden[rows, cols], input_ids[rows, cols + 1]
+        head = self.lm.get_output_embeddings()
+        nll = torch.empty(len(rows), dtype=torch.float32, device=hidden.device)
+        for start in range(0, len(rows), self.CHUNK):
+            part = slice(start, start + self.CHUNK)
+            logits = head(states[part]).float()  # the forward dtype's matmul, float32 log-softmax
+            nll[part] = torch.logsumexp(logits, -1) - logits.gather(1, targets[part, None])[:, 0]
+        total = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device).index_add_(0, rows, nll)
+        return total / predicts.sum(-1).clamp_min(1)
+
+    def vocabulary_scores(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_output_embeddings()(last_hidden).float()
+
+
+@dataclass
+class EvalSet:
+    """A split prepared for :meth:`TextClassifier.evaluate`: classification keeps the tokenized records and
+    labels; generation keeps each distinct prompt with all its references (BLEU and ROUGE-L against all of
+    them) and the tokenized (prompt, reference) pairs (perplexity)."""
+
+    ids: list[list[int]]
+    labels: np.ndarray
+    prompt_ids: list[list[int]] | None = None
+    references: list[list[str]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 class TextClassifier:
     """A task model plus its tokenizer: tokenises once, batches with dynamic padding, scores batches."""
 
@@ -193,6 +242,7 @@ class TextClassifier:
                  task: TaskConfig) -> None:
         self.name, self.kind, self.module, self.tokenizer, self.max_length = name, kind, module, tokenizer, max_length
         self.labels, self.prompter = list(task.labels), Prompter.of(task)
+        self.generation, self.max_new_tokens = task.kind == "generation", task.max_new_tokens
         self.module.eval()  # no dropout: the two-point estimate needs a deterministic loss
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
@@ -215,10 +265,44 @@ class TextClassifier:
         if self.kind == "decoder":
             texts = [self.prompter.render(r) for r in records]
             ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-            tail = self.tokenizer(self.prompter.tail, add_special_tokens=False)["input_ids"] if self.prompter.tail else []
-            return keep_tail(ids, self.max_length, tail)
+            return keep_tail(ids, self.max_length, self._tail_ids())
         columns = list(zip(*(as_record(r, fields) for r in records)))
         return self.tokenizer(*(list(c) for c in columns), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def examples(self, split: Split) -> tuple[list[list[int]], np.ndarray]:
+        """What the ZO step scores: (token ids, labels). Classification: the encoded records and their labels.
+        Generation: prompt + " " + target + EOS, and each example's prompt length (its loss is the mean NLL of
+        the tokens after it); the prompt keeps its tail and yields room to the target, at most half."""
+        if not self.generation:
+            return self.encode(split.records), split.labels
+        prompts = self.encode(split.records)
+        targets = self.tokenizer([" " + t for t in split.targets or []], add_special_tokens=False)["input_ids"]
+        tail = self._tail_ids()
+        ids, lengths = [], []
+        for prompt, target in zip(prompts, targets):
+            target = target + [self.eos_token_id]
+            prompt = keep_tail([prompt], self.max_length - min(len(target), self.max_length // 2), tail)[0]
+            ids.append(prompt + target[: self.max_length - len(prompt)])
+            lengths.append(len(prompt))
+        return ids, np.asarray(lengths, dtype=np.int64)
+
+    def eval_set(self, split: Split) -> EvalSet:
+        ids, labels = self.examples(split)
+        if not self.generation:
+            return EvalSet(ids, labels)
+        grouped: dict[Record, list[str]] = {}
+        for record, target in zip(split.records, split.targets or []):
+            grouped.setdefault(record, []).append(target)
+        return EvalSet(ids, labels, self.encode(list(grouped)), list(grouped.values()))
+
+    @property
+    def eos_token_id(self) -> int:
+        """The token that ends a target (a BERT-style tokenizer's [SEP] where it has no EOS)."""
+        eos = self.tokenizer.eos_token_id
+        return eos if eos is not None else self.tokenizer.sep_token_id
+
+    def _tail_ids(self) -> list[int]:
+        return self.tokenizer(self.prompter.tail, add_special_tokens=False)["input_ids"] if self.prompter.tail else []
 
     def probe(self, texts: Sequence[str]) -> list[Record]:
         """Public probe records (each text in every field) for checks that need some input, never data."""
@@ -238,6 +322,8 @@ class TextClassifier:
     def per_example_loss(self, batch: Batch, prefix: torch.Tensor | None = None, depth: int = 0) -> torch.Tensor:
         """Cross-entropy per example; with ``prefix`` (``prefix_hidden(batch, depth)``) only the layers from
         ``depth`` on run."""
+        if self.generation:  # the mean NLL of each example's target tokens (batch.labels: prompt lengths)
+            return self.module(batch.input_ids, batch.attention_mask, batch.labels)
         logits = self.logits(batch) if prefix is None else \
             self.module.forward_from(prefix, batch.attention_mask, depth)
         return F.cross_entropy(logits.float(), batch.labels, reduction="none")
@@ -254,7 +340,7 @@ class TextClassifier:
         set in the top third of the layers). Only decoders split; the split is checked against the full
         forward on a probe batch and not used (with a warning) where the two disagree.
         """
-        if self.kind != "decoder" or not names:
+        if self.kind != "decoder" or self.generation or not names:
             return 0
         depth = min(self.module.layer_of(n) for n in names)
         if depth == 0:
@@ -283,6 +369,8 @@ class TextClassifier:
         length = 8
         ones = torch.ones(1, length, hidden, device=self.device)
         mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        if self.generation:
+            return self.module.vocabulary_scores(self.module.last_hidden(mask, inputs_embeds=ones)).sum()
         if self.kind == "decoder":
             return self.module.label_logits(self.module.last_hidden(mask, inputs_embeds=ones)).sum()
         return self.module.scores(self.module.embed(None, mask, inputs_embeds=ones)).sum()
@@ -305,10 +393,47 @@ class TextClassifier:
                  progress: bool = False) -> float:
         return int((self.predictions(ids, batch_size, progress) == labels).sum()) / len(ids)
 
-    def evaluate(self, ids: Sequence[Sequence[int]], labels: np.ndarray, batch_size: int = 64,
-                 progress: bool = False) -> dict:
-        """Accuracy, macro-F1 and per-label counts (shared.tasks.classification_metrics)."""
-        return classification_metrics(self.predictions(ids, batch_size, progress), labels, self.labels)
+    def evaluate(self, data: EvalSet, batch_size: int = 64, progress: bool = False) -> dict:
+        """Classification: accuracy, macro-F1 and per-label counts (shared.tasks.classification_metrics).
+        Generation: greedy continuations of the distinct prompts scored with BLEU and ROUGE-L against all
+        their references, and the perplexity of the references (shared.tasks.generation_metrics)."""
+        if not self.generation:
+            return classification_metrics(self.predictions(data.ids, batch_size, progress), data.labels, self.labels)
+        nll = np.empty(len(data.ids), dtype=np.float64)
+        for rows in length_sorted(data.ids, batch_size):
+            nll[rows] = self.per_example_loss(self.collate([data.ids[i] for i in rows], data.labels[rows])).cpu()
+        counts = np.asarray([len(x) for x in data.ids]) - data.labels
+        hypotheses = self.generate(data.prompt_ids, self.max_new_tokens, batch_size, progress)
+        return generation_metrics(hypotheses, data.references, float((nll * counts).sum()), int(counts.sum()))
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 16,
+                 progress: bool = False) -> list[str]:
+        """Greedy continuations, their first non-empty line, in the order of ``prompt_ids`` (left-padded
+        batches of similar length through the LM's cached decoding)."""
+        from transformers import GenerationConfig
+
+        pad, eos = self.tokenizer.pad_token_id, self.eos_token_id
+        settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                                    eos_token_id=eos)
+        out: list[str] = [""] * len(prompt_ids)
+        batches = length_sorted(prompt_ids, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            batches = tqdm(batches, total=-(-len(prompt_ids) // batch_size), desc="generating", unit="batch",
+                           leave=False)
+        for rows in batches:
+            seqs = [list(prompt_ids[i]) for i in rows]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for j, s in enumerate(seqs):
+                ids[j, width - len(s):], mask[j, width - len(s):] = torch.tensor(s), 1
+            generated = self.module.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                                generation_config=settings)
+            for i, text in zip(rows, self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)):
+                out[i] = text.strip().split("\n")[0].strip()  # the first non-empty line
+        return out
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -415,7 +540,7 @@ def label_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
 def load_task_model(config: ModelConfig, task: TaskConfig | None = None) -> TextClassifier:
     """The classifier of ``task`` (default: the embedded default task, SST-2) over model ``config.name``."""
     task = task or TaskConfig()
-    if not task.labels:
+    if not task.labels and task.kind == "classification":
         raise ConfigError("task.labels is empty: resolve the labels from the data first (shared.tasks.with_labels)")
     name, kind = config.name, config.kind
     if name == "minilm":
@@ -433,7 +558,13 @@ def load_task_model(config: ModelConfig, task: TaskConfig | None = None) -> Text
 
     if any(p.dtype != torch.float32 for p in body.parameters()):
         body = body.float()  # (a model de-quantised from GGUF is float32 already, and refuses .float())
-    if kind == "decoder":
+    if task.kind == "generation" and kind != "decoder":
+        raise ConfigError(f"task.kind 'generation' needs a decoder (causal LM); {name} is an encoder")
+    if task.kind == "generation":
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        model = TextClassifier(name, kind, DecoderGenerator(body), tok, config.max_length, task)
+    elif kind == "decoder":
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         model = TextClassifier(name, kind, DecoderClassifier(body, label_token_ids(tok, task.words)), tok,

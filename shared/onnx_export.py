@@ -104,6 +104,9 @@ def export_onnx(replica: Replica, out: str | Path, check: bool = True) -> dict[s
     out = Path(out)
     if out.suffix != ".onnx":
         raise OnnxModelError(f"--out must name a .onnx file, got {out}")
+    if replica.task.generation:
+        raise OnnxModelError(f"task {replica.config.task.name!r} is a generation task: ONNX export covers "
+                             f"classifiers (replay writes the generator as a Hugging Face folder)")
     out.parent.mkdir(parents=True, exist_ok=True)
     task, selection = replica.task, replica.selection
     if not task.tokenizer.is_fast:

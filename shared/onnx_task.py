@@ -14,7 +14,7 @@ import numpy as np
 
 from shared.batching import keep_tail, length_sorted, pad
 from shared.onnx_format import OnnxMetadata, OnnxModelError, file_sha256, sidecars
-from shared.tasks import Prompter, Record, as_record
+from shared.tasks import Prompter, Record, Split, as_record
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ class OnnxTask:
             return keep_tail(ids, self.max_length, self._tail)
         rows = [as_record(r, self.prompter.fields) for r in records]
         return [e.ids for e in self.tokenizer.encode_batch([r[0] if len(r) == 1 else r for r in rows])]
+
+    def examples(self, split: Split) -> tuple[list[list[int]], np.ndarray]:
+        """What the ZO step scores: the encoded records and their labels (ONNX nodes run classifiers)."""
+        return self.encode(split.records), split.labels
 
     # -------------------------------------------------------------------------------------- scoring
     def logits(self, ids: Sequence[Sequence[int]], trainable: np.ndarray | None = None) -> np.ndarray:

@@ -88,15 +88,30 @@ def as_record(record: Record | str, fields: Sequence[str]) -> Record:
 @dataclass(frozen=True)
 class Split:
     records: list[Record]
-    labels: np.ndarray  # int64 class indices into the task's labels
+    labels: np.ndarray  # int64 class indices into the task's labels (generation: zeros)
     groups: list[str] | None = None  # each record's value of a grouping column (a natural partition), if read
+    targets: list[str] | None = None  # generation: each record's target text
 
     def __len__(self) -> int:
         return len(self.records)
 
     def subset(self, indices: np.ndarray) -> "Split":
         groups = None if self.groups is None else [self.groups[i] for i in indices]
-        return Split([self.records[i] for i in indices], self.labels[indices], groups)
+        targets = None if self.targets is None else [self.targets[i] for i in indices]
+        return Split([self.records[i] for i in indices], self.labels[indices], groups, targets)
+
+    def answers(self, labels: Sequence[str]) -> list[str]:
+        """What each record is paired with, as the data spell it: its target (generation) or label name."""
+        return list(self.targets) if self.targets is not None else [labels[y] for y in self.labels]
+
+    def prompt_subset(self, size: int, seed: int) -> "Split":
+        """Every row of ``size`` distinct prompts drawn with a public seed (a generation test split: all the
+        references of each prompt kept, as BLEU against all references needs)."""
+        prompts = list(dict.fromkeys(self.records))
+        if size <= 0 or size >= len(prompts):
+            return self
+        keep = {prompts[i] for i in np.random.default_rng(seed).permutation(len(prompts))[:size]}
+        return self.subset(np.flatnonzero([r in keep for r in self.records]))
 
     def with_min_words(self, min_words: int) -> "Split":
         """The records of at least ``min_words`` words. A rule applied to each record alone, never to the data
@@ -113,7 +128,8 @@ class Split:
         if size <= 0 or size >= len(self):
             return self
         threshold = size / len(self)
-        keep = [_record_uniform(seed, r, int(label)) < threshold for r, label in zip(self.records, self.labels)]
+        rows = self.records if self.targets is None else [(*r, t) for r, t in zip(self.records, self.targets)]
+        keep = [_record_uniform(seed, r, int(label)) < threshold for r, label in zip(rows, self.labels)]
         return self.subset(np.flatnonzero(keep))
 
     def balanced_subset(self, size: int, seed: int, num_labels: int) -> "Split":
@@ -240,24 +256,30 @@ def to_split(dataset, task: "TaskConfig", labels: Sequence[str] | None, source: 
     With ``labels`` (the task's), a value outside them is an error naming the record; without, the labels are
     the data's values, sorted (numbers numerically)."""
     columns = list(dataset.column_names)
-    wanted = [*task.text_fields, task.label_field] + ([group_field] if group_field else [])
+    generation = task.kind == "generation"
+    answer = task.target_field if generation else task.label_field
+    wanted = [*task.text_fields, answer] + ([group_field] if group_field else [])
     for name in wanted:
         if name not in columns:
-            role = {task.label_field: "task.label_field", group_field: "federation.partition_by"}.get(
-                name, "task.text_fields")
+            role = {answer: "task.target_field" if generation else "task.label_field",
+                    group_field: "federation.partition_by"}.get(name, "task.text_fields")
             raise DataError(f"{source}: no column {name!r} ({role}); its columns are {columns}")
     if len(dataset) == 0:
         raise DataError(f"{source}: no examples")
     table = dataset.select_columns(list(dict.fromkeys(wanted))).to_dict()  # columns as lists: fast
     texts = [table[f] for f in task.text_fields]
-    raw_labels = table[task.label_field]
+    raw_labels = table[answer]
     for i, value in enumerate(raw_labels):
         if value is None or str(value).strip() == "":
-            raise DataError(f"{source}: record {i + 1} has no {task.label_field!r}")
+            raise DataError(f"{source}: record {i + 1} has no {answer!r}")
     for field_name, column in zip(task.text_fields, texts):
         for i, value in enumerate(column):
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"{source}: record {i + 1} has no text in {field_name!r} (got {value!r:.60})")
+    groups = [str(g) for g in table[group_field]] if group_field else None
+    if generation:
+        targets = [str(v).strip() for v in raw_labels]
+        return Split(list(zip(*texts)), np.zeros(len(targets), dtype=np.int64), groups, targets), []
     values = [str(v).strip() for v in raw_labels]
     if not labels:
         labels = sort_labels(set(values))
@@ -266,7 +288,6 @@ def to_split(dataset, task: "TaskConfig", labels: Sequence[str] | None, source: 
     if unknown is not None:
         raise DataError(f"{source}: record {unknown[0] + 1} has {task.label_field} {unknown[1]!r}, not one of the "
                         f"task's labels {list(labels)}")
-    groups = [str(g) for g in table[group_field]] if group_field else None
     return Split(list(zip(*texts)), np.asarray([index[v] for v in values], dtype=np.int64), groups), list(labels)
 
 
@@ -327,9 +348,10 @@ def load_split(config: "RunConfig", split: str, size: int | None = None, group_f
     :func:`with_labels`); an empty Split for a dev split the data does not have. ``data.min_words`` applies to
     train and dev (the training distribution, e.g. SST-2's phrases), never to test (the benchmark); then a
     subset of ``size`` (default: data.train_size or data.test_size; 0 = all): kept per record by a salted
-    hash for the private train split, class-balanced for the public dev and test splits."""
+    hash for the private train split; for the public dev and test splits class-balanced, or for a generation
+    task ``size`` distinct prompts with all their references."""
     data, task = config.data, config.task
-    if not task.labels:
+    if not task.labels and task.kind == "classification":
         raise ValueError("task.labels is empty: resolve them first (shared.tasks.with_labels)")
     loaded = load_raw(data, task, split, task.labels, group_field)
     if loaded is None:
@@ -345,6 +367,8 @@ def load_split(config: "RunConfig", split: str, size: int | None = None, group_f
             raise DataError(f"task {task.name!r}: no training examples left (data.min_words {data.min_words}, "
                             f"data.train_size {data.train_size})")
         return part
+    if task.kind == "generation":
+        return part.prompt_subset(size, data.seed)
     return part.balanced_subset(size, data.seed, len(task.labels))
 
 
@@ -357,7 +381,7 @@ def with_labels(config: "RunConfig", split: str = "train") -> "RunConfig":
 
     from shared.config import ConfigError
 
-    if config.task.labels:
+    if config.task.labels or config.task.kind == "generation":
         return config
     loaded = load_raw(config.data, config.task, split)
     if loaded is None:
@@ -388,3 +412,22 @@ def classification_metrics(predicted: np.ndarray, labels: np.ndarray, names: Seq
         per_label[name] = {"examples": n_true, "predicted": n_pred, "correct": hit}
     return {"accuracy": float((predicted == labels).mean()) if len(labels) else float("nan"),
             "macro_f1": float(np.mean(f1s)), "per_label": per_label}
+
+
+def generation_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]], nll_sum: float,
+                       target_tokens: int) -> dict:
+    """Corpus BLEU (sacrebleu, against all references of each prompt), mean ROUGE-L F1 (rouge-score, the best
+    reference of each prompt) and the perplexity of the references (exp of the mean target-token NLL)."""
+    import math
+
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    most = max(len(r) for r in references)
+    streams = [[r[k] if k < len(r) else None for r in references] for k in range(most)]  # None: no k-th reference
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score_multi(list(refs), hyp)["rougeL"].fmeasure for hyp, refs in zip(hypotheses, references)]
+    return {"bleu": float(sacrebleu.corpus_bleu(list(hypotheses), streams).score),
+            "rouge_l": 100 * float(np.mean(rouge)), "perplexity": math.exp(nll_sum / max(target_tokens, 1)),
+            "prompts": len(hypotheses), "references": sum(len(r) for r in references),
+            "examples": [{"hypothesis": h, "references": list(r[:2])} for h, r in zip(hypotheses[:3], references[:3])]}

@@ -55,13 +55,16 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--tail {window}: must be between 1 and the ledger's {len(entries)} entries")
     task, cfg = replica.task, replica.config
     splits = {"test": load_split(cfg, "test"), "dev": load_split(cfg, "dev", args.dev_size)}
-    encoded = {name: (task.encode(split.records), split.labels) for name, split in splits.items() if len(split)}
+    if task.generation:
+        ap.error("ledger_eval scores classifiers; a generation ledger's metrics are in its summary.json")
+    encoded = {name: task.eval_set(split) for name, split in splits.items() if len(split)}
     final_values, final_version, final_head = replica.values(), replica.version, replica.head
 
     def evaluate(name: str) -> dict[str, Any]:
         row: dict[str, Any] = {"model": name}
-        for split, (ids, labels) in encoded.items():
-            metrics = task.evaluate(ids, labels, cfg.model.microbatch)
+        for split, data in encoded.items():
+            labels = data.labels
+            metrics = task.evaluate(data, cfg.model.microbatch)
             row[f"{split}_accuracy"], row[f"{split}_macro_f1"] = metrics["accuracy"], metrics["macro_f1"]
             # each label's share of the predictions beside its share of the split: a collapse onto one label
             # shows here, where a single accuracy hides it

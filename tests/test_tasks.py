@@ -110,7 +110,7 @@ def test_k_label_models_score_k_labels_and_losses_match_the_log_softmax(tmp_path
     assert logits.shape == (6, 6)
     expected = -torch.log_softmax(logits.float(), -1)[torch.arange(6), batch.labels]
     torch.testing.assert_close(task.per_example_loss(batch), expected)
-    metrics = task.evaluate(task.encode(test.records), test.labels)
+    metrics = task.evaluate(task.eval_set(test))
     assert set(metrics["per_label"]) == set(config.task.labels)
     assert sum(c["examples"] for c in metrics["per_label"].values()) == 6
 
