@@ -54,6 +54,9 @@ class FirstOrderConfig:
         self.task.validate()
         self.data.validate()
         checks = [
+            (self.task.kind == "classification" and bool(self.task.labels), "task",
+             "must be a classification task with its labels stated (the first-order baselines train classifiers)",
+             self.task.name),
             (isinstance(self.steps, int) and self.steps >= 1, "steps", "must be an int >= 1", self.steps),
             (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an int >= 1",
              self.batch_size),

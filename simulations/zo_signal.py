@@ -44,7 +44,7 @@ from shared.models import TextClassifier, load_task_model
 from shared.noise import SecureRandom
 from shared.replica import select_trainable
 from shared.selection import TrainableSet
-from shared.tasks import load_split
+from shared.tasks import load_split, with_labels
 from shared.update import ScoredView
 
 
@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be >= 2 (standard errors need two samples)")
 
     base = load_config(args.config, dict(parse_override(o) for o in args.set))
+    if base.task.kind != "classification":
+        parser.error(f"zo_signal measures a classifier's estimate; task {base.task.name!r} is {base.task.kind}")
+    base = with_labels(base)
     if base.threads:
         torch.set_num_threads(base.threads)
     task = load_task_model(base.model, base.task)
