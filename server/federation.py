@@ -73,7 +73,9 @@ class FederatedServer:
         dev = load_split(config, "dev", config.eval.dev_size)
         test = load_split(config, "test")
         self.replica = replica or Replica(config)
-        self.dev = (self.replica.task.encode(dev.records), dev.labels)
+        # the periodic dev evaluation (public-split monitoring) is a classifier's accuracy
+        self.dev = (self.replica.task.encode(dev.records), dev.labels) if not self.replica.task.generation \
+            else ([], dev.labels[:0])
         self.test = self.replica.task.eval_set(test)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
