@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -76,8 +77,6 @@ def _partition(config: RunConfig, task: Tokenizes, split: Split) -> Partition:
 
 def load_own_data(config: RunConfig, task: Tokenizes, path: str) -> Partition:
     """The holder's own training file (node config ``data-path``); re-read when the file changes."""
-    from pathlib import Path
-
     stat = Path(path).stat() if Path(path).exists() else None
     key = (task.name, _data_id(config), str(Path(path).resolve()), stat and (stat.st_mtime_ns, stat.st_size))
     if key not in _CACHE:

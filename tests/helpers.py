@@ -11,6 +11,17 @@ SENTENCES = ["a great , moving film", "dull and lifeless", "the best thing i saw
              "charming", "an utter waste of two hours of anyone 's time"]
 LABELS = np.array([1, 0, 1, 0, 1, 0])
 
+# A user's own six-class questions (TREC-like), for the task tests
+QUESTIONS = [("How far is the moon?", "NUM"), ("Who wrote Hamlet?", "HUM"), ("What is a fjord?", "DESC"),
+             ("Where is Lima?", "LOC"), ("What does NASA stand for?", "ABBR"), ("What is a good pet?", "ENTY")]
+
+
+def write_csv(path, rows, header="text,label"):
+    """A CSV file of (text, label) rows with a header, as a user would bring it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + "\n" + "".join(f"\"{t}\",{y}\n" for t, y in rows), encoding="utf-8")
+    return path
+
 
 
 def run_python(code: str) -> str:

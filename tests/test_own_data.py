@@ -10,15 +10,8 @@ import pytest
 from server.federation import FederatedServer
 from shared.config import load_config
 from simulations.inprocess import InProcessGrid
+from tests.helpers import QUESTIONS, write_csv
 
-QUESTIONS = [("How far is the moon?", "NUM"), ("Who wrote Hamlet?", "HUM"), ("What is a fjord?", "DESC"),
-             ("Where is Lima?", "LOC"), ("What does NASA stand for?", "ABBR"), ("What is a good pet?", "ENTY")]
-
-
-def _csv(path, rows, header="text,label"):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + "\n" + "".join(f"\"{t}\",{y}\n" for t, y in rows), encoding="utf-8")
-    return path
 
 
 def _task_file(tmp_path):
@@ -37,11 +30,11 @@ def _config(tmp_path, **extra):
 
 
 def test_nodes_train_on_their_own_files_and_a_bad_file_refuses_by_name(tmp_path, caplog):
-    _csv(tmp_path / "server" / "train.csv", QUESTIONS)  # the server's public splits (it trains on nothing)
-    _csv(tmp_path / "server" / "test.csv", QUESTIONS)
-    own_a = _csv(tmp_path / "clinic-a" / "records.csv", QUESTIONS * 3)
-    own_b = _csv(tmp_path / "clinic-b" / "train.csv", list(reversed(QUESTIONS)) * 3)  # a folder's train file
-    bad = _csv(tmp_path / "clinic-c" / "records.csv", QUESTIONS + [("my secret diagnosis", "XRAY")])
+    write_csv(tmp_path / "server" / "train.csv", QUESTIONS)  # the server's public splits (it trains on nothing)
+    write_csv(tmp_path / "server" / "test.csv", QUESTIONS)
+    own_a = write_csv(tmp_path / "clinic-a" / "records.csv", QUESTIONS * 3)
+    own_b = write_csv(tmp_path / "clinic-b" / "train.csv", list(reversed(QUESTIONS)) * 3)  # a folder's train file
+    bad = write_csv(tmp_path / "clinic-c" / "records.csv", QUESTIONS + [("my secret diagnosis", "XRAY")])
     nodes = {0: {"data-path": str(own_a), "holder": "clinic-a"}, 1: {"data-path": str(own_b.parent),
              "holder": "clinic-b"}, 2: {"data-path": str(bad), "holder": "clinic-c"}}
     grid = InProcessGrid(3, node_configs=nodes)
@@ -62,9 +55,9 @@ def test_nodes_train_on_their_own_files_and_a_bad_file_refuses_by_name(tmp_path,
 
 
 def test_a_node_with_own_data_but_no_holder_refuses_by_name(tmp_path):
-    _csv(tmp_path / "server" / "train.csv", QUESTIONS)
-    _csv(tmp_path / "server" / "test.csv", QUESTIONS)
-    own = _csv(tmp_path / "mine.csv", QUESTIONS * 2)
+    write_csv(tmp_path / "server" / "train.csv", QUESTIONS)
+    write_csv(tmp_path / "server" / "test.csv", QUESTIONS)
+    own = write_csv(tmp_path / "mine.csv", QUESTIONS * 2)
     grid = InProcessGrid(1, node_configs={0: {"data-path": str(own)}})
     server = FederatedServer(_config(tmp_path), grid, tmp_path / "run")
     assert server.run_round(1)["accepted"] == 0

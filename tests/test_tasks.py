@@ -12,17 +12,10 @@ from client.privacy_ledger import data_key
 from shared.config import ConfigError, DataConfig, ModelConfig, RunConfig, TaskConfig, load_config
 from shared.models import load_task_model
 from shared.tasks import DataError, Prompter, classification_metrics, load_split, template_fields, with_labels
+from tests.helpers import QUESTIONS, write_csv
 
-QUESTIONS = [("How far is the moon?", "NUM"), ("Who wrote Hamlet?", "HUM"), ("What is a fjord?", "DESC"),
-             ("Where is Lima?", "LOC"), ("What does NASA stand for?", "ABBR"), ("What is a good pet?", "ENTY")]
 TREC_LIKE = TaskConfig(name="questions", text_fields=["text"], template="Question: {text}\nType:", labels=[],
                        label_words=[], label_prompts=[])
-
-
-def _csv(path, rows, header="text,label"):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + "\n" + "".join(f"\"{t}\",{y}\n" for t, y in rows), encoding="utf-8")
-    return path
 
 
 def _config(tmp_path, task=TREC_LIKE, **data) -> RunConfig:
@@ -30,8 +23,8 @@ def _config(tmp_path, task=TREC_LIKE, **data) -> RunConfig:
 
 
 def _folder(tmp_path, train=QUESTIONS * 4, test=QUESTIONS):
-    _csv(tmp_path / "data" / "train.csv", train)
-    _csv(tmp_path / "data" / "test.csv", test)
+    write_csv(tmp_path / "data" / "train.csv", train)
+    write_csv(tmp_path / "data" / "test.csv", test)
 
 
 # ------------------------------------------------------------------------------------------ formats
@@ -47,7 +40,7 @@ def test_a_csv_folder_with_string_labels_gives_sorted_labels_and_no_dev_split(tm
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "tsv"])
-def test_json_lines_parquet_and_tsv_read_like_csv(tmp_path, fmt):
+def test_json_lines_parquet_and_tsv_read_likewrite_csv(tmp_path, fmt):
     import datasets
 
     folder = tmp_path / "data"
@@ -68,7 +61,7 @@ def test_json_lines_parquet_and_tsv_read_like_csv(tmp_path, fmt):
 
 def test_explicit_files_and_numeric_labels_sorted_as_numbers(tmp_path):
     rows = [(f"item {i}", [2, 10, 1][i % 3]) for i in range(30)]
-    train, test = _csv(tmp_path / "a" / "mine.csv", rows), _csv(tmp_path / "b" / "held_out.csv", rows[:9])
+    train, test = write_csv(tmp_path / "a" / "mine.csv", rows), write_csv(tmp_path / "b" / "held_out.csv", rows[:9])
     config = with_labels(RunConfig(task=TREC_LIKE, data=DataConfig(train_file=str(train),
                                                                   test_file=str(test))).validate())
     assert config.task.labels == ["1", "2", "10"]
@@ -144,7 +137,7 @@ def test_sst2_stays_the_embedded_default_with_its_labels_and_prompt():
 
 # ------------------------------------------------------------------------------ bad inputs, each named
 def test_a_missing_file_is_named(tmp_path):
-    _csv(tmp_path / "data" / "train.csv", QUESTIONS)
+    write_csv(tmp_path / "data" / "train.csv", QUESTIONS)
     with pytest.raises(DataError, match=r"data: no test file \(expected test.csv"):
         with_labels(_config(tmp_path))
     with pytest.raises(DataError, match="data.train_file '/nope/train.csv' does not exist"):
@@ -155,8 +148,8 @@ def test_a_missing_file_is_named(tmp_path):
 
 
 def test_a_missing_column_is_named_with_the_columns_there(tmp_path):
-    _csv(tmp_path / "data" / "train.csv", QUESTIONS, header="question,label")
-    _csv(tmp_path / "data" / "test.csv", QUESTIONS, header="question,label")
+    write_csv(tmp_path / "data" / "train.csv", QUESTIONS, header="question,label")
+    write_csv(tmp_path / "data" / "test.csv", QUESTIONS, header="question,label")
     with pytest.raises(DataError, match=r"train.csv: no column 'text' \(task.text_fields\); its columns are "
                                         r"\['question', 'label'\]"):
         with_labels(_config(tmp_path))
@@ -237,7 +230,7 @@ def test_seedtune_train_names_bad_data_with_exit_code_2_and_writes_nothing(tmp_p
     _folder(tmp_path, test=QUESTIONS + [("What colour is the sky?", "COLOUR")] if setup == "unknown_label"
             else QUESTIONS)
     if setup == "no_column":
-        _csv(tmp_path / "data" / "train.csv", QUESTIONS, header="question,label")
+        write_csv(tmp_path / "data" / "train.csv", QUESTIONS, header="question,label")
     if setup == "not_utf8":
         (tmp_path / "data" / "test.csv").write_bytes(b"text,label\ncaf\xe9,DESC\n")
     cfg = tmp_path / "task.toml"
