@@ -131,11 +131,15 @@ class DecoderClassifier(nn.Module):
         self.lm = lm
         self.register_buffer("label_ids", torch.tensor(list(label_token_ids), dtype=torch.long), persistent=False)
 
+    def hidden_states(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """The body's last hidden states (``input_ids=`` or ``inputs_embeds=``), every position."""
+        body = getattr(self.lm, self.lm.base_model_prefix)
+        return body(attention_mask=attention_mask, use_cache=False, **inputs).last_hidden_state
+
     def last_hidden(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         # Right padding: under the causal mask no real token sees a pad and every pad sees a real token
         # (left padding leaves pad rows with nothing to attend to, whose NaNs then leak through the keys).
-        body = getattr(self.lm, self.lm.base_model_prefix)
-        hidden = body(attention_mask=attention_mask, use_cache=False, **inputs).last_hidden_state
+        hidden = self.hidden_states(attention_mask, **inputs)
         last = attention_mask.sum(-1) - 1
         return hidden[torch.arange(hidden.shape[0]), last]
 
@@ -197,10 +201,15 @@ class DecoderGenerator(DecoderClassifier):
     def __init__(self, lm: nn.Module) -> None:
         super().__init__(lm, [])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                prompt_lengths: torch.Tensor) -> torch.Tensor:
-        body = getattr(self.lm, self.lm.base_model_prefix)
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
+                prefix: torch.Tensor | None = None, depth: int = 0) -> torch.Tensor:
+        """Each example's mean target NLL; with ``prefix`` (``prefix_hidden(..., depth)``) only the layers from
+        ``depth`` on run."""
+        if prefix is None:
+            hidden = self.hidden_states(attention_mask, input_ids=input_ids)
+        else:
+            with self._layers(slice(depth, None), final_norm=True):
+                hidden = self.hidden_states(attention_mask, inputs_embeds=prefix)
         # position t predicts token t + 1: the targets are the tokens from prompt_length to the row's end
         positions = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
         predicts = (positions[None] >= prompt_lengths[:, None] - 1) & \
@@ -323,7 +332,7 @@ class TextClassifier:
         """Cross-entropy per example; with ``prefix`` (``prefix_hidden(batch, depth)``) only the layers from
         ``depth`` on run."""
         if self.generation:  # the mean NLL of each example's target tokens (batch.labels: prompt lengths)
-            return self.module(batch.input_ids, batch.attention_mask, batch.labels)
+            return self.module(batch.input_ids, batch.attention_mask, batch.labels, prefix, depth)
         logits = self.logits(batch) if prefix is None else \
             self.module.forward_from(prefix, batch.attention_mask, depth)
         return F.cross_entropy(logits.float(), batch.labels, reduction="none")
@@ -340,7 +349,7 @@ class TextClassifier:
         set in the top third of the layers). Only decoders split; the split is checked against the full
         forward on a probe batch and not used (with a warning) where the two disagree.
         """
-        if self.kind != "decoder" or self.generation or not names:
+        if self.kind != "decoder" or not names:
             return 0
         depth = min(self.module.layer_of(n) for n in names)
         if depth == 0:
@@ -410,7 +419,8 @@ class TextClassifier:
     def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 16,
                  progress: bool = False) -> list[str]:
         """Greedy continuations, their first non-empty line, in the order of ``prompt_ids`` (left-padded
-        batches of similar length through the LM's cached decoding)."""
+        batches of similar length through the LM's cached decoding). A row stops at the end of that line, not
+        at ``max_new_tokens``: the rest would be thrown away (it halves a zero-shot evaluation's time)."""
         from transformers import GenerationConfig
 
         pad, eos = self.tokenizer.pad_token_id, self.eos_token_id
@@ -430,10 +440,36 @@ class TextClassifier:
             for j, s in enumerate(seqs):
                 ids[j, width - len(s):], mask[j, width - len(s):] = torch.tensor(s), 1
             generated = self.module.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                                generation_config=settings)
+                                                generation_config=settings,
+                                                stopping_criteria=[self._line_end(width)])
             for i, text in zip(rows, self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)):
                 out[i] = text.strip().split("\n")[0].strip()  # the first non-empty line
         return out
+
+    def _line_end(self, width: int) -> "LineEnd":
+        if not hasattr(self, "_token_kinds"):
+            self._token_kinds = LineEnd.token_kinds(self.tokenizer).to(self.device)
+        return LineEnd(self._token_kinds, width)
+
+
+class LineEnd:
+    """A ``transformers`` stopping criterion (any callable of (input_ids, scores) is one): a row of a generation
+    whose prompt is ``width`` tokens is done once a newline follows generated text, so the first line is
+    complete and a leading blank line does not end it."""
+
+    def __init__(self, kinds: torch.Tensor, width: int) -> None:
+        self.kinds, self.width = kinds, width
+
+    @staticmethod
+    def token_kinds(tokenizer) -> torch.Tensor:
+        """Per vocabulary entry: (has text, has a newline, has text and then a newline)."""
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        return torch.tensor([[bool(t.strip()), "\n" in t, "\n" in t.lstrip()] for t in texts])
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        text, newline, ends = self.kinds[input_ids[:, self.width:]].unbind(-1)
+        seen = (text.cumsum(-1) - text.long()) > 0  # some text before this token
+        return (ends | (newline & seen)).any(-1)
 
 
 # ------------------------------------------------------------------------------------------- loading

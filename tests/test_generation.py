@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shared.config import ConfigError, ModelConfig, TaskConfig, load_config
-from shared.models import DecoderGenerator, load_task_model
+from shared.models import DecoderGenerator, LineEnd, load_task_model
 from shared.tasks import Split, generation_metrics, load_split
 
 E2E = "configs/e2e.toml"
@@ -63,6 +63,33 @@ def test_batched_greedy_decoding_equals_one_prompt_at_a_time(generator):
     together = generator.generate(prompts, max_new_tokens=6, batch_size=5)
     alone = [generator.generate([p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert together == alone and all(isinstance(t, str) for t in together)
+
+
+def test_a_continuation_stops_once_a_newline_follows_text_and_keeps_that_first_line(generator):
+    # token kinds (text, newline, text then newline): 0 blank, 1 "word", 2 "\n", 3 "word\n"
+    stop = LineEnd(torch.tensor([[False, False, False], [True, False, False], [False, True, False],
+                                 [True, True, True]]), width=2)
+    prompt = [1, 1]  # the prompt's own text and newlines never count
+    rows = torch.tensor([prompt + [1, 0, 2], prompt + [2, 0, 1], prompt + [0, 3, 0], prompt + [2, 2, 2]])
+    assert stop(rows).tolist() == [True, False, True, False]  # a leading blank line is skipped, not the end
+    kinds = LineEnd.token_kinds(generator.tokenizer)
+    assert kinds.shape == (len(generator.tokenizer), 3) and kinds[:, 0].any()
+
+
+def test_the_generation_loss_reuses_the_layers_below_the_trainable_set(generator):
+    from shared.selection import select_patterns
+    from shared.update import ScoredView
+
+    view = ScoredView(generator, select_patterns(generator.module, ["*layers.1.mlp*"]))
+    assert view.depth == 1  # the tiny decoder's layer 0 runs once per batch
+    ids, prompt_lengths = generator.examples(_split())
+    full = generator.per_example_loss(generator.collate(ids, prompt_lengths)).numpy()
+    view.snapshot()
+    try:
+        np.testing.assert_allclose(view.per_example_loss(ids, prompt_lengths), full, rtol=1e-6, atol=1e-6)
+        assert len(view._prefixes) == 1
+    finally:
+        view.restore()
 
 
 def test_generation_metrics():
