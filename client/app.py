@@ -14,18 +14,22 @@ default ``partition-I-of-N``); ``privacy-ledger`` (its file; default ``$SEEDTUNE
 (its ONNX Runtime execution providers, comma-separated, in order of preference; default
 ``CPUExecutionProvider``), ``device`` and ``dtype`` (where a torch node runs its forward passes: ``auto``,
 ``cpu``, ``cuda``, ``cuda:N``, ``mps``; ``float32``, ``bfloat16``, ``float16``; default the ledger header's)
-and ``node-key`` (the
+``data-path`` and ``test-path`` (the institution's own training and held-out files, or folders with
+train/test files; they never leave the node) and ``node-key`` (the
 node's private key, OpenSSH or PEM: it signs the node's identity and replies; required to join a federation
 that pins its nodes, see shared.identity).
 
-Three message types: ``query.identify`` (which holder this node serves, signed; nothing of the ledger comes
-with it), ``train`` (catch up, private steps) and ``query`` (catch up, report the state digest).
+Four message types: ``query.identify`` (which holder this node serves, signed; nothing of the ledger comes
+with it), ``train`` (catch up, private steps), ``query`` (catch up, report the state digest) and
+``evaluate`` (catch up, release the noised label counts of the node's held-out data, when the ledger header
+enables federation.node_evaluation).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
@@ -33,7 +37,7 @@ from flwr.clientapp import ClientApp
 
 from client.privacy_ledger import Budget, open_privacy_ledger
 from client.node import DataSource, Holder, NodeState, Runtime, handle_instruction, identify as identity_of
-from client.node import refusal, sync
+from client.node import evaluate as evaluate_heldout, refusal, sync
 from client.partition import load_own_data, load_partition
 from shared.identity import NodeKey
 from shared.onnx_task import DEFAULT_PROVIDERS
@@ -113,6 +117,25 @@ def _data_source(context: Context):
     return source
 
 
+def _heldout_source(context: Context) -> DataSource:
+    """The node's held-out data for the evaluate message: its own test file (``test-path``: a file, or a
+    folder's test file; by default the test file of a ``data-path`` folder), else a simulated node's partition of
+    the task's test split."""
+    cfg = context.node_config
+    own, train = str(cfg.get("test-path", "") or ""), str(cfg.get("data-path", "") or "")
+    if not own and train and Path(train).is_dir():
+        own = train
+    if own:
+        if not cfg.get("holder"):
+            raise NodeConfigError("node config sets test-path but no holder: name the data holder whose budget "
+                                  "this data spends (holder=...)")
+        return lambda replica: load_own_data(replica.config, replica.task, own, "test")
+    if cfg.get("data-path") or "partition-id" not in cfg or "num-partitions" not in cfg:
+        raise NodeConfigError("this node has no held-out data to evaluate on: set test-path (its own test file)")
+    return lambda replica: load_partition(replica.config, replica.task, int(cfg["partition-id"]),
+                                          int(cfg["num-partitions"]), "test")
+
+
 def _runtime(context: Context) -> Runtime:
     cfg = context.node_config
     providers = str(cfg.get("onnx-providers", "") or ",".join(DEFAULT_PROVIDERS))
@@ -134,6 +157,20 @@ def train(msg: Message, context: Context) -> Message:
         return Message(to_content(refusal(ins, context.node_id, str(exc))), reply_to=msg)
     state = load_state(context)
     reply = handle_instruction(ins, context.node_id, state, data, holder, runtime=runtime)
+    save_state(context, state)
+    return Message(to_content(reply), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    ins = from_content(msg.content, Instruction)
+    try:
+        holder, runtime, _ = _node(context)
+        heldout = _heldout_source(context)
+    except ValueError as exc:
+        return Message(to_content(refusal(ins, context.node_id, str(exc))), reply_to=msg)
+    state = load_state(context)
+    reply = evaluate_heldout(ins, context.node_id, state, heldout, holder, runtime=runtime)
     save_state(context, state)
     return Message(to_content(reply), reply_to=msg)
 
@@ -164,7 +201,7 @@ def query(msg: Message, context: Context) -> Message:
     return Message(to_content(reply), reply_to=msg)
 
 
-HANDLERS = {"train": train, "query": query, "query.identify": identify}  # message type -> handler
+HANDLERS = {"train": train, "query": query, "query.identify": identify, "evaluate": evaluate}  # message type -> handler
 
 
 def handler_for(message_type: str):

@@ -31,9 +31,10 @@ from shared.config import ConfigError, RunConfig, cache_root
 from shared.follower import LedgerFollower, ReplicaError
 from shared.identity import NodeKey, identity_bytes, sign_reply
 from shared.noise import Noise, SecureRandom
+from shared.noise_search import COUNT_SENSITIVITY, count_noise
 from shared.onnx_task import DEFAULT_PROVIDERS
 from shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, LedgerHeader, Reply
-from shared.tasks import DataError
+from shared.tasks import DataError, label_counts
 
 log = logging.getLogger(__name__)
 
@@ -298,8 +299,9 @@ def _privacy_of(ins: Instruction, replica: LedgerFollower, budget: Budget | None
     return noise
 
 
-def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder, rng: SecureRandom,
-         runtime: Runtime, reply: Reply) -> Reply:
+def _at_instructed_version(ins: Instruction, state: NodeState, runtime: Runtime, holder: Holder,
+                           reply: Reply) -> LedgerFollower:
+    """The replica caught up along the instruction's tail, checked to stand where the instruction says."""
     if ins.protocol_version != PROTOCOL_VERSION:
         raise Refusal(f"protocol version {ins.protocol_version}; this node speaks {PROTOCOL_VERSION}")
     replica = _catch_up(ins, state, runtime, holder)
@@ -307,6 +309,12 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
     if replica.version != ins.model_version:
         raise Refusal(f"after the tail the replica is at version {replica.version}, the instruction says "
                       f"{ins.model_version}")
+    return replica
+
+
+def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder, rng: SecureRandom,
+         runtime: Runtime, reply: Reply) -> Reply:
+    replica = _at_instructed_version(ins, state, runtime, holder, reply)
     h = ins.hyper
     budget = holder.budget_for(replica.config)
     noise = _privacy_of(ins, replica, budget)
@@ -345,6 +353,54 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
     reply.scalars = np.asarray(scalars, dtype="<f4").tobytes()
     reply.metrics["epsilon"] = epsilon
     sign_reply(reply, holder.key)  # before it is stored: a re-delivery gets the same signed bytes
+    holder.ledger.record(data.key, request, run, budget, reply.SerializeToString(deterministic=True))
+    return reply
+
+
+def evaluate(ins: Instruction, node_id: int, state: NodeState, heldout: DataSource, holder: Holder,
+             rng: SecureRandom | None = None, runtime: Runtime = Runtime()) -> Reply:
+    """Catch up, score the final model on this holder's own held-out data and release its per-label counts
+    (examples, predicted, correct) plus Gaussian noise of ``federation.node_eval_epsilon``: one release,
+    recorded in the holder's privacy ledger under that data set's key before the reply leaves. A re-delivered
+    instruction gets the stored reply; a release past the budget is refused."""
+    reply = _reply(ins, node_id, holder, runtime)
+    try:
+        return _evaluate(ins, state, heldout, holder, rng or SecureRandom(), runtime, reply)
+    except (Refusal, ReplicaError, ChainError, BudgetExceeded) as exc:
+        log.warning("node %d refuses the evaluation: %s", node_id, exc)
+        reply.refusal = str(exc)
+        reply.model_version = state.version
+        reply.ClearField("counts")
+        reply.metrics.clear()
+    return sign_reply(reply, holder.key)
+
+
+def _evaluate(ins: Instruction, state: NodeState, heldout: DataSource, holder: Holder, rng: SecureRandom,
+              runtime: Runtime, reply: Reply) -> Reply:
+    replica = _at_instructed_version(ins, state, runtime, holder, reply)
+    config = replica.config
+    if not config.federation.node_evaluation:
+        raise Refusal("the ledger header does not enable federation.node_evaluation: nothing of the held-out "
+                      "data is released")
+    budget = holder.budget_for(config)
+    data = _load(heldout, replica)
+    request = request_key(ins.header_digest, ins.round, ins.model_version, [])  # (a train request has seeds)
+    stored = holder.ledger.reply_for(data.key, request)
+    if stored is not None:
+        log.info("evaluation already answered; resending the stored reply")
+        return Reply.FromString(stored)
+    noise = count_noise(config.privacy, config.federation.node_eval_epsilon)
+    run = (noise, 1.0, 1)
+    epsilon = holder.ledger.check(data.key, run, budget)
+    counts = label_counts(replica.predictions(data.ids), data.labels, len(config.task.labels))
+    noised = counts + rng.noise(noise.scaled(COUNT_SENSITIVITY), counts.size).reshape(counts.shape)
+    # The exact accuracy stays in the node's own log: only the noised counts leave.
+    log.info("held-out evaluation: %d examples, accuracy %.4f (local only)", len(data.labels),
+             counts[:, 2].sum() / max(counts[:, 0].sum(), 1))
+    reply.model_version = replica.version
+    reply.counts.extend(noised.ravel().tolist())
+    reply.metrics["epsilon"] = epsilon
+    sign_reply(reply, holder.key)
     holder.ledger.record(data.key, request, run, budget, reply.SerializeToString(deterministic=True))
     return reply
 

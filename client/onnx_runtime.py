@@ -113,3 +113,6 @@ class OnnxReplica(LedgerFollower):
 
     def _reset_values(self) -> None:
         self.view.values[:] = self._base_values
+
+    def predictions(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.task.predictions(ids, self.config.model.microbatch if self.config else 64, self.view.values)

@@ -1,5 +1,6 @@
-"""A node's training data: its institution's own file (node config ``data-path``), or in a simulation its
-share of the task's training split, partitioned with flwr-datasets (IID or Dirichlet label skew).
+"""A node's data: its institution's own files (node config ``data-path`` for training, ``test-path`` for
+held-out evaluation), or in a simulation its share of the task's train (or test) split, partitioned with
+flwr-datasets (IID, Dirichlet label skew, or natural groups).
 
 Every simulated node partitions the same public-seeded subset with the same seeded partitioner, so partition
 i is the same wherever it is computed. A deployed node reads its own file, which never leaves it, as the
@@ -34,7 +35,7 @@ class Tokenizes(Protocol):
     def examples(self, split: Split) -> tuple[list[list[int]], np.ndarray]: ...
 
 
-_SPLITS: dict[str, Split] = {}
+_SPLITS: dict[tuple[str, str], Split] = {}
 
 
 def _group_field(config: RunConfig) -> str:
@@ -48,12 +49,13 @@ def _data_id(config: RunConfig) -> str:
                        "groups": _group_field(config)}, sort_keys=True)
 
 
-def _train_split(config: RunConfig) -> Split:
-    """The training split, loaded once per process (a simulation actor serves many partitions of it)."""
-    key = _data_id(config)
+def _split(config: RunConfig, split: str) -> Split:
+    """A split of the task's data, loaded once per process (a simulation actor serves many partitions of it)."""
+    key = (_data_id(config), split)
     if key not in _SPLITS:
-        _SPLITS.clear()  # one data set per process at a time
-        _SPLITS[key] = load_split(config, "train", group_field=_group_field(config))
+        for other in [k for k in _SPLITS if k[0] != key[0]]:  # one data set per process at a time
+            del _SPLITS[other]
+        _SPLITS[key] = load_split(config, split, group_field=_group_field(config))
     return _SPLITS[key]
 
 
@@ -75,42 +77,45 @@ def _partition(config: RunConfig, task: Tokenizes, split: Split) -> Partition:
     return Partition(ids, labels, data_key(zip(split.records, split.answers(config.task.labels))))
 
 
-def load_own_data(config: RunConfig, task: Tokenizes, path: str) -> Partition:
-    """The holder's own training file (node config ``data-path``); re-read when the file changes."""
+def load_own_data(config: RunConfig, task: Tokenizes, path: str, split: str = "train") -> Partition:
+    """The holder's own training (or held-out ``test``) file; re-read when the file changes."""
     stat = Path(path).stat() if Path(path).exists() else None
-    key = (task.name, _data_id(config), str(Path(path).resolve()), stat and (stat.st_mtime_ns, stat.st_size))
+    key = (task.name, _data_id(config), str(Path(path).resolve()), split, stat and (stat.st_mtime_ns, stat.st_size))
     if key not in _CACHE:
-        _CACHE[key] = _partition(config, task, load_own(config, path))
-        log.info("own data %s: %d examples", path, len(_CACHE[key].labels))
+        _CACHE[key] = _partition(config, task, load_own(config, path, split))
+        log.info("own %s data %s: %d examples", split, path, len(_CACHE[key].labels))
     return _CACHE[key]
 
 
-def load_partition(config: RunConfig, task: Tokenizes, partition_id: int, num_partitions: int) -> Partition:
+def load_partition(config: RunConfig, task: Tokenizes, partition_id: int, num_partitions: int,
+                   split: str = "train") -> Partition:
+    """Partition ``partition_id`` of ``num_partitions`` of the task's ``split`` (a simulated node's training
+    data, or its held-out share of the test split)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
-    key = (task.name, _data_id(config), config.federation.partition, config.federation.alpha, partition_id,
+    key = (task.name, _data_id(config), split, config.federation.partition, config.federation.alpha, partition_id,
            num_partitions)
     if key not in _CACHE:
         from datasets import Dataset
 
-        split = _train_split(config)
+        data = _split(config, split)
         fields = [f"text{i}" for i in range(len(config.task.text_fields))]
-        columns = {f: list(c) for f, c in zip(fields, zip(*split.records))} if len(split) else {f: [] for f in fields}
+        columns = {f: list(c) for f, c in zip(fields, zip(*data.records))} if len(data) else {f: [] for f in fields}
         partitioner = _partitioner(config, num_partitions)
-        if split.groups is not None:
-            columns["group"] = split.groups
-            ids = sorted(set(split.groups))
+        if data.groups is not None:
+            columns["group"] = data.groups
+            ids = sorted(set(data.groups))
             if len(ids) != num_partitions:
                 raise DataError(f"federation.partition 'natural': column {config.federation.partition_by!r} has "
                                 f"{len(ids)} distinct values but the federation has {num_partitions} nodes; run "
                                 f"one node per value")
-        if split.targets is not None:
-            columns["target"] = split.targets
-        partitioner.dataset = Dataset.from_dict({**columns, "label": split.labels.tolist()})
+        if data.targets is not None:
+            columns["target"] = data.targets
+        partitioner.dataset = Dataset.from_dict({**columns, "label": data.labels.tolist()})
         part = partitioner.load_partition(partition_id)
         records = list(zip(*(part[f] for f in fields)))
         _CACHE[key] = _partition(config, task, Split(records, np.asarray(part["label"], dtype=np.int64),
                                                      targets=part["target"] if "target" in part.column_names else None))
-        log.info("partition %d/%d (%s): %d examples", partition_id, num_partitions, config.federation.partition,
-                 len(_CACHE[key].labels))
+        log.info("partition %d/%d of %s (%s): %d examples", partition_id, num_partitions, split,
+                 config.federation.partition, len(_CACHE[key].labels))
     return _CACHE[key]

@@ -16,6 +16,10 @@ A round reads like the protocol (:meth:`FederatedServer.run_round`):
    server's replica;
 6. **evaluate** on the public dev split and write the round's metrics.
 
+After the last round every node is synced (its state digest checked against the server's) and, with
+``federation.node_evaluation``, asked to evaluate the final model on its own held-out data (Flower's evaluate
+message): it releases noised per-label counts, accounted in its holder's privacy ledger, which the server sums.
+
 Privacy is accounted per data holder, by the identity each node states (``Reply.holder``), never by Flower's
 node id, which changes at every launch and key rotation. The ledger is the source of truth: a restarted
 server replays it, recovers each holder's step count from the instructions it recorded before sending
@@ -46,16 +50,16 @@ from shared.ledger import Anchor, Ledger, LedgerError, Provenance
 from shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Instruction, Reply
 from shared.replica import Replica, config_json
 from shared.run_folder import LEDGER_FILE
-from shared.tasks import load_split, with_labels
+from shared.tasks import counts_metrics, load_split, with_labels
 from shared.noise import Noise, SecureRandom
-from shared.noise_search import plan_noise
+from shared.noise_search import COUNT_SENSITIVITY, count_noise, plan_noise
 from shared.wire import WireError, content_of, from_content, payload_length, wire_bytes
 from server.report import RunReport
 from server.round import Rejected, RoundPlan, scalar_bound, signed, validate, validate_identity
 
 log = logging.getLogger(__name__)
 
-TRAIN, SYNC, IDENTIFY = "train", "query", "query.identify"
+TRAIN, SYNC, IDENTIFY, EVALUATE = "train", "query", "query.identify", "evaluate"
 BELOW_MIN_REPLIES = "below_min_replies"  # provenance status of valid replies in a round with too few of them
 
 
@@ -219,7 +223,7 @@ class FederatedServer:
             ins.header.CopyFrom(self.ledger.header)
         return ins
 
-    def send(self, plan: RoundPlan) -> tuple[list[Any], dict[int, int], dict[str, float]]:
+    def send(self, plan: RoundPlan, message_type: str = "") -> tuple[list[Any], dict[int, int], dict[str, float]]:
         """Send the plan's instructions; returns the replies, the downlink bytes per node, and the time spent
         building instructions (``tail``) and waiting for replies (``transport``).
 
@@ -229,7 +233,7 @@ class FederatedServer:
         payloads: dict[int, bytes] = {}  # ledger position -> the serialized instruction
         sizes: dict[int, int] = {}  # ledger position -> its wire bytes (messages differ only in their ids)
         messages, down = [], {}
-        message_type = TRAIN if plan.hyper is not None else SYNC
+        message_type = message_type or (TRAIN if plan.hyper is not None else SYNC)
         for node in plan.nodes:
             start = min(self.known_version.get(node, 0), plan.version)
             if start not in payloads:
@@ -349,9 +353,10 @@ class FederatedServer:
         return self.replica.task.evaluate(self.test, self.config.model.microbatch)
 
     # ------------------------------------------------------------------------------------------- run
-    def _query(self, plan: RoundPlan) -> dict[int, Reply]:
-        """Send the plan's nodes a query (catch up, no training); their valid, non-refusing replies by node."""
-        replies, _, _ = self.send(plan)
+    def _query(self, plan: RoundPlan, message_type: str = SYNC) -> dict[int, Reply]:
+        """Send the plan's nodes a query or an evaluate message (catch up, no training); their valid,
+        non-refusing replies by node."""
+        replies, _, _ = self.send(plan, message_type)
         out = {}
         for msg in replies:
             src = msg.metadata.src_node_id
@@ -360,7 +365,7 @@ class FederatedServer:
             except WireError:
                 reply = None
             if reply is not None and reply.refusal:
-                log.warning("node %d refused the query: %s", src, reply.refusal)
+                log.warning("node %d refused the %s: %s", src, message_type, reply.refusal)
             elif reply is not None and not signed(reply, self.holders.get(src), self.pins):
                 log.warning("node %d: the query reply is not signed by its pinned key; ignored", src)
             elif reply is not None and reply.node == src and reply.model_version == plan.version:
@@ -375,6 +380,40 @@ class FederatedServer:
         live = self.grid.get_node_ids()
         nodes = sorted(n for n in live if n in self.holders) if self.pins else sorted(live)
         return nodes, self._query(RoundPlan(self.ledger.last_round + 1, len(self.ledger), nodes, [], None))
+
+    def evaluate_nodes(self) -> dict[str, Any]:
+        """Flower's evaluate path: one node per identified holder scores the final model on its own held-out
+        data and releases its per-label counts under Gaussian noise (its holder's privacy ledger accounts the
+        release); the server sums the counts into a DP-noised accuracy and macro-F1 over the holders' data."""
+        fed, labels = self.config.federation, self.config.task.labels
+        live = set(self.grid.get_node_ids())
+        first: dict[str, int] = {}
+        for node in sorted(n for n in self.holders if n in live):
+            first.setdefault(self.holders[node], node)
+        plan = RoundPlan(self.ledger.last_round + 1, len(self.ledger), sorted(first.values()), [], None)
+        counts, epsilon = [], {}
+        for src, reply in self._query(plan, EVALUATE).items():
+            values = np.asarray(reply.counts, dtype=np.float64)
+            if values.shape != (3 * len(labels),) or not np.isfinite(values).all():
+                log.warning("node %d: evaluation counts of shape %s (expected %d finite values); ignored", src,
+                            values.shape, 3 * len(labels))
+                continue
+            counts.append(values.reshape(len(labels), 3))
+            epsilon[reply.holder] = reply.metrics.get("epsilon")
+        noise = count_noise(self.config.privacy, fed.node_eval_epsilon)
+        out: dict[str, Any] = {
+            "node_eval_holders": len(counts), "node_eval_asked": len(plan.nodes),
+            "node_eval_noise_std": noise.std * COUNT_SENSITIVITY,  # per released count
+            # each holder's epsilon on its held-out data, from its own ledger (this release and any before)
+            "node_eval_epsilon_holders": epsilon,
+            "node_eval_epsilon_per_release": PrivacyAccountant([(noise, 1.0, 1)]).epsilon(self.config.privacy.delta),
+        }
+        if counts:
+            metrics = counts_metrics(np.sum(counts, axis=0), labels)
+            out.update({f"node_test_{k}": v for k, v in metrics.items()})
+        log.info("node evaluation: %d of %d holders reported; DP-noised accuracy %s, macro-F1 %s", len(counts),
+                 len(plan.nodes), out.get("node_test_accuracy"), out.get("node_test_macro_f1"))
+        return out
 
     def run(self) -> dict[str, Any]:
         start = time.time()
@@ -393,6 +432,7 @@ class FederatedServer:
         # What each holder's own privacy ledger recorded (over every run on that data), next to this server's.
         holder_epsilon = {r.holder: r.metrics["epsilon"] for r in synced.values() if "epsilon" in r.metrics}
         server_epsilon = {h: self.epsilon(h) for h in sorted(self.accountants)}
+        nodes_eval = self.evaluate_nodes() if fed.node_evaluation else {}
         test = self.test_metrics()
         rows = self.report.rows
         summary = {
@@ -410,6 +450,7 @@ class FederatedServer:
             "dev_accuracy_last": next((r["dev_accuracy"] for r in reversed(rows) if "dev_accuracy" in r), None),
             **{f"zero_shot_{k}": v for r in rows if r["round"] == 0 for k, v in r.items() if k.startswith("test_")},
             **{f"test_{k}": v for k, v in test.items()},
+            **nodes_eval,
             "model_digest": self.replica.digest(), "state_digest": server_digest,
             "client_digests": client_digests, "client_runtimes": client_runtimes,
             # Every node asked in the final sync (every live node; only the identified ones when the run pins

@@ -324,6 +324,12 @@ class FederationConfig:
     # File of "HOLDER PUBLIC-KEY" lines (shared.identity.AllowedNodes): only these nodes are instructed, and
     # only their signed replies count. "": any node that states a holder takes part (simulations).
     allowed_nodes: str = ""
+    # After the last round, each node scores the final model on its own held-out data (Flower's evaluate
+    # message) and releases its per-label counts (examples, predicted, correct) under Gaussian noise calibrated
+    # to node_eval_epsilon at privacy.delta: one release, accounted in its data holder's privacy ledger under
+    # that data set's key. The server sums the counts (DP-noised accuracy and macro-F1). Classification only.
+    node_evaluation: bool = False
+    node_eval_epsilon: float = 1.0
 
     def validate(self) -> None:
         for name in ("rounds", "local_steps", "min_replies"):
@@ -343,6 +349,9 @@ class FederationConfig:
                  self.aggregation)
         _require(isinstance(self.trim, (int, float)) and 0 <= self.trim < 0.5, "federation.trim",
                  "must be in [0, 0.5)", self.trim)
+        _require(isinstance(self.node_evaluation, bool), "federation.node_evaluation", "must be true or false",
+                 self.node_evaluation)
+        _positive("federation.node_eval_epsilon", self.node_eval_epsilon)
 
 
 @dataclass
@@ -376,6 +385,10 @@ class RunConfig:
         # between stages would have to score the half-precision forward copy.
         _require(self.federation.partition != "dirichlet" or self.task.kind == "classification",
                  "federation.partition", "'dirichlet' skews labels: a classification task's only", "dirichlet")
+        _require(not self.federation.node_evaluation or (self.task.kind == "classification" and
+                                                          self.privacy.enabled),
+                 "federation.node_evaluation", "releases noised label counts: it needs a classification task and "
+                 "privacy.enabled (generation is evaluated on the server's public test split)", True)
         _require(self.model.dtype == "float32" or self.selection.mode != "prune" or self.selection.strategy == "static",
                  "selection.strategy", f"must be 'static' with model.dtype = {self.model.dtype!r} (re-pruning runs "
                  f"in float32 only)", self.selection.strategy)

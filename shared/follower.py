@@ -52,6 +52,10 @@ class LedgerFollower:
     def _set_values(self, values: np.ndarray) -> None:
         raise NotImplementedError
 
+    def predictions(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Predicted labels of tokenized examples at this position (a node scoring its own held-out data)."""
+        raise NotImplementedError
+
     def _reset_values(self) -> None:
         """Back to the base model's trainable values."""
         raise NotImplementedError

@@ -506,8 +506,9 @@ def _load_smollm2():
         config.pop("quantization_config", None)
         (cached / "config.json").write_text(json.dumps(config))
         tok.save_pretrained(cached)
-        save_model(lm, str(cached / "model.safetensors.tmp"))
-        os.replace(cached / "model.safetensors.tmp", cached / "model.safetensors")  # atomic: no half cache
+        tmp = cached / f"model.safetensors.{os.getpid()}.tmp"  # processes de-quantising at once never share it
+        save_model(lm, str(tmp))
+        os.replace(tmp, cached / "model.safetensors")  # atomic: no half cache
     except OSError as exc:  # a read-only home is fine: we just de-quantise again next time
         log.warning("could not cache the de-quantised model in %s: %s", cached, exc)
     return lm, tok

@@ -36,6 +36,17 @@ def plan_noise(privacy: PrivacyConfig, sample_rate: float, steps: int) -> Noise:
         return Noise.gaussian(privacy.noise_multiplier)
     target = Target(privacy.epsilon, privacy.delta, sample_rate, steps)
     return calibrate(privacy.noise, target)
+# One example added to (or removed from) a held-out set moves its label's "examples" and its prediction's
+# "predicted" count by 1, and its label's "correct" count by 1 if it was right: an L2 sensitivity of sqrt(3).
+COUNT_SENSITIVITY = math.sqrt(3)
+
+
+def count_noise(privacy: PrivacyConfig, epsilon: float) -> Noise:
+    """The Gaussian of one release of held-out label counts (federation.node_eval_epsilon), as accounted: a
+    unit-sensitivity multiplier; each count gets that multiplier times :data:`COUNT_SENSITIVITY` as its std."""
+    return _gaussian(Target(epsilon, privacy.delta, 1.0, 1))
+
+
 _CACHE_VERSION = 2  # 2: the sampler support gap in delta, Laplace mixtures by their density
 # (a_gamma, gamma_shape, a_exp, a_unif, unif_lo, unif_hi): from near-Laplace (narrow uniform) to heavy mixtures.
 LMO_SHAPES = (
@@ -160,7 +171,7 @@ def _store(target: Target, found: dict[str, Noise]) -> None:
     path = _cache_path(target)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the cache never share a tmp
         tmp.write_text(json.dumps({k: v.to_json() for k, v in found.items()}, indent=1))
         os.replace(tmp, path)
     except OSError as exc:

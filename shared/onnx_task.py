@@ -97,11 +97,16 @@ class OnnxTask:
         logsumexp = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
         return (logsumexp - logits[np.arange(len(labels)), labels]).astype(np.float32)
 
+    def predictions(self, ids: Sequence[Sequence[int]], batch_size: int = 64,
+                    trainable: np.ndarray | None = None) -> np.ndarray:
+        """Predicted labels in the order of ``ids``, scored in length-sorted batches."""
+        if len(ids) == 0:
+            raise ValueError("cannot score an empty split")
+        predicted = np.empty(len(ids), dtype=np.int64)
+        for rows in length_sorted(ids, batch_size):
+            predicted[rows] = self.logits([ids[i] for i in rows], trainable).argmax(-1)
+        return predicted
+
     def accuracy(self, ids: Sequence[Sequence[int]], labels: np.ndarray, batch_size: int = 64,
                  trainable: np.ndarray | None = None) -> float:
-        if len(ids) == 0:
-            raise ValueError("cannot compute accuracy on an empty split")
-        correct = 0
-        for rows in length_sorted(ids, batch_size):
-            correct += int((self.logits([ids[i] for i in rows], trainable).argmax(-1) == labels[rows]).sum())
-        return correct / len(ids)
+        return float((self.predictions(ids, batch_size, trainable) == labels).mean())

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -119,7 +121,7 @@ class Replica(LedgerFollower):
         replica.attach(header)  # checks both digests, cached or not
         if cached is not None and selection is None:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the cache never share a tmp
             torch.save({"names": list(replica.selection.names), "shapes": [list(s) for s in replica.selection.shapes],
                         "indices": list(replica.selection.indices), "base_digest": replica.base_digest,
                         "values_digest": tensor_digest(torch.from_numpy(replica.values()))}, tmp)
@@ -141,6 +143,9 @@ class Replica(LedgerFollower):
     def _set_values(self, values: np.ndarray) -> None:
         chunks = np.split(values, np.cumsum(self.selection.counts)[:-1])
         self.view.set_values([torch.from_numpy(c.copy()) for c in chunks])
+
+    def predictions(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.task.predictions(ids, self.config.model.microbatch)
 
     def digest(self) -> str:
         """The full float32 model's digest (every weight): what ``seedtune replay`` reports, whatever device

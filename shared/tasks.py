@@ -328,18 +328,22 @@ def load_raw(data: "DataConfig", task: "TaskConfig", split: str, labels: Sequenc
     return to_split(dataset, task, labels, f"hub:{data.hub}/{data.hub_config}:{split}", group_field)
 
 
-def load_own(config: "RunConfig", path: str | Path) -> Split:
-    """A data holder's own training data: the file at ``path``, or the train file of the folder ``path``,
-    read as the ledger's task reads it (its columns, its labels: a value outside them is an error naming the
-    record). All of it is the holder's; ``data.min_words`` applies, as it does to every training split."""
+def load_own(config: "RunConfig", path: str | Path, split: str = "train") -> Split:
+    """A data holder's own ``split`` data (its training data, or its held-out test data): the file at
+    ``path``, or that split's file in the folder ``path``, read as the ledger's task reads it (its columns, its
+    labels: a value outside them is an error naming the record). All of it is the holder's; ``data.min_words``
+    applies to training data, as it does to every training split."""
     where = Path(path)
-    file = _split_file(where, "train") if where.is_dir() else where
+    file = _split_file(where, split) if where.is_dir() else where
+    key = "data-path" if split == "train" else "test-path"
     if file is None or not file.is_file():
-        raise DataError(f"data-path {str(path)!r}: no such file, nor a folder with a train file")
+        raise DataError(f"{key} {str(path)!r}: no such file, nor a folder with a {split} file")
     part, _ = to_split(read_file(file), config.task, config.task.labels, str(file))
-    part = part.with_min_words(config.data.min_words)
+    if split == "train":
+        part = part.with_min_words(config.data.min_words)
     if len(part) == 0:
-        raise DataError(f"{file}: no training examples left (data.min_words {config.data.min_words})")
+        raise DataError(f"{file}: no {split} examples" + (f" left (data.min_words {config.data.min_words})"
+                                                           if split == "train" else ""))
     return part
 
 
@@ -400,18 +404,34 @@ def with_labels(config: "RunConfig", split: str = "train") -> "RunConfig":
 
 
 # ------------------------------------------------------------------------------------------- metrics
-def classification_metrics(predicted: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> dict:
+def label_counts(predicted: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per label: (examples, predicted, correct), a (k, 3) array: everything accuracy and macro-F1 need, and
+    what a node releases (noised) of its held-out data. One example adds at most 1 to three of the counts."""
+    counts = np.zeros((k, 3), dtype=np.float64)
+    np.add.at(counts[:, 0], labels, 1)
+    np.add.at(counts[:, 1], predicted, 1)
+    np.add.at(counts[:, 2], labels[predicted == labels], 1)
+    return counts
+
+
+def counts_metrics(counts: np.ndarray, names: Sequence[str]) -> dict:
     """Accuracy, macro-F1 (the mean over the labels of each label's F1, 0 for a label never predicted nor
-    present) and per-label counts (examples, predicted, correct): what a K-label summary reports."""
-    per_label, f1s = {}, []
-    for c, name in enumerate(names):
-        true, pred = labels == c, predicted == c
-        hit = int((true & pred).sum())
-        n_true, n_pred = int(true.sum()), int(pred.sum())
-        f1s.append(2 * hit / (n_true + n_pred) if n_true + n_pred else 0.0)
-        per_label[name] = {"examples": n_true, "predicted": n_pred, "correct": hit}
-    return {"accuracy": float((predicted == labels).mean()) if len(labels) else float("nan"),
-            "macro_f1": float(np.mean(f1s)), "per_label": per_label}
+    present) and per-label counts from :func:`label_counts`, exact or noised (a noised count is clamped at 0
+    and a rate into [0, 1])."""
+    counts = np.clip(np.asarray(counts, dtype=np.float64), 0, None)
+    n_true, n_pred, hit = counts.T
+    f1 = np.divide(2 * hit, n_true + n_pred, out=np.zeros(len(names)), where=n_true + n_pred > 0)
+    total = n_true.sum()
+    number = (lambda x: int(round(x))) if np.all(counts == np.round(counts)) else float
+    return {"accuracy": float(min(hit.sum() / total, 1.0)) if total else float("nan"),
+            "macro_f1": float(np.clip(f1, 0, 1).mean()),
+            "per_label": {name: {"examples": number(t), "predicted": number(p), "correct": number(c)}
+                          for name, t, p, c in zip(names, n_true, n_pred, hit)}}
+
+
+def classification_metrics(predicted: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> dict:
+    """Accuracy, macro-F1 and per-label counts (examples, predicted, correct): what a K-label summary reports."""
+    return counts_metrics(label_counts(np.asarray(predicted), np.asarray(labels), len(names)), names)
 
 
 def generation_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]], nll_sum: float,
