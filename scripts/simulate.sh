@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The main job: a federated DP-ZO simulation on this machine, offline, with `flwr run .`.
 #
-#   bash scripts/simulate.sh [extra --run-config overrides, e.g. "federation.rounds=20 privacy.epsilon=1"]
+#   bash scripts/simulate.sh [extra --run-config overrides, e.g. "federation.rounds=20" "privacy.epsilon=1"]
+#
+# Overrides may come as one string or several arguments; each key must be one of pyproject.toml's
+# [tool.flwr.app.config] (Flower refuses any other); everything else goes in a config file (config-file).
 #
 # `flwr run .` alone would try to install the app's dependencies with uv (fails offline; DESIGN.md section 5),
 # so this starts a simulation SuperLink with runtime dependency installation disabled, points a `flwr`
@@ -54,7 +57,7 @@ address = "127.0.0.1:$PORT"
 insecure = true
 TOML
 
-USER_OVERRIDES=${1:-}
+USER_OVERRIDES="$*"
 case "$USER_OVERRIDES" in
     *out_dir=*) echo "simulate: set the run folder with RUN_DIR=..., not out_dir" >&2; exit 2 ;;
 esac

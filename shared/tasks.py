@@ -416,15 +416,16 @@ def label_counts(predicted: np.ndarray, labels: np.ndarray, k: int) -> np.ndarra
 
 def counts_metrics(counts: np.ndarray, names: Sequence[str]) -> dict:
     """Accuracy, macro-F1 (the mean over the labels of each label's F1, 0 for a label never predicted nor
-    present) and per-label counts from :func:`label_counts`, exact or noised (a noised count is clamped at 0
-    and a rate into [0, 1])."""
+    present) and per-label counts from :func:`label_counts`, exact or noised. Noised counts are made
+    consistent first, as exact ones are (post-processing, which costs no privacy): none below 0, and no label
+    with more correct than examples or predictions."""
     counts = np.clip(np.asarray(counts, dtype=np.float64), 0, None)
+    counts[:, 2] = counts.min(axis=1)
     n_true, n_pred, hit = counts.T
     f1 = np.divide(2 * hit, n_true + n_pred, out=np.zeros(len(names)), where=n_true + n_pred > 0)
     total = n_true.sum()
     number = (lambda x: int(round(x))) if np.all(counts == np.round(counts)) else float
-    return {"accuracy": float(min(hit.sum() / total, 1.0)) if total else float("nan"),
-            "macro_f1": float(np.clip(f1, 0, 1).mean()),
+    return {"accuracy": float(hit.sum() / total) if total else float("nan"), "macro_f1": float(f1.mean()),
             "per_label": {name: {"examples": number(t), "predicted": number(p), "correct": number(c)}
                           for name, t, p, c in zip(names, n_true, n_pred, hit)}}
 

@@ -25,9 +25,10 @@ def test_metrics_from_exact_counts_are_the_classification_metrics_and_noised_cou
     assert counts.sum(0).tolist() == [50, 50, int((predicted == labels).sum())]
     assert counts_metrics(counts, ["a", "b", "c"]) == classification_metrics(predicted, labels, ["a", "b", "c"])
     noised = counts_metrics(np.array([[4.2, 3.9, 5.1], [-1.5, 0.4, -0.2]]), ["a", "b"])
-    assert noised["accuracy"] == 1.0  # 5.1 correct of 4.2 examples: clamped into [0, 1]
-    assert noised["per_label"]["b"] == {"examples": 0.0, "predicted": 0.4, "correct": 0.0}
-    assert 0 <= noised["macro_f1"] <= 1
+    assert noised["per_label"]["a"] == {"examples": 4.2, "predicted": 3.9, "correct": 3.9}  # no more right than seen
+    assert noised["per_label"]["b"] == {"examples": 0.0, "predicted": 0.4, "correct": 0.0}  # none below 0
+    assert noised["accuracy"] == pytest.approx(3.9 / 4.2)
+    assert noised["macro_f1"] == pytest.approx((2 * 3.9 / 8.1 + 0.0) / 2)
 
 
 def _federation(tmp_path, name, epsilon):
