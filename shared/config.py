@@ -10,15 +10,11 @@ import dataclasses
 import math
 import os
 import re
-import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 from shared.directions import DIRECTION_KINDS
 from shared.noise import NOISE_FAMILIES

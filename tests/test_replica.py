@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import tomllib
 
 import numpy as np
 import pytest
@@ -15,10 +15,6 @@ from shared.noise import Noise
 from shared.follower import ReplicaError
 from shared.replica import Replica
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 @pytest.fixture(scope="module")
