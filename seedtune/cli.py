@@ -1,11 +1,20 @@
-"""The ``seedtune`` command. Subcommands import their implementation lazily so ``--help`` stays fast."""
+"""seedtune: private zeroth-order finetuning of language models.
+
+Train a model on your data with differential privacy (train), rebuild the finetuned model from a run's
+ledger (replay), check a ledger's history (verify), export it for ONNX Runtime nodes (export-onnx) and
+choose the noise for a privacy target (noise-search). A federation runs through Flower: bash
+scripts/simulate.sh on one machine, flwr run . against a deployment (README). Each command: seedtune CMD -h.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import re
 import sys
+from typing import NoReturn
 
 from shared.config import ConfigError, load_config, parse_override
 
@@ -88,10 +97,29 @@ def _noise_search(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the closest subcommand or option suggested for a mistyped one."""
+
+    def error(self, message: str) -> NoReturn:
+        choices = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        unknown = re.search(r"unrecognized arguments: (\S+)", message)
+        if choices:
+            known = re.findall(r"'([^']*)'", choices.group(2))
+            close = difflib.get_close_matches(choices.group(1), known, n=1)
+        elif unknown:
+            known = [o for action in self._actions for o in action.option_strings]
+            for sub in self._subparsers._group_actions if self._subparsers else []:
+                known += [o for p in getattr(sub, "choices", {}).values() for a in p._actions for o in a.option_strings]
+            close = difflib.get_close_matches(unknown.group(1), known, n=1)
+        else:
+            close = []
+        super().error(message + (f"; did you mean {close[0]!r}?" if close else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seedtune", description=__doc__)
+    parser = _Parser(prog="seedtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="centralized DP zeroth-order training; prints a JSON summary line")
     p.add_argument("--config", "-c", action="append", default=[],

@@ -7,6 +7,7 @@ Each section is a dataclass; unknown keys and bad values are rejected with an er
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -407,7 +408,9 @@ def from_dict(data: Mapping[str, Any], cls: type = RunConfig, prefix: str = "") 
         if f"{prefix}{key}" in RENAMED:
             raise ConfigError(f"config key '{prefix}{key}' is now '{RENAMED[prefix + key]}' (one key per concept)")
         if key not in fields:
-            raise ConfigError(f"unknown config key '{prefix}{key}'; known keys: {sorted(fields)}")
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'; {hint}known keys: {sorted(fields)}")
         default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
             kwargs[key] = from_dict(value, type(default), f"{prefix}{key}.")
