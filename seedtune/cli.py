@@ -1,9 +1,10 @@
 """seedtune: private zeroth-order finetuning of language models.
 
-Train a model on your data with differential privacy (train), rebuild the finetuned model from a run's
-ledger (replay), check a ledger's history (verify), export it for ONNX Runtime nodes (export-onnx) and
-choose the noise for a privacy target (noise-search). A federation runs through Flower: bash
-scripts/simulate.sh on one machine, flwr run . against a deployment (README). Each command: seedtune CMD -h.
+Train a model on your data with differential privacy (train; every config key: seedtune config --defaults),
+rebuild the finetuned model from a run's ledger (replay), check a ledger's history (verify), export it for
+ONNX Runtime nodes (export-onnx) and choose the noise for a privacy target (noise-search). A federation runs
+through Flower: bash scripts/simulate.sh on one machine, flwr run . against a deployment (README).
+Each command: seedtune CMD -h.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     summary = train(config, progress=not args.no_progress)
     print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from shared.config import RunConfig, describe
+
+    if args.defaults and (args.config or args.set):
+        raise ConfigError("config --defaults prints the defaults alone; drop -c/-s, or drop --defaults")
+    config = RunConfig() if args.defaults else load_config(args.config, dict(parse_override(o) for o in args.set))
+    print(describe(config), end="")
     return 0
 
 
@@ -126,10 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML config file; repeat to layer them, e.g. -c configs/trec.toml -c configs/smollm2_eps3.toml "
                    "(later files win; defaults fill anything they omit)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. -s privacy.epsilon=1 -s model.name=smollm2")
+                   help="override a config value, e.g. -s privacy.epsilon=1 -s model.name=smollm2 (every key, its "
+                   "default and meaning: seedtune config --defaults)")
     p.add_argument("--out", help="run folder (default runs/train-<time>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("config", help="print a run's configuration as TOML, every key with its meaning (with "
+                       "--defaults: the defaults; with -c/-s: what train would use)")
+    p.add_argument("--defaults", action="store_true", help="the defaults, ignoring any config file")
+    p.add_argument("--config", "-c", action="append", default=[], help="TOML config file(s), layered as train does")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.set_defaults(func=_config)
 
     p = sub.add_parser("replay", help="rebuild the finetuned model from its ledger; prints a JSON line")
     p.add_argument("ledger", help="ledger.sqlite of a federated run or of a seedtune train run")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import json
 import math
 import os
 import re
@@ -44,7 +46,7 @@ def _positive(name: str, value: float) -> None:
 class ModelConfig:
     name: str = "minilm"  # "minilm", "smollm2", a Hugging Face model id or a local folder
     kind: str = "auto"  # "encoder", "decoder" or "auto" (from the model's config)
-    max_length: int = 64
+    max_length: int = 64  # tokens per example; a decoder prompt keeps its tail (the question)
     microbatch: int = 16  # examples per forward pass, grouped by length: less padding, bounded memory
     # Where and in what precision the forward passes run (shared.models.placement). The trainable entries stay
     # in a float32 master whatever the dtype, so a ledger replays to the same float32 values on any machine.
@@ -78,8 +80,8 @@ class TaskConfig:
     nothing task-specific lives in the engine.
     """
 
-    name: str = "sst2"  # a name for summaries and the privacy ledger's data key
-    kind: str = "classification"
+    name: str = "sst2"  # a name for summaries and logs (the privacy ledger keys data by its records)
+    kind: str = "classification"  # "classification" (labels) or "generation" (a target text; decoders)
     text_fields: list[str] = field(default_factory=lambda: ["sentence"])  # one text, or a pair (premise, hypothesis)
     label_field: str = "label"  # classification: the label column
     target_field: str = ""  # generation: the column the model learns to write after the prompt
@@ -160,11 +162,11 @@ class DataConfig:
     # the team data folder (../shared/data). Empty: the folder named task.name there.
     data_dir: str = ""
     train_file: str = ""  # explicit files, instead of the folder's (test_file needs train_file)
-    test_file: str = ""
+    test_file: str = ""  # the test split's file (with train_file)
     dev_file: str = ""  # optional: without a dev split there is no periodic (public) dev evaluation
     # A Hugging Face dataset, used when no local files are found (real users with hub access); "" = none
     hub: str = "glue"
-    hub_config: str = "sst2"
+    hub_config: str = "sst2"  # the hub dataset's configuration
     hub_splits: list[str] = field(default_factory=lambda: ["train[10%:]", "validation", "train[:10%]"])  # train, test, dev
     train_size: int = 0  # 0 = the whole training split; else about this many, kept per record by a salted hash
     test_size: int = 0  # 0 = the whole test split
@@ -194,9 +196,9 @@ class DataConfig:
 @dataclass
 class ZOConfig:
     batch_size: int = 32  # expected batch size q*n under Poisson sampling
-    lr: float = 1e-4
+    lr: float = 1e-4  # step size of theta -= lr * g * z
     mu: float = 1e-3  # smoothing scale of the two-point estimate
-    direction: str = "rademacher"
+    direction: str = "rademacher"  # "rademacher" or "gaussian" directions z, regenerated from each seed
     seed: int = 0  # 0: fresh direction seeds from the CSPRNG; else a public, reproducible stream from this seed
     # Directions per step. 1: DPZero's symmetric two-point estimate (2 passes). K > 1: one-sided estimates
     # sharing one unperturbed pass (K + 1 passes), the per-example K-vector clipped in L2 (seedtune train only).
@@ -218,8 +220,8 @@ class ZOConfig:
 @dataclass
 class PrivacyConfig:
     enabled: bool = True  # False: non-private MeZO (no clipping, no noise, epsilon reported as inf)
-    epsilon: float = 3.0
-    delta: float = 1e-5
+    epsilon: float = 3.0  # the target epsilon of the whole run (PLD accounting), at delta
+    delta: float = 1e-5  # the target delta
     clip: float = 1.0  # per-example clipping bound C on the projected gradient
     noise_multiplier: float = 0.0  # Gaussian only; 0: calibrated from (epsilon, delta, sampling rate, steps)
     noise: str = "gaussian"  # "gaussian", "laplace", "lmo" or "auto" (least variance at the target; see noise_search)
@@ -261,10 +263,10 @@ class SelectionConfig:
 class ScheduleConfig:
     """DP-ZOSO stages: stage s runs stage_steps[s] steps at lr * lr_decay**s and mu * mu_decay**s."""
 
-    stage_steps: list[int] = field(default_factory=lambda: [300])
-    lr_decay: float = 0.5
-    mu_decay: float = 0.5
-    mu_min: float = 1e-5
+    stage_steps: list[int] = field(default_factory=lambda: [300])  # steps of each stage, in order
+    lr_decay: float = 0.5  # lr multiplier from one stage to the next
+    mu_decay: float = 0.5  # mu multiplier from one stage to the next
+    mu_min: float = 1e-5  # mu never decays below this
     prox: float = 0.0  # proximal strength lambda: theta -= lr_s * lambda * (theta - stage start) each step
 
     @property
@@ -307,12 +309,12 @@ class FederationConfig:
     one private ZO step per seed on its own partition, and each seed's scalars are aggregated into one ledger
     entry (``aggregation``). Its run folder is the top-level ``out_dir``, its evaluation cadence ``eval.every``."""
 
-    rounds: int = 10
+    rounds: int = 10  # federated rounds
     clients_per_round: int = 0  # nodes sampled per round; 0 = every node still within its budget
     local_steps: int = 4  # private ZO steps (seeds) per client per round
     sample_rate: float = 0.01  # Poisson rate q on each client's partition, so every client has the same epsilon/step
     min_replies: int = 1  # a round with fewer valid replies commits nothing
-    round_timeout_s: float = 600.0
+    round_timeout_s: float = 600.0  # how long a round waits for replies
     partition: str = "iid"  # "iid", "dirichlet" (label skew) or "natural" (one node per value of partition_by)
     partition_by: str = ""  # "natural": the column naming each record's institution or user
     alpha: float = 0.5  # Dirichlet concentration: smaller = more skewed
@@ -326,7 +328,7 @@ class FederationConfig:
     # to node_eval_epsilon at privacy.delta: one release, accounted in its data holder's privacy ledger under
     # that data set's key. The server sums the counts (DP-noised accuracy and macro-F1). Classification only.
     node_evaluation: bool = False
-    node_eval_epsilon: float = 1.0
+    node_eval_epsilon: float = 1.0  # epsilon of that one release, per holder and held-out data set
 
     def validate(self) -> None:
         for name in ("rounds", "local_steps", "min_replies"):
@@ -486,6 +488,54 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 CONFIG_FILE_KEY = "config-file"
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in this file: the one after it on its line, else the comment lines just above."""
+    lines = inspect.getsource(cls).splitlines()
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for i, line in enumerate(lines):
+        name = line.strip().split(":", 1)[0]
+        if name not in names or name in out:
+            continue
+        if "  # " in line:
+            out[name] = line.split("  # ", 1)[1].strip()
+            continue
+        above = []
+        for prev in reversed(lines[:i]):
+            if not prev.strip().startswith("#"):
+                break
+            above.insert(0, prev.strip().lstrip("#").strip())
+        out[name] = " ".join(above)
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    return repr(value)
+
+
+def describe(config: RunConfig) -> str:
+    """``config`` as a TOML file that load_config reads back, every key with the one line its field's comment
+    in this file gives: what ``seedtune config`` prints, the reference of every key."""
+    top, tables = [], []
+    comments = _field_comments(RunConfig)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            meanings = _field_comments(type(value))
+            rows = [f"{g.name} = {_toml_value(getattr(value, g.name))}  # {meanings.get(g.name, '')}".rstrip(" #")
+                    for g in dataclasses.fields(value)]
+            tables.append(f"[{f.name}]\n" + "\n".join(rows))
+        else:
+            top.append(f"{f.name} = {_toml_value(value)}  # {comments.get(f.name, '')}".rstrip(" #"))
+    return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"
 
 
 def cache_root() -> Path:

@@ -30,3 +30,23 @@ def test_the_top_level_help_says_what_each_command_does_for_a_user(capsys):
     out = capsys.readouterr().out
     assert "finetuning" in out and all(cmd in out for cmd in ("train", "replay", "verify", "export-onnx"))
     assert "import their implementation lazily" not in out  # the developers' note it used to print
+
+
+def test_config_prints_every_key_with_its_meaning_as_toml_that_loads_back(tmp_path, capsys):
+    import dataclasses
+    import tomllib
+
+    from shared.config import RunConfig, load_config
+
+    assert main(["config", "--defaults"]) == 0
+    text = capsys.readouterr().out
+    written = tmp_path / "defaults.toml"
+    written.write_text(text)
+    assert load_config(written) == RunConfig().validate()  # the printed file is the defaults, key for key
+    lines = [line for line in text.splitlines() if " = " in line]
+    keys = sum(len(dataclasses.fields(getattr(RunConfig(), f.name))) if dataclasses.is_dataclass(getattr(
+        RunConfig(), f.name)) else 1 for f in dataclasses.fields(RunConfig))
+    assert len(lines) == keys and all("  # " in line for line in lines)  # each key, each with its meaning
+    assert main(["config", "-c", "configs/trec.toml", "-s", "privacy.epsilon=1"]) == 0
+    layered = tomllib.loads(capsys.readouterr().out)
+    assert layered["task"]["name"] == "trec" and layered["privacy"]["epsilon"] == 1
