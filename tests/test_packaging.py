@@ -3,10 +3,14 @@ must never be told a Python works that one of the pinned dependencies refuses.""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
@@ -32,3 +36,16 @@ def test_requires_python_admits_no_python_that_a_dependency_refuses():
         if theirs and lowest not in SpecifierSet(theirs):
             refused.append(f"{req.name} {metadata.version(req.name)} requires Python {theirs}")
     assert not refused, f"requires-python {ours} admits Python {lowest}, but " + "; ".join(refused)
+
+
+@pytest.mark.slow  # resolves about 150 packages against the package index: 1.5 min
+def test_the_app_and_its_extras_resolve_as_an_installer_would(tmp_path):
+    """What Flower's dependency sync behind `flwr run .` needs: the app's metadata resolves, without
+    installing anything (pip's resolver, against the index this environment uses)."""
+    report = tmp_path / "report.json"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+                          "--disable-pip-version-check", "--report", str(report), f"{ROOT}[models,onnx,baselines]"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert {"seedtune", "flwr", "torch", "onnxruntime", "opacus"} <= names
