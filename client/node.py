@@ -236,13 +236,20 @@ def handle_instruction(ins: Instruction, node_id: int, state: NodeState, data: D
 
     A reply that releases anything is in the holder's privacy ledger before this returns."""
     reply = _reply(ins, node_id, holder, runtime)
+    return _answer(lambda: _run(ins, state, data, holder, rng or SecureRandom(), runtime, reply), reply, state,
+                   holder, f"round {ins.round}")
+
+
+def _answer(work: Callable[[], Reply], reply: Reply, state: NodeState, holder: Holder, what: str) -> Reply:
+    """The reply ``work`` returns, or ``reply`` turned into a signed refusal that releases nothing."""
     try:
-        return _run(ins, state, data, holder, rng or SecureRandom(), runtime, reply)
+        return work()
     except (Refusal, ReplicaError, ChainError, BudgetExceeded) as exc:
-        log.warning("node %d refuses round %d: %s", node_id, ins.round, exc)
+        log.warning("node %d refuses %s: %s", reply.node, what, exc)
         reply.refusal = str(exc)
         reply.model_version = state.version
-        reply.ClearField("scalars")
+        for released in ("scalars", "counts", "metrics"):
+            reply.ClearField(released)
     return sign_reply(reply, holder.key)
 
 
@@ -364,15 +371,8 @@ def evaluate(ins: Instruction, node_id: int, state: NodeState, heldout: DataSour
     recorded in the holder's privacy ledger under that data set's key before the reply leaves. A re-delivered
     instruction gets the stored reply; a release past the budget is refused."""
     reply = _reply(ins, node_id, holder, runtime)
-    try:
-        return _evaluate(ins, state, heldout, holder, rng or SecureRandom(), runtime, reply)
-    except (Refusal, ReplicaError, ChainError, BudgetExceeded) as exc:
-        log.warning("node %d refuses the evaluation: %s", node_id, exc)
-        reply.refusal = str(exc)
-        reply.model_version = state.version
-        reply.ClearField("counts")
-        reply.metrics.clear()
-    return sign_reply(reply, holder.key)
+    return _answer(lambda: _evaluate(ins, state, heldout, holder, rng or SecureRandom(), runtime, reply), reply,
+                   state, holder, "the evaluation")
 
 
 def _evaluate(ins: Instruction, state: NodeState, heldout: DataSource, holder: Holder, rng: SecureRandom,

@@ -155,14 +155,19 @@ class FederatedServer:
         return accountant.after(self.noise, self.config.federation.sample_rate, extra_steps).epsilon(
             self.config.privacy.delta)
 
-    def eligible(self, nodes: Iterable[int]) -> list[int]:
-        """One node per identified holder (the lowest id if several claim it), if the holder's budget allows
-        another round."""
-        k = self.config.federation.local_steps
+    def one_per_holder(self, nodes: Iterable[int]) -> dict[str, int]:
+        """Identified holder -> its node among ``nodes`` (the lowest id if several claim it)."""
         first: dict[str, int] = {}
         for n in sorted(nodes):
             if n in self.holders:
                 first.setdefault(self.holders[n], n)
+        return first
+
+    def eligible(self, nodes: Iterable[int]) -> list[int]:
+        """One node per identified holder (the lowest id if several claim it), if the holder's budget allows
+        another round."""
+        k = self.config.federation.local_steps
+        first = self.one_per_holder(nodes)
         if self.config.privacy.enabled:
             first = {h: n for h, n in first.items() if self.epsilon(h, k) <= self.config.privacy.epsilon}
         return sorted(first.values())
@@ -386,11 +391,8 @@ class FederatedServer:
         data and releases its per-label counts under Gaussian noise (its holder's privacy ledger accounts the
         release); the server sums the counts into a DP-noised accuracy and macro-F1 over the holders' data."""
         fed, labels = self.config.federation, self.config.task.labels
-        live = set(self.grid.get_node_ids())
-        first: dict[str, int] = {}
-        for node in sorted(n for n in self.holders if n in live):
-            first.setdefault(self.holders[node], node)
-        plan = RoundPlan(self.ledger.last_round + 1, len(self.ledger), sorted(first.values()), [], None)
+        nodes = sorted(self.one_per_holder(self.grid.get_node_ids()).values())
+        plan = RoundPlan(self.ledger.last_round + 1, len(self.ledger), nodes, [], None)
         counts, epsilon = [], {}
         for src, reply in self._query(plan, EVALUATE).items():
             values = np.asarray(reply.counts, dtype=np.float64)
