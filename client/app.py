@@ -35,15 +35,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.privacy_ledger import Budget, open_privacy_ledger
-from client.node import DataSource, Holder, NodeState, Runtime, handle_instruction, identify as identity_of
-from client.node import evaluate as evaluate_heldout, refusal, sync
-from client.partition import load_own_data, load_partition
-from shared.identity import NodeKey
-from shared.onnx_task import DEFAULT_PROVIDERS
-from shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction
-from shared.follower import LedgerFollower
-from shared.wire import from_content, to_content
+from seedtune.client.privacy_ledger import Budget, open_privacy_ledger
+from seedtune.client.node import DataSource, Holder, NodeState, Runtime, handle_instruction, identify as identity_of
+from seedtune.client.node import evaluate as evaluate_heldout, refusal, sync
+from seedtune.client.partition import load_own_data, load_partition
+from seedtune.shared.identity import NodeKey
+from seedtune.shared.onnx_task import DEFAULT_PROVIDERS
+from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction
+from seedtune.shared.follower import LedgerFollower
+from seedtune.shared.wire import from_content, to_content
 
 log = logging.getLogger(__name__)
 STATE = "seedtune-node"

@@ -23,18 +23,18 @@ from typing import Callable
 
 import numpy as np
 
-from client.privacy_ledger import Budget, BudgetExceeded, PrivacyLedger, request_key
-from client.zo_step import zo_step
-from shared.aggregation import coefficient
-from shared.chain import ChainError, hash_along, header_digest
-from shared.config import ConfigError, RunConfig, cache_root
-from shared.follower import LedgerFollower, ReplicaError
-from shared.identity import NodeKey, identity_bytes, sign_reply
-from shared.noise import Noise, SecureRandom
-from shared.noise_search import COUNT_SENSITIVITY, count_noise
-from shared.onnx_task import DEFAULT_PROVIDERS
-from shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, LedgerHeader, Reply
-from shared.tasks import DataError, label_counts
+from seedtune.client.privacy_ledger import Budget, BudgetExceeded, PrivacyLedger, request_key
+from seedtune.client.zo_step import zo_step
+from seedtune.shared.aggregation import coefficient
+from seedtune.shared.chain import ChainError, hash_along, header_digest
+from seedtune.shared.config import ConfigError, RunConfig, cache_root
+from seedtune.shared.follower import LedgerFollower, ReplicaError
+from seedtune.shared.identity import NodeKey, identity_bytes, sign_reply
+from seedtune.shared.noise import Noise, SecureRandom
+from seedtune.shared.noise_search import COUNT_SENSITIVITY, count_noise
+from seedtune.shared.onnx_task import DEFAULT_PROVIDERS
+from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, LedgerHeader, Reply
+from seedtune.shared.tasks import DataError, label_counts
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +120,13 @@ class Runtime:
     def load(self, header: LedgerHeader) -> LedgerFollower:
         """The base replica for this ledger on this runtime (its digests checked against the header)."""
         if self.kind == "onnx":
-            from client.onnx_runtime import OnnxReplica
+            from seedtune.client.onnx_runtime import OnnxReplica
 
             # (a provider this onnxruntime build lacks is an OnnxModelError, a ReplicaError: refused by name)
             return OnnxReplica.from_header(header, self.onnx_model, self.onnx_providers)
         import torch
 
-        from shared.replica import Replica
+        from seedtune.shared.replica import Replica
 
         try:
             replica = Replica.from_header(header, cache_root() / "replicas", self.device or None, self.dtype or None)

@@ -17,12 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
-from shared.config import RunConfig, from_dict
-from shared.directions import CHUNK, direction_numpy
-from shared.follower import LedgerFollower, ReplicaError
-from shared.onnx_format import load_trainable
-from shared.onnx_task import DEFAULT_PROVIDERS, OnnxTask
-from shared.proto import LedgerHeader
+from seedtune.shared.config import RunConfig, from_dict
+from seedtune.shared.directions import CHUNK, direction_numpy
+from seedtune.shared.follower import LedgerFollower, ReplicaError
+from seedtune.shared.onnx_format import load_trainable
+from seedtune.shared.onnx_task import DEFAULT_PROVIDERS, OnnxTask
+from seedtune.shared.proto import LedgerHeader
 
 log = logging.getLogger(__name__)
 

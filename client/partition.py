@@ -17,10 +17,10 @@ from typing import Protocol
 
 import numpy as np
 
-from client.privacy_ledger import data_key
-from client.node import Partition
-from shared.config import RunConfig
-from shared.tasks import DataError, Split, load_own, load_split
+from seedtune.client.privacy_ledger import data_key
+from seedtune.client.node import Partition
+from seedtune.shared.config import RunConfig
+from seedtune.shared.tasks import DataError, Split, load_own, load_split
 
 log = logging.getLogger(__name__)
 

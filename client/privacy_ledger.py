@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from shared.accounting import PrivacyAccountant
-from shared.config import cache_root
-from shared.noise import Noise
-from shared.run_folder import PRIVACY_LEDGER_FILE
+from seedtune.shared.accounting import PrivacyAccountant
+from seedtune.shared.config import cache_root
+from seedtune.shared.noise import Noise
+from seedtune.shared.run_folder import PRIVACY_LEDGER_FILE
 
 log = logging.getLogger(__name__)
 

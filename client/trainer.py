@@ -15,28 +15,28 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from client.zo_step import zo_step
-from shared.aggregation import ACCEPTED, RoundRule
-from shared.ledger import Ledger, Provenance
-from shared.accounting import PrivacyAccountant
-from shared.config import ConfigError, RunConfig
-from shared.digest import model_digest
-from shared.directions import seed_stream
-from shared.models import load_task_model, placement
-from shared.noise import Noise, SecureRandom
-from shared.noise_search import plan_noise
-from shared.schedule import stages
-from shared.selection import TrainableSet
-from shared.replica import float32_model, ledger_header, select_trainable
-from shared.tasks import load_split, with_labels
-from shared.update import ScoredView
-from shared.run_folder import CONFIG_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
+from seedtune.client.zo_step import StepResult, ZoModel, zo_step
+from seedtune.shared.aggregation import ACCEPTED, RoundRule
+from seedtune.shared.ledger import Ledger, Provenance
+from seedtune.shared.accounting import PrivacyAccountant
+from seedtune.shared.config import ConfigError, RunConfig
+from seedtune.shared.digest import model_digest
+from seedtune.shared.directions import seed_stream
+from seedtune.shared.models import load_task_model, placement
+from seedtune.shared.noise import Noise, SecureRandom
+from seedtune.shared.noise_search import plan_noise
+from seedtune.shared.schedule import stages
+from seedtune.shared.selection import TrainableSet
+from seedtune.shared.replica import float32_model, ledger_header, select_trainable
+from seedtune.shared.tasks import load_split, with_labels
+from seedtune.shared.update import ScoredView
+from seedtune.shared.run_folder import CONFIG_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,28 @@ def plan_privacy(config: RunConfig, train_size: int) -> PrivacyPlan:
 
 
 TRAINER = "trainer"  # the provenance holder of a centralized run: its one data set
+
+
+def private_step(view: ZoModel, ids: Sequence[Sequence[int]], labels: np.ndarray, step: int, seeds: list[int],
+                 lr: float, mu: float, plan: PrivacyPlan, rng: SecureRandom, clip: float | None, microbatch: int,
+                 ledger: Ledger | None, accountant: PrivacyAccountant) -> tuple[StepResult, list[float]]:
+    """One step of a centralized run, whoever drives it (``train``, or :class:`seedtune.PrivateZO` on a
+    user's own model): the privatised scalars, the update ``theta += -(lr / K) sum_k scalar_k z_k`` (one ledger
+    entry per direction, applied in order, by the ledger's own rule over the released float32 scalars: a round
+    of one reply, the trainer's), the ledger's round and the accountant's step."""
+    result = zo_step(view, ids, labels, seeds=seeds, mu=mu, sample_rate=plan.sample_rate, microbatch=microbatch,
+                     rng=rng, clip=clip, noise=plan.noise)
+    released = np.asarray(result.scalars, dtype="<f4")
+    rule = RoundRule("mean", lr / len(seeds))
+    coeffs = [float(c) for c in rule.coefficients(released[None, :])]
+    for seed, coeff in zip(result.seeds, coeffs):
+        view.apply(seed, coeff)
+    if ledger is not None:
+        ledger.commit_round(step, result.seeds, coeffs, [Provenance(0, TRAINER, ACCEPTED, released.tobytes())],
+                            rule)
+    if plan.noise is not None:
+        accountant.record(plan.noise, plan.sample_rate)
+    return result, coeffs
 
 
 def _not_a_ledger(config: RunConfig) -> str | None:
@@ -156,25 +178,12 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                     if on_loop_start is not None:
                         on_loop_start()
                     loop_start = time.perf_counter()  # the steps alone (dev evaluations included, if any)
-                result = zo_step(
-                    view, train_ids, train_labels, seeds=[next(seeds) for _ in range(directions)],
-                    mu=stage.mu, sample_rate=plan.sample_rate, microbatch=config.model.microbatch, rng=rng,
-                    clip=config.privacy.clip if private else None, noise=plan.noise,
-                )
-                # theta += -(lr / K) sum_k scalar_k z_k: one ledger entry per direction, applied in order, by the
-                # ledger's own rule over the released float32 scalars (a round of one reply: the trainer's)
-                released = np.asarray(result.scalars, dtype="<f4")
-                rule = RoundRule("mean", stage.lr / directions)
-                coeffs = [float(c) for c in rule.coefficients(released[None, :])]
-                for seed, coeff in zip(result.seeds, coeffs):
-                    view.apply(seed, coeff)
-                if ledger is not None:
-                    ledger.commit_round(t + 1, result.seeds, coeffs,
-                                        [Provenance(0, TRAINER, ACCEPTED, released.tobytes())], rule)
+                result, coeffs = private_step(
+                    view, train_ids, train_labels, t + 1, [next(seeds) for _ in range(directions)], stage.lr,
+                    stage.mu, plan, rng, config.privacy.clip if private else None, config.model.microbatch,
+                    ledger, accountant)
                 if anchor is not None:
                     view.pull_towards(anchor, stage.lr * config.schedule.prox)
-                if private:
-                    accountant.record(plan.noise, plan.sample_rate)
                 bar.update(1)
                 bar.set_postfix(stage=stage.index, loss=f"{result.loss:.3f}")
                 row = {"step": t + 1, "stage": stage.index, "batch": result.batch_size, "clipped": result.clipped,

@@ -23,8 +23,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from shared.batching import length_sorted
-from shared.noise import Noise, SecureRandom
+from seedtune.shared.batching import length_sorted
+from seedtune.shared.noise import Noise, SecureRandom
 
 
 class ZoModel(Protocol):

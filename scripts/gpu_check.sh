@@ -17,4 +17,4 @@ PY=${PYTHON:-.venv/bin/python}
 ARGS=(--device "${DEVICE:-cuda}" --budget-s "${BUDGET_S:-420}")
 [ "${QUICK:-0}" = 1 ] && ARGS+=(--quick)
 [ -n "${OUT:-}" ] && ARGS+=(--out "$OUT")
-exec "$PY" -m simulations.gpu_check "${ARGS[@]}"
+exec "$PY" -m seedtune.simulations.gpu_check "${ARGS[@]}"

@@ -17,11 +17,11 @@ import re
 import sys
 from typing import NoReturn
 
-from shared.config import ConfigError, load_config, parse_override
+from seedtune.shared.config import ConfigError, load_config, parse_override
 
 
 def _train(args: argparse.Namespace) -> int:
-    from client.trainer import train
+    from seedtune.client.trainer import train
 
     overrides = dict(parse_override(o) for o in args.set)
     if args.out:
@@ -33,7 +33,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from shared.config import RunConfig, describe
+    from seedtune.shared.config import RunConfig, describe
 
     if args.defaults and (args.config or args.set):
         raise ConfigError("config --defaults prints the defaults alone; drop -c/-s, or drop --defaults")
@@ -43,14 +43,14 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from server.replay import replay
+    from seedtune.server.replay import replay
 
     print(json.dumps(replay(args.ledger, args.out)), flush=True)
     return 0
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from server.replay import export
+    from seedtune.server.replay import export
 
     if (args.ledger is None) == (args.config is None and not args.set):
         raise ConfigError("give either a LEDGER (the finetuned model) or --config/--set (a base model), not both")
@@ -60,8 +60,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from server.report import anchor_beside
-    from shared.ledger import Ledger
+    from seedtune.server.report import anchor_beside
+    from seedtune.shared.ledger import Ledger
 
     ledger = Ledger.open(args.ledger)
     try:
@@ -82,7 +82,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _noise_search(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from shared.noise_search import Target, accounted_epsilon, p_small, search
+    from seedtune.shared.noise_search import Target, accounted_epsilon, p_small, search
 
     targets = [Target(e, args.delta, args.sample_rate, s) for s in args.steps for e in args.epsilon]
     rows = []
@@ -184,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from shared.ledger import LedgerError
-    from shared.chain import ChainError
-    from shared.follower import ReplicaError
-    from shared.models import ModelLoadError
-    from shared.tasks import DataError
+    from seedtune.shared.ledger import LedgerError
+    from seedtune.shared.chain import ChainError
+    from seedtune.shared.follower import ReplicaError
+    from seedtune.shared.models import ModelLoadError
+    from seedtune.shared.tasks import DataError
 
     try:
         return args.func(args)

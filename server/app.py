@@ -9,8 +9,8 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.federation import FederatedServer
-from shared.config import config_from_flower
+from seedtune.server.federation import FederatedServer
+from seedtune.shared.config import config_from_flower
 
 log = logging.getLogger(__name__)
 app = ServerApp()

@@ -42,20 +42,20 @@ from typing import Any, Iterable
 import numpy as np
 from flwr.app import Message
 
-from shared.accounting import PrivacyAccountant
-from shared.aggregation import ACCEPTED, RoundRule
-from shared.config import ConfigError, RunConfig
-from shared.identity import NONCE_BYTES, AllowedNodes, IdentityError
-from shared.ledger import Anchor, Ledger, LedgerError, Provenance
-from shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Instruction, Reply
-from shared.replica import Replica, config_json
-from shared.run_folder import LEDGER_FILE
-from shared.tasks import counts_metrics, load_split, with_labels
-from shared.noise import Noise, SecureRandom
-from shared.noise_search import COUNT_SENSITIVITY, count_noise, plan_noise
-from shared.wire import WireError, content_of, from_content, payload_length, wire_bytes
-from server.report import RunReport
-from server.round import Rejected, RoundPlan, scalar_bound, signed, validate, validate_identity
+from seedtune.shared.accounting import PrivacyAccountant
+from seedtune.shared.aggregation import ACCEPTED, RoundRule
+from seedtune.shared.config import ConfigError, RunConfig
+from seedtune.shared.identity import NONCE_BYTES, AllowedNodes, IdentityError
+from seedtune.shared.ledger import Anchor, Ledger, LedgerError, Provenance
+from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Instruction, Reply
+from seedtune.shared.replica import Replica, config_json
+from seedtune.shared.run_folder import LEDGER_FILE
+from seedtune.shared.tasks import counts_metrics, load_split, with_labels
+from seedtune.shared.noise import Noise, SecureRandom
+from seedtune.shared.noise_search import COUNT_SENSITIVITY, count_noise, plan_noise
+from seedtune.shared.wire import WireError, content_of, from_content, payload_length, wire_bytes
+from seedtune.server.report import RunReport
+from seedtune.server.round import Rejected, RoundPlan, scalar_bound, signed, validate, validate_identity
 
 log = logging.getLogger(__name__)
 

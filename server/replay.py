@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.report import anchor_beside
-from shared.ledger import Ledger
-from shared.replica import Replica, placed_config
+from seedtune.server.report import anchor_beside
+from seedtune.shared.ledger import Ledger
+from seedtune.shared.replica import Replica, placed_config
 
 # Replay and export run no training: the float32 model on the CPU, whatever placement the run used (its
 # trainable values are float32 in any case), so an export traces the float32 graph ONNX Runtime nodes load.
@@ -43,7 +43,7 @@ def replay(ledger_path: str | Path, out_dir: str | Path | None = None) -> dict[s
 
 def export(ledger_path: str | Path | None, out: str | Path, config=None) -> dict[str, Any]:
     """``seedtune export-onnx``: the model after the ledger (or the base model of ``config``) as ONNX."""
-    from shared.onnx_export import export_onnx
+    from seedtune.shared.onnx_export import export_onnx
 
     if ledger_path is not None:
         replica, info = replay_ledger(ledger_path)

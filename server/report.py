@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared.ledger import Anchor
-from shared.run_folder import METRICS_FILE, SUMMARY_FILE
+from seedtune.shared.ledger import Anchor
+from seedtune.shared.run_folder import METRICS_FILE, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 CSV_COLUMNS = ("round", "dev_accuracy", "nodes", "replies", "accepted", "rejected", "entries",

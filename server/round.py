@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from shared.identity import AllowedNodes, identity_bytes, reply_bytes
-from shared.noise import Noise
-from shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Identity, Reply
-from shared.wire import PayloadTooLarge, WireError, from_content
+from seedtune.shared.identity import AllowedNodes, identity_bytes, reply_bytes
+from seedtune.shared.noise import Noise
+from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Identity, Reply
+from seedtune.shared.wire import PayloadTooLarge, WireError, from_content
 
 
 class Rejected(ValueError):

@@ -23,7 +23,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-from shared.noise import Noise
+from seedtune.shared.noise import Noise
 
 _RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 _PLD_DISCRETIZATION = 1e-4

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from shared.proto import LedgerHeader, LedgerTail
+from seedtune.shared.proto import LedgerHeader, LedgerTail
 
 _ENTRY = struct.Struct("<QQfI")
 

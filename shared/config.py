@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 
-from shared.directions import DIRECTION_KINDS
-from shared.noise import NOISE_FAMILIES
+from seedtune.shared.directions import DIRECTION_KINDS
+from seedtune.shared.noise import NOISE_FAMILIES
 
 PRUNE_STRATEGIES = ("static", "dynamic", "incremental")
 SELECTION_MODES = ("all", "patterns", "prune")
@@ -119,7 +119,7 @@ class TaskConfig:
         for name in ("labels", "label_words", "label_prompts"):
             _require(not generation or getattr(self, name) == [], f"task.{name}",
                      "applies to classification: set it to [] for a generation task", getattr(self, name))
-        from shared.tasks import template_fields  # the one parser of templates (shared.tasks imports no config)
+        from seedtune.shared.tasks import template_fields  # the one parser of templates (shared.tasks imports no config)
 
         _require(isinstance(self.template, str), "task.template", "must be a string", self.template)
         try:

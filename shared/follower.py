@@ -12,10 +12,10 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from shared.chain import ChainError, Entry, genesis, link, unpack_tail
-from shared.config import RunConfig
-from shared.digest import state_digest
-from shared.proto import LedgerHeader, LedgerTail
+from seedtune.shared.chain import ChainError, Entry, genesis, link, unpack_tail
+from seedtune.shared.config import RunConfig
+from seedtune.shared.digest import state_digest
+from seedtune.shared.proto import LedgerHeader, LedgerTail
 
 
 class ReplicaError(RuntimeError):

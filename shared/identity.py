@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from shared.proto import Reply
+from seedtune.shared.proto import Reply
 
 IDENTIFY_CONTEXT = b"seedtune identify v1\x00"
 REPLY_CONTEXT = b"seedtune reply v1\x00"

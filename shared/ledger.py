@@ -36,11 +36,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from shared.aggregation import ACCEPTED, RoundRule
-from shared.chain import ChainError, Entry, genesis, link, pack_tail
+from seedtune.shared.aggregation import ACCEPTED, RoundRule
+from seedtune.shared.chain import ChainError, Entry, genesis, link, pack_tail
 from google.protobuf.message import DecodeError
 
-from shared.proto import LEDGER_FORMAT_VERSION, LEDGER_FORMATS_READ, LedgerHeader, LedgerTail
+from seedtune.shared.proto import LEDGER_FORMAT_VERSION, LEDGER_FORMATS_READ, LedgerHeader, LedgerTail
 
 _U64 = 1 << 64
 _SCHEMA = """

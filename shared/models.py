@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.batching import keep_tail, length_sorted, pad
-from shared.config import ConfigError, ModelConfig, TaskConfig, cache_root
-from shared.tasks import Prompter, Record, Split, as_record, classification_metrics, generation_metrics
+from seedtune.shared.batching import keep_tail, length_sorted, pad
+from seedtune.shared.config import ConfigError, ModelConfig, TaskConfig, cache_root
+from seedtune.shared.tasks import Prompter, Record, Split, as_record, classification_metrics, generation_metrics
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from shared.accounting import calibrate_noise_multiplier, noise_epsilon
-from shared.config import PrivacyConfig, cache_root
-from shared.noise import NOISE_FAMILIES, Noise
+from seedtune.shared.accounting import calibrate_noise_multiplier, noise_epsilon
+from seedtune.shared.config import PrivacyConfig, cache_root
+from seedtune.shared.noise import NOISE_FAMILIES, Noise
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.digest import selection_digest
-from shared.follower import ReplicaError
+from seedtune.shared.digest import selection_digest
+from seedtune.shared.follower import ReplicaError
 
 FORMAT_VERSION = 2  # 2: the whole task (1: SST-2's prompt only)
 INPUTS = ("input_ids", "attention_mask", "trainable")

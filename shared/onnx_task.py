@@ -12,9 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
-from shared.batching import keep_tail, length_sorted, pad
-from shared.onnx_format import OnnxMetadata, OnnxModelError, file_sha256, sidecars
-from shared.tasks import Prompter, Record, Split, as_record
+from seedtune.shared.batching import keep_tail, length_sorted, pad
+from seedtune.shared.onnx_format import OnnxMetadata, OnnxModelError, file_sha256, sidecars
+from seedtune.shared.tasks import Prompter, Record, Split, as_record
 
 log = logging.getLogger(__name__)
 

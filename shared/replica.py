@@ -18,14 +18,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from shared.config import ConfigError, RunConfig, from_dict
-from shared.digest import model_digest, tensor_digest
-from shared.follower import LedgerFollower
-from shared.noise import Noise
-from shared.models import HEAD_FILE, TextClassifier, load_task_model, placement
-from shared.proto import LEDGER_FORMAT_VERSION, LedgerHeader
-from shared.selection import TrainableSet, select_all, select_patterns, select_pruned, stage_fraction
-from shared.update import ScoredView, TrainableView
+from seedtune.shared.config import ConfigError, RunConfig, from_dict
+from seedtune.shared.digest import model_digest, tensor_digest
+from seedtune.shared.follower import LedgerFollower
+from seedtune.shared.noise import Noise
+from seedtune.shared.models import HEAD_FILE, TextClassifier, load_task_model, placement
+from seedtune.shared.proto import LEDGER_FORMAT_VERSION, LedgerHeader
+from seedtune.shared.selection import TrainableSet, select_all, select_patterns, select_pruned, stage_fraction
+from seedtune.shared.update import ScoredView, TrainableView
 
 
 def select_trainable(task: TextClassifier, config: RunConfig, stage: int = 0) -> TrainableSet:

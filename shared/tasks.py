@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from shared.config import DataConfig, RunConfig, TaskConfig
+    from seedtune.shared.config import DataConfig, RunConfig, TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def read_file(path: Path):
             raise DataError(f"{path}: no examples (a header row only)")
         kwargs = {**dialect, "keep_default_na": False,
                   "features": datasets.Features({name: datasets.Value("string") for name in header})}
-    from shared.config import cache_root
+    from seedtune.shared.config import cache_root
 
     datasets.disable_progress_bars()
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False  # a holder's own file: no request to the hub's counter
@@ -383,7 +383,7 @@ def with_labels(config: "RunConfig", split: str = "train") -> "RunConfig":
     config (state the labels in the config to keep even the set private)."""
     import dataclasses
 
-    from shared.config import ConfigError
+    from seedtune.shared.config import ConfigError
 
     if config.task.labels or config.task.kind == "generation":
         return config

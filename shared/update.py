@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.directions import CHUNK, SCRATCH_EXTRA, DirectionKind, direction_torch
-from shared.selection import TrainableSet
+from seedtune.shared.directions import CHUNK, SCRATCH_EXTRA, DirectionKind, direction_torch
+from seedtune.shared.selection import TrainableSet
 
 if TYPE_CHECKING:
-    from shared.models import TextClassifier
+    from seedtune.shared.models import TextClassifier
 
 log = logging.getLogger(__name__)
 

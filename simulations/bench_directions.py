@@ -1,6 +1,6 @@
 """Benchmark: seeded direction generation against memory speed, in one process.
 
-    python -m simulations.bench_directions --json [--sizes 227140 1350000 22700000] [--repeats 5]
+    python -m seedtune.simulations.bench_directions --json [--sizes 227140 1350000 22700000] [--repeats 5]
 
 Prints one JSON line per (runtime, kind, size): entries/s of ``direction_torch`` and ``direction_numpy`` for the
 Rademacher and Gaussian kinds, generated in :data:`shared.directions.CHUNK`-sized pieces as every caller does,
@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from shared.directions import CHUNK, DIRECTION_KINDS, direction_numpy, direction_torch
+from seedtune.shared.directions import CHUNK, DIRECTION_KINDS, direction_numpy, direction_torch
 
 SIZES = (227_140, 1_350_000, 22_700_000)
 

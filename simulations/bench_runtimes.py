@@ -1,6 +1,6 @@
 """Benchmark: the private ZO step on ONNX Runtime against torch, per model, on this CPU.
 
-    python -m simulations.bench_runtimes --json [--models minilm smollm2] [--batch-size 32] [--seq-len 64]
+    python -m seedtune.simulations.bench_runtimes --json [--models minilm smollm2] [--batch-size 32] [--seq-len 64]
 
 For each model: export the base model with its pruned trainable set (``seedtune export-onnx``, cached under
 ``--export-dir``), then run ``simulations.bench_step`` once on torch and once on ONNX Runtime, each in a
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from simulations.bench_step import fixed_batch, onnx_case, step_parser, timed_calls, torch_case
+from seedtune.simulations.bench_step import fixed_batch, onnx_case, step_parser, timed_calls, torch_case
 
 
 def _json_line(cmd: list[str]) -> dict:
@@ -54,11 +54,11 @@ def compare(name: str, batch_size: int, seq_len: int, fraction: float, repeats: 
     if not model.is_file():
         _json_line([sys.executable, "-m", "seedtune.cli", "export-onnx", "--out", str(model), "-s",
                     f"model.name={name}", "-s", f"model.max_length={seq_len}", "-s", f"selection.fraction={fraction}"])
-    bench = [sys.executable, "-m", "simulations.bench_step", "--json", "--models", name, "--batch-size",
+    bench = [sys.executable, "-m", "seedtune.simulations.bench_step", "--json", "--models", name, "--batch-size",
              str(batch_size), "--seq-len", str(seq_len), "--fraction", str(fraction), "--repeats", str(repeats)]
     torch_row = _json_line(bench)
     onnx_row = _json_line(bench + ["--onnx-model", str(model)])
-    timing = _json_line([sys.executable, "-m", "simulations.bench_runtimes", "--interleave", str(model), "--models",
+    timing = _json_line([sys.executable, "-m", "seedtune.simulations.bench_runtimes", "--interleave", str(model), "--models",
                          name, "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--fraction",
                          str(fraction), "--repeats", str(repeats)])
     if onnx_row["trainable_entries"] != torch_row["trainable_entries"]:

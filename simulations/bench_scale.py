@@ -1,4 +1,4 @@
-"""The server's cost per round against the number of replies M: ``python -m simulations.bench_scale --json``.
+"""The server's cost per round against the number of replies M: ``python -m seedtune.simulations.bench_scale --json``.
 
 Part 1, in process: the real :class:`server.federation.FederatedServer` (MiniLM, its 1% SynFlow set, K = 10
 seeds per round, a real SQLite ledger) runs rounds against a load generator that answers every instruction
@@ -35,15 +35,15 @@ from typing import Any, Iterable
 import numpy as np
 from flwr.app import Message
 
-from server.federation import FederatedServer
-from shared.accounting import noise_epsilon
-from shared.config import load_config
-from shared.ledger import Ledger
-from shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, Reply
-from shared.replica import Replica
-from shared.run_folder import LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
-from shared.wire import from_content, to_content
-from simulations.inprocess import outside_flower
+from seedtune.server.federation import FederatedServer
+from seedtune.shared.accounting import noise_epsilon
+from seedtune.shared.config import load_config
+from seedtune.shared.ledger import Ledger
+from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, Reply
+from seedtune.shared.replica import Replica
+from seedtune.shared.run_folder import LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
+from seedtune.shared.wire import from_content, to_content
+from seedtune.simulations.inprocess import outside_flower
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,10 +1,10 @@
 """Benchmark: one private ZO step against one forward pass, time and peak memory, in one process.
 
-    python -m simulations.bench_step --json [--models minilm smollm2] [--batch-size 32] [--seq-len 64]
-    python -m simulations.bench_step --json --models minilm --onnx-model M.onnx   # on ONNX Runtime, no torch
-    python -m simulations.bench_step --json --models smollm2 --fraction 0.03 --patterns "*layers.2?.mlp*"
-    python -m simulations.bench_step --json --models minilm --fraction 1.0 --mezo-reference  # every weight, beside MeZO
-    python -m simulations.bench_step --json --dtypes float32 bfloat16 --device cpu  # one row per model and dtype
+    python -m seedtune.simulations.bench_step --json [--models minilm smollm2] [--batch-size 32] [--seq-len 64]
+    python -m seedtune.simulations.bench_step --json --models minilm --onnx-model M.onnx   # on ONNX Runtime, no torch
+    python -m seedtune.simulations.bench_step --json --models smollm2 --fraction 0.03 --patterns "*layers.2?.mlp*"
+    python -m seedtune.simulations.bench_step --json --models minilm --fraction 1.0 --mezo-reference  # every weight, beside MeZO
+    python -m seedtune.simulations.bench_step --json --dtypes float32 bfloat16 --device cpu  # one row per model and dtype
 
 Prints one JSON line per model. Ratios (step / forward, training peak / inference peak) are measured in the
 same process, alternating the timed calls, because absolute times on shared machines are noisy.
@@ -26,10 +26,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from client.zo_step import privatize, projected_gradients
-from shared.noise import Noise, SecureRandom
-from shared.config import RunConfig
-from shared.tasks import load_split
+from seedtune.client.zo_step import privatize, projected_gradients
+from seedtune.shared.noise import Noise, SecureRandom
+from seedtune.shared.config import RunConfig
+from seedtune.shared.tasks import load_split
 
 
 def reset_peak() -> bool:
@@ -62,10 +62,10 @@ def torch_case(name: str, seq_len: int, fraction: float, patterns: Sequence[str]
                dtype: str = "float32") -> tuple[Any, Any, dict]:
     import torch
 
-    from shared.config import ModelConfig
-    from shared.models import load_task_model, placement
-    from shared.selection import select_pruned
-    from shared.update import ScoredView
+    from seedtune.shared.config import ModelConfig
+    from seedtune.shared.models import load_task_model, placement
+    from seedtune.shared.selection import select_pruned
+    from seedtune.shared.update import ScoredView
 
     config = ModelConfig(name=name, max_length=seq_len, device=device, dtype=dtype)
     config.validate()
@@ -82,8 +82,8 @@ def torch_case(name: str, seq_len: int, fraction: float, patterns: Sequence[str]
 
 def onnx_case(model_path: str) -> tuple[Any, Any, dict]:
     """The same measurement on ONNX Runtime, in a process that never imports torch."""
-    from client.onnx_runtime import OnnxReplica, OnnxTask
-    from shared.onnx_format import load_trainable
+    from seedtune.client.onnx_runtime import OnnxReplica, OnnxTask
+    from seedtune.shared.onnx_format import load_trainable
 
     task = OnnxTask(model_path)
     view = OnnxReplica(task).view

@@ -1,6 +1,6 @@
 """Benchmark: the utility/cost table. Privacy, accuracy, memory, time and communication of every method.
 
-    python -m simulations.bench_utility --json [--mode quick|full] [--out results/utility] [--jobs 1]
+    python -m seedtune.simulations.bench_utility --json [--mode quick|full] [--out results/utility] [--jobs 1]
                                         [--models ...] [--methods ...] [--resume]
 
 Methods, all on SST-2 with the same task loss (shared.models.TextClassifier, cross-entropy):
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from shared.run_folder import METRICS_FILE, PRIVACY_LEDGER_FILE
+from seedtune.shared.run_folder import METRICS_FILE, PRIVACY_LEDGER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def plan_rows(mode: str, models: list[str], methods: list[str], threads: int,
 
 # ------------------------------------------------------------------------------------------ one row
 def _zo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, extra: dict[str, Any] | None = None):
-    from shared.config import load_config
+    from seedtune.shared.config import load_config
 
     overrides = {"model.name": plan.name, "model.microbatch": plan.microbatch, "zo.batch_size": plan.batch_size,
                  "schedule.stage_steps": [spec.steps], "eval.every": 0, "data.train_size": plan.train_size,
@@ -169,8 +169,8 @@ def _zo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, extra: dict[str, An
 
 
 def _fo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, train_size: int, test_size: int):
-    from shared.first_order import FirstOrderConfig
-    from shared.config import DataConfig, ModelConfig
+    from seedtune.shared.first_order import FirstOrderConfig
+    from seedtune.shared.config import DataConfig, ModelConfig
 
     private = spec.method != "finetune"
     lora = spec.method.endswith("lora")
@@ -185,9 +185,9 @@ def _fo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, train_size: int, te
 def _zero_shot(plan: ModelPlan, spec: RowSpec) -> dict[str, Any]:
     import torch
 
-    from shared.config import DataConfig, ModelConfig, RunConfig
-    from shared.models import load_task_model
-    from shared.tasks import load_split
+    from seedtune.shared.config import DataConfig, ModelConfig, RunConfig
+    from seedtune.shared.models import load_task_model
+    from seedtune.shared.tasks import load_split
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -201,8 +201,8 @@ def _zero_shot(plan: ModelPlan, spec: RowSpec) -> dict[str, Any]:
 
 
 def _fed_dpzo(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
-    from server.federation import FederatedServer
-    from simulations.inprocess import InProcessGrid
+    from seedtune.server.federation import FederatedServer
+    from seedtune.simulations.inprocess import InProcessGrid
 
     sample_rate = min(1.0, plan.batch_size / (plan.fed_train_size / FED_CLIENTS))
     config = _zo_config(plan, spec, out_dir, {
@@ -222,8 +222,8 @@ def _fed_dpzo(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
 
 
 def _fed_dpsgd(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
-    from shared.first_order import FedAvgConfig
-    from simulations.fedavg import run_fedavg
+    from seedtune.shared.first_order import FedAvgConfig
+    from seedtune.simulations.fedavg import run_fedavg
 
     learner = _fo_config(plan, replace(spec, method="dpsgd"), "", plan.fed_train_size,
                          plan.fed_test_size)
@@ -239,7 +239,7 @@ def _fed_dpsgd(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
 
 def run_row(spec: RowSpec) -> dict[str, Any]:
     """Run one row in this process and return it (call in a fresh process: the peak RSS is the process's)."""
-    from simulations.bench_step import peak_rss_mb, reset_peak
+    from seedtune.simulations.bench_step import peak_rss_mb, reset_peak
 
     setup = {"peak": 0.0}
 
@@ -257,14 +257,14 @@ def run_row(spec: RowSpec) -> dict[str, Any]:
     if spec.method == "zero-shot":
         row.update(_zero_shot(plan, spec))
     elif spec.method in ("dpzo", "mezo"):
-        from client.trainer import train
+        from seedtune.client.trainer import train
 
         summary = train(_zo_config(plan, spec, out_dir), progress=False, on_loop_start=training_starts)
         row.update(test_accuracy=summary["test_accuracy"], zero_shot_accuracy=summary["zero_shot_accuracy"],
                    epsilon_spent=summary["epsilon"], trainable_params=summary["trainable_entries"],
                    noise_multiplier=summary["noise_std"], s_per_step=summary["train_s"] / spec.steps)
     elif spec.method in ("dpsgd", "dpsgd-lora", "finetune"):
-        from client.baselines.dpsgd import train_first_order
+        from seedtune.client.baselines.dpsgd import train_first_order
 
         summary = train_first_order(_fo_config(plan, spec, out_dir, plan.train_size, plan.test_size),
                                     on_loop_start=training_starts)
@@ -300,7 +300,7 @@ def _alive(pid: int) -> bool:
 
 
 def _run_in_subprocess(spec: RowSpec, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "simulations.bench_utility", "--row", json.dumps(asdict(spec)), "--out", str(out)]
+    cmd = [sys.executable, "-m", "seedtune.simulations.bench_utility", "--row", json.dumps(asdict(spec)), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     # The row's log goes to a file, not a pipe: a row outlives an interrupted parent (rows.d, --resume).
     (out / ROWS_DIR).mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from client.baselines.fedavg import make_client_app
-from server.baselines.fedavg import make_server_app
-from shared.first_order import FedAvgConfig
-from shared.run_folder import SUMMARY_FILE
+from seedtune.client.baselines.fedavg import make_client_app
+from seedtune.server.baselines.fedavg import make_server_app
+from seedtune.shared.first_order import FedAvgConfig
+from seedtune.shared.run_folder import SUMMARY_FILE
 
 
 def run_fedavg(config: FedAvgConfig) -> dict[str, Any]:

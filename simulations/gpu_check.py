@@ -1,8 +1,8 @@
 """The prepared accelerator check (scripts/gpu_check.sh): what a GPU machine must show, in one run that fits
 its time, printing one JSON line per check and a final summary line.
 
-    python -m simulations.gpu_check --device cuda --budget-s 450        # on a GPU machine (under 8 minutes)
-    python -m simulations.gpu_check --device cpu --quick                 # the same code path on tiny models
+    python -m seedtune.simulations.gpu_check --device cuda --budget-s 450        # on a GPU machine (under 8 minutes)
+    python -m seedtune.simulations.gpu_check --device cpu --quick                 # the same code path on tiny models
 
 1. ``bench_step`` rows for MiniLM and SmolLM2 in float32 and bfloat16 on the device: step/forward ratio and
    peak memory while training against inference (``torch.cuda.max_memory_allocated`` on CUDA).
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.config import load_config
-from shared.directions import direction_numpy, direction_torch
-from simulations import bench_step
+from seedtune.shared.config import load_config
+from seedtune.shared.directions import direction_numpy, direction_torch
+from seedtune.simulations import bench_step
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ def direction_check(device: str) -> dict[str, Any]:
 
 def replay_check(model: str, device: str, steps: int, out: Path) -> dict[str, Any]:
     """Train a few steps with bfloat16 forwards on the device; replay the ledger in float32 on the CPU."""
-    from client.trainer import train
-    from server.replay import replay
+    from seedtune.client.trainer import train
+    from seedtune.server.replay import replay
 
     config = load_config(None, {"model.name": model, "model.device": device, "model.dtype": "bfloat16",
                                 "schedule.stage_steps": [steps], "eval.every": 0, "data.train_size": 2000,
@@ -84,7 +84,7 @@ def utility_run(config_file: Path, device: str, dtype: str, seconds: float, step
                 out: Path) -> dict[str, Any]:
     """The config's run at its epsilon with the steps that fit in ``seconds`` (the budget left), in the config's
     stage proportions."""
-    from client.trainer import train
+    from seedtune.client.trainer import train
 
     base = load_config(config_file, {})
     planned = base.schedule.stage_steps

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-import client.app as client_app
+import seedtune.client.app as client_app
 
 
 

@@ -1,6 +1,6 @@
 """Diagnostic: what a finetuned model (a run's ledger) gets right and wrong, and whether averaging helps.
 
-    python -m simulations.ledger_eval runs/<run>/ledger.sqlite --tail 100 250 --json
+    python -m seedtune.simulations.ledger_eval runs/<run>/ledger.sqlite --tail 100 250 --json
 
 Replays the ledger onto its base model and prints one line per model: the base model (zero-shot), the ledger's
 last state, and for each ``--tail W`` the mean of the iterates after the last W entries. For each it reports
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.ledger import Ledger
-from server.replay import replay_ledger
-from shared.tasks import load_split
+from seedtune.shared.ledger import Ledger
+from seedtune.server.replay import replay_ledger
+from seedtune.shared.tasks import load_split
 
 
 def tail_weight(position: int, total: int, window: int) -> float:
@@ -34,7 +34,7 @@ def tail_weight(position: int, total: int, window: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulations.ledger_eval", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m seedtune.simulations.ledger_eval", description=__doc__.split("\n")[0])
     ap.add_argument("ledger", help="ledger.sqlite of a seedtune train run or a federation")
     ap.add_argument("--tail", type=int, nargs="*", default=[], help="also evaluate the mean of the last W iterates")
     ap.add_argument("--dev-size", type=int, default=512, help="dev examples (class-balanced subset; 0 = all)")

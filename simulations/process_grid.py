@@ -7,7 +7,7 @@ nodes in their own, so a SIGKILL of the server ends the nodes too and a restart 
 
 Each node process runs the real ``client.app`` handlers on messages framed over its stdin/stdout (a JSON
 header and the payload bytes, each length-prefixed); the parent implements the part of Flower's Grid that
-:class:`server.federation.FederatedServer` uses. Run as ``python -m simulations.process_grid NODE_ID
+:class:`server.federation.FederatedServer` uses. Run as ``python -m seedtune.simulations.process_grid NODE_ID
 NODE_CONFIG_JSON`` for one node.
 """
 
@@ -26,7 +26,7 @@ from typing import BinaryIO, Iterable
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from shared.wire import RECORD
+from seedtune.shared.wire import RECORD
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ class ProcessGrid:
             config = {"partition-id": i, "num-partitions": num_nodes, "simulated": True,
                       **(node_configs or {}).get(i, {})}
             self.nodes[node_id] = subprocess.Popen(
-                [sys.executable, "-m", "simulations.process_grid", str(node_id), json.dumps(config)],
+                [sys.executable, "-m", "seedtune.simulations.process_grid", str(node_id), json.dumps(config)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, env=env)
 
     def get_node_ids(self) -> list[int]:
@@ -113,8 +113,8 @@ class ProcessGrid:
 
 def _serve(node_id: int, node_config: dict) -> None:
     """One node: answer framed messages with the ClientApp's handlers until the parent goes away."""
-    import client.app as client_app
-    from simulations.inprocess import outside_flower
+    import seedtune.client.app as client_app
+    from seedtune.simulations.inprocess import outside_flower
 
     outside_flower()
 

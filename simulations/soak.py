@@ -1,6 +1,6 @@
 """Soak run: hundreds of federated rounds with faulty and malicious clients and server crashes.
 
-    python -m simulations.soak --rounds 200 --clients 20 [--model tiny-encoder] [--json]
+    python -m seedtune.simulations.soak --rounds 200 --clients 20 [--model tiny-encoder] [--json]
 
 The real server loop and the real ClientApp handlers run over the in-process transport (simulations/
 inprocess.py), with faults injected on the way back: honest clients drop out or straggle past the deadline,
@@ -27,14 +27,14 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
-import client.app as client_app
-from server.federation import FederatedServer
-from shared.ledger import Ledger
-from shared.run_folder import LEDGER_FILE, PRIVACY_LEDGER_FILE
-from shared.config import load_config
-from shared.proto import Reply
-from shared.wire import from_content, to_content
-from simulations.inprocess import InProcessGrid
+import seedtune.client.app as client_app
+from seedtune.server.federation import FederatedServer
+from seedtune.shared.ledger import Ledger
+from seedtune.shared.run_folder import LEDGER_FILE, PRIVACY_LEDGER_FILE
+from seedtune.shared.config import load_config
+from seedtune.shared.proto import Reply
+from seedtune.shared.wire import from_content, to_content
+from seedtune.simulations.inprocess import InProcessGrid
 
 log = logging.getLogger("soak")
 MALICIOUS = ("non_finite", "huge", "extreme", "replay", "duplicate", "garbage")

@@ -1,8 +1,8 @@
 """Diagnostic: how much progress one private ZO step can make, per choice of trainable set.
 
-    python -m simulations.zo_signal -c configs/smollm2_eps3.toml --json \\
+    python -m seedtune.simulations.zo_signal -c configs/smollm2_eps3.toml --json \\
         --selection prune:0.01 --selection "prune:0.01:*mlp*" --selection "patterns:*norm*"
-    python -m simulations.zo_signal -c configs/smollm2_eps3.toml --json --compare-dtype bfloat16 --mus 1e-3 1e-2
+    python -m seedtune.simulations.zo_signal -c configs/smollm2_eps3.toml --json --compare-dtype bfloat16 --mus 1e-3 1e-2
 
 A step moves theta by ``-lr * s * z`` with ``s`` the clipped, noised two-point scalar. To second order the
 expected loss change is ``-lr E[s z.g] + lr^2/2 E[s^2] E[z'Hz]``; its best value over lr,
@@ -36,16 +36,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from client.trainer import plan_privacy
-from client.zo_step import privatize, projected_gradients
-from shared.config import RunConfig, load_config, parse_override
-from shared.directions import direction_torch
-from shared.models import TextClassifier, load_task_model
-from shared.noise import SecureRandom
-from shared.replica import select_trainable
-from shared.selection import TrainableSet
-from shared.tasks import load_split, with_labels
-from shared.update import ScoredView
+from seedtune.client.trainer import plan_privacy
+from seedtune.client.zo_step import privatize, projected_gradients
+from seedtune.shared.config import RunConfig, load_config, parse_override
+from seedtune.shared.directions import direction_torch
+from seedtune.shared.models import TextClassifier, load_task_model
+from seedtune.shared.noise import SecureRandom
+from seedtune.shared.replica import select_trainable
+from seedtune.shared.selection import TrainableSet
+from seedtune.shared.tasks import load_split, with_labels
+from seedtune.shared.update import ScoredView
 
 
 def parse_selection(spec: str, base: RunConfig) -> RunConfig:
@@ -146,8 +146,8 @@ def measure(task: TextClassifier, config: RunConfig, spec: str, halves: tuple[di
 def dtype_agreement(config: RunConfig, dtype: str, mus: list[float],
                     batches: list[tuple[list[list[int]], np.ndarray]], first_seed: int) -> list[dict]:
     """Per mu: correlation of the per-example two-point estimates between float32 and ``dtype`` forwards."""
-    from shared.models import placement
-    from shared.update import ScoredView
+    from seedtune.shared.models import placement
+    from seedtune.shared.update import ScoredView
 
     views = {}
     for name in ("float32", dtype):

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from shared.config import ModelConfig
-from shared.models import TextClassifier, load_task_model
+from seedtune.shared.config import ModelConfig
+from seedtune.shared.models import TextClassifier, load_task_model
 
 @pytest.fixture(params=["tiny-encoder", "tiny-decoder"])
 def tiny_task(request) -> TextClassifier:

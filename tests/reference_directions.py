@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from shared.directions import MASK32, _M1, _M2, _keys
+from seedtune.shared.directions import MASK32, _M1, _M2, _keys
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.aggregation import RoundRule, aggregate, coefficient, coefficients
+from seedtune.shared.aggregation import RoundRule, aggregate, coefficient, coefficients
 
 
 @pytest.fixture

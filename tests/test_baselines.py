@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client.baselines.dpsgd import FirstOrderLearner, train_first_order
-from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, noise_epsilon, pld_epsilon
-from shared.config import DataConfig, ModelConfig
-from shared.first_order import FirstOrderConfig, poisson_rate, prepare_trainable, trainable_state
-from shared.models import load_task_model
-from shared.noise import Noise
+from seedtune.client.baselines.dpsgd import FirstOrderLearner, train_first_order
+from seedtune.shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, noise_epsilon, pld_epsilon
+from seedtune.shared.config import DataConfig, ModelConfig
+from seedtune.shared.first_order import FirstOrderConfig, poisson_rate, prepare_trainable, trainable_state
+from seedtune.shared.models import load_task_model
+from seedtune.shared.noise import Noise
 from tests.helpers import LABELS, SENTENCES
 
 
@@ -47,7 +47,7 @@ def test_ghost_clipping_changes_the_trainable_weights_only(name):
 
 def test_dpsgd_noise_comes_from_the_csprng_not_a_seeded_torch_generator(monkeypatch):
     """Two learners whose torch generators are seeded alike (same batches) still get different noise."""
-    import client.baselines.dpsgd as dpsgd
+    import seedtune.client.baselines.dpsgd as dpsgd
 
     monkeypatch.setattr(dpsgd, "_secure_generator", lambda: torch.Generator().manual_seed(1234))
     grads = []
@@ -131,8 +131,8 @@ def test_lora_variant_trains_only_lora_parameters(name):
 
 
 def test_fedavg_on_flower_runs_two_rounds_and_reports_bytes(tmp_path):
-    from shared.first_order import FedAvgConfig
-    from simulations.fedavg import run_fedavg
+    from seedtune.shared.first_order import FedAvgConfig
+    from seedtune.simulations.fedavg import run_fedavg
 
     config = FedAvgConfig(learner=_config("tiny-encoder", data=DataConfig(train_size=200, test_size=32),
                                           batch_size=8), rounds=2, local_steps=2, num_clients=2,
@@ -149,7 +149,7 @@ def test_fedavg_on_flower_runs_two_rounds_and_reports_bytes(tmp_path):
 
 @pytest.mark.slow  # a multi-minute integration run on CI (four subprocess rows); run with -m slow
 def test_bench_utility_quick_rows_are_well_formed(tmp_path, capsys):
-    from simulations.bench_utility import ROW_FIELDS, main
+    from seedtune.simulations.bench_utility import ROW_FIELDS, main
 
     out = tmp_path / "utility"
     assert main(["--json", "--mode", "quick", "--models", "tiny-encoder", "--out", str(out), "--jobs", "2",

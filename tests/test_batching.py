@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.batching import keep_tail, length_sorted, pad
+from seedtune.shared.batching import keep_tail, length_sorted, pad
 
 
 def test_length_sorted_batches_cover_every_row_once_shortest_first():

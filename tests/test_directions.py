@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.directions import direction_numpy, direction_torch
+from seedtune.shared.directions import direction_numpy, direction_torch
 from tests.helpers import run_python
 
 SEEDS = [0, 1, 12345, 2**63 + 7, 2**64 - 1]
@@ -56,7 +56,7 @@ def test_gaussian_option_matches_numpy_bit_for_bit_and_is_standard_normal():
 
 
 def test_normal_levels_are_symmetric_with_unit_variance():
-    from shared.directions import LEVELS, normal_levels
+    from seedtune.shared.directions import LEVELS, normal_levels
 
     levels = normal_levels()
     assert levels.shape == (LEVELS,) and np.all(np.diff(levels) > 0)
@@ -66,7 +66,7 @@ def test_normal_levels_are_symmetric_with_unit_variance():
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_scale_and_scratch_give_the_same_values(kind):
-    from shared.directions import SCRATCH_EXTRA
+    from seedtune.shared.directions import SCRATCH_EXTRA
 
     plain = direction_torch(11, 37, 5_000, kind)
     scratch = torch.full((5_000 + SCRATCH_EXTRA,), float("nan"))

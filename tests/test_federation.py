@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from client.privacy_ledger import open_privacy_ledger
-from server.federation import FederatedServer
-from shared.accounting import noise_epsilon
-from shared.aggregation import RoundRule
-from shared.chain import ChainError
-from shared.ledger import Ledger, LedgerError, Provenance
-from shared.config import ConfigError, load_config
-from shared.digest import tensor_digest
-from shared.proto import Instruction, Reply
-from shared.wire import from_content, to_content
-from simulations.inprocess import InProcessGrid
+from seedtune.client.privacy_ledger import open_privacy_ledger
+from seedtune.server.federation import FederatedServer
+from seedtune.shared.accounting import noise_epsilon
+from seedtune.shared.aggregation import RoundRule
+from seedtune.shared.chain import ChainError
+from seedtune.shared.ledger import Ledger, LedgerError, Provenance
+from seedtune.shared.config import ConfigError, load_config
+from seedtune.shared.digest import tensor_digest
+from seedtune.shared.proto import Instruction, Reply
+from seedtune.shared.wire import from_content, to_content
+from seedtune.simulations.inprocess import InProcessGrid
 
 NODES, STEPS = 3, 2
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,9 +200,9 @@ def test_restarted_server_resumes_from_the_ledger(tmp_path):
 # the restarted server meets new node processes with new node ids, as a relaunched simulation would.
 KILLABLE = """
 import json, sys, time
-from simulations.process_grid import ProcessGrid
+from seedtune.simulations.process_grid import ProcessGrid
 from tests.test_federation import fed_config
-from server.federation import FederatedServer
+from seedtune.server.federation import FederatedServer
 config = fed_config(sys.argv[1], **{"federation.rounds": 6, "privacy.noise_multiplier": 3.0})
 grid = ProcessGrid(3)
 send = grid.send_and_receive
@@ -392,7 +392,7 @@ def test_a_resumed_server_refuses_a_ledger_that_went_backwards(tmp_path):
 
 
 def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path, caplog):
-    from server.report import read_rows
+    from seedtune.server.report import read_rows
 
     config, grid = _two_rounds(tmp_path)
     with (tmp_path / "metrics.jsonl").open("a") as fh:
@@ -405,7 +405,7 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path, caplog):
 
 
 def test_non_finite_metrics_are_written_as_null(tmp_path, caplog):
-    from server.report import RunReport, read_rows
+    from seedtune.server.report import RunReport, read_rows
 
     report = RunReport(tmp_path)
     report.add({"round": 1, "epsilon": {"a": math.inf}, "dev_accuracy": math.nan, "ok": 1.5})
@@ -431,7 +431,7 @@ def _data_folder(folder: Path, broken: str, content: str) -> Path:
     ("dev", "text,label\nx,1\n", r"dev.tsv: no column 'sentence' \(task.text_fields\)"),
 ])
 def test_a_bad_data_file_is_named_and_leaves_no_run_folder(tmp_path, broken, content, message):
-    from shared.tasks import DataError
+    from seedtune.shared.tasks import DataError
 
     data = _data_folder(tmp_path / "data", broken, content)
     run_dir = tmp_path / "run"

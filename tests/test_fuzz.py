@@ -14,17 +14,17 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.federation import FederatedServer
-from server.round import Rejected, validate
-from shared.aggregation import ACCEPTED, RoundRule
-from shared.ledger import Ledger, Provenance
-from shared.chain import ChainError
-from shared.config import load_config
-from shared.noise import Noise
-from shared.proto import PROTOCOL_VERSION, Reply
-from shared.replica import Replica
-from shared.wire import to_content
-from simulations.inprocess import InProcessGrid
+from seedtune.server.federation import FederatedServer
+from seedtune.server.round import Rejected, validate
+from seedtune.shared.aggregation import ACCEPTED, RoundRule
+from seedtune.shared.ledger import Ledger, Provenance
+from seedtune.shared.chain import ChainError
+from seedtune.shared.config import load_config
+from seedtune.shared.noise import Noise
+from seedtune.shared.proto import PROTOCOL_VERSION, Reply
+from seedtune.shared.replica import Replica
+from seedtune.shared.wire import to_content
+from seedtune.simulations.inprocess import InProcessGrid
 from tests.test_federation import STEPS, fed_config
 
 KINDS = {"unknown_node", "client_error", "malformed", "oversized", "refused", "wrong_round", "duplicate",
@@ -204,8 +204,8 @@ def _mutate(path, data: bytes, mutation: tuple) -> bool:
 
 def _outcome(path, replica, digest: str) -> str:
     """A named refusal, or a ledger that verifies and replays to the pristine model: nothing else."""
-    from shared.follower import ReplicaError
-    from shared.ledger import LedgerError
+    from seedtune.shared.follower import ReplicaError
+    from seedtune.shared.ledger import LedgerError
 
     try:
         ledger = Ledger.open(path)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from shared.config import ConfigError, ModelConfig, TaskConfig, load_config
-from shared.models import DecoderGenerator, LineEnd, load_task_model
-from shared.tasks import Split, generation_metrics, load_split
+from seedtune.shared.config import ConfigError, ModelConfig, TaskConfig, load_config
+from seedtune.shared.models import DecoderGenerator, LineEnd, load_task_model
+from seedtune.shared.tasks import Split, generation_metrics, load_split
 
 E2E = "configs/e2e.toml"
 
@@ -77,8 +77,8 @@ def test_a_continuation_stops_once_a_newline_follows_text_and_keeps_that_first_l
 
 
 def test_the_generation_loss_reuses_the_layers_below_the_trainable_set(generator):
-    from shared.selection import select_patterns
-    from shared.update import ScoredView
+    from seedtune.shared.selection import select_patterns
+    from seedtune.shared.update import ScoredView
 
     view = ScoredView(generator, select_patterns(generator.module, ["*layers.1.mlp*"]))
     assert view.depth == 1  # the tiny decoder's layer 0 runs once per batch
@@ -119,7 +119,7 @@ def test_generation_config_errors_are_named():
         load_task_model(ModelConfig(name="tiny-encoder"), config.task)
     with pytest.raises(ConfigError, match="'dirichlet' skews labels"):
         load_config([E2E], {"federation.partition": "dirichlet"})
-    from shared.tasks import DataError
+    from seedtune.shared.tasks import DataError
 
     bad = load_config([E2E], {"task.target_field": "reference"})
     with pytest.raises(DataError, match=r"no column 'reference' \(task.target_field\)"):
@@ -127,8 +127,8 @@ def test_generation_config_errors_are_named():
 
 
 def test_seedtune_train_on_a_generation_task_reports_bleu_rouge_perplexity_and_replays(tmp_path):
-    from client.trainer import train
-    from server.replay import replay
+    from seedtune.client.trainer import train
+    from seedtune.server.replay import replay
 
     config = load_config([E2E], {"model.name": "tiny-decoder", "model.max_length": 48, "data.train_size": 300,
                                  "data.test_size": 4, "task.max_new_tokens": 4, "schedule.stage_steps": [3],
@@ -143,11 +143,11 @@ def test_seedtune_train_on_a_generation_task_reports_bleu_rouge_perplexity_and_r
 
 
 def test_onnx_export_refuses_a_generation_task(tmp_path):
-    from shared.onnx_format import OnnxModelError
-    from shared.replica import Replica
+    from seedtune.shared.onnx_format import OnnxModelError
+    from seedtune.shared.replica import Replica
 
     config = load_config([E2E], {"model.name": "tiny-decoder"})
-    from shared.onnx_export import export_onnx
+    from seedtune.shared.onnx_export import export_onnx
 
     with pytest.raises(OnnxModelError, match="generation task"):
         export_onnx(Replica(config), tmp_path / "m.onnx")
@@ -155,8 +155,8 @@ def test_onnx_export_refuses_a_generation_task(tmp_path):
 
 
 def test_a_federation_trains_a_generation_task(tmp_path):
-    from server.federation import FederatedServer
-    from simulations.inprocess import InProcessGrid
+    from seedtune.server.federation import FederatedServer
+    from seedtune.simulations.inprocess import InProcessGrid
 
     config = load_config([E2E], {"model.name": "tiny-decoder", "model.max_length": 48, "data.train_size": 200,
                                  "data.test_size": 3, "task.max_new_tokens": 3, "federation.rounds": 1,

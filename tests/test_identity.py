@@ -14,14 +14,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from flwr.app import Message
 
-from server.federation import FederatedServer
-from server.round import Rejected, validate_identity
-from shared.config import ConfigError
-from shared.identity import AllowedNodes, IdentityError, NodeKey, public_line, sign_reply
-from shared.ledger import Ledger, LedgerError
-from shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, Reply
-from shared.wire import from_content, to_content
-from simulations.inprocess import InProcessGrid
+from seedtune.server.federation import FederatedServer
+from seedtune.server.round import Rejected, validate_identity
+from seedtune.shared.config import ConfigError
+from seedtune.shared.identity import AllowedNodes, IdentityError, NodeKey, public_line, sign_reply
+from seedtune.shared.ledger import Ledger, LedgerError
+from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, Reply
+from seedtune.shared.wire import from_content, to_content
+from seedtune.simulations.inprocess import InProcessGrid
 from tests.test_federation import fed_config
 
 HONEST = 3
@@ -134,7 +134,7 @@ def test_a_listed_node_cannot_identify_as_another_holder(tmp_path):
 
 
 def _answer(grid: InProcessGrid, node: int, challenge: Challenge) -> Message:
-    from client.app import identify
+    from seedtune.client.app import identify
 
     msg = Message(to_content(challenge), dst_node_id=node, message_type="query.identify", group_id="1")
     return identify(msg, grid.contexts[node])

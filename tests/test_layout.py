@@ -1,5 +1,8 @@
-"""The house's dependencies flow one way: entry points (seedtune/, simulations/) -> client/ and server/ ->
-shared/. shared/ imports neither side, and client/ and server/ never import each other (docs/engine.md)."""
+"""The house's dependencies flow one way: entry points (seedtune's own modules such as seedtune.cli, and
+seedtune.simulations) -> seedtune.client and seedtune.server -> seedtune.shared. shared imports neither side, and
+client and server never import each other (docs/engine.md). Every module imports the folders as
+``seedtune.<folder>``: a bare ``shared``/``client`` import would load a second copy of a module under another
+name in a checkout and fail outright in an installed wheel."""
 
 from __future__ import annotations
 
@@ -12,9 +15,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = {"shared": {"client", "server", "simulations", "seedtune"},
-             "client": {"server", "simulations", "seedtune"},
-             "server": {"client", "simulations", "seedtune"}}
+FOLDERS = ("shared", "client", "server", "simulations")
+FORBIDDEN = {"shared": {"client", "server", "simulations", "entry"},
+             "client": {"server", "simulations", "entry"},
+             "server": {"client", "simulations", "entry"}}
+
+
+def layer(module: str) -> str | None:
+    """Which part of the house a dotted module name belongs to: a folder, "entry" for seedtune's own modules
+    (seedtune.cli, the public API), None for the seedtune package itself and for anything else."""
+    parts = module.split(".")
+    if parts[0] != "seedtune" or len(parts) == 1:
+        return None
+    return parts[1] if parts[1] in FOLDERS else "entry"
 
 
 def _modules(folder: str) -> list[str]:
@@ -22,23 +35,36 @@ def _modules(folder: str) -> list[str]:
     for path in sorted((ROOT / folder).rglob("*.py")):
         if "proto" in path.relative_to(ROOT).parts[1:2] and path.name.endswith("_pb2.py"):
             continue
-        parts = path.relative_to(ROOT).with_suffix("").parts
+        parts = ("seedtune", *path.relative_to(ROOT).with_suffix("").parts)
         names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return names
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """Every absolute import of a file, lazy ones (inside functions: the CLI's, optional backends) included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.append((node.lineno, node.module or ""))
+            found += [(node.lineno, f"{node.module}.{a.name}") for a in node.names if node.module == "seedtune"]
+    return found
 
 
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))
 def test_importing_a_folder_loads_nothing_it_must_not_depend_on(folder):
     """Import every module of the folder in a fresh interpreter, one after another, and name each module that
-    brought in a top-level package the folder must not depend on."""
+    brought in a part of the house the folder must not depend on."""
     script = f"""
 import importlib, json, sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from test_layout import FORBIDDEN, layer
 bad = {{}}
-forbidden = {sorted(FORBIDDEN[folder])!r}
 for name in {_modules(folder)!r}:
     before = set(sys.modules)
     importlib.import_module(name)
-    loaded = sorted(m for m in set(sys.modules) - before if m.split('.')[0] in forbidden)
+    loaded = sorted(m for m in set(sys.modules) - before if layer(m) in FORBIDDEN[{folder!r}])
     if loaded:
         bad[name] = loaded
 print(json.dumps(bad))
@@ -50,12 +76,20 @@ print(json.dumps(bad))
 
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))
 def test_no_lazy_import_crosses_the_line_either(folder):
-    """Imports inside functions (the CLI's lazy ones, optional backends) count too: read every import statement."""
-    bad = []
-    for path in sorted((ROOT / folder).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
-                    if n.split(".")[0] in FORBIDDEN[folder]]
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {name}" for path in sorted((ROOT / folder).rglob("*.py"))
+           for line, name in _imports(path) if layer(name) in FORBIDDEN[folder]]
     assert bad == []
+
+
+def test_every_module_imports_the_folders_through_seedtune():
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {name}"
+           for top in (*FOLDERS, "seedtune", "tests", "examples") if (ROOT / top).is_dir()
+           for path in sorted((ROOT / top).rglob("*.py"))
+           for line, name in _imports(path) if name.split(".")[0] in FOLDERS]
+    assert bad == []
+
+
+def test_the_layer_rule_itself():
+    assert layer("seedtune.shared.models") == "shared" and layer("seedtune.cli") == "entry"
+    assert layer("seedtune") is None and layer("torch.nn") is None
+    assert "entry" in FORBIDDEN["shared"]

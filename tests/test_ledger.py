@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from shared.aggregation import ACCEPTED, RoundRule
-from shared.ledger import Anchor, Ledger, LedgerError, Provenance
-from shared.chain import ChainError, unpack_tail
-from shared.proto import LedgerHeader
+from seedtune.shared.aggregation import ACCEPTED, RoundRule
+from seedtune.shared.ledger import Anchor, Ledger, LedgerError, Provenance
+from seedtune.shared.chain import ChainError, unpack_tail
+from seedtune.shared.proto import LedgerHeader
 
 RULE = RoundRule("mean", lr=0.01)
 NODES = 3

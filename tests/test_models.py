@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from shared.config import DataConfig, ModelConfig, RunConfig
-from shared.models import ModelLoadError, load_task_model
-from shared.tasks import load_split
+from seedtune.shared.config import DataConfig, ModelConfig, RunConfig
+from seedtune.shared.models import ModelLoadError, load_task_model
+from seedtune.shared.tasks import load_split
 from tests.helpers import LABELS, SENTENCES
 
 

@@ -8,13 +8,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from client.app import NodeConfigError, _heldout_source
-from client.partition import load_partition
-from client.privacy_ledger import open_privacy_ledger
-from server.federation import FederatedServer
-from shared.config import ConfigError, load_config
-from shared.tasks import classification_metrics, counts_metrics, label_counts
-from simulations.inprocess import InProcessGrid
+from seedtune.client.app import NodeConfigError, _heldout_source
+from seedtune.client.partition import load_partition
+from seedtune.client.privacy_ledger import open_privacy_ledger
+from seedtune.server.federation import FederatedServer
+from seedtune.shared.config import ConfigError, load_config
+from seedtune.shared.tasks import classification_metrics, counts_metrics, label_counts
+from seedtune.simulations.inprocess import InProcessGrid
 from tests.test_federation import NODES, fed_config
 
 

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-import client.app as client_app
-from client.privacy_ledger import open_privacy_ledger
-from client.zo_step import privatize, zo_step
-from server.federation import FederatedServer
-from shared.accounting import noise_epsilon, noise_pld, step_pld
-from shared.noise import GAUSSIAN_SUPPORT, Noise, SecureRandom
-from shared.proto import Instruction, Reply
-from shared.tasks import Split
-from shared.wire import from_content, to_content
-from simulations.inprocess import InProcessGrid
+import seedtune.client.app as client_app
+from seedtune.client.privacy_ledger import open_privacy_ledger
+from seedtune.client.zo_step import privatize, zo_step
+from seedtune.server.federation import FederatedServer
+from seedtune.shared.accounting import noise_epsilon, noise_pld, step_pld
+from seedtune.shared.noise import GAUSSIAN_SUPPORT, Noise, SecureRandom
+from seedtune.shared.proto import Instruction, Reply
+from seedtune.shared.tasks import Split
+from seedtune.shared.wire import from_content, to_content
+from seedtune.simulations.inprocess import InProcessGrid
 from tests.test_federation import NODES, STEPS, fed_config
 
 PUBLIC_REPLY_FIELDS = {"protocol_version", "run_id", "round", "node", "model_version", "scalars", "metrics",
@@ -234,9 +234,9 @@ def test_a_restarted_node_refuses_a_server_whose_run_folder_was_rolled_back(tmp_
 
 
 def test_a_node_refuses_a_tail_that_forks_from_the_history_it_followed(tmp_path):
-    from client.node import Refusal, _check_anchor
-    from shared.chain import Entry, chain, genesis, pack_tail
-    from shared.proto import LedgerHeader
+    from seedtune.client.node import Refusal, _check_anchor
+    from seedtune.shared.chain import Entry, chain, genesis, pack_tail
+    from seedtune.shared.proto import LedgerHeader
 
     start = genesis(LedgerHeader(config_json="{}"))
     ours = [Entry(i, 100 + i, 0.5, 1 + i // 2) for i in range(4)]
@@ -259,7 +259,7 @@ def test_a_node_with_a_bad_data_file_refuses_without_quoting_its_records(tmp_pat
                              tmp_path / "run")
     row = server.run_round(1)
     assert row["rejected_by_kind"] == {"refused": NODES} and row["entries"] == 0
-    to_server = [r.getMessage() for r in caplog.records if r.name.startswith("server.")]
+    to_server = [r.getMessage() for r in caplog.records if r.name.startswith("seedtune.server.")]
     assert sum("data file is unusable" in m for m in to_server) == NODES
     assert not any("secret" in m or "'X'" in m for m in to_server)  # what the server saw and logged
-    assert any("record 2 has label 'X'" in r.getMessage() for r in caplog.records if r.name == "client.node")
+    assert any("record 2 has label 'X'" in r.getMessage() for r in caplog.records if r.name == "seedtune.client.node")

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from shared.accounting import builtin_pld, noise_epsilon, noise_pld
-from shared.config import ConfigError, load_config
-from shared.noise import Noise, SecureRandom
-from shared.noise_search import Target, accounted_epsilon, search
+from seedtune.shared.accounting import builtin_pld, noise_epsilon, noise_pld
+from seedtune.shared.config import ConfigError, load_config
+from seedtune.shared.noise import Noise, SecureRandom
+from seedtune.shared.noise_search import Target, accounted_epsilon, search
 
 NOISES = [Noise.gaussian(1.3), Noise.laplace(0.7), Noise.lmo(0.5, 4.0, 0.2, 0.3, 0.5, 1.5, scale=1.2)]
 
@@ -104,7 +104,7 @@ def test_noise_config_is_validated():
 
 
 def test_a_cached_choice_that_misses_the_target_is_searched_again(tmp_path, monkeypatch):
-    from shared.noise_search import _cache_path
+    from seedtune.shared.noise_search import _cache_path
 
     monkeypatch.setenv("SEEDTUNE_CACHE", str(tmp_path))
     target = Target(1.0, 1e-5, 0.01, 100)

@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.onnx_runtime import OnnxReplica, OnnxTask
-from server.federation import FederatedServer
-from shared.ledger import Ledger
-from shared.chain import Entry, link
-from shared.config import from_dict
-from shared.follower import ReplicaError
-from shared.onnx_export import export_onnx
-from shared.onnx_format import OnnxModelError
-from shared.proto import Instruction
-from shared.replica import Replica
-from shared.wire import from_content
-from simulations.inprocess import InProcessGrid
+from seedtune.client.onnx_runtime import OnnxReplica, OnnxTask
+from seedtune.server.federation import FederatedServer
+from seedtune.shared.ledger import Ledger
+from seedtune.shared.chain import Entry, link
+from seedtune.shared.config import from_dict
+from seedtune.shared.follower import ReplicaError
+from seedtune.shared.onnx_export import export_onnx
+from seedtune.shared.onnx_format import OnnxModelError
+from seedtune.shared.proto import Instruction
+from seedtune.shared.replica import Replica
+from seedtune.shared.wire import from_content
+from seedtune.simulations.inprocess import InProcessGrid
 from tests.helpers import LABELS, SENTENCES
 from tests.test_federation import fed_config
 
@@ -187,9 +187,9 @@ def test_export_onnx_command_writes_a_checked_finetuned_model(mixed, tmp_path):
 
 NO_TORCH_NODE = r"""
 import sys
-from shared.proto import Instruction
-from shared.wire import from_content, to_content
-from simulations.inprocess import InProcessGrid
+from seedtune.shared.proto import Instruction
+from seedtune.shared.wire import from_content, to_content
+from seedtune.simulations.inprocess import InProcessGrid
 from flwr.app import Message
 
 instruction = Instruction.FromString(sys.stdin.buffer.read())
@@ -197,13 +197,13 @@ grid = InProcessGrid(4, node_configs={i: {"runtime": "onnx", "onnx-model": sys.a
 node = grid.get_node_ids()[int(sys.argv[2])]
 [reply] = grid.send_and_receive([Message(to_content(instruction), dst_node_id=node, message_type="train")])
 assert "torch" not in sys.modules, "the ONNX Runtime node imported torch"
-sys.stdout.buffer.write(from_content(reply.content, __import__("shared.proto", fromlist=["Reply"]).Reply)
+sys.stdout.buffer.write(from_content(reply.content, __import__("seedtune.shared.proto", fromlist=["Reply"]).Reply)
                         .SerializeToString())
 """
 
 
 def test_onnx_node_process_imports_no_torch(mixed):
-    from shared.proto import Reply
+    from seedtune.shared.proto import Reply
 
     _, model, grid, _ = mixed
     first = next(m for m in grid.sent if m.metadata.message_type == "train")
@@ -242,8 +242,8 @@ def test_real_models_losses_match_torch(name, tmp_path):
 
 
 def test_a_node_whose_onnx_model_is_missing_refuses_by_name(mixed, tmp_path):
-    from client.privacy_ledger import Budget, open_privacy_ledger
-    from client.node import Holder, NodeState, Runtime, handle_instruction
+    from seedtune.client.privacy_ledger import Budget, open_privacy_ledger
+    from seedtune.client.node import Holder, NodeState, Runtime, handle_instruction
 
     _, _, grid, _ = mixed
     first = next(m for m in grid.sent if m.metadata.message_type == "train")

@@ -7,9 +7,9 @@ import sqlite3
 
 import pytest
 
-from server.federation import FederatedServer
-from shared.config import load_config
-from simulations.inprocess import InProcessGrid
+from seedtune.server.federation import FederatedServer
+from seedtune.shared.config import load_config
+from seedtune.simulations.inprocess import InProcessGrid
 from tests.helpers import QUESTIONS, write_csv
 
 
@@ -41,10 +41,10 @@ def test_nodes_train_on_their_own_files_and_a_bad_file_refuses_by_name(tmp_path,
     server = FederatedServer(_config(tmp_path), grid, tmp_path / "run")
     row = server.run_round(1)
     assert row["accepted"] == 2 and row["entries"] == 2 and row["rejected_by_kind"] == {"refused": 1}
-    to_server = [r.getMessage() for r in caplog.records if r.name.startswith("server.")]
+    to_server = [r.getMessage() for r in caplog.records if r.name.startswith("seedtune.server.")]
     assert any("data file is unusable" in m for m in to_server)
     assert not any("secret" in m or "XRAY" in m for m in to_server)
-    assert any("record 7 has label 'XRAY'" in r.getMessage() for r in caplog.records if r.name == "client.node")
+    assert any("record 7 has label 'XRAY'" in r.getMessage() for r in caplog.records if r.name == "seedtune.client.node")
     with sqlite3.connect(tmp_path / "run" / "ledger.sqlite") as db:
         statuses = dict(db.execute("SELECT holder, status FROM replies WHERE round = 1"))
     assert statuses == {"clinic-a": "accepted", "clinic-b": "accepted", "clinic-c": "refused"}
@@ -70,14 +70,14 @@ def test_a_natural_partition_gives_each_node_one_institutions_records(tmp_path):
     for split in ("train", "test"):
         (tmp_path / "server" / f"{split}.csv").write_text(
             "text,label,site\n" + "".join(f"\"{t}\",{y},{s}\n" for t, y, s in rows))
-    from client.partition import load_partition
-    from shared.models import load_task_model
+    from seedtune.client.partition import load_partition
+    from seedtune.shared.models import load_task_model
 
     config = _config(tmp_path, **{"federation.partition": "natural", "federation.partition_by": "site"})
     task = load_task_model(config.model, config.task)
     parts = [load_partition(config, task, i, 3) for i in range(3)]
     assert [len(p.labels) for p in parts] == [6, 6, 6] and len({p.key for p in parts}) == 3
-    from shared.tasks import DataError
+    from seedtune.shared.tasks import DataError
 
     with pytest.raises(DataError, match="column 'site' has 3 distinct values but the federation has 2 nodes"):
         load_partition(config, task, 0, 2)

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from shared.config import ConfigError, ModelConfig, load_config
-from shared.directions import direction_numpy, direction_torch
-from shared.models import load_task_model
-from shared.selection import select_pruned
-from shared.update import ScoredView
+from seedtune.shared.config import ConfigError, ModelConfig, load_config
+from seedtune.shared.directions import direction_numpy, direction_torch
+from seedtune.shared.models import load_task_model
+from seedtune.shared.selection import select_pruned
+from seedtune.shared.update import ScoredView
 from tests.helpers import LABELS, SENTENCES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +106,8 @@ def test_bad_placements_are_named(override, message):
 def test_a_federation_of_float32_and_bfloat16_nodes_agrees(tmp_path, caplog):
     """Each node picks its own dtype (node config): their replicas reach the same float32 state digests, and a
     node asking for a device it lacks refuses by name."""
-    from server.federation import FederatedServer
-    from simulations.inprocess import InProcessGrid
+    from seedtune.server.federation import FederatedServer
+    from seedtune.simulations.inprocess import InProcessGrid
     from tests.test_federation import fed_config
 
     nodes = {1: {"dtype": "bfloat16"}}

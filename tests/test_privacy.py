@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
 
-from client.zo_step import privatize, privatize_vectors, zo_step
-from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, gaussian_step, pld_epsilon
-from shared.noise import Noise, SecureRandom
-from shared.selection import select_pruned
-from shared.update import ScoredView
+from seedtune.client.zo_step import privatize, privatize_vectors, zo_step
+from seedtune.shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, gaussian_step, pld_epsilon
+from seedtune.shared.noise import Noise, SecureRandom
+from seedtune.shared.selection import select_pruned
+from seedtune.shared.update import ScoredView
 from tests.helpers import LABELS, SENTENCES
 
 

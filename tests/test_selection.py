@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from shared.config import ModelConfig
-from shared.models import load_task_model
-from shared.selection import (select_all, select_patterns, select_pruned, stage_fraction, synflow_scores,
+from seedtune.shared.config import ModelConfig
+from seedtune.shared.models import load_task_model
+from seedtune.shared.selection import (select_all, select_patterns, select_pruned, stage_fraction, synflow_scores,
                               top_fraction)
 from tests.helpers import run_python
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulations.soak import MALICIOUS, soak
+from seedtune.simulations.soak import MALICIOUS, soak
 
 
 def test_short_soak_survives_faults_attacks_and_crashes(tmp_path, capsys):

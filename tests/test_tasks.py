@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.privacy_ledger import data_key
-from shared.config import ConfigError, DataConfig, ModelConfig, RunConfig, TaskConfig, load_config
-from shared.models import load_task_model
-from shared.tasks import DataError, Prompter, classification_metrics, load_split, template_fields, with_labels
+from seedtune.client.privacy_ledger import data_key
+from seedtune.shared.config import ConfigError, DataConfig, ModelConfig, RunConfig, TaskConfig, load_config
+from seedtune.shared.models import load_task_model
+from seedtune.shared.tasks import DataError, Prompter, classification_metrics, load_split, template_fields, with_labels
 from tests.helpers import QUESTIONS, write_csv
 
 TREC_LIKE = TaskConfig(name="questions", text_fields=["text"], template="Question: {text}\nType:", labels=[],
@@ -29,7 +29,7 @@ def _folder(tmp_path, train=QUESTIONS * 4, test=QUESTIONS):
 
 # ------------------------------------------------------------------------------------------ formats
 def test_a_csv_folder_with_string_labels_gives_sorted_labels_and_no_dev_split(tmp_path, caplog):
-    caplog.set_level("INFO", logger="shared.tasks")
+    caplog.set_level("INFO", logger="seedtune.shared.tasks")
     _folder(tmp_path)
     config = with_labels(_config(tmp_path))
     assert config.task.labels == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]

@@ -48,12 +48,12 @@ def test_bad_config_fails_with_a_clear_error(tmp_path, override, message):
 
 @pytest.mark.parametrize("directions", [1, 3])
 def test_replaying_the_run_ledger_rebuilds_the_trained_model(tmp_path, directions):
-    from client.trainer import train
-    from shared.ledger import Ledger
-    from server.replay import replay
-    from shared.config import load_config
-    from shared.digest import model_digest
-    from shared.models import load_task_model
+    from seedtune.client.trainer import train
+    from seedtune.shared.ledger import Ledger
+    from seedtune.server.replay import replay
+    from seedtune.shared.config import load_config
+    from seedtune.shared.digest import model_digest
+    from seedtune.shared.models import load_task_model
 
     config = load_config(overrides={"model.name": "tiny-decoder", "schedule.stage_steps": [4, 3], "eval.every": 0,
                                     "data.train_size": 400, "data.test_size": 32, "zo.directions": directions,
@@ -73,9 +73,9 @@ def test_replaying_the_run_ledger_rebuilds_the_trained_model(tmp_path, direction
 
 
 def test_ledger_eval_scores_base_tail_means_and_last_state(tmp_path, capsys):
-    from client.trainer import train
-    from shared.config import load_config
-    from simulations.ledger_eval import main, tail_weight
+    from seedtune.client.trainer import train
+    from seedtune.shared.config import load_config
+    from seedtune.simulations.ledger_eval import main, tail_weight
 
     assert [tail_weight(t, 4, 2) for t in range(4)] == [1.0, 1.0, 1.0, 0.5]  # mean of theta_3 and theta_4
     config = load_config(overrides={"model.name": "tiny-decoder", "schedule.stage_steps": [5], "eval.every": 0,
@@ -93,8 +93,8 @@ def test_ledger_eval_scores_base_tail_means_and_last_state(tmp_path, capsys):
 
 
 def test_runs_outside_the_ledger_model_say_so(tmp_path):
-    from client.trainer import train
-    from shared.config import load_config
+    from seedtune.client.trainer import train
+    from seedtune.shared.config import load_config
 
     config = load_config(overrides={"model.name": "tiny-decoder", "schedule.stage_steps": [2], "eval.every": 0,
                                     "schedule.prox": 0.1, "data.train_size": 200, "data.test_size": 16,

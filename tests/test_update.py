@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.zo_step import projected_gradients
-from shared.config import ModelConfig
-from shared.digest import model_digest
-from shared.directions import direction_numpy
-from shared.models import load_task_model
-from shared.selection import select_all, select_patterns, select_pruned
-from shared.update import ScoredView, TrainableView
+from seedtune.client.zo_step import projected_gradients
+from seedtune.shared.config import ModelConfig
+from seedtune.shared.digest import model_digest
+from seedtune.shared.directions import direction_numpy
+from seedtune.shared.models import load_task_model
+from seedtune.shared.selection import select_all, select_patterns, select_pruned
+from seedtune.shared.update import ScoredView, TrainableView
 from tests.helpers import run_python
 
 
@@ -74,12 +74,12 @@ def test_an_update_changes_exactly_the_selected_entries(tiny_task, mode):
 
 LEDGER_SCRIPT = """
 import numpy as np
-from shared.config import ModelConfig
-from shared.digest import model_digest
-from shared.models import load_task_model
-from shared.selection import select_pruned
-from client.zo_step import projected_gradients
-from shared.update import ScoredView, TrainableView
+from seedtune.shared.config import ModelConfig
+from seedtune.shared.digest import model_digest
+from seedtune.shared.models import load_task_model
+from seedtune.shared.selection import select_pruned
+from seedtune.client.zo_step import projected_gradients
+from seedtune.shared.update import ScoredView, TrainableView
 task = load_task_model(ModelConfig(name="tiny-decoder"))
 sel = select_pruned(task.module, task.synflow_output, 0.05)
 rng = np.random.default_rng(2024)
@@ -136,9 +136,9 @@ def _numpy_replay(task, sel, moves):
 def test_apply_all_is_one_apply_after_another_across_chunks(tiny_decoder, mode, monkeypatch):
     """A round's entries applied at once (each pruned chunk gathered once) give the bits of applying them one
     by one, and of the numpy formula, also when tensors span several chunks."""
-    import shared.update
+    from seedtune.shared import update
 
-    monkeypatch.setattr(shared.update, "CHUNK", 4096)  # the embedding spans dozens of chunks, small tensors share one
+    monkeypatch.setattr(update, "CHUNK", 4096)  # the embedding spans dozens of chunks, small tensors share one
     sel = {"all": select_all, "prune": lambda m: select_pruned(m, tiny_decoder.synflow_output, 0.3)}[mode](
         tiny_decoder.module)
     assert max(sel.counts) > 3 * 4096
@@ -249,8 +249,8 @@ def test_several_directions_share_one_unperturbed_pass_and_agree_with_two_point_
     """One-sided estimates along K seeds: K + 1 passes, each column close to that seed's symmetric two-point
     estimate (they differ by mu/2 times the curvature along z, and by float32 rounding), losses those of the unperturbed model, weights
     restored bit for bit; zo_step releases one scalar per seed."""
-    from client.zo_step import one_sided_gradients, zo_step
-    from shared.noise import SecureRandom
+    from seedtune.client.zo_step import one_sided_gradients, zo_step
+    from seedtune.shared.noise import SecureRandom
 
     view = ScoredView(tiny_decoder, select_pruned(tiny_decoder.module, tiny_decoder.synflow_output, 0.05))
     rng = np.random.default_rng(1)

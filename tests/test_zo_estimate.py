@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from shared.directions import direction_torch
-from shared.selection import select_all
-from shared.update import TrainableView
+from seedtune.shared.directions import direction_torch
+from seedtune.shared.selection import select_all
+from seedtune.shared.update import TrainableView
 
 
 class Quadratic(nn.Module):

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from client.zo_step import projected_gradients
-from shared.config import ConfigError, RunConfig
-from shared.directions import direction_torch
-from shared.replica import select_trainable
-from shared.update import ScoredView
-from simulations.zo_signal import Signal, mean_gradient, parse_selection, restricted
+from seedtune.client.zo_step import projected_gradients
+from seedtune.shared.config import ConfigError, RunConfig
+from seedtune.shared.directions import direction_torch
+from seedtune.shared.replica import select_trainable
+from seedtune.shared.update import ScoredView
+from seedtune.simulations.zo_signal import Signal, mean_gradient, parse_selection, restricted
 from tests.helpers import LABELS, SENTENCES
 
 
@@ -60,9 +60,9 @@ def test_best_learning_rate_of_a_quadratic_step():
 def test_the_bfloat16_comparison_reports_agreement_with_float32():
     """--compare-dtype: the same seeds and batches through float32 and bfloat16 forwards; on the tiny decoder
     the two-point estimates correlate at the larger mu, and the rows say how well."""
-    from shared.config import load_config
-    from shared.models import load_task_model
-    from simulations.zo_signal import dtype_agreement
+    from seedtune.shared.config import load_config
+    from seedtune.shared.models import load_task_model
+    from seedtune.simulations.zo_signal import dtype_agreement
 
     config = load_config(None, {"model.name": "tiny-decoder", "selection.fraction": 0.2})
     ids = load_task_model(config.model).encode(SENTENCES)

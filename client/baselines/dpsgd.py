@@ -36,12 +36,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shared.accounting import PrivacyAccountant, calibrate_noise_multiplier
-from shared.first_order import FirstOrderConfig, poisson_rate, prepare_trainable
-from shared.models import TextClassifier, load_task_model
-from shared.noise import Noise, SecureRandom
-from shared.tasks import load_split
-from shared.run_folder import SUMMARY_FILE
+from seedtune.shared.accounting import PrivacyAccountant, calibrate_noise_multiplier
+from seedtune.shared.first_order import FirstOrderConfig, poisson_rate, prepare_trainable
+from seedtune.shared.models import TextClassifier, load_task_model
+from seedtune.shared.noise import Noise, SecureRandom
+from seedtune.shared.tasks import load_split
+from seedtune.shared.run_folder import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 

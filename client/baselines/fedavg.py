@@ -17,12 +17,12 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.baselines.dpsgd import FirstOrderLearner
-from client.partition import load_partition
-from shared.accounting import PrivacyAccountant
-from shared.config import FederationConfig, RunConfig
-from shared.first_order import METRICS, TRAINABLE, FedAvgConfig, prepare_trainable, trainable_state
-from shared.models import load_task_model
+from seedtune.client.baselines.dpsgd import FirstOrderLearner
+from seedtune.client.partition import load_partition
+from seedtune.shared.accounting import PrivacyAccountant
+from seedtune.shared.config import FederationConfig, RunConfig
+from seedtune.shared.first_order import METRICS, TRAINABLE, FedAvgConfig, prepare_trainable, trainable_state
+from seedtune.shared.models import load_task_model
 
 log = logging.getLogger(__name__)
 

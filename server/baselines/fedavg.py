@@ -19,11 +19,11 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from shared.first_order import METRICS, TRAINABLE, FedAvgConfig, prepare_trainable, trainable_state
-from shared.models import load_task_model
-from shared.run_folder import SUMMARY_FILE
-from shared.tasks import load_split
-from shared.wire import wire_bytes
+from seedtune.shared.first_order import METRICS, TRAINABLE, FedAvgConfig, prepare_trainable, trainable_state
+from seedtune.shared.models import load_task_model
+from seedtune.shared.run_folder import SUMMARY_FILE
+from seedtune.shared.tasks import load_split
+from seedtune.shared.wire import wire_bytes
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
-"""Python classes generated from protos/seedtune.proto (regenerate with ``python -m shared.proto.generate``).
+"""Python classes generated from protos/seedtune.proto (regenerate with ``python -m seedtune.shared.proto.generate``).
 
 The generated modules are committed so that neither a client nor the server needs the protobuf compiler;
 ``tests/test_protos.py`` fails when they fall out of sync with the .proto file.
 """
 
-from shared.proto.seedtune_pb2 import (  # noqa: F401  (re-exported)
+from seedtune.shared.proto.seedtune_pb2 import (  # noqa: F401  (re-exported)
     Challenge,
     Hyperparameters,
     Identity,

@@ -1,7 +1,7 @@
 """Regenerate (or, with ``--check``, verify) the Python code for protos/*.proto.
 
-    python -m shared.proto.generate          # rewrite shared/proto/*_pb2.py(i)
-    python -m shared.proto.generate --check  # exit 1 if the committed files differ from fresh output
+    python -m seedtune.shared.proto.generate          # rewrite shared/proto/*_pb2.py(i)
+    python -m seedtune.shared.proto.generate --check  # exit 1 if the committed files differ from fresh output
 
 Needs grpcio-tools (the ``dev`` extra), pinned so that the output is byte-stable.
 """
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = stale_files()
         if stale:
-            print(f"out of date: {', '.join(stale)}; run python -m shared.proto.generate", file=sys.stderr)
+            print(f"out of date: {', '.join(stale)}; run python -m seedtune.shared.proto.generate", file=sys.stderr)
             return 1
         print("generated protobuf code is up to date")
         return 0
