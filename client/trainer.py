@@ -102,10 +102,57 @@ def _create_ledger(config: RunConfig, base_digest: str, selection: TrainableSet,
     return Ledger.create(path, ledger_header(config, base_digest, selection.digest(), noise))
 
 
-def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], object] | None = None
-          ) -> dict[str, Any]:
+def _check_resumable(config: RunConfig, out_dir: Path) -> None:
+    """Why ``out_dir`` cannot be resumed with ``config``, as an error (before anything is loaded or written)."""
+    saved_path, ledger_path = out_dir / CONFIG_FILE, out_dir / LEDGER_FILE
+    if not config.out_dir:
+        raise ConfigError("resume needs the run folder of the interrupted run (--out DIR)")
+    if not saved_path.is_file() or not ledger_path.is_file():
+        raise ConfigError(f"{out_dir} holds no interrupted run to resume (it needs {CONFIG_FILE} and {LEDGER_FILE})")
+    if (out_dir / SUMMARY_FILE).is_file():
+        raise ConfigError(f"{out_dir} is a finished run ({SUMMARY_FILE} is there): nothing to resume")
+    if (reason := _not_a_ledger(config)) is not None:
+        raise ConfigError(f"this run keeps no ledger ({reason}), so it cannot be resumed")
+    saved, current = _flat(json.loads(saved_path.read_text())), _flat(config.to_dict())
+    differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:5])
+        raise ConfigError(f"resume with the interrupted run's configuration ({out_dir / CONFIG_FILE}); this one "
+                          f"differs in {shown}")
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _resume_ledger(out_dir: Path, header) -> Ledger:
+    """The interrupted run's ledger, verified, after checking it was made for this very base model, trainable
+    set and noise (the noise is calibrated afresh from the same config: the same parameters)."""
+    ledger = Ledger.open(out_dir / LEDGER_FILE)
+    for field in ("base_model_digest", "trainable_digest", "direction", "noise", "noise_params"):
+        if getattr(ledger.header, field) != getattr(header, field):
+            ledger.close()
+            raise ConfigError(f"{out_dir / LEDGER_FILE}: its {field} is not this run's (a changed model package "
+                              f"or noise calibration?); it cannot be resumed")
+    ledger.verify()
+    return ledger
+
+
+def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], object] | None = None,
+          resume: bool = False) -> dict[str, Any]:
     """Run the whole training; ``on_loop_start`` is called once, right before the first step (a benchmark
-    resets its peak-memory counter there to measure the training phase apart from the setup)."""
+    resets its peak-memory counter there to measure the training phase apart from the setup).
+
+    ``resume``: continue the interrupted run in ``config.out_dir`` (the same configuration, or it is refused).
+    Its ledger is the run's record of what was released: each committed round is one step accounted at the
+    run's noise and sampling rate, so the accountant continues from them (a step computed but not committed
+    released nothing), the weights are replayed from them, and the remaining steps follow."""
     start = time.time()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -118,8 +165,11 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     dev_split = load_split(config, "dev", config.eval.dev_size)
     task = load_task_model(config.model, config.task)
     out_dir = Path(config.out_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
+    if resume:
+        _check_resumable(config, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    if not resume:
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     train_ids, train_labels = task.examples(train_split)
     test_set = task.eval_set(test_split)
     # the periodic dev evaluation (public-split monitoring) is a classifier's accuracy
@@ -143,7 +193,9 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     view = ScoredView.placed(task, selection, config.zo.direction, device, dtype)
     log.info("forward passes on %s in %s; %d trainable entries (%.3f%%), digest %s", device, config.model.dtype,
              selection.size, 100 * selection.fraction_of(task.module), selection.digest()[:16])
-    if not_a_ledger is None:
+    if resume:
+        ledger = _resume_ledger(out_dir, ledger_header(config, base_digest, selection.digest(), plan.noise))
+    elif not_a_ledger is None:
         ledger = _create_ledger(config, base_digest, selection, plan.noise, out_dir)
     else:
         ledger = None
@@ -156,11 +208,23 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     directions = config.zo.directions
     seeds = seed_stream(config.zo.seed) if config.zo.seed else iter(rng.seed64, None)
     accountant = PrivacyAccountant()
+    done = 0
+    if resume:
+        done = ledger.last_round
+        view.apply_all([(e.seed, e.coeff) for e in ledger.entries()])
+        if private:
+            accountant.record(plan.noise, plan.sample_rate, done)
+        if config.zo.seed:  # a fixed seed stream continues where the run stopped
+            for _ in range(done * directions):
+                next(seeds)
+        log.info("resuming %s at step %d of %d (weights replayed from its ledger; epsilon so far %s)", out_dir,
+                 done, plan.steps, f"{accountant.epsilon(config.privacy.delta):.4g}" if private else "none")
     metrics_path = out_dir / METRICS_FILE
-    bar = tqdm(total=plan.steps, desc="DP-ZO" if private else "MeZO", unit="step", disable=not progress)
+    bar = tqdm(total=plan.steps, initial=done, desc="DP-ZO" if private else "MeZO", unit="step",
+               disable=not progress)
     loop_start = None  # set at the first step, after the first trainable set is chosen (pruning is setup)
-    with metrics_path.open("w", buffering=1) as metrics:  # line-buffered: readable while training
-        if config.eval.every and len(dev_ids):
+    with metrics_path.open("a" if resume else "w", buffering=1) as metrics:  # line-buffered: readable while training
+        if config.eval.every and len(dev_ids) and not resume:
             dev0 = task.accuracy(dev_ids, dev_labels, config.model.microbatch)
             metrics.write(json.dumps({"step": 0, "dev_accuracy": dev0}) + "\n")
         for stage in stages(config.schedule, config.zo.lr, config.zo.mu):
@@ -173,7 +237,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                 log.info("stage %d: %d trainable entries (%.3f%%), digest %s", stage.index, selection.size,
                          100 * selection.fraction_of(task.module), selection.digest()[:16])
             anchor = view.values() if config.schedule.prox > 0 else None
-            for t in range(stage.first_step, stage.first_step + stage.steps):
+            for t in range(max(stage.first_step, done), stage.first_step + stage.steps):
                 if loop_start is None:
                     if on_loop_start is not None:
                         on_loop_start()
@@ -193,7 +257,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                     bar.write(f"step {t + 1}: dev accuracy {row['dev_accuracy']:.4f}")
                 metrics.write(json.dumps(row) + "\n")
     bar.close()
-    train_s = time.perf_counter() - loop_start
+    train_s = time.perf_counter() - loop_start if loop_start is not None else 0.0  # (resumed after its last step)
     if ledger is not None:
         ledger.close()
 
@@ -225,6 +289,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         "test_size": len(test_set),
         "train_s": round(train_s, 3),
         "wall_s": round(time.time() - start, 2),
+        "resumed_at_step": done if resume else None,
         "out_dir": str(out_dir),
         "ledger": str(out_dir / LEDGER_FILE) if ledger is not None else None,
         "model_digest": digest,

@@ -1,5 +1,11 @@
 """seedtune: private zeroth-order finetuning of language models (and of your own torch models).
 
+    import seedtune
+    trainer = seedtune.PrivateZO(model, loss_fn, num_examples, steps=300, epsilon=3.0, clip=1.0, ledger="run.sqlite")
+    trainer.fit(); trainer.epsilon
+
+and seedtune.train, .replay, .verify, .export, .load_model: the command line's commands as functions.
+
 The design card's folders are subpackages: ``seedtune.shared`` (what both sides import), ``seedtune.client``
 (trainers and federated nodes), ``seedtune.server`` (the federation's server, replay) and
 ``seedtune.simulations`` (scenarios and benchmarks); ``seedtune.cli`` is the ``seedtune`` command. An installed
@@ -15,3 +21,15 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 if not (_HERE / "shared").is_dir() and (_HERE.parent / "shared" / "__init__.py").is_file():
     __path__.append(str(_HERE.parent))  # noqa: F821  (a package's __path__; a source checkout)
+
+# The public API (seedtune.api), loaded on first use: importing seedtune.shared (which every module does) must
+# not load the trainer and the server with it (the house's dependencies flow one way).
+__all__ = ["PrivateZO", "train", "replay", "verify", "export", "load_model"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from seedtune import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'seedtune' has no attribute {name!r}")

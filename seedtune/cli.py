@@ -20,15 +20,15 @@ from typing import NoReturn
 from seedtune.shared.config import ConfigError, load_config, parse_override
 
 
-def _train(args: argparse.Namespace) -> int:
-    from seedtune.client.trainer import train
+def _overrides(args: argparse.Namespace) -> dict:
+    return dict(parse_override(o) for o in args.set)
 
-    overrides = dict(parse_override(o) for o in args.set)
-    if args.out:
-        overrides["out_dir"] = args.out
-    config = load_config(args.config, overrides)
-    summary = train(config, progress=not args.no_progress)
-    print(json.dumps(summary), flush=True)
+
+def _train(args: argparse.Namespace) -> int:
+    from seedtune import api
+
+    print(json.dumps(api.train(args.config, _overrides(args), out=args.out, progress=not args.no_progress,
+                               resume=args.resume)), flush=True)
     return 0
 
 
@@ -37,45 +37,29 @@ def _config(args: argparse.Namespace) -> int:
 
     if args.defaults and (args.config or args.set):
         raise ConfigError("config --defaults prints the defaults alone; drop -c/-s, or drop --defaults")
-    config = RunConfig() if args.defaults else load_config(args.config, dict(parse_override(o) for o in args.set))
+    config = RunConfig() if args.defaults else load_config(args.config, _overrides(args))
     print(describe(config), end="")
     return 0
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from seedtune.server.replay import replay
+    from seedtune import api
 
-    print(json.dumps(replay(args.ledger, args.out)), flush=True)
+    print(json.dumps(api.replay(args.ledger, args.out)), flush=True)
     return 0
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from seedtune.server.replay import export
+    from seedtune import api
 
-    if (args.ledger is None) == (args.config is None and not args.set):
-        raise ConfigError("give either a LEDGER (the finetuned model) or --config/--set (a base model), not both")
-    config = None if args.ledger else load_config(args.config, dict(parse_override(o) for o in args.set))
-    print(json.dumps(export(args.ledger, args.out, config)), flush=True)
+    print(json.dumps(api.export(args.ledger, args.out, args.config, _overrides(args))), flush=True)
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from seedtune.server.report import anchor_beside
-    from seedtune.shared.ledger import Ledger
+    from seedtune import api
 
-    ledger = Ledger.open(args.ledger)
-    try:
-        anchor = anchor_beside(args.ledger)
-        entries = ledger.verify(anchor)
-        rounds = ledger.last_round
-        print(json.dumps({"ledger": args.ledger, "ok": True, "rounds": rounds, "entries": entries,
-                          "head": ledger.hash_at(entries).hex(),
-                          "record": ledger.record_at(rounds).hex() if ledger.chains_rounds else None,
-                          "format": ledger.header.format_version,
-                          "anchored_round": anchor.round if anchor else None, "noise": ledger.header.noise,
-                          "base_model_digest": ledger.header.base_model_digest}), flush=True)
-    finally:
-        ledger.close()
+    print(json.dumps(api.verify(args.ledger)), flush=True)
     return 0
 
 
@@ -140,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. -s privacy.epsilon=1 -s model.name=smollm2 (every key, its "
                    "default and meaning: seedtune config --defaults)")
     p.add_argument("--out", help="run folder (default runs/train-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its ledger "
+                   "(the same configuration, refused otherwise; the privacy accounting continues)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
 

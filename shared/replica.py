@@ -13,12 +13,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from seedtune.shared.config import ConfigError, RunConfig, from_dict
+from seedtune.shared.config import ConfigError, ModelConfig, RunConfig, TaskConfig, from_dict
 from seedtune.shared.digest import model_digest, tensor_digest
 from seedtune.shared.follower import LedgerFollower
 from seedtune.shared.noise import Noise
@@ -62,15 +62,39 @@ def config_json(config: RunConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
+def _header(config_text: str, base_digest: str, trainable_digest: str, direction: str,
+            noise: Noise | None) -> LedgerHeader:
+    return LedgerHeader(
+        format_version=LEDGER_FORMAT_VERSION, base_model_digest=base_digest, trainable_digest=trainable_digest,
+        config_json=config_text, direction=direction, noise=noise.family if noise else "none",
+        noise_params=noise.to_json() if noise else "", created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+
+
 def ledger_header(config: RunConfig, base_digest: str, trainable_digest: str, noise: Noise | None) -> LedgerHeader:
     """What a ledger pins so that any node can rebuild its base replica: the model and trainable-set digests and
     the whole configuration (a federation's server and a centralized run write the same header)."""
-    return LedgerHeader(
-        format_version=LEDGER_FORMAT_VERSION, base_model_digest=base_digest, trainable_digest=trainable_digest,
-        config_json=config_json(config), direction=config.zo.direction, noise=noise.family if noise else "none",
-        noise_params=noise.to_json() if noise else "",
-        created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    )
+    return _header(config_json(config), base_digest, trainable_digest, config.zo.direction, noise)
+
+
+OWN_MODEL = "own_model"  # the config_json key of a ledger written by seedtune.PrivateZO for a user's own model
+
+
+def own_model_header(settings: dict[str, Any], base_digest: str, trainable_digest: str, direction: str,
+                     noise: Noise | None) -> LedgerHeader:
+    """The header of a ledger over a user's own torch model (``seedtune.PrivateZO``): no RunConfig rebuilds
+    that model, so the header pins its digests and records the run's settings under :data:`OWN_MODEL`."""
+    return _header(json.dumps({OWN_MODEL: settings}, sort_keys=True, separators=(",", ":")), base_digest,
+                   trainable_digest, direction, noise)
+
+
+def own_model_settings(header: LedgerHeader) -> dict[str, Any] | None:
+    """The settings of an own-model ledger; None for a ledger of a RunConfig (a language model run)."""
+    try:
+        config = json.loads(header.config_json)
+    except ValueError:
+        return None
+    return config.get(OWN_MODEL) if isinstance(config, dict) else None
 
 
 class Replica(LedgerFollower):
@@ -166,8 +190,30 @@ class Replica(LedgerFollower):
         self.task.tokenizer.save_pretrained(out)
         if self.task.kind == "encoder":
             save_file({k: v.contiguous() for k, v in module.head.state_dict().items()}, str(out / HEAD_FILE))
-        (out / "seedtune.json").write_text(json.dumps({
+        (out / SAVED_FILE).write_text(json.dumps({
             "kind": self.task.kind, "base_model": self.config.model.name, "ledger_version": self.version,
             "ledger_head": self.head.hex(), "model_digest": self.digest(),
+            "max_length": self.config.model.max_length, "task": dataclasses.asdict(self.config.task),
         }, indent=2))
         return out
+
+
+SAVED_FILE = "seedtune.json"  # beside a saved model: what it is, and the task its head or label words serve
+
+
+def load_saved(folder: str | Path, device: str = "cpu", dtype: str = "float32") -> TextClassifier:
+    """A model folder written by :meth:`Replica.save` (``seedtune replay --out``), ready to predict: the
+    Hugging Face weights, an encoder's finetuned head from its side file, the task from seedtune.json."""
+    folder = Path(folder)
+    meta_path = folder / SAVED_FILE
+    if not meta_path.is_file():
+        raise ConfigError(f"{folder} is not a model folder written by seedtune replay (no {SAVED_FILE})")
+    meta = json.loads(meta_path.read_text())
+    task = from_dict(meta["task"], TaskConfig, "task.")
+    task.validate()
+    model = ModelConfig(name=str(folder), kind=meta["kind"], max_length=meta["max_length"], device=device,
+                        dtype=dtype)
+    model.validate()
+    loaded = load_task_model(model, task)
+    loaded.place(*placement(model))
+    return loaded

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    replica, info = replay_ledger(args.ledger)
+    replica, info, _ = replay_ledger(args.ledger)
     ledger = Ledger.open(args.ledger)
     try:
         entries = list(ledger.entries())

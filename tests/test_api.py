@@ -1,0 +1,124 @@
+"""seedtune's Python API: PrivateZO on a user's own model (and the runnable example), replay onto it, model
+cards, and a replayed classifier loaded back with its head."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import seedtune
+from seedtune.shared.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mlp_task(n: int = 400):
+    torch.manual_seed(0)
+    x = torch.randn(n, 4)
+    y = x.sum(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def loss_fn(m, index):
+        idx = torch.from_numpy(index)
+        return (m(x[idx]).squeeze(-1) - y[idx]) ** 2
+    return model, loss_fn
+
+
+def test_the_example_trains_its_own_model_privately_and_replays_it(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "own_model.py"), "--out", str(tmp_path / "run"),
+                          "--steps", "200", "--no-progress"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 2.9 < result["epsilon"] <= 3.0 and result["steps"] == 200 and result["verified_entries"] == 200
+    assert result["replay_matches"] is True
+    assert result["test_mse_after"] < 0.7 * result["test_mse_before"]
+
+
+def test_private_zo_spends_its_budget_step_by_step_and_writes_a_replayable_ledger(tmp_path):
+    model, loss_fn = _mlp_task()
+    base = copy.deepcopy(model)
+    trainer = seedtune.PrivateZO(model, loss_fn, 400, steps=10, epsilon=1.0, batch_size=40, lr=0.05,
+                                 trainable=["2.*"], ledger=tmp_path / "l.sqlite")
+    assert trainer.epsilon == 0.0
+    trainer.step()
+    first = trainer.epsilon
+    summary = trainer.fit(progress=False)
+    assert 0 < first < summary["epsilon"] <= 1.0 and summary["steps"] == 10
+    with pytest.raises(RuntimeError, match="all 10 planned steps are done"):
+        trainer.step()
+    trainer.close()
+    assert torch.equal(model[0].weight, base[0].weight) and not torch.equal(model[2].weight, base[2].weight)
+    replayed = seedtune.replay(tmp_path / "l.sqlite", model=base)
+    assert replayed["entries"] == 10 and replayed["ledger_head"] == summary["ledger_head"]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))
+    with pytest.raises(ConfigError, match="not the base model"):  # base is the trained model now
+        seedtune.replay(tmp_path / "l.sqlite", model=base)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"batch_size": 500}, "batch_size 500 exceeds num_examples 400"),
+    ({"epsilon": 0.0}, "privacy.epsilon must be > 0"),
+    ({"trainable": ["nothing.*"]}, "no parameter name matches"),
+    ({"lr": float("nan")}, "lr must be a positive number"),
+    ({"direction": "uniform"}, "direction must be one of"),
+])
+def test_private_zo_refuses_bad_settings_by_name(kwargs, message):
+    model, loss_fn = _mlp_task()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        seedtune.PrivateZO(model, loss_fn, 400, steps=5, **kwargs)
+
+
+def test_a_loss_that_is_not_per_example_is_refused(tmp_path):
+    model, loss_fn = _mlp_task()
+    trainer = seedtune.PrivateZO(model, lambda m, i: loss_fn(m, i).mean(), 400, steps=5, batch_size=40)
+    with pytest.raises(ValueError, match="one loss per example"):
+        trainer.step()
+
+
+def test_an_existing_ledger_is_never_overwritten(tmp_path):
+    model, loss_fn = _mlp_task()
+    (tmp_path / "l.sqlite").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="exists"):
+        seedtune.PrivateZO(model, loss_fn, 400, steps=5, ledger=tmp_path / "l.sqlite")
+    assert (tmp_path / "l.sqlite").read_bytes() == b"x"
+
+
+def test_the_cli_names_how_to_replay_an_own_model_ledger(tmp_path):
+    model, loss_fn = _mlp_task()
+    with seedtune.PrivateZO(model, loss_fn, 400, steps=2, batch_size=40, ledger=tmp_path / "l.sqlite") as t:
+        t.fit(progress=False)
+    out = subprocess.run([sys.executable, "-m", "seedtune.cli", "replay", str(tmp_path / "l.sqlite")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "seedtune.replay(" in out.stderr and "Traceback" not in out.stderr
+    assert seedtune.verify(tmp_path / "l.sqlite")["entries"] == 2
+
+
+def test_a_replayed_encoder_has_a_model_card_and_loads_with_its_head(tmp_path):
+    summary = seedtune.train(overrides={"model.name": "tiny-encoder", "schedule.stage_steps": [6, 4],
+                                        "eval.every": 0, "data.train_size": 1500, "data.test_size": 32},
+                             out=tmp_path / "run", progress=False)
+    result = seedtune.replay(tmp_path / "run" / "ledger.sqlite", tmp_path / "model")
+    assert result["epsilon"] == pytest.approx(summary["epsilon"], rel=1e-9)  # accounted afresh, the same
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert f"epsilon: {summary['epsilon']:.4g}" in card and "delta: 1e-05" in card
+    assert "Task: sst2 (classification)" in card and "Labels: 0, 1" in card
+    assert f"Data size: {summary['train_size']} training examples" in card
+    assert result["ledger_head"] in card and summary["model_digest"] in card
+    assert f"seedtune replay {tmp_path / 'run' / 'ledger.sqlite'} --out {tmp_path / 'model'}" in card
+
+    from seedtune.server.replay import replay_ledger
+
+    replica, _, _ = replay_ledger(tmp_path / "run" / "ledger.sqlite")
+    loaded = seedtune.load_model(tmp_path / "model")
+    ids = replica.task.encode(replica.task.probe(["a moving, funny film", "dull", "it was fine, I guess"] * 3))
+    assert torch.equal(loaded.module.head.weight, replica.task.module.head.weight)
+    np.testing.assert_array_equal(loaded.predictions(ids, 4), replica.predictions(ids))
