@@ -101,3 +101,58 @@ def test_runs_outside_the_ledger_model_say_so(tmp_path):
                                     "out_dir": str(tmp_path / "run")})
     summary = train(config, progress=False)
     assert summary["ledger"] is None and not (tmp_path / "run" / "ledger.sqlite").exists()
+
+
+def _resume_args(out, *extra):
+    return ("train", "--no-progress", "--out", str(out), "-s", "model.name=tiny-encoder", "-s",
+            "schedule.stage_steps=[90,60]", "-s", "eval.every=0", "-s", "data.train_size=1500", "-s",
+            "data.test_size=32", *extra)
+
+
+def test_a_killed_train_resumes_to_the_uninterrupted_runs_epsilon(tmp_path):
+    """SIGKILL mid-run, then --resume: the accountant continues from the ledger's committed steps (not from
+    zero), the run ends at the planned step count with the epsilon of a run never interrupted, and its ledger
+    replays to the model it reports."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "seedtune.cli", *_resume_args(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    from seedtune.shared.ledger import Ledger
+
+    ledger = Ledger.open(out / "ledger.sqlite")
+    done = ledger.last_round
+    ledger.close()
+    assert 5 <= done < 150 and not (out / "summary.json").exists()
+
+    refused = _seedtune(*_resume_args(out, "--resume", "-s", "privacy.epsilon=2"))
+    assert refused.returncode == 2 and "differs in privacy.epsilon 3.0 -> 2.0" in refused.stderr
+
+    resumed = _seedtune(*_resume_args(out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    whole = json.loads(_seedtune(*_resume_args(tmp_path / "whole")).stdout.strip().splitlines()[-1])
+    assert summary["resumed_at_step"] == done and summary["steps"] == whole["steps"] == 150
+    assert summary["epsilon"] == whole["epsilon"] and 2.9 < summary["epsilon"] <= 3.0
+    replay = json.loads(_seedtune("replay", str(out / "ledger.sqlite")).stdout)
+    assert replay["entries"] == 150 and replay["model_digest"] == summary["model_digest"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # (the killed run may have committed its last step without writing that step's row)
+    assert steps == sorted(set(steps)) and set(range(done + 1, 151)) <= set(steps) and steps[-1] == 150
+
+
+def test_resume_refuses_a_folder_without_an_interrupted_run(tmp_path):
+    out = _seedtune(*_resume_args(tmp_path / "none", "--resume"))
+    assert out.returncode == 2 and "holds no interrupted run to resume" in out.stderr
+    assert not (tmp_path / "none").exists()
