@@ -25,7 +25,7 @@ from seedtune.client.zo_step import StepResult, ZoModel, zo_step
 from seedtune.shared.aggregation import ACCEPTED, RoundRule
 from seedtune.shared.ledger import Ledger, Provenance
 from seedtune.shared.accounting import PrivacyAccountant
-from seedtune.shared.config import ConfigError, RunConfig
+from seedtune.shared.config import ConfigError, RunConfig, flatten
 from seedtune.shared.digest import model_digest
 from seedtune.shared.directions import seed_stream
 from seedtune.shared.models import load_task_model, placement
@@ -35,6 +35,7 @@ from seedtune.shared.schedule import stages
 from seedtune.shared.selection import TrainableSet
 from seedtune.shared.replica import float32_model, ledger_header, select_trainable
 from seedtune.shared.tasks import load_split, with_labels
+from seedtune.shared.tracking import open_tracker
 from seedtune.shared.update import ScoredView
 from seedtune.shared.run_folder import CONFIG_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
 
@@ -113,22 +114,12 @@ def _check_resumable(config: RunConfig, out_dir: Path) -> None:
         raise ConfigError(f"{out_dir} is a finished run ({SUMMARY_FILE} is there): nothing to resume")
     if (reason := _not_a_ledger(config)) is not None:
         raise ConfigError(f"this run keeps no ledger ({reason}), so it cannot be resumed")
-    saved, current = _flat(json.loads(saved_path.read_text())), _flat(config.to_dict())
+    saved, current = flatten(json.loads(saved_path.read_text())), flatten(config.to_dict())
     differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if differ:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:5])
         raise ConfigError(f"resume with the interrupted run's configuration ({out_dir / CONFIG_FILE}); this one "
                           f"differs in {shown}")
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _resume_ledger(out_dir: Path, header) -> Ledger:
@@ -201,6 +192,7 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         ledger = None
         log.warning("no ledger for this run (%s): its model cannot be rebuilt with seedtune replay", not_a_ledger)
 
+    tracker = open_tracker(config.tracking, out_dir, flatten(config.to_dict()))
     zero_shot = task.evaluate(test_set, config.model.microbatch, progress)
     log.info("zero-shot test %s", ", ".join(f"{k} {v:.4f}" for k, v in zero_shot.items() if isinstance(v, float)))
 
@@ -227,6 +219,8 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         if config.eval.every and len(dev_ids) and not resume:
             dev0 = task.accuracy(dev_ids, dev_labels, config.model.microbatch)
             metrics.write(json.dumps({"step": 0, "dev_accuracy": dev0}) + "\n")
+            if tracker is not None:
+                tracker.log({"dev_accuracy": dev0}, 0)
         for stage in stages(config.schedule, config.zo.lr, config.zo.mu):
             if stage.index > 0 and config.selection.mode == "prune" and config.selection.strategy != "static":
                 new = select_trainable(task, config, stage.index)  # float32 only (RunConfig.validate)
@@ -256,6 +250,8 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
                     row["dev_accuracy"] = task.accuracy(dev_ids, dev_labels, config.model.microbatch)
                     bar.write(f"step {t + 1}: dev accuracy {row['dev_accuracy']:.4f}")
                 metrics.write(json.dumps(row) + "\n")
+                if tracker is not None:
+                    tracker.log(row, t + 1)
     bar.close()
     train_s = time.perf_counter() - loop_start if loop_start is not None else 0.0  # (resumed after its last step)
     if ledger is not None:
@@ -295,4 +291,8 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         "model_digest": digest,
     }
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    if tracker is not None:  # the guarantee and the public test split's figures (not the data size)
+        tracker.log({"epsilon": epsilon, **{k: v for k, v in summary.items() if k.startswith(("test_", "zero_shot_"))
+                                            and k != "test_size"}}, plan.steps)
+        tracker.close()
     return summary

@@ -44,13 +44,14 @@ from flwr.app import Message
 
 from seedtune.shared.accounting import PrivacyAccountant
 from seedtune.shared.aggregation import ACCEPTED, RoundRule
-from seedtune.shared.config import ConfigError, RunConfig
+from seedtune.shared.config import ConfigError, RunConfig, flatten
 from seedtune.shared.identity import NONCE_BYTES, AllowedNodes, IdentityError
 from seedtune.shared.ledger import Anchor, Ledger, LedgerError, Provenance
 from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Instruction, Reply
 from seedtune.shared.replica import Replica, config_json
 from seedtune.shared.run_folder import LEDGER_FILE
 from seedtune.shared.tasks import counts_metrics, load_split, with_labels
+from seedtune.shared.tracking import open_tracker
 from seedtune.shared.noise import Noise, SecureRandom
 from seedtune.shared.noise_search import COUNT_SENSITIVITY, count_noise, plan_noise
 from seedtune.shared.wire import WireError, content_of, from_content, payload_length, wire_bytes
@@ -421,6 +422,8 @@ class FederatedServer:
         start = time.time()
         fed = self.config.federation
         first = self.ledger.last_round + 1
+        # the run checked out (ledger, anchor, pins): from here its rows also go to the tracker, if one is set
+        self.report.tracker = open_tracker(self.config.tracking, self.run_dir, flatten(self.config.to_dict()))
         if first == 1:  # the base model's accuracy, before any private step
             zero_shot = self.test_metrics()
             self.report.add({"round": 0, "dev_accuracy": self.evaluate(), "ledger_entries": 0,

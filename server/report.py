@@ -20,6 +20,7 @@ from typing import Any
 
 from seedtune.shared.ledger import Anchor
 from seedtune.shared.run_folder import METRICS_FILE, SUMMARY_FILE
+from seedtune.shared.tracking import Tracker
 
 log = logging.getLogger(__name__)
 CSV_COLUMNS = ("round", "dev_accuracy", "nodes", "replies", "accepted", "rejected", "entries",
@@ -28,8 +29,10 @@ CSV_COLUMNS = ("round", "dev_accuracy", "nodes", "replies", "accepted", "rejecte
 
 
 class RunReport:
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, tracker: Tracker | None = None) -> None:
+        """``tracker``: also send every row and the summary's figures there (shared.tracking)."""
         self.run_dir = run_dir
+        self.tracker = tracker
         self.path = run_dir / METRICS_FILE
         self.rows: list[dict[str, Any]] = read_rows(self.path)
 
@@ -45,6 +48,8 @@ class RunReport:
             fh.write(("\n" if torn else "") + json.dumps(row, allow_nan=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if self.tracker is not None:
+            self.tracker.log(row, int(row.get("round", 0)))
 
     def finish(self, summary: dict[str, Any]) -> None:
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(finite(summary), indent=2, allow_nan=False))
@@ -54,6 +59,10 @@ class RunReport:
             for row in sorted(self.rows, key=lambda r: r["round"]):
                 writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
         self.plot()
+        if self.tracker is not None:
+            self.tracker.log({f"final/{k}": v for k, v in summary.items()},
+                             max((int(r.get("round", 0)) for r in self.rows), default=0))
+            self.tracker.close()
 
     def plot(self) -> None:
         import matplotlib

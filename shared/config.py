@@ -353,6 +353,23 @@ class FederationConfig:
         _positive("federation.node_eval_epsilon", self.node_eval_epsilon)
 
 
+TRACKING_BACKENDS = ("none", "tensorboard", "mlflow")
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "none"  # also send the metrics rows to "tensorboard" (event files in the run folder) or "mlflow"
+    uri: str = ""  # mlflow: the tracking URI (default: sqlite, the run folder's mlflow.db); private-batch fields never go there
+    experiment: str = "seedtune"  # mlflow: the experiment name
+
+    def validate(self) -> None:
+        _require(self.backend in TRACKING_BACKENDS, "tracking.backend", f"must be one of {TRACKING_BACKENDS}",
+                 self.backend)
+        _require(isinstance(self.uri, str), "tracking.uri", "must be a string", self.uri)
+        _require(isinstance(self.experiment, str) and self.experiment != "", "tracking.experiment",
+                 "must be a non-empty string", self.experiment)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -364,6 +381,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # The run folder (ledger, metrics, summary, plots) of a training or a federation's server; empty:
     # runs/train-<time> or runs/federated-<time>
     out_dir: str = ""
@@ -395,6 +413,17 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables as dotted keys (``{"zo": {"lr": 1}}`` -> ``{"zo.lr": 1}``): how a config's keys are named."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 RENAMED = {"federation.run_dir": "out_dir", "federation.eval_every": "eval.every", "data.task": "task.name"}

@@ -45,7 +45,7 @@ def fed_config(run_dir: Path, **extra):
 def finished(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fed")
     grid = InProcessGrid(NODES)
-    server = FederatedServer(fed_config(run_dir), grid, run_dir)
+    server = FederatedServer(fed_config(run_dir, **{"tracking.backend": "tensorboard"}), grid, run_dir)
     summary = server.run()
     return run_dir, grid, server, summary
 
@@ -63,6 +63,22 @@ def test_every_replica_agrees_and_replay_is_bit_identical(finished, tmp_path):
     live = server.replica.task.module.body.state_dict()
     assert saved.keys() == live.keys()
     assert all(tensor_digest(saved[k]) == tensor_digest(live[k]) for k in live)
+    # the model card's guarantee, accounted afresh from the ledger's instructions: the server's own figure
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert replayed["epsilon"] == pytest.approx(summary["epsilon_max"], rel=1e-9)
+    assert f"epsilon: {summary['epsilon_max']:.4g} (the largest of {NODES} holders)" in card
+    assert "a federation's server never learns its nodes' data sizes" in card
+
+
+def test_the_server_rows_go_to_tensorboard(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, *_ = finished
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("dev_accuracy")] == [0, 1, 2, 3]
+    assert [e.step for e in acc.Scalars("epsilon_max")] == [1, 2, 3]
+    assert "final/ledger_entries" in acc.Tags()["scalars"]
 
 
 def test_run_folder_holds_ledger_metrics_and_plot(finished):
