@@ -67,8 +67,21 @@ echo "simulate: $NODES clients, run folder $RUN_DIR" >&2
     --federation-config "num-supernodes=$NODES client-resources-num-cpus=${NUM_CPUS:-1} client-resources-num-gpus=${NUM_GPUS:-0}" \
     2>&1 | tee "$RUN_DIR/flwr-run.log"
 
-# `flwr run` exits 0 even when the run failed: the run's summary is the proof it finished.
+# `flwr run` exits 0 even when the run failed: the run's summary is the proof it finished. A ServerApp that
+# raised ends its run with Flower's status finished:failed and the error as its details: shown here.
 if [ ! -s "$RUN_DIR/summary.json" ]; then
+    RUN_ID=$(grep -o "run [0-9]\+" "$RUN_DIR/flwr-run.log" | head -1 | grep -o "[0-9]\+" || true)
+    if [ -n "$RUN_ID" ]; then
+        "$BIN/flwr" ls seedtune-sim --run-id "$RUN_ID" --format json 2>/dev/null | "$PY" -c '
+import json, sys
+try:
+    runs = json.load(sys.stdin).get("runs", [])
+except ValueError:
+    runs = []
+for run in runs:
+    print("simulate: run %s status %s" % (run.get("run-id"), run.get("status")), file=sys.stderr)' || true
+    fi
+    grep -h "seedtune: run failed" "$RUN_DIR/flwr-run.log" "$LINK_LOG" 2>/dev/null | tail -1 >&2 || true
     echo "simulate: the run did not finish (no summary.json); see $RUN_DIR/flwr-run.log and $LINK_LOG" >&2
     exit 1
 fi

@@ -232,7 +232,8 @@ def export(ledger: str | Path | None, out: str | Path,
     from seedtune.server.replay import export as export_run
 
     if (ledger is None) == (config is None and not overrides):
-        raise ConfigError("give either a ledger (the finetuned model) or a config (a base model), not both")
+        raise ConfigError("give either a LEDGER (the finetuned model) or a config (--config/--set: a base model), "
+                          "not both")
     return export_run(ledger, out, None if ledger is not None else _config(config, overrides))
 
 

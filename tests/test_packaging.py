@@ -49,3 +49,80 @@ def test_the_app_and_its_extras_resolve_as_an_installer_would(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
     assert {"seedtune", "flwr", "torch", "onnxruntime", "opacus"} <= names
+
+
+FOLDERS = ("client", "server", "shared", "simulations")
+
+
+def _build_wheel(out: Path) -> Path:
+    """The wheel as pip builds it from this checkout (setuptools, no isolation: offline)."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = out.glob("seedtune-*.whl")
+    return wheel
+
+
+def _fresh_venv(path: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
+    return path / "bin" / "python"
+
+
+def _site_packages(python: Path) -> Path:
+    return Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+
+
+# What an installed seedtune is asked: the API, a folder subpackage, and where it all came from.
+_PROBE = """
+import json, sys, seedtune, seedtune.shared.models, seedtune.client.app, seedtune.server.app
+from seedtune.cli import build_parser
+print(json.dumps({"seedtune": seedtune.__file__, "api": callable(seedtune.PrivateZO),
+                  "shared": seedtune.shared.models.__file__, "path": list(seedtune.__path__)}))
+"""
+
+
+def _check_installed(python: Path, tmp_path: Path) -> None:
+    site = _site_packages(python)
+    assert (site / "seedtune" / "shared" / "proto" / "seedtune_pb2.pyi").is_file()
+    claimed = sorted(name for name in FOLDERS if (site / name).exists() or (site / f"{name}.py").exists())
+    assert claimed == [], f"top-level names in site-packages: {claimed}"
+    out = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["api"] and probe["path"] == [str(site / "seedtune")]  # the wheel's own folders, not a checkout
+    assert Path(probe["shared"]).is_relative_to(site / "seedtune" / "shared")
+    cli = subprocess.run([str(python.parent / "seedtune"), "--help"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0 and "replay" in cli.stdout
+
+
+def test_the_wheel_holds_everything_under_seedtune(tmp_path):
+    """The built wheel installed into a fresh venv (without its dependencies, which come from this environment
+    through a path entry): import seedtune works, and no generic top-level name is claimed."""
+    import zipfile
+
+    wheel = _build_wheel(tmp_path / "dist")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert tops == {"seedtune", "seedtune-0.1.0.dist-info"}
+    python = _fresh_venv(tmp_path / "venv")
+    installed = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                                str(wheel)], capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    # The dependencies: this environment's site-packages as a plain path entry, after the venv's own (its .pth
+    # files, this checkout's editable install among them, are not read from there).
+    ours = Path(next(p for p in sys.path if p.endswith("site-packages")))
+    (_site_packages(python) / "deps.pth").write_text(f"{ours}\n")
+    _check_installed(python, tmp_path)
+
+
+@pytest.mark.slow  # installs torch, transformers, flwr and the rest from the package index: minutes
+def test_the_wheel_installs_with_its_dependencies_into_a_fresh_venv(tmp_path):
+    """As a user would: the wheel and every dependency from the index pip is configured with (offline here:
+    the local index); the CPU torch wheel first, as scripts/setup.sh installs it."""
+    wheel = _build_wheel(tmp_path / "dist")
+    python = _fresh_venv(tmp_path / "venv")
+    for args in (["torch==2.13.0"], [str(wheel)]):
+        installed = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *args], capture_output=True,
+                                   text=True, timeout=1800)
+        assert installed.returncode == 0, installed.stderr[-3000:]
+    _check_installed(python, tmp_path)
