@@ -33,9 +33,9 @@ from seedtune.shared.noise import Noise, SecureRandom
 from seedtune.shared.noise_search import plan_noise
 from seedtune.shared.schedule import stages
 from seedtune.shared.selection import TrainableSet
-from seedtune.shared.replica import float32_model, ledger_header, select_trainable
+from seedtune.shared.replica import OPERATIONAL_KEYS, float32_model, ledger_header, select_trainable
 from seedtune.shared.tasks import load_split, with_labels
-from seedtune.shared.tracking import open_tracker
+from seedtune.shared.tracking import Tracker, check_backend, open_tracker
 from seedtune.shared.update import ScoredView
 from seedtune.shared.run_folder import CONFIG_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
 
@@ -66,21 +66,21 @@ def private_step(view: ZoModel, ids: Sequence[Sequence[int]], labels: np.ndarray
                  lr: float, mu: float, plan: PrivacyPlan, rng: SecureRandom, clip: float | None, microbatch: int,
                  ledger: Ledger | None, accountant: PrivacyAccountant) -> tuple[StepResult, list[float]]:
     """One step of a centralized run, whoever drives it (``train``, or :class:`seedtune.PrivateZO` on a
-    user's own model): the privatised scalars, the update ``theta += -(lr / K) sum_k scalar_k z_k`` (one ledger
-    entry per direction, applied in order, by the ledger's own rule over the released float32 scalars: a round
-    of one reply, the trainer's), the ledger's round and the accountant's step."""
+    user's own model): the privatised scalars, accounted as soon as they exist; the ledger's round; then the
+    update ``theta += -(lr / K) sum_k scalar_k z_k`` (one ledger entry per direction, applied in order, by the
+    ledger's own rule over the released float32 scalars: a round of one reply, the trainer's)."""
     result = zo_step(view, ids, labels, seeds=seeds, mu=mu, sample_rate=plan.sample_rate, microbatch=microbatch,
                      rng=rng, clip=clip, noise=plan.noise)
     released = np.asarray(result.scalars, dtype="<f4")
+    if plan.noise is not None:  # first: from here the noised scalar exists, whatever fails next
+        accountant.record(plan.noise, plan.sample_rate)
     rule = RoundRule("mean", lr / len(seeds))
     coeffs = [float(c) for c in rule.coefficients(released[None, :])]
-    for seed, coeff in zip(result.seeds, coeffs):
-        view.apply(seed, coeff)
-    if ledger is not None:
+    if ledger is not None:  # then the history, then the weights: a failed commit leaves the model as the ledger has it
         ledger.commit_round(step, result.seeds, coeffs, [Provenance(0, TRAINER, ACCEPTED, released.tobytes())],
                             rule)
-    if plan.noise is not None:
-        accountant.record(plan.noise, plan.sample_rate)
+    for seed, coeff in zip(result.seeds, coeffs):
+        view.apply(seed, coeff)
     return result, coeffs
 
 
@@ -103,19 +103,31 @@ def _create_ledger(config: RunConfig, base_digest: str, selection: TrainableSet,
     return Ledger.create(path, ledger_header(config, base_digest, selection.digest(), noise))
 
 
+# Where and how this machine runs the passes: a run may resume elsewhere (the ledger replays the same float32
+# values on any device, and the privacy accounting does not depend on it).
+RESUME_MAY_CHANGE = ("out_dir", "threads", "model.device", "model.microbatch")
+
+
+def _interrupted(out_dir: Path) -> bool:
+    return (out_dir / LEDGER_FILE).is_file() and (out_dir / CONFIG_FILE).is_file() and \
+        not (out_dir / SUMMARY_FILE).is_file()
+
+
 def _check_resumable(config: RunConfig, out_dir: Path) -> None:
-    """Why ``out_dir`` cannot be resumed with ``config``, as an error (before anything is loaded or written)."""
-    saved_path, ledger_path = out_dir / CONFIG_FILE, out_dir / LEDGER_FILE
+    """Why ``out_dir`` cannot be resumed with ``config``, as an error (before anything is written)."""
+    saved_path = out_dir / CONFIG_FILE
     if not config.out_dir:
         raise ConfigError("resume needs the run folder of the interrupted run (--out DIR)")
-    if not saved_path.is_file() or not ledger_path.is_file():
+    if not _interrupted(out_dir) and not (out_dir / SUMMARY_FILE).is_file():
         raise ConfigError(f"{out_dir} holds no interrupted run to resume (it needs {CONFIG_FILE} and {LEDGER_FILE})")
     if (out_dir / SUMMARY_FILE).is_file():
         raise ConfigError(f"{out_dir} is a finished run ({SUMMARY_FILE} is there): nothing to resume")
     if (reason := _not_a_ledger(config)) is not None:
         raise ConfigError(f"this run keeps no ledger ({reason}), so it cannot be resumed")
     saved, current = flatten(json.loads(saved_path.read_text())), flatten(config.to_dict())
-    differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    differ = sorted(k for k in saved.keys() | current.keys()
+                    if saved.get(k) != current.get(k) and k.split(".")[0] not in OPERATIONAL_KEYS
+                    and k not in RESUME_MAY_CHANGE)
     if differ:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:5])
         raise ConfigError(f"resume with the interrupted run's configuration ({out_dir / CONFIG_FILE}); this one "
@@ -137,6 +149,19 @@ def _resume_ledger(out_dir: Path, header) -> Ledger:
 
 def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], object] | None = None,
           resume: bool = False) -> dict[str, Any]:
+    """Run the whole training (see :func:`_train`); a tracker it opened is closed whatever happens, a failed
+    run's marked as failed."""
+    opened: list[Tracker] = []
+    try:
+        return _train(config, progress, on_loop_start, resume, opened)
+    except BaseException:
+        for tracker in opened:
+            tracker.close(failed=True)
+        raise
+
+
+def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object] | None, resume: bool,
+           opened: list[Tracker]) -> dict[str, Any]:
     """Run the whole training; ``on_loop_start`` is called once, right before the first step (a benchmark
     resets its peak-memory counter there to measure the training phase apart from the setup).
 
@@ -150,6 +175,8 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     # Every input is loaded and checked before the run folder is made: a bad data file or a device this
     # machine lacks leaves nothing behind.
     device, dtype = placement(config.model)
+    check_backend(config.tracking)
+    given = config  # as the user gave it: what a tracker may be told (resolved labels come from the private split)
     config = with_labels(config, "train")
     train_split = load_split(config, "train")
     test_split = load_split(config, "test")
@@ -158,9 +185,9 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     out_dir = Path(config.out_dir or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
     if resume:
         _check_resumable(config, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    elif _interrupted(out_dir):
+        raise ConfigError(f"{out_dir} holds an interrupted run (a ledger, no {SUMMARY_FILE}): continue it with "
+                          f"--resume, or choose another folder (--out)")
     train_ids, train_labels = task.examples(train_split)
     test_set = task.eval_set(test_split)
     # the periodic dev evaluation (public-split monitoring) is a classifier's accuracy
@@ -184,6 +211,9 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     view = ScoredView.placed(task, selection, config.zo.direction, device, dtype)
     log.info("forward passes on %s in %s; %d trainable entries (%.3f%%), digest %s", device, config.model.dtype,
              selection.size, 100 * selection.fraction_of(task.module), selection.digest()[:16])
+    out_dir.mkdir(parents=True, exist_ok=True)  # every input checked out: from here the run writes its folder
+    if not resume:
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     if resume:
         ledger = _resume_ledger(out_dir, ledger_header(config, base_digest, selection.digest(), plan.noise))
     elif not_a_ledger is None:
@@ -192,7 +222,9 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         ledger = None
         log.warning("no ledger for this run (%s): its model cannot be rebuilt with seedtune replay", not_a_ledger)
 
-    tracker = open_tracker(config.tracking, out_dir, flatten(config.to_dict()))
+    tracker = open_tracker(config.tracking, out_dir, flatten(given.to_dict()))
+    if tracker is not None:
+        opened.append(tracker)
     zero_shot = task.evaluate(test_set, config.model.microbatch, progress)
     log.info("zero-shot test %s", ", ".join(f"{k} {v:.4f}" for k, v in zero_shot.items() if isinstance(v, float)))
 
@@ -215,7 +247,10 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
     bar = tqdm(total=plan.steps, initial=done, desc="DP-ZO" if private else "MeZO", unit="step",
                disable=not progress)
     loop_start = None  # set at the first step, after the first trainable set is chosen (pruning is setup)
+    torn = resume and metrics_path.is_file() and not metrics_path.read_bytes().endswith(b"\n")
     with metrics_path.open("a" if resume else "w", buffering=1) as metrics:  # line-buffered: readable while training
+        if torn:  # a row the kill cut short stays a line of its own (readers skip it)
+            metrics.write("\n")
         if config.eval.every and len(dev_ids) and not resume:
             dev0 = task.accuracy(dev_ids, dev_labels, config.model.microbatch)
             metrics.write(json.dumps({"step": 0, "dev_accuracy": dev0}) + "\n")
@@ -291,8 +326,9 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
         "model_digest": digest,
     }
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    if tracker is not None:  # the guarantee and the public test split's figures (not the data size)
-        tracker.log({"epsilon": epsilon, **{k: v for k, v in summary.items() if k.startswith(("test_", "zero_shot_"))
-                                            and k != "test_size"}}, plan.steps)
+    if tracker is not None:  # the guarantee and the public test split's figures (not the training set's size)
+        tracker.log({"epsilon": epsilon, **{k: v for k, v in summary.items() if k.startswith(("test_", "zero_shot_"))}},
+                    plan.steps)
         tracker.close()
+        opened.remove(tracker)
     return summary

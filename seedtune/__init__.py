@@ -16,11 +16,29 @@ of the tree, and this package's search path takes them from there, so that eithe
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
 from pathlib import Path
 
+_FOLDERS = ("shared", "client", "server", "simulations")
 _HERE = Path(__file__).resolve().parent
+
+
+class _CheckoutFolders(importlib.abc.MetaPathFinder):
+    """In a source checkout: ``seedtune.<folder>`` is the checkout's top-level folder, for these four names
+    only (the rest of the checkout, tests/ or examples/, stays outside the package)."""
+
+    def find_spec(self, name, path=None, target=None):
+        package, _, folder = name.partition(".")
+        if package != "seedtune" or folder not in _FOLDERS:
+            return None
+        init = _HERE.parent / folder / "__init__.py"
+        return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+
+
 if not (_HERE / "shared").is_dir() and (_HERE.parent / "shared" / "__init__.py").is_file():
-    __path__.append(str(_HERE.parent))  # noqa: F821  (a package's __path__; a source checkout)
+    sys.meta_path.insert(0, _CheckoutFolders())
 
 # The public API (seedtune.api), loaded on first use: importing seedtune.shared (which every module does) must
 # not load the trainer and the server with it (the house's dependencies flow one way).

@@ -12,6 +12,7 @@ where your data lives: it is called with the model and the indices of a batch, a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -51,8 +52,15 @@ class _OwnModelView(TrainableView):
 
     @torch.no_grad()
     def per_example_loss(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> np.ndarray:
+        """The user's losses in eval mode: both passes of a step must see the same function (no dropout), and
+        no layer may update itself from the private batch (a BatchNorm's running statistics would, unnoised)."""
         index = np.fromiter((row[0] for row in ids), dtype=np.int64, count=len(ids))
-        losses = self.loss_fn(self.model, index)
+        training = self.model.training
+        self.model.eval()
+        try:
+            losses = self.loss_fn(self.model, index)
+        finally:
+            self.model.train(training)
         if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (len(index),):
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(f"loss_fn must return one loss per example: a tensor of shape ({len(index)},), got "
@@ -77,17 +85,31 @@ class PrivateZO:
                  delta: float = 1e-5, clip: float = 1.0, batch_size: int = 64, lr: float = 1e-3, mu: float = 1e-3,
                  trainable: Iterable[str] | None = None, direction: str = "rademacher", noise: str = "gaussian",
                  microbatch: int = 256, ledger: str | Path | None = None, private: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise ConfigError(f"loss_fn must be callable as loss_fn(model, indices), got {loss_fn!r}")
         for name, value in (("num_examples", num_examples), ("steps", steps), ("batch_size", batch_size),
                             ("microbatch", microbatch)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name, value in (("lr", lr), ("mu", mu)):
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        for name, value in (("lr", lr), ("mu", mu), ("epsilon", epsilon), ("delta", delta), ("clip", clip)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value <= 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if batch_size > num_examples:
             raise ConfigError(f"batch_size {batch_size} exceeds num_examples {num_examples}")
         if direction not in DIRECTION_KINDS:
             raise ConfigError(f"direction must be one of {DIRECTION_KINDS}, got {direction!r}")
+        if not isinstance(private, bool):
+            raise ConfigError(f"private must be true or false, got {private!r}")
+        if trainable is not None and (isinstance(trainable, str) or not list(trainable)):
+            raise ConfigError(f"trainable must be a non-empty list of glob patterns (or None: every parameter), got "
+                              f"{trainable!r}")
+        self.ledger_path = Path(ledger) if ledger is not None else None
+        if self.ledger_path is not None and self.ledger_path.exists():
+            raise ConfigError(f"ledger {str(self.ledger_path)!r} exists: a ledger is one run's history; choose a "
+                              f"new file")
         self.privacy = PrivacyConfig(enabled=private, epsilon=float(epsilon), delta=float(delta), clip=float(clip),
                                      noise=noise)
         self.privacy.validate()
@@ -109,12 +131,9 @@ class PrivateZO:
         settings = {"model": type(model).__qualname__, "trainable": patterns, "steps": steps, "lr": self.lr,
                     "mu": self.mu, "clip": self.privacy.clip if private else None, "batch_size": batch_size,
                     "epsilon": self.privacy.epsilon if private else None, "delta": self.privacy.delta}
-        self.ledger_path = Path(ledger) if ledger is not None else None
         self.ledger = None
+        self._broken: str | None = None  # why no further step may run (a step failed after its release)
         if self.ledger_path is not None:
-            if self.ledger_path.exists():
-                raise ConfigError(f"ledger {str(self.ledger_path)!r} exists: a ledger is one run's history; "
-                                  f"choose a new file")
             self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
             self.ledger = Ledger.create(self.ledger_path, own_model_header(
                 settings, base_digest, selection.digest(), direction, self.plan.noise))
@@ -130,14 +149,22 @@ class PrivateZO:
 
     def step(self) -> StepResult:
         """One private step. The noise was planned for ``steps`` steps: one more would exceed the target."""
+        if self._broken is not None:
+            raise RuntimeError(f"this trainer cannot go on: {self._broken}")
         if self.steps_done >= self.plan.steps:
             raise RuntimeError(f"all {self.plan.steps} planned steps are done: the noise was calibrated for "
                                f"epsilon {self.privacy.epsilon} over exactly that many")
+        released = self.accountant.steps
+        try:
+            result, _ = private_step(self.view, self._ids, self._labels, self.steps_done + 1, [self._rng.seed64()],
+                                     self.lr, self.mu, self.plan, self._rng,
+                                     self.privacy.clip if self.plan.noise is not None else None, self.microbatch,
+                                     self.ledger, self.accountant)
+        except Exception as exc:
+            if self.accountant.steps != released:  # the scalar was released and accounted: no retry of the step
+                self._broken = f"step {self.steps_done + 1} failed after its release ({exc})"
+            raise
         self.steps_done += 1
-        result, _ = private_step(self.view, self._ids, self._labels, self.steps_done, [self._rng.seed64()],
-                                 self.lr, self.mu, self.plan, self._rng,
-                                 self.privacy.clip if self.plan.noise is not None else None, self.microbatch,
-                                 self.ledger, self.accountant)
         return result
 
     def fit(self, progress: bool = True) -> dict[str, Any]:
@@ -175,9 +202,11 @@ class PrivateZO:
 def _config(config: RunConfig | str | Path | Sequence[str | Path] | None,
             overrides: Mapping[str, Any] | None) -> RunConfig:
     if isinstance(config, RunConfig):
-        if overrides:
+        extra = dict(overrides or {})
+        out_dir = extra.pop("out_dir", None)
+        if extra:
             raise ConfigError("give overrides with config files, or a RunConfig alone")
-        return config.validate()
+        return (dataclasses.replace(config, out_dir=out_dir) if out_dir is not None else config).validate()
     return load_config(config, overrides)
 
 

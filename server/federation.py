@@ -51,7 +51,7 @@ from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, 
 from seedtune.shared.replica import Replica, config_json
 from seedtune.shared.run_folder import LEDGER_FILE
 from seedtune.shared.tasks import counts_metrics, load_split, with_labels
-from seedtune.shared.tracking import open_tracker
+from seedtune.shared.tracking import check_backend, open_tracker
 from seedtune.shared.noise import Noise, SecureRandom
 from seedtune.shared.noise_search import COUNT_SENSITIVITY, count_noise, plan_noise
 from seedtune.shared.wire import WireError, content_of, from_content, payload_length, wire_bytes
@@ -71,6 +71,7 @@ class FederatedServer:
                               "several directions per step are a seedtune train option")
         # Every input is loaded and checked before anything is written: a bad data folder leaves no run folder.
         # The labels, when the config leaves them to the data, come from the server's public test split.
+        check_backend(config.tracking)
         config = with_labels(config, "test")
         self.config = config
         self.grid = grid
@@ -419,11 +420,20 @@ class FederatedServer:
         return out
 
     def run(self) -> dict[str, Any]:
+        # the run checked out (ledger, anchor, pins): from here its rows also go to the tracker, if one is set
+        self.report.tracker = open_tracker(self.config.tracking, self.run_dir, flatten(self.config.to_dict()))
+        try:
+            return self._run()
+        except BaseException:
+            if self.report.tracker is not None:
+                self.report.tracker.close(failed=True)
+                self.report.tracker = None
+            raise
+
+    def _run(self) -> dict[str, Any]:
         start = time.time()
         fed = self.config.federation
         first = self.ledger.last_round + 1
-        # the run checked out (ledger, anchor, pins): from here its rows also go to the tracker, if one is set
-        self.report.tracker = open_tracker(self.config.tracking, self.run_dir, flatten(self.config.to_dict()))
         if first == 1:  # the base model's accuracy, before any private step
             zero_shot = self.test_metrics()
             self.report.add({"round": 0, "dev_accuracy": self.evaluate(), "ledger_entries": 0,

@@ -6,6 +6,8 @@ ledger header records as sampled and the steps the ledger holds, not copied from
 records the private steps each data holder was asked to run (its instructions table) and the federation's
 sampling rate; a ``seedtune train`` ledger has one step per round, at the sampling rate its run folder's
 summary.json states (the only figure taken from there; without it the card says the epsilon is unknown).
+The card never states the size of a training set: it describes private data, and a card is made to be
+published (the run folder's summary.json keeps it for the data holder).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ class PrivacyRecord:
     epsilon: dict[str, float] | None  # holder -> epsilon; None when the sampling rate is not known
     steps: dict[str, int]  # holder -> private steps accounted
     federated: bool
-    data_size: int | None  # a seedtune train run's training set size, from its own run folder
 
     @property
     def epsilon_max(self) -> float | None:
@@ -58,7 +59,7 @@ def privacy_record(ledger: Ledger, config: RunConfig, ledger_path: str | Path) -
             accountant.record(noise, float(rate), count)
             epsilon[holder] = accountant.epsilon(config.privacy.delta)
     return PrivacyRecord(noise is not None, config.privacy.delta, noise.describe() if noise else "none", epsilon,
-                         steps, federated, summary.get("train_size"))
+                         steps, federated)
 
 
 def _fmt(value: float | None) -> str:
@@ -99,10 +100,8 @@ def model_card(info: dict[str, Any], config: RunConfig, record: PrivacyRecord, c
         "- Accounting: PLD (dp-accounting) of the noise as sampled: " + record.noise,
         f"- Clip: {config.privacy.clip:g}; private steps: " + ", ".join(
             f"{h} {n}" for h, n in sorted(record.steps.items())),
-        "- Data size: " + (f"{record.data_size} training examples (from the run folder's summary.json: it "
-                           f"describes the private data set; remove this line before publishing if its size is "
-                           f"itself sensitive)" if record.data_size is not None
-                           else "not recorded (a federation's server never learns its nodes' data sizes)"),
+        "- Data size: not stated (the size of a training set describes private data; a federation's server never "
+        "learns its nodes' sizes)",
         "",
         "## Task",
         f"- Task: {task.name} ({task.kind})",

@@ -63,6 +63,7 @@ class RunReport:
             self.tracker.log({f"final/{k}": v for k, v in summary.items()},
                              max((int(r.get("round", 0)) for r in self.rows), default=0))
             self.tracker.close()
+            self.tracker = None
 
     def plot(self) -> None:
         import matplotlib

@@ -20,7 +20,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     import torch
 
     t = tensor.detach().cpu().contiguous()
-    return hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode() + t.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def model_digest(model: nn.Module) -> str:

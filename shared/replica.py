@@ -58,8 +58,14 @@ def placed_config(config: RunConfig, device: str | None = None, dtype: str | Non
     return dataclasses.replace(config, model=dataclasses.replace(config.model, **placed)).validate()
 
 
+# Settings of this machine's bookkeeping, not of the run: kept out of the ledger header (a federation sends the
+# header to every node; a tracking URI may name an internal host or carry a token) and out of resume's check.
+OPERATIONAL_KEYS = ("tracking",)
+
+
 def config_json(config: RunConfig) -> str:
-    return json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    data = {k: v for k, v in config.to_dict().items() if k not in OPERATIONAL_KEYS}
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def _header(config_text: str, base_digest: str, trainable_digest: str, direction: str,
@@ -209,6 +215,9 @@ def load_saved(folder: str | Path, device: str = "cpu", dtype: str = "float32") 
     if not meta_path.is_file():
         raise ConfigError(f"{folder} is not a model folder written by seedtune replay (no {SAVED_FILE})")
     meta = json.loads(meta_path.read_text())
+    if "task" not in meta or "max_length" not in meta:
+        raise ConfigError(f"{meta_path} was written by an older seedtune, without the task: replay the ledger "
+                          f"again (seedtune replay LEDGER --out {folder})")
     task = from_dict(meta["task"], TaskConfig, "task.")
     task.validate()
     model = ModelConfig(name=str(folder), kind=meta["kind"], max_length=meta["max_length"], device=device,

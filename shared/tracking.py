@@ -11,8 +11,10 @@ its private training data (:data:`PRIVATE_FIELDS`) are never logged there.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
@@ -26,10 +28,29 @@ PRIVATE_FIELDS = frozenset({"loss", "batch", "clipped", "nonfinite"})
 
 class Tracker(Protocol):
     def log(self, row: Mapping[str, Any], step: int) -> None:
-        """Record a row's numeric fields at ``step`` (a training step or a federation round)."""
+        """Record a row's numeric fields at ``step`` (a training step or a federation round). A backend's error
+        is logged, never raised: tracking must not stop a run (or a federation after a commit)."""
 
-    def close(self) -> None:
-        """Flush and release the backend."""
+    def close(self, failed: bool = False) -> None:
+        """Flush and release the backend; ``failed``: the run ended with an error."""
+
+
+_BACKEND_MODULES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny")}
+
+
+def check_backend(config: TrackingConfig) -> None:
+    """The chosen backend's library is installed: checked before a run writes anything."""
+    if config.backend not in _BACKEND_MODULES:
+        return
+    module, package = _BACKEND_MODULES[config.backend]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"tracking.backend {config.backend!r} needs the {package} package: pip install "
+                          f"'seedtune[tracking]' (or pip install {package})")
+
+
+def _metric_name(name: str) -> str:
+    """MLflow's metric names allow letters, digits and _ - . / : and spaces; a holder or label name may not."""
+    return re.sub(r"[^\w\-./: ]", "_", name)
 
 
 def scalars(row: Mapping[str, Any], private_too: bool, prefix: str = "") -> dict[str, float]:
@@ -46,33 +67,40 @@ def scalars(row: Mapping[str, Any], private_too: bool, prefix: str = "") -> dict
     return out
 
 
-class TensorBoardTracker:
-    def __init__(self, run_dir: Path) -> None:
+class _LogOnly:
+    """Backend errors become one warning each time, not a failed run."""
+
+    def log(self, row: Mapping[str, Any], step: int) -> None:
         try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise ConfigError("tracking.backend 'tensorboard' needs the tensorboard package: pip install "
-                              "'seedtune[tracking]' (or pip install tensorboard)") from exc
+            self._log(row, step)
+        except Exception as exc:  # a tracking server down, a full disk: the run's own files have the row
+            log.warning("tracking: %s could not log step %d (%s); the run goes on", type(self).__name__, step, exc)
+
+    def _log(self, row: Mapping[str, Any], step: int) -> None:
+        raise NotImplementedError
+
+
+class TensorBoardTracker(_LogOnly):
+    def __init__(self, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
         self.logdir = run_dir / "tensorboard"
         self.writer = SummaryWriter(log_dir=str(self.logdir))
         log.info("TensorBoard: tensorboard --logdir %s", self.logdir)
 
-    def log(self, row: Mapping[str, Any], step: int) -> None:
+    def _log(self, row: Mapping[str, Any], step: int) -> None:
         for name, value in scalars(row, private_too=True).items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
-class MLflowTracker:
+class MLflowTracker(_LogOnly):
     def __init__(self, run_dir: Path, config: TrackingConfig, params: Mapping[str, Any]) -> None:
-        try:
-            import mlflow
-        except ImportError as exc:
-            raise ConfigError("tracking.backend 'mlflow' needs mlflow: pip install 'seedtune[tracking]' (or pip "
-                              "install mlflow-skinny)") from exc
+        import mlflow
+
         self.mlflow = mlflow
         uri = config.uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"  # (MLflow 3 refuses a file store)
         mlflow.set_tracking_uri(uri)
@@ -82,19 +110,20 @@ class MLflowTracker:
         log.info("MLflow: run %s in experiment %r at %s (private-batch fields are not sent)",
                  self.run.info.run_id, config.experiment, uri)
 
-    def log(self, row: Mapping[str, Any], step: int) -> None:
+    def _log(self, row: Mapping[str, Any], step: int) -> None:
         values = scalars(row, private_too=False)
         if values:
-            self.mlflow.log_metrics({k.replace("/", "."): v for k, v in values.items()}, step=step)
+            self.mlflow.log_metrics({_metric_name(k): v for k, v in values.items()}, step=step)
 
-    def close(self) -> None:
-        self.mlflow.end_run()
+    def close(self, failed: bool = False) -> None:
+        self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
 
 
 def open_tracker(config: TrackingConfig, run_dir: Path, params: Mapping[str, Any]) -> Tracker | None:
     """The configured backend for a run folder (None for ``none``); ``params``: the run's flattened config."""
     if config.backend == "none":
         return None
+    check_backend(config)
     if config.backend == "tensorboard":
         return TensorBoardTracker(run_dir)
     return MLflowTracker(run_dir, config, params)

@@ -66,7 +66,10 @@ def test_private_zo_spends_its_budget_step_by_step_and_writes_a_replayable_ledge
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"batch_size": 500}, "batch_size 500 exceeds num_examples 400"),
-    ({"epsilon": 0.0}, "privacy.epsilon must be > 0"),
+    ({"epsilon": 0.0}, "epsilon must be a positive number, got 0.0"),
+    ({"epsilon": "3"}, "epsilon must be a positive number, got '3'"),
+    ({"trainable": "2.*"}, "trainable must be a non-empty list of glob patterns"),
+    ({"trainable": []}, "trainable must be a non-empty list of glob patterns"),
     ({"trainable": ["nothing.*"]}, "no parameter name matches"),
     ({"lr": float("nan")}, "lr must be a positive number"),
     ({"direction": "uniform"}, "direction must be one of"),
@@ -111,7 +114,7 @@ def test_a_replayed_encoder_has_a_model_card_and_loads_with_its_head(tmp_path):
     card = (tmp_path / "model" / "README.md").read_text()
     assert f"epsilon: {summary['epsilon']:.4g}" in card and "delta: 1e-05" in card
     assert "Task: sst2 (classification)" in card and "Labels: 0, 1" in card
-    assert f"Data size: {summary['train_size']} training examples" in card
+    assert "Data size: not stated" in card and str(summary["train_size"]) not in card  # private data's size
     assert result["ledger_head"] in card and summary["model_digest"] in card
     assert f"seedtune replay {tmp_path / 'run' / 'ledger.sqlite'} --out {tmp_path / 'model'}" in card
 
@@ -122,3 +125,45 @@ def test_a_replayed_encoder_has_a_model_card_and_loads_with_its_head(tmp_path):
     ids = replica.task.encode(replica.task.probe(["a moving, funny film", "dull", "it was fine, I guess"] * 3))
     assert torch.equal(loaded.module.head.weight, replica.task.module.head.weight)
     np.testing.assert_array_equal(loaded.predictions(ids, 4), replica.predictions(ids))
+
+
+def test_a_failed_loss_leaves_nothing_half_done_and_the_step_can_be_retried(tmp_path):
+    model, loss_fn = _mlp_task()
+    calls = {"n": 0}
+
+    def flaky(m, index):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("data file went away")
+        return loss_fn(m, index)
+
+    before = [p.clone() for p in model.parameters()]
+    trainer = seedtune.PrivateZO(model, flaky, 400, steps=3, batch_size=40, ledger=tmp_path / "l.sqlite")
+    with pytest.raises(OSError):
+        trainer.step()
+    assert trainer.steps_done == 0 and trainer.epsilon == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # restored, nothing applied
+    trainer.fit(progress=False)
+    assert trainer.steps_done == 3 and trainer.summary()["ledger_head"]
+    trainer.close()
+    assert seedtune.verify(tmp_path / "l.sqlite")["entries"] == 3
+
+
+def test_batchnorm_statistics_never_learn_from_the_private_batches(tmp_path):
+    """The loss passes run in eval mode: a BatchNorm's running statistics (updated without noise in train
+    mode) stay as they were, and its 0-dim num_batches_tracked buffer digests."""
+    torch.manual_seed(0)
+    x, y = torch.randn(400, 4) * 3 + 1, torch.randn(400)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+    base = copy.deepcopy(model)
+    stats = model[1].running_mean.clone()
+
+    def loss_fn(m, index):
+        idx = torch.from_numpy(index)
+        return (m(x[idx]).squeeze(-1) - y[idx]) ** 2
+
+    with seedtune.PrivateZO(model, loss_fn, 400, steps=4, batch_size=40, ledger=tmp_path / "l.sqlite") as t:
+        t.fit(progress=False)
+    assert model.training and torch.equal(model[1].running_mean, stats)
+    seedtune.replay(tmp_path / "l.sqlite", model=base)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))

@@ -34,7 +34,7 @@ def test_directions_are_balanced_and_seed_dependent():
 
 
 def test_same_in_a_separate_process():
-    code = ("from shared.directions import direction_torch, direction_numpy; import hashlib; "
+    code = ("from seedtune.shared.directions import direction_torch, direction_numpy; import hashlib; "
             "print(hashlib.sha256(direction_torch(2**64-5, 17, 100000).numpy().tobytes()).hexdigest(), "
             "hashlib.sha256(direction_numpy(2**64-5, 17, 100000).tobytes()).hexdigest())")
     here = hashlib.sha256(direction_torch(2**64 - 5, 17, 100000).numpy().tobytes()).hexdigest()

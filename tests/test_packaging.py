@@ -55,9 +55,19 @@ FOLDERS = ("client", "server", "shared", "simulations")
 
 
 def _build_wheel(out: Path) -> Path:
-    """The wheel as pip builds it from this checkout (setuptools, no isolation: offline)."""
+    """The wheel as pip builds it from this checkout's files (setuptools, no isolation: offline), in a copy of
+    them: an in-tree build/ folder left by an earlier build would be reused."""
+    import shutil
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    src = out.parent / "src"
+    for name in files:
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                            "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300)
+                            "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = out.glob("seedtune-*.whl")
     return wheel

@@ -3,6 +3,7 @@ the private-batch fields kept off MLflow."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,12 @@ def test_train_with_tensorboard_writes_event_files_of_its_rows(tmp_path):
     assert [s for s, _ in events["dev_accuracy"]] == [0, 2, 4]
     assert events["epsilon"] == [(5, pytest.approx(summary["epsilon"]))]
     assert "loss" in events  # the run folder's own monitoring (metrics.jsonl holds it too)
+    # tracking is this machine's bookkeeping: not in the ledger header every replica (every node) reads
+    from seedtune.shared.ledger import Ledger
+
+    ledger = Ledger.open(tmp_path / "run" / "ledger.sqlite")
+    assert "tracking" not in json.loads(ledger.header.config_json)
+    ledger.close()
 
 
 def test_no_tracking_by_default_writes_nothing_more(tmp_path):
@@ -46,11 +53,12 @@ def test_mlflow_gets_the_rows_without_the_private_batch_fields(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = open_tracker(TrackingConfig(backend="mlflow", uri=uri, experiment="t"), tmp_path, {"zo.lr": 0.1})
     tracker.log({"step": 1, "coeff": 0.5, "loss": 0.7, "batch": 12, "clipped": 3, "nonfinite": 0,
-                 "dev_accuracy": 0.6}, 1)
+                 "dev_accuracy": 0.6, "epsilon": {"hospital A (Lyon)": 1.5}}, 1)
     run_id = tracker.run.info.run_id
     tracker.close()
     run = MlflowClient(uri).get_run(run_id)
-    assert set(run.data.metrics) == {"step", "coeff", "dev_accuracy"} and run.data.params == {"zo.lr": "0.1"}
+    assert set(run.data.metrics) == {"step", "coeff", "dev_accuracy", "epsilon/hospital A _Lyon_"}
+    assert run.data.params == {"zo.lr": "0.1"} and run.info.status == "FINISHED"
     assert not PRIVATE_FIELDS & set(run.data.metrics)
 
 

@@ -136,6 +136,8 @@ def test_a_killed_train_resumes_to_the_uninterrupted_runs_epsilon(tmp_path):
     ledger.close()
     assert 5 <= done < 150 and not (out / "summary.json").exists()
 
+    fresh = _seedtune(*_resume_args(out))  # no --resume: the interrupted run's ledger is never replaced
+    assert fresh.returncode == 2 and "holds an interrupted run" in fresh.stderr and "--resume" in fresh.stderr
     refused = _seedtune(*_resume_args(out, "--resume", "-s", "privacy.epsilon=2"))
     assert refused.returncode == 2 and "differs in privacy.epsilon 3.0 -> 2.0" in refused.stderr
 
