@@ -67,7 +67,7 @@ def test_every_replica_agrees_and_replay_is_bit_identical(finished, tmp_path):
     card = (tmp_path / "model" / "README.md").read_text()
     assert replayed["epsilon"] == pytest.approx(summary["epsilon_max"], rel=1e-9)
     assert f"epsilon: {summary['epsilon_max']:.4g} (the largest of {NODES} holders)" in card
-    assert "a federation's server never learns its nodes' data sizes" in card
+    assert "a federation's server never learns its nodes' sizes" in card
 
 
 def test_the_server_rows_go_to_tensorboard(finished):
