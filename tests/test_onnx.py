@@ -180,6 +180,9 @@ def test_export_onnx_command_writes_a_checked_finetuned_model(mixed, tmp_path):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["state_digest"] == summary["state_digest"] and report["entries"] == summary["ledger_entries"]
     assert report["check"]["max_abs_diff"] < 1e-4 * max(1.0, report["check"]["scale"])
+    card = (tmp_path / "final.README.md").read_text()  # the card beside the file, its guarantee the server's
+    assert report["model_card"] == str(tmp_path / "final.README.md")
+    assert f"epsilon: {summary['epsilon_max']:.4g}" in card and "seedtune export-onnx" in card
     bad = subprocess.run([sys.executable, "-m", "seedtune.cli", "export-onnx", "--out", str(tmp_path / "x.onnx")],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 2 and "LEDGER" in bad.stderr

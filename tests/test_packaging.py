@@ -94,7 +94,6 @@ print(json.dumps({"seedtune": seedtune.__file__, "api": callable(seedtune.Privat
 
 def _check_installed(python: Path, tmp_path: Path) -> None:
     site = _site_packages(python)
-    assert (site / "seedtune" / "shared" / "proto" / "seedtune_pb2.pyi").is_file()
     claimed = sorted(name for name in FOLDERS if (site / name).exists() or (site / f"{name}.py").exists())
     assert claimed == [], f"top-level names in site-packages: {claimed}"
     out = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -112,8 +111,10 @@ def test_the_wheel_holds_everything_under_seedtune(tmp_path):
     import zipfile
 
     wheel = _build_wheel(tmp_path / "dist")
-    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
-    assert tops == {"seedtune", "seedtune-0.1.0.dist-info"}
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {"seedtune", "seedtune-0.1.0.dist-info"}
+    proto = sorted(n for n in names if "/proto/" in n)
+    assert "seedtune/shared/proto/seedtune_pb2.pyi" in proto, proto  # package data: the messages' type stubs
     python = _fresh_venv(tmp_path / "venv")
     installed = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
                                 str(wheel)], capture_output=True, text=True, timeout=300)
