@@ -214,7 +214,8 @@ def train(config: RunConfig | str | Path | Sequence[str | Path] | None = None,
           overrides: Mapping[str, Any] | None = None, *, out: str | Path | None = None, progress: bool = True,
           resume: bool = False) -> dict[str, Any]:
     """``seedtune train``: finetune a language model on a task (config files and dotted overrides such as
-    ``{"privacy.epsilon": 1.0}``, as ``-c``/``-s`` give them); returns the run's summary."""
+    ``{"privacy.epsilon": 1.0}``, as ``-c``/``-s`` give them); returns the run's summary. ``resume=True``
+    continues the interrupted run in ``out`` (the same configuration; the accounting continues)."""
     from seedtune.client.trainer import train as train_run
 
     overrides = dict(overrides or {})
