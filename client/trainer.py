@@ -37,7 +37,7 @@ from seedtune.shared.replica import OPERATIONAL_KEYS, float32_model, ledger_head
 from seedtune.shared.tasks import load_split, with_labels
 from seedtune.shared.tracking import Tracker, check_backend, open_tracker
 from seedtune.shared.update import ScoredView
-from seedtune.shared.run_folder import CONFIG_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
+from seedtune.shared.run_folder import CONFIG_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE, ends_with_newline
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +115,15 @@ def _interrupted(out_dir: Path) -> bool:
 
 def _check_resumable(config: RunConfig, out_dir: Path) -> None:
     """Why ``out_dir`` cannot be resumed with ``config``, as an error (before anything is written)."""
-    saved_path = out_dir / CONFIG_FILE
     if not config.out_dir:
         raise ConfigError("resume needs the run folder of the interrupted run (--out DIR)")
-    if not _interrupted(out_dir) and not (out_dir / SUMMARY_FILE).is_file():
-        raise ConfigError(f"{out_dir} holds no interrupted run to resume (it needs {CONFIG_FILE} and {LEDGER_FILE})")
     if (out_dir / SUMMARY_FILE).is_file():
         raise ConfigError(f"{out_dir} is a finished run ({SUMMARY_FILE} is there): nothing to resume")
+    if not _interrupted(out_dir):
+        raise ConfigError(f"{out_dir} holds no interrupted run to resume (it needs {CONFIG_FILE} and {LEDGER_FILE})")
     if (reason := _not_a_ledger(config)) is not None:
         raise ConfigError(f"this run keeps no ledger ({reason}), so it cannot be resumed")
-    saved, current = flatten(json.loads(saved_path.read_text())), flatten(config.to_dict())
+    saved, current = flatten(json.loads((out_dir / CONFIG_FILE).read_text())), flatten(config.to_dict())
     differ = sorted(k for k in saved.keys() | current.keys()
                     if saved.get(k) != current.get(k) and k.split(".")[0] not in OPERATIONAL_KEYS
                     and k not in RESUME_MAY_CHANGE)
@@ -247,7 +246,7 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
     bar = tqdm(total=plan.steps, initial=done, desc="DP-ZO" if private else "MeZO", unit="step",
                disable=not progress)
     loop_start = None  # set at the first step, after the first trainable set is chosen (pruning is setup)
-    torn = resume and metrics_path.is_file() and not metrics_path.read_bytes().endswith(b"\n")
+    torn = resume and not ends_with_newline(metrics_path)
     with metrics_path.open("a" if resume else "w", buffering=1) as metrics:  # line-buffered: readable while training
         if torn:  # a row the kill cut short stays a line of its own (readers skip it)
             metrics.write("\n")

@@ -3,9 +3,10 @@ and ``seedtune export-onnx LEDGER --out FILE``."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -23,21 +24,32 @@ from seedtune.shared.update import TrainableView
 CPU_FLOAT32 = {"device": "cpu", "dtype": "float32"}
 
 
-def replay_ledger(ledger_path: str | Path) -> tuple[Replica, dict[str, Any], PrivacyRecord]:
-    """Verify the chains (against the run folder's anchor, when there is one) and replay every entry onto the
-    base model; with the ledger's privacy guarantee, accounted from what the ledger records."""
+@contextlib.contextmanager
+def _verified(ledger_path: str | Path, own_model: bool) -> Iterator[tuple[Ledger, int]]:
+    """The ledger, open, its chains verified (against the run folder's anchor, when there is one), and of the
+    kind the caller replays: a language-model run's (``own_model=False``) or a PrivateZO one's."""
     ledger = Ledger.open(ledger_path)
     try:
         n = ledger.verify(anchor_beside(ledger_path))
-        if own_model_settings(ledger.header) is not None:
+        if own_model and own_model_settings(ledger.header) is None:
+            raise ConfigError(f"{ledger_path} is the ledger of a language-model run: replay it with "
+                              f"seedtune replay LEDGER --out DIR (or seedtune.replay(ledger, out))")
+        if not own_model and own_model_settings(ledger.header) is not None:
             raise ConfigError(f"{ledger_path} is the ledger of your own torch model (seedtune.PrivateZO): rebuild "
                               f"it in Python with seedtune.replay({str(ledger_path)!r}, model=<the base model>)")
+        yield ledger, n
+    finally:
+        ledger.close()
+
+
+def replay_ledger(ledger_path: str | Path) -> tuple[Replica, dict[str, Any], PrivacyRecord]:
+    """Replay every entry of a verified ledger onto the base model; with the ledger's privacy guarantee,
+    accounted from what the ledger records."""
+    with _verified(ledger_path, own_model=False) as (ledger, n):
         replica = Replica.from_header(ledger.header, **CPU_FLOAT32)
         replica.apply(list(ledger.entries()), ledger.hash_at(n))
         record = privacy_record(ledger, replica.config, ledger_path)
         return replica, {"ledger": str(ledger_path), "rounds": ledger.last_round, "entries": n}, record
-    finally:
-        ledger.close()
 
 
 def _card(replica: Replica, info: dict[str, Any], record: PrivacyRecord, command: str, path: Path) -> str:
@@ -54,29 +66,21 @@ def _privacy(record: PrivacyRecord) -> dict[str, Any]:
 def replay_onto(ledger_path: str | Path, model: nn.Module) -> dict[str, Any]:
     """Replay an own-model ledger (``seedtune.PrivateZO``) onto ``model``, in place: ``model`` must be the base
     model the ledger pins (its digest is checked first, and nothing is written to it otherwise)."""
-    ledger = Ledger.open(ledger_path)
-    try:
-        n = ledger.verify(anchor_beside(ledger_path))
-        settings = own_model_settings(ledger.header)
-        if settings is None:
-            raise ConfigError(f"{ledger_path} is the ledger of a language-model run: replay it with "
-                              f"seedtune replay LEDGER --out DIR (or seedtune.replay(ledger, out))")
+    with _verified(ledger_path, own_model=True) as (ledger, n):
         digest = model_digest(model)
         if digest != ledger.header.base_model_digest:
             raise ConfigError(f"the model given is not the base model of {ledger_path}: digest {digest[:16]} "
                               f"vs the ledger's {ledger.header.base_model_digest[:16]} (replay onto the weights "
                               f"training started from)")
-        patterns = settings.get("trainable")
+        patterns = own_model_settings(ledger.header).get("trainable")
         selection = select_patterns(model, patterns) if patterns else select_all(model)
         if selection.digest() != ledger.header.trainable_digest:
             raise ConfigError(f"the trainable set of {ledger_path} ({patterns or 'all parameters'}) does not "
                               f"match this model's parameters")
-        entries = list(ledger.entries())
-        TrainableView(model, selection, ledger.header.direction).apply_all([(e.seed, e.coeff) for e in entries])
+        TrainableView(model, selection, ledger.header.direction).apply_all(
+            [(e.seed, e.coeff) for e in ledger.entries()])
         return {"ledger": str(ledger_path), "rounds": ledger.last_round, "entries": n,
                 "ledger_head": ledger.hash_at(n).hex(), "model_digest": model_digest(model)}
-    finally:
-        ledger.close()
 
 
 def replay(ledger_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from seedtune.shared.ledger import Anchor
-from seedtune.shared.run_folder import METRICS_FILE, SUMMARY_FILE
+from seedtune.shared.run_folder import METRICS_FILE, SUMMARY_FILE, ends_with_newline
 from seedtune.shared.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,9 @@ CSV_COLUMNS = ("round", "dev_accuracy", "nodes", "replies", "accepted", "rejecte
 
 
 class RunReport:
-    def __init__(self, run_dir: Path, tracker: Tracker | None = None) -> None:
-        """``tracker``: also send every row and the summary's figures there (shared.tracking)."""
+    def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self.tracker = tracker
+        self.tracker: Tracker | None = None  # set once the run checked out: rows and the summary also go there
         self.path = run_dir / METRICS_FILE
         self.rows: list[dict[str, Any]] = read_rows(self.path)
 
@@ -43,7 +42,7 @@ class RunReport:
     def add(self, row: dict[str, Any]) -> None:
         row = finite(row)
         self.rows = [r for r in self.rows if r.get("round") != row.get("round")] + [row]
-        torn = not _ends_with_newline(self.path)
+        torn = not ends_with_newline(self.path)
         with self.path.open("a") as fh:  # after a torn line, on a line of its own (the torn one stays skipped)
             fh.write(("\n" if torn else "") + json.dumps(row, allow_nan=False) + "\n")
             fh.flush()
@@ -93,15 +92,6 @@ class RunReport:
         fig.tight_layout()
         fig.savefig(self.run_dir / "metrics.png", dpi=100)
         plt.close(fig)
-
-
-def _ends_with_newline(path: Path) -> bool:
-    """Whether the file is empty, absent, or ends its last line (reads one byte, not the file)."""
-    if not path.exists() or path.stat().st_size == 0:
-        return True
-    with path.open("rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1) == b"\n"
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
