@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
@@ -98,25 +99,37 @@ class TensorBoardTracker(_LogOnly):
 
 
 class MLflowTracker(_LogOnly):
-    def __init__(self, run_dir: Path, config: TrackingConfig, params: Mapping[str, Any]) -> None:
-        import mlflow
+    """An MLflow run through an explicit client: ``mlflow.set_tracking_uri`` and ``set_experiment`` would set
+    MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID in the caller's environment, so that a user's own MLflow calls
+    (and every subprocess) after ``seedtune.train`` went to this run's store."""
 
-        self.mlflow = mlflow
+    def __init__(self, run_dir: Path, config: TrackingConfig, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
         uri = config.uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"  # (MLflow 3 refuses a file store)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(config.experiment)
-        self.run = mlflow.start_run(run_name=run_dir.name)
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        self.client = MlflowClient(tracking_uri=uri)
+        experiment = self.client.get_experiment_by_name(config.experiment)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else self.client.create_experiment(config.experiment))
+        self.run = self.client.create_run(experiment_id, run_name=run_dir.name)
+        items = [Param(k, str(v)[:500]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's limit per batch
+            self.client.log_batch(self.run.info.run_id, params=items[start:start + 100])
         log.info("MLflow: run %s in experiment %r at %s (private-batch fields are not sent)",
                  self.run.info.run_id, config.experiment, uri)
 
     def _log(self, row: Mapping[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
         values = scalars(row, private_too=False)
         if values:
-            self.mlflow.log_metrics({_metric_name(k): v for k, v in values.items()}, step=step)
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run.info.run_id,
+                                  metrics=[Metric(_metric_name(k), v, now, step) for k, v in values.items()])
 
     def close(self, failed: bool = False) -> None:
-        self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
+        self.client.set_terminated(self.run.info.run_id, status="FAILED" if failed else "FINISHED")
 
 
 def open_tracker(config: TrackingConfig, run_dir: Path, params: Mapping[str, Any]) -> Tracker | None:

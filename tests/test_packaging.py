@@ -4,6 +4,7 @@ must never be told a Python works that one of the pinned dependencies refuses.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -54,6 +55,13 @@ def test_the_app_and_its_extras_resolve_as_an_installer_would(tmp_path):
 FOLDERS = ("client", "server", "shared", "simulations")
 
 
+def _clean_env() -> dict[str, str]:
+    """This process's environment without what would point a fresh interpreter at other code: PYTHONPATH and
+    its kin, and the active venv. A test that builds or probes an installed wheel must see only the wheel (and
+    the dependency folder it is given), whatever an earlier test left in this worker (issue 36)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+
+
 def _build_wheel(out: Path) -> Path:
     """The wheel as pip builds it from this checkout's files (setuptools, no isolation: offline), in a copy of
     them: an in-tree build/ folder left by an earlier build would be reused."""
@@ -67,20 +75,20 @@ def _build_wheel(out: Path) -> Path:
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, src / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                            "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
+                            "-w", str(out), str(src)], capture_output=True, text=True, timeout=300, env=_clean_env())
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = out.glob("seedtune-*.whl")
     return wheel
 
 
 def _fresh_venv(path: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300, env=_clean_env())
     return path / "bin" / "python"
 
 
 def _site_packages(python: Path) -> Path:
     return Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+                               capture_output=True, text=True, check=True, env=_clean_env()).stdout.strip())
 
 
 # What an installed seedtune is asked: the API, a folder subpackage, and where it all came from.
@@ -96,12 +104,14 @@ def _check_installed(python: Path, tmp_path: Path) -> None:
     site = _site_packages(python)
     claimed = sorted(name for name in FOLDERS if (site / name).exists() or (site / f"{name}.py").exists())
     assert claimed == [], f"top-level names in site-packages: {claimed}"
-    out = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=_clean_env())
     assert out.returncode == 0, out.stderr[-3000:]
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     assert probe["api"] and probe["path"] == [str(site / "seedtune")]  # the wheel's own folders, not a checkout
     assert Path(probe["shared"]).is_relative_to(site / "seedtune" / "shared")
-    cli = subprocess.run([str(python.parent / "seedtune"), "--help"], capture_output=True, text=True, timeout=300)
+    cli = subprocess.run([str(python.parent / "seedtune"), "--help"], capture_output=True, text=True, timeout=300,
+                         env=_clean_env())
     assert cli.returncode == 0 and "replay" in cli.stdout
 
 
@@ -117,7 +127,7 @@ def test_the_wheel_holds_everything_under_seedtune(tmp_path):
     assert "seedtune/shared/proto/seedtune_pb2.pyi" in proto, proto  # package data: the messages' type stubs
     python = _fresh_venv(tmp_path / "venv")
     installed = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                                str(wheel)], capture_output=True, text=True, timeout=300)
+                                str(wheel)], capture_output=True, text=True, timeout=300, env=_clean_env())
     assert installed.returncode == 0, installed.stderr[-3000:]
     # The dependencies: this environment's site-packages as a plain path entry, after the venv's own (its .pth
     # files, this checkout's editable install among them, are not read from there).
@@ -134,6 +144,6 @@ def test_the_wheel_installs_with_its_dependencies_into_a_fresh_venv(tmp_path):
     python = _fresh_venv(tmp_path / "venv")
     for args in (["torch==2.13.0"], [str(wheel)]):
         installed = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *args], capture_output=True,
-                                   text=True, timeout=1800)
+                                   text=True, timeout=1800, env=_clean_env())
         assert installed.returncode == 0, installed.stderr[-3000:]
     _check_installed(python, tmp_path)
