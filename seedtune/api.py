@@ -240,7 +240,7 @@ def verify(ledger: str | Path) -> dict[str, Any]:
     """``seedtune verify``: check a ledger's whole history (every chain, and the run folder's anchor)."""
     from seedtune.server.report import anchor_beside
 
-    opened = Ledger.open(ledger)
+    opened = Ledger.open(ledger, read_only=True)
     try:
         anchor = anchor_beside(ledger)
         entries = opened.verify(anchor)

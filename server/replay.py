@@ -28,7 +28,7 @@ CPU_FLOAT32 = {"device": "cpu", "dtype": "float32"}
 def _verified(ledger_path: str | Path, own_model: bool) -> Iterator[tuple[Ledger, int]]:
     """The ledger, open, its chains verified (against the run folder's anchor, when there is one), and of the
     kind the caller replays: a language-model run's (``own_model=False``) or a PrivateZO one's."""
-    ledger = Ledger.open(ledger_path)
+    ledger = Ledger.open(ledger_path, read_only=True)
     try:
         n = ledger.verify(anchor_beside(ledger_path))
         if own_model and own_model_settings(ledger.header) is None:

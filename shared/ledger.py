@@ -130,19 +130,25 @@ class Ledger:
 
     # ---------------------------------------------------------------------------------------- opening
     @classmethod
-    def _connect(cls, path: Path) -> sqlite3.Connection:
+    def _connect(cls, path: Path, read_only: bool = False) -> sqlite3.Connection:
+        """A connection for writing (WAL, synchronous commits), or a read-only one that changes nothing in the
+        file: no journal mode switched, no page written, and a file that is no database stays as it was."""
+        if read_only:
+            return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
         conn = sqlite3.connect(str(path), isolation_level=None)  # explicit BEGIN/COMMIT only
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         return conn
 
     @classmethod
-    def open(cls, path: str | Path) -> "Ledger":
+    def open(cls, path: str | Path, read_only: bool = False) -> "Ledger":
+        """The ledger at ``path``; ``read_only`` for whoever only reads it (verify, replay, export, a model
+        card): those must never write to a file they were asked to check."""
         path = Path(path)
         if not path.is_file():
             raise LedgerError(f"ledger {str(path)!r} does not exist")
         try:
-            conn = cls._connect(path)
+            conn = cls._connect(path, read_only)
             row = conn.execute("SELECT value FROM meta WHERE key = 'header'").fetchone()
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             raise LedgerError(f"{str(path)!r} is not a seedtune ledger, or a damaged one ({exc})") from exc

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     replica, info, _ = replay_ledger(args.ledger)
-    ledger = Ledger.open(args.ledger)
+    ledger = Ledger.open(args.ledger, read_only=True)
     try:
         entries = list(ledger.entries())
     finally:

@@ -225,6 +225,29 @@ def test_seedtune_verify_reports_ok_or_names_the_tampered_entry(ledger, tmp_path
     assert "entry 5 (round 2) does not match its chain hash" in capsys.readouterr().err
 
 
+def test_seedtune_verify_never_writes_to_the_file_it_checks(ledger, tmp_path, capsys):
+    """Issue 32, finding 11: verify grew a 0-byte file to 4 KB and switched a plain SQLite file to WAL."""
+    from seedtune.cli import main
+
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    plain = tmp_path / "plain.sqlite"
+    conn = sqlite3.connect(plain)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    before = {p: p.read_bytes() for p in (empty, plain)}
+    for path in (empty, plain):
+        assert main(["verify", str(path)]) == 2 and "not a seedtune ledger" in capsys.readouterr().err
+    ledger.close()
+    good = tmp_path / "ledger.sqlite"
+    kept = good.read_bytes()
+    assert main(["verify", str(good)]) == 0
+    assert {p: p.read_bytes() for p in (empty, plain)} == before and good.read_bytes() == kept
+    # (a WAL ledger's readers share its -shm index: SQLite's own sidecars, not a change to the ledger)
+    assert not any(p.name.startswith(("empty", "plain")) and p not in before for p in tmp_path.iterdir())
+
+
 def test_the_pending_rounds_instructions_are_allowed_and_counted(ledger):
     ledger.record_instructions(4, ["holder-0"], 4)  # sent, not committed (a crash, or still running)
     assert ledger.verify() == 12 and ledger.instructed_steps()["holder-0"] == 16
