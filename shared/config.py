@@ -38,6 +38,21 @@ def _require(ok: bool, name: str, message: str, value: Any) -> None:
         raise ConfigError(f"{name} {message}, got {value!r}")
 
 
+def _int(name: str, value: Any, lo: int, hi: int) -> None:
+    """An int (not a bool) in [lo, hi]. Every integer setting has an upper bound, refused at load: 1e9 threads or
+    1e30 rounds would otherwise pass and fail late (out of memory after the ledger is written) or never end."""
+    _require(type(value) is int and lo <= value <= hi, name, f"must be an int in [{lo:,}, {hi:,}]", value)
+
+
+def _path_text(name: str, value: Any) -> None:
+    """A string that can name a file: no NUL (the OS would refuse it with a traceback, after other writes)."""
+    _require(isinstance(value, str) and "\x00" not in value, name, "must be a string without NUL characters", value)
+
+
+MAX_STEPS = 10**7  # steps of one run (a stage, or all stages): far past any budget a CPU or a GPU spends
+MAX_EXAMPLES = 10**9
+
+
 def _positive(name: str, value: float) -> None:
     _require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name, "must be > 0", value)
 
@@ -57,10 +72,8 @@ class ModelConfig:
         _require(isinstance(self.name, str) and self.name != "", "model.name", "must be a non-empty string", self.name)
         _require(self.kind in ("auto", "encoder", "decoder"), "model.kind", "must be auto, encoder or decoder",
                  self.kind)
-        _require(isinstance(self.max_length, int) and self.max_length >= 8, "model.max_length", "must be an int >= 8",
-                 self.max_length)
-        _require(isinstance(self.microbatch, int) and self.microbatch >= 1, "model.microbatch", "must be an int >= 1",
-                 self.microbatch)
+        _int("model.max_length", self.max_length, 8, 131_072)
+        _int("model.microbatch", self.microbatch, 1, 65_536)
         _require(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
                  "model.device", "must be auto, cpu, cuda, cuda:N or mps", self.device)
         _require(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", self.dtype)
@@ -114,8 +127,7 @@ class TaskConfig:
                  and self.target_field not in self.text_fields, "task.target_field",
                  "must name the target column (not a text field) exactly when task.kind = 'generation'",
                  self.target_field)
-        _require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "task.max_new_tokens",
-                 "must be an int >= 1", self.max_new_tokens)
+        _int("task.max_new_tokens", self.max_new_tokens, 1, 8192)
         for name in ("labels", "label_words", "label_prompts"):
             _require(not generation or getattr(self, name) == [], f"task.{name}",
                      "applies to classification: set it to [] for a generation task", getattr(self, name))
@@ -178,7 +190,7 @@ class DataConfig:
 
     def validate(self) -> None:
         for name in ("data_dir", "train_file", "test_file", "dev_file", "hub", "hub_config"):
-            _require(isinstance(getattr(self, name), str), f"data.{name}", "must be a string", getattr(self, name))
+            _path_text(f"data.{name}", getattr(self, name))
         _require(not (self.test_file or self.dev_file) or bool(self.train_file), "data.train_file",
                  "must be set when data.test_file or data.dev_file is", self.train_file)
         _require(not self.train_file or bool(self.test_file), "data.test_file", "must be set with data.train_file",
@@ -188,7 +200,7 @@ class DataConfig:
                  "must list the hub's train and test split names, and optionally dev", self.hub_splits)
         for name in ("train_size", "test_size", "min_words"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 0, f"data.{name}", "must be an int >= 0", value)
+            _int(f"data.{name}", value, 0, MAX_EXAMPLES)
         _require(isinstance(self.seed, int) and 0 <= self.seed < 2**64, "data.seed", "must be an int in [0, 2^64)",
                  self.seed)
 
@@ -205,16 +217,14 @@ class ZOConfig:
     directions: int = 1
 
     def validate(self) -> None:
-        _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "zo.batch_size", "must be an int >= 1",
-                 self.batch_size)
+        _int("zo.batch_size", self.batch_size, 1, 10**6)
         _positive("zo.lr", self.lr)
         _positive("zo.mu", self.mu)
         _require(self.direction in DIRECTION_KINDS, "zo.direction", f"must be one of {DIRECTION_KINDS}",
                  self.direction)
         _require(isinstance(self.seed, int) and 0 <= self.seed < 2**64, "zo.seed", "must be an int in [0, 2^64)",
                  self.seed)
-        _require(isinstance(self.directions, int) and self.directions >= 1, "zo.directions", "must be an int >= 1",
-                 self.directions)
+        _int("zo.directions", self.directions, 1, 4096)
 
 
 @dataclass
@@ -274,9 +284,10 @@ class ScheduleConfig:
         return sum(self.stage_steps)
 
     def validate(self) -> None:
-        _require(isinstance(self.stage_steps, list) and len(self.stage_steps) >= 1
-                 and all(isinstance(s, int) and s >= 1 for s in self.stage_steps),
-                 "schedule.stage_steps", "must be a non-empty list of ints >= 1", self.stage_steps)
+        _require(isinstance(self.stage_steps, list) and 1 <= len(self.stage_steps) <= 64
+                 and all(type(s) is int and s >= 1 for s in self.stage_steps)
+                 and sum(self.stage_steps) <= MAX_STEPS, "schedule.stage_steps",
+                 f"must be a list of 1 to 64 ints >= 1 summing to at most {MAX_STEPS:,}", self.stage_steps)
         _require(isinstance(self.lr_decay, (int, float)) and 0 < self.lr_decay <= 1, "schedule.lr_decay",
                  "must be in (0, 1]", self.lr_decay)
         _require(isinstance(self.mu_decay, (int, float)) and 0 < self.mu_decay <= 1, "schedule.mu_decay",
@@ -294,9 +305,8 @@ class EvalConfig:
     dev_size: int = 256  # dev examples per periodic evaluation (public-split monitoring, not model selection)
 
     def validate(self) -> None:
-        _require(isinstance(self.every, int) and self.every >= 0, "eval.every", "must be an int >= 0", self.every)
-        _require(isinstance(self.dev_size, int) and self.dev_size >= 0, "eval.dev_size", "must be an int >= 0",
-                 self.dev_size)
+        _int("eval.every", self.every, 0, MAX_STEPS)
+        _int("eval.dev_size", self.dev_size, 0, MAX_EXAMPLES)
 
 
 PARTITIONS = ("iid", "dirichlet", "natural")
@@ -333,9 +343,8 @@ class FederationConfig:
     def validate(self) -> None:
         for name in ("rounds", "local_steps", "min_replies"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, f"federation.{name}", "must be an int >= 1", value)
-        _require(isinstance(self.clients_per_round, int) and self.clients_per_round >= 0,
-                 "federation.clients_per_round", "must be an int >= 0", self.clients_per_round)
+            _int(f"federation.{name}", value, 1, {"rounds": 10**6, "local_steps": 10**5}.get(name, 10**6))
+        _int("federation.clients_per_round", self.clients_per_round, 0, 10**6)
         _require(isinstance(self.sample_rate, (int, float)) and 0 < self.sample_rate <= 1, "federation.sample_rate",
                  "must be in (0, 1]", self.sample_rate)
         _positive("federation.round_timeout_s", self.round_timeout_s)
@@ -392,7 +401,8 @@ class RunConfig:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate()
-        _require(isinstance(self.threads, int) and self.threads >= 0, "threads", "must be an int >= 0", self.threads)
+        _int("threads", self.threads, 0, 1024)
+        _path_text("out_dir", self.out_dir)
         # K noisy scalars released together are one mechanism of L2 sensitivity C: accounted as one scalar for
         # the Gaussian only (K independent Laplace or LMO draws would need an accounting of their own).
         _require(self.zo.directions == 1 or not self.privacy.enabled or self.privacy.noise == "gaussian",

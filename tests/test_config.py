@@ -20,13 +20,13 @@ def test_toml_file_and_overrides(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("privacy.epsilon=-1", "privacy.epsilon must be > 0, got -1"),
     ("privacy.delta=2.0", "privacy.delta must be in (0, 1), got 2.0"),
-    ("zo.batch_size=0", "zo.batch_size must be an int >= 1, got 0"),
-    ("data.min_words=-1", "data.min_words must be an int >= 0, got -1"),
+    ("zo.batch_size=0", "zo.batch_size must be an int in [1, 1,000,000], got 0"),
+    ("data.min_words=-1", "data.min_words must be an int in [0, 1,000,000,000], got -1"),
     ("zo.mu=nan", "zo.mu must be > 0, got nan"),
     ("zo.direction=uniform", "zo.direction must be one of"),
     ("selection.fraction=1.5", "selection.fraction must be in (0, 1], got 1.5"),
     ("selection.strategy=random", "selection.strategy must be one of"),
-    ("schedule.stage_steps=[]", "schedule.stage_steps must be a non-empty list"),
+    ("schedule.stage_steps=[]", "schedule.stage_steps must be a list of 1 to 64 ints"),
     ("schedule.mu_decay=2.0", "schedule.mu_decay must be in (0, 1]"),
     ("privacy.lr=1", "unknown config key 'privacy.lr'"),
     ("selection.mode=patterns", "selection.patterns must name at least one pattern"),
@@ -46,6 +46,26 @@ def test_toml_file_and_overrides(tmp_path):
     ("selection.patterns=3", "selection.patterns must be a list, got 3"),
 ])
 def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=dict([parse_override(override)]))
+    assert message in str(err.value)
+
+
+# Issue 32, finding 9: huge integers passed the check and failed late (threads: out of memory after the ledger
+# was written; local_steps: MemoryError; rounds and stage_steps: never ended); a NUL in out_dir was a traceback.
+@pytest.mark.parametrize("override,message", [
+    ("threads=1000000000", "threads must be an int in [0, 1,024], got 1000000000"),
+    ("federation.local_steps=1000000000000", "federation.local_steps must be an int in [1, 100,000]"),
+    (f"federation.rounds={10**30}", "federation.rounds must be an int in [1, 1,000,000]"),
+    (f"schedule.stage_steps=[{10**30}]", "schedule.stage_steps must be a list of 1 to 64 ints >= 1 summing to"),
+    ("schedule.stage_steps=[9000000, 9000000]", "summing to at most 10,000,000"),
+    ("model.microbatch=100000000", "model.microbatch must be an int in [1, 65,536]"),
+    ("zo.directions=100000", "zo.directions must be an int in [1, 4,096]"),
+    ("eval.every=100000000000", "eval.every must be an int in [0, 10,000,000]"),
+    ('out_dir="runs/a\u0000b"', "out_dir must be a string without NUL characters"),
+    ('data.train_file="a\u0000.csv"', "data.train_file must be a string without NUL characters"),
+])
+def test_every_integer_setting_is_bounded_and_paths_hold_no_nul(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=dict([parse_override(override)]))
     assert message in str(err.value)
