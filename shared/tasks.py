@@ -205,6 +205,30 @@ def _check_utf8(path: Path) -> None:
                         f"save the file as UTF-8") from None
 
 
+def _check_columns(path: Path, dialect: dict) -> tuple[list[str], int]:
+    """A CSV/TSV file's header and its number of data rows, once every row was checked against the header. A
+    repeated column name would be read as its first occurrence, and a row with more fields than the header
+    shifts its values one column over (the parser takes the first as an index): both silently wrong, so both
+    refused by name and line (never by content: a remote submitter may read the message)."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh, **dialect)
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: empty file (expected a header row naming the columns)")
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise DataError(f"{path}: the header names column(s) {repeated} more than once; rename or drop them")
+        rows = 0
+        for fields in reader:
+            if not fields:
+                continue  # a blank line: the parser skips it too
+            if len(fields) != len(header):
+                raise DataError(f"{path}:{reader.line_num}: {len(fields)} field(s) where the header names "
+                                f"{len(header)} (a stray {'tab' if dialect else 'comma or quote'}?)")
+            rows += 1
+    return header, rows
+
+
 def read_file(path: Path):
     """One split file as a ``datasets.Dataset``, every CSV/TSV column read as text (a label "01" stays "01")."""
     import datasets
@@ -220,12 +244,8 @@ def read_file(path: Path):
     if fmt in ("csv", "tsv"):
         # TSV: tabs separate and quotes are text (csv.QUOTE_NONE). Every column is read as a string.
         dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
-        with path.open(newline="", encoding="utf-8") as fh:
-            header = next(csv.reader(fh, **dialect), None)
-            rest = fh.read().strip()
-        if not header:
-            raise DataError(f"{path}: empty file (expected a header row naming the columns)")
-        if not rest:
+        header, rows = _check_columns(path, dialect)
+        if not rows:
             raise DataError(f"{path}: no examples (a header row only)")
         kwargs = {**dialect, "keep_default_na": False,
                   "features": datasets.Features({name: datasets.Value("string") for name in header})}

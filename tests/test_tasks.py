@@ -215,7 +215,7 @@ def test_a_malformed_csv_row_is_named(tmp_path):
     _folder(tmp_path)
     path = tmp_path / "data" / "test.csv"
     path.write_text(path.read_text() + "one,two,three\n")
-    with pytest.raises(DataError, match="test.csv: cannot be read as csv"):
+    with pytest.raises(DataError, match="test.csv:8: 3 field\\(s\\) where the header names 2"):
         load_split(with_labels(_config(tmp_path)), "test")
 
 
@@ -240,6 +240,23 @@ def test_seedtune_train_names_bad_data_with_exit_code_2_and_writes_nothing(tmp_p
                  "-s", f"data.data_dir={tmp_path / 'data'}", "--out", str(tmp_path / "run")])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# Issue 32, finding 12: a repeated column was read as its first occurrence, and a row with one field too many
+# shifted every value one column over (the label read as the text), both without a word.
+@pytest.mark.parametrize("name, content, message", [
+    ("train.csv", 'text,label,text\n"How far?",NUM,"Who?"\n', "the header names column(s) ['text'] more than once"),
+    ("train.csv", 'text,label\n"How far?",NUM\n"Who wrote it?",HUM,extra\n', "train.csv:3: 3 field(s) where "
+     "the header names 2 (a stray comma or quote?)"),
+    ("train.tsv", 'text\tlabel\nHow far?\tNUM\tNUM\n', "train.tsv:2: 3 field(s) where the header names 2 (a "
+     "stray tab?)"),
+])
+def test_repeated_columns_and_ragged_rows_are_refused_by_line(tmp_path, name, content, message):
+    write_csv(tmp_path / "data" / "test.csv", QUESTIONS)
+    (tmp_path / "data" / name).write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_split(with_labels(_config(tmp_path), split="test"), "train")
+    assert message in str(err.value)
 
 
 # ---------------------------------------------------------------------------------- privacy of the key
