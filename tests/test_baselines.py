@@ -17,7 +17,7 @@ from seedtune.shared.accounting import PrivacyAccountant, calibrate_noise_multip
 from seedtune.shared.config import DataConfig, ModelConfig
 from seedtune.shared.first_order import FirstOrderConfig, poisson_rate, prepare_trainable, trainable_state
 from seedtune.shared.models import load_task_model
-from seedtune.shared.noise import Noise
+from seedtune.shared.noise import Noise, SecureRandom
 from tests.helpers import LABELS, SENTENCES
 
 
@@ -48,10 +48,8 @@ def test_ghost_clipping_changes_the_trainable_weights_only(name):
 
 
 def test_dpsgd_noise_comes_from_the_csprng_not_a_seeded_torch_generator(monkeypatch):
-    """Two learners whose torch generators are seeded alike (same batches) still get different noise."""
-    import seedtune.client.baselines.dpsgd as dpsgd
-
-    monkeypatch.setattr(dpsgd, "_secure_generator", lambda: torch.Generator().manual_seed(1234))
+    """Two learners on the same batch, with torch seeded alike, still get different noise."""
+    monkeypatch.setattr(SecureRandom, "poisson_sample", lambda self, population, rate: np.arange(8))
     grads = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -59,6 +57,24 @@ def test_dpsgd_noise_comes_from_the_csprng_not_a_seeded_torch_generator(monkeypa
         learner.step()
         grads.append(torch.cat([p.grad.flatten() for p in learner.optimizer.params]))
     assert not torch.equal(grads[0], grads[1])
+
+
+def test_dpsgd_poisson_batches_come_from_the_csprng(monkeypatch):
+    """Issue 32: Opacus' sampler drew the batches from a torch generator (a Mersenne Twister, whose outputs give
+    its state away); every batch is now a SecureRandom Poisson sample at the accounted rate."""
+    drawn = []
+    real = SecureRandom.poisson_sample
+
+    def spy(self, population, rate):
+        drawn.append((population, rate, real(self, population, rate)))
+        return drawn[-1][2]
+
+    monkeypatch.setattr(SecureRandom, "poisson_sample", spy)
+    learner = _learner("tiny-encoder", _config("tiny-encoder", batch_size=8))
+    for _ in range(3):
+        learner.step()
+    assert len(drawn) == 3 and all(rate == learner.sample_rate for _, rate, _ in drawn)
+    assert {population for population, _, _ in drawn} == {len(learner.ids)}
 
 
 def test_ghost_clipping_sums_per_example_clipped_gradients(tiny_decoder):

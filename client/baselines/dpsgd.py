@@ -25,7 +25,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -58,10 +57,29 @@ class _Indices(Dataset):
         return (torch.tensor(i),)  # a tuple: Opacus reads each field's shape to build empty batches
 
 
-def _secure_generator() -> torch.Generator:
-    """A torch generator seeded from the OS CSPRNG, for Opacus' Poisson sampler: unpredictable, never seeded
-    publicly. The noise does not come from it (a Mersenne Twister is no CSPRNG): see :func:`_secure_noise`."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+class _CsprngPoissonBatches:
+    """Poisson batches (each record in each batch independently with ``rate``) drawn from
+    :class:`shared.noise.SecureRandom`, in place of Opacus' sampler: that one draws from a torch generator, a
+    Mersenne Twister whose state its outputs give away, and which record was sampled is what the accounting
+    assumes secret. As many batches per pass as Opacus' (``1 / rate``)."""
+
+    def __init__(self, population: int, rate: float, rng: SecureRandom) -> None:
+        self.population, self.rate, self.rng = population, rate, rng
+
+    def __len__(self) -> int:
+        return int(1 / self.rate)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(len(self)):
+            yield self.rng.poisson_sample(self.population, self.rate).tolist()
+
+
+def _csprng_batches(opacus_loader: DataLoader, rate: float, rng: SecureRandom) -> DataLoader:
+    """Opacus' Poisson loader with its sampler replaced by :class:`_CsprngPoissonBatches`; its collate
+    function (which builds empty batches) kept."""
+    dataset = opacus_loader.dataset
+    return DataLoader(dataset, batch_sampler=_CsprngPoissonBatches(len(dataset), rate, rng),
+                      collate_fn=opacus_loader.collate_fn)
 
 
 def _secure_noise(optimizer: Any, rng: SecureRandom) -> None:
@@ -98,7 +116,8 @@ class FirstOrderLearner:
         params = [p for p in task.module.parameters() if p.requires_grad]
         opt_cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
         optimizer = opt_cls(params, lr=config.lr)
-        loader = DataLoader(_Indices(len(ids)), batch_size=config.batch_size, generator=_secure_generator())
+        loader = DataLoader(_Indices(len(ids)), batch_size=config.batch_size)  # Opacus' rate: 1 / len(loader)
+        rng = SecureRandom()
         self.criterion: Any = nn.CrossEntropyLoss()
         self.noise: Noise | None = None
         task.module.train()  # Opacus' hooks record only in training mode (and its validator insists)
@@ -111,7 +130,7 @@ class FirstOrderLearner:
                 module=task.module, optimizer=optimizer, criterion=self.criterion, data_loader=loader,
                 noise_multiplier=sigma, max_grad_norm=config.clip, poisson_sampling=True,
                 grad_sample_mode="ghost")
-            _secure_noise(self.optimizer, SecureRandom())
+            _secure_noise(self.optimizer, rng)
             if abs(self.loader.sample_rate - self.sample_rate) > 1e-12:
                 raise RuntimeError(f"Opacus samples at {self.loader.sample_rate}, accounted {self.sample_rate}")
         else:
@@ -119,6 +138,7 @@ class FirstOrderLearner:
 
             self.model, self.optimizer = task.module, optimizer
             self.loader = DPDataLoader.from_data_loader(loader)  # the same Poisson batches, nothing else
+        self.loader = _csprng_batches(self.loader, self.sample_rate, rng)
         self.accountant = PrivacyAccountant()
         self.steps = 0
         self._batches: Iterator[list[torch.Tensor]] = itertools.chain.from_iterable(itertools.repeat(self.loader))
