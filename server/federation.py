@@ -126,7 +126,7 @@ class FederatedServer:
         fed, privacy = self.config.federation, self.config.privacy
         noise = None
         if privacy.enabled:
-            noise = plan_noise(privacy, fed.sample_rate, fed.rounds * fed.local_steps)
+            noise = plan_noise(privacy, fed.sample_rate, fed.rounds * fed.local_steps, nodes_stop_at_budget=True)
             log.info("noise %s for epsilon %.3g, delta %.1e over %d steps per node at rate %.4g",
                      noise.describe(), privacy.epsilon, privacy.delta, fed.rounds * fed.local_steps, fed.sample_rate)
         header = self.replica.make_header(noise)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from seedtune.shared.accounting import calibrate_noise_multiplier, noise_epsilon
-from seedtune.shared.config import PrivacyConfig, cache_root
+from seedtune.shared.config import ConfigError, PrivacyConfig, cache_root
 from seedtune.shared.noise import NOISE_FAMILIES, Noise
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,21 @@ log = logging.getLogger(__name__)
 CHOICES = NOISE_FAMILIES + ("auto",)
 
 
-def plan_noise(privacy: PrivacyConfig, sample_rate: float, steps: int) -> Noise:
+def plan_noise(privacy: PrivacyConfig, sample_rate: float, steps: int, nodes_stop_at_budget: bool = False) -> Noise:
     """The run's noise: a fixed Gaussian multiplier if the config sets one, else the family calibrated so that
-    ``steps`` steps at ``sample_rate`` spend at most (epsilon, delta)."""
+    ``steps`` steps at ``sample_rate`` spend at most (epsilon, delta). privacy.epsilon is the bound either way:
+    a fixed multiplier that would spend more is refused by name (``seedtune train`` used to run past the target
+    unannounced), except in a federation (``nodes_stop_at_budget``), whose nodes each refuse the instruction
+    that would take their holder past its budget: there the run stops at the target instead."""
     if privacy.noise == "gaussian" and privacy.noise_multiplier:
-        return Noise.gaussian(privacy.noise_multiplier)
+        noise = Noise.gaussian(privacy.noise_multiplier)
+        spent = noise_epsilon(((noise, sample_rate, steps),), privacy.delta)
+        if spent > privacy.epsilon and not nodes_stop_at_budget:
+            raise ConfigError(f"privacy.noise_multiplier {privacy.noise_multiplier:g} spends epsilon {spent:.4g} "
+                              f"over {steps} steps at sampling rate {sample_rate:.4g}, more than privacy.epsilon "
+                              f"{privacy.epsilon:g}: raise the multiplier, run fewer steps, or set privacy.epsilon "
+                              f"to the budget you mean to spend")
+        return noise
     target = Target(privacy.epsilon, privacy.delta, sample_rate, steps)
     return calibrate(privacy.noise, target)
 # One example added to (or removed from) a held-out set moves its label's "examples" and its prediction's

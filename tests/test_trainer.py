@@ -38,7 +38,10 @@ def test_non_private_mezo_mode_reports_no_epsilon(tmp_path):
 @pytest.mark.parametrize("override,message", [("privacy.clip=0", "privacy.clip must be > 0"),
                                               ("zo.batch_size=100000", "exceeds the training set size"),
                                               ("zo.directions=0", "zo.directions must be an int in [1, 4,096]"),
-                                              ("privacy.noise=laplace", "zo.directions > 1 needs privacy.noise")])
+                                              ("privacy.noise=laplace", "zo.directions > 1 needs privacy.noise"),
+                                              # issue 32: a fixed multiplier ran past privacy.epsilon unannounced
+                                              ("privacy.noise_multiplier=0.5",
+                                               "privacy.noise_multiplier 0.5 spends epsilon")])
 def test_bad_config_fails_with_a_clear_error(tmp_path, override, message):
     out = _seedtune("train", "--no-progress", "--out", str(tmp_path / "run"), "-s", "model.name=tiny-decoder",
                     "-s", "data.train_size=100", "-s", "zo.directions=2", "-s", override)
