@@ -188,21 +188,27 @@ def _loss_function(noise: Noise, sample_rate: float, remove: bool):
     return loss
 
 
-def _bucket_piece(loss, masses, a: float, b: float, interval: float) -> tuple[np.ndarray, np.ndarray]:
-    """Privacy-loss buckets (rounded up) and their masses on [a, b], where the loss is monotone."""
+def _bucket_cells(loss, a: float, b: float, interval: float) -> tuple[np.ndarray, np.ndarray]:
+    """Privacy-loss buckets (rounded up) of the cells of [a, b], where the loss is monotone: ``buckets[i]`` for
+    the outputs in ``(edges[i], edges[i + 1]]``, each bucket at least the highest loss of its cell (pessimistic).
+    Each cut lies within ~1e-13 of the exact level crossing, on the side whose loss is at most the level."""
     la, lb = float(loss(np.array([a]))[0]), float(loss(np.array([b]))[0])
     if abs(lb - la) < 1e-13:
-        return np.array([math.ceil(max(la, lb) / interval)]), masses(np.array([a]), np.array([b]))
+        return np.array([math.ceil(max(la, lb) / interval)]), np.array([a, b])
     increasing = lb > la
     lo_k, hi_k = math.floor(min(la, lb) / interval), math.ceil(max(la, lb) / interval)
     levels = np.arange(lo_k, hi_k + 1) * interval
     levels = levels[(levels > min(la, lb)) & (levels < max(la, lb))]
     grid = np.linspace(a, b, 20_001)
     lg = loss(grid)
-    if increasing:  # boundary x_k = sup{L <= level}; keep lo with L(lo) <= level (pessimistic side)
-        j = np.clip(np.searchsorted(lg, levels, side="right") - 1, 0, len(grid) - 2)
-    else:  # boundary x_k = inf{L <= level}; keep hi with L(hi) <= level
-        j = np.clip(len(grid) - 1 - np.searchsorted(lg[::-1], levels, side="left") - 1, 0, len(grid) - 2)
+    # Bracket each crossing by two neighbouring grid points, grid[j] and grid[j + 1], one on each side of it.
+    if increasing:  # boundary x_k = sup{L <= level}: grid[j] is the last point with L <= level
+        j = np.searchsorted(lg, levels, side="right") - 1
+    else:  # boundary x_k = inf{L <= level}: grid[j + 1] is the first point with L <= level (side="right"
+        # counts the points at or below the level; "left" left both bracket points above it, so the cut fell
+        # short of the crossing and the cell beside it held losses above its bucket: an optimistic PLD)
+        j = len(grid) - 1 - np.searchsorted(lg[::-1], levels, side="right")
+    j = np.clip(j, 0, len(grid) - 2)
     lo, hi = grid[j], grid[j + 1]
     for _ in range(30):  # from a 1/20,000 grid cell to ~1e-13 of the piece
         mid = 0.5 * (lo + hi)
@@ -215,10 +221,8 @@ def _bucket_piece(loss, masses, a: float, b: float, interval: float) -> tuple[np
         cuts, cell_levels = lo, np.concatenate([levels, [lb]])  # cell i holds losses in (level_{i-1}, level_i]
     else:  # the highest level is crossed first: reverse so the cuts run left to right
         cuts, cell_levels = hi[::-1], np.concatenate([[la], levels[::-1]])
-    edges = np.concatenate([[a], cuts, [b]])
     # Bucket of each cell: the highest loss it can hold, rounded up.
-    buckets = np.ceil(cell_levels / interval - 1e-9).astype(np.int64)
-    return buckets, masses(edges[:-1], edges[1:])
+    return np.ceil(cell_levels / interval - 1e-9).astype(np.int64), np.concatenate([[a], cuts, [b]])
 
 
 def noise_pld(noise: Noise, sample_rate: float, interval: float = _PLD_DISCRETIZATION) -> pld_lib.PrivacyLossDistribution:
@@ -238,7 +242,8 @@ def noise_pld(noise: Noise, sample_rate: float, interval: float = _PLD_DISCRETIZ
         masses = functools.partial(_masses, noise, sample_rate, remove)
         acc: dict[int, float] = {}
         for a, b in pieces:
-            buckets, mass = _bucket_piece(loss, masses, a, b, interval)
+            buckets, edges = _bucket_cells(loss, a, b, interval)
+            mass = masses(edges[:-1], edges[1:])
             keys, inverse = np.unique(buckets, return_inverse=True)
             sums = np.bincount(inverse, weights=np.maximum(mass, 0.0))
             for k, m in zip(keys.tolist(), sums.tolist()):

@@ -57,7 +57,7 @@ def count_noise(privacy: PrivacyConfig, epsilon: float) -> Noise:
     return _gaussian(Target(epsilon, privacy.delta, 1.0, 1))
 
 
-_CACHE_VERSION = 2  # 2: the sampler support gap in delta, Laplace mixtures by their density
+_CACHE_VERSION = 3  # 2: the sampler support gap in delta, Laplace mixtures by their density; 3: their boundary search rounds up
 # (a_gamma, gamma_shape, a_exp, a_unif, unif_lo, unif_hi): from near-Laplace (narrow uniform) to heavy mixtures.
 LMO_SHAPES = (
     (0.0, 4.0, 0.0, 1.0, 0.9, 1.1),
