@@ -67,6 +67,25 @@ class _OwnModelView(TrainableView):
                              f"{shape}")
         return losses.detach().float().cpu().numpy()
 
+    def check_per_example(self, num_examples: int, probe: int = 8) -> None:
+        """Refuse a loss whose value for one example depends on the others in its batch (a batch mean broadcast
+        to shape (B,), a loss normalised over the batch): clipping bounds each example's own scalar only if it is
+        that example's alone, so the sensitivity argument, and the guarantee, would not hold. On the first
+        ``probe`` examples: their losses together, in reverse order, and one by one must agree to float
+        rounding. Only the refusal's name leaves this check, never a loss."""
+        index = np.arange(min(probe, num_examples))
+        if len(index) < 2:
+            return
+        rows = [[int(i)] for i in index]
+        together = self.per_example_loss(rows, index)
+        reversed_ = self.per_example_loss(rows[::-1], index)[::-1]
+        alone = np.concatenate([self.per_example_loss([row], index[:1]) for row in rows])
+        tolerance = 1e-4 * (1.0 + np.abs(alone))
+        if not (np.all(np.abs(together - alone) <= tolerance) and np.all(np.abs(reversed_ - alone) <= tolerance)):
+            raise ConfigError("loss_fn is not per-example: an example's loss changes with the other examples in its "
+                              "batch (a batch mean broadcast to shape (B,)?). Return each example's own loss, "
+                              "computed from that example alone; DP clipping bounds nothing otherwise")
+
 
 class PrivateZO:
     """Differentially private zeroth-order training (DPZero) of your own model.
@@ -122,6 +141,7 @@ class PrivateZO:
         q = batch_size / num_examples
         self.plan = PrivacyPlan(q, plan_noise(self.privacy, q, steps) if private else None, steps)
         self.view = _OwnModelView(model, selection, direction, loss_fn)
+        self.view.check_per_example(num_examples)
         self.model, self.lr, self.mu, self.microbatch = model, float(lr), float(mu), microbatch
         self.accountant = PrivacyAccountant()
         self.steps_done = 0

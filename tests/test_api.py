@@ -82,9 +82,23 @@ def test_private_zo_refuses_bad_settings_by_name(kwargs, message):
 
 def test_a_loss_that_is_not_per_example_is_refused(tmp_path):
     model, loss_fn = _mlp_task()
-    trainer = seedtune.PrivateZO(model, lambda m, i: loss_fn(m, i).mean(), 400, steps=5, batch_size=40)
     with pytest.raises(ValueError, match="one loss per example"):
-        trainer.step()
+        seedtune.PrivateZO(model, lambda m, i: loss_fn(m, i).mean(), 400, steps=5, batch_size=40)
+
+
+@pytest.mark.parametrize("batch_level", [
+    lambda losses: losses.mean().expand(len(losses)),  # a batch mean broadcast to shape (B,)
+    lambda losses: losses / losses.sum(),  # normalised over the batch
+    lambda losses: losses + 0.01 * losses.roll(1),  # a neighbour's loss mixed in
+], ids=["mean", "normalised", "neighbour"])
+def test_a_loss_that_depends_on_the_rest_of_its_batch_is_refused_before_anything_is_written(tmp_path, batch_level):
+    """Issue 32, finding 6: a batch mean broadcast to (B,) passed the shape check, so one added record moved the
+    clipped sum by 30 at C = 1 while the accounting assumed 1."""
+    model, loss_fn = _mlp_task()
+    with pytest.raises(ConfigError, match="loss_fn is not per-example"):
+        seedtune.PrivateZO(model, lambda m, i: batch_level(loss_fn(m, i)), 400, steps=5, batch_size=40,
+                           ledger=tmp_path / "l.sqlite")
+    assert not (tmp_path / "l.sqlite").exists()
 
 
 def test_an_existing_ledger_is_never_overwritten(tmp_path):
@@ -129,16 +143,17 @@ def test_a_replayed_encoder_has_a_model_card_and_loads_with_its_head(tmp_path):
 
 def test_a_failed_loss_leaves_nothing_half_done_and_the_step_can_be_retried(tmp_path):
     model, loss_fn = _mlp_task()
-    calls = {"n": 0}
+    state = {"fail": False}
 
     def flaky(m, index):
-        calls["n"] += 1
-        if calls["n"] == 1:
+        if state["fail"]:
+            state["fail"] = False
             raise OSError("data file went away")
         return loss_fn(m, index)
 
     before = [p.clone() for p in model.parameters()]
     trainer = seedtune.PrivateZO(model, flaky, 400, steps=3, batch_size=40, ledger=tmp_path / "l.sqlite")
+    state["fail"] = True  # the next loss call: the first step's
     with pytest.raises(OSError):
         trainer.step()
     assert trainer.steps_done == 0 and trainer.epsilon == 0.0
