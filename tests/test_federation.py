@@ -465,7 +465,7 @@ def test_a_bad_data_file_is_named_and_leaves_no_run_folder(tmp_path, broken, con
 def test_seedtune_train_names_a_bad_data_file_with_exit_code_2_and_writes_nothing(tmp_path, capsys):
     from seedtune.cli import main
 
-    data = _data_folder(tmp_path / "data", "train", "sentence\tlabel\nfine\t1\nno label here\n")
+    data = _data_folder(tmp_path / "data", "train", "sentence\tlabel\nfine\t1\nno label here\t\n")
     code = main(["train", "--no-progress", "-s", "model.name=tiny-encoder", "-s", f"data.data_dir={data}",
                  "--out", str(tmp_path / "run")])
     assert code == 2 and "train.tsv: record 2 has no 'label'" in capsys.readouterr().err

@@ -321,20 +321,23 @@ def test_verify_during_writes_raises_no_false_alarm(tmp_path):
     assert started.wait(120), "the writer process did not start"
     reader = Ledger.open(path)
     errors, during = [], 0
+    deadline = time.monotonic() + 240
     try:
-        for _ in range(300):
+        # check for as long as the writer writes (its 200 rounds), however busy the machine: a fixed count of
+        # checks overlapped only 33 rounds on a loaded CI runner
+        while writer.is_alive() and time.monotonic() < deadline:
             try:
                 reader.verify()
             except ChainError as exc:
                 errors.append(str(exc))
-            during += writer.is_alive()
+            during += 1
     finally:
         stop.set()
         writer.join(60)
     rounds = reader.last_round
     reader.close()
-    assert rounds > 50 and during > 100, f"only {during} checks overlapped {rounds} rounds of writing"
-    assert errors == [], f"{len(errors)} false alarms in 300 checks, e.g. {errors[0]}"
+    assert rounds == 200 and during > 100, f"only {during} checks overlapped {rounds} rounds of writing"
+    assert errors == [], f"{len(errors)} false alarms in {during} checks, e.g. {errors[0]}"
 
 
 def test_an_older_format_is_read_but_not_continued(tmp_path):
