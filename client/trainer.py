@@ -175,8 +175,8 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
     # machine lacks leaves nothing behind.
     device, dtype = placement(config.model)
     check_backend(config.tracking)
-    given = config  # as the user gave it: what a tracker may be told (resolved labels come from the private split)
-    config = with_labels(config, "train")
+    given = config  # as the user gave it: what a tracker is told
+    config = with_labels(config, "test")  # public: never the private training split's
     train_split = load_split(config, "train")
     test_split = load_split(config, "test")
     dev_split = load_split(config, "dev", config.eval.dev_size)

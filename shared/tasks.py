@@ -396,17 +396,21 @@ def load_split(config: "RunConfig", split: str, size: int | None = None, group_f
     return part.balanced_subset(size, data.seed, len(task.labels))
 
 
-def with_labels(config: "RunConfig", split: str = "train") -> "RunConfig":
-    """``config`` with ``task.labels`` filled in from ``split`` when the config leaves them empty (sorted, stated
-    in the log), and its label words and prompts checked against them. A federation's server takes them from
-    its public test split; a trainer from its training split, whose label set is then part of the ledger's
-    config (state the labels in the config to keep even the set private)."""
+def with_labels(config: "RunConfig", split: str = "test") -> "RunConfig":
+    """``config`` with ``task.labels`` filled in from the public ``split`` (test or dev) when the config leaves
+    them empty (sorted, stated in the log), and its label words and prompts checked against them. Never from
+    the training split: the label set goes into the ledger header, the summary and the model card, all made to
+    be published, and a label that one private record holds would be published with them."""
     import dataclasses
 
     from seedtune.shared.config import ConfigError
 
     if config.task.labels or config.task.kind == "generation":
         return config
+    if split == "train":
+        raise ConfigError("task.labels cannot come from the training split: it is private, and the label set is "
+                          "published (ledger header, summary, model card); state task.labels, or let the public "
+                          "test split supply them")
     loaded = load_raw(config.data, config.task, split)
     if loaded is None:
         raise DataError(f"task {config.task.name!r}: no {split} split to take task.labels from")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -33,7 +34,7 @@ def test_a_csv_folder_with_string_labels_gives_sorted_labels_and_no_dev_split(tm
     _folder(tmp_path)
     config = with_labels(_config(tmp_path))
     assert config.task.labels == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
-    assert "task.labels from the train split (sorted)" in caplog.text
+    assert "task.labels from the test split (sorted)" in caplog.text
     train, dev = load_split(config, "train"), load_split(config, "dev")
     assert len(train) == 24 and train.records[0] == ("How far is the moon?",) and train.labels[0] == 5
     assert len(dev) == 0  # no dev file: no dev split (never carved out of the private training split)
@@ -150,9 +151,13 @@ def test_a_missing_file_is_named(tmp_path):
 def test_a_missing_column_is_named_with_the_columns_there(tmp_path):
     write_csv(tmp_path / "data" / "train.csv", QUESTIONS, header="question,label")
     write_csv(tmp_path / "data" / "test.csv", QUESTIONS, header="question,label")
-    with pytest.raises(DataError, match=r"train.csv: no column 'text' \(task.text_fields\); its columns are "
+    with pytest.raises(DataError, match=r"test.csv: no column 'text' \(task.text_fields\); its columns are "
                                         r"\['question', 'label'\]"):
         with_labels(_config(tmp_path))
+    write_csv(tmp_path / "data" / "test.csv", QUESTIONS)
+    with pytest.raises(DataError, match=r"train.csv: no column 'text' \(task.text_fields\)"):
+        load_split(with_labels(_config(tmp_path)), "train")
+    write_csv(tmp_path / "data" / "test.csv", QUESTIONS, header="question,label")
     task = TaskConfig(name="q", text_fields=["question"], label_field="kind", template="{question}", labels=[],
                       label_words=[], label_prompts=[])
     with pytest.raises(DataError, match=r"no column 'kind' \(task.label_field\)"):
@@ -170,17 +175,18 @@ def test_an_empty_split_is_named(tmp_path):
 
 def test_a_test_label_the_task_does_not_know_is_named_with_its_record(tmp_path):
     _folder(tmp_path, test=QUESTIONS + [("What colour is the sky?", "COLOUR")])
+    stated = dataclasses.replace(TREC_LIKE, labels=["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"])
     with pytest.raises(DataError, match=r"test.csv: record 7 has label 'COLOUR', not one of the task's labels"):
-        load_split(with_labels(_config(tmp_path)), "test")
+        load_split(_config(tmp_path, stated), "test")
 
 
 def test_records_without_text_or_label_are_named(tmp_path):
     _folder(tmp_path, train=QUESTIONS + [("", "HUM")])
     with pytest.raises(DataError, match="train.csv: record 7 has no text in 'text'"):
-        with_labels(_config(tmp_path))
+        load_split(with_labels(_config(tmp_path)), "train")
     _folder(tmp_path, train=QUESTIONS + [("Who?", "")])
     with pytest.raises(DataError, match="train.csv: record 7 has no 'label'"):
-        with_labels(_config(tmp_path))
+        load_split(with_labels(_config(tmp_path)), "train")
 
 
 def test_a_template_placeholder_that_is_not_a_column_is_named():
@@ -208,7 +214,7 @@ def test_non_utf8_text_is_named_by_its_line(tmp_path):
     path = tmp_path / "data" / "train.csv"
     path.write_bytes(path.read_bytes() + "\"Qu'est-ce qu'un caf\xe9 ?\",DESC\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"train.csv:26: not UTF-8 text \(byte 0xe9"):
-        with_labels(_config(tmp_path))
+        load_split(with_labels(_config(tmp_path)), "train")
 
 
 def test_a_malformed_csv_row_is_named(tmp_path):
@@ -227,8 +233,9 @@ def test_a_malformed_csv_row_is_named(tmp_path):
 def test_seedtune_train_names_bad_data_with_exit_code_2_and_writes_nothing(tmp_path, capsys, setup, message):
     from seedtune.cli import main
 
-    _folder(tmp_path, test=QUESTIONS + [("What colour is the sky?", "COLOUR")] if setup == "unknown_label"
-            else QUESTIONS)
+    # labels = []: the public test split names them, and a training record outside them is refused
+    _folder(tmp_path, train=QUESTIONS * 4 + [("What colour is the sky?", "COLOUR")] if setup == "unknown_label"
+            else QUESTIONS * 4)
     if setup == "no_column":
         write_csv(tmp_path / "data" / "train.csv", QUESTIONS, header="question,label")
     if setup == "not_utf8":
@@ -257,6 +264,33 @@ def test_repeated_columns_and_ragged_rows_are_refused_by_line(tmp_path, name, co
     with pytest.raises(DataError) as err:
         load_split(with_labels(_config(tmp_path), split="test"), "train")
     assert message in str(err.value)
+
+
+def test_labels_never_come_from_the_private_training_split(tmp_path, capsys):
+    """Issue 32, finding 4: with labels = [] the label set was read from the training split and published in the
+    ledger header, summary.json and the model card (a label one record held appeared there)."""
+    import sqlite3
+
+    from seedtune.cli import main
+    from seedtune.shared.proto import LedgerHeader
+
+    with pytest.raises(ConfigError, match="task.labels cannot come from the training split"):
+        with_labels(_config(tmp_path), "train")
+    _folder(tmp_path, train=QUESTIONS * 4 + [("Who holds this one secret?", "SECRET")])
+    cfg = tmp_path / "task.toml"
+    cfg.write_text('[task]\nname = "questions"\ntext_fields = ["text"]\ntemplate = "Q: {text}\\nA:"\nlabels = []\n'
+                   'label_words = []\nlabel_prompts = []\n')
+    args = ["train", "--no-progress", "-c", str(cfg), "-s", "model.name=tiny-encoder", "-s", "eval.every=0",
+            "-s", f"data.data_dir={tmp_path / 'data'}", "-s", "schedule.stage_steps=[2]", "-s", "zo.batch_size=4"]
+    # the private record's label is not among the public labels: refused before anything is written
+    assert main(args + ["--out", str(tmp_path / "run")]) == 2 and not (tmp_path / "run").exists()
+    assert "has label" in capsys.readouterr().err
+    _folder(tmp_path)
+    assert main(args + ["--out", str(tmp_path / "run")]) == 0
+    conn = sqlite3.connect(tmp_path / "run" / "ledger.sqlite")
+    header = LedgerHeader.FromString(conn.execute("SELECT value FROM meta WHERE key = 'header'").fetchone()[0])
+    conn.close()
+    assert json.loads(header.config_json)["task"]["labels"] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
 
 
 # ---------------------------------------------------------------------------------- privacy of the key
