@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from seedtune.client.privacy_ledger import data_key
 from seedtune.client.zo_step import StepResult, ZoModel, zo_step
 from seedtune.shared.aggregation import ACCEPTED, RoundRule
 from seedtune.shared.ledger import Ledger, Provenance
@@ -34,10 +35,11 @@ from seedtune.shared.noise_search import plan_noise
 from seedtune.shared.schedule import stages
 from seedtune.shared.selection import TrainableSet
 from seedtune.shared.replica import OPERATIONAL_KEYS, float32_model, ledger_header, select_trainable
-from seedtune.shared.tasks import load_split, with_labels
+from seedtune.shared.tasks import load_split, local_files, with_labels
 from seedtune.shared.tracking import Tracker, check_backend, open_tracker
 from seedtune.shared.update import ScoredView
-from seedtune.shared.run_folder import CONFIG_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE, ends_with_newline
+from seedtune.shared.run_folder import (CONFIG_FILE, DATA_PIN_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE,
+                                        anchor_beside, ends_with_newline)
 
 log = logging.getLogger(__name__)
 
@@ -133,26 +135,67 @@ def _check_resumable(config: RunConfig, out_dir: Path) -> None:
                           f"differs in {shown}")
 
 
-def _resume_ledger(out_dir: Path, header) -> Ledger:
-    """The interrupted run's ledger, verified, after checking it was made for this very base model, trainable
-    set and noise (the noise is calibrated afresh from the same config: the same parameters)."""
+def data_pin(records: int, sample_rate: float, key: str) -> dict[str, Any]:
+    """What the run's privacy accounting assumed of its training data: how many records, the Poisson rate over
+    them, and which records (:func:`data_key`). Kept in the run folder (:data:`DATA_PIN_FILE`), never in the
+    ledger: the ledger is made to be published, and the count and a digest of the private records are not."""
+    return {"records": records, "sample_rate": sample_rate, "data_key": key}
+
+
+def _check_data_pin(out_dir: Path, pin: dict[str, Any], train_file: str) -> None:
+    """A resumed run's training data must be the data its steps so far were accounted on: appended rows lower
+    the sampling rate and, with it, the epsilon the accountant would report for the steps already released."""
+    path = out_dir / DATA_PIN_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing: this run folder does not say which training data its steps were "
+                          f"accounted on, so it cannot be resumed (start a new run folder)") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not readable JSON ({exc}); the run cannot be resumed") from None
+    if saved == pin:
+        return
+    if not isinstance(saved, dict) or saved.get("records") != pin["records"]:
+        what = (f"it has {pin['records']} records, the run's steps were accounted on "
+                f"{saved.get('records') if isinstance(saved, dict) else '?'} (sampling rate "
+                f"{saved.get('sample_rate') if isinstance(saved, dict) else '?'}, now {pin['sample_rate']:.6g})")
+    else:
+        what = "its records are not the ones the run's steps were accounted on (same count, other content or order)"
+    raise ConfigError(f"the training data ({train_file}) changed since the run began: {what}; resume with the "
+                      f"original file, or start a new run folder")
+
+
+def _resume_ledger(out_dir: Path, header, unanchored: bool) -> Ledger:
+    """The interrupted run's ledger, verified against the run folder's anchor (the last ledger record its
+    metrics.jsonl wrote), after checking it was made for this very base model, trainable set and noise (the
+    noise is calibrated afresh from the same config: the same parameters). A ledger behind its anchor (a lost
+    WAL, a restored copy) would release its lost steps again with fresh noise, unaccounted: refused; so is a
+    ledger with steps and no anchor, unless ``unanchored`` says the user vouches for it."""
     ledger = Ledger.open(out_dir / LEDGER_FILE)
-    for field in ("base_model_digest", "trainable_digest", "direction", "noise", "noise_params"):
-        if getattr(ledger.header, field) != getattr(header, field):
-            ledger.close()
-            raise ConfigError(f"{out_dir / LEDGER_FILE}: its {field} is not this run's (a changed model package "
-                              f"or noise calibration?); it cannot be resumed")
-    ledger.verify()
+    try:
+        for field in ("base_model_digest", "trainable_digest", "direction", "noise", "noise_params"):
+            if getattr(ledger.header, field) != getattr(header, field):
+                raise ConfigError(f"{out_dir / LEDGER_FILE}: its {field} is not this run's (a changed model "
+                                  f"package or noise calibration?); it cannot be resumed")
+        anchor = anchor_beside(ledger.path)
+        if anchor is None and ledger.last_round and not unanchored:
+            raise ConfigError(f"{out_dir / METRICS_FILE} anchors none of the ledger's {ledger.last_round} steps "
+                              f"(deleted or emptied?), so a ledger that lost steps could not be told from a whole "
+                              f"one: restore it, or resume with --unanchored if you vouch for this ledger")
+        ledger.verify(anchor)
+    except BaseException:
+        ledger.close()
+        raise
     return ledger
 
 
 def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], object] | None = None,
-          resume: bool = False) -> dict[str, Any]:
+          resume: bool = False, unanchored: bool = False) -> dict[str, Any]:
     """Run the whole training (see :func:`_train`); a tracker it opened is closed whatever happens, a failed
     run's marked as failed."""
     opened: list[Tracker] = []
     try:
-        return _train(config, progress, on_loop_start, resume, opened)
+        return _train(config, progress, on_loop_start, resume, unanchored, opened)
     except BaseException:
         for tracker in opened:
             tracker.close(failed=True)
@@ -160,11 +203,12 @@ def train(config: RunConfig, progress: bool = True, on_loop_start: Callable[[], 
 
 
 def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object] | None, resume: bool,
-           opened: list[Tracker]) -> dict[str, Any]:
+           unanchored: bool, opened: list[Tracker]) -> dict[str, Any]:
     """Run the whole training; ``on_loop_start`` is called once, right before the first step (a benchmark
     resets its peak-memory counter there to measure the training phase apart from the setup).
 
-    ``resume``: continue the interrupted run in ``config.out_dir`` (the same configuration, or it is refused).
+    ``resume``: continue the interrupted run in ``config.out_dir`` (the same configuration and training data,
+    and a ledger that reaches its anchor, or it is refused; ``unanchored`` accepts a ledger with no anchor).
     Its ledger is the run's record of what was released: each committed round is one step accounted at the
     run's noise and sampling rate, so the accountant continues from them (a step computed but not committed
     released nothing), the weights are replayed from them, and the remaining steps follow."""
@@ -198,6 +242,11 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
         log.info("no periodic evaluation: it needs a dev split and a classification task")
 
     plan = plan_privacy(config, len(train_ids))
+    pin = data_pin(len(train_split), plan.sample_rate,
+                   data_key(zip(train_split.records, train_split.answers(config.task.labels))))
+    if resume:
+        files = local_files(config.data, config.task.name)
+        _check_data_pin(out_dir, pin, str(files["train"]) if files else f"the hub's {config.task.name} train split")
     private = config.privacy.enabled
     log.info("sampling rate %.3g, %d steps of %d direction(s), noise %s", plan.sample_rate, plan.steps,
              config.zo.directions, plan.noise.describe() if plan.noise else "none")
@@ -213,8 +262,10 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
     out_dir.mkdir(parents=True, exist_ok=True)  # every input checked out: from here the run writes its folder
     if not resume:
         (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        (out_dir / DATA_PIN_FILE).write_text(json.dumps(pin, indent=2))
     if resume:
-        ledger = _resume_ledger(out_dir, ledger_header(config, base_digest, selection.digest(), plan.noise))
+        ledger = _resume_ledger(out_dir, ledger_header(config, base_digest, selection.digest(), plan.noise),
+                                unanchored)
     elif not_a_ledger is None:
         ledger = _create_ledger(config, base_digest, selection, plan.noise, out_dir)
     else:
@@ -280,6 +331,8 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
                 bar.set_postfix(stage=stage.index, loss=f"{result.loss:.3f}")
                 row = {"step": t + 1, "stage": stage.index, "batch": result.batch_size, "clipped": result.clipped,
                        "nonfinite": result.nonfinite, "loss": result.loss, "coeff": coeffs[0] if directions == 1 else coeffs}
+                if ledger is not None:  # the anchor outside the ledger file that a resumed run checks it against
+                    row["ledger_record"] = ledger.record_at(t + 1).hex()
                 if config.eval.every and (t + 1) % config.eval.every == 0 and len(dev_ids):
                     row["dev_accuracy"] = task.accuracy(dev_ids, dev_labels, config.model.microbatch)
                     bar.write(f"step {t + 1}: dev accuracy {row['dev_accuracy']:.4f}")

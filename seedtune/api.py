@@ -29,6 +29,7 @@ from seedtune.shared.accounting import PrivacyAccountant
 from seedtune.shared.config import ConfigError, PrivacyConfig, RunConfig, load_config
 from seedtune.shared.digest import model_digest
 from seedtune.shared.directions import DIRECTION_KINDS
+from seedtune.shared.chain import ChainError
 from seedtune.shared.ledger import Ledger
 from seedtune.shared.noise import SecureRandom
 from seedtune.shared.noise_search import plan_noise
@@ -232,16 +233,17 @@ def _config(config: RunConfig | str | Path | Sequence[str | Path] | None,
 
 def train(config: RunConfig | str | Path | Sequence[str | Path] | None = None,
           overrides: Mapping[str, Any] | None = None, *, out: str | Path | None = None, progress: bool = True,
-          resume: bool = False) -> dict[str, Any]:
+          resume: bool = False, unanchored: bool = False) -> dict[str, Any]:
     """``seedtune train``: finetune a language model on a task (config files and dotted overrides such as
     ``{"privacy.epsilon": 1.0}``, as ``-c``/``-s`` give them); returns the run's summary. ``resume=True``
-    continues the interrupted run in ``out`` (the same configuration; the accounting continues)."""
+    continues the interrupted run in ``out`` (the same configuration and training data, a ledger that reaches
+    its anchor; the accounting continues); ``unanchored=True`` accepts a ledger whose anchor was lost."""
     from seedtune.client.trainer import train as train_run
 
     overrides = dict(overrides or {})
     if out is not None:
         overrides["out_dir"] = str(out)
-    return train_run(_config(config, overrides or None), progress=progress, resume=resume)
+    return train_run(_config(config, overrides or None), progress=progress, resume=resume, unanchored=unanchored)
 
 
 def replay(ledger: str | Path, out: str | Path | None = None, *, model: nn.Module | None = None) -> dict[str, Any]:
@@ -256,19 +258,27 @@ def replay(ledger: str | Path, out: str | Path | None = None, *, model: nn.Modul
     return replay_run(ledger, out)
 
 
-def verify(ledger: str | Path) -> dict[str, Any]:
-    """``seedtune verify``: check a ledger's whole history (every chain, and the run folder's anchor)."""
-    from seedtune.server.report import anchor_beside
+def verify(ledger: str | Path, unanchored: bool = False) -> dict[str, Any]:
+    """``seedtune verify``: check a ledger's whole history (every chain, and the run folder's anchor). A ledger
+    with rounds and no anchor beside it is an error (its lost rounds could not be told), unless ``unanchored``:
+    then the chains alone are checked and the answer says ``"unanchored": true``."""
+    from seedtune.shared.run_folder import anchor_beside
 
     opened = Ledger.open(ledger, read_only=True)
     try:
         anchor = anchor_beside(ledger)
+        if anchor is None and opened.last_round and not unanchored:
+            raise ChainError(f"ledger {ledger}: {opened.last_round} rounds and no anchor beside it (its run folder's "
+                             f"metrics.jsonl is missing or records none), so a ledger that lost its last rounds "
+                             f"cannot be told from a whole one; restore metrics.jsonl, or pass --unanchored "
+                             f"(unanchored=True) to check the chains alone")
         entries = opened.verify(anchor)
         rounds = opened.last_round
         return {"ledger": str(ledger), "ok": True, "rounds": rounds, "entries": entries,
                 "head": opened.hash_at(entries).hex(),
                 "record": opened.record_at(rounds).hex() if opened.chains_rounds else None,
                 "format": opened.header.format_version, "anchored_round": anchor.round if anchor else None,
+                "unanchored": anchor is None and bool(rounds),
                 "noise": opened.header.noise, "base_model_digest": opened.header.base_model_digest}
     finally:
         opened.close()

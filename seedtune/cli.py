@@ -28,7 +28,7 @@ def _train(args: argparse.Namespace) -> int:
     from seedtune import api
 
     print(json.dumps(api.train(args.config, _overrides(args), out=args.out, progress=not args.no_progress,
-                               resume=args.resume)), flush=True)
+                               resume=args.resume, unanchored=args.unanchored)), flush=True)
     return 0
 
 
@@ -59,7 +59,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from seedtune import api
 
-    print(json.dumps(api.verify(args.ledger)), flush=True)
+    print(json.dumps(api.verify(args.ledger, unanchored=args.unanchored)), flush=True)
     return 0
 
 
@@ -125,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "default and meaning: seedtune config --defaults)")
     p.add_argument("--out", help="run folder (default runs/train-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its ledger "
-                   "(the same configuration, refused otherwise; the privacy accounting continues)")
+                   "(the same configuration and training data, refused otherwise; the privacy accounting continues)")
+    p.add_argument("--unanchored", action="store_true", help="with --resume: accept a ledger that its run folder's "
+                   "metrics.jsonl does not anchor (deleted or emptied); refused without this, since a ledger that "
+                   "lost steps cannot be told from a whole one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
 
@@ -153,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a ledger's hash chains and round bookkeeping, and that it still "
                        "reaches the last round its run folder's metrics.jsonl anchors; prints a JSON line")
     p.add_argument("ledger", help="ledger.sqlite of a federated run or of a seedtune train run")
+    p.add_argument("--unanchored", action="store_true", help="check a ledger with rounds but no anchor beside it "
+                   "(the chains alone; the output then says \"unanchored\": true); refused without this")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("noise-search", help="least-variance noise for the private scalar at a guarantee (cached)")

@@ -49,7 +49,7 @@ from seedtune.shared.identity import NONCE_BYTES, AllowedNodes, IdentityError
 from seedtune.shared.ledger import Anchor, Ledger, LedgerError, Provenance
 from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Instruction, Reply
 from seedtune.shared.replica import Replica, config_json
-from seedtune.shared.run_folder import LEDGER_FILE
+from seedtune.shared.run_folder import LEDGER_FILE, METRICS_FILE
 from seedtune.shared.tasks import counts_metrics, load_split, with_labels
 from seedtune.shared.tracking import check_backend, open_tracker
 from seedtune.shared.noise import Noise, SecureRandom
@@ -135,6 +135,11 @@ class FederatedServer:
 
     def _resume(self, anchor: Anchor | None) -> None:
         n = len(self.ledger)
+        if anchor is None and self.ledger.last_round:
+            raise LedgerError(f"{self.ledger.path} holds {self.ledger.last_round} rounds, but {self.report.path} "
+                              f"anchors none of them (deleted or emptied?): a ledger that lost rounds cannot be "
+                              f"told from a whole one, and its holders would be instructed again for them. Restore "
+                              f"{METRICS_FILE}, or start a new run folder (out_dir)")
         if n or anchor is not None:
             log.info("resuming from %s: %d committed rounds, %d entries; replaying", self.ledger.path,
                      self.ledger.last_round, n)

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from seedtune.server.model_card import CARD_FILE, PrivacyRecord, model_card, privacy_record
-from seedtune.server.report import anchor_beside
+from seedtune.shared.run_folder import anchor_beside
 from seedtune.shared.config import ConfigError
 from seedtune.shared.digest import model_digest
 from seedtune.shared.ledger import Ledger

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from seedtune.shared.ledger import Anchor
-from seedtune.shared.run_folder import METRICS_FILE, SUMMARY_FILE, ends_with_newline
+from seedtune.shared.run_folder import METRICS_FILE, SUMMARY_FILE, anchor_of, ends_with_newline, read_rows
 from seedtune.shared.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -94,37 +94,6 @@ class RunReport:
         plt.close(fig)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl file; a line that is not a JSON object (the last one torn by a crash while
-    appending, or one damaged since) is skipped with a warning naming it."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            what = "its torn last line" if number == len(lines) else "malformed line"
-            log.warning("%s: skipping %s %d (%.60r): %s", path, what, number, line, exc)
-            continue
-        rows.append(row)
-    return rows
-
-
-def anchor_of(rows: list[dict[str, Any]], source: str) -> Anchor | None:
-    """The anchor of the highest round whose row carries a ledger record."""
-    anchored = [r for r in rows if isinstance(r.get("ledger_record"), str) and isinstance(r.get("round"), int)]
-    if not anchored:
-        return None
-    last = max(anchored, key=lambda r: r["round"])
-    return Anchor(last["round"], last["ledger_record"], source)
-
-
 def finite(value: Any, where: str = "") -> Any:
     """``value`` with every non-finite float replaced by None (logged): JSON has no Infinity or NaN."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -135,9 +104,3 @@ def finite(value: Any, where: str = "") -> Any:
     if isinstance(value, (list, tuple)):
         return [finite(v, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
-
-
-def anchor_beside(ledger_path: str | Path) -> Anchor | None:
-    """The anchor in the metrics.jsonl of the ledger's own run folder, if the folder has one."""
-    path = Path(ledger_path).parent / METRICS_FILE
-    return anchor_of(read_rows(path), str(path))

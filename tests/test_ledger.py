@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 
@@ -215,13 +216,13 @@ def test_seedtune_verify_reports_ok_or_names_the_tampered_entry(ledger, tmp_path
     from seedtune.cli import main
 
     ledger.close()
-    assert main(["verify", str(tmp_path / "ledger.sqlite")]) == 0
+    assert main(["verify", "--unanchored", str(tmp_path / "ledger.sqlite")]) == 0
     assert '"ok": true' in capsys.readouterr().out
     conn = sqlite3.connect(tmp_path / "ledger.sqlite")
     conn.execute("UPDATE entries SET seed = seed + 2 WHERE idx = 5")
     conn.commit()
     conn.close()
-    assert main(["verify", str(tmp_path / "ledger.sqlite")]) == 2
+    assert main(["verify", "--unanchored", str(tmp_path / "ledger.sqlite")]) == 2
     assert "entry 5 (round 2) does not match its chain hash" in capsys.readouterr().err
 
 
@@ -242,7 +243,7 @@ def test_seedtune_verify_never_writes_to_the_file_it_checks(ledger, tmp_path, ca
     ledger.close()
     good = tmp_path / "ledger.sqlite"
     kept = good.read_bytes()
-    assert main(["verify", str(good)]) == 0
+    assert main(["verify", "--unanchored", str(good)]) == 0
     assert {p: p.read_bytes() for p in (empty, plain)} == before and good.read_bytes() == kept
     # (a WAL ledger's readers share its -shm index: SQLite's own sidecars, not a change to the ledger)
     assert not any(p.name.startswith(("empty", "plain")) and p not in before for p in tmp_path.iterdir())
@@ -355,8 +356,6 @@ def test_an_older_format_is_read_but_not_continued(tmp_path):
 
 
 def test_seedtune_verify_checks_the_run_folders_anchor(ledger, tmp_path, capsys):
-    import json
-
     from seedtune.cli import main
 
     rows = [{"round": r, "ledger_record": ledger.record_at(r).hex()} for r in (1, 2, 3)]
@@ -368,3 +367,17 @@ def test_seedtune_verify_checks_the_run_folders_anchor(ledger, tmp_path, capsys)
     _drop_last_round(tmp_path / "ledger.sqlite")
     assert main(["verify", str(tmp_path / "ledger.sqlite")]) == 2
     assert "ends at round 2, but its anchor" in capsys.readouterr().err
+
+
+def test_a_ledger_whose_anchor_was_deleted_is_refused_unless_the_user_says_so(ledger, tmp_path, capsys):
+    """Issue 32, finding 8: deleting metrics.jsonl removed the anchor silently (verify ok, anchored_round null),
+    so a ledger cut back by rounds passed as whole."""
+    from seedtune.cli import main
+
+    ledger.close()
+    _drop_last_round(tmp_path / "ledger.sqlite")  # a rolled-back ledger, and no metrics.jsonl to show it
+    assert main(["verify", str(tmp_path / "ledger.sqlite")]) == 2
+    assert "2 rounds and no anchor beside it" in capsys.readouterr().err
+    assert main(["verify", "--unanchored", str(tmp_path / "ledger.sqlite")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["unanchored"] is True and out["anchored_round"] is None and out["rounds"] == 2

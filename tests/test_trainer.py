@@ -1,4 +1,5 @@
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -161,3 +162,58 @@ def test_resume_refuses_a_folder_without_an_interrupted_run(tmp_path):
     out = _seedtune(*_resume_args(tmp_path / "none", "--resume"))
     assert out.returncode == 2 and "holds no interrupted run to resume" in out.stderr
     assert not (tmp_path / "none").exists()
+
+
+def _finished_then_interrupted(tmp_path):
+    """A short train run on a CSV folder, turned into an interrupted one (its summary removed): every check of
+    --resume runs before the loop, so a finished run's folder shows each refusal in a second."""
+    from seedtune.cli import main
+    from tests.helpers import QUESTIONS, write_csv
+
+    write_csv(tmp_path / "data" / "train.csv", QUESTIONS * 20)
+    write_csv(tmp_path / "data" / "test.csv", QUESTIONS)
+    cfg = tmp_path / "task.toml"
+    cfg.write_text('[task]\nname = "questions"\ntext_fields = ["text"]\ntemplate = "Q: {text}\\nA:"\n'
+                   'labels = ["DESC", "ENTY", "HUM", "LOC", "NUM", "ABBR"]\nlabel_words = []\nlabel_prompts = []\n')
+    args = ["train", "--no-progress", "-c", str(cfg), "-s", "model.name=tiny-encoder", "-s", "eval.every=0",
+            "-s", f"data.data_dir={tmp_path / 'data'}", "-s", "schedule.stage_steps=[4]", "-s", "zo.batch_size=6",
+            "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    (tmp_path / "run" / "summary.json").unlink()
+    return args + ["--resume"]
+
+
+def test_resume_refuses_changed_training_data_a_ledger_behind_its_anchor_and_a_lost_anchor(tmp_path, capsys):
+    """Issue 32, findings 2 and 3: --resume accepted a training file with 1,800 appended rows (epsilon 2.85
+    reported as 0.38: the steps so far accounted at the new, lower rate), and a ledger that lost its last steps
+    (they would be released again with fresh noise, unaccounted); deleting metrics.jsonl removed the anchor."""
+    from seedtune.cli import main
+    from tests.helpers import QUESTIONS, write_csv
+
+    resume = _finished_then_interrupted(tmp_path)
+    run, train_csv = tmp_path / "run", tmp_path / "data" / "train.csv"
+    kept = {p.name: p.read_bytes() for p in run.iterdir()}
+    saved = train_csv.read_bytes()
+
+    write_csv(train_csv, QUESTIONS * 21)  # appended rows: a lower sampling rate for the steps already released
+    assert main(resume) == 2
+    assert "training data" in (err := capsys.readouterr().err) and "it has 126 records" in err and "120" in err
+    write_csv(train_csv, list(reversed(QUESTIONS * 20)))  # same count, other order
+    assert main(resume) == 2 and "other content or order" in capsys.readouterr().err
+    train_csv.write_bytes(saved)
+
+    conn = sqlite3.connect(run / "ledger.sqlite")  # the last two steps lost (as with a lost WAL)
+    conn.executescript("".join(f"DELETE FROM {t} WHERE round > 2; " for t in
+                               ("entries", "rounds", "replies", "instructions", "records")))
+    conn.close()
+    assert main(resume) == 2 and "ends at round 2, but its anchor" in capsys.readouterr().err
+    for name, data in kept.items():
+        (run / name).write_bytes(data)
+
+    (run / "metrics.jsonl").unlink()
+    assert main(resume) == 2 and "anchors none of the ledger's 4 steps" in capsys.readouterr().err
+    (run / "data-pin.json").unlink()
+    assert main(resume + ["--unanchored"]) == 2 and "data-pin.json is missing" in capsys.readouterr().err
+    (run / "data-pin.json").write_bytes(kept["data-pin.json"])
+    assert main(resume + ["--unanchored"]) == 0  # the user vouches for the ledger: it resumes (nothing left to do)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_at_step"] == 4
