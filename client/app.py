@@ -7,7 +7,9 @@ base model is cached per process and, for SmolLM2, de-quantised once to disk. No
 ``partition-id`` and ``num-partitions`` (set by the simulation, or by hand in a deployment);
 ``epsilon-budget`` and ``delta`` (the data holder's own limit: required on a deployed node; a simulated node
 without them takes the federation's target); ``holder`` (the stable name the server accounts this holder by;
-default ``partition-I-of-N``); ``privacy-ledger`` (its file; default ``$SEEDTUNE_PRIVACY_LEDGER`` or the cache);
+default ``partition-I-of-N``), charged for all its training data whatever an instruction selects;
+``budget-scope`` (optional: a separate budget, for a separate data set of the same holder); ``privacy-ledger``
+(its file; default client.privacy_ledger.default_path(); a deployed node refuses to run without it);
 ``simulated`` (true for simulated nodes; ``$SEEDTUNE_SIMULATION=1`` says the same for a whole process);
 ``runtime`` (``torch``, the default, or ``onnx``: forward passes on ONNX Runtime, no torch imported),
 ``onnx-model`` (the model written by ``seedtune export-onnx``, for ``runtime=onnx``), ``onnx-providers``
@@ -80,11 +82,16 @@ def simulated(context: Context) -> bool:
 
 def _holder(context: Context) -> Holder:
     """The data holder this node serves, from the node config: ``holder`` (its stable name; default the
-    partition), ``epsilon-budget`` and ``delta`` (required on a deployed node), ``privacy-ledger``,
-    ``node-key``."""
+    partition), ``budget-scope`` (a separate budget for a separate data set of the same holder),
+    ``epsilon-budget`` and ``delta`` (required on a deployed node), ``privacy-ledger`` (a deployed node's must
+    exist: ``seedtune holder init``; a simulated holder's is created on first use), ``node-key``."""
     cfg = context.node_config
     name = str(cfg.get("holder") or f"partition-{cfg.get('partition-id')}-of-{cfg.get('num-partitions')}")
-    ledger = open_privacy_ledger(str(cfg.get("privacy-ledger", "")) or None)
+    scope = str(cfg.get("budget-scope", "") or "")
+    if "#" in name or "#" in scope or "/" in scope:
+        raise NodeConfigError(f"node config holder={name!r} budget-scope={scope!r}: '#' (and '/' in a scope) are "
+                              f"reserved for the privacy ledger's budget names")
+    ledger = open_privacy_ledger(str(cfg.get("privacy-ledger", "")) or None, create=simulated(context))
     budget = None
     if "epsilon-budget" in cfg or "delta" in cfg:
         try:
@@ -94,7 +101,7 @@ def _holder(context: Context) -> Holder:
         except ValueError as exc:
             raise NodeConfigError(f"node config: {exc}") from exc
     key = NodeKey.load(str(cfg["node-key"])) if cfg.get("node-key") else None  # IdentityError names the file
-    return Holder(name, budget, ledger, simulated(context), key)
+    return Holder(name, budget, ledger, simulated(context), key, scope)
 
 
 def _data_source(context: Context):

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from seedtune.client.privacy_ledger import Budget, BudgetExceeded, PrivacyLedger, request_key
+from seedtune.client.privacy_ledger import Budget, BudgetExceeded, PrivacyLedger, heldout_budget, request_key
 from seedtune.client.zo_step import zo_step
 from seedtune.shared.aggregation import coefficient
 from seedtune.shared.chain import ChainError, hash_along, header_digest
@@ -58,7 +58,6 @@ class NodeState:
 class Partition:
     ids: list[list[int]]
     labels: np.ndarray
-    key: str  # client.privacy_ledger.data_key of the records: which data set the privacy ledger charges
 
 
 _ANNOUNCED: set[str] = set()  # simulated holders whose default budget was logged
@@ -71,13 +70,21 @@ class Holder:
 
     A deployed node must set its own budget; a simulated node that sets none takes the federation's target
     from the ledger header (:meth:`budget_for`). With a ``key`` the node signs its identity and every reply
-    (a federation that pins its nodes accepts nothing unsigned)."""
+    (a federation that pins its nodes accepts nothing unsigned). Every release from the holder's training data
+    is charged to one budget, :attr:`spends` (its name, or ``name/scope`` for a holder that keeps separate
+    budgets for separate data sets), whatever subset or order of its records an instruction selects."""
 
     name: str
     budget: Budget | None
     ledger: PrivacyLedger
     simulated: bool = False
     key: NodeKey | None = None
+    scope: str = ""
+
+    @property
+    def spends(self) -> str:
+        """The privacy ledger's budget for this holder's training data."""
+        return f"{self.name}/{self.scope}" if self.scope else self.name
 
     def budget_for(self, config: RunConfig) -> Budget | None:
         """The budget releases are checked against; None only for a simulated node of a non-private run."""
@@ -332,12 +339,12 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
 
     data = _load(source, replica)
     request = request_key(ins.header_digest, ins.round, ins.model_version, list(ins.seeds))
-    stored = holder.ledger.reply_for(data.key, request)
+    stored = holder.ledger.reply_for(holder.spends, request)
     if stored is not None:  # answered before (a re-delivery): the same bytes, not a second release
         log.info("round %d: instruction already answered; resending the stored reply", ins.round)
         return Reply.FromString(stored)
     run = (noise, h.sample_rate, len(ins.seeds))
-    epsilon = holder.ledger.check(data.key, run, budget)
+    epsilon = holder.ledger.check(holder.spends, run, budget)
 
     microbatch = replica.config.model.microbatch
     scalars, losses, nonfinite = [], [], 0
@@ -360,7 +367,7 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
     reply.scalars = np.asarray(scalars, dtype="<f4").tobytes()
     reply.metrics["epsilon"] = epsilon
     sign_reply(reply, holder.key)  # before it is stored: a re-delivery gets the same signed bytes
-    holder.ledger.record(data.key, request, run, budget, reply.SerializeToString(deterministic=True))
+    holder.ledger.record(holder.spends, request, run, budget, reply.SerializeToString(deterministic=True))
     return reply
 
 
@@ -385,13 +392,13 @@ def _evaluate(ins: Instruction, state: NodeState, heldout: DataSource, holder: H
     budget = holder.budget_for(config)
     data = _load(heldout, replica)
     request = request_key(ins.header_digest, ins.round, ins.model_version, [])  # (a train request has seeds)
-    stored = holder.ledger.reply_for(data.key, request)
+    stored = holder.ledger.reply_for(heldout_budget(holder.spends), request)
     if stored is not None:
         log.info("evaluation already answered; resending the stored reply")
         return Reply.FromString(stored)
     noise = count_noise(config.privacy, config.federation.node_eval_epsilon)
     run = (noise, 1.0, 1)
-    epsilon = holder.ledger.check(data.key, run, budget)
+    epsilon = holder.ledger.check(heldout_budget(holder.spends), run, budget)
     counts = label_counts(replica.predictions(data.ids), data.labels, len(config.task.labels))
     noised = counts + rng.noise(noise.scaled(COUNT_SENSITIVITY), counts.size).reshape(counts.shape)
     # The exact accuracy stays in the node's own log: only the noised counts leave.
@@ -401,7 +408,8 @@ def _evaluate(ins: Instruction, state: NodeState, heldout: DataSource, holder: H
     reply.counts.extend(noised.ravel().tolist())
     reply.metrics["epsilon"] = epsilon
     sign_reply(reply, holder.key)
-    holder.ledger.record(data.key, request, run, budget, reply.SerializeToString(deterministic=True))
+    holder.ledger.record(heldout_budget(holder.spends), request, run, budget,
+                         reply.SerializeToString(deterministic=True))
     return reply
 
 
@@ -417,7 +425,7 @@ def sync(ins: Instruction, node_id: int, state: NodeState, data: DataSource, hol
         reply.state_digest = replica.state_digest()
         budget = holder.budget_for(replica.config)
         if budget is not None:
-            reply.metrics["epsilon"] = holder.ledger.epsilon(_load(data, replica).key, budget.delta)
+            reply.metrics["epsilon"] = holder.ledger.epsilon(holder.spends, budget.delta)
     except (Refusal, ReplicaError, ChainError) as exc:
         reply.refusal = str(exc)
         reply.model_version = state.version

@@ -17,7 +17,6 @@ from typing import Protocol
 
 import numpy as np
 
-from seedtune.client.privacy_ledger import data_key
 from seedtune.client.node import Partition
 from seedtune.shared.config import RunConfig
 from seedtune.shared.tasks import DataError, Split, load_own, load_split
@@ -71,10 +70,10 @@ def _partitioner(config: RunConfig, num_partitions: int):
                                 min_partition_size=2, self_balancing=True)
 
 
-def _partition(config: RunConfig, task: Tokenizes, split: Split) -> Partition:
-    """The tokenized records and the data key the holder's privacy ledger charges them under."""
+def _partition(task: Tokenizes, split: Split) -> Partition:
+    """The tokenized records (the holder's privacy ledger charges them to the holder, client.node.Holder)."""
     ids, labels = task.examples(split)
-    return Partition(ids, labels, data_key(zip(split.records, split.answers(config.task.labels))))
+    return Partition(ids, labels)
 
 
 def load_own_data(config: RunConfig, task: Tokenizes, path: str, split: str = "train") -> Partition:
@@ -82,7 +81,7 @@ def load_own_data(config: RunConfig, task: Tokenizes, path: str, split: str = "t
     stat = Path(path).stat() if Path(path).exists() else None
     key = (task.name, _data_id(config), str(Path(path).resolve()), split, stat and (stat.st_mtime_ns, stat.st_size))
     if key not in _CACHE:
-        _CACHE[key] = _partition(config, task, load_own(config, path, split))
+        _CACHE[key] = _partition(task, load_own(config, path, split))
         log.info("own %s data %s: %d examples", split, path, len(_CACHE[key].labels))
     return _CACHE[key]
 
@@ -114,7 +113,7 @@ def load_partition(config: RunConfig, task: Tokenizes, partition_id: int, num_pa
         partitioner.dataset = Dataset.from_dict({**columns, "label": data.labels.tolist()})
         part = partitioner.load_partition(partition_id)
         records = list(zip(*(part[f] for f in fields)))
-        _CACHE[key] = _partition(config, task, Split(records, np.asarray(part["label"], dtype=np.int64),
+        _CACHE[key] = _partition(task, Split(records, np.asarray(part["label"], dtype=np.int64),
                                                      targets=part["target"] if "target" in part.column_names else None))
         log.info("partition %d/%d of %s (%s): %d examples", partition_id, num_partitions, split,
                  config.federation.partition, len(_CACHE[key].labels))

@@ -1,9 +1,13 @@
 """A data holder's privacy ledger: every release a node made from its data, on the node's own disk.
 
-The budget belongs to whoever holds the data, not to a Flower run or a process: a restarted SuperNode, a
-resumed federation and a second federation over the same records all spend from the same ledger. Releases
-are keyed by a digest of the records (:func:`data_key`; computed on the node, never sent), so two runs over
-the same data share one history whatever their model, task name, prompt or node id.
+The budget belongs to whoever holds the data, not to a Flower run, a process or the records a server selects: a
+restarted SuperNode, a resumed federation, a second federation and an instruction that filters or reorders the
+holder's records all spend from one budget, keyed by the holder's name (node config ``holder``; a simulated
+node's partition). A holder that keeps separate budgets for separate data sets says so in its node config
+(``budget-scope``). Releases from the held-out data (node evaluation) are charged to the holder's held-out
+budget (:func:`heldout_budget`): its records are not the training records, so each record's loss is in one of
+the two (parallel composition at the record level); a holder whose held-out file shares records with its
+training file must not use node evaluation.
 
 Each row is one instruction answered: the request it answered (ledger, round, version, seeds), the noise and
 sampling rate of its steps and the exact reply bytes sent. A row is written, in one SQLite transaction that
@@ -15,7 +19,10 @@ node has followed (:meth:`PrivacyLedger.follow`): the node's anchor, outside the
 ledger went backwards or forked since (a restored backup, a lost WAL, a rewritten history) is refused even by
 a node that restarted and kept nothing else (client.node).
 
-Location: node config ``privacy-ledger``, else ``$SEEDTUNE_PRIVACY_LEDGER``, else ``<cache>/privacy-ledger.sqlite``.
+The file is precious: deleting it would forget what was spent. Its default home is a data folder, not a cache
+(:func:`default_path`); a deployed node never creates one (``seedtune holder init`` does, once per holder) and
+refuses to run when its file is missing or unreadable, naming it. ``seedtune holder backup`` copies it safely
+while nodes run. Simulated holders (simulated nodes) get theirs created on first use.
 """
 
 from __future__ import annotations
@@ -28,38 +35,66 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from seedtune.shared.accounting import PrivacyAccountant
-from seedtune.shared.config import cache_root
 from seedtune.shared.noise import Noise
 from seedtune.shared.run_folder import PRIVACY_LEDGER_FILE
 
 log = logging.getLogger(__name__)
 
+FORMAT = 3  # 3: releases keyed by holder budget (2, unmarked: keyed by a digest of the records selected)
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS releases (
-    data_key TEXT NOT NULL, request TEXT NOT NULL, noise TEXT NOT NULL, sample_rate REAL NOT NULL,
-    steps INTEGER NOT NULL, reply BLOB NOT NULL, released_utc TEXT NOT NULL, PRIMARY KEY (data_key, request));
+    budget TEXT NOT NULL, request TEXT NOT NULL, noise TEXT NOT NULL, sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL, reply BLOB NOT NULL, released_utc TEXT NOT NULL, PRIMARY KEY (budget, request));
 CREATE TABLE IF NOT EXISTS followed (
     holder TEXT NOT NULL, ledger TEXT NOT NULL, version INTEGER NOT NULL, head BLOB NOT NULL,
     followed_utc TEXT NOT NULL, PRIMARY KEY (holder, ledger));
 """
 NON_PRIVATE = ""  # the noise column of a release without privacy: it spends an infinite epsilon
+LEGACY = "legacy:"  # a format-2 release's key: it was keyed by records, so it counts against every budget here
+_OLD_DEFAULT = Path.home() / ".cache" / "seedtune" / PRIVACY_LEDGER_FILE  # the format-2 default home
 
 
 class BudgetExceeded(RuntimeError):
     """The release would take the data holder past its (epsilon, delta) budget."""
 
 
+class PrivacyLedgerError(ValueError):
+    """The holder's privacy ledger is missing or unreadable: the node refuses to work rather than start afresh."""
+
+
 def default_path() -> Path:
-    return Path(os.environ.get("SEEDTUNE_PRIVACY_LEDGER", cache_root() / PRIVACY_LEDGER_FILE))
+    """``$SEEDTUNE_PRIVACY_LEDGER``, else ``$XDG_DATA_HOME/seedtune/privacy-ledger.sqlite`` (by default under
+    ``~/.local/share``): a folder for data users keep, not a cache they clear."""
+    if os.environ.get("SEEDTUNE_PRIVACY_LEDGER"):
+        return Path(os.environ["SEEDTUNE_PRIVACY_LEDGER"])
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "seedtune" / PRIVACY_LEDGER_FILE
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _missing(path: Path) -> str:
+    old = (f"; the privacy ledger of an earlier seedtune is at {_OLD_DEFAULT}: move it to {path}"
+           if _OLD_DEFAULT.is_file() and _OLD_DEFAULT.resolve() != path.resolve() else "")
+    return (f"no privacy ledger at {path}: it keeps what this node's data holders have spent, and a node never "
+            f"starts a fresh one by itself (a deleted or moved file would reset their budgets). Restore it from its "
+            f"backup, or create it once with: seedtune holder init --ledger {path}{old}")
+
+
+def heldout_budget(budget: str) -> str:
+    """The budget the holder's held-out data (node evaluation) is charged to, beside its training budget."""
+    return f"{budget}#held-out"
 
 
 def data_key(records: Iterable[tuple[Sequence[str], str]]) -> str:
-    """SHA-256 of the holder's records in order, each its text fields and its label as the data spell them:
-    which data a release used. Nothing a config chooses enters it (v1 hashed the task name, which a renamed
-    task would have turned into a fresh budget for the same records)."""
+    """SHA-256 of records in order, each its text fields and its label as the data spell them: which data a run
+    used (a trainer's resume checks it, client.trainer). Nothing a config chooses enters it."""
     h = hashlib.sha256(b"seedtune-holder-v2\0")
     for texts, label in records:
         for text in texts:
@@ -91,39 +126,106 @@ Run = tuple[Noise | None, float, int]  # (noise, sampling rate, steps); no noise
 
 
 class PrivacyLedger:
-    """The releases of every data set this node holds, in one SQLite file (WAL, synchronous=FULL)."""
+    """The releases of every data holder this node serves, in one SQLite file (WAL, synchronous=FULL).
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    ``create``: make the file if it is missing (``seedtune holder init``, simulated holders); otherwise a
+    missing file is a :class:`PrivacyLedgerError` naming it, as is a file that is not a privacy ledger."""
+
+    def __init__(self, path: str | Path | None = None, create: bool = False) -> None:
         self.path = Path(path) if path else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=60)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
+        if not self.path.is_file():
+            if not create:
+                raise PrivacyLedgerError(_missing(self.path))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=60)
+            if not create and not self._tables():  # checked before anything is written to the file
+                raise PrivacyLedgerError(f"{self.path} holds no privacy ledger (an empty file?); restore it from "
+                                         f"its backup, or create one with seedtune holder init --ledger {self.path}")
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._prepare()
+        except sqlite3.DatabaseError as exc:
+            raise PrivacyLedgerError(f"{self.path} is not a readable privacy ledger ({exc}); restore it from its "
+                                     f"backup: a node never starts a fresh budget in place of an unreadable one") from None
+
+    def _tables(self) -> set[str]:
+        return {n for (n,) in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def _prepare(self) -> None:
+        """Check the format, move a format-2 file to format 3, or lay out a new file, in one transaction."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            tables = self._tables()
+            if "meta" in tables:
+                row = self._conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+                if row is None or row[0] != str(FORMAT):
+                    raise PrivacyLedgerError(f"{self.path}: privacy ledger format {row[0] if row else '?'}; this "
+                                             f"seedtune reads format {FORMAT}")
+            elif "releases" in tables:  # format 2: keyed by a digest of the records an instruction selected
+                self._conn.execute("ALTER TABLE releases RENAME COLUMN data_key TO budget")
+                self._conn.execute("UPDATE releases SET budget = ? || budget", (LEGACY,))
+                self._lay_out()  # the meta table (the others exist)
+                self._conn.execute("INSERT INTO meta VALUES ('format', ?)", (str(FORMAT),))
+                log.warning("%s: a format-2 privacy ledger (keyed by records); its releases now count against "
+                            "every budget it serves", self.path)
+            else:  # a new file (only with create: see __init__)
+                self._lay_out()
+                self._conn.execute("INSERT INTO meta VALUES ('format', ?)", (str(FORMAT),))
+                self._conn.execute("INSERT INTO meta VALUES ('created_utc', ?)", (_now(),))
+                log.info("new privacy ledger %s", self.path)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    def _lay_out(self) -> None:
+        for statement in _SCHEMA.split(";"):  # (executescript would commit the open transaction)
+            if statement.strip():
+                self._conn.execute(statement)
 
     def close(self) -> None:
         self._conn.close()
 
-    def accountant(self, key: str) -> PrivacyAccountant:
-        """The holder's releases of data set ``key``, in order, as a :class:`PrivacyAccountant`."""
+    def _releases(self, budget: str, columns: str) -> sqlite3.Cursor:
+        """The rows charged to ``budget``: its own, and every format-2 release (whose holder is unknown)."""
+        return self._conn.execute(f"SELECT {columns} FROM releases WHERE budget = ? OR substr(budget, 1, ?) = ? "
+                                  f"ORDER BY rowid", (budget, len(LEGACY), LEGACY))
+
+    def accountant(self, budget: str) -> PrivacyAccountant:
+        """The releases charged to ``budget`` (a holder's name, see :class:`client.node.Holder`), in order."""
         accountant = PrivacyAccountant()
-        for noise, rate, steps in self._conn.execute(
-                "SELECT noise, sample_rate, steps FROM releases WHERE data_key = ? ORDER BY rowid", (key,)):
+        for noise, rate, steps in self._releases(budget, "noise, sample_rate, steps"):
             accountant.record(Noise.from_json(noise) if noise != NON_PRIVATE else None, rate, steps)
         return accountant
 
-    def epsilon(self, key: str, delta: float, extra: Run | None = None) -> float:
-        """The holder's epsilon at ``delta`` over every recorded release (plus ``extra`` steps, if given)."""
-        accountant = self.accountant(key)
+    def epsilon(self, budget: str, delta: float, extra: Run | None = None) -> float:
+        """The budget's epsilon at ``delta`` over every recorded release (plus ``extra`` steps, if given)."""
+        accountant = self.accountant(budget)
         return (accountant.after(*extra) if extra else accountant).epsilon(delta)
 
     def keys(self) -> list[str]:
-        """The data sets (data keys) with releases in this ledger."""
-        return [k for (k,) in self._conn.execute("SELECT DISTINCT data_key FROM releases ORDER BY data_key")]
+        """The budgets with releases in this ledger (format-2 releases under their ``legacy:`` keys)."""
+        return [k for (k,) in self._conn.execute("SELECT DISTINCT budget FROM releases ORDER BY budget")]
 
-    def steps(self, key: str) -> int:
-        return int(self._conn.execute("SELECT COALESCE(SUM(steps), 0) FROM releases WHERE data_key = ?",
-                                      (key,)).fetchone()[0])
+    def steps(self, budget: str) -> int:
+        return sum(int(steps) for (steps,) in self._releases(budget, "steps"))
+
+    def summary(self, delta: float) -> list[dict[str, Any]]:
+        """Per budget: its releases, private steps and epsilon at ``delta`` (``seedtune holder status``)."""
+        return [{"budget": k, "releases": sum(1 for _ in self._releases(k, "steps")), "steps": self.steps(k),
+                 "epsilon": self.epsilon(k, delta)} for k in self.keys()]
+
+    def backup(self, dest: str | Path) -> None:
+        """A consistent copy at ``dest`` (SQLite's online backup: safe while nodes write)."""
+        dest = Path(dest)
+        if dest.exists():
+            raise PrivacyLedgerError(f"{dest} exists; name a new file for the backup")
+        copy = sqlite3.connect(str(dest))
+        try:
+            self._conn.backup(copy)
+        finally:
+            copy.close()
 
     def followed(self, holder: str, ledger: str) -> tuple[int, bytes] | None:
         """The furthest (version, chain head) this holder's node followed ledger ``ledger`` (its header
@@ -138,10 +240,10 @@ class PrivacyLedger:
             "INSERT INTO followed VALUES (?, ?, ?, ?, ?) ON CONFLICT (holder, ledger) DO UPDATE SET "
             "version = excluded.version, head = excluded.head, followed_utc = excluded.followed_utc "
             "WHERE excluded.version > followed.version",
-            (holder, ledger, int(version), head, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+            (holder, ledger, int(version), head, _now()))
 
     def reply_for(self, key: str, request: str) -> bytes | None:
-        row = self._conn.execute("SELECT reply FROM releases WHERE data_key = ? AND request = ?",
+        row = self._conn.execute("SELECT reply FROM releases WHERE budget = ? AND request = ?",
                                  (key, request)).fetchone()
         return None if row is None else bytes(row[0])
 
@@ -167,7 +269,7 @@ class PrivacyLedger:
             self.check(key, run, budget)
             self._conn.execute("INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?, ?)",
                                (key, request, NON_PRIVATE if noise is None else noise.to_json(), float(rate),
-                                int(steps), reply, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+                                int(steps), reply, _now()))
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
@@ -177,10 +279,22 @@ class PrivacyLedger:
 _LEDGERS: dict[Path, PrivacyLedger] = {}
 
 
-def open_privacy_ledger(path: str | Path | None = None) -> PrivacyLedger:
-    """One open ledger per file and process (a simulation actor serves many nodes)."""
+def open_privacy_ledger(path: str | Path | None = None, create: bool = False) -> PrivacyLedger:
+    """One open ledger per file and process (a simulation actor serves many nodes), reopened if its file was
+    deleted (so that a deployed node refuses from then on); ``create`` as :class:`PrivacyLedger`."""
     resolved = (Path(path) if path else default_path()).resolve()
+    if resolved in _LEDGERS and not resolved.is_file():  # deleted under a running node: never spend into a ghost
+        _LEDGERS.pop(resolved).close()
     if resolved not in _LEDGERS:
-        _LEDGERS[resolved] = PrivacyLedger(resolved)
+        _LEDGERS[resolved] = PrivacyLedger(resolved, create)
         log.info("privacy ledger of this node's data holders: %s", resolved)
     return _LEDGERS[resolved]
+
+
+def init(path: str | Path | None = None) -> PrivacyLedger:
+    """``seedtune holder init``: create a holder's privacy ledger; an existing one is never replaced."""
+    path = Path(path) if path else default_path()
+    if path.exists():
+        raise PrivacyLedgerError(f"{path} exists: a privacy ledger is never replaced (it would forget what was "
+                                 f"spent); to reset a budget on purpose, its operator deletes the file first")
+    return PrivacyLedger(path, create=True)

@@ -2,7 +2,8 @@
 
 Train a model on your data with differential privacy (train; every config key: seedtune config --defaults),
 rebuild the finetuned model from a run's ledger (replay), check a ledger's history (verify), export it for
-ONNX Runtime nodes (export-onnx) and choose the noise for a privacy target (noise-search). A federation runs
+ONNX Runtime nodes (export-onnx), choose the noise for a privacy target (noise-search) and keep a data holder's
+privacy ledger (holder init / status / backup). A federation runs
 through Flower: bash scripts/simulate.sh on one machine, flwr run . against a deployment (README).
 Each command: seedtune CMD -h.
 """
@@ -92,6 +93,29 @@ def _noise_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _holder(args: argparse.Namespace) -> int:
+    from seedtune.client.privacy_ledger import PrivacyLedger, default_path, init
+
+    path = args.ledger or default_path()
+    if args.action == "init":
+        init(path).close()
+        print(json.dumps({"privacy_ledger": str(path), "created": True}), flush=True)
+        return 0
+    ledger = PrivacyLedger(path)
+    try:
+        if args.action == "backup":
+            if not args.dest:
+                raise ConfigError("holder backup needs DEST, the new file to copy the ledger to")
+            ledger.backup(args.dest)
+            print(json.dumps({"privacy_ledger": str(path), "backup": args.dest}), flush=True)
+        else:
+            print(json.dumps({"privacy_ledger": str(path), "delta": args.delta,
+                              "budgets": ledger.summary(args.delta)}), flush=True)
+    finally:
+        ledger.close()
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with the closest subcommand or option suggested for a mistyped one."""
 
@@ -160,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the chains alone; the output then says \"unanchored\": true); refused without this")
     p.set_defaults(func=_verify)
 
+    p = sub.add_parser("holder", help="a data holder's privacy ledger on this node: init (create it, once), status "
+                       "(each budget's releases, steps and epsilon), backup DEST (a consistent copy, safe while "
+                       "nodes run)")
+    p.add_argument("action", choices=["init", "status", "backup"])
+    p.add_argument("dest", nargs="?", help="backup: the new file to write")
+    p.add_argument("--ledger", help="the privacy ledger file (default $SEEDTUNE_PRIVACY_LEDGER, else "
+                   "$XDG_DATA_HOME/seedtune/privacy-ledger.sqlite, i.e. ~/.local/share/...)")
+    p.add_argument("--delta", type=float, default=1e-5, help="status: the delta epsilons are given at")
+    p.set_defaults(func=_holder)
+
     p = sub.add_parser("noise-search", help="least-variance noise for the private scalar at a guarantee (cached)")
     p.add_argument("--epsilon", type=float, nargs="+", default=[0.5, 1.0, 3.0])
     p.add_argument("--steps", type=int, nargs="+", default=[1000, 10000])
@@ -180,10 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     from seedtune.shared.follower import ReplicaError
     from seedtune.shared.models import ModelLoadError
     from seedtune.shared.tasks import DataError
+    from seedtune.client.privacy_ledger import PrivacyLedgerError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ModelLoadError, LedgerError, ChainError, ReplicaError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ModelLoadError, LedgerError, ChainError, ReplicaError,
+            PrivacyLedgerError) as exc:
         print(f"seedtune: error: {exc}", file=sys.stderr)
         return 2
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from seedtune.client.app import NodeConfigError, _heldout_source
-from seedtune.client.partition import load_partition
-from seedtune.client.privacy_ledger import open_privacy_ledger
+from seedtune.client.privacy_ledger import heldout_budget, open_privacy_ledger
 from seedtune.server.federation import FederatedServer
 from seedtune.shared.config import ConfigError, load_config
 from seedtune.shared.tasks import classification_metrics, counts_metrics, label_counts
@@ -41,7 +40,7 @@ def _federation(tmp_path, name, epsilon):
 
 
 def _heldout_keys(server):
-    return [load_partition(server.config, server.replica.task, i, NODES, "test").key for i in range(NODES)]
+    return [heldout_budget(f"partition-{i}-of-{NODES}") for i in range(NODES)]
 
 
 def test_nodes_release_noised_counts_of_their_held_out_data_once_and_within_their_budget(tmp_path):

@@ -105,18 +105,25 @@ def test_a_multi_atom_laplace_is_accounted_by_its_mixture_pld():
         noise_pld(mixture, 0.08).get_epsilon_for_delta(1e-5), rel=1e-9)
 
 
-def test_restarting_a_node_and_a_second_federation_continue_its_spending_from_disk_and_refuse_past_it(tmp_path):
+def _one_round_spent(tmp_path):
+    """One round of a federation whose nodes have budget 3; the holders' ledger, what each spent, and a node
+    config whose budget leaves room for less than one more round."""
     budget = {"epsilon-budget": 3.0, "delta": 1e-5}
     first = FederatedServer(fed_config(tmp_path / "a", **{"federation.rounds": 1}),
                             InProcessGrid(NODES, node_configs={i: budget for i in range(NODES)}), tmp_path / "a")
     assert first.run_round(1)["accepted"] == NODES
     ledger = open_privacy_ledger()
     spent = {k: ledger.epsilon(k, 1e-5) for k in ledger.keys()}
-    assert len(spent) == NODES and all(0 < e < 3.0 for e in spent.values())
+    assert sorted(spent) == [f"partition-{i}-of-{NODES}" for i in range(NODES)]
+    assert all(0 < e < 3.0 for e in spent.values())
+    two_rounds = noise_epsilon(((first.noise, first.config.federation.sample_rate, 2 * STEPS),), 1e-5)
+    return ledger, spent, {"epsilon-budget": (max(spent.values()) + two_rounds) / 2, "delta": 1e-5}
+
+
+def test_restarting_a_node_and_a_second_federation_continue_its_spending_from_disk_and_refuse_past_it(tmp_path):
     # New processes' worth of state (fresh contexts, new node ids), a new federation over the same data and
     # a budget that leaves room for less than one more round: every node refuses, by its ledger on disk.
-    two_rounds = noise_epsilon(((first.noise, first.config.federation.sample_rate, 2 * STEPS),), 1e-5)
-    tight = {"epsilon-budget": (max(spent.values()) + two_rounds) / 2, "delta": 1e-5}
+    ledger, spent, tight = _one_round_spent(tmp_path)
     second = FederatedServer(fed_config(tmp_path / "b", **{"federation.rounds": 1}),
                              InProcessGrid(NODES, node_configs={i: tight for i in range(NODES)}, first_id=77),
                              tmp_path / "b")
@@ -263,3 +270,92 @@ def test_a_node_with_a_bad_data_file_refuses_without_quoting_its_records(tmp_pat
     assert sum("data file is unusable" in m for m in to_server) == NODES
     assert not any("secret" in m or "'X'" in m for m in to_server)  # what the server saw and logged
     assert any("record 2 has label 'X'" in r.getMessage() for r in caplog.records if r.name == "seedtune.client.node")
+
+
+def test_a_server_that_selects_other_records_of_a_holder_charges_the_same_budget(tmp_path):
+    """Issue 32, finding 1: the budget was keyed by the records a server's data settings selected, so a changed
+    data.min_words opened a fresh full budget for the same people; now every release is the holder's."""
+    ledger, spent, tight = _one_round_spent(tmp_path)
+    # another selection of the same holders' records (fewer, other rows): no fresh budget
+    second = FederatedServer(fed_config(tmp_path / "b", **{"federation.rounds": 1, "data.min_words": 5}),
+                             InProcessGrid(NODES, node_configs={i: tight for i in range(NODES)}, first_id=77),
+                             tmp_path / "b")
+    assert second.run_round(1)["rejected_by_kind"] == {"refused": NODES}
+    assert {k: ledger.epsilon(k, 1e-5) for k in ledger.keys()} == spent
+    # a holder that keeps a separate budget for a separate data set says so in its node config
+    scoped = {**tight, "budget-scope": "second-study"}
+    third = FederatedServer(fed_config(tmp_path / "c", **{"federation.rounds": 1, "data.min_words": 5}),
+                            InProcessGrid(NODES, node_configs={i: scoped for i in range(NODES)}, first_id=99),
+                            tmp_path / "c")
+    assert third.run_round(1)["accepted"] == NODES
+    assert sorted(ledger.keys()) == sorted([*spent, *(f"{k}/second-study" for k in spent)])
+
+
+def test_a_deployed_node_whose_privacy_ledger_is_missing_refuses_and_creates_nothing(tmp_path):
+    """Issue 32, finding 5: a deleted privacy ledger silently started a fresh budget."""
+    server, grid, _, _ = _train_round(tmp_path / "run")
+    msg, ins = _instruction(server, grid)
+    ins.round = 2
+    gone = tmp_path / "holder" / "privacy-ledger.sqlite"
+    deployed = {"partition-id": 0, "num-partitions": NODES, "epsilon-budget": 3.0, "delta": 1e-5,
+                "privacy-ledger": str(gone)}
+    reply = _answer(grid, msg, ins, deployed)
+    assert f"no privacy ledger at {gone}" in reply.refusal and "seedtune holder init" in reply.refusal
+    assert not reply.scalars and not gone.exists() and not gone.parent.exists()
+    gone.parent.mkdir()
+    gone.write_bytes(b"")  # an emptied file is no ledger either, and stays as it was
+    assert "holds no privacy ledger" in _answer(grid, msg, ins, deployed).refusal and gone.stat().st_size == 0
+
+
+def test_holder_init_creates_a_ledger_once_and_status_and_backup_read_it(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "holder.sqlite"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "seedtune", "holder", *args, "--ledger", str(path)],
+                              capture_output=True, text=True, timeout=120)
+
+    assert cli("status").returncode == 2 and not path.exists()
+    assert json.loads(cli("init").stdout)["created"] and path.is_file()
+    again = cli("init")
+    assert again.returncode == 2 and "never replaced" in again.stderr and "Traceback" not in again.stderr
+    ledger = open_privacy_ledger(path)
+    run = (Noise.gaussian(1.0), 0.1, 10)
+    ledger.record("h", "request", run, None, b"reply")
+    status = json.loads(cli("status").stdout)
+    assert [(b["budget"], b["steps"]) for b in status["budgets"]] == [("h", 10)]
+    assert status["budgets"][0]["epsilon"] == pytest.approx(noise_epsilon((run,), 1e-5), rel=1e-12)
+    assert cli("backup", str(tmp_path / "copy.sqlite")).returncode == 0
+    assert open_privacy_ledger(tmp_path / "copy.sqlite").steps("h") == 10
+
+
+def test_a_format_2_privacy_ledger_counts_its_releases_against_every_budget_it_serves(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE releases (data_key TEXT NOT NULL, request TEXT NOT NULL, noise TEXT NOT NULL,
+            sample_rate REAL NOT NULL, steps INTEGER NOT NULL, reply BLOB NOT NULL, released_utc TEXT NOT NULL,
+            PRIMARY KEY (data_key, request));
+        CREATE TABLE followed (holder TEXT NOT NULL, ledger TEXT NOT NULL, version INTEGER NOT NULL,
+            head BLOB NOT NULL, followed_utc TEXT NOT NULL, PRIMARY KEY (holder, ledger));""")
+    old.execute("INSERT INTO releases VALUES (?, 'r', ?, 0.1, 10, x'00', 'then')", ("ab" * 32, Noise.gaussian(1.0).to_json()))
+    old.commit()
+    old.close()
+    ledger = open_privacy_ledger(path)
+    assert ledger.steps("anyone") == ledger.steps("partition-0-of-3") == 10
+    assert ledger.epsilon("anyone", 1e-5) > 0
+
+
+def test_a_privacy_ledger_deleted_under_a_running_node_is_not_written_to_again(tmp_path):
+    path = tmp_path / "holder.sqlite"
+    first = open_privacy_ledger(path, create=True)
+    assert open_privacy_ledger(path) is first
+    path.unlink()
+    with pytest.raises(ValueError, match=f"no privacy ledger at {path}"):
+        open_privacy_ledger(path)
+    assert not path.exists()

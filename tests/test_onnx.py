@@ -250,7 +250,7 @@ def test_a_node_whose_onnx_model_is_missing_refuses_by_name(mixed, tmp_path):
 
     _, _, grid, _ = mixed
     first = next(m for m in grid.sent if m.metadata.message_type == "train")
-    holder = Holder("partition-0-of-4", Budget(3.0, 1e-5), open_privacy_ledger())
+    holder = Holder("partition-0-of-4", Budget(3.0, 1e-5), open_privacy_ledger(create=True))
     reply = handle_instruction(from_content(first.content, Instruction), 1, NodeState(), lambda r: None, holder,
                                runtime=Runtime("onnx", str(tmp_path / "absent.onnx")))
     assert "absent.seedtune.json is missing" in reply.refusal and not reply.scalars

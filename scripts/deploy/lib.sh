@@ -25,6 +25,12 @@ resolve_flwr_bin() {
     [[ -x "$PY" ]] || PY=python3
 }
 
+# init_holder_ledger PATH: create a data holder's privacy ledger once (a deployed node refuses to run without
+# it, and an existing one is kept: it holds what the holder has spent).
+init_holder_ledger() {
+    [[ -f "$1" ]] || "$PY" -m seedtune holder init --ledger "$1" >/dev/null
+}
+
 # spawn NAME LOGFILE [VAR=VALUE...] -- CMD...: start CMD detached in its own
 # session/process group; stdout+stderr to LOGFILE; PID to STATE/pids/NAME.pid.
 spawn() {

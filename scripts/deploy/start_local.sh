@@ -42,7 +42,7 @@
 #   SUPERLINK_EXTRA_ARGS, SUPERNODE_EXTRA_ARGS  extra flags (word-split)
 #
 # Writes to STATE: pids/*.pid, logs/*.log, node_ids/node_I, nodes/node_I/{port,
-# node_config}, env.sh, ports. On any failure it prints the reason and the tail
+# node_config, privacy-ledger.sqlite (seedtune holder init; kept if present)}, env.sh, ports. On any failure it prints the reason and the tail
 # of the relevant log, stops what it started and exits 1.
 # Stop with: scripts/deploy/stop_local.sh STATE
 set -euo pipefail
@@ -205,6 +205,7 @@ for ((i = 1; i <= NUM_NODES; i++)); do
     budget="$budget privacy-ledger=\"$STATE/nodes/node_$i/privacy-ledger.sqlite\" node-key=\"$KEY_DIR/identity_$i\""
     echo "partition-id=$((i - 1)) num-partitions=$NUM_NODES $budget${NODE_CONFIG_EXTRA:+ $NODE_CONFIG_EXTRA}${own:+ $own}" \
         >"$STATE/nodes/node_$i/node_config"
+    init_holder_ledger "$STATE/nodes/node_$i/privacy-ledger.sqlite"
     start_supernode "$i" "$KEY_DIR/node_$i"
 done
 for ((i = 1; i <= NUM_NODES; i++)); do

@@ -31,6 +31,7 @@ out=$(FLWR_HOME="$ROGUE/flwr_home" flwr_json supernode register "$ROGUE/rogue_1.
     || { echo "start_rogue.sh: the Control API refused to register the rogue key (the gap is closed here)"; exit 3; }
 node_id=$(json_get node-id <<<"$out")
 echo "$node_id" >"$STATE/node_ids/rogue"
+init_holder_ledger "$ROGUE/privacy-ledger.sqlite"
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 spawn rogue "$STATE/logs/rogue.log" FLWR_HOME="$ROGUE" -- \
     "$FLWR_BIN/flower-supernode" --superlink "$SUPERLINK_ADDRESS" --root-certificates "$FLWR_CA_CERT" \
