@@ -270,9 +270,12 @@ class FederatedServer:
         for msg in replies:
             src = msg.metadata.src_node_id
             length = payload_length(msg)
-            if length not in sizes:  # replies of one payload length differ only in their ids
-                sizes[length] = wire_bytes(msg)
-            up[src] = sizes[length]
+            if length > plan.max_reply_bytes or (length < 0 and not msg.has_error()):
+                up[src] = max(length, 0)  # refused below by its length or shape: never deflated
+            else:
+                if length not in sizes:  # replies of one payload length differ only in their ids
+                    sizes[length] = wire_bytes(msg)
+                up[src] = sizes[length]
             holder = self.holders.get(src)
             try:
                 _, scalars = validate(msg, plan, run_id, holder, accepted, self.bound, self.pins)

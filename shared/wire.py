@@ -39,13 +39,23 @@ def content_of(payload: bytes) -> RecordDict:
     return RecordDict({RECORD: ConfigRecord({"payload": payload})})
 
 
-def from_content(content: RecordDict, cls: type[T], max_bytes: int = MAX_PAYLOAD_BYTES) -> T:
-    record = content.config_records.get(RECORD) if content is not None else None
-    if record is None or "payload" not in record:
-        raise WireError(f"message has no '{RECORD}' record with a payload")
+def _payload(content: RecordDict | None) -> bytes:
+    """The payload bytes of a content that holds seedtune's record alone, with its payload alone; a second
+    record or key (which would ride along unchecked, e.g. 50 MB beside a 40-byte reply) is a WireError."""
+    if content is None or set(content.keys()) != {RECORD} or RECORD not in content.config_records:
+        names = sorted(content.keys()) if content is not None else []
+        raise WireError(f"message content must hold the '{RECORD}' config record alone; it holds {names}")
+    record = content.config_records[RECORD]
+    if set(record.keys()) != {"payload"}:
+        raise WireError(f"the '{RECORD}' record must hold 'payload' alone; it holds {sorted(record.keys())}")
     raw = record["payload"]
     if not isinstance(raw, bytes):
         raise WireError(f"payload is {type(raw).__name__}, expected bytes")
+    return raw
+
+
+def from_content(content: RecordDict, cls: type[T], max_bytes: int = MAX_PAYLOAD_BYTES) -> T:
+    raw = _payload(content)
     if len(raw) > max_bytes:
         raise PayloadTooLarge(f"payload of {len(raw)} bytes exceeds the limit of {max_bytes}")
     try:
@@ -55,12 +65,14 @@ def from_content(content: RecordDict, cls: type[T], max_bytes: int = MAX_PAYLOAD
 
 
 def payload_length(message: Message) -> int:
-    """Length of a message's seedtune payload, without parsing it (-1: an error message, or no payload)."""
+    """Length of a message's seedtune payload, without parsing it (-1: an error message, no payload, or a
+    content of another shape)."""
     if message.has_error():
         return -1
-    record = message.content.config_records.get(RECORD)
-    payload = record.get("payload") if record is not None else None
-    return len(payload) if isinstance(payload, bytes) else -1
+    try:
+        return len(_payload(message.content))
+    except WireError:
+        return -1
 
 
 def wire_bytes(message: Message) -> int:

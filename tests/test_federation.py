@@ -128,6 +128,13 @@ def _corrupt(kind: str):
         elif kind == "malformed":
             from flwr.app import ConfigRecord, RecordDict
             return type(msg)(RecordDict({"seedtune": ConfigRecord({"payload": b"\x0a\xff\xff"})}), reply_to=_orig[0])
+        elif kind == "second_record":  # an honest reply with 8 MB riding along in another record
+            from flwr.app import ConfigRecord
+            content = to_content(reply)
+            content["extra"] = ConfigRecord({"blob": os.urandom(8 << 20)})
+            return type(msg)(content, reply_to=_orig[0])
+        elif kind == "oversized":
+            reply.holder = "x" * (8 << 20)
         return type(msg)(to_content(reply), reply_to=_orig[0])
     return rewrite
 
@@ -136,8 +143,14 @@ _orig: list = []
 
 
 @pytest.mark.parametrize("kind", ["non_finite", "out_of_range", "wrong_count", "wrong_round", "wrong_version",
-                                  "wrong_holder", "malformed", "duplicate"])
-def test_bad_replies_are_rejected_and_never_reach_the_ledger(tmp_path, kind):
+                                  "wrong_holder", "malformed", "duplicate", "second_record", "oversized"])
+def test_bad_replies_are_rejected_and_never_reach_the_ledger(tmp_path, kind, monkeypatch):
+    import seedtune.server.federation as federation
+
+    measured = []  # the payload lengths the server deflated to meter: never a reply it refuses by size or shape
+    wire_bytes = federation.wire_bytes
+    monkeypatch.setattr(federation, "wire_bytes", lambda m: measured.append(federation.payload_length(m)) or
+                        wire_bytes(m))
     grid = InProcessGrid(NODES)
     server = FederatedServer(fed_config(tmp_path, **{"federation.rounds": 1}), grid, tmp_path)
     bad_node = grid.get_node_ids()[0]
@@ -158,12 +171,14 @@ def test_bad_replies_are_rejected_and_never_reach_the_ledger(tmp_path, kind):
 
     grid.send_and_receive = send
     row = server.run_round(1)
-    assert row["rejected_by_kind"] == {kind: 1}
+    status = "malformed" if kind == "second_record" else kind
+    assert row["rejected_by_kind"] == {status: 1}
+    assert all(0 <= n < 1 << 20 for n in measured)
     ledger = Ledger.open(tmp_path / "ledger.sqlite")
     kept = grid.get_node_ids() if kind == "duplicate" else grid.get_node_ids()[1:]  # a duplicate's first copy is fine
     replies = ledger.replies(1)
     assert {p.node for p in replies if p.status == "accepted"} == set(kept)
-    assert [p.status for p in replies if p.node == bad_node] == (["accepted", kind] if kind == "duplicate" else [kind])
+    assert [p.status for p in replies if p.node == bad_node] == (["accepted", kind] if kind == "duplicate" else [status])
     assert all(p.scalars == b"" for p in replies if p.status != "accepted")  # rejected scalars are not kept
     assert len(ledger) == STEPS and ledger.verify() == STEPS
 
@@ -476,4 +491,36 @@ def test_seedtune_train_names_a_bad_data_file_with_exit_code_2_and_writes_nothin
     code = main(["train", "--no-progress", "-s", "model.name=tiny-encoder", "-s", f"data.data_dir={data}",
                  "--out", str(tmp_path / "run")])
     assert code == 2 and "train.tsv: record 2 has no 'label'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_submitted_run_config_reads_no_file_outside_the_servers_data_roots(tmp_path, monkeypatch, caplog):
+    """Issue 32, finding 13: data.test_file could name any CSV on the server host, and the error quoted its
+    header back to the submitter."""
+    from types import SimpleNamespace
+
+    from seedtune.server.app import check_submitted_paths, main
+    from seedtune.shared.tasks import DataError
+
+    secret = tmp_path / "elsewhere" / "payroll.csv"
+    secret.parent.mkdir()
+    secret.write_text("employee,salary_secret_column\nann,1\n")
+    root = tmp_path / "served"
+    (root / "mine").mkdir(parents=True)
+    monkeypatch.setenv("SEEDTUNE_DATA", str(root))
+    for field, value in [("train_file", str(secret)), ("data_dir", str(secret.parent)), ("data_dir", "../elsewhere")]:
+        extra = {f"data.{field}": value, **({"data.test_file": str(secret)} if field == "train_file" else {})}
+        with pytest.raises(ConfigError, match=f"data.{field} .* outside the server's data roots"):
+            check_submitted_paths(fed_config(tmp_path / "run", **extra))
+    check_submitted_paths(fed_config(tmp_path / "run", **{"data.data_dir": "mine"}))  # under a root: fine
+
+    # a file under a root whose header does not fit: the submitter is told it is unusable, never its header
+    for split in ("train", "test"):
+        (root / "mine" / f"{split}.csv").write_text("employee,salary_secret_column\nann,1\n")
+    run_config = {"data.data_dir": "mine", "model.name": "tiny-encoder", "out_dir": str(tmp_path / "run"),
+                  "privacy.noise_multiplier": 1.5}
+    with pytest.raises(DataError) as raised:
+        main(InProcessGrid(1), SimpleNamespace(run_config=run_config))
+    assert "salary_secret_column" not in str(raised.value) and "server's log" in str(raised.value)
+    assert "salary_secret_column" in caplog.text  # the operator still sees it
     assert not (tmp_path / "run").exists()

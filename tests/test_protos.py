@@ -38,8 +38,13 @@ def test_from_content_names_what_is_wrong():
     from flwr.app import ConfigRecord, RecordDict
 
     assert from_content(to_content(LedgerHeader(noise="gaussian")), LedgerHeader).noise == "gaussian"
-    with pytest.raises(WireError, match="no 'seedtune' record"):
+    with pytest.raises(WireError, match=r"must hold the 'seedtune' config record alone; it holds \[\]"):
         from_content(RecordDict(), Reply)
+    with pytest.raises(WireError, match=r"alone; it holds \['extra', 'seedtune'\]"):  # nothing rides along
+        from_content(RecordDict({"seedtune": ConfigRecord({"payload": b""}), "extra": ConfigRecord({"b": b"x"})}),
+                     Reply)
+    with pytest.raises(WireError, match=r"'payload' alone; it holds \['more', 'payload'\]"):
+        from_content(RecordDict({"seedtune": ConfigRecord({"payload": b"", "more": b"x"})}), Reply)
     with pytest.raises(WireError, match="not a valid seedtune.v1.Reply"):
         from_content(RecordDict({"seedtune": ConfigRecord({"payload": b"\xff\xff\xff"})}), Reply)
     with pytest.raises(WireError, match="exceeds the limit"):
