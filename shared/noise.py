@@ -27,16 +27,26 @@ class SecureRandom:
     support (:meth:`Noise.support_gap`) is below 1e-300, which no accountant needs to add to delta (a
     53-bit uniform left 5e-18 per draw uncounted, and 2^-54 of the Laplace's)."""
 
+    # ChaCha20's block counter is 32 bits: one key and nonce give 2^32 blocks of 64 bytes (256 GiB). The stream
+    # starts its counter at 0 and is keyed afresh well before the end.
+    REKEY_BYTES = 2**37
+
     def __init__(self) -> None:
         self._pid = -1
+        self._used = 0
 
     def _bytes(self, n: int) -> bytes:
-        """``n`` secret random bytes: the keystream, keyed afresh from os.urandom in each process."""
-        if self._pid != os.getpid():  # a forked child must not replay its parent's stream
+        """``n`` secret random bytes: the keystream, keyed afresh from os.urandom in each process and every
+        :data:`REKEY_BYTES`. (The nonce's first 4 bytes are the block counter: a random counter near 2^32
+        would end the stream after a few bytes, which a long run hit.)"""
+        if self._pid != os.getpid() or self._used + n > self.REKEY_BYTES:  # a fork must not replay its parent's
             from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-            self._stream = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None).encryptor()
-            self._pid = os.getpid()
+            key = os.urandom(32)
+            nonce = bytes(4) + os.urandom(12)  # counter 0, a random 96-bit nonce
+            self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+            self._pid, self._used = os.getpid(), 0
+        self._used += n
         return self._stream.update(bytes(n))
 
     def _words(self, n: int) -> np.ndarray:

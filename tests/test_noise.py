@@ -71,7 +71,7 @@ def test_noise_is_the_chacha20_keystream_keyed_by_os_urandom_and_nothing_else(mo
     import torch
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-    key, nonce = bytes(range(32)), bytes(range(100, 116))
+    key, nonce = bytes(range(32)), bytes(range(100, 112))  # the 96-bit nonce; the block counter starts at 0
     draws = []
     for global_seed in (0, 1):
         np.random.seed(global_seed)
@@ -82,7 +82,7 @@ def test_noise_is_the_chacha20_keystream_keyed_by_os_urandom_and_nothing_else(mo
         stream = rng._bytes(64)
         draws.append(rng.noise(NOISES[2], 4))
         monkeypatch.undo()
-        assert stream == Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(64))
+        assert stream == Cipher(algorithms.ChaCha20(key, bytes(4) + nonce), mode=None).encryptor().update(bytes(64))
     assert np.array_equal(draws[0], draws[1])
     np.random.seed(0)
     torch.manual_seed(0)
@@ -90,6 +90,20 @@ def test_noise_is_the_chacha20_keystream_keyed_by_os_urandom_and_nothing_else(mo
     np.random.seed(0)
     torch.manual_seed(0)
     assert not np.array_equal(a, SecureRandom().noise(NOISES[2], 4))
+
+
+def test_the_keystream_never_runs_out(monkeypatch):
+    """The first 4 nonce bytes are ChaCha20's block counter: taken from os.urandom, a counter near 2^32 ended the
+    stream after a few blocks (a dp-probe sweep died on it). The counter now starts at 0, and the generator is
+    keyed afresh before 2^32 blocks."""
+    import os
+
+    monkeypatch.setattr(os, "urandom", lambda n: b"\xff" * n)  # the worst counter os.urandom could give
+    rng = SecureRandom()
+    assert len(rng._bytes(4096)) == 4096
+    rng._used = SecureRandom.REKEY_BYTES - 100
+    first = rng._stream
+    assert len(rng._bytes(4096)) == 4096 and rng._stream is not first and rng._used == 4096
 
 
 def test_noise_descriptions_round_trip():
