@@ -77,10 +77,12 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
         assert "this node's data file is unusable" in fed.log("supernode_3") + result.output_tail(20000)
         assert "record 2 has label '7'" in fed.log("supernode_3")  # the details stay in the node's own log
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert not summary["clients_agree"]  # the bad site never followed the ledger: said, not hidden
+        # The bad site refuses to train, yet follows the ledger: a node's sync reads no data.
         digests = summary["client_digests"]
-        assert len(digests) == 2 and set(digests.values()) == {summary["state_digest"]}
-        assert sorted(summary["client_runtimes"].values()) == ["onnx:CPUExecutionProvider", "torch:cpu:float32"]
+        assert summary["clients_agree"] and len(digests) == 3, digests
+        assert set(digests.values()) == {summary["state_digest"]}
+        assert sorted(summary["client_runtimes"].values()) == ["onnx:CPUExecutionProvider", "torch:cpu:float32",
+                                                               "torch:cpu:float32"]
         assert summary["refused_identities"] == [rogue_id] and summary["pinned_nodes"] == 3
         assert rogue_id not in {p.node for r in (1, 2) for p in ledger.replies(r)}
         received = re.findall(r"Receiving: (\S+) message", fed.log("rogue"))
