@@ -45,6 +45,9 @@ class FirstOrderConfig:
     noise_multiplier: float = 0.0  # 0: calibrated (PLD) from (epsilon, delta, rate, steps)
     lora_rank: int = 0  # 0: full finetuning (embeddings frozen); r > 0: LoRA adapters only
     lora_alpha: float = 16.0
+    # True: a linear probe, only a fresh linear head on the frozen model's features is trained
+    # (client/baselines/probe.py: closed-form per-example gradients, no Opacus)
+    probe: bool = False
     threads: int = 0
     zero_shot: bool = True  # evaluate the base model first (bench_utility takes it from its zero-shot row)
     out_dir: str = ""  # summary.json goes here when set
@@ -68,6 +71,8 @@ class FirstOrderConfig:
             (self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0", self.noise_multiplier),
             (isinstance(self.lora_rank, int) and self.lora_rank >= 0, "lora_rank", "must be an int >= 0",
              self.lora_rank),
+            (not (self.probe and self.lora_rank), "lora_rank", "must be 0 for a linear probe (probe = true)",
+             self.lora_rank),
         ]
         for ok, name, message, value in checks:
             if not ok:
@@ -76,6 +81,8 @@ class FirstOrderConfig:
 
     @property
     def method(self) -> str:
+        if self.probe:
+            return "dp-probe" if self.private else "probe"
         if not self.private:
             return "finetune-lora" if self.lora_rank else "finetune"
         return "dpsgd-lora" if self.lora_rank else "dpsgd"

@@ -368,6 +368,44 @@ class TextClassifier:
             return 0
         return depth
 
+    # --------------------------------------------------------------------------------- head features
+    @torch.no_grad()
+    def features(self, batch: Batch) -> torch.Tensor:
+        """What the classifier head reads, in float32: the encoder's normalised mean-pooled embedding, the
+        decoder's last hidden state at the last position. ``head_scores(features(b))`` is ``logits(b)``: the
+        frozen body's part of a forward, which a linear probe (and a step that trains only the head) needs
+        once per record."""
+        if self.generation:
+            raise ValueError("a generation task has no classifier head to read features for")
+        if self.kind == "decoder":
+            return self.module.last_hidden(batch.attention_mask, input_ids=batch.input_ids).float()
+        return self.module.embed(batch.input_ids, batch.attention_mask)
+
+    @torch.no_grad()
+    def head_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """The class scores of :meth:`features`: the encoder's head, the decoder's label rows."""
+        if self.kind == "decoder":
+            return self.module.label_logits(features)
+        return self.module.scores(features)
+
+    def all_features(self, ids: Sequence[Sequence[int]], batch_size: int = 64, progress: bool = False,
+                     desc: str = "features") -> torch.Tensor:
+        """:meth:`features` of every record, in the order of ``ids`` (length-sorted batches, on the CPU)."""
+        if len(ids) == 0:
+            raise ValueError("cannot compute the features of an empty split")
+        out: torch.Tensor | None = None
+        batches = length_sorted(ids, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            batches = tqdm(batches, total=-(-len(ids) // batch_size), desc=desc, unit="batch", leave=False)
+        for rows in batches:
+            part = self.features(self.collate([ids[i] for i in rows], np.zeros(len(rows), dtype=np.int64))).cpu()
+            if out is None:
+                out = torch.empty(len(ids), part.shape[1], dtype=torch.float32)
+            out[torch.as_tensor(rows)] = part
+        assert out is not None
+        return out
+
     def synflow_output(self) -> torch.Tensor:
         """R for SynFlow: the summed class scores of an all-ones embedded input (no data involved). Scored on the
         float32 model only (a replica scores it on the CPU, before place(), so that every node derives the same

@@ -1,21 +1,25 @@
 """Benchmark: the utility/cost table. Privacy, accuracy, memory, time and communication of every method.
 
     python -m seedtune.simulations.bench_utility --json [--mode quick|full] [--out results/utility] [--jobs 1]
-                                        [--models ...] [--methods ...] [--resume]
+                                        [--models ...] [--methods ...] [--tasks sst2 trec rte] [--resume]
 
-Methods, all on SST-2 with the same task loss (shared.models.TextClassifier, cross-entropy):
+Methods, on SST-2 (``--tasks``: also TREC and RTE through their presets, configs/<task>.toml) with the same
+task loss (shared.models.TextClassifier, cross-entropy):
 
 * ``zero-shot``: the base model, no step.
 * ``dpzo`` (epsilon 1, 3, 8) and ``mezo`` (the same engine, privacy off): client/trainer.py ``train``.
 * ``dpsgd`` (epsilon 1, 3, 8; DP-Adam, Opacus ghost clipping), ``dpsgd-lora`` (epsilon 3) and ``finetune``
   (the same loop without privacy): client/baselines/dpsgd.py.
+* ``probe`` and ``dp-probe`` (epsilon 1, 3, 8): what a user would write instead, a linear head on the frozen
+  model's features, plainly or by DP-SGD on the head alone (client/baselines/probe.py).
 * ``fed-dpzo``: a real federated DP-ZO round (server loop + ClientApp handlers, in-process transport) and
   ``fed-dpsgd``: a real Flower FedAvg simulation of the DP-SGD clients. Their rows exist for the uplink
   (bytes per client per round, measured as Flower ships each message); their few steps are not meant to
   move accuracy.
 
 Each row runs in a fresh subprocess (``--row``), so its peak RSS (VmHWM, model load and evaluation
-included, as a user's process sees it) is its own. Epsilon is always our PLD accountant's. Writes
+included, as a user's process sees it) and its CPU seconds (``cpu_s``, user + system, the whole row: what
+"equal CPU time" compares) are its own. Epsilon is always our PLD accountant's. Writes
 ``rows.jsonl`` (one JSON object per row, appended as rows finish), ``table.md`` and ``plot.png`` to
 ``--out``; ``--json`` also prints each row as one JSON line.
 """
@@ -26,6 +30,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,11 +47,13 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
 EPSILONS = (1.0, 3.0, 8.0)
-METHODS = ("zero-shot", "mezo", "dpzo", "finetune", "dpsgd", "dpsgd-lora", "fed-dpzo", "fed-dpsgd")
+METHODS = ("zero-shot", "probe", "dp-probe", "mezo", "dpzo", "finetune", "dpsgd", "dpsgd-lora", "fed-dpzo",
+           "fed-dpsgd")
+TASKS = ("sst2", "trec", "rte")  # sst2: the embedded default; the others layer configs/<task>.toml
 ROWS_DIR = "rows.d"  # one JSON file per finished row
-ROW_FIELDS = ("model", "method", "epsilon_target", "epsilon_spent", "delta", "test_accuracy", "zero_shot_accuracy",
+ROW_FIELDS = ("task", "model", "method", "epsilon_target", "epsilon_spent", "delta", "test_accuracy", "zero_shot_accuracy",
               "steps", "batch_size", "peak_rss_mb", "s_per_step", "s_per_example", "bytes_per_client_round",
-              "trainable_params", "wall_s")
+              "trainable_params", "cpu_s", "wall_s")
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,10 @@ class ModelPlan:
     zo_overrides: dict[str, Any] = field(default_factory=dict)
     fed_train_size: int = 400  # federated rows: a small class-balanced subset, split over the clients
     fed_test_size: int = 128
+    # the linear probes (client/baselines/probe.py): chosen on SST-2's public dev split (docs/results.md)
+    probe_steps: int = 1000
+    probe_batch: int = 256
+    probe_lr: float = 1.0  # plain SGD on unit-norm features
 
 
 @dataclass(frozen=True)
@@ -85,20 +96,26 @@ class RowSpec:
     threads: int
     budget: str = "main"  # "main" (the shared step budget), "long", "short" (cut for CPU time) or "fed"
     note: str = ""
+    task: str = "sst2"
 
     @property
     def key(self) -> str:
-        return f"{self.model}/{self.method}/{self.epsilon}/{self.steps}"
+        return row_key(self.task, self.model, self.method, self.epsilon, self.steps)
 
     @property
     def slug(self) -> str:
         return self.key.replace("/", "-")
 
 
+def row_key(task: str, model: str, method: str, epsilon: float | None, steps: int) -> str:
+    """A row's identity; SST-2 rows keep the key they had before rows had a task (results/utility/)."""
+    return f"{model}/{method}/{epsilon}/{steps}" + ("" if task == "sst2" else f"/{task}")
+
+
 FED_CLIENTS, FED_ROUNDS_DPZO, FED_LOCAL_STEPS_DPZO, FED_ROUNDS_FO, FED_LOCAL_STEPS_FO = 2, 1, 10, 2, 2
 _TINY = dict(zo_file=None, steps=8, short_steps=4, batch_size=16, fo_lr=1e-3, ft_lr=1e-3, lora_lr=1e-2,
              train_size=1000, test_size=128, zo_overrides={"zo.lr": 1e-2, "privacy.clip": 5.0},
-             fed_train_size=200, fed_test_size=64)
+             fed_train_size=200, fed_test_size=64, probe_steps=20, probe_batch=32)
 PLANS: dict[str, dict[str, ModelPlan]] = {
     "quick": {name: ModelPlan(name=name, **_TINY) for name in ("tiny-encoder", "tiny-decoder")},
     "full": {
@@ -109,7 +126,7 @@ PLANS: dict[str, dict[str, ModelPlan]] = {
                              batch_size=32, long_dpzo_steps=(250,), microbatch=8),
         # configs/quickstart.toml's settings (batch 64, lr 1e-3, clip 5) in one 50-step stage (CPU time).
         "minilm": ModelPlan(name="minilm", zo_file="configs/quickstart.toml", steps=50, short_steps=20,
-                            batch_size=64, microbatch=64),
+                            batch_size=64, long_dpzo_steps=(300,), microbatch=64),
     },
 }
 # Run order of the full plan: what the acceptance checks first (DP-SGD vs DP-ZO at epsilon 3 and equal
@@ -126,7 +143,12 @@ RUN_ORDER = (
 
 
 def plan_rows(mode: str, models: list[str], methods: list[str], threads: int,
-              epsilons: tuple[float, ...] = EPSILONS) -> list[RowSpec]:
+              epsilons: tuple[float, ...] = EPSILONS, tasks: tuple[str, ...] = ("sst2",)) -> list[RowSpec]:
+    return [spec for task in tasks for spec in _task_rows(mode, models, methods, threads, epsilons, task)]
+
+
+def _task_rows(mode: str, models: list[str], methods: list[str], threads: int, epsilons: tuple[float, ...],
+               task: str) -> list[RowSpec]:
     rows: dict[tuple[str, str], RowSpec] = {}
     for name in models:
         plan = PLANS[mode][name]
@@ -135,26 +157,43 @@ def plan_rows(mode: str, models: list[str], methods: list[str], threads: int,
         fed = {"fed-dpzo": f"{FED_CLIENTS} clients x {FED_ROUNDS_DPZO} round x {FED_LOCAL_STEPS_DPZO} steps",
                "fed-dpsgd": f"Flower FedAvg, {FED_CLIENTS} clients x {FED_ROUNDS_FO} rounds x {FED_LOCAL_STEPS_FO} "
                             "steps"}
-        items = [("zero-shot", None, 0, "main"), *[("dpzo", e, plan.steps, "main") for e in EPSILONS],
+        items = [("zero-shot", None, 0, "main"), ("probe", None, plan.probe_steps, "main"),
+                 *[("dp-probe", e, plan.probe_steps, "main") for e in EPSILONS],
+                 *[("dpzo", e, plan.steps, "main") for e in EPSILONS],
                  ("mezo", None, plan.steps, "main"), ("dpsgd", 3.0, plan.steps, "main"),
                  ("finetune", None, plan.steps, "main"),
                  *[("dpsgd", e, plan.short_steps, "short") for e in EPSILONS if e != 3.0],
                  ("dpsgd-lora", 3.0, plan.short_steps, "short"),
                  ("fed-dpzo", 3.0, FED_ROUNDS_DPZO * FED_LOCAL_STEPS_DPZO, "fed"),
                  ("fed-dpsgd", 3.0, FED_ROUNDS_FO * FED_LOCAL_STEPS_FO, "fed"),
-                 *[("dpzo", 3.0, n, "long") for n in plan.long_dpzo_steps]]
+                 *[("dpzo", e, n, "long") for n in plan.long_dpzo_steps for e in EPSILONS]]
         for m, e, n, budget in items:
             if m not in methods or (e is not None and e not in epsilons):
                 continue
             note = notes[budget] if budget != "fed" else \
                 f"{fed[m]} on {plan.fed_train_size} examples (uplink measurement)"
             label = (f"{m}-long" if budget == "long" else m) + ("" if e is None else f"@{e:g}")
-            rows[(name, label)] = RowSpec(name, m, e, n, mode, threads, budget, note)
+            rows[(name, label)] = RowSpec(name, m, e, n, mode, threads, budget, note, task)
     ordered = [rows.pop((name, label)) for name, labels in RUN_ORDER for label in labels if (name, label) in rows]
     return ordered + list(rows.values())
 
 
 # ------------------------------------------------------------------------------------------ one row
+def _task_files(spec: RowSpec) -> list[Path]:
+    """The task preset layered after a model's (none for SST-2, the embedded default task)."""
+    if spec.task not in TASKS:
+        raise ValueError(f"unknown task {spec.task!r}; choose from {TASKS}")
+    return [] if spec.task == "sst2" else [ROOT / "configs" / f"{spec.task}.toml"]
+
+
+def _task_sections(spec: RowSpec, train_size: int, test_size: int):
+    """The row's task and data sections, as a DP-ZO run of the same task reads them."""
+    from seedtune.shared.config import load_config
+
+    config = load_config(_task_files(spec), {"data.train_size": train_size, "data.test_size": test_size})
+    return config.task, config.data
+
+
 def _zo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, extra: dict[str, Any] | None = None):
     from seedtune.shared.config import load_config
 
@@ -165,34 +204,37 @@ def _zo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, extra: dict[str, An
     if spec.epsilon is not None:
         overrides["privacy.epsilon"] = spec.epsilon
     overrides.update(extra or {})
-    return load_config(ROOT / plan.zo_file if plan.zo_file else None, overrides)
+    return load_config(([ROOT / plan.zo_file] if plan.zo_file else []) + _task_files(spec), overrides)
 
 
 def _fo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, train_size: int, test_size: int):
     from seedtune.shared.first_order import FirstOrderConfig
-    from seedtune.shared.config import DataConfig, ModelConfig
+    from seedtune.shared.config import ModelConfig
 
-    private = spec.method != "finetune"
+    private = spec.method not in ("finetune", "probe")
     lora = spec.method.endswith("lora")
-    lr = plan.lora_lr if lora else (plan.fo_lr if private else plan.ft_lr)
+    probe = spec.method.endswith("probe")
+    lr = plan.probe_lr if probe else plan.lora_lr if lora else (plan.fo_lr if private else plan.ft_lr)
+    task, data = _task_sections(spec, train_size, test_size)
     return FirstOrderConfig(
-        model=ModelConfig(name=plan.name, microbatch=plan.microbatch),
-        data=DataConfig(train_size=train_size, test_size=test_size), steps=spec.steps, batch_size=plan.batch_size,
-        lr=lr, optimizer="adam", private=private, epsilon=spec.epsilon or 1.0, delta=DELTA, clip=plan.clip,
-        lora_rank=8 if lora else 0, threads=spec.threads, zero_shot=False, out_dir=out_dir).validate()
+        model=ModelConfig(name=plan.name, microbatch=plan.microbatch), task=task, data=data, steps=spec.steps,
+        batch_size=plan.probe_batch if probe else plan.batch_size, lr=lr, optimizer="sgd" if probe else "adam",
+        private=private, epsilon=spec.epsilon or 1.0, delta=DELTA, clip=plan.clip, lora_rank=8 if lora else 0,
+        probe=probe, threads=spec.threads, zero_shot=False, out_dir=out_dir).validate()
 
 
 def _zero_shot(plan: ModelPlan, spec: RowSpec) -> dict[str, Any]:
     import torch
 
-    from seedtune.shared.config import DataConfig, ModelConfig, RunConfig
+    from seedtune.shared.config import ModelConfig, RunConfig
     from seedtune.shared.models import load_task_model
     from seedtune.shared.tasks import load_split
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    config = RunConfig(model=ModelConfig(name=plan.name, microbatch=plan.microbatch),
-                       data=DataConfig(test_size=plan.test_size)).validate()
+    task_config, data = _task_sections(spec, 0, plan.test_size)
+    config = RunConfig(model=ModelConfig(name=plan.name, microbatch=plan.microbatch), task=task_config,
+                       data=data).validate()
     task = load_task_model(config.model, config.task)
     test = load_split(config, "test")
     acc = task.accuracy(task.encode(test.records), test.labels, plan.microbatch)
@@ -251,7 +293,8 @@ def run_row(spec: RowSpec) -> dict[str, Any]:
     plan = PLANS[spec.mode][spec.model]
     start = time.time()
     out_dir = tempfile.mkdtemp(prefix=f"bench-{spec.model}-{spec.method}-")
-    row: dict[str, Any] = {"model": spec.model, "method": spec.method, "epsilon_target": spec.epsilon,
+    row: dict[str, Any] = {"task": spec.task, "model": spec.model, "method": spec.method,
+                           "epsilon_target": spec.epsilon,
                            "delta": DELTA if spec.epsilon is not None else None, "steps": spec.steps,
                            "batch_size": plan.batch_size, "bytes_per_client_round": None, "s_per_step": None}
     if spec.method == "zero-shot":
@@ -272,6 +315,15 @@ def run_row(spec: RowSpec) -> dict[str, Any]:
                    epsilon_spent=summary["epsilon"], trainable_params=summary["trainable_params"],
                    noise_multiplier=summary["noise_multiplier"], opacus_rdp_epsilon=summary["opacus_rdp_epsilon"],
                    s_per_step=summary["train_s"] / spec.steps)
+    elif spec.method in ("probe", "dp-probe"):
+        from seedtune.client.baselines.probe import train_probe
+
+        config = _fo_config(plan, spec, out_dir, plan.train_size, plan.test_size)
+        summary = train_probe(config, on_loop_start=training_starts)
+        row.update(test_accuracy=summary["test_accuracy"], zero_shot_accuracy=None, epsilon_spent=summary["epsilon"],
+                   trainable_params=summary["trainable_params"], noise_multiplier=summary["noise_multiplier"],
+                   batch_size=config.batch_size, features_s=summary["features_s"],
+                   s_per_step=summary["train_s"] / spec.steps)
     elif spec.method == "fed-dpzo":
         row.update(_fed_dpzo(plan, spec, out_dir))
     elif spec.method == "fed-dpsgd":
@@ -286,8 +338,10 @@ def run_row(spec: RowSpec) -> dict[str, Any]:
     if setup["peak"]:  # trained rows: the training phase's own peak (final evaluation included) and the setup's
         row["train_peak_rss_mb"] = round(peak_rss_mb(), 1)
         row["setup_peak_rss_mb"] = round(setup["peak"], 1)
-    row.update(peak_rss_mb=round(max(peak_rss_mb(), setup["peak"]), 1), wall_s=round(time.time() - start, 2), threads=spec.threads,
-               mode=spec.mode, budget=spec.budget, note=spec.note)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    row.update(peak_rss_mb=round(max(peak_rss_mb(), setup["peak"]), 1), cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
+               wall_s=round(time.time() - start, 2), threads=spec.threads, mode=spec.mode, budget=spec.budget,
+               note=spec.note)
     return row
 
 
@@ -322,28 +376,44 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
-    head = ["model", "method", "steps", "batch", "eps target", "eps spent", "test acc", "zero-shot",
-            "peak RSS MB", "training-phase peak MB", "s/step", "s/example", "uplink B/client/round", "trainable params", "wall s", "note"]
+    head = ["task", "model", "method", "steps", "batch", "eps target", "eps spent", "test acc", "zero-shot",
+            "peak RSS MB", "training-phase peak MB", "s/step", "s/example", "uplink B/client/round", "trainable params",
+            "CPU s", "wall s", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-        cells = [r["model"], r["method"], r["steps"], _fmt(r["batch_size"], 0), _fmt(r["epsilon_target"], 0),
+        cells = [r.get("task", "sst2"), r["model"], r["method"], r["steps"], _fmt(r["batch_size"], 0), _fmt(r["epsilon_target"], 0),
                  _fmt(r["epsilon_spent"]), acc(r["test_accuracy"]), acc(r["zero_shot_accuracy"]),
                  _fmt(r["peak_rss_mb"], 0), _fmt(r.get("train_peak_rss_mb"), 0), _fmt(r["s_per_step"], 2), _fmt(r["s_per_example"], 4),
-                 _fmt(r["bytes_per_client_round"]), _fmt(r["trainable_params"]), _fmt(r["wall_s"], 0), r["note"]]
+                 _fmt(r["bytes_per_client_round"]), _fmt(r["trainable_params"]), _fmt(r.get("cpu_s"), 0), _fmt(r["wall_s"], 0), r["note"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     path.write_text("\n".join(lines + [""] + comparisons(rows)) + "\n")
 
 
 def comparisons(rows: list[dict[str, Any]]) -> list[str]:
     """The acceptance figures, computed from the rows: DP-ZO vs DP-SGD peak memory at epsilon 3 and equal
-    steps, FedAvg vs DP-ZO uplink, and the accuracy gaps at the shared step budget."""
+    steps, FedAvg vs DP-ZO uplink, the accuracy gaps at the shared step budget, and DP-ZO against the DP
+    linear probe at each epsilon (with both rows' CPU seconds)."""
+    lines = []
+    for task in sorted({r.get("task", "sst2") for r in rows}):
+        lines += _task_comparisons([r for r in rows if r.get("task", "sst2") == task], task)
+    return lines
+
+
+def _task_comparisons(rows: list[dict[str, Any]], task: str) -> list[str]:
     def find(model: str, method: str, budget: str, epsilon: float | None = 3.0) -> dict[str, Any] | None:
         return next((r for r in rows if (r["model"], r["method"], r["budget"]) == (model, method, budget)
                      and r["epsilon_target"] == epsilon), None)
 
     lines = []
     for model in sorted({r["model"] for r in rows}):
+        for epsilon in sorted({r["epsilon_target"] for r in rows if r["method"] == "dp-probe"}):
+            zo, probe = find(model, "dpzo", "main", epsilon), find(model, "dp-probe", "main", epsilon)
+            if zo and probe:
+                lines.append(f"- {task}, {model}, epsilon {epsilon:g}: DP-ZO {100 * zo['test_accuracy']:.1f} "
+                             f"({zo.get('cpu_s', '?')} CPU s) vs dp-probe {100 * probe['test_accuracy']:.1f} "
+                             f"({probe.get('cpu_s', '?')} CPU s): "
+                             f"{100 * (zo['test_accuracy'] - probe['test_accuracy']):+.1f} points")
         zo, sgd, ft = find(model, "dpzo", "main"), find(model, "dpsgd", "main"), find(model, "finetune", "main", None)
         fed_zo, fed_sgd = find(model, "fed-dpzo", "fed"), find(model, "fed-dpsgd", "fed")
         if zo and sgd:
@@ -378,6 +448,7 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.get("task", "sst2") == "sst2"]  # the plot is SST-2's
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     ax = axes[0]
@@ -388,7 +459,11 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
                          and r["method"] == method and r["budget"] in ("main", "short"))
             if pts:
                 ax.plot(*zip(*pts), style, color=color, label=f"{model} {method}")
-        for method, ls in (("zero-shot", ":"), ("mezo", "-."), ("finetune", (0, (5, 1)))):
+        pts = sorted((r["epsilon_target"], r["test_accuracy"]) for r in rows if r["model"] == model
+                     and r["method"] == "dp-probe")
+        if pts:
+            ax.plot(*zip(*pts), "^:", color=color, label=f"{model} dp-probe")
+        for method, ls in (("zero-shot", ":"), ("probe", (0, (1, 2))), ("mezo", "-."), ("finetune", (0, (5, 1)))):
             ref = [r["test_accuracy"] for r in rows if r["model"] == model and r["method"] == method]
             if ref:
                 ax.axhline(ref[0], color=color, ls=ls, lw=1, label=f"{model} {method}")
@@ -424,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/utility", help="folder for rows.jsonl, table.md, plot.png")
     parser.add_argument("--models", nargs="+", help="subset of the mode's models")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=["sst2"],
+                        help="tasks (SST-2, and the presets configs/trec.toml, configs/rte.toml)")
     parser.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS),
                         help="subset of the private rows' targets")
     parser.add_argument("--jobs", type=int, default=1, help="rows run in parallel (one subprocess each)")
@@ -462,14 +539,14 @@ def main(argv: list[str] | None = None) -> int:
         kept += [p.read_text() for p in sorted((out / ROWS_DIR).glob("*.json"))]
         for line in kept:
             r = json.loads(line)
-            done[f"{r['model']}/{r['method']}/{r['epsilon_target']}/{r['steps']}"] = r
+            done[row_key(r.get("task", "sst2"), r["model"], r["method"], r["epsilon_target"], r["steps"])] = r
     else:
         rows_path.unlink(missing_ok=True)
         for p in (out / ROWS_DIR).glob("*.json"):  # a fresh run starts from no rows
             p.unlink()
     running = {p.stem for p in (out / ROWS_DIR).glob("*.pid") if _alive(int(p.read_text() or 0))}
     specs = [] if args.report_only else \
-        [s for s in plan_rows(args.mode, models, args.methods, args.threads, tuple(args.epsilons))
+        [s for s in plan_rows(args.mode, models, args.methods, args.threads, tuple(args.epsilons), tuple(args.tasks))
          if s.key not in done and not (args.resume and s.slug in running)]
     log.info("%d rows to run (%d kept), %d at a time", len(specs), len(done), args.jobs)
     rows = list(done.values())
@@ -489,12 +566,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
             log.info("row done: %s %s eps %s: acc %s, peak %s MB", row["model"], row["method"],
                      row["epsilon_target"], row["test_accuracy"], row["peak_rss_mb"])
-    zero_shot = {r["model"]: r["test_accuracy"] for r in rows if r["method"] == "zero-shot"}
+    zero_shot = {(r.get("task", "sst2"), r["model"]): r["test_accuracy"] for r in rows if r["method"] == "zero-shot"}
     for r in rows:  # first-order rows skip the (deterministic) base-model evaluation: same model, same test set
         if r["zero_shot_accuracy"] is None:
-            r["zero_shot_accuracy"] = zero_shot.get(r["model"])
+            r["zero_shot_accuracy"] = zero_shot.get((r.get("task", "sst2"), r["model"]))
     order = {m: i for i, m in enumerate(METHODS)}
-    rows.sort(key=lambda r: (r["model"], order[r["method"]], r["epsilon_target"] or 0, r["steps"]))
+    rows.sort(key=lambda r: (r.get("task", "sst2"), r["model"], order[r["method"]], r["epsilon_target"] or 0,
+                             r["steps"]))
     rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_table(rows, out / "table.md")
     write_plot(rows, out / "plot.png")

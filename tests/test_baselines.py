@@ -195,3 +195,82 @@ def test_bench_utility_quick_rows_are_well_formed(tmp_path, capsys):
     assert table.count("| tiny-encoder |") == len(rows) and "| tiny-encoder | dpzo |" in table
     assert "DP-ZO peak RSS / DP-SGD peak RSS" in table and "uplink per client per round" not in table
     assert (out / "plot.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------------------- linear probes
+def test_head_scores_of_the_features_are_the_logits(tiny_task):
+    """A linear probe and a step that trains only the head read ``features``: their scores are the model's own."""
+    batch = tiny_task.collate(tiny_task.encode(SENTENCES[:6]), LABELS[:6])
+    features = tiny_task.features(batch)
+    assert features.dtype == torch.float32 and features.shape[0] == 6
+    assert torch.equal(tiny_task.head_scores(features), tiny_task.logits(batch))
+    in_order = tiny_task.all_features(tiny_task.encode(SENTENCES[:6]), batch_size=4)
+    torch.testing.assert_close(in_order, features, rtol=1e-5, atol=1e-5)  # other batches: other padding
+
+
+def test_probe_clips_each_examples_exact_gradient():
+    """The closed-form clipped sum equals autograd's per-example gradients, each clipped to C, summed: the
+    norm ``|p - e_y| |x|`` of the outer product is exact, so no example escapes the clip."""
+    from seedtune.client.baselines.probe import clipped_gradient_sum, probe_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = probe_inputs(torch.randn(12, 7, generator=gen))
+    labels = torch.randint(0, 3, (12,), generator=gen)
+    weight = 3 * torch.randn(3, 8, generator=gen)
+    for clip in (0.05, 0.5, None):
+        expected = torch.zeros_like(weight)
+        for x, y in zip(inputs, labels):
+            w = weight.clone().requires_grad_(True)
+            F.cross_entropy((x @ w.T)[None], y[None]).backward()
+            g = w.grad
+            expected += g if clip is None else g * min(1.0, clip / float(g.norm()))
+        torch.testing.assert_close(clipped_gradient_sum(weight, inputs, labels, clip), expected, rtol=1e-5,
+                                   atol=1e-6)
+    assert torch.equal(clipped_gradient_sum(weight, inputs[:0], labels[:0], 1.0), torch.zeros_like(weight))
+
+
+def test_dp_probe_noise_and_batches_come_from_the_csprng(monkeypatch):
+    """Seeding every generator a user might seed changes nothing: the noise and the Poisson batches are the
+    CSPRNG's (a ChaCha20 keystream keyed from os.urandom), so two runs from the same seeds differ."""
+    from seedtune.client.baselines.probe import ProbeLearner, probe_inputs
+
+    inputs = probe_inputs(torch.randn(50, 5))
+    labels = np.arange(50) % 2
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        learner = ProbeLearner(inputs, labels, 2, _config("tiny-encoder", probe=True, optimizer="sgd",
+                                                         batch_size=10))
+        learner.step()
+        weights.append(learner.weight.detach().clone())
+    assert not torch.equal(weights[0], weights[1])
+    drawn: list[int] = []
+    real = SecureRandom._bytes
+    monkeypatch.setattr(SecureRandom, "_bytes", lambda self, n: drawn.append(n) or real(self, n))
+    learner.step()
+    assert sum(drawn) >= 8 * (50 + learner.weight.numel())  # a uniform per record, a normal per head entry
+
+
+@pytest.mark.parametrize("name", ["tiny-encoder", "tiny-decoder"])
+def test_dp_probe_reports_our_pld_epsilon_and_the_plain_probe_learns(name):
+    from seedtune.client.baselines.probe import train_probe
+
+    summary = train_probe(_config(name, probe=True, noise_multiplier=0.0, epsilon=3.0, steps=6))
+    rate = poisson_rate(300, 16)
+    sigma = calibrate_noise_multiplier(3.0, 1e-5, rate, 6)
+    assert summary["method"] == "dp-probe" and summary["noise_multiplier"] == pytest.approx(sigma)
+    assert summary["epsilon"] == noise_epsilon(((Noise.gaussian(sigma), rate, 6),), 1e-5)
+    assert summary["epsilon"] <= 3.0 + 1e-9 and summary["rdp_epsilon"] >= summary["epsilon"]
+    width = 32 + 1  # the tiny models' hidden size, and the bias
+    assert summary["trainable_params"] == 2 * width and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert 0.0 <= summary["zero_shot_accuracy"] <= 1.0 and summary["cpu_s"] > 0
+    plain = train_probe(_config(name, probe=True, private=False, steps=3))
+    assert plain["method"] == "probe" and plain["epsilon"] is None and plain["noise_multiplier"] == 0.0
+
+
+def test_a_probe_with_lora_is_refused_by_name():
+    from seedtune.shared.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lora_rank must be 0 for a linear probe"):
+        _config(probe=True, lora_rank=4)
