@@ -107,7 +107,7 @@ def _create_ledger(config: RunConfig, base_digest: str, selection: TrainableSet,
 
 # Where and how this machine runs the passes: a run may resume elsewhere (the ledger replays the same float32
 # values on any device, and the privacy accounting does not depend on it).
-RESUME_MAY_CHANGE = ("out_dir", "threads", "model.device", "model.microbatch")
+RESUME_MAY_CHANGE = ("out_dir", "threads", "model.device", "model.microbatch", "model.feature_cache_mb")
 
 
 def _interrupted(out_dir: Path) -> bool:
@@ -256,7 +256,7 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
     not_a_ledger = _not_a_ledger(config)
     base_digest = model_digest(task.module) if not_a_ledger is None else None
     selection = select_trainable(task, config, 0)
-    view = ScoredView.placed(task, selection, config.zo.direction, device, dtype)
+    view = ScoredView.placed(task, selection, config.zo.direction, device, dtype, config.model.feature_cache_mb)
     log.info("forward passes on %s in %s; %d trainable entries (%.3f%%), digest %s", device, config.model.dtype,
              selection.size, 100 * selection.fraction_of(task.module), selection.digest()[:16])
     out_dir.mkdir(parents=True, exist_ok=True)  # every input checked out: from here the run writes its folder
@@ -312,7 +312,8 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
                 if config.selection.strategy == "incremental":
                     new = new.union(selection, [n for n, _ in task.module.named_parameters()])
                 selection = new
-                view = ScoredView(task, selection, config.zo.direction)
+                view = ScoredView(task, selection, config.zo.direction,
+                                  feature_cache_mb=config.model.feature_cache_mb)
                 log.info("stage %d: %d trainable entries (%.3f%%), digest %s", stage.index, selection.size,
                          100 * selection.fraction_of(task.module), selection.digest()[:16])
             anchor = view.values() if config.schedule.prox > 0 else None

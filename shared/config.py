@@ -23,7 +23,7 @@ from seedtune.shared.directions import DIRECTION_KINDS
 from seedtune.shared.noise import NOISE_FAMILIES
 
 PRUNE_STRATEGIES = ("static", "dynamic", "incremental")
-SELECTION_MODES = ("all", "patterns", "prune")
+SELECTION_MODES = ("all", "patterns", "prune", "head")
 DTYPES = ("float32", "bfloat16", "float16")  # forward-pass dtypes (model.dtype)
 
 NOISE_CHOICES = NOISE_FAMILIES + ("auto",)
@@ -67,6 +67,10 @@ class ModelConfig:
     # in a float32 master whatever the dtype, so a ledger replays to the same float32 values on any machine.
     device: str = "cpu"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps"
     dtype: str = "float32"  # "float32", "bfloat16" or "float16"
+    # With selection.mode = "head", each training record's frozen features are computed once, alone, and kept
+    # in memory up to this many MB (then computed afresh, alone, each time: the same values, more time).
+    # Never written to disk, never released; gone when the process ends.
+    feature_cache_mb: int = 1024
 
     def validate(self) -> None:
         _require(isinstance(self.name, str) and self.name != "", "model.name", "must be a non-empty string", self.name)
@@ -74,6 +78,7 @@ class ModelConfig:
                  self.kind)
         _int("model.max_length", self.max_length, 8, 131_072)
         _int("model.microbatch", self.microbatch, 1, 65_536)
+        _int("model.feature_cache_mb", self.feature_cache_mb, 0, 10**7)
         _require(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
                  "model.device", "must be auto, cpu, cuda, cuda:N or mps", self.device)
         _require(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", self.dtype)
@@ -252,7 +257,9 @@ class PrivacyConfig:
 
 @dataclass
 class SelectionConfig:
-    mode: str = "prune"  # "all", "patterns" or "prune"
+    # "all", "patterns", "prune", or "head": only the classifier head (the encoder's head rows and bias, the
+    # decoder's label-word rows), whose steps read each record's frozen features once (model.feature_cache_mb)
+    mode: str = "prune"
     fraction: float = 0.01  # kept fraction for "prune"
     strategy: str = "static"  # "static", "dynamic" (recomputed per stage), "incremental" (grows per stage)
     patterns: list[str] = field(default_factory=list)  # glob patterns; with "prune", restricts the candidates

@@ -42,6 +42,7 @@ from torch import nn
 
 from seedtune.shared.batching import keep_tail, length_sorted, pad
 from seedtune.shared.config import ConfigError, ModelConfig, TaskConfig, cache_root
+from seedtune.shared.selection import TrainableSet
 from seedtune.shared.tasks import Prompter, Record, Split, as_record, classification_metrics, generation_metrics
 
 log = logging.getLogger(__name__)
@@ -387,6 +388,37 @@ class TextClassifier:
         if self.kind == "decoder":
             return self.module.label_logits(features)
         return self.module.scores(features)
+
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's current rows (K x features) and bias (None for a decoder), in float32."""
+        if self.kind == "decoder":
+            return self.module.lm.get_output_embeddings().weight[self.module.label_ids].float(), None
+        return self.module.head.weight.float(), self.module.head.bias.float()
+
+    def head_set(self) -> TrainableSet:
+        """The classifier head's entries (``selection.mode = "head"``): the encoder's head (weight and bias), or
+        the decoder's label-word rows of its output embedding (in row order)."""
+        if self.generation:
+            raise ConfigError("selection.mode 'head' trains a classifier head: a generation task has none")
+        if self.kind == "encoder":
+            head = self.module.head
+            return TrainableSet(("head.weight", "head.bias"), (tuple(head.weight.shape), tuple(head.bias.shape)),
+                                (None, None))
+        weight = self.module.lm.get_output_embeddings().weight
+        name = next(n for n, p in self.module.named_parameters() if p is weight)
+        rows = torch.sort(self.module.label_ids.cpu()).values
+        width = weight.shape[1]
+        indices = (rows[:, None] * width + torch.arange(width)).reshape(-1)
+        return TrainableSet((name,), (tuple(weight.shape),), (indices,))
+
+    def head_reads_inputs(self) -> frozenset[int]:
+        """Token ids whose input embedding is a trainable head row (a tied decoder's label words): a record
+        holding one has features that move with the head, so they are never cached."""
+        if self.kind != "decoder":
+            return frozenset()
+        lm = self.module.lm
+        tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+        return frozenset(int(i) for i in self.module.label_ids.tolist()) if tied else frozenset()
 
     def all_features(self, ids: Sequence[Sequence[int]], batch_size: int = 64, progress: bool = False,
                      desc: str = "features") -> torch.Tensor:

@@ -34,6 +34,8 @@ def select_trainable(task: TextClassifier, config: RunConfig, stage: int = 0) ->
         return select_all(task.module)
     if sel.mode == "patterns":
         return select_patterns(task.module, sel.patterns)
+    if sel.mode == "head":
+        return task.head_set()
     fraction = stage_fraction(sel.fraction, sel.strategy, stage)
     return select_pruned(task.module, task.synflow_output, fraction, sel.patterns)
 
@@ -116,7 +118,8 @@ class Replica(LedgerFollower):
         self.selection = selection or select_trainable(self.task, config)
         super().__init__(base_digest or model_digest(self.task.module), self.selection.digest(), self.selection.size)
         device, dtype = placement(config.model)
-        self.view = ScoredView.placed(self.task, self.selection, config.zo.direction, device, dtype)
+        self.view = ScoredView.placed(self.task, self.selection, config.zo.direction, device, dtype,
+                                      config.model.feature_cache_mb)
         self._base_values = self.view.values()
 
     @property

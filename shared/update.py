@@ -233,17 +233,60 @@ class TrainableView:
         self._store_all()
 
 
+class FeatureCache:
+    """Each record's frozen features (:meth:`TextClassifier.features`), computed once and alone, for a
+    trainable set that is the classifier head only: a step then costs the head's scores, not the model's.
+
+    A record is always computed alone (a batch of one, no padding), cached or not, so its loss is the same bits
+    whether it came from the cache, from a full recomputation, or from a cache that was full, and it depends on
+    no other record of the batch. Records holding a token whose input embedding is a trainable head row (a tied
+    decoder's label words) are never cached: their features move with the head. Memory: at most ``budget_mb``
+    (then records are computed afresh each time); in memory only, never released, gone with the process."""
+
+    def __init__(self, task: TextClassifier, budget_mb: int) -> None:
+        self.task = task
+        self.live = task.head_reads_inputs()
+        self.budget = budget_mb * 2**20
+        self.store: dict[tuple[int, ...], torch.Tensor] = {}
+        self.bytes = 0
+
+    def _alone(self, ids: tuple[int, ...]) -> torch.Tensor:
+        return self.task.features(self.task.collate([ids], np.zeros(1, dtype=np.int64)))[0]
+
+    def features(self, ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        rows = []
+        for record in ids:
+            key = tuple(record)
+            cached = self.store.get(key)
+            if cached is None:
+                cached = self._alone(key)
+                if self.live.isdisjoint(key) and self.bytes + 4 * cached.numel() <= self.budget:
+                    self.store[key] = cached
+                    self.bytes += 4 * cached.numel()
+            rows.append(cached)
+        return torch.stack(rows)
+
+    def stable(self, ids: Sequence[Sequence[int]]) -> bool:
+        """Whether these records' features stay fixed while the head moves (none holds a head row's token)."""
+        return all(self.live.isdisjoint(record) for record in ids)
+
+
 class ScoredView(TrainableView):
     """A trainable view that also scores examples with its task model: what the ZO step needs of a model
     (:class:`client.zo_step.ZoModel`), on torch."""
 
     def __init__(self, task: TextClassifier, selection: TrainableSet, kind: DirectionKind = "rademacher",
-                 values: Sequence[torch.Tensor] | None = None) -> None:
+                 values: Sequence[torch.Tensor] | None = None, feature_cache_mb: int = 1024) -> None:
         super().__init__(task.module, selection, kind, values)
         self.task = task
+        # A head-only set: the body is frozen, so each record's features are computed once (FeatureCache).
+        self.cache = FeatureCache(task, feature_cache_mb) if _is_head(task, selection) else None
+        if self.cache is not None:
+            log.info("only the classifier head is trainable: each record's features are computed once, alone "
+                     "(cache up to %d MB in memory)", feature_cache_mb)
         # Layers below the trainable set see the same weights in every pass of a step: their output is
         # computed once per batch, between snapshot() and restore(), and reused by both perturbed passes.
-        self.depth = task.frozen_depth(selection.names)
+        self.depth = 0 if self.cache is not None else task.frozen_depth(selection.names)
         self._prefixes: dict[tuple[tuple[int, ...], ...], torch.Tensor] = {}
         if self.depth:
             log.info("trainable set starts at layer %d: layers 0-%d run once per batch, not once per pass",
@@ -251,12 +294,12 @@ class ScoredView(TrainableView):
 
     @classmethod
     def placed(cls, task: TextClassifier, selection: TrainableSet, kind: DirectionKind, device: torch.device,
-               dtype: torch.dtype) -> "ScoredView":
+               dtype: torch.dtype, feature_cache_mb: int = 1024) -> "ScoredView":
         """The view after ``task.place(device, dtype)``, its float32 master taken from the float32 values before
         the cast (a bfloat16 weight cannot give them back)."""
         values = TrainableView(task.module, selection).values() if dtype != task.dtype else None
         task.place(device, dtype)
-        return cls(task, selection, kind, values=values)
+        return cls(task, selection, kind, values=values, feature_cache_mb=feature_cache_mb)
 
     def snapshot(self) -> None:
         self._prefixes.clear()
@@ -267,6 +310,8 @@ class ScoredView(TrainableView):
         self._prefixes.clear()
 
     def per_example_loss(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> np.ndarray:
+        if self.cache is not None:
+            return self._head_loss(ids, labels)
         batch = self.task.collate(ids, labels)
         if not self.depth or not self._stepping:
             return self.task.per_example_loss(batch).cpu().numpy()
@@ -274,3 +319,32 @@ class ScoredView(TrainableView):
         if key not in self._prefixes:
             self._prefixes[key] = self.task.prefix_hidden(batch, self.depth)
         return self.task.per_example_loss(batch, self._prefixes[key], self.depth).cpu().numpy()
+
+    @torch.no_grad()
+    def _head_loss(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> np.ndarray:
+        """Cross-entropy of the head's scores on each record's features, each record's from its own features
+        alone; within a step, the stacked features of a batch whose features cannot move are kept for all its
+        passes (K + 1 of them with K directions)."""
+        assert self.cache is not None
+        key = tuple(tuple(x) for x in ids) if self._stepping else None
+        features = self._prefixes.get(key) if key is not None else None
+        if features is None:
+            features = self.cache.features(ids)
+            if key is not None and self.cache.stable(ids):
+                self._prefixes[key] = features
+        weight, bias = self.task.head_weights()
+        # Row by row, not a matrix product: a GEMM's rounding may depend on the batch's size, and a record's
+        # loss should depend on that record alone.
+        scores = (features[:, None, :] * weight[None]).sum(-1)
+        if bias is not None:
+            scores = scores + bias
+        target = torch.as_tensor(labels, dtype=torch.long, device=scores.device)
+        return torch.nn.functional.cross_entropy(scores.float(), target, reduction="none").cpu().numpy()
+
+
+def _is_head(task: TextClassifier, selection: TrainableSet) -> bool:
+    """Whether ``selection`` is exactly the task's classifier head (``selection.mode = "head"``, or patterns
+    that pick the same entries)."""
+    if task.generation:
+        return False
+    return selection.digest() == task.head_set().digest()

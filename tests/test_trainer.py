@@ -217,3 +217,21 @@ def test_resume_refuses_changed_training_data_a_ledger_behind_its_anchor_and_a_l
     (run / "data-pin.json").write_bytes(kept["data-pin.json"])
     assert main(resume + ["--unanchored"]) == 0  # the user vouches for the ledger: it resumes (nothing left to do)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_at_step"] == 4
+
+
+@pytest.mark.parametrize("name", ["tiny-encoder", "tiny-decoder"])
+def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name):
+    """selection.mode = "head": K directions over the head's entries, each record's features computed once; the
+    ledger is the usual (seed, coeff) history and replays to the trainer's model."""
+    from seedtune.client.trainer import train
+    from seedtune.server.replay import replay
+    from seedtune.shared.config import load_config
+
+    config = load_config(overrides={"model.name": name, "selection.mode": "head", "schedule.stage_steps": [5],
+                                    "zo.directions": 16, "zo.lr": 0.5, "privacy.clip": 4.0, "eval.every": 0,
+                                    "data.train_size": 300, "data.test_size": 32, "out_dir": str(tmp_path / "run")})
+    summary = train(config, progress=False)
+    assert summary["trainable_entries"] == (2 * 32 + 2 if name == "tiny-encoder" else 2 * 32)
+    assert summary["epsilon"] <= 3.0 + 1e-9
+    rebuilt = replay(summary["ledger"])
+    assert rebuilt["entries"] == 5 * 16 and rebuilt["model_digest"] == summary["model_digest"]

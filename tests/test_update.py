@@ -9,7 +9,7 @@ from seedtune.shared.directions import direction_numpy
 from seedtune.shared.models import load_task_model
 from seedtune.shared.selection import select_all, select_patterns, select_pruned
 from seedtune.shared.update import ScoredView, TrainableView
-from tests.helpers import run_python
+from tests.helpers import LABELS, SENTENCES, run_python
 
 
 def _selections(task):
@@ -274,3 +274,62 @@ def test_several_directions_share_one_unperturbed_pass_and_agree_with_two_point_
                      clip=None, noise=None)
     assert result.seeds == tuple(seeds) and len(result.scalars) == 3
     np.testing.assert_allclose(result.scalars, g.mean(axis=0), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------ the head's feature cache
+def _alone_losses(task, ids, labels):
+    """Each record's loss from the full model, the record alone in its batch."""
+    return np.array([task.per_example_loss(task.collate([x], labels[i:i + 1])).numpy()[0]
+                     for i, x in enumerate(ids)], dtype=np.float32)
+
+
+def test_the_head_set_is_the_classifier_head_and_only_it(tiny_task):
+    head = tiny_task.head_set()
+    if tiny_task.kind == "encoder":
+        assert head.names == ("head.weight", "head.bias") and head.size == 2 * 32 + 2
+    else:  # the two label rows of the tied embedding
+        assert head.size == 2 * 32 and tiny_task.head_reads_inputs() == set(tiny_task.module.label_ids.tolist())
+    view = ScoredView(tiny_task, head)
+    assert view.cache is not None and view.depth == 0
+    assert ScoredView(tiny_task, select_patterns(tiny_task.module, ["*layers.1.*", "*layer.1.*"])).cache is None
+
+
+def test_cached_and_uncached_head_losses_are_bit_identical(tiny_task):
+    """The feature cache changes no bit: per-example losses at a perturbed head equal those with no cache (a
+    budget of 0 MB), and the full model's on each record alone to float rounding (the head runs row by row);
+    a record holding a label word (whose embedding is a head row of a tied decoder) is recomputed at the
+    perturbed head, never cached."""
+    sentences = SENTENCES + ["a positive , negative one"]  # the decoder's label words
+    ids = tiny_task.encode(sentences)
+    labels = np.arange(len(ids)) % 2
+    head = tiny_task.head_set()
+    cached, bare = ScoredView(tiny_task, head), ScoredView(tiny_task, head, feature_cache_mb=0)
+    for view in (cached, bare):
+        view.per_example_loss(ids, labels)  # fills the cache
+        view.snapshot()
+        view.perturb(12345, 0.5)
+    try:
+        got = cached.per_example_loss(ids, labels)
+        assert np.array_equal(got, cached.per_example_loss(ids, labels))  # within the step, kept batch
+        assert np.array_equal(got, bare.per_example_loss(ids, labels))
+        np.testing.assert_allclose(got, _alone_losses(tiny_task, ids, labels), rtol=1e-5, atol=1e-6)
+    finally:
+        cached.restore()
+        bare.restore()
+    assert bare.cache.bytes == 0 and cached.cache.bytes > 0
+    live = len(tiny_task.head_reads_inputs()) > 0
+    assert len(cached.cache.store) == len(ids) - (1 if live else 0)
+    np.testing.assert_allclose(cached.per_example_loss(ids, labels), _alone_losses(tiny_task, ids, labels),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_head_losses_do_not_depend_on_the_rest_of_the_batch(tiny_task):
+    """Each record is scored alone, so one more record in the batch moves no other record's loss (the
+    sensitivity argument's assumption, which padded batches meet only at float level)."""
+    ids = tiny_task.encode(SENTENCES)
+    labels = LABELS
+    view = ScoredView(tiny_task, tiny_task.head_set(), feature_cache_mb=0)
+    full = view.per_example_loss(ids, labels)
+    assert np.array_equal(view.per_example_loss(ids[:3], labels[:3]), full[:3])
+    order = [5, 2, 0, 4, 1, 3]
+    assert np.array_equal(view.per_example_loss([ids[i] for i in order], labels[order]), full[order])
