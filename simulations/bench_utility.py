@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
 EPSILONS = (1.0, 3.0, 8.0)
-METHODS = ("zero-shot", "probe", "dp-probe", "mezo", "dpzo", "finetune", "dpsgd", "dpsgd-lora", "fed-dpzo",
+METHODS = ("zero-shot", "probe", "dp-probe", "mezo", "dpzo", "dpzo-head", "finetune", "dpsgd", "dpsgd-lora", "fed-dpzo",
            "fed-dpsgd")
 TASKS = ("sst2", "trec", "rte")  # sst2: the embedded default; the others layer configs/<task>.toml
 ROWS_DIR = "rows.d"  # one JSON file per finished row
@@ -84,6 +84,9 @@ class ModelPlan:
     probe_steps: int = 1000
     probe_batch: int = 256
     probe_lr: float = 1.0  # plain SGD on unit-norm features
+    # DP-ZO on the head alone (selection.mode = "head"): one direction per head entry, the probe's batch, steps
+    # and learning rate, the clip scaled by sqrt(K) (the K-vector's norm is about sqrt(K) times the gradient's)
+    head_width: int = 0  # head entries per label: hidden + 1 (encoder: a bias) or hidden (decoder)
 
 
 @dataclass(frozen=True)
@@ -117,16 +120,18 @@ _TINY = dict(zo_file=None, steps=8, short_steps=4, batch_size=16, fo_lr=1e-3, ft
              train_size=1000, test_size=128, zo_overrides={"zo.lr": 1e-2, "privacy.clip": 5.0},
              fed_train_size=200, fed_test_size=64, probe_steps=20, probe_batch=32)
 PLANS: dict[str, dict[str, ModelPlan]] = {
-    "quick": {name: ModelPlan(name=name, **_TINY) for name in ("tiny-encoder", "tiny-decoder")},
+    "quick": {name: ModelPlan(name=name, head_width=width, **_TINY)
+              for name, width in (("tiny-encoder", 33), ("tiny-decoder", 32))},
     "full": {
         # configs/smollm2_eps3.toml's settings (batch 32, clip 10, microbatch 8, its trainable set and lr) in one
         # stage. The shared budget is 100 steps: a ghost-clipping DP-SGD step of SmolLM2 costs about 4 DP-ZO steps
         # on this CPU. results/utility/ was measured with the earlier config (1% of all weights, lr 1e-3).
         "smollm2": ModelPlan(name="smollm2", zo_file="configs/smollm2_eps3.toml", steps=100, short_steps=10,
-                             batch_size=32, long_dpzo_steps=(250,), microbatch=8),
+                             batch_size=32, long_dpzo_steps=(250,), microbatch=8, head_width=576,
+                             probe_lr=3.0),  # its own dev sweep (docs/results.md)
         # configs/quickstart.toml's settings (batch 64, lr 1e-3, clip 5) in one 50-step stage (CPU time).
         "minilm": ModelPlan(name="minilm", zo_file="configs/quickstart.toml", steps=50, short_steps=20,
-                            batch_size=64, long_dpzo_steps=(300,), microbatch=64),
+                            batch_size=64, long_dpzo_steps=(300,), microbatch=64, head_width=385),
     },
 }
 # Run order of the full plan: what the acceptance checks first (DP-SGD vs DP-ZO at epsilon 3 and equal
@@ -160,6 +165,7 @@ def _task_rows(mode: str, models: list[str], methods: list[str], threads: int, e
         items = [("zero-shot", None, 0, "main"), ("probe", None, plan.probe_steps, "main"),
                  *[("dp-probe", e, plan.probe_steps, "main") for e in EPSILONS],
                  *[("dpzo", e, plan.steps, "main") for e in EPSILONS],
+                 *[("dpzo-head", e, plan.probe_steps, "main") for e in EPSILONS],
                  ("mezo", None, plan.steps, "main"), ("dpsgd", 3.0, plan.steps, "main"),
                  ("finetune", None, plan.steps, "main"),
                  *[("dpsgd", e, plan.short_steps, "short") for e in EPSILONS if e != 3.0],
@@ -315,6 +321,18 @@ def run_row(spec: RowSpec) -> dict[str, Any]:
                    epsilon_spent=summary["epsilon"], trainable_params=summary["trainable_params"],
                    noise_multiplier=summary["noise_multiplier"], opacus_rdp_epsilon=summary["opacus_rdp_epsilon"],
                    s_per_step=summary["train_s"] / spec.steps)
+    elif spec.method == "dpzo-head":
+        from seedtune.client.trainer import train
+
+        labels = len(_task_sections(spec, 0, 0)[0].labels)
+        k = min(4096, labels * plan.head_width)
+        summary = train(_zo_config(plan, spec, out_dir, {
+            "selection.mode": "head", "zo.directions": k, "zo.batch_size": plan.probe_batch, "zo.lr": plan.probe_lr,
+            "privacy.clip": plan.clip * k ** 0.5}), progress=False, on_loop_start=training_starts)
+        row.update(test_accuracy=summary["test_accuracy"], zero_shot_accuracy=summary["zero_shot_accuracy"],
+                   epsilon_spent=summary["epsilon"], trainable_params=summary["trainable_entries"],
+                   noise_multiplier=summary["noise_std"], batch_size=plan.probe_batch, directions=k,
+                   s_per_step=summary["train_s"] / spec.steps)
     elif spec.method in ("probe", "dp-probe"):
         from seedtune.client.baselines.probe import train_probe
 
@@ -408,12 +426,14 @@ def _task_comparisons(rows: list[dict[str, Any]], task: str) -> list[str]:
     lines = []
     for model in sorted({r["model"] for r in rows}):
         for epsilon in sorted({r["epsilon_target"] for r in rows if r["method"] == "dp-probe"}):
-            zo, probe = find(model, "dpzo", "main", epsilon), find(model, "dp-probe", "main", epsilon)
-            if zo and probe:
-                lines.append(f"- {task}, {model}, epsilon {epsilon:g}: DP-ZO {100 * zo['test_accuracy']:.1f} "
-                             f"({zo.get('cpu_s', '?')} CPU s) vs dp-probe {100 * probe['test_accuracy']:.1f} "
-                             f"({probe.get('cpu_s', '?')} CPU s): "
-                             f"{100 * (zo['test_accuracy'] - probe['test_accuracy']):+.1f} points")
+            probe = find(model, "dp-probe", "main", epsilon)
+            for method, budget in (("dpzo", "main"), ("dpzo", "long"), ("dpzo-head", "main")):
+                zo = find(model, method, budget, epsilon)
+                if zo and probe:
+                    lines.append(f"- {task}, {model}, epsilon {epsilon:g}: {method} ({zo['steps']} steps) "
+                                 f"{100 * zo['test_accuracy']:.1f} ({zo.get('cpu_s', '?')} CPU s) vs dp-probe "
+                                 f"{100 * probe['test_accuracy']:.1f} ({probe.get('cpu_s', '?')} CPU s): "
+                                 f"{100 * (zo['test_accuracy'] - probe['test_accuracy']):+.1f} points")
         zo, sgd, ft = find(model, "dpzo", "main"), find(model, "dpsgd", "main"), find(model, "finetune", "main", None)
         fed_zo, fed_sgd = find(model, "fed-dpzo", "fed"), find(model, "fed-dpsgd", "fed")
         if zo and sgd:
