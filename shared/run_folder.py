@@ -70,3 +70,10 @@ def anchor_beside(ledger_path: str | Path) -> Anchor | None:
     """The anchor in the metrics.jsonl of the ledger's own run folder, if the folder has one."""
     path = Path(ledger_path).parent / METRICS_FILE
     return anchor_of(read_rows(path), str(path))
+
+
+def write_summary(out_dir: str, summary: dict) -> None:
+    """A first-order baseline's summary.json in ``out_dir`` (none when it is empty), written last."""
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -22,12 +22,10 @@ noise on the clipped sum divided by the expected batch size, and Adam or SGD on 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -40,7 +38,7 @@ from seedtune.shared.first_order import FirstOrderConfig, poisson_rate, prepare_
 from seedtune.shared.models import TextClassifier, load_task_model
 from seedtune.shared.noise import Noise, SecureRandom
 from seedtune.shared.tasks import load_split
-from seedtune.shared.run_folder import SUMMARY_FILE
+from seedtune.shared.run_folder import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +217,5 @@ def train_first_order(config: FirstOrderConfig, progress: bool = False,
         "wall_s": round(time.time() - start, 2),
         "config": asdict(config),
     }
-    if config.out_dir:
-        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    write_summary(config.out_dir, summary)
     return summary

@@ -18,11 +18,9 @@ and a fresh softmax-regression head over them, started at zero. Privately it is 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -33,7 +31,7 @@ from seedtune.shared.config import ConfigError
 from seedtune.shared.first_order import FirstOrderConfig, poisson_rate
 from seedtune.shared.models import load_task_model
 from seedtune.shared.noise import Noise, SecureRandom
-from seedtune.shared.run_folder import SUMMARY_FILE
+from seedtune.shared.run_folder import write_summary
 from seedtune.shared.tasks import load_split
 
 log = logging.getLogger(__name__)
@@ -155,7 +153,5 @@ def train_probe(config: FirstOrderConfig, progress: bool = False,
         "wall_s": round(time.time() - start, 2),
         "config": asdict(config),
     }
-    if config.out_dir:
-        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    write_summary(config.out_dir, summary)
     return summary
