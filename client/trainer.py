@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from seedtune.client.privacy_ledger import data_key
 from seedtune.client.zo_step import StepResult, ZoModel, zo_step
-from seedtune.shared.aggregation import ACCEPTED, RoundRule
+from seedtune.shared.aggregation import ACCEPTED, RoundRule, update_scale
 from seedtune.shared.ledger import Ledger, Provenance
 from seedtune.shared.accounting import PrivacyAccountant
-from seedtune.shared.config import ConfigError, RunConfig, flatten
+from seedtune.shared.config import ConfigError, RunConfig, directions_per_step, flatten
 from seedtune.shared.digest import model_digest
-from seedtune.shared.directions import seed_stream
+from seedtune.shared.directions import seed_stream, step_seeds
 from seedtune.shared.models import load_task_model, placement
 from seedtune.shared.noise import Noise, SecureRandom
 from seedtune.shared.noise_search import plan_noise
@@ -69,20 +69,19 @@ def private_step(view: ZoModel, ids: Sequence[Sequence[int]], labels: np.ndarray
                  ledger: Ledger | None, accountant: PrivacyAccountant) -> tuple[StepResult, list[float]]:
     """One step of a centralized run, whoever drives it (``train``, or :class:`seedtune.PrivateZO` on a
     user's own model): the privatised scalars, accounted as soon as they exist; the ledger's round; then the
-    update ``theta += -(lr / K) sum_k scalar_k z_k`` (one ledger entry per direction, applied in order, by the
+    update ``theta += -(lr / sqrt(K)) sum_k scalar_k z_k`` (one ledger entry per direction, applied in order, by the
     ledger's own rule over the released float32 scalars: a round of one reply, the trainer's)."""
     result = zo_step(view, ids, labels, seeds=seeds, mu=mu, sample_rate=plan.sample_rate, microbatch=microbatch,
                      rng=rng, clip=clip, noise=plan.noise)
     released = np.asarray(result.scalars, dtype="<f4")
     if plan.noise is not None:  # first: from here the noised scalar exists, whatever fails next
         accountant.record(plan.noise, plan.sample_rate)
-    rule = RoundRule("mean", lr / len(seeds))
+    rule = RoundRule("mean", update_scale(lr, len(seeds)))
     coeffs = [float(c) for c in rule.coefficients(released[None, :])]
     if ledger is not None:  # then the history, then the weights: a failed commit leaves the model as the ledger has it
         ledger.commit_round(step, result.seeds, coeffs, [Provenance(0, TRAINER, ACCEPTED, released.tobytes())],
                             rule)
-    for seed, coeff in zip(result.seeds, coeffs):
-        view.apply(seed, coeff)
+    view.apply_all(list(zip(result.seeds, coeffs)))  # one call per round, as every applier makes it
     return result, coeffs
 
 
@@ -248,8 +247,6 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
         files = local_files(config.data, config.task.name)
         _check_data_pin(out_dir, pin, str(files["train"]) if files else f"the hub's {config.task.name} train split")
     private = config.privacy.enabled
-    log.info("sampling rate %.3g, %d steps of %d direction(s), noise %s", plan.sample_rate, plan.steps,
-             config.zo.directions, plan.noise.describe() if plan.noise else "none")
 
     # The base digest and the first trainable set come from the float32 model on the CPU (as every replica
     # derives them); then the forward passes move to their device and dtype.
@@ -259,6 +256,10 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
     view = ScoredView.placed(task, selection, config.zo.direction, device, dtype, config.model.feature_cache_mb)
     log.info("forward passes on %s in %s; %d trainable entries (%.3f%%), digest %s", device, config.model.dtype,
              selection.size, 100 * selection.fraction_of(task.module), selection.digest()[:16])
+    directions = directions_per_step(config.zo.directions, selection.size)
+    log.info("sampling rate %.3g, %d steps of %d direction(s)%s, noise %s", plan.sample_rate, plan.steps,
+             directions, " (a full Hadamard frame)" if not config.zo.directions else "",
+             plan.noise.describe() if plan.noise else "none")
     out_dir.mkdir(parents=True, exist_ok=True)  # every input checked out: from here the run writes its folder
     if not resume:
         (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
@@ -279,7 +280,6 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
     log.info("zero-shot test %s", ", ".join(f"{k} {v:.4f}" for k, v in zero_shot.items() if isinstance(v, float)))
 
     rng = SecureRandom()
-    directions = config.zo.directions
     seeds = seed_stream(config.zo.seed) if config.zo.seed else iter(rng.seed64, None)
     accountant = PrivacyAccountant()
     done = 0
@@ -289,8 +289,8 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
         if private:
             accountant.record(plan.noise, plan.sample_rate, done)
         if config.zo.seed:  # a fixed seed stream continues where the run stopped
-            for _ in range(done * directions):
-                next(seeds)
+            for _ in range(done):
+                step_seeds(config.zo.direction, seeds, directions)
         log.info("resuming %s at step %d of %d (weights replayed from its ledger; epsilon so far %s)", out_dir,
                  done, plan.steps, f"{accountant.epsilon(config.privacy.delta):.4g}" if private else "none")
     metrics_path = out_dir / METRICS_FILE
@@ -323,7 +323,7 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
                         on_loop_start()
                     loop_start = time.perf_counter()  # the steps alone (dev evaluations included, if any)
                 result, coeffs = private_step(
-                    view, train_ids, train_labels, t + 1, [next(seeds) for _ in range(directions)], stage.lr,
+                    view, train_ids, train_labels, t + 1, step_seeds(config.zo.direction, seeds, directions), stage.lr,
                     stage.mu, plan, rng, config.privacy.clip if private else None, config.model.microbatch,
                     ledger, accountant)
                 if anchor is not None:
@@ -331,7 +331,9 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
                 bar.update(1)
                 bar.set_postfix(stage=stage.index, loss=f"{result.loss:.3f}")
                 row = {"step": t + 1, "stage": stage.index, "batch": result.batch_size, "clipped": result.clipped,
-                       "nonfinite": result.nonfinite, "loss": result.loss, "coeff": coeffs[0] if directions == 1 else coeffs}
+                       "nonfinite": result.nonfinite, "loss": result.loss}
+                if directions == 1:  # (K coefficients are the ledger's business)
+                    row["coeff"] = coeffs[0]
                 if ledger is not None:  # the anchor outside the ledger file that a resumed run checks it against
                     row["ledger_record"] = ledger.record_at(t + 1).hex()
                 if config.eval.every and (t + 1) % config.eval.every == 0 and len(dev_ids):
@@ -356,7 +358,7 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
         "device": str(device),
         "dtype": config.model.dtype,
         "steps": plan.steps,
-        "directions_per_step": config.zo.directions,
+        "directions_per_step": directions,
         "epsilon": epsilon,
         "delta": config.privacy.delta if private else None,
         "noise": plan.noise.family if plan.noise else None,

@@ -7,9 +7,13 @@ and dividing by the *expected* batch size q n (not the realised one) keeps the s
 under Poisson sampling. The caller turns the scalar into the update ``theta += (-lr * scalar) * z``.
 
 With K > 1 directions per step (``zo.directions``) the K estimates share one unperturbed pass: example i gives
-the vector ``g_i[k] = (L_i(theta + mu z_k) - L_i(theta)) / mu``, K + 1 forward passes instead of 2K, clipped
-to L2 norm C as a whole. The released K-vector is then one Gaussian mechanism of L2 sensitivity C, accounted
-exactly like the single scalar, and the update averages the K directions.
+the vector ``g_i[k] = (L_i(theta + mu z_k) - L_i(theta)) / (mu sqrt(K))``, K + 1 forward passes instead of 2K,
+clipped to L2 norm C as a whole. The 1 / sqrt(K) makes C a bound on the gradient itself, whatever K:
+``||Z^T g||^2 / K`` is ``||g||^2`` on average over random directions and exactly for a Hadamard frame of
+K = n directions (shared.directions), so privacy.clip means what DP-SGD's clip means. The released K-vector is
+one Gaussian mechanism of L2 sensitivity C, accounted exactly like the single scalar, and the caller's update
+is ``theta -= (lr / sqrt(K)) sum_k scalar_k z_k`` (:func:`shared.aggregation.update_scale`): lr times the gradient, on average
+(exactly, for the frame).
 
 The step is written against :class:`ZoModel`, so the same code (sampling, clipping, noise) runs on torch
 (:class:`shared.update.ScoredView`) and on ONNX Runtime (:class:`client.onnx_runtime.OnnxView`); this module
@@ -173,7 +177,12 @@ def zo_step(
         g, losses = projected_gradients(model, ids, labels, seeds[0], mu, microbatch)
         g = g[:, None]
     else:
-        g, losses = one_sided_gradients(model, ids, labels, seeds, mu, microbatch)
+        # A model that can evaluate all K directions at once (a head-only view over a Hadamard frame) does;
+        # others make K + 1 passes.
+        frame = getattr(model, "frame_estimates", None)
+        found = frame(ids, labels, seeds, mu) if frame is not None else None
+        g, losses = found if found is not None else one_sided_gradients(model, ids, labels, seeds, mu, microbatch)
+        g = g / np.sqrt(len(seeds))
     g, nonfinite = zero_nonfinite(g)
     if clip is None:
         scalars, clipped = (g.mean(axis=0) if len(g) else np.zeros(len(seeds))), 0

@@ -51,6 +51,13 @@ def aggregate(scalars: np.ndarray, rule: str, trim: float = 0.0) -> np.ndarray:
     return np.array([math.fsum(col) / n for col in columns.T], dtype=np.float64)
 
 
+def update_scale(lr: float, directions: int) -> float:
+    """The rule's learning rate for steps of K directions: ``lr / sqrt(K)``, because each released scalar of such
+    a step is a projection divided by sqrt(K) (client.zo_step), so the step moves lr times the gradient; lr for
+    one direction. The trainer, the server and every node's local progress use it alike."""
+    return lr / math.sqrt(directions) if directions > 1 else lr
+
+
 def coefficients(lr: float, aggregates: np.ndarray) -> np.ndarray:
     """``float32(-lr * a)`` per aggregate: what a ledger entry stores and replay adds along z(seed). A zero is
     stored as +0.0 (SQLite would give back a -0.0 as the integer 0, without its sign)."""

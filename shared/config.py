@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 
-from seedtune.shared.directions import DIRECTION_KINDS
+from seedtune.shared.directions import DIRECTION_KINDS, frame_size
 from seedtune.shared.noise import NOISE_FAMILIES
 
 PRUNE_STRATEGIES = ("static", "dynamic", "incremental")
@@ -215,10 +215,11 @@ class ZOConfig:
     batch_size: int = 32  # expected batch size q*n under Poisson sampling
     lr: float = 1e-4  # step size of theta -= lr * g * z
     mu: float = 1e-3  # smoothing scale of the two-point estimate
-    direction: str = "rademacher"  # "rademacher" or "gaussian" directions z, regenerated from each seed
+    direction: str = "rademacher"  # "rademacher", "gaussian" or "hadamard" (an orthogonal frame) directions z
     seed: int = 0  # 0: fresh direction seeds from the CSPRNG; else a public, reproducible stream from this seed
     # Directions per step. 1: DPZero's symmetric two-point estimate (2 passes). K > 1: one-sided estimates
     # sharing one unperturbed pass (K + 1 passes), the per-example K-vector clipped in L2 (seedtune train only).
+    # 0 with zo.direction = "hadamard": a full frame, K = the power of two at or above the trainable set's size.
     directions: int = 1
 
     def validate(self) -> None:
@@ -229,7 +230,20 @@ class ZOConfig:
                  self.direction)
         _require(isinstance(self.seed, int) and 0 <= self.seed < 2**64, "zo.seed", "must be an int in [0, 2^64)",
                  self.seed)
-        _int("zo.directions", self.directions, 1, 4096)
+        _int("zo.directions", self.directions, 0, 4096)
+        _require(self.directions != 0 or self.direction == "hadamard", "zo.directions",
+                 "0 (a full frame) needs zo.direction = 'hadamard'", self.directions)
+
+
+def directions_per_step(configured: int, entries: int) -> int:
+    """K of a step: ``zo.directions``, or for 0 the full Hadamard frame over ``entries`` trainable entries (the
+    trainer, the server and every node derive it alike from the ledger header's config)."""
+    if configured:
+        return configured
+    try:
+        return frame_size(entries)
+    except ValueError as exc:
+        raise ConfigError(f"zo.directions = 0: {exc}") from None
 
 
 @dataclass
@@ -413,7 +427,7 @@ class RunConfig:
         # K noisy scalars released together are one mechanism of L2 sensitivity C: accounted as one scalar for
         # the Gaussian only (K independent Laplace or LMO draws would need an accounting of their own).
         _require(self.zo.directions == 1 or not self.privacy.enabled or self.privacy.noise == "gaussian",
-                 "zo.directions", f"> 1 needs privacy.noise = 'gaussian' (got {self.privacy.noise!r})",
+                 "zo.directions", f"other than 1 needs privacy.noise = 'gaussian' (got {self.privacy.noise!r})",
                  self.zo.directions)
         # SynFlow scores a float32 model on the CPU (every node must derive the same set): a strategy that re-prunes
         # between stages would have to score the half-precision forward copy.

@@ -26,6 +26,15 @@ same bits; the levels are computed once per process in float64 and rounded to th
 Mean 0 and variance 1 exactly over the levels, kurtosis 2.9996 (a normal's is 3); tails stop at 4.33. This
 replaced Box-Muller on float64 uniforms (ledger format 4), which ran 30 to 100 times slower and matched
 between torch and numpy only to float32 rounding.
+
+Hadamard (an orthogonal frame): the low 32 bits of the seed pick a row k of the Sylvester-Hadamard matrix,
+``H[k, j] = (-1)^popcount(k & j)``, and the high 32 bits a Rademacher sign per entry (the Rademacher direction
+of seed >> 32), so ``z[j] = r[j] * H[k, j]``, entries +-1 like Rademacher. For any n = 2^m at least the
+number of trainable entries d, the n directions sharing one sign key form a tight frame:
+``sum_k z_k z_k^T = n I`` exactly (rows of H are orthogonal, and the signs cancel in pairs). Their K = n
+projections of a gradient g therefore hold g itself (``||Z^T g|| = sqrt(n) ||g||``), and a ZO step over them is
+DP-SGD on those entries: what a head stage uses (:func:`step_seeds`). With K < n rows the random signs keep
+``E[z z^T] = I``, like the other kinds.
 """
 
 from __future__ import annotations
@@ -39,8 +48,8 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported lazily: the numpy path (the ONNX Runtime client) runs without it
     import torch
 
-DirectionKind = Literal["rademacher", "gaussian"]
-DIRECTION_KINDS: tuple[str, ...] = ("rademacher", "gaussian")
+DirectionKind = Literal["rademacher", "gaussian", "hadamard"]
+DIRECTION_KINDS: tuple[str, ...] = ("rademacher", "gaussian", "hadamard")
 
 MASK32 = 0xFFFFFFFF
 _M1 = 0x7FEB352D
@@ -128,6 +137,35 @@ def words_torch(k0: int, k1: int, first: int, count: int, device: torch.device) 
     return _hash32_torch(j.bitwise_xor_(_signed32(k1)))
 
 
+def _parity_torch(x: torch.Tensor) -> torch.Tensor:
+    """popcount(x) mod 2 of an int32 tensor's 32 bits, in place (folding halves: the arithmetic shifts' sign
+    bits reach only bits that the next folds ignore)."""
+    for shift in (16, 8, 4, 2, 1):
+        x.bitwise_xor_(x >> shift)
+    return x.bitwise_and_(1)
+
+
+def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H`` along the last dimension (a power of two, n): entry k becomes sum_j (-1)^popcount(k & j) x[j], the
+    projections of x onto the n Hadamard rows at once, in n log n additions. Each vector of the leading dimensions
+    is transformed alone, by the same fixed sequence of additions, so its bits do not depend on the others."""
+    import torch
+
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"a Walsh-Hadamard transform needs a power-of-two length, got {n}")
+    out = x.reshape(-1, n).clone()
+    h = 1
+    while h < n:  # butterflies in place: (a, b) -> (a + b, a - b) for entries h apart
+        pairs = out.view(-1, n // (2 * h), 2, h)
+        a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
+        difference = a - b
+        a.add_(b)
+        b.copy_(difference)
+        h *= 2
+    return out.view(x.shape)
+
+
 _TABLES: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -205,6 +243,10 @@ def direction_torch(
         torch.index_select(table, 0, octets, out=out.view(-1, 8))
         offset = start - (first << 5)
         return out[offset : offset + count]
+    if kind == "hadamard":  # the sign key's Rademacher direction times row k of H (exact: +-scale times +-1)
+        out = direction_torch(seed >> 32, start, count, "rademacher", dtype, device, scale=scale, scratch=scratch)
+        j = _counter(count, device) + _signed32(start & MASK32)
+        return out.mul_(_parity_torch(j.bitwise_and_(_signed32(seed & MASK32))).mul_(-2).add_(1).to(dtype))
     # Gaussian: entries 2j and 2j + 1 are the low and high 16 bits of word j, each picking one level
     k0, k1 = _keys(seed, _GAUSS_STREAM)
     first, last = start >> 1, (start + count - 1) >> 1
@@ -262,7 +304,39 @@ def direction_numpy(
         halves = np.stack((words & np.uint32(0xFFFF), words >> np.uint32(16)), axis=1).reshape(-1)
         offset = start - (first << 1)
         return _np_levels(dtype)[halves][offset : offset + count]
+    if kind == "hadamard":
+        j = (np.arange(start, start + count, dtype=np.uint64) & np.uint64(MASK32)).astype(np.uint32)
+        x = j & np.uint32(_check_seed(seed) & MASK32)
+        for shift in (16, 8, 4, 2, 1):
+            x = x ^ (x >> np.uint32(shift))
+        signs = (1 - 2 * (x & np.uint32(1)).astype(np.int8)).astype(dtype)
+        return direction_numpy(seed >> 32, start, count, "rademacher", dtype) * signs
     raise ValueError(f"unknown direction kind {kind!r}; choose one of {DIRECTION_KINDS}")
+
+
+FRAME_MAX = 4096  # zo.directions' bound: the largest full frame a step draws
+
+
+def frame_size(entries: int) -> int:
+    """K of a full Hadamard frame over ``entries`` trainable entries: the power of two at or above it."""
+    k = 1 << max(entries - 1, 0).bit_length()
+    if k > FRAME_MAX:
+        raise ValueError(f"a full Hadamard frame over {entries:,} trainable entries needs {k:,} directions per step, "
+                         f"more than zo.directions' {FRAME_MAX:,}: choose a smaller trainable set (selection.mode = "
+                         f"'head') or set zo.directions")
+    return k
+
+
+def step_seeds(kind: str, seeds: Iterator[int], count: int) -> list[int]:
+    """The ``count`` direction seeds of one step, drawn from ``seeds``: one seed each for Rademacher and
+    Gaussian directions; for Hadamard, rows 0 .. count - 1 under one fresh sign key (the high 32 bits of one
+    draw), so that ``count`` = n >= the trainable size gives the tight frame (one draw per step)."""
+    if kind != "hadamard":
+        return [next(seeds) for _ in range(count)]
+    if count > 1 << 32:
+        raise ValueError(f"a Hadamard step has at most 2**32 directions, got {count}")
+    key = next(seeds) >> 32
+    return [(key << 32) | row for row in range(count)]
 
 
 def seed_stream(base: int) -> Iterator[int]:

@@ -411,6 +411,22 @@ class TextClassifier:
         indices = (rows[:, None] * width + torch.arange(width)).reshape(-1)
         return TrainableSet((name,), (tuple(weight.shape),), (indices,))
 
+    def head_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each entry of :meth:`head_set` (in its flat order) sits in the head: its class (the score's
+        index) and its feature column, the column ``features`` standing for the encoder's bias (a constant 1).
+        Score c is then ``sum_j [class_j = c] value_j x_col_j`` over the head's entries, x the features and a 1:
+        what lets a step evaluate the head at many perturbations at once (:class:`shared.update.ScoredView`)."""
+        weight, bias = self.head_weights()
+        classes, width = weight.shape
+        rows = torch.arange(classes).repeat_interleave(width)
+        cols = torch.arange(width).repeat(classes)
+        if bias is not None:  # the encoder: head.weight row-major, then head.bias
+            return torch.cat([rows, torch.arange(classes)]), torch.cat([cols, torch.full((classes,), width)])
+        order = torch.argsort(self.module.label_ids.cpu())  # the head set holds the label rows sorted by token id
+        if len(set(self.module.label_ids.tolist())) != classes:
+            raise ValueError("two labels share a label word: the head cannot tell their rows apart")
+        return order.repeat_interleave(width), cols
+
     def head_reads_inputs(self) -> frozenset[int]:
         """Token ids whose input embedding is a trainable head row (a tied decoder's label words): a record
         holding one has features that move with the head, so they are never cached."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from seedtune.shared.directions import CHUNK, SCRATCH_EXTRA, DirectionKind, direction_torch
+from seedtune.shared.directions import CHUNK, SCRATCH_EXTRA, DirectionKind, direction_torch, walsh_hadamard
 from seedtune.shared.selection import TrainableSet
 
 if TYPE_CHECKING:
@@ -202,14 +202,35 @@ class TrainableView:
     def apply_all(self, moves: Sequence[tuple[int, float]]) -> None:
         """theta += coeff * z(seed) for each (seed, coeff) in order, in float32 on the master: the same bits as
         one ``apply`` after another (each entry's addition rounds once, in the same order), each chunk written
-        to the parameters once for all of them."""
+        to the parameters once for all of them.
+
+        Hadamard directions are the exception, by rule: a frame (a run of moves under one sign key with rising
+        rows, what one step releases; :func:`frame_runs`) is added as one float32 sum, computed exactly enough in
+        float64 by one Walsh-Hadamard transform instead of K direction generations. Every applier (trainer,
+        replay, follower) passes whole rounds here, so they all cut the same runs and agree bit for bit."""
         if not moves:
             return
+        runs = frame_runs(moves, self.selection.size) if self.kind == "hadamard" else [(0, len(moves), False)]
         for c in self._plan:
             values = self._master[c.start : c.start + c.count]
-            for seed, coeff in moves:
-                values.add_(self._z(seed, c, coeff))
+            for first, last, frame in runs:
+                if frame:
+                    values.add_(self._frame_sum(moves[first:last], c))
+                    continue
+                for seed, coeff in moves[first:last]:
+                    values.add_(self._z(seed, c, coeff))
             self._store(c, values)
+
+    def _frame_sum(self, moves: Sequence[tuple[int, float]], chunk: _Chunk) -> torch.Tensor:
+        """sum_k coeff_k z_k over the chunk, float64 then rounded once to float32: the Hadamard rows' weighted sum
+        is the transform of the coefficients placed at their rows, times the key's signs."""
+        rows = torch.tensor([seed & 0xFFFFFFFF for seed, _ in moves], dtype=torch.long)
+        n = 1 << max(int(rows.max()), self.selection.size - 1).bit_length()
+        placed = torch.zeros(n, dtype=torch.float64)
+        placed[rows] = torch.tensor([coeff for _, coeff in moves], dtype=torch.float64)
+        signs = direction_torch(moves[0][0] >> 32, chunk.start, chunk.count, "rademacher", dtype=torch.float64)
+        total = walsh_hadamard(placed)[chunk.start : chunk.start + chunk.count].mul_(signs)
+        return total.to(device=self.device, dtype=torch.float32)
 
     @torch.no_grad()
     def values(self) -> list[torch.Tensor]:
@@ -231,6 +252,24 @@ class TrainableView:
             delta.mul_(strength)
             current.sub_(delta)
         self._store_all()
+
+
+FRAME_LIMIT = 1 << 22  # the largest trainable set whose Hadamard frames are summed by a transform (32 MB)
+
+
+def frame_runs(moves: Sequence[tuple[int, float]], size: int) -> list[tuple[int, int, bool]]:
+    """``moves`` cut into [first, last) runs, each a frame (True: at least two Hadamard moves under one sign key,
+    rows strictly rising, as one step draws them with :func:`shared.directions.step_seeds`) or a single move.
+    A set larger than :data:`FRAME_LIMIT` has no frames (its moves are applied one by one)."""
+    runs: list[tuple[int, int, bool]] = []
+    first = 0
+    for i in range(1, len(moves) + 1):
+        if i < len(moves) and size <= FRAME_LIMIT and moves[i][0] >> 32 == moves[i - 1][0] >> 32 \
+                and moves[i][0] & 0xFFFFFFFF > moves[i - 1][0] & 0xFFFFFFFF:
+            continue
+        runs.append((first, i, i - first > 1))
+        first = i
+    return runs
 
 
 class FeatureCache:
@@ -288,6 +327,7 @@ class ScoredView(TrainableView):
         # computed once per batch, between snapshot() and restore(), and reused by both perturbed passes.
         self.depth = 0 if self.cache is not None else task.frozen_depth(selection.names)
         self._prefixes: dict[tuple[tuple[int, ...], ...], torch.Tensor] = {}
+        self._layout: tuple[torch.Tensor, torch.Tensor] | None = None  # the head's, once a frame step needs it
         if self.depth:
             log.info("trainable set starts at layer %d: layers 0-%d run once per batch, not once per pass",
                      self.depth, self.depth - 1)
@@ -319,6 +359,48 @@ class ScoredView(TrainableView):
         if key not in self._prefixes:
             self._prefixes[key] = self.task.prefix_hidden(batch, self.depth)
         return self.task.per_example_loss(batch, self._prefixes[key], self.depth).cpu().numpy()
+
+    @torch.no_grad()
+    def frame_estimates(self, ids: Sequence[Sequence[int]], labels: np.ndarray, seeds: Sequence[int],
+                        mu: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each example's symmetric two-point estimates ``(L(theta + mu z_k) - L(theta - mu z_k)) / (2 mu)`` along
+        K Hadamard directions of one sign key, shape (examples, K) float64, and its unperturbed loss; None where this
+        shortcut does not apply (then a step makes its K + 1 passes).
+
+        For a head-only set the scores are linear in the head's entries, so the scores at theta + mu z_k are the
+        scores at theta plus mu times the projections of each example's (features, 1), signed and placed by
+        :meth:`TextClassifier.head_layout`, onto the Hadamard rows: one Walsh-Hadamard transform per example and
+        class gives all K of them (n log n additions instead of K passes). Each example alone (row-by-row scores,
+        a transform per vector), so no example's estimate depends on another's."""
+        if (self.cache is None or self.kind != "hadamard" or not len(ids) or not self.cache.stable(ids)
+                or len({s >> 32 for s in seeds}) != 1):
+            return None
+        size = self.selection.size
+        rows = torch.tensor([s & 0xFFFFFFFF for s in seeds], dtype=torch.long)
+        n = 1 << max(int(rows.max()), size - 1).bit_length()
+        if self._layout is None:
+            self._layout = self.task.head_layout()
+        classes, cols = self._layout
+        if len(ids) * int(classes.max() + 1) * n > 1 << 27:  # the transform's float32 working set past 512 MB
+            return None
+        features = self.cache.features(ids).to(torch.float64)
+        weight, bias = (None if t is None else t.to(torch.float64) for t in self.task.head_weights())
+        scores = (features[:, None, :] * weight[None]).sum(-1) + (0.0 if bias is None else bias)
+        inputs = torch.cat([features, features.new_ones(len(ids), 1)], dim=1)[:, cols]
+        signs = direction_torch(seeds[0] >> 32, 0, size, "rademacher", dtype=torch.float64, device=features.device)
+        # The transform in float32 (4x faster): its rounding is relative to each projection, and the loss
+        # differences below are taken in float64, so nothing is divided by mu's worth of cancellation.
+        placed = torch.zeros(len(ids), weight.shape[0], n, dtype=torch.float32, device=features.device)
+        placed[:, classes, torch.arange(size)] = (inputs * signs).to(torch.float32)
+        moves = walsh_hadamard(placed)[:, :, rows.to(features.device)].transpose(1, 2).to(torch.float64)
+        target = torch.as_tensor(labels, dtype=torch.long, device=features.device)[:, None, None]
+
+        def loss(at: torch.Tensor) -> torch.Tensor:  # cross-entropy of (examples, K, classes) scores
+            return torch.logsumexp(at, dim=2) - at.gather(2, target.expand(-1, at.shape[1], 1))[:, :, 0]
+
+        centre = scores[:, None, :]  # (examples, K = 1, classes)
+        g = (loss(centre + mu * moves) - loss(centre - mu * moves)) / (2 * mu)
+        return g.cpu().numpy(), loss(centre)[:, 0].to(torch.float32).cpu().numpy()
 
     @torch.no_grad()
     def _head_loss(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> np.ndarray:

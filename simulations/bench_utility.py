@@ -84,8 +84,8 @@ class ModelPlan:
     probe_steps: int = 1000
     probe_batch: int = 256
     probe_lr: float = 1.0  # plain SGD on unit-norm features
-    # DP-ZO on the head alone (selection.mode = "head"): one direction per head entry, the probe's batch, steps
-    # and learning rate, the clip scaled by sqrt(K) (the K-vector's norm is about sqrt(K) times the gradient's)
+    # DP-ZO on the head alone (selection.mode = "head"): a Hadamard frame of K = n >= head size directions (a step is
+    # then DP-SGD on the head, shared.directions), the probe's batch, steps, learning rate and clip
     head_width: int = 0  # head entries per label: hidden + 1 (encoder: a bias) or hidden (decoder)
 
 
@@ -325,10 +325,11 @@ def run_row(spec: RowSpec) -> dict[str, Any]:
         from seedtune.client.trainer import train
 
         labels = len(_task_sections(spec, 0, 0)[0].labels)
-        k = min(4096, labels * plan.head_width)
+        k = 1 << (labels * plan.head_width - 1).bit_length()
         summary = train(_zo_config(plan, spec, out_dir, {
-            "selection.mode": "head", "zo.directions": k, "zo.batch_size": plan.probe_batch, "zo.lr": plan.probe_lr,
-            "privacy.clip": plan.clip * k ** 0.5}), progress=False, on_loop_start=training_starts)
+            "selection.mode": "head", "zo.direction": "hadamard", "zo.directions": k,
+            "zo.batch_size": plan.probe_batch, "zo.lr": plan.probe_lr, "privacy.clip": plan.clip}),
+            progress=False, on_loop_start=training_starts)
         row.update(test_accuracy=summary["test_accuracy"], zero_shot_accuracy=summary["zero_shot_accuracy"],
                    epsilon_spent=summary["epsilon"], trainable_params=summary["trainable_entries"],
                    noise_multiplier=summary["noise_std"], batch_size=plan.probe_batch, directions=k,

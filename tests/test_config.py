@@ -60,7 +60,7 @@ def test_bad_values_name_the_field(override, message):
     (f"schedule.stage_steps=[{10**30}]", "schedule.stage_steps must be a list of 1 to 64 ints >= 1 summing to"),
     ("schedule.stage_steps=[9000000, 9000000]", "summing to at most 10,000,000"),
     ("model.microbatch=100000000", "model.microbatch must be an int in [1, 65,536]"),
-    ("zo.directions=100000", "zo.directions must be an int in [1, 4,096]"),
+    ("zo.directions=100000", "zo.directions must be an int in [0, 4,096]"),
     ("eval.every=100000000000", "eval.every must be an int in [0, 10,000,000]"),
     ('out_dir="runs/a\u0000b"', "out_dir must be a string without NUL characters"),
     ('data.train_file="a\u0000.csv"', "data.train_file must be a string without NUL characters"),

@@ -108,3 +108,23 @@ def test_the_byte_table_generator_reproduces_the_reference_stream_bit_for_bit():
         assert torch.equal(direction_torch(seed, start, count), expected), (seed, start, count)
         assert torch.equal(direction_torch(seed, start, count, dtype=torch.float64), expected.double())
         assert np.array_equal(direction_numpy(seed, start, count), expected.numpy())
+
+
+def test_hadamard_directions_are_a_tight_frame_the_same_in_torch_and_numpy():
+    """n = 2^m Hadamard rows under one sign key: sum_k z_k z_k^T = n I exactly on any d <= n entries (what makes a
+    head step over them DP-SGD); entries +-1, torch equal to numpy bit for bit, slices equal to the whole, and
+    different keys give different signs."""
+    from seedtune.shared.directions import seed_stream, step_seeds
+
+    seeds = step_seeds("hadamard", seed_stream(11), 256)
+    assert len({s >> 32 for s in seeds}) == 1 and [s & 0xFFFFFFFF for s in seeds] == list(range(256))
+    z = np.stack([direction_numpy(s, 0, 200, "hadamard") for s in seeds]).astype(np.float64)
+    np.testing.assert_array_equal(z.T @ z, 256 * np.eye(200))
+    for seed, start, count in [(seeds[37], 0, 200), (2**64 - 1, 5, 3000), (seeds[3], 2**32 - 7, 20),
+                               (9 << 32 | 5, 3, (1 << 20) + 9)]:
+        t = direction_torch(seed, start, count, "hadamard")
+        np.testing.assert_array_equal(t.numpy(), direction_numpy(seed, start, count, "hadamard"))
+        assert set(np.unique(t.numpy())) <= {-1.0, 1.0}
+    np.testing.assert_array_equal(direction_torch(seeds[5], 0, 200, "hadamard", scale=0.25).numpy(), 0.25 * z[5])
+    other = step_seeds("hadamard", seed_stream(12), 2)
+    assert not np.array_equal(direction_numpy(other[1], 0, 200, "hadamard"), z[1])

@@ -38,8 +38,8 @@ def test_non_private_mezo_mode_reports_no_epsilon(tmp_path):
 
 @pytest.mark.parametrize("override,message", [("privacy.clip=0", "privacy.clip must be > 0"),
                                               ("zo.batch_size=100000", "exceeds the training set size"),
-                                              ("zo.directions=0", "zo.directions must be an int in [1, 4,096]"),
-                                              ("privacy.noise=laplace", "zo.directions > 1 needs privacy.noise"),
+                                              ("zo.directions=0", "0 (a full frame) needs zo.direction = 'hadamard'"),
+                                              ("privacy.noise=laplace", "zo.directions other than 1 needs privacy.noise"),
                                               # issue 32: a fixed multiplier ran past privacy.epsilon unannounced
                                               ("privacy.noise_multiplier=0.5",
                                                "privacy.noise_multiplier 0.5 spends epsilon")])
@@ -220,18 +220,24 @@ def test_resume_refuses_changed_training_data_a_ledger_behind_its_anchor_and_a_l
 
 
 @pytest.mark.parametrize("name", ["tiny-encoder", "tiny-decoder"])
-def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name):
+@pytest.mark.parametrize("direction,directions", [("rademacher", 16), ("hadamard", 0)])
+def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, direction, directions):
     """selection.mode = "head": K directions over the head's entries, each record's features computed once; the
-    ledger is the usual (seed, coeff) history and replays to the trainer's model."""
+    ledger is the usual (seed, coeff) history and replays to the trainer's model. zo.directions = 0 with Hadamard
+    directions is a full frame (K = the power of two at or above the head's size), whose rounds the trainer and
+    replay both add as one sum per frame."""
     from seedtune.client.trainer import train
     from seedtune.server.replay import replay
     from seedtune.shared.config import load_config
 
     config = load_config(overrides={"model.name": name, "selection.mode": "head", "schedule.stage_steps": [5],
-                                    "zo.directions": 16, "zo.lr": 0.5, "privacy.clip": 4.0, "eval.every": 0,
-                                    "data.train_size": 300, "data.test_size": 32, "out_dir": str(tmp_path / "run")})
+                                    "zo.direction": direction, "zo.directions": directions, "zo.lr": 0.5,
+                                    "privacy.clip": 1.0, "eval.every": 0, "data.train_size": 300,
+                                    "data.test_size": 32, "out_dir": str(tmp_path / "run")})
     summary = train(config, progress=False)
-    assert summary["trainable_entries"] == (2 * 32 + 2 if name == "tiny-encoder" else 2 * 32)
+    size = 2 * 32 + 2 if name == "tiny-encoder" else 2 * 32
+    k = directions or (128 if name == "tiny-encoder" else 64)
+    assert summary["trainable_entries"] == size and summary["directions_per_step"] == k
     assert summary["epsilon"] <= 3.0 + 1e-9
     rebuilt = replay(summary["ledger"])
-    assert rebuilt["entries"] == 5 * 16 and rebuilt["model_digest"] == summary["model_digest"]
+    assert rebuilt["entries"] == 5 * k and rebuilt["model_digest"] == summary["model_digest"]

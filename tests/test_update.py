@@ -273,7 +273,7 @@ def test_several_directions_share_one_unperturbed_pass_and_agree_with_two_point_
     result = zo_step(view, ids, labels, seeds=seeds, mu=1e-4, sample_rate=1.0, microbatch=5, rng=SecureRandom(),
                      clip=None, noise=None)
     assert result.seeds == tuple(seeds) and len(result.scalars) == 3
-    np.testing.assert_allclose(result.scalars, g.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(result.scalars, g.mean(axis=0) / np.sqrt(3), rtol=1e-6)  # each over sqrt(K)
 
 
 # ------------------------------------------------------------------------ the head's feature cache
@@ -333,3 +333,96 @@ def test_head_losses_do_not_depend_on_the_rest_of_the_batch(tiny_task):
     assert np.array_equal(view.per_example_loss(ids[:3], labels[:3]), full[:3])
     order = [5, 2, 0, 4, 1, 3]
     assert np.array_equal(view.per_example_loss([ids[i] for i in order], labels[order]), full[order])
+
+
+def test_a_step_over_a_hadamard_frame_is_dp_sgd_on_the_head(tiny_task):
+    """The head stage's claim: with K = n >= d Hadamard directions (one sign key), the released K scalars and the
+    update -(lr / sqrt(K)) sum_k scalar_k z_k are DP-SGD's step on the head: each example's gradient clipped to
+    L2 norm C (the same C, not C sqrt(K)), summed, divided by the expected batch, times lr. Checked against the
+    closed-form per-example gradient of the softmax head, (p - e_y) features^T, clipping some examples."""
+    from seedtune.client.trainer import private_step, PrivacyPlan
+    from seedtune.shared.accounting import PrivacyAccountant
+    from seedtune.shared.directions import seed_stream, step_seeds
+    from seedtune.shared.noise import SecureRandom
+
+    task, head = tiny_task, tiny_task.head_set()
+    view = ScoredView(task, head, "hadamard")
+    ids, labels = task.encode(SENTENCES), np.asarray(LABELS)
+    weight, bias = (None if t is None else t.detach().double() for t in task.head_weights())
+    features = torch.cat([task.features(task.collate([x], labels[i:i + 1])) for i, x in enumerate(ids)]).double()
+    p = torch.softmax(features @ weight.T + (0 if bias is None else bias), dim=1)
+    residual = p - torch.nn.functional.one_hot(torch.as_tensor(labels), p.shape[1]).double()
+    grads = (residual[:, :, None] * features[:, None, :]).reshape(len(ids), -1)  # rows then (encoder) the bias
+    if bias is not None:
+        grads = torch.cat([grads, residual], dim=1)
+    else:  # the decoder's label rows, in the head set's (sorted row) order
+        order = torch.argsort(task.module.label_ids.cpu())
+        grads = residual[:, order, None].mul(features[:, None, :]).reshape(len(ids), -1)
+    norms = grads.norm(dim=1)
+    clip = float(norms.sort().values[2:4].mean())  # half the examples are clipped, none at the bound
+    expected = -0.5 * (grads * torch.clamp(clip / norms, max=1.0)[:, None]).sum(0) / len(ids)
+    n = 1 << (head.size - 1).bit_length()
+    before = torch.cat([v.double().flatten() for v in view.values()])
+    plan = PrivacyPlan(sample_rate=1.0, noise=None, steps=1)  # every example: the batch is known
+    result, _ = private_step(view, ids, labels, 1, step_seeds("hadamard", seed_stream(3), n), 0.5, 1e-3, plan,
+                             SecureRandom(), clip, 8, None, PrivacyAccountant())
+    moved = torch.cat([v.double().flatten() for v in view.values()]) - before
+    assert result.clipped == int((norms > clip).sum()) > 0
+    torch.testing.assert_close(moved, expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max()))
+
+
+def test_frame_estimates_are_the_passes_two_point_estimates_each_example_alone(tiny_task):
+    """ScoredView's shortcut for a head over a Hadamard frame (one transform per example instead of K passes)
+    gives each seed's two-point estimate from real perturbed passes, and an example's estimates do not depend on
+    the rest of its batch (the same in a batch of one); it declines where it does not apply."""
+    from seedtune.shared.directions import seed_stream, step_seeds
+
+    task = tiny_task
+    view = ScoredView(task, task.head_set(), "hadamard")
+    rng = np.random.default_rng(2)
+    words = [int(i) for i in rng.integers(1000, 2000, size=400) if int(i) not in task.head_reads_inputs()]
+    ids = [words[5 * i : 5 * i + 3 + i % 3] for i in range(10)]
+    labels = rng.integers(0, 2, size=10)
+    seeds = step_seeds("hadamard", seed_stream(4), 128)
+    g, centre = view.frame_estimates(ids, labels, seeds, 1e-3)
+    assert g.shape == (10, 128)
+    np.testing.assert_allclose(centre, view.per_example_loss(ids, labels), rtol=1e-5)
+    wide, _ = view.frame_estimates(ids, labels, seeds, 1e-2)  # the passes' float32 rounding is ~1e-7 / mu
+    for k in (0, 1, 77, 127):
+        two_point, _ = projected_gradients(view, ids, labels, seed=seeds[k], mu=1e-2, microbatch=10)
+        np.testing.assert_allclose(wide[:, k], two_point, atol=1e-3 * np.abs(two_point).max())
+    alone = np.concatenate([view.frame_estimates([x], labels[i:i + 1], seeds, 1e-3)[0] for i, x in enumerate(ids)])
+    assert np.array_equal(alone, g)
+    assert ScoredView(task, task.head_set(), "rademacher").frame_estimates(ids, labels, seeds, 1e-3) is None
+    mixed = [seeds[0], step_seeds("hadamard", seed_stream(5), 1)[0]]  # two sign keys: not one frame
+    assert view.frame_estimates(ids, labels, mixed, 1e-3) is None
+    if task.head_reads_inputs():  # a tied decoder's record holding a label word: its features move with the head
+        held = [ids[0] + [next(iter(task.head_reads_inputs()))]] + ids[1:]
+        assert view.frame_estimates(held, labels, seeds, 1e-3) is None
+
+
+def test_frame_runs_cut_whole_frames_and_a_frame_is_added_as_its_sum(tiny_task):
+    """A frame is a run under one sign key with rising rows: two steps that drew the same key still split at the
+    row reset, and lone or other-kind moves stay single. apply_all adds a frame as one float32 sum, within float32
+    rounding of one apply after another, and a view fed round by round ends on the same bits as one fed the
+    whole history (the trainer and replay)."""
+    from seedtune.shared.update import frame_runs
+
+    a, b = 7 << 32, 9 << 32
+    moves = [(a | 0, 0.1), (a | 1, 0.2), (a | 2, 0.3), (a | 0, 0.4), (a | 1, 0.5), (b | 0, 0.6), (5, 0.7), (b | 3, 1.0)]
+    assert frame_runs(moves, 100) == [(0, 3, True), (3, 5, True), (5, 6, False), (6, 7, False), (7, 8, False)]
+    assert frame_runs(moves[:3], 1 << 23) == [(0, 1, False), (1, 2, False), (2, 3, False)]
+    head = tiny_task.head_set()
+    rounds = [[((k + 1) << 32 | row, float(c)) for row, c in enumerate(np.random.default_rng(k).normal(size=128))]
+              for k in range(3)]
+    one_by_one, by_round, whole = (ScoredView(tiny_task, head, "hadamard") for _ in range(3))  # own masters
+    start = whole.values()
+    for moves in rounds:
+        for seed, coeff in moves:
+            one_by_one.apply(seed, coeff)
+        by_round.apply_all(moves)
+    whole.apply_all([m for moves in rounds for m in moves])
+    assert all(torch.equal(x, y) for x, y in zip(by_round.values(), whole.values()))
+    for x, y in zip(by_round.values(), one_by_one.values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
+    assert not any(torch.equal(x, y) for x, y in zip(by_round.values(), start))

@@ -25,4 +25,4 @@ PROTOCOL_VERSION = 5
 # chain: each round's rounds row, replies and instructions hashed into its record, chained from the header)
 LEDGER_FORMAT_VERSION = 5
 # Older formats still read, with the direction kinds whose stream has not changed since
-LEDGER_FORMATS_READ = {3: ("rademacher",), 4: ("rademacher", "gaussian"), 5: ("rademacher", "gaussian")}
+LEDGER_FORMATS_READ = {3: ("rademacher",), 4: ("rademacher", "gaussian"), 5: ("rademacher", "gaussian", "hadamard")}
