@@ -25,9 +25,9 @@ import numpy as np
 
 from seedtune.client.privacy_ledger import Budget, BudgetExceeded, PrivacyLedger, heldout_budget, request_key
 from seedtune.client.zo_step import zo_step
-from seedtune.shared.aggregation import coefficient
+from seedtune.shared.aggregation import coefficient, update_scale
 from seedtune.shared.chain import ChainError, hash_along, header_digest
-from seedtune.shared.config import ConfigError, RunConfig, cache_root
+from seedtune.shared.config import ConfigError, RunConfig, cache_root, directions_per_step
 from seedtune.shared.follower import LedgerFollower, ReplicaError
 from seedtune.shared.identity import NodeKey, identity_bytes, sign_reply
 from seedtune.shared.noise import Noise, SecureRandom
@@ -336,6 +336,9 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
         raise Refusal(f"invalid step parameters: lr {h.lr}, mu {h.mu}")
     if not ins.seeds:
         raise Refusal("a train instruction without seeds")
+    k = directions_per_step(replica.config.zo.directions, replica.size)  # seeds per local step
+    if len(ins.seeds) % k:
+        raise Refusal(f"{len(ins.seeds)} seeds are not whole steps of the header's {k} directions")
 
     data = _load(source, replica)
     request = request_key(ins.header_digest, ins.round, ins.model_version, list(ins.seeds))
@@ -343,21 +346,23 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
     if stored is not None:  # answered before (a re-delivery): the same bytes, not a second release
         log.info("round %d: instruction already answered; resending the stored reply", ins.round)
         return Reply.FromString(stored)
-    run = (noise, h.sample_rate, len(ins.seeds))
+    run = (noise, h.sample_rate, len(ins.seeds) // k)  # one privacy event per step of k directions
     epsilon = holder.ledger.check(holder.spends, run, budget)
 
     microbatch = replica.config.model.microbatch
     scalars, losses, nonfinite = [], [], 0
     try:
-        for seed in ins.seeds:
-            result = zo_step(replica.view, data.ids, data.labels, seeds=(seed,), mu=h.mu,
+        lr = update_scale(h.lr, k)
+        for first in range(0, len(ins.seeds), k):
+            seeds = tuple(ins.seeds[first : first + k])
+            result = zo_step(replica.view, data.ids, data.labels, seeds=seeds, mu=h.mu,
                              sample_rate=h.sample_rate, microbatch=microbatch, rng=rng,
                              clip=h.clip if h.private else None, noise=noise)
-            (scalar,) = result.scalars
-            scalars.append(scalar)
+            scalars.extend(result.scalars)
             losses.append(result.loss)
             nonfinite += result.nonfinite
-            replica.view.apply(seed, coefficient(h.lr, scalar))  # local progress only
+            # local progress only, a step's entries in one call as every applier makes it (Hadamard frames)
+            replica.view.apply_all([(seed, coefficient(lr, s)) for seed, s in zip(seeds, result.scalars)])
     finally:
         replica.load_values(state.values, state.version, state.head)  # the model moves only by the ledger
     # Kept in the node's own log, never sent: the loss and the non-finite count depend on the private batch.

@@ -43,8 +43,9 @@ import numpy as np
 from flwr.app import Message
 
 from seedtune.shared.accounting import PrivacyAccountant
-from seedtune.shared.aggregation import ACCEPTED, RoundRule
-from seedtune.shared.config import ConfigError, RunConfig, flatten
+from seedtune.shared.aggregation import ACCEPTED, RoundRule, update_scale
+from seedtune.shared.config import ConfigError, RunConfig, directions_per_step, flatten
+from seedtune.shared.directions import step_seeds
 from seedtune.shared.identity import NONCE_BYTES, AllowedNodes, IdentityError
 from seedtune.shared.ledger import Anchor, Ledger, LedgerError, Provenance
 from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Instruction, Reply
@@ -66,9 +67,6 @@ BELOW_MIN_REPLIES = "below_min_replies"  # provenance status of valid replies in
 
 class FederatedServer:
     def __init__(self, config: RunConfig, grid: Any, run_dir: str | Path, replica: Replica | None = None) -> None:
-        if config.zo.directions != 1:  # the wire carries one scalar per instructed seed
-            raise ConfigError(f"zo.directions {config.zo.directions}: a federation runs one direction per step; "
-                              "several directions per step are a seedtune train option")
         # Every input is loaded and checked before anything is written: a bad data folder leaves no run folder.
         # The labels, when the config leaves them to the data, come from the server's public test split.
         check_backend(config.tracking)
@@ -100,7 +98,11 @@ class FederatedServer:
         self.replica.attach(self.ledger.header)
         params = self.ledger.header.noise_params
         self.noise: Noise | None = Noise.from_json(params) if params else None  # as pinned in the header
-        self.rule = RoundRule(config.federation.aggregation, config.zo.lr, config.federation.trim)
+        # K directions per local step (a Hadamard head frame: the power of two covering the head); the wire
+        # carries one scalar per instructed seed, K seeds per step
+        self.directions = directions_per_step(config.zo.directions, self.replica.selection.size)
+        self.rule = RoundRule(config.federation.aggregation, update_scale(config.zo.lr, self.directions),
+                              config.federation.trim)
         self.bound = scalar_bound(config.privacy.clip, self.noise)
         self.known_version: dict[int, int] = {}  # what each node holds, as far as the server knows
         self.holders: dict[int, str] = {}  # Flower node id -> the data holder it proved (learned by identify)
@@ -216,12 +218,15 @@ class FederatedServer:
         hyper = Hyperparameters(lr=self.config.zo.lr, mu=self.config.zo.mu, clip=privacy.clip,
                                 sample_rate=fed.sample_rate, private=privacy.enabled,
                                 noise=self.noise.to_json() if self.noise else "")
-        plan = RoundPlan(rnd, len(self.ledger), nodes, [self.rng.seed64() for _ in range(fed.local_steps)], hyper)
-        if nodes:
+        draws = iter(self.rng.seed64, None)
+        seeds = [seed for _ in range(fed.local_steps) for seed in step_seeds(self.config.zo.direction, draws,
+                                                                             self.directions)]
+        plan = RoundPlan(rnd, len(self.ledger), nodes, seeds, hyper)
+        if nodes:  # steps, not seeds: a step of K directions is one privacy event
             holders = [self.holders[n] for n in nodes]
-            self.ledger.record_instructions(rnd, holders, len(plan.seeds))
+            self.ledger.record_instructions(rnd, holders, fed.local_steps)
             for holder in holders:
-                self._record(holder, len(plan.seeds))
+                self._record(holder, fed.local_steps)
         return plan
 
     def instruction(self, plan: RoundPlan, start: int) -> Instruction:
@@ -344,7 +349,7 @@ class FederatedServer:
             "rejected": sum(rejected.values()), "rejected_by_kind": dict(rejected), "entries": len(entries),
             "ledger_entries": len(self.ledger), "ledger_record": self.ledger.record_at(rnd).hex(),
             "bytes_up_max": max(up.values(), default=0), "bytes_up_total": sum(up.values()),
-            "bytes_up_per_step": max(up.values()) / len(plan.seeds) if up else None,
+            "bytes_up_per_step": max(up.values()) / self.config.federation.local_steps if up else None,
             "bytes_down_max": max(down.values(), default=0), "bytes_down_total": sum(down.values()),
             "epsilon": {h: self.epsilon(h) for h in sorted(self.accountants)},
         }

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from seedtune.client.privacy_ledger import open_privacy_ledger
 from seedtune.server.federation import FederatedServer
 from seedtune.shared.accounting import noise_epsilon
-from seedtune.shared.aggregation import RoundRule
+from seedtune.shared.aggregation import ACCEPTED, RoundRule
 from seedtune.shared.chain import ChainError
 from seedtune.shared.ledger import Ledger, LedgerError, Provenance
 from seedtune.shared.config import ConfigError, load_config
@@ -192,10 +192,31 @@ def test_a_client_refuses_work_beyond_its_own_budget(tmp_path):
     assert [p.status for p in server.ledger.replies(1) if p.node == frugal] == ["refused"]
 
 
-def test_a_federation_refuses_several_directions_per_step_before_touching_anything(tmp_path):
-    with pytest.raises(ConfigError, match="zo.directions 3"):
-        FederatedServer(fed_config(tmp_path / "run", **{"zo.directions": 3}), InProcessGrid(NODES), tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+def test_a_head_stage_federation_sends_whole_frames_and_accounts_steps_not_seeds(tmp_path):
+    """The head stage in a federation: selection.mode = "head" with a full Hadamard frame (K = 128 for the tiny
+    encoder's 66-entry head). Each local step is K seeds under one sign key, each reply K scalars per step; the
+    holders are charged one privacy event per step (the instructions table and every node's own epsilon agree
+    with an accountant of local_steps events per round); every replica and a replay reach the server's model."""
+    from seedtune.server.replay import replay
+
+    config = fed_config(tmp_path, **{"selection.mode": "head", "zo.direction": "hadamard", "zo.directions": 0,
+                                     "zo.lr": 0.5, "federation.rounds": 2, "eval.every": 0})
+    grid = InProcessGrid(NODES)
+    server = FederatedServer(config, grid, tmp_path)
+    summary = server.run()
+    k = 128
+    assert summary["ledger_entries"] == 2 * STEPS * k and summary["clients_agree"]
+    for rnd in (1, 2):
+        seeds = [e.seed for e in server.ledger.entries() if e.round == rnd]
+        keys = [seeds[i] >> 32 for i in range(0, len(seeds), k)]
+        assert len(set(keys)) == STEPS and [s & 0xFFFFFFFF for s in seeds] == list(range(k)) * STEPS
+        replies = [p for p in server.ledger.replies(rnd) if p.status == ACCEPTED]
+        assert len(replies) == NODES and all(len(p.values()) == STEPS * k for p in replies)
+    spent = noise_epsilon(((server.noise, config.federation.sample_rate, 2 * STEPS),), config.privacy.delta)
+    assert summary["epsilon_agree"] and len(summary["epsilon_holders"]) == NODES
+    assert all(e == pytest.approx(spent, rel=1e-9) for e in summary["epsilon_holders"].values())
+    rebuilt = replay(str(tmp_path / "ledger.sqlite"))
+    assert rebuilt["model_digest"] == summary["model_digest"]
 
 
 def test_server_stops_a_node_at_its_budget(tmp_path):
