@@ -218,7 +218,8 @@ class ZOConfig:
     direction: str = "rademacher"  # "rademacher", "gaussian" or "hadamard" (an orthogonal frame) directions z
     seed: int = 0  # 0: fresh direction seeds from the CSPRNG; else a public, reproducible stream from this seed
     # Directions per step. 1: DPZero's symmetric two-point estimate (2 passes). K > 1: one-sided estimates
-    # sharing one unperturbed pass (K + 1 passes), the per-example K-vector clipped in L2 (seedtune train only).
+    # sharing one unperturbed pass (K + 1 passes; a head over a Hadamard frame: all K by one transform), each
+    # divided by sqrt(K), the per-example K-vector clipped in L2 (one privacy event per step).
     # 0 with zo.direction = "hadamard": a full frame, K = the power of two at or above the trainable set's size.
     directions: int = 1
 

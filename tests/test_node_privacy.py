@@ -84,6 +84,20 @@ def test_a_non_private_or_weakened_instruction_to_a_private_node_is_refused_by_n
     assert refusal in reply.refusal and not reply.scalars
 
 
+def test_a_head_frame_node_refuses_seeds_that_are_not_whole_steps(tmp_path):
+    """With K directions per step (a full Hadamard frame over the tiny encoder's head: K = 128) an instruction's
+    seeds are whole steps; a node given part of a step refuses by name rather than account a fraction of one."""
+    frame = {"selection.mode": "head", "zo.direction": "hadamard", "zo.directions": 0, "zo.lr": 0.5}
+    server, grid, _, row = _train_round(tmp_path, **frame)
+    assert row["accepted"] == NODES
+    msg, ins = _instruction(server, grid)
+    assert len(ins.seeds) == 128 * STEPS
+    ins.round = 2
+    del ins.seeds[-1]
+    reply = _answer(grid, msg, ins)
+    assert "are not whole steps of the header's 128 directions" in reply.refusal and not reply.scalars
+
+
 def test_a_deployed_node_without_its_own_budget_refuses_and_never_takes_the_servers(tmp_path):
     server, grid, _, _ = _train_round(tmp_path)
     msg, ins = _instruction(server, grid)
