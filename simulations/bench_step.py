@@ -5,11 +5,16 @@
     python -m seedtune.simulations.bench_step --json --models smollm2 --fraction 0.03 --patterns "*layers.2?.mlp*"
     python -m seedtune.simulations.bench_step --json --models minilm --fraction 1.0 --mezo-reference  # every weight, beside MeZO
     python -m seedtune.simulations.bench_step --json --dtypes float32 bfloat16 --device cpu  # one row per model and dtype
+    python -m seedtune.simulations.bench_step --json --models minilm --head --batch-size 256  # the head stage
 
 Prints one JSON line per model. Ratios (step / forward, training peak / inference peak) are measured in the
 same process, alternating the timed calls, because absolute times on shared machines are noisy.
 Peak memory per phase is the process's VmHWM after resetting it (``/proc/self/clear_refs``), so each phase's
 peak includes the loaded model, exactly as a user's process would see it.
+
+``--head``: the head stage's step (selection.mode = "head", a full Hadamard frame of K directions, the batch's
+features already cached, as they are after a training run's first pass over its records) against one forward
+of the whole model on the same batch.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from seedtune.client.zo_step import privatize, projected_gradients
+from seedtune.client.zo_step import privatize, projected_gradients, zo_step
+from seedtune.shared.aggregation import coefficient, update_scale
+from seedtune.shared.directions import frame_size, step_seeds
 from seedtune.shared.noise import Noise, SecureRandom
 from seedtune.shared.config import RunConfig
 from seedtune.shared.tasks import load_split
@@ -59,7 +66,7 @@ def fixed_batch(task, batch_size: int, seq_len: int) -> list[list[int]]:
 
 
 def torch_case(name: str, seq_len: int, fraction: float, patterns: Sequence[str] = (), device: str = "cpu",
-               dtype: str = "float32") -> tuple[Any, Any, dict]:
+               dtype: str = "float32", head: bool = False) -> tuple[Any, Any, dict]:
     import torch
 
     from seedtune.shared.config import ModelConfig
@@ -71,9 +78,9 @@ def torch_case(name: str, seq_len: int, fraction: float, patterns: Sequence[str]
     config.validate()
     where, precision = placement(config)
     task = load_task_model(config)
-    selection = select_pruned(task.module, task.synflow_output, fraction, patterns)
-    view = ScoredView.placed(task, selection, "rademacher", where, precision)
-    return task, view, {
+    selection = task.head_set() if head else select_pruned(task.module, task.synflow_output, fraction, patterns)
+    view = ScoredView.placed(task, selection, "hadamard" if head else "rademacher", where, precision)
+    return task, view, {"head_stage": head,
         "runtime": "torch", "device": str(where), "dtype": dtype, "threads": torch.get_num_threads(),
         "trainable_entries": selection.size,
         "trainable_fraction": round(selection.fraction_of(task.module), 6), "patterns": list(patterns),
@@ -91,10 +98,25 @@ def onnx_case(model_path: str) -> tuple[Any, Any, dict]:
         task.trainable_path, task.meta).size), "onnx_model": model_path}
 
 
-def timed_calls(view: Any, ids: list[list[int]]) -> tuple[Callable[[], None], Callable[[], None]]:
-    """A forward pass over the batch, and one private ZO step on it (estimate, privatise, apply)."""
+def timed_calls(view: Any, ids: list[list[int]], task: Any = None) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A forward pass over the batch, and one private ZO step on it (estimate, privatise, apply). With ``task``
+    (the head stage): the whole model's forward, and a step over a full Hadamard frame of the view's head."""
     labels = np.arange(len(ids)) % 2
     rng, noise = SecureRandom(), Noise.gaussian(1.0)
+    if task is not None:
+        directions = frame_size(view.selection.size)
+        draws = iter(rng.seed64, None)
+
+        def whole_forward() -> None:
+            task.per_example_loss(task.collate(ids, labels))
+
+        def head_step() -> None:
+            result = zo_step(view, ids, labels, seeds=step_seeds("hadamard", draws, directions), mu=1e-3,
+                             sample_rate=1.0, microbatch=len(ids), rng=rng, clip=1.0, noise=noise)
+            lr = update_scale(1.0, directions)
+            view.apply_all([(seed, coefficient(lr, s)) for seed, s in zip(result.seeds, result.scalars)])
+
+        return whole_forward, head_step
 
     def forward() -> None:
         view.per_example_loss(ids, labels)
@@ -141,13 +163,13 @@ def mezo_reference_step(task: Any, ids: list[list[int]]) -> Callable[[], None]:
 
 def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: int,
           onnx_model: str | None = None, patterns: Sequence[str] = (), mezo_reference: bool = False,
-          device: str = "cpu", dtype: str = "float32") -> dict:
+          device: str = "cpu", dtype: str = "float32", head: bool = False) -> dict:
     task, view, info = onnx_case(onnx_model) if onnx_model else \
-        torch_case(name, seq_len, fraction, patterns, device, dtype)
+        torch_case(name, seq_len, fraction, patterns, device, dtype, head)
     if task.max_length != seq_len:
         raise SystemExit(f"{onnx_model} was exported with max_length {task.max_length}, not --seq-len {seq_len}")
     ids = fixed_batch(task, batch_size, seq_len)
-    forward, step = timed_calls(view, ids)
+    forward, step = timed_calls(view, ids, task if head else None)
     calls = [("forward", forward), ("step", step)]
     if mezo_reference:
         calls.append(("mezo", mezo_reference_step(task, ids)))
@@ -227,7 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch: where the forward passes run (auto, cpu, cuda, ...)")
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
                         help="torch: one row per model and forward dtype (the trainable entries stay float32)")
+    parser.add_argument("--head", action="store_true",
+                        help="torch: the head stage (the classifier head over a full Hadamard frame, features "
+                             "cached) against a whole-model forward")
     args = parser.parse_args(argv)
+    if args.head and (args.onnx_model or args.patterns or args.mezo_reference):
+        parser.error("--head measures the torch head stage alone: no --onnx-model, --patterns or --mezo-reference")
     if args.mezo_reference and args.onnx_model:
         parser.error("--mezo-reference is a torch recipe; it does not run on ONNX Runtime")
     if args.onnx_model and len(args.models) != 1:
@@ -239,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         for dtype in args.dtypes:
             row = bench(name, args.batch_size, args.seq_len, args.fraction, args.repeats, args.onnx_model,
-                        args.patterns, args.mezo_reference, args.device, dtype)
+                        args.patterns, args.mezo_reference, args.device, dtype, args.head)
             print(json.dumps(row), flush=True)
             gc.collect()  # the next dtype's model loads into the memory this one held
     return 0

@@ -426,3 +426,16 @@ def test_frame_runs_cut_whole_frames_and_a_frame_is_added_as_its_sum(tiny_task):
     for x, y in zip(by_round.values(), one_by_one.values()):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
     assert not any(torch.equal(x, y) for x, y in zip(by_round.values(), start))
+
+
+def test_bench_step_measures_the_head_stage_against_a_whole_forward(capsys):
+    """bench_step --head: the head view over a full Hadamard frame (128 directions on the tiny encoder's 66-entry
+    head) timed against the whole model's forward on the same batch, one JSON row."""
+    import json
+
+    from seedtune.simulations.bench_step import main
+
+    assert main(["--json", "--models", "tiny-encoder", "--head", "--batch-size", "8", "--seq-len", "16",
+                 "--repeats", "1"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["head_stage"] and row["trainable_entries"] == 66 and row["forward_s"] > 0 and row["zo_step_s"] > 0
