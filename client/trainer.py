@@ -279,6 +279,8 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
     zero_shot = task.evaluate(test_set, config.model.microbatch, progress)
     log.info("zero-shot test %s", ", ".join(f"{k} {v:.4f}" for k, v in zero_shot.items() if isinstance(v, float)))
 
+    if view.cache is not None:  # the head stage: every training record's features once, before the steps
+        view.cache.fill(train_ids, progress)
     rng = SecureRandom()
     seeds = seed_stream(config.zo.seed) if config.zo.seed else iter(rng.seed64, None)
     accountant = PrivacyAccountant()

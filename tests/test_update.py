@@ -6,7 +6,7 @@ from seedtune.client.zo_step import projected_gradients
 from seedtune.shared.config import ModelConfig
 from seedtune.shared.digest import model_digest
 from seedtune.shared.directions import direction_numpy
-from seedtune.shared.models import load_task_model
+from seedtune.shared.models import Batch, load_task_model
 from seedtune.shared.selection import select_all, select_patterns, select_pruned
 from seedtune.shared.update import ScoredView, TrainableView
 from tests.helpers import LABELS, SENTENCES, run_python
@@ -439,3 +439,40 @@ def test_bench_step_measures_the_head_stage_against_a_whole_forward(capsys):
                  "--repeats", "1"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["head_stage"] and row["trainable_entries"] == 66 and row["forward_s"] > 0 and row["zo_step_s"] > 0
+
+
+def test_fill_computes_records_of_one_length_together_only_where_that_gives_their_bits_alone(tiny_task,
+                                                                                          monkeypatch):
+    """FeatureCache.fill batches records of one length only where that gives each record's bits alone (checked
+    on each length's first group), and otherwise computes every record alone, with a warning. Whatever this
+    machine's kernels do, every cached feature is the record's feature alone; a row-wise forward is batched
+    (fewer forwards), a forward whose batched rows differ is not."""
+    from seedtune.shared.update import FeatureCache
+
+    task = tiny_task
+    rng = np.random.default_rng(3)
+    words = [int(i) for i in rng.integers(1000, 2000, size=3000) if int(i) not in task.head_reads_inputs()]
+    ids = [words[7 * i : 7 * i + 4 + i % 3] for i in range(100)]  # lengths 4, 5, 6: groups of 32 and remainders
+    real = task.features
+    alone = {tuple(x): real(task.collate([x], np.zeros(1, dtype=np.int64)))[0] for x in ids}
+    here = FeatureCache(task, 64)
+    here.fill(ids)
+    assert here.grouped in (True, False) and len(here.store) == len(alone)
+    assert all(torch.equal(here.store[k], v) for k, v in alone.items())
+
+    calls = []
+
+    def row_wise(batch):  # each row computed on its own: batching cannot change a bit
+        calls.append(len(batch.labels))
+        return torch.cat([real(Batch(batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1], batch.labels[i:i + 1]))
+                          for i in range(len(batch.labels))])
+
+    monkeypatch.setattr(task, "features", row_wise)
+    grouped = FeatureCache(task, 64)
+    grouped.fill(ids)
+    assert grouped.grouped is True and FeatureCache.GROUP in calls and len(calls) < len(ids)
+    assert all(torch.equal(grouped.store[k], v) for k, v in alone.items())
+    monkeypatch.setattr(task, "features", lambda batch: real(batch) + (1e-6 if len(batch.labels) > 1 else 0.0))
+    skewed = FeatureCache(task, 64)
+    skewed.fill(ids)
+    assert skewed.grouped is False and all(torch.equal(skewed.store[k], v) for k, v in alone.items())
