@@ -291,7 +291,7 @@ class FeatureCache:
         self.budget = budget_mb * 2**20
         self.store: dict[tuple[int, ...], torch.Tensor] = {}
         self.bytes = 0
-        self.grouped: bool | None = None  # whether fill() may batch records (None: not checked yet)
+        self.grouped: dict[int, bool] = {}  # record length -> whether fill() batches records of that length
 
     def _alone(self, ids: tuple[int, ...]) -> torch.Tensor:
         return self.task.features(self.task.collate([ids], np.zeros(1, dtype=np.int64)))[0]
@@ -318,8 +318,9 @@ class FeatureCache:
         Records of one length need no padding, and where the model's forward treats each row of such a batch on
         its own (its matrix products do not round a row differently for other rows or another batch size),
         a record's features in the group are the bits it gets alone: four times cheaper on MiniLM, the same
-        values. That is checked, not assumed: each length's first group is compared, first and last row, with
-        those records computed alone, and at the first difference every record is computed alone instead."""
+        values. That is checked per length (the batch's shape, so the kernels the forward picks), not assumed:
+        each length's first group is compared, first and last row, with those records computed alone, and a
+        length that differs (MiniLM's shortest records do here) has every record computed alone."""
         from collections import defaultdict
 
         from tqdm import tqdm
@@ -331,24 +332,20 @@ class FeatureCache:
         todo = sum(len(v) for v in by_length.values())
         with tqdm(total=todo, desc="features", unit="record", disable=not progress) as bar:
             for length, records in sorted(by_length.items()):
-                checked = False
                 for first in range(0, len(records), self.GROUP):
                     group = records[first : first + self.GROUP]
-                    if self.grouped is False or len(group) < self.GROUP:
+                    if len(group) < self.GROUP or not self.grouped.get(length, True):
                         values = [self._alone(r) for r in group]
                     else:
                         batch = self.task.collate(list(group), np.zeros(len(group), dtype=np.int64))
                         values = list(self.task.features(batch))
-                        if not checked:
-                            checked = True
-                            same = all(torch.equal(values[i], self._alone(group[i])) for i in (0, len(group) - 1))
-                            if not same:
-                                log.warning("records of length %d computed together differ from the same records "
-                                            "alone: every record's features are computed alone", length)
-                                self.grouped = False
+                        if length not in self.grouped:
+                            self.grouped[length] = all(torch.equal(values[i], self._alone(group[i]))
+                                                       for i in (0, len(group) - 1))
+                            if not self.grouped[length]:
+                                log.info("records of %d tokens computed together differ from the same records "
+                                         "alone: each is computed alone", length)
                                 values = [self._alone(r) for r in group]
-                            else:
-                                self.grouped = True
                     for record, value in zip(group, values):
                         self._keep(record, value)
                     bar.update(len(group))
