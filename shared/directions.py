@@ -166,6 +166,12 @@ def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape)
 
 
+def transform_length(last_row: int, entries: int) -> int:
+    """The power of two a Walsh-Hadamard transform needs to cover Hadamard rows up to ``last_row`` and a
+    trainable set of ``entries``."""
+    return 1 << max(last_row, entries - 1, 0).bit_length()
+
+
 _TABLES: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -319,7 +325,7 @@ FRAME_MAX = 4096  # zo.directions' bound: the largest full frame a step draws
 
 def frame_size(entries: int) -> int:
     """K of a full Hadamard frame over ``entries`` trainable entries: the power of two at or above it."""
-    k = 1 << max(entries - 1, 0).bit_length()
+    k = transform_length(0, entries)
     if k > FRAME_MAX:
         raise ValueError(f"a full Hadamard frame over {entries:,} trainable entries needs {k:,} directions per step, "
                          f"more than zo.directions' {FRAME_MAX:,}: choose a smaller trainable set (selection.mode = "

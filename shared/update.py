@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from seedtune.shared.directions import CHUNK, SCRATCH_EXTRA, DirectionKind, direction_torch, walsh_hadamard
+from seedtune.shared.directions import (CHUNK, SCRATCH_EXTRA, DirectionKind, direction_torch, transform_length,
+                                        walsh_hadamard)
 from seedtune.shared.selection import TrainableSet
 
 if TYPE_CHECKING:
@@ -222,11 +223,11 @@ class TrainableView:
             self._store(c, values)
 
     def _frame_sum(self, moves: Sequence[tuple[int, float]], chunk: _Chunk) -> torch.Tensor:
-        """sum_k coeff_k z_k over the chunk, float64 then rounded once to float32: the Hadamard rows' weighted sum
-        is the transform of the coefficients placed at their rows, times the key's signs."""
+        """sum_k coeff_k z_k over the chunk (the whole set: frames are summed only for sets of one chunk, so
+        the transform runs once per frame), float64 then rounded once to float32: the Hadamard rows' weighted
+        sum is the transform of the coefficients placed at their rows, times the key's signs."""
         rows = torch.tensor([seed & 0xFFFFFFFF for seed, _ in moves], dtype=torch.long)
-        n = 1 << max(int(rows.max()), self.selection.size - 1).bit_length()
-        placed = torch.zeros(n, dtype=torch.float64)
+        placed = torch.zeros(transform_length(int(rows.max()), self.selection.size), dtype=torch.float64)
         placed[rows] = torch.tensor([coeff for _, coeff in moves], dtype=torch.float64)
         signs = direction_torch(moves[0][0] >> 32, chunk.start, chunk.count, "rademacher", dtype=torch.float64)
         total = walsh_hadamard(placed)[chunk.start : chunk.start + chunk.count].mul_(signs)
@@ -254,7 +255,7 @@ class TrainableView:
         self._store_all()
 
 
-FRAME_LIMIT = 1 << 22  # the largest trainable set whose Hadamard frames are summed by a transform (32 MB)
+FRAME_LIMIT = CHUNK  # the largest trainable set whose Hadamard frames are summed by a transform (one chunk)
 
 
 def frame_runs(moves: Sequence[tuple[int, float]], size: int) -> list[tuple[int, int, bool]]:
@@ -424,7 +425,7 @@ class ScoredView(TrainableView):
             return None
         size = self.selection.size
         rows = torch.tensor([s & 0xFFFFFFFF for s in seeds], dtype=torch.long)
-        n = 1 << max(int(rows.max()), size - 1).bit_length()
+        n = transform_length(int(rows.max()), size)
         if self._layout is None:
             self._layout = self.task.head_layout()
         classes, cols = self._layout
