@@ -6,7 +6,9 @@ What goes where follows the privacy rules. TensorBoard writes event files inside
 (``<out_dir>/tensorboard``), so it receives every numeric field of a row, a trainer's local monitoring of its
 private batches included (loss, batch size, clipped counts), as metrics.jsonl holds them. MLflow may send to a
 tracking server outside the run folder, so it receives only what may leave it: fields a trainer computes from
-its private training data (:data:`PRIVATE_FIELDS`) are never logged there.
+its private training data (:data:`PRIVATE_FIELDS`) are never logged there, nor exact counts of a user's files
+(:func:`exact_count`: per-label examples, predictions and hits, a split's size), which single out records of
+a small class; the node evaluation's per-label counts are DP-noised and do go.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ log = logging.getLogger(__name__)
 
 # A trainer's row fields computed on its private training batch: local monitoring, never sent off the machine.
 PRIVATE_FIELDS = frozenset({"loss", "batch", "clipped", "nonfinite"})
+_COUNT_SUFFIXES = ("per_label", "_size", "_prompts", "_references")
+
+
+def exact_count(key: str) -> bool:
+    """Whether a row field holds exact counts of a user's data file (``test_per_label``, ``final/test_size``,
+    ...): kept in the run folder, not sent off the machine. ``node_*`` counts are DP-noised releases."""
+    name = key.rsplit("/", 1)[-1]
+    return name.endswith(_COUNT_SUFFIXES) and not name.startswith("node_")
 
 
 class Tracker(Protocol):
@@ -58,7 +68,7 @@ def scalars(row: Mapping[str, Any], private_too: bool, prefix: str = "") -> dict
     """The finite numeric fields of a row (nested tables flattened with '/'); booleans and text left out."""
     out: dict[str, float] = {}
     for key, value in row.items():
-        if not private_too and key in PRIVATE_FIELDS:
+        if not private_too and (key in PRIVATE_FIELDS or exact_count(f"{prefix}{key}")):
             continue
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):

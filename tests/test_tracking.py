@@ -62,6 +62,18 @@ def test_mlflow_gets_the_rows_without_the_private_batch_fields(tmp_path):
     assert not PRIVATE_FIELDS & set(run.data.metrics)
 
 
+def test_mlflow_gets_no_exact_counts_of_a_users_files(tmp_path):
+    """Issue 32: a summary's exact per-label counts of the user's own test file (a label held by one record
+    shows as 1) and the split's size went to MLflow; the DP-noised counts of node evaluation may go."""
+    counts = {"pos": {"examples": 1, "predicted": 2, "correct": 1}}
+    row = {"final/test_accuracy": 0.5, "final/test_per_label": counts, "final/test_size": 40,
+           "final/zero_shot_test_per_label": counts, "final/node_test_per_label": {"pos": {"examples": 1.7}},
+           "test_prompts": 3, "epsilon": 1.0}
+    assert scalars(row, private_too=False) == {"final/test_accuracy": 0.5, "epsilon": 1.0,
+                                               "final/node_test_per_label/pos/examples": 1.7}
+    assert "final/test_per_label/pos/examples" in scalars(row, private_too=True)  # TensorBoard: the run folder
+
+
 def test_scalars_keep_finite_numbers_only():
     assert scalars({"a": 1, "b": float("nan"), "c": True, "d": "x", "e": {"f": 2.5}, "loss": 1.0},
                    private_too=False) == {"a": 1.0, "e/f": 2.5}
