@@ -64,3 +64,35 @@ def test_zo_descent_reduces_the_quadratic():
         view.restore()
         view.apply(seed, float(np.float32(-0.01 * (plus - minus) / 2e-3)))
     assert float(model.loss()) < 0.01 * start
+
+
+@pytest.mark.parametrize("name", ["tiny-encoder", "tiny-decoder"])
+def test_with_microbatch_one_an_estimate_does_not_depend_on_its_batch_mates(name):
+    """Issue 32 (docs/noise.md, "Per-example independence"): records scored together in padded microbatches
+    get estimates that move at float level when a record joins the batch, which the sensitivity argument does
+    not allow for; scored alone (model.microbatch = 1) each record's estimate is a function of that record
+    alone: bit-identical whatever else was sampled."""
+    from seedtune.client.zo_step import projected_gradients
+    from seedtune.shared.config import load_config
+    from seedtune.shared.models import load_task_model
+    from seedtune.shared.replica import select_trainable
+    from seedtune.shared.tasks import load_split
+    from seedtune.shared.update import ScoredView
+
+    config = load_config(overrides={"model.name": name, "data.train_size": 64})
+    task = load_task_model(config.model, config.task)
+    split = load_split(config, "train")
+    ids, labels = task.encode(split.records), np.asarray(split.labels)
+    view = ScoredView(task, select_trainable(task, config), config.zo.direction)
+    alone, _ = projected_gradients(view, ids, labels, 7, 1e-3, 1)
+    for keep in (np.arange(0, 64, 2), np.arange(32), np.arange(63, -1, -3)):
+        fewer, _ = projected_gradients(view, [ids[i] for i in keep], labels[keep], 7, 1e-3, 1)
+        assert np.array_equal(fewer, alone[keep])
+
+
+def test_bench_independence_measures_the_move_and_finds_none_alone():
+    from seedtune.simulations.bench_independence import measure
+
+    row = measure("tiny-encoder", batches=1, alone=2)
+    assert row["microbatch1_max_move_one_added"] == 0.0 and row["max_move_one_added"] > 0.0
+    assert row["sensitivity_bound_over_clip"] == 1 + row["batch_size"] * row["max_move_one_added"] / row["clip"]
