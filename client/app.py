@@ -19,7 +19,9 @@ default ``partition-I-of-N``), charged for all its training data whatever an ins
 ``data-path`` and ``test-path`` (the institution's own training and held-out files, or folders with
 train/test files; they never leave the node) and ``node-key`` (the
 node's private key, OpenSSH or PEM: it signs the node's identity and replies; required to join a federation
-that pins its nodes, see shared.identity).
+that pins its nodes, see shared.identity) and ``server-key`` (the server's public key, a ``.pub`` file: the
+node then follows only ledger positions that server signed, and only one ledger header from it; a simulated
+node takes ``$SEEDTUNE_SERVER_KEY`` when its config names none, as scripts/simulate.sh sets it).
 
 Four message types: ``query.identify`` (which holder this node serves, signed; nothing of the ledger comes
 with it), ``train`` (catch up, private steps), ``query`` (catch up, report the state digest) and
@@ -41,7 +43,7 @@ from seedtune.client.privacy_ledger import Budget, open_privacy_ledger
 from seedtune.client.node import DataSource, Holder, NodeState, Runtime, handle_instruction, identify as identity_of
 from seedtune.client.node import evaluate as evaluate_heldout, refusal, sync
 from seedtune.client.partition import load_own_data, load_partition
-from seedtune.shared.identity import NodeKey
+from seedtune.shared.identity import SigningKey, load_public
 from seedtune.shared.onnx_task import DEFAULT_PROVIDERS
 from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction
 from seedtune.shared.follower import LedgerFollower
@@ -50,6 +52,7 @@ from seedtune.shared.wire import from_content, to_content
 log = logging.getLogger(__name__)
 STATE = "seedtune-node"
 SIMULATION_ENV = "SEEDTUNE_SIMULATION"  # "1": this process runs simulated nodes (scripts/simulate.sh sets it)
+SERVER_KEY_ENV = "SEEDTUNE_SERVER_KEY"  # simulated nodes: the server's public key file (scripts/simulate.sh)
 VALUES = "seedtune-values"
 
 app = ClientApp()
@@ -84,7 +87,8 @@ def _holder(context: Context) -> Holder:
     """The data holder this node serves, from the node config: ``holder`` (its stable name; default the
     partition), ``budget-scope`` (a separate budget for a separate data set of the same holder),
     ``epsilon-budget`` and ``delta`` (required on a deployed node), ``privacy-ledger`` (a deployed node's must
-    exist: ``seedtune holder init``; a simulated holder's is created on first use), ``node-key``."""
+    exist: ``seedtune holder init``; a simulated holder's is created on first use), ``node-key``,
+    ``server-key``."""
     cfg = context.node_config
     name = str(cfg.get("holder") or f"partition-{cfg.get('partition-id')}-of-{cfg.get('num-partitions')}")
     scope = str(cfg.get("budget-scope", "") or "")
@@ -100,8 +104,10 @@ def _holder(context: Context) -> Holder:
             raise NodeConfigError(f"node config sets one of epsilon-budget and delta but not {exc}: set both")
         except ValueError as exc:
             raise NodeConfigError(f"node config: {exc}") from exc
-    key = NodeKey.load(str(cfg["node-key"])) if cfg.get("node-key") else None  # IdentityError names the file
-    return Holder(name, budget, ledger, simulated(context), key, scope)
+    key = SigningKey.load(str(cfg["node-key"])) if cfg.get("node-key") else None  # IdentityError names the file
+    server = str(cfg.get("server-key", "") or (os.environ.get(SERVER_KEY_ENV, "") if simulated(context) else ""))
+    server_key = load_public(server, "node config server-key") if server else ""
+    return Holder(name, budget, ledger, simulated(context), key, scope, server_key)
 
 
 def _data_source(context: Context):

@@ -29,18 +29,24 @@ from seedtune.shared.aggregation import coefficient, update_scale
 from seedtune.shared.chain import ChainError, hash_along, header_digest
 from seedtune.shared.config import ConfigError, RunConfig, cache_root, directions_per_step
 from seedtune.shared.follower import LedgerFollower, ReplicaError
-from seedtune.shared.identity import NodeKey, identity_bytes, sign_reply
+from seedtune.shared.identity import SigningKey, identity_bytes, position_bytes, sign_reply, verify
 from seedtune.shared.noise import Noise, SecureRandom
 from seedtune.shared.noise_search import COUNT_SENSITIVITY, count_noise
 from seedtune.shared.onnx_task import DEFAULT_PROVIDERS
-from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, LedgerHeader, Reply
+from seedtune.shared.proto import (PROTOCOL_VERSION, REFUSAL_HISTORY, Challenge, Identity, Instruction, LedgerHeader,
+                                   Reply)
 from seedtune.shared.tasks import DataError, label_counts
 
 log = logging.getLogger(__name__)
 
 
 class Refusal(RuntimeError):
-    """The node will not do the work asked; the message goes back to the server as Reply.refusal."""
+    """The node will not do the work asked; the message goes back to the server as Reply.refusal, and ``code``
+    as Reply.refusal_code (:data:`REFUSAL_HISTORY` when the server's ledger itself is refused)."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -70,7 +76,9 @@ class Holder:
 
     A deployed node must set its own budget; a simulated node that sets none takes the federation's target
     from the ledger header (:meth:`budget_for`). With a ``key`` the node signs its identity and every reply
-    (a federation that pins its nodes accepts nothing unsigned). Every release from the holder's training data
+    (a federation that pins its nodes accepts nothing unsigned). With ``server_key`` (the server's public
+    key, node config ``server-key``) it follows only positions that server signed, and only one ledger header
+    from it (:func:`_check_server`). Every release from the holder's training data
     is charged to one budget, :attr:`spends` (its name, or ``name/scope`` for a holder that keeps separate
     budgets for separate data sets), whatever subset or order of its records an instruction selects."""
 
@@ -78,8 +86,9 @@ class Holder:
     budget: Budget | None
     ledger: PrivacyLedger
     simulated: bool = False
-    key: NodeKey | None = None
+    key: SigningKey | None = None
     scope: str = ""
+    server_key: str = ""  # OpenSSH public key line of the server this node follows; "": any server
 
     @property
     def spends(self) -> str:
@@ -184,9 +193,29 @@ def _adopt_header(ins: Instruction, state: NodeState) -> LedgerHeader:
     return followed
 
 
+def _check_server(ins: Instruction, holder: Holder) -> None:
+    """With a pinned server key: the instruction's position must be signed by it, and its ledger must be the
+    one this holder follows from that server. A server (or whoever holds its disk) that rewrote its ledger's
+    header and recomputed every hash sends another header digest: a fork, refused until the node's operator
+    unpins it (``seedtune holder forget-server``). Checked before anything of the instruction is adopted."""
+    if not holder.server_key:
+        return
+    position = position_bytes(ins.header_digest, ins.model_version, ins.tail.head_hash)
+    if not (ins.server_signature and verify(holder.server_key, position, ins.server_signature)):
+        raise Refusal(f"the instruction for ledger {ins.header_digest[:16]} at version {ins.model_version} is not "
+                      f"signed by the server key this node pins (node config server-key)")
+    pinned = holder.ledger.pinned_ledger(holder.name, holder.server_key)
+    if pinned is not None and pinned != ins.header_digest:
+        raise Refusal(f"this node follows ledger {pinned[:16]} from this server; it now sends ledger "
+                      f"{ins.header_digest[:16]}: another header from the same server is a fork (a rewritten "
+                      f"ledger). Refusing it; the node's operator may accept it with seedtune holder "
+                      f"forget-server", REFUSAL_HISTORY)
+
+
 def _catch_up(ins: Instruction, state: NodeState, runtime: Runtime, holder: Holder) -> LedgerFollower:
     """The shared replica, moved to this node's position and then along the instruction's ledger tail, which
     must still pass through the furthest position this holder's node ever followed (its anchor on disk)."""
+    _check_server(ins, holder)
     replica = replica_for(_adopt_header(ins, state), runtime)
     _bind(replica, state)
     before = (replica.version, replica.head)
@@ -195,7 +224,7 @@ def _catch_up(ins: Instruction, state: NodeState, runtime: Runtime, holder: Hold
     if anchor is not None:
         _check_anchor(anchor, ins, before, replica)
     if anchor is None or replica.version > anchor[0]:
-        holder.ledger.follow(holder.name, ins.header_digest, replica.version, replica.head)
+        holder.ledger.follow(holder.name, ins.header_digest, replica.version, replica.head, holder.server_key)
     state.version, state.head, state.values = replica.version, replica.head, replica.values()
     return replica
 
@@ -207,7 +236,7 @@ def _check_anchor(anchor: tuple[int, bytes], ins: Instruction, before: tuple[int
     if replica.version < version:
         raise Refusal(f"this node followed ledger {ins.header_digest[:16]} to version {version}, but the server's "
                       f"is at version {replica.version}: its ledger went backwards (a restored copy or a lost "
-                      f"WAL); refusing to follow it")
+                      f"WAL); refusing to follow it", REFUSAL_HISTORY)
     if version == replica.version:
         seen = replica.head
     elif version == before[0]:
@@ -216,7 +245,7 @@ def _check_anchor(anchor: tuple[int, bytes], ins: Instruction, before: tuple[int
         seen = hash_along(ins.tail, version)
     if seen is not None and seen != head:
         raise Refusal(f"the server's ledger {ins.header_digest[:16]} differs, up to version {version}, from the "
-                      f"history this node followed: it forked or was rewritten; refusing to follow it")
+                      f"history this node followed: it forked or was rewritten; refusing to follow it", REFUSAL_HISTORY)
 
 
 DataSource = Callable[[LedgerFollower], Partition]  # the node's training partition, tokenized for the replica's model
@@ -254,6 +283,7 @@ def _answer(work: Callable[[], Reply], reply: Reply, state: NodeState, holder: H
     except (Refusal, ReplicaError, ChainError, BudgetExceeded) as exc:
         log.warning("node %d refuses %s: %s", reply.node, what, exc)
         reply.refusal = str(exc)
+        reply.refusal_code = getattr(exc, "code", "")
         reply.model_version = state.version
         for released in ("scalars", "counts", "metrics"):
             reply.ClearField(released)
@@ -436,6 +466,7 @@ def sync(ins: Instruction, node_id: int, state: NodeState, data: DataSource, hol
             reply.metrics["epsilon"] = holder.ledger.epsilon(holder.spends, budget.delta)
     except (Refusal, ReplicaError, ChainError) as exc:
         reply.refusal = str(exc)
+        reply.refusal_code = getattr(exc, "code", "")
         reply.model_version = state.version
     return sign_reply(reply, holder.key)
 

@@ -17,7 +17,10 @@ delivered twice gets the stored bytes back instead of a second, fresh release.
 The same file keeps, per data holder and federation ledger, the furthest position (version, chain head) the
 node has followed (:meth:`PrivacyLedger.follow`): the node's anchor, outside the server's reach. A server whose
 ledger went backwards or forked since (a restored backup, a lost WAL, a rewritten history) is refused even by
-a node that restarted and kept nothing else (client.node).
+a node that restarted and kept nothing else (client.node). A node that pins its server's key (node config
+``server-key``) also keeps, per server key, the one ledger header it follows from that server (the ``servers``
+table): another header signed by the same key is a fork, refused until the node's operator runs ``seedtune
+holder forget-server``.
 
 The file is precious: deleting it would forget what was spent. Its default home is a data folder, not a cache
 (:func:`default_path`); a deployed node never creates one (``seedtune holder init`` does, once per holder) and
@@ -52,6 +55,9 @@ CREATE TABLE IF NOT EXISTS releases (
 CREATE TABLE IF NOT EXISTS followed (
     holder TEXT NOT NULL, ledger TEXT NOT NULL, version INTEGER NOT NULL, head BLOB NOT NULL,
     followed_utc TEXT NOT NULL, PRIMARY KEY (holder, ledger));
+CREATE TABLE IF NOT EXISTS servers (
+    holder TEXT NOT NULL, server_key TEXT NOT NULL, ledger TEXT NOT NULL, pinned_utc TEXT NOT NULL,
+    PRIMARY KEY (holder, server_key));
 """
 NON_PRIVATE = ""  # the noise column of a release without privacy: it spends an infinite epsilon
 LEGACY = "legacy:"  # a format-2 release's key: it was keyed by records, so it counts against every budget here
@@ -162,6 +168,7 @@ class PrivacyLedger:
                 if row is None or row[0] != str(FORMAT):
                     raise PrivacyLedgerError(f"{self.path}: privacy ledger format {row[0] if row else '?'}; this "
                                              f"seedtune reads format {FORMAT}")
+                self._lay_out()  # tables added within the format (servers), for a file written before them
             elif "releases" in tables:  # format 2: keyed by a digest of the records an instruction selected
                 self._conn.execute("ALTER TABLE releases RENAME COLUMN data_key TO budget")
                 self._conn.execute("UPDATE releases SET budget = ? || budget", (LEGACY,))
@@ -234,13 +241,38 @@ class PrivacyLedger:
                                  (holder, ledger)).fetchone()
         return None if row is None else (int(row[0]), bytes(row[1]))
 
-    def follow(self, holder: str, ledger: str, version: int, head: bytes) -> None:
-        """Durably note the position followed; the anchor only moves forward."""
-        self._conn.execute(
-            "INSERT INTO followed VALUES (?, ?, ?, ?, ?) ON CONFLICT (holder, ledger) DO UPDATE SET "
-            "version = excluded.version, head = excluded.head, followed_utc = excluded.followed_utc "
-            "WHERE excluded.version > followed.version",
-            (holder, ledger, int(version), head, _now()))
+    def follow(self, holder: str, ledger: str, version: int, head: bytes, server_key: str = "") -> None:
+        """Durably note the position followed (the anchor only moves forward) and, with ``server_key``, pin
+        this ledger as the one this holder follows from that server, if none is pinned yet."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute(
+                "INSERT INTO followed VALUES (?, ?, ?, ?, ?) ON CONFLICT (holder, ledger) DO UPDATE SET "
+                "version = excluded.version, head = excluded.head, followed_utc = excluded.followed_utc "
+                "WHERE excluded.version > followed.version",
+                (holder, ledger, int(version), head, _now()))
+            if server_key:
+                self._conn.execute("INSERT OR IGNORE INTO servers VALUES (?, ?, ?, ?)",
+                                   (holder, server_key, ledger, _now()))
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    def pinned_ledger(self, holder: str, server_key: str) -> str | None:
+        """The header digest of the ledger this holder follows from the server with ``server_key``, or None."""
+        row = self._conn.execute("SELECT ledger FROM servers WHERE holder = ? AND server_key = ?",
+                                 (holder, server_key)).fetchone()
+        return None if row is None else str(row[0])
+
+    def forget_server(self, server_key: str, holder: str | None = None) -> int:
+        """The operator's reset (``seedtune holder forget-server``): unpin the ledger followed from the server
+        with ``server_key`` (for one holder, or all), so that the next ledger it signs may be followed. Budgets
+        and anchors stay. Returns the number of pins removed."""
+        sql, args = "DELETE FROM servers WHERE server_key = ?", [server_key]
+        if holder is not None:
+            sql, args = sql + " AND holder = ?", [*args, holder]
+        return self._conn.execute(sql, args).rowcount
 
     def reply_for(self, key: str, request: str) -> bytes | None:
         row = self._conn.execute("SELECT reply FROM releases WHERE budget = ? AND request = ?",

@@ -39,7 +39,7 @@ from seedtune.shared.tasks import load_split, local_files, with_labels
 from seedtune.shared.tracking import Tracker, check_backend, open_tracker
 from seedtune.shared.update import ScoredView
 from seedtune.shared.run_folder import (CONFIG_FILE, DATA_PIN_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE,
-                                        anchor_beside, ends_with_newline)
+                                        anchors_of, ends_with_newline, write_home_anchor)
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,8 @@ def _check_data_pin(out_dir: Path, pin: dict[str, Any], train_file: str) -> None
 
 
 def _resume_ledger(out_dir: Path, header, unanchored: bool) -> Ledger:
-    """The interrupted run's ledger, verified against the run folder's anchor (the last ledger record its
-    metrics.jsonl wrote), after checking it was made for this very base model, trainable set and noise (the
+    """The interrupted run's ledger, verified against its anchors (the last ledger record its run folder's
+    metrics.jsonl wrote, and the one kept outside the run folder, :func:`shared.run_folder.home_anchor`), after checking it was made for this very base model, trainable set and noise (the
     noise is calibrated afresh from the same config: the same parameters). A ledger behind its anchor (a lost
     WAL, a restored copy) would release its lost steps again with fresh noise, unaccounted: refused; so is a
     ledger with steps and no anchor, unless ``unanchored`` says the user vouches for it."""
@@ -176,12 +176,13 @@ def _resume_ledger(out_dir: Path, header, unanchored: bool) -> Ledger:
             if getattr(ledger.header, field) != getattr(header, field):
                 raise ConfigError(f"{out_dir / LEDGER_FILE}: its {field} is not this run's (a changed model "
                                   f"package or noise calibration?); it cannot be resumed")
-        anchor = anchor_beside(ledger.path)
-        if anchor is None and ledger.last_round and not unanchored:
+        anchors = anchors_of(ledger.path, ledger.genesis)  # the run folder's metrics, and outside it
+        if not anchors and ledger.last_round and not unanchored:
             raise ConfigError(f"{out_dir / METRICS_FILE} anchors none of the ledger's {ledger.last_round} steps "
-                              f"(deleted or emptied?), so a ledger that lost steps could not be told from a whole "
-                              f"one: restore it, or resume with --unanchored if you vouch for this ledger")
-        ledger.verify(anchor)
+                              f"(deleted or emptied?) and this machine keeps no anchor of it outside the run folder "
+                              f"(run_folder.anchor_home()), so a ledger that lost steps could not be told from a "
+                              f"whole one: restore them, or resume with --unanchored if you vouch for this ledger")
+        ledger.verify(anchors)
     except BaseException:
         ledger.close()
         raise
@@ -336,8 +337,10 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
                        "nonfinite": result.nonfinite, "loss": result.loss}
                 if directions == 1:  # (K coefficients are the ledger's business)
                     row["coeff"] = coeffs[0]
-                if ledger is not None:  # the anchor outside the ledger file that a resumed run checks it against
-                    row["ledger_record"] = ledger.record_at(t + 1).hex()
+                if ledger is not None:  # the anchors outside the ledger file that a resumed run checks it against
+                    record = ledger.record_at(t + 1)
+                    row["ledger_record"] = record.hex()
+                    write_home_anchor(ledger.path, ledger.genesis, t + 1, record)
                 if config.eval.every and (t + 1) % config.eval.every == 0 and len(dev_ids):
                     row["dev_accuracy"] = task.accuracy(dev_ids, dev_labels, config.model.microbatch)
                     bar.write(f"step {t + 1}: dev accuracy {row['dev_accuracy']:.4f}")

@@ -14,7 +14,8 @@
 # per task, default ../shared/data), NUM_CPUS
 # per simulated client (1), NUM_GPUS per simulated client (0; e.g. 0.25 puts four clients on one GPU, with
 # "model.device=cuda" in the overrides), FLWR_HOME (.flwr), SEEDTUNE_PRIVACY_LEDGER
-# (runs/simulated-holders.sqlite).
+# (runs/simulated-holders.sqlite). The server's signing key is RUN_DIR/server_1 (made on first use, unless the
+# overrides name federation.server_key), pinned by every simulated node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,6 +35,23 @@ mkdir -p "$RUN_DIR" "$FLWR_HOME"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
 # The server and every simulated client look a task's folder (data.data_dir, default task.name) up here.
 [ -d "$DATA" ] && export SEEDTUNE_DATA=$(cd "$DATA" && pwd)
+
+USER_OVERRIDES="$*"
+case "$USER_OVERRIDES" in
+    *out_dir=*) echo "simulate: set the run folder with RUN_DIR=..., not out_dir" >&2; exit 2 ;;
+esac
+KEY_OVERRIDE=""
+# The server signs its ledger with a key kept in the run folder, and the simulated nodes pin its public key
+# (SEEDTUNE_SERVER_KEY): a ledger rewritten behind them (another header, every hash recomputed) is refused as
+# a fork, and a resumed server refuses rounds its key did not sign (docs/deployment.md, "Threat model").
+case "$USER_OVERRIDES" in
+    *federation.server_key=*) ;;
+    *)
+        PYTHON="$PY" scripts/deploy/make_node_keys.sh "$RUN_DIR" 1 server >/dev/null  # kept if present
+        export SEEDTUNE_SERVER_KEY="$RUN_DIR/server_1.pub"
+        KEY_OVERRIDE="federation.server_key=\"$RUN_DIR/server_1\""
+        ;;
+esac
 
 PORT=${PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 LINK_LOG=$RUN_DIR/superlink.log
@@ -57,11 +75,7 @@ address = "127.0.0.1:$PORT"
 insecure = true
 TOML
 
-USER_OVERRIDES="$*"
-case "$USER_OVERRIDES" in
-    *out_dir=*) echo "simulate: set the run folder with RUN_DIR=..., not out_dir" >&2; exit 2 ;;
-esac
-OVERRIDES="out_dir=\"$RUN_DIR\" $USER_OVERRIDES"
+OVERRIDES="out_dir=\"$RUN_DIR\" $USER_OVERRIDES $KEY_OVERRIDE"
 echo "simulate: $NODES clients, run folder $RUN_DIR" >&2
 "$BIN/flwr" run . seedtune-sim --stream --run-config "$OVERRIDES" \
     --federation-config "num-supernodes=$NODES client-resources-num-cpus=${NUM_CPUS:-1} client-resources-num-gpus=${NUM_GPUS:-0}" \

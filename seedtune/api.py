@@ -258,27 +258,37 @@ def replay(ledger: str | Path, out: str | Path | None = None, *, model: nn.Modul
     return replay_run(ledger, out)
 
 
-def verify(ledger: str | Path, unanchored: bool = False) -> dict[str, Any]:
+def verify(ledger: str | Path, unanchored: bool = False, server_key: str | Path | None = None) -> dict[str, Any]:
     """``seedtune verify``: check a ledger's whole history (every chain, and the run folder's anchor). A ledger
     with rounds and no anchor beside it is an error (its lost rounds could not be told), unless ``unanchored``:
-    then the chains alone are checked and the answer says ``"unanchored": true``."""
-    from seedtune.shared.run_folder import anchor_beside
+    then the chains alone are checked and the answer says ``"unanchored": true``. With ``server_key`` (the
+    federation server's public key, a ``.pub`` file) every round must be signed by it: the check that tells a
+    consistent rewrite by anyone without the key (new header, every hash recomputed) from the ledger itself."""
+    from seedtune.shared.identity import IdentityError, load_public
+    from seedtune.shared.run_folder import anchors_of
+
+    try:
+        public = load_public(server_key, "--server-key") if server_key else None
+    except IdentityError as exc:
+        raise ConfigError(str(exc)) from exc
 
     opened = Ledger.open(ledger, read_only=True)
     try:
-        anchor = anchor_beside(ledger)
-        if anchor is None and opened.last_round and not unanchored:
-            raise ChainError(f"ledger {ledger}: {opened.last_round} rounds and no anchor beside it (its run folder's "
-                             f"metrics.jsonl is missing or records none), so a ledger that lost its last rounds "
-                             f"cannot be told from a whole one; restore metrics.jsonl, or pass --unanchored "
-                             f"(unanchored=True) to check the chains alone")
-        entries = opened.verify(anchor)
+        anchors = anchors_of(ledger, opened.genesis)  # beside it (metrics.jsonl) and outside its run folder
+        if not anchors and opened.last_round and not unanchored:
+            raise ChainError(f"ledger {ledger}: {opened.last_round} rounds and no anchor (its run folder's "
+                             f"metrics.jsonl is missing or records none, and this machine keeps none outside it), "
+                             f"so a ledger that lost its last rounds cannot be told from a whole one; restore "
+                             f"metrics.jsonl, or pass --unanchored (unanchored=True) to check the chains alone")
+        entries = opened.verify(anchors)
+        anchor = max(anchors, key=lambda a: a.round, default=None)
+        signed = opened.check_signatures(public, f"--server-key {str(server_key)!r}") if public else None
         rounds = opened.last_round
         return {"ledger": str(ledger), "ok": True, "rounds": rounds, "entries": entries,
                 "head": opened.hash_at(entries).hex(),
                 "record": opened.record_at(rounds).hex() if opened.chains_rounds else None,
                 "format": opened.header.format_version, "anchored_round": anchor.round if anchor else None,
-                "unanchored": anchor is None and bool(rounds),
+                "unanchored": anchor is None and bool(rounds), "signed_rounds": signed,
                 "noise": opened.header.noise, "base_model_digest": opened.header.base_model_digest}
     finally:
         opened.close()

@@ -60,7 +60,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from seedtune import api
 
-    print(json.dumps(api.verify(args.ledger, unanchored=args.unanchored)), flush=True)
+    print(json.dumps(api.verify(args.ledger, unanchored=args.unanchored, server_key=args.server_key)), flush=True)
     return 0
 
 
@@ -95,6 +95,7 @@ def _noise_search(args: argparse.Namespace) -> int:
 
 def _holder(args: argparse.Namespace) -> int:
     from seedtune.client.privacy_ledger import PrivacyLedger, default_path, init
+    from seedtune.shared.identity import IdentityError, load_public
 
     path = args.ledger or default_path()
     if args.action == "init":
@@ -103,7 +104,18 @@ def _holder(args: argparse.Namespace) -> int:
         return 0
     ledger = PrivacyLedger(path)
     try:
-        if args.action == "backup":
+        if args.action == "forget-server":
+            if not args.server_key:
+                raise ConfigError("holder forget-server needs --server-key, the server's public key (.pub) whose "
+                                  "pinned ledger to forget")
+            try:
+                public = load_public(args.server_key, "--server-key")
+            except IdentityError as exc:
+                raise ConfigError(str(exc)) from exc
+            removed = ledger.forget_server(public, args.holder)
+            print(json.dumps({"privacy_ledger": str(path), "server_key": public, "holder": args.holder,
+                              "pins_removed": removed}), flush=True)
+        elif args.action == "backup":
             if not args.dest:
                 raise ConfigError("holder backup needs DEST, the new file to copy the ledger to")
             ledger.backup(args.dest)
@@ -182,16 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ledger", help="ledger.sqlite of a federated run or of a seedtune train run")
     p.add_argument("--unanchored", action="store_true", help="check a ledger with rounds but no anchor beside it "
                    "(the chains alone; the output then says \"unanchored\": true); refused without this")
+    p.add_argument("--server-key", help="the federation server's public key (.pub): every round must be signed by "
+                   "it (signed_rounds in the output); without it signatures are not checked (null)")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("holder", help="a data holder's privacy ledger on this node: init (create it, once), status "
                        "(each budget's releases, steps and epsilon), backup DEST (a consistent copy, safe while "
-                       "nodes run)")
-    p.add_argument("action", choices=["init", "status", "backup"])
+                       "nodes run), forget-server --server-key PUB (unpin the ledger followed from that server, "
+                       "so that its next ledger may be followed; budgets stay)")
+    p.add_argument("action", choices=["init", "status", "backup", "forget-server"])
     p.add_argument("dest", nargs="?", help="backup: the new file to write")
     p.add_argument("--ledger", help="the privacy ledger file (default $SEEDTUNE_PRIVACY_LEDGER, else "
                    "$XDG_DATA_HOME/seedtune/privacy-ledger.sqlite, i.e. ~/.local/share/...)")
     p.add_argument("--delta", type=float, default=1e-5, help="status: the delta epsilons are given at")
+    p.add_argument("--server-key", help="forget-server: the server's public key (.pub)")
+    p.add_argument("--holder", help="forget-server: only this holder's pin (default: every holder's)")
     p.set_defaults(func=_holder)
 
     p = sub.add_parser("noise-search", help="least-variance noise for the private scalar at a guarantee (cached)")

@@ -46,22 +46,30 @@ from seedtune.shared.accounting import PrivacyAccountant
 from seedtune.shared.aggregation import ACCEPTED, RoundRule, update_scale
 from seedtune.shared.config import ConfigError, RunConfig, directions_per_step, flatten
 from seedtune.shared.directions import step_seeds
-from seedtune.shared.identity import NONCE_BYTES, AllowedNodes, IdentityError
+from seedtune.shared.identity import NONCE_BYTES, AllowedNodes, IdentityError, SigningKey, position_bytes
 from seedtune.shared.ledger import Anchor, Ledger, LedgerError, Provenance
 from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Instruction, Reply
 from seedtune.shared.replica import Replica, config_json
-from seedtune.shared.run_folder import LEDGER_FILE, METRICS_FILE
+from seedtune.shared.run_folder import LEDGER_FILE, METRICS_FILE, anchors_of, write_home_anchor
 from seedtune.shared.tasks import counts_metrics, load_split, with_labels
 from seedtune.shared.tracking import check_backend, open_tracker
 from seedtune.shared.noise import Noise, SecureRandom
 from seedtune.shared.noise_search import COUNT_SENSITIVITY, count_noise, plan_noise
 from seedtune.shared.wire import WireError, content_of, from_content, payload_length, wire_bytes
 from seedtune.server.report import RunReport
-from seedtune.server.round import Rejected, RoundPlan, scalar_bound, signed, validate, validate_identity
+from seedtune.server.round import (REFUSED_HISTORY, Rejected, RoundPlan, scalar_bound, signed, validate,
+                                   validate_identity)
 
 log = logging.getLogger(__name__)
 
 TRAIN, SYNC, IDENTIFY, EVALUATE = "train", "query", "query.identify", "evaluate"
+
+
+class FederationHalted(RuntimeError):
+    """The nodes refuse this server's ledger itself (Reply.refusal_code "history"): it stops, writing no round
+    and no summary, rather than run on a ledger nobody follows."""
+
+
 BELOW_MIN_REPLIES = "below_min_replies"  # provenance status of valid replies in a round with too few of them
 
 
@@ -74,6 +82,7 @@ class FederatedServer:
         self.config = config
         self.grid = grid
         self.pins = self._load_pins(config.federation.allowed_nodes)
+        self.key = self._load_key(config.federation.server_key)
         dev = load_split(config, "dev", config.eval.dev_size)
         test = load_split(config, "test")
         self.replica = replica or Replica(config)
@@ -123,6 +132,21 @@ class FederatedServer:
         log.info("pinned nodes: %d holders from %s (digest %s)", len(pins.keys), path, pins.digest[:16])
         return pins
 
+    @staticmethod
+    def _load_key(path: str) -> SigningKey | None:
+        if not path:
+            return None
+        try:
+            key = SigningKey.load(path, "federation.server_key")
+        except IdentityError as exc:
+            raise ConfigError(str(exc)) from exc
+        log.info("signing ledger positions with %s (%s)", path, key.public)
+        return key
+
+    def sign(self, version: int, head: bytes) -> bytes:
+        """The server's signature over this ledger at ``version`` with chain hash ``head`` (b"": unsigned)."""
+        return self.key.sign(position_bytes(self.ledger.genesis.hex(), version, head)) if self.key else b""
+
     def _new_header(self):
         """The header of a new ledger: calibrates the noise for the whole run (only when no ledger exists)."""
         fed, privacy = self.config.federation, self.config.privacy
@@ -137,15 +161,19 @@ class FederatedServer:
 
     def _resume(self, anchor: Anchor | None) -> None:
         n = len(self.ledger)
-        if anchor is None and self.ledger.last_round:
+        anchors = anchors_of(self.ledger.path, self.ledger.genesis, anchor)  # the run folder's, and outside it
+        if not anchors and self.ledger.last_round:
             raise LedgerError(f"{self.ledger.path} holds {self.ledger.last_round} rounds, but {self.report.path} "
-                              f"anchors none of them (deleted or emptied?): a ledger that lost rounds cannot be "
-                              f"told from a whole one, and its holders would be instructed again for them. Restore "
-                              f"{METRICS_FILE}, or start a new run folder (out_dir)")
-        if n or anchor is not None:
+                              f"anchors none of them (deleted or emptied?) and this machine keeps none outside the "
+                              f"run folder: a ledger that lost rounds cannot be told from a whole one, and its "
+                              f"holders would be instructed again for them. Restore {METRICS_FILE}, or start a new "
+                              f"run folder (out_dir)")
+        if n or anchors:
             log.info("resuming from %s: %d committed rounds, %d entries; replaying", self.ledger.path,
                      self.ledger.last_round, n)
-            self.ledger.verify(anchor)  # a ledger behind or beside the run folder's anchor is refused
+            self.ledger.verify(anchors)  # a ledger behind or beside any of its anchors is refused
+            if self.key is not None:  # a ledger rewritten by anyone without the key is refused
+                self.ledger.check_signatures(self.key.public, f"federation.server_key {self.key.path!r}")
             self.replica.apply(list(self.ledger.entries()), self.ledger.hash_at(n))
         for holder, steps in self.ledger.instructed_steps().items():
             self._record(holder, steps)
@@ -238,6 +266,7 @@ class FederatedServer:
             ins.hyper.CopyFrom(plan.hyper)
         if start == 0:
             ins.header.CopyFrom(self.ledger.header)
+        ins.server_signature = self.sign(plan.version, ins.tail.head_hash)
         return ins
 
     def send(self, plan: RoundPlan, message_type: str = "") -> tuple[list[Any], dict[int, int], dict[str, float]]:
@@ -287,7 +316,7 @@ class FederatedServer:
             except Rejected as exc:
                 rejected[exc.kind] += 1
                 log.warning("round %d: rejected (%s) %s", plan.round, exc.kind, exc)
-                if exc.kind == "refused":
+                if exc.kind in ("refused", REFUSED_HISTORY):
                     self.known_version[src] = 0  # resend from the start with the header; the node skips what it has
                 provenance.append(Provenance(src, holder or "", exc.kind))
                 continue
@@ -313,7 +342,8 @@ class FederatedServer:
                metrics: dict[str, Any]) -> list:
         """The round's entries and provenance in one ledger transaction (the ledger checks the coefficients
         follow from the accepted scalars and refuses the round, unwritten, if they do not)."""
-        return self.ledger.commit_round(plan.round, plan.seeds, coeffs, provenance, self.rule, metrics)
+        return self.ledger.commit_round(plan.round, plan.seeds, coeffs, provenance, self.rule, metrics,
+                                        self.sign if self.key else None)
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         start = time.time()
@@ -335,6 +365,12 @@ class FederatedServer:
             phase.update({k: round(v, 6) for k, v in sent.items()})
         t = time.perf_counter()
         provenance, rejected, up = self.judge(plan, replies)
+        if rejected[REFUSED_HISTORY] and not any(p.status == ACCEPTED for p in provenance):
+            raise FederationHalted(f"round {rnd}: no reply accepted, and {rejected[REFUSED_HISTORY]} node(s) refused "
+                                   f"this server's ledger {self.ledger.path} as behind, forked from or another "
+                                   f"header than the history they followed (a restored copy, a lost WAL or a "
+                                   f"rewrite); stopping with nothing committed. Restore the ledger they followed, "
+                                   f"or start a new federation their operators accept")
         t = timed("validate", t)
         coeffs = self.aggregate(plan, provenance)
         t = timed("aggregate", t)
@@ -343,11 +379,13 @@ class FederatedServer:
                                                          "rejected": dict(rejected), "seeds": len(plan.seeds)})
         t = timed("commit", t)
         self.replica.apply(entries, self.ledger.hash_at(len(self.ledger)))
+        record = self.ledger.record_at(rnd)
+        write_home_anchor(self.ledger.path, self.ledger.genesis, rnd, record)  # the metrics row is the other
         t = timed("apply", t)
         row = {
             "round": rnd, "nodes": len(plan.nodes), "replies": len(replies), "accepted": accepted,
             "rejected": sum(rejected.values()), "rejected_by_kind": dict(rejected), "entries": len(entries),
-            "ledger_entries": len(self.ledger), "ledger_record": self.ledger.record_at(rnd).hex(),
+            "ledger_entries": len(self.ledger), "ledger_record": record.hex(),
             "bytes_up_max": max(up.values(), default=0), "bytes_up_total": sum(up.values()),
             "bytes_up_per_step": max(up.values()) / self.config.federation.local_steps if up else None,
             "bytes_down_max": max(down.values(), default=0), "bytes_down_total": sum(down.values()),

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from seedtune.server.model_card import CARD_FILE, PrivacyRecord, model_card, privacy_record
-from seedtune.shared.run_folder import anchor_beside
+from seedtune.shared.run_folder import anchors_of
 from seedtune.shared.config import ConfigError
 from seedtune.shared.digest import model_digest
 from seedtune.shared.ledger import Ledger
@@ -30,7 +30,7 @@ def _verified(ledger_path: str | Path, own_model: bool) -> Iterator[tuple[Ledger
     kind the caller replays: a language-model run's (``own_model=False``) or a PrivateZO one's."""
     ledger = Ledger.open(ledger_path, read_only=True)
     try:
-        n = ledger.verify(anchor_beside(ledger_path))
+        n = ledger.verify(anchors_of(ledger_path, ledger.genesis))
         if own_model and own_model_settings(ledger.header) is None:
             raise ConfigError(f"{ledger_path} is the ledger of a language-model run: replay it with "
                               f"seedtune replay LEDGER --out DIR (or seedtune.replay(ledger, out))")

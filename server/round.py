@@ -14,8 +14,11 @@ import numpy as np
 
 from seedtune.shared.identity import AllowedNodes, identity_bytes, reply_bytes
 from seedtune.shared.noise import Noise
-from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Identity, Reply
+from seedtune.shared.proto import PROTOCOL_VERSION, REFUSAL_HISTORY, Challenge, Hyperparameters, Identity, Reply
 from seedtune.shared.wire import PayloadTooLarge, WireError, from_content
+
+
+REFUSED_HISTORY = "refused_history"  # the node refused the server's ledger itself (Reply.refusal_code)
 
 
 class Rejected(ValueError):
@@ -108,7 +111,8 @@ def validate(msg: Any, plan: RoundPlan, run_id: int, holder: str | None, seen: s
         raise Rejected("oversized" if isinstance(exc, PayloadTooLarge) else "malformed",
                        f"node {src}: {exc}") from exc
     if reply.refusal:
-        raise Rejected("refused", f"node {src} refused: {reply.refusal}")
+        kind = REFUSED_HISTORY if reply.refusal_code == REFUSAL_HISTORY else "refused"
+        raise Rejected(kind, f"node {src} refused: {reply.refusal}")
     if reply.protocol_version != PROTOCOL_VERSION or reply.run_id != run_id or reply.round != plan.round \
             or reply.node != src:
         raise Rejected("wrong_round", f"node {src}: reply for protocol {reply.protocol_version}, run "

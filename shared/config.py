@@ -355,6 +355,10 @@ class FederationConfig:
     # File of "HOLDER PUBLIC-KEY" lines (shared.identity.AllowedNodes): only these nodes are instructed, and
     # only their signed replies count. "": any node that states a holder takes part (simulations).
     allowed_nodes: str = ""
+    # The server's private key (OpenSSH or PEM, no passphrase): it signs every ledger position it sends and
+    # every round it commits, and a resumed server checks its ledger's signatures. Nodes configured with its
+    # public key (node config server-key) follow only signed positions and pin one ledger per server key.
+    server_key: str = ""
     # After the last round, each node scores the final model on its own held-out data (Flower's evaluate
     # message) and releases its per-label counts (examples, predicted, correct) under Gaussian noise calibrated
     # to node_eval_epsilon at privacy.delta: one release, accounted in its data holder's privacy ledger under

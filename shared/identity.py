@@ -9,7 +9,14 @@ sends afterwards is signed too, so a node that is not on the list gets no instru
 listed node cannot speak for another holder. Keys are OpenSSH or PEM files: ECDSA on a NIST curve (the kind
 Flower's node authentication also takes, so one key may serve both) or Ed25519.
 
-The signed bytes are domain-separated, so a signature over an identity never verifies as one over a reply.
+The server signs too (``federation.server_key``): every instruction carries its signature over the ledger
+position it brings the node to (:func:`position_bytes`), and every committed round's position is signed in the
+ledger. A node configured with the server's public key (node config ``server-key``) follows only signed
+positions and pins, per server key, the one ledger header it follows (client.node): a rewritten header from the
+same server is a fork, refused until the node's operator says otherwise.
+
+The signed bytes are domain-separated, so a signature over an identity never verifies as one over a reply or a
+ledger position.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from seedtune.shared.proto import Reply
 
 IDENTIFY_CONTEXT = b"seedtune identify v1\x00"
 REPLY_CONTEXT = b"seedtune reply v1\x00"
+POSITION_CONTEXT = b"seedtune position v1\x00"
 NONCE_BYTES = 32
 _HASHES = {256: hashes.SHA256, 384: hashes.SHA384, 521: hashes.SHA512}  # the hash OpenSSH pairs with each curve
 
@@ -74,16 +82,27 @@ def verify(public: str, data: bytes, signature: bytes) -> bool:
     return True
 
 
+def load_public(path: str | Path, setting: str) -> str:
+    """The canonical OpenSSH line of the public key in file ``path`` (a ``.pub`` file; ``setting`` names the
+    option that gave it, for the error message)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IdentityError(f"{setting} {str(path)!r}: cannot read it ({exc})") from exc
+    return parse_public_line(text.strip(), f"{setting} {str(path)!r}")
+
+
 @dataclass(frozen=True)
-class NodeKey:
-    """A node's private key (node config ``node-key``): an OpenSSH or PEM file without a passphrase."""
+class SigningKey:
+    """A private key that signs: a node's (node config ``node-key``) or the server's (``federation.server_key``);
+    an OpenSSH or PEM file without a passphrase."""
 
     path: str
     key: Any
 
     @classmethod
-    def load(cls, path: str | Path) -> "NodeKey":
-        where = f"node-key {str(path)!r}"
+    def load(cls, path: str | Path, setting: str = "node-key") -> "SigningKey":
+        where = f"{setting} {str(path)!r}"
         try:
             raw = Path(path).read_bytes()
         except OSError as exc:
@@ -117,6 +136,15 @@ def identity_bytes(run_id: int, node: int, holder: str, header_digest: str, nonc
     return IDENTIFY_CONTEXT + body.encode()
 
 
+def position_bytes(header_digest: str, version: int, head: bytes) -> bytes:
+    """What the server signs: ledger ``header_digest`` stands at ``version`` entries with chain hash ``head``.
+    The chain runs from the header's hash through every entry, so one signature vouches for the whole history
+    up to that position (shared.chain)."""
+    body = json.dumps({"header_digest": header_digest, "version": int(version), "head": head.hex()},
+                      sort_keys=True, separators=(",", ":"))
+    return POSITION_CONTEXT + body.encode()
+
+
 def reply_bytes(reply: Reply) -> bytes:
     """What a node signs in a reply: the reply itself, deterministically serialized, without its signature."""
     unsigned = Reply()
@@ -125,7 +153,7 @@ def reply_bytes(reply: Reply) -> bytes:
     return REPLY_CONTEXT + unsigned.SerializeToString(deterministic=True)
 
 
-def sign_reply(reply: Reply, key: NodeKey | None) -> Reply:
+def sign_reply(reply: Reply, key: SigningKey | None) -> Reply:
     """Sign ``reply`` in place with the node's key (nothing without one); returns it."""
     if key is not None:
         reply.signature = key.sign(reply_bytes(reply))

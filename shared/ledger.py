@@ -17,7 +17,8 @@ Two chains, both from the header's hash: the *entry chain* (:mod:`shared.chain`)
 every instruction recorded for it, on which the server's privacy accounting rests. Neither can tell, from the
 file alone, a consistent rewrite or a file that lost its last rounds (a rolled-back copy, a lost WAL): an
 :class:`Anchor` kept outside the file (the run folder's metrics, :mod:`server.report`) can, and
-:meth:`Ledger.verify` compares against it when given one.
+:meth:`Ledger.verify` compares against it when given one. With a server key, each round's position is signed
+(:meth:`Ledger.check_signatures`): a rewrite by anyone without the key no longer verifies.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from seedtune.shared.aggregation import ACCEPTED, RoundRule
 from seedtune.shared.chain import ChainError, Entry, genesis, link, pack_tail
 from google.protobuf.message import DecodeError
 
+from seedtune.shared.identity import position_bytes, verify as signed_by
 from seedtune.shared.proto import LEDGER_FORMAT_VERSION, LEDGER_FORMATS_READ, LedgerHeader, LedgerTail
 
 _U64 = 1 << 64
@@ -59,6 +61,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     rule TEXT NOT NULL, lr REAL NOT NULL, trim REAL NOT NULL, committed_utc TEXT NOT NULL, metrics TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (round INTEGER PRIMARY KEY, hash BLOB NOT NULL);
 """
+# The server's signature over each committed round's position (shared.identity.position_bytes), with
+# federation.server_key; a table of its own, so that ledgers written before it still open as they were.
+_SIGNATURES = "CREATE TABLE IF NOT EXISTS signatures (round INTEGER PRIMARY KEY, signature BLOB NOT NULL)"
 ROUND_CHAIN_FORMAT = 5  # the first ledger format whose rounds, replies and instructions are chained (records)
 
 
@@ -287,16 +292,17 @@ class Ledger:
         return [{"round": r, "first_index": i, "entries": c, "rule": rule, "lr": lr, "trim": trim,
                  "committed_utc": t, "metrics": json.loads(m)} for r, i, c, rule, lr, trim, t, m in rows]
 
-    def verify(self, anchor: Anchor | None = None) -> int:
+    def verify(self, anchor: Anchor | Sequence[Anchor] | None = None) -> int:
         """Recompute the whole entry chain, the round bookkeeping (rounds 1..N, each covering its entries),
         every coefficient from the provenance table and, from format 5 on, the round chain over rounds, replies
-        and instructions; then compare with ``anchor`` if given. One read transaction: a server committing
+        and instructions; then compare with each ``anchor`` given. One read transaction: a server committing
         meanwhile is seen either before or after its round, never half-way. Returns the number of entries."""
+        anchors = [] if anchor is None else [anchor] if isinstance(anchor, Anchor) else list(anchor)
         self._conn.execute("BEGIN")
         try:
             n = self._verify()
-            if anchor is not None:
-                self._check_anchor(anchor)
+            for each in anchors:
+                self._check_anchor(each)
             return n
         except ChainError:
             raise
@@ -359,6 +365,25 @@ class Ledger:
                              f"round {len(rows) + 1} can be pending after {len(rows)} committed rounds")
         return n
 
+    def check_signatures(self, public: str, setting: str = "the server key") -> int:
+        """Check that every committed round's position is signed by ``public`` (an OpenSSH public key line);
+        returns the number of rounds checked. A ledger rewritten by anyone without the private key (a new
+        header, rounds dropped or changed, every hash recomputed) fails here by the round it first differs at."""
+        has_table = self._rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'signatures'")
+        signatures = dict(self._rows("SELECT round, signature FROM signatures")) if has_table else {}
+        digest = self.genesis.hex()
+        rounds = self._rows("SELECT round, first_idx, count, head FROM rounds ORDER BY round")
+        for rnd, first, count, head in rounds:
+            signature = signatures.get(rnd)
+            if signature is None:
+                raise ChainError(f"ledger {self.path}: round {rnd} carries no signature, where {setting} signs "
+                                 f"every round: the ledger was written without the key, or rewritten")
+            if not signed_by(public, position_bytes(digest, first + count, _blob(head, f"round {rnd}'s head")),
+                          _blob(signature, f"round {rnd}'s signature")):
+                raise ChainError(f"ledger {self.path}: round {rnd} is not signed by {setting}: the ledger (its "
+                                 f"header or history) was rewritten by someone without the key, or the key changed")
+        return len(rounds)
+
     def _check_anchor(self, anchor: Anchor) -> None:
         where = f" ({anchor.source})" if anchor.source else ""
         last = self.last_round
@@ -409,11 +434,12 @@ class Ledger:
             self._conn.execute("ROLLBACK")
             raise
     def commit_round(self, rnd: int, seeds: Sequence[int], coeffs: Sequence[float] | np.ndarray,
-                     replies: Sequence[Provenance], rule: RoundRule,
-                     metrics: dict[str, Any] | None = None) -> list[Entry]:
+                     replies: Sequence[Provenance], rule: RoundRule, metrics: dict[str, Any] | None = None,
+                     sign: Callable[[int, bytes], bytes] | None = None) -> list[Entry]:
         """Append one round atomically: one entry per seed with the caller's coefficient, and every reply's
         provenance. The coefficients must be the rule's aggregate of the accepted replies' scalars (none if
-        nothing was accepted): a round that does not follow from its provenance is refused, unwritten. Returns
+        nothing was accepted): a round that does not follow from its provenance is refused, unwritten. With
+        ``sign`` (version, head) -> signature, the round's position is signed in the same transaction. Returns
         the entries as committed."""
         last = self.last_round
         if rnd != last + 1:
@@ -450,6 +476,9 @@ class Ledger:
             if self.chains_rounds:
                 record = round_record(self.record_at(rnd - 1), round_row, replies, self._instructions(rnd))
                 conn.execute("INSERT INTO records VALUES (?, ?)", (rnd, record))
+            if sign is not None:
+                conn.execute(_SIGNATURES)
+                conn.execute("INSERT INTO signatures VALUES (?, ?)", (rnd, sign(first + len(entries), prev)))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

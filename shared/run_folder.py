@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
-from seedtune.shared.ledger import Anchor
+from seedtune.shared.ledger import Anchor, LedgerError
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ SUMMARY_FILE = "summary.json"  # written last: its presence means the run finish
 CONFIG_FILE = "config.json"  # the full run configuration of a training
 DATA_PIN_FILE = "data-pin.json"  # a training's data as accounted: records, sampling rate, digest (private)
 PRIVACY_LEDGER_FILE = "privacy-ledger.sqlite"  # a simulated data holders' privacy ledger (client.privacy_ledger)
+ANCHORS_ENV = "SEEDTUNE_ANCHORS"  # the folder of second anchors (default: anchor_home())
 
 
 def ends_with_newline(path: Path) -> bool:
@@ -77,3 +79,55 @@ def write_summary(out_dir: str, summary: dict) -> None:
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+
+
+def anchor_home() -> Path:
+    """Where every run keeps its second anchor: ``$SEEDTUNE_ANCHORS``, else ``$XDG_DATA_HOME/seedtune/anchors``
+    (by default under ``~/.local/share``), a folder for data users keep and, above all, outside every run
+    folder: restoring a run folder from a backup, or deleting its metrics.jsonl, leaves it where it was."""
+    if os.environ.get(ANCHORS_ENV):
+        return Path(os.environ[ANCHORS_ENV])
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "seedtune" / "anchors"
+
+
+def _home_file(genesis: bytes) -> Path:
+    return anchor_home() / f"{genesis.hex()}.json"
+
+
+def write_home_anchor(ledger_path: str | Path, genesis: bytes, rnd: int, record: bytes) -> None:
+    """Record that the ledger with header hash ``genesis`` reached round (or step) ``rnd`` with round record
+    ``record``: written to a temporary file, synced and renamed into place, so a crash leaves the last one."""
+    path = _home_file(genesis)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"ledger": str(Path(ledger_path).resolve()), "round": int(rnd), "ledger_record": record.hex(),
+            "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = path.with_name(path.name + ".new")
+    with tmp.open("w") as fh:
+        fh.write(json.dumps(body) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def home_anchor(genesis: bytes) -> Anchor | None:
+    """The second anchor of the ledger with header hash ``genesis`` (None if this machine holds none); a file
+    that is not one is a named error, never read as 'no anchor'."""
+    path = _home_file(genesis)
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise LedgerError(f"{path}, the ledger's anchor outside its run folder, is unreadable ({exc}): restore "
+                          f"it, or delete it if you vouch for the ledger") from None
+    if not (isinstance(body, dict) and isinstance(body.get("round"), int) and isinstance(body.get("ledger_record"), str)):
+        raise LedgerError(f"{path}, the ledger's anchor outside its run folder, is malformed: restore it, or "
+                          f"delete it if you vouch for the ledger")
+    return Anchor(body["round"], body["ledger_record"], str(path))
+
+
+def anchors_of(ledger_path: str | Path, genesis: bytes, beside: Anchor | None = None) -> list[Anchor]:
+    """Every anchor of a ledger: its run folder's (``beside``, else read from the metrics.jsonl beside it) and
+    the one outside it (:func:`home_anchor`)."""
+    found = [beside if beside is not None else anchor_beside(ledger_path), home_anchor(genesis)]
+    return [a for a in found if a is not None]

@@ -88,19 +88,23 @@ def tiny_decoder() -> TextClassifier:
 @pytest.fixture(autouse=True, scope="module")
 def _module_privacy_ledger(_module_leaves_process_unchanged, tmp_path_factory):
     """Simulated data holders get a fresh privacy ledger per test module (module fixtures run federations)..."""
-    before = os.environ.get("SEEDTUNE_PRIVACY_LEDGER")
-    os.environ["SEEDTUNE_PRIVACY_LEDGER"] = str(tmp_path_factory.mktemp("holders") / "privacy-ledger.sqlite")
+    saved = {key: os.environ.get(key) for key in ("SEEDTUNE_PRIVACY_LEDGER", "SEEDTUNE_ANCHORS")}
+    home = tmp_path_factory.mktemp("holders")
+    os.environ["SEEDTUNE_PRIVACY_LEDGER"] = str(home / "privacy-ledger.sqlite")
+    os.environ["SEEDTUNE_ANCHORS"] = str(home / "anchors")  # runs' anchors outside their folders (run_folder)
     yield
-    if before is None:
-        os.environ.pop("SEEDTUNE_PRIVACY_LEDGER", None)
-    else:
-        os.environ["SEEDTUNE_PRIVACY_LEDGER"] = before
+    for key, before in saved.items():
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 @pytest.fixture(autouse=True)
 def _privacy_ledger(_test_leaves_process_unchanged, tmp_path, monkeypatch):
     """... and per test, so that no test's spending refuses another's (subprocesses inherit it)."""
     monkeypatch.setenv("SEEDTUNE_PRIVACY_LEDGER", str(tmp_path / "privacy-ledger.sqlite"))
+    monkeypatch.setenv("SEEDTUNE_ANCHORS", str(tmp_path / "anchors"))
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -67,7 +67,8 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
         assert rogue.returncode == 0, rogue.stdout + rogue.stderr  # the gap in Flower that pinning closes
         rogue_id = int(re.search(r"ROGUE node_id=(\d+)", rogue.stdout).group(1))
         result = fed.run(ROOT, {**TINY, "federation.rounds": 2, "out_dir": str(run_dir),
-                                "federation.allowed_nodes": fed.env["SEEDTUNE_ALLOWED_NODES"]}, timeout=420)
+                                "federation.allowed_nodes": fed.env["SEEDTUNE_ALLOWED_NODES"],
+                                "federation.server_key": fed.env["SEEDTUNE_SERVER_KEY"]}, timeout=420)
         assert result.ok, result.output_tail()
         ledger = Ledger.open(run_dir / "ledger.sqlite")
         assert ledger.last_round == 2 and ledger.verify() == 2 * 2  # rounds x local steps

@@ -17,7 +17,7 @@ from flwr.app import Message
 from seedtune.server.federation import FederatedServer
 from seedtune.server.round import Rejected, validate_identity
 from seedtune.shared.config import ConfigError
-from seedtune.shared.identity import AllowedNodes, IdentityError, NodeKey, public_line, sign_reply
+from seedtune.shared.identity import AllowedNodes, IdentityError, SigningKey, public_line, sign_reply
 from seedtune.shared.ledger import Ledger, LedgerError
 from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, Reply
 from seedtune.shared.wire import from_content, to_content
@@ -76,7 +76,7 @@ def test_a_rogue_node_with_a_self_registered_key_gets_nothing_and_its_replies_mo
             reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=rogue,
                           model_version=ins.model_version, holder="holder-0",
                           scalars=np.full(len(ins.seeds), 0.99 * server.bound, "<f4").tobytes())
-            sign_reply(reply, NodeKey.load(tmp_path / "rogue"))
+            sign_reply(reply, SigningKey.load(tmp_path / "rogue"))
             to_rogue = Message(train[0].content, dst_node_id=rogue, message_type="train",
                                group_id=train[0].metadata.group_id)
             forged.append(ins.round)
@@ -107,7 +107,7 @@ def test_a_reply_not_signed_by_the_pinned_key_is_rejected(tmp_path):
     grid, allowed = pinned_grid(tmp_path)
     server = pinned_server(tmp_path, grid, allowed, **{"federation.rounds": 1})
     victim = grid.get_node_ids()[1]
-    other = NodeKey.load(tmp_path / "node_0")  # a key on the list, but holder-0's
+    other = SigningKey.load(tmp_path / "node_0")  # a key on the list, but holder-0's
 
     def rewrite(msg):
         if msg.metadata.message_type != "train" or msg.metadata.src_node_id != victim:

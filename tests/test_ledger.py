@@ -377,7 +377,7 @@ def test_a_ledger_whose_anchor_was_deleted_is_refused_unless_the_user_says_so(le
     ledger.close()
     _drop_last_round(tmp_path / "ledger.sqlite")  # a rolled-back ledger, and no metrics.jsonl to show it
     assert main(["verify", str(tmp_path / "ledger.sqlite")]) == 2
-    assert "2 rounds and no anchor beside it" in capsys.readouterr().err
+    assert "2 rounds and no anchor (its run folder's metrics.jsonl" in capsys.readouterr().err
     assert main(["verify", "--unanchored", str(tmp_path / "ledger.sqlite")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["unanchored"] is True and out["anchored_round"] is None and out["rounds"] == 2

@@ -14,7 +14,8 @@ from flwr.app import Message
 import seedtune.client.app as client_app
 from seedtune.client.privacy_ledger import open_privacy_ledger
 from seedtune.client.zo_step import privatize, zo_step
-from seedtune.server.federation import FederatedServer
+from seedtune.server.federation import FederatedServer, FederationHalted
+from seedtune.shared.chain import ChainError
 from seedtune.shared.accounting import noise_epsilon, noise_pld, step_pld
 from seedtune.shared.noise import GAUSSIAN_SUPPORT, Noise, SecureRandom
 from seedtune.shared.proto import Instruction, Reply
@@ -238,6 +239,7 @@ def test_a_restarted_node_refuses_a_server_whose_run_folder_was_rolled_back(tmp_
     server.run_round(1)
     server.ledger.close()
     shutil.copytree(tmp_path / "run", tmp_path / "backup")
+    shutil.copytree(tmp_path / "anchors", tmp_path / "anchors-backup")  # the server's machine, whole
     server = FederatedServer(config, InProcessGrid(NODES), tmp_path / "run")
     server.run_round(2)
     assert len(server.sync()[1]) == NODES  # the nodes follow round 2's entries (the end-of-run sync)
@@ -246,11 +248,19 @@ def test_a_restarted_node_refuses_a_server_whose_run_folder_was_rolled_back(tmp_
     released = {k: ledger.steps(k) for k in ledger.keys()}
     shutil.rmtree(tmp_path / "run")
     shutil.copytree(tmp_path / "backup", tmp_path / "run")
+    # the run folder alone restored: the server's anchor outside it (shared.run_folder.home_anchor) refuses it
+    with pytest.raises(ChainError, match=r"ends at round 1, but its anchor \(.*anchors.*\) records round 2"):
+        FederatedServer(config, InProcessGrid(NODES, first_id=20), tmp_path / "run")
+    shutil.rmtree(tmp_path / "anchors")
+    shutil.copytree(tmp_path / "anchors-backup", tmp_path / "anchors")  # and its anchors too: only nodes can tell
     restored = FederatedServer(config, InProcessGrid(NODES, first_id=40), tmp_path / "run")  # new node processes
     assert restored.ledger.last_round == 1
-    row = restored.run_round(2)  # the nodes identify (nothing of the ledger yet), then refuse its tail
-    assert row["accepted"] == 0 and row["rejected_by_kind"] == {"refused": NODES} and row["entries"] == 0
+    # the nodes identify (nothing of the ledger yet), then refuse its tail: the server stops by name (issue 32,
+    # finding 8), committing no empty round and writing no summary
+    with pytest.raises(FederationHalted, match=f"no reply accepted, and {NODES} node.s. refused this server's ledger"):
+        restored.run()
     assert caplog.text.count("its ledger went backwards") >= NODES
+    assert restored.ledger.last_round == 1 and not (tmp_path / "run" / "summary.json").exists()
     assert {k: ledger.steps(k) for k in ledger.keys()} == released
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -210,7 +211,30 @@ def test_resume_refuses_changed_training_data_a_ledger_behind_its_anchor_and_a_l
     for name, data in kept.items():
         (run / name).write_bytes(data)
 
+    # the whole run folder rolled back consistently (a restored backup: ledger and metrics at step 2), or its
+    # metrics deleted: the anchor kept outside the run folder still records step 4
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] <= 2))
+    conn = sqlite3.connect(run / "ledger.sqlite")
+    conn.executescript("".join(f"DELETE FROM {t} WHERE round > 2; " for t in
+                               ("entries", "rounds", "replies", "instructions", "records")))
+    conn.close()
+    assert main(resume) == 2
+    assert re.search(r"ends at round 2, but its anchor \(.*anchors/[0-9a-f]{64}\.json\) records round 4",
+                     capsys.readouterr().err)
     (run / "metrics.jsonl").unlink()
+    assert main(resume) == 2 and "but its anchor" in capsys.readouterr().err
+    for name, data in kept.items():
+        (run / name).write_bytes(data)
+    (run / "metrics.jsonl").unlink()  # a whole ledger with its run folder's anchor gone: the one outside holds
+    assert main(resume) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_at_step"] == 4
+    for name, data in kept.items():
+        (run / name).write_bytes(data)
+    (run / "summary.json").unlink(missing_ok=True)
+    (run / "metrics.jsonl").unlink()
+    for outside in (tmp_path / "anchors").iterdir():  # and the anchor outside it deleted too
+        outside.unlink()
     assert main(resume) == 2 and "anchors none of the ledger's 4 steps" in capsys.readouterr().err
     (run / "data-pin.json").unlink()
     assert main(resume + ["--unanchored"]) == 2 and "data-pin.json is missing" in capsys.readouterr().err

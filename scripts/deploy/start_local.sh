@@ -4,8 +4,8 @@
 #   1 SuperLink (Fleet + Control + Runtime APIs share ONE HTTPS port),
 #   N SuperNodes, each with its own registered ECDSA key and
 #   --node-config "partition-id=I num-partitions=N holder=node-I epsilon-budget=E delta=D
-#   privacy-ledger=STATE/nodes/node_I/privacy-ledger.sqlite node-key=KEY_DIR/identity_J" (I = 0..N-1,
-#   J = I+1),
+#   privacy-ledger=STATE/nodes/node_I/privacy-ledger.sqlite node-key=KEY_DIR/identity_J
+#   server-key=KEY_DIR/server_1.pub" (I = 0..N-1, J = I+1; the server signs with KEY_DIR/server_1),
 #   STATE/allowed_nodes: each holder with the public key of its identity key (identity_J), the list a
 #   seedtune federation pins (federation.allowed_nodes; see docs/deployment.md, "Threat model"); the identity
 #   keys are not the Flower keys, so rotate_node_key.sh does not change the list,
@@ -13,7 +13,8 @@
 # Then run any Flower app with:
 #   source STATE/env.sh && flwr run APPDIR "$FLWR_CONNECTION" --stream
 # and seedtune, pinned to these nodes, with:
-#   flwr run . "$FLWR_CONNECTION" --stream --run-config "federation.allowed_nodes='$SEEDTUNE_ALLOWED_NODES'"
+#   flwr run . "$FLWR_CONNECTION" --stream --run-config \
+#     "federation.allowed_nodes='$SEEDTUNE_ALLOWED_NODES' federation.server_key='$SEEDTUNE_SERVER_KEY'"
 #
 # Usage: scripts/deploy/start_local.sh STATE [NUM_NODES]
 #
@@ -98,6 +99,7 @@ rm -f "$STATE"/node_ids/* "$STATE"/logs/*.log "$STATE/env.sh"
 "$DEPLOY_DIR/make_certs.sh" "$CERT_DIR" >/dev/null
 "$DEPLOY_DIR/make_node_keys.sh" "$KEY_DIR" "$NUM_NODES" node >/dev/null
 "$DEPLOY_DIR/make_node_keys.sh" "$KEY_DIR" "$NUM_NODES" identity >/dev/null  # seedtune's pinned node keys
+"$DEPLOY_DIR/make_node_keys.sh" "$KEY_DIR" 1 server >/dev/null  # seedtune's server key, pinned by every node
 if (( EXTRA_UNREGISTERED_KEYS > 0 )); then
     "$DEPLOY_DIR/make_node_keys.sh" "$KEY_DIR" "$EXTRA_UNREGISTERED_KEYS" unregistered >/dev/null
 fi
@@ -203,6 +205,7 @@ for ((i = 1; i <= NUM_NODES; i++)); do
     own=${!own_var:-}
     budget="holder=\"node-$((i - 1))\" epsilon-budget=${NODE_EPSILON_BUDGET:-3.0} delta=${NODE_DELTA:-1e-5}"
     budget="$budget privacy-ledger=\"$STATE/nodes/node_$i/privacy-ledger.sqlite\" node-key=\"$KEY_DIR/identity_$i\""
+    budget="$budget server-key=\"$KEY_DIR/server_1.pub\""
     echo "partition-id=$((i - 1)) num-partitions=$NUM_NODES $budget${NODE_CONFIG_EXTRA:+ $NODE_CONFIG_EXTRA}${own:+ $own}" \
         >"$STATE/nodes/node_$i/node_config"
     init_holder_ledger "$STATE/nodes/node_$i/privacy-ledger.sqlite"
@@ -238,6 +241,7 @@ export FLWR_BIN="$FLWR_BIN"
 export FLWR_STATE="$STATE"
 export FLWR_NUM_NODES=$NUM_NODES
 export SEEDTUNE_ALLOWED_NODES="$ALLOWED"
+export SEEDTUNE_SERVER_KEY="$KEY_DIR/server_1"
 export PATH="$FLWR_BIN:\$PATH"
 EOF
 echo "superlink=$SUPERLINK_PORT supernodes=${SN_PORTS[*]:0:$NUM_NODES}" >"$STATE/ports"

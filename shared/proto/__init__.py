@@ -17,8 +17,12 @@ from seedtune.shared.proto.seedtune_pb2 import (  # noqa: F401  (re-exported)
 # Instruction/Reply semantics; a receiver refuses any other (2: Reply.holder; 3: tails of aggregated entries
 # without nodes, Reply.state_digest, no noise_multiplier; 4: a node is identified by Challenge/Identity before it
 # is sent anything of the ledger, and a node with a key signs its replies; 5: the evaluate message, a node's
-# noised label counts on its own held-out data in Reply.counts)
-PROTOCOL_VERSION = 5
+# noised label counts on its own held-out data in Reply.counts; 6: Instruction.server_signature, signed ledger
+# positions a node pinning the server's key requires, and Reply.refusal_code)
+PROTOCOL_VERSION = 6
+# Reply.refusal_code of a node that refuses the server's ledger itself (behind or beside the position it
+# followed, or another header from a server whose key it pins): a server all of whose nodes say so stops.
+REFUSAL_HISTORY = "history"
 # LedgerHeader.format_version written and accepted (2: instructions by holder; 3: one entry per seed per round,
 # entries hashed without a node, per-reply provenance table, rounds record their rule and learning rate;
 # 4: Gaussian directions are the 16-bit quantised normal of shared.directions, not Box-Muller; 5: the round

@@ -61,7 +61,7 @@ class Hyperparameters(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., mu: _Optional[float] = ..., clip: _Optional[float] = ..., sample_rate: _Optional[float] = ..., private: _Optional[bool] = ..., noise: _Optional[str] = ...) -> None: ...
 
 class Instruction(_message.Message):
-    __slots__ = ("protocol_version", "run_id", "round", "model_version", "header_digest", "tail", "seeds", "hyper", "header")
+    __slots__ = ("protocol_version", "run_id", "round", "model_version", "header_digest", "tail", "seeds", "hyper", "header", "server_signature")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class Instruction(_message.Message):
     SEEDS_FIELD_NUMBER: _ClassVar[int]
     HYPER_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
+    SERVER_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     run_id: int
     round: int
@@ -80,10 +81,11 @@ class Instruction(_message.Message):
     seeds: _containers.RepeatedScalarFieldContainer[int]
     hyper: Hyperparameters
     header: LedgerHeader
-    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., header_digest: _Optional[str] = ..., tail: _Optional[_Union[LedgerTail, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., hyper: _Optional[_Union[Hyperparameters, _Mapping]] = ..., header: _Optional[_Union[LedgerHeader, _Mapping]] = ...) -> None: ...
+    server_signature: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., header_digest: _Optional[str] = ..., tail: _Optional[_Union[LedgerTail, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., hyper: _Optional[_Union[Hyperparameters, _Mapping]] = ..., header: _Optional[_Union[LedgerHeader, _Mapping]] = ..., server_signature: _Optional[bytes] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("protocol_version", "run_id", "round", "node", "model_version", "scalars", "metrics", "refusal", "state_digest", "runtime", "holder", "signature", "counts")
+    __slots__ = ("protocol_version", "run_id", "round", "node", "model_version", "scalars", "metrics", "refusal", "state_digest", "runtime", "holder", "signature", "counts", "refusal_code")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +106,7 @@ class Reply(_message.Message):
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_CODE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     run_id: int
     round: int
@@ -117,7 +120,8 @@ class Reply(_message.Message):
     holder: str
     signature: bytes
     counts: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., node: _Optional[int] = ..., model_version: _Optional[int] = ..., scalars: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., refusal: _Optional[str] = ..., state_digest: _Optional[str] = ..., runtime: _Optional[str] = ..., holder: _Optional[str] = ..., signature: _Optional[bytes] = ..., counts: _Optional[_Iterable[float]] = ...) -> None: ...
+    refusal_code: str
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., node: _Optional[int] = ..., model_version: _Optional[int] = ..., scalars: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., refusal: _Optional[str] = ..., state_digest: _Optional[str] = ..., runtime: _Optional[str] = ..., holder: _Optional[str] = ..., signature: _Optional[bytes] = ..., counts: _Optional[_Iterable[float]] = ..., refusal_code: _Optional[str] = ...) -> None: ...
 
 class Challenge(_message.Message):
     __slots__ = ("protocol_version", "run_id", "header_digest", "nonce")
