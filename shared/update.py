@@ -274,17 +274,22 @@ def frame_runs(moves: Sequence[tuple[int, float]], size: int) -> list[tuple[int,
 
 
 class FeatureCache:
-    """Each record's frozen features (:meth:`TextClassifier.features`), computed once and alone, for a
-    trainable set that is the classifier head only: a step then costs the head's scores, not the model's.
+    """Each record's frozen features (:meth:`TextClassifier.features`), computed once, for a trainable set that
+    is the classifier head only: a step then costs the head's scores, not the model's.
 
-    A record is always computed alone (a batch of one, no padding; or, by :meth:`fill`, with records of its own
-    length where that was checked to give the same bits), cached or not, so its loss is the same bits
-    whether it came from the cache, from a full recomputation, or from a cache that was full, and it depends on
-    no other record of the batch. Records holding a token whose input embedding is a trainable head row (a tied
-    decoder's label words) are never cached: their features move with the head. Memory: at most ``budget_mb``
-    (then records are computed afresh each time); in memory only, never released, gone with the process."""
+    A record's features must be a function of that record alone (the sensitivity argument), and the same bits
+    however they were reached: from the cache, recomputed, or from a cache that was full. So each record has one
+    canonical computation: in a batch of fixed shape, :data:`GROUP` rows of the record's own length (no
+    padding; rows a group lacks are copies of its first record), where this machine's forward treats the rows
+    of such a batch on their own; else alone (a batch of one). Which lengths qualify is checked once per length
+    on synthetic public token rows (:meth:`_rows_independent`: no row's bits may change with its position or
+    its batch-mates), not assumed; MiniLM's shortest records, which differ from themselves computed alone,
+    are rows on their own in a fixed shape. Records holding a token whose input embedding is a trainable head
+    row (a tied decoder's label words) are never cached: their features move with the head. Memory: at most
+    ``budget_mb`` (then records are computed afresh each time); in memory only, never released, gone with the
+    process."""
 
-    GROUP = 32  # records of one length computed together by fill()
+    GROUP = 32  # rows of every batch a record's features are computed in (when its length qualifies)
 
     def __init__(self, task: TextClassifier, budget_mb: int) -> None:
         self.task = task
@@ -292,10 +297,41 @@ class FeatureCache:
         self.budget = budget_mb * 2**20
         self.store: dict[tuple[int, ...], torch.Tensor] = {}
         self.bytes = 0
-        self.grouped: dict[int, bool] = {}  # record length -> whether fill() batches records of that length
+        self.grouped: dict[int, bool] = {}  # record length -> computed in fixed-shape groups (else alone)
 
-    def _alone(self, ids: tuple[int, ...]) -> torch.Tensor:
-        return self.task.features(self.task.collate([ids], np.zeros(1, dtype=np.int64)))[0]
+    def _forward(self, records: Sequence[tuple[int, ...]]) -> torch.Tensor:
+        return self.task.features(self.task.collate(list(records), np.zeros(len(records), dtype=np.int64)))
+
+    def _rows_independent(self, length: int) -> bool:
+        """Whether, in a batch of GROUP rows of ``length`` tokens, every row's features are the same bits at any
+        position and beside any batch-mates: checked on token rows drawn with a fixed public seed (nothing of
+        the data), as a reversed group and as a row moved into another group."""
+        vocab = len(self.task.tokenizer)
+        rng = np.random.default_rng(length)
+        rows = [tuple(int(t) for t in rng.integers(min(1000, vocab // 2), vocab, size=length))
+                for _ in range(2 * self.GROUP)]
+        first, second = rows[: self.GROUP], rows[self.GROUP:]
+        base = self._forward(first)
+        if not torch.equal(self._forward(first[::-1]).flip(0), base):
+            return False
+        moved = second[:-1] + [first[0]]
+        return torch.equal(self._forward(moved)[-1], base[0])
+
+    def _computed(self, records: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+        """The canonical features of ``records``, all of one length."""
+        length = len(records[0])
+        if length not in self.grouped:
+            self.grouped[length] = self._rows_independent(length)
+            if not self.grouped[length]:
+                log.info("records of %d tokens: rows of a batch depend on each other here; each is computed alone",
+                         length)
+        if not self.grouped[length]:
+            return [self._forward([r])[0] for r in records]
+        out: list[torch.Tensor] = []
+        for first in range(0, len(records), self.GROUP):
+            group = list(records[first : first + self.GROUP])
+            out.extend(self._forward(group + [group[0]] * (self.GROUP - len(group)))[: len(group)])
+        return out
 
     def _keep(self, key: tuple[int, ...], value: torch.Tensor) -> None:
         if self.live.isdisjoint(key) and self.bytes + 4 * value.numel() <= self.budget:
@@ -303,54 +339,37 @@ class FeatureCache:
             self.bytes += 4 * value.numel()
 
     def features(self, ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        rows = []
-        for record in ids:
-            key = tuple(record)
-            cached = self.store.get(key)
-            if cached is None:
-                cached = self._alone(key)
-                self._keep(key, cached)
-            rows.append(cached)
-        return torch.stack(rows)
+        """The features of ``ids`` in order: cached ones as stored, the others computed (canonically, records of
+        one length together) and kept within the budget."""
+        keys = [tuple(record) for record in ids]
+        found = {k: self.store[k] for k in keys if k in self.store}
+        by_length: dict[int, list[tuple[int, ...]]] = {}
+        for key in dict.fromkeys(k for k in keys if k not in found):
+            by_length.setdefault(len(key), []).append(key)
+        for records in by_length.values():
+            for key, value in zip(records, self._computed(records)):
+                found[key] = value
+                self._keep(key, value)
+        return torch.stack([found[k] for k in keys])
 
     def fill(self, ids: Sequence[Sequence[int]], progress: bool = False) -> None:
-        """Compute every cacheable record of ``ids`` up front, in groups of :data:`GROUP` records of one length.
-
-        Records of one length need no padding, and where the model's forward treats each row of such a batch on
-        its own (its matrix products do not round a row differently for other rows or another batch size),
-        a record's features in the group are the bits it gets alone: four times cheaper on MiniLM, the same
-        values. That is checked per length (the batch's shape, so the kernels the forward picks), not assumed:
-        each length's first group is compared, first and last row, with those records computed alone, and a
-        length that differs (MiniLM's shortest records do here) has every record computed alone."""
-        from collections import defaultdict
-
+        """Compute every cacheable record of ``ids`` up front, records of one length together (their canonical
+        computation, :meth:`_computed`), until the memory budget is full."""
         from tqdm import tqdm
 
-        by_length: dict[int, list[tuple[int, ...]]] = defaultdict(list)
+        by_length: dict[int, list[tuple[int, ...]]] = {}
         for record in dict.fromkeys(tuple(r) for r in ids):
             if record not in self.store and self.live.isdisjoint(record):
-                by_length[len(record)].append(record)
+                by_length.setdefault(len(record), []).append(record)
         todo = sum(len(v) for v in by_length.values())
         with tqdm(total=todo, desc="features", unit="record", disable=not progress) as bar:
-            for length, records in sorted(by_length.items()):
-                for first in range(0, len(records), self.GROUP):
-                    group = records[first : first + self.GROUP]
-                    if len(group) < self.GROUP or not self.grouped.get(length, True):
-                        values = [self._alone(r) for r in group]
-                    else:
-                        batch = self.task.collate(list(group), np.zeros(len(group), dtype=np.int64))
-                        values = list(self.task.features(batch))
-                        if length not in self.grouped:
-                            self.grouped[length] = all(torch.equal(values[i], self._alone(group[i]))
-                                                       for i in (0, len(group) - 1))
-                            if not self.grouped[length]:
-                                log.info("records of %d tokens computed together differ from the same records "
-                                         "alone: each is computed alone", length)
-                                values = [self._alone(r) for r in group]
-                    for record, value in zip(group, values):
+            for _, records in sorted(by_length.items()):
+                for first in range(0, len(records), 8 * self.GROUP):
+                    chunk = records[first : first + 8 * self.GROUP]
+                    for record, value in zip(chunk, self._computed(chunk)):
                         self._keep(record, value)
-                    bar.update(len(group))
-                    if group[-1] not in self.store:
+                    bar.update(len(chunk))
+                    if chunk[-1] not in self.store:
                         return  # the budget is full: the rest is computed when a batch needs it
 
     def stable(self, ids: Sequence[Sequence[int]]) -> bool:
@@ -369,7 +388,7 @@ class ScoredView(TrainableView):
         # A head-only set: the body is frozen, so each record's features are computed once (FeatureCache).
         self.cache = FeatureCache(task, feature_cache_mb) if _is_head(task, selection) else None
         if self.cache is not None:
-            log.info("only the classifier head is trainable: each record's features are computed once, alone "
+            log.info("only the classifier head is trainable: each record's features are computed once "
                      "(cache up to %d MB in memory)", feature_cache_mb)
         # Layers below the trainable set see the same weights in every pass of a step: their output is
         # computed once per batch, between snapshot() and restore(), and reused by both perturbed passes.

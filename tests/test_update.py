@@ -324,8 +324,8 @@ def test_cached_and_uncached_head_losses_are_bit_identical(tiny_task):
 
 
 def test_head_losses_do_not_depend_on_the_rest_of_the_batch(tiny_task):
-    """Each record is scored alone, so one more record in the batch moves no other record's loss (the
-    sensitivity argument's assumption, which padded batches meet only at float level)."""
+    """Each record's features are a function of that record alone, so one more record in the batch moves no
+    other record's loss (the sensitivity argument's assumption, which padded batches meet only at float level)."""
     ids = tiny_task.encode(SENTENCES)
     labels = LABELS
     view = ScoredView(tiny_task, tiny_task.head_set(), feature_cache_mb=0)
@@ -441,25 +441,30 @@ def test_bench_step_measures_the_head_stage_against_a_whole_forward(capsys):
     assert row["head_stage"] and row["trainable_entries"] == 66 and row["forward_s"] > 0 and row["zo_step_s"] > 0
 
 
-def test_fill_computes_records_of_one_length_together_only_where_that_gives_their_bits_alone(tiny_task,
-                                                                                          monkeypatch):
-    """FeatureCache.fill batches records of one length only where that gives each record's bits alone (checked
-    on each length's first group), and otherwise computes that length's records alone. Whatever this
-    machine's kernels do, every cached feature is the record's feature alone; a row-wise forward is batched
-    (fewer forwards), a forward whose batched rows differ is not."""
+def test_a_records_features_are_one_computation_of_that_record_alone_however_they_are_reached(tiny_task,
+                                                                                              monkeypatch):
+    """FeatureCache: a record's features come from a batch of fixed shape (GROUP rows of its own length) where
+    this machine's forward keeps such rows apart (checked once per length, on synthetic rows), else from the
+    record alone. Filled up front, computed when a batch needs them, or computed afresh with no room to keep
+    them: the same bits, whatever records they were computed with. A forward whose rows interact is detected
+    and each record computed alone; a row-wise forward is batched (fewer forwards)."""
     from seedtune.shared.update import FeatureCache
 
     task = tiny_task
     rng = np.random.default_rng(3)
     words = [int(i) for i in rng.integers(1000, 2000, size=3000) if int(i) not in task.head_reads_inputs()]
-    ids = [words[7 * i : 7 * i + 4 + i % 3] for i in range(100)]  # lengths 4, 5, 6: groups of 32 and remainders
-    real = task.features
-    alone = {tuple(x): real(task.collate([x], np.zeros(1, dtype=np.int64)))[0] for x in ids}
-    here = FeatureCache(task, 64)
-    here.fill(ids)
-    assert set(here.grouped) <= {4, 5, 6} and len(here.store) == len(alone)
-    assert all(torch.equal(here.store[k], v) for k, v in alone.items())
+    ids = [tuple(words[7 * i : 7 * i + 4 + i % 3]) for i in range(100)]  # lengths 4, 5, 6: groups and remainders
+    filled = FeatureCache(task, 64)
+    filled.fill(ids)
+    assert set(filled.grouped) == {4, 5, 6} and len(filled.store) == len(ids)
+    lazy, kept_nothing = FeatureCache(task, 64), FeatureCache(task, 0)
+    for batch in (ids[::3], ids[1::2], ids[::-1], ids[5:9]):
+        expected = torch.stack([filled.store[k] for k in batch])
+        assert torch.equal(lazy.features(batch), expected) and torch.equal(kept_nothing.features(batch), expected)
+    assert not kept_nothing.store
 
+    real = task.features
+    alone = {k: real(task.collate([k], np.zeros(1, dtype=np.int64)))[0] for k in ids}
     calls = []
 
     def row_wise(batch):  # each row computed on its own: batching cannot change a bit
@@ -470,9 +475,14 @@ def test_fill_computes_records_of_one_length_together_only_where_that_gives_thei
     monkeypatch.setattr(task, "features", row_wise)
     grouped = FeatureCache(task, 64)
     grouped.fill(ids)
-    assert grouped.grouped == {4: True, 5: True, 6: True} and FeatureCache.GROUP in calls and len(calls) < len(ids)
+    assert grouped.grouped == {4: True, 5: True, 6: True} and set(calls) == {FeatureCache.GROUP}
     assert all(torch.equal(grouped.store[k], v) for k, v in alone.items())
-    monkeypatch.setattr(task, "features", lambda batch: real(batch) + (1e-6 if len(batch.labels) > 1 else 0.0))
-    skewed = FeatureCache(task, 64)
-    skewed.fill(ids)
-    assert skewed.grouped == {4: False, 5: False, 6: False} and all(torch.equal(skewed.store[k], v) for k, v in alone.items())
+
+    def mixing(batch):  # every row moved by the batch's mean: a record's features would depend on its batch-mates
+        out = real(batch)
+        return out + 1e-3 * out.mean(0, keepdim=True) if len(batch.labels) > 1 else out
+
+    monkeypatch.setattr(task, "features", mixing)
+    mixed = FeatureCache(task, 64)
+    mixed.fill(ids)
+    assert mixed.grouped == {4: False, 5: False, 6: False} and all(torch.equal(mixed.store[k], v) for k, v in alone.items())
