@@ -67,29 +67,34 @@ def _verify(args: argparse.Namespace) -> int:
 def _noise_search(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from seedtune.shared.noise_search import Target, accounted_epsilon, p_small, search
+    from seedtune.shared.noise_search import Target, accounted_epsilon, p_small, quick, search
 
     targets = [Target(e, args.delta, args.sample_rate, s) for s in args.steps for e in args.epsilon]
     rows = []
-    for target in tqdm(targets, desc="noise search", unit="config", disable=args.no_progress):
-        found = search(target)
+    desc = "noise search (with LMO: minutes per configuration)" if args.lmo else "noise calibration"
+    for target in tqdm(targets, desc=desc, unit="config", disable=args.no_progress):
+        found = search(target) if args.lmo else quick(target)
         row = {"epsilon": target.epsilon, "delta": target.delta, "sample_rate": target.sample_rate,
                "steps": target.steps}
         for family, noise in found.items():
             row[family] = {"std": noise.std, "params": noise.describe(), "p_small": p_small(noise),
                            "accounted_epsilon": accounted_epsilon(noise, target)}
-        row["auto_family"] = found["auto"].family
-        row["auto_variance_vs_gaussian"] = (found["auto"].std / found["gaussian"].std) ** 2
+        if "auto" in found:
+            row["auto_family"] = found["auto"].family
+            row["auto_variance_vs_gaussian"] = (found["auto"].std / found["gaussian"].std) ** 2
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
     if not args.json:
+        families = [f for f in ("gaussian", "laplace", "lmo") if all(f in r for r in rows)]
         print(f"noise std per unit of clip C at the same guarantee (delta {args.delta}, q {args.sample_rate:.4g}); "
-              f"epsilon as accounted (PLD)")
-        print(f"{'epsilon':>7} {'steps':>6} {'gaussian':>9} {'laplace':>9} {'lmo':>9}  {'auto':<9} {'var/gauss':>9}")
+              f"epsilon as accounted (PLD)" + ("" if "lmo" in families else "; --lmo adds the LMO search (slow)"))
+        auto = all("auto_family" in r for r in rows)
+        print(f"{'epsilon':>7} {'steps':>6} " + " ".join(f"{f:>9}" for f in families)
+              + (f"  {'auto':<9} {'var/gauss':>9}" if auto else ""))
         for r in rows:
-            print(f"{r['epsilon']:>7g} {r['steps']:>6} {r['gaussian']['std']:>9.4f} {r['laplace']['std']:>9.4f} "
-                  f"{r['lmo']['std']:>9.4f}  {r['auto_family']:<9} {r['auto_variance_vs_gaussian']:>9.3f}")
+            print(f"{r['epsilon']:>7g} {r['steps']:>6} " + " ".join(f"{r[f]['std']:>9.4f}" for f in families)
+                  + (f"  {r['auto_family']:<9} {r['auto_variance_vs_gaussian']:>9.3f}" if auto else ""))
     return 0
 
 
@@ -211,9 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holder", help="forget-server: only this holder's pin (default: every holder's)")
     p.set_defaults(func=_holder)
 
-    p = sub.add_parser("noise-search", help="least-variance noise for the private scalar at a guarantee (cached)")
-    p.add_argument("--epsilon", type=float, nargs="+", default=[0.5, 1.0, 3.0])
-    p.add_argument("--steps", type=int, nargs="+", default=[1000, 10000])
+    p = sub.add_parser("noise-search", help="the noise of the private scalar at a guarantee: Gaussian and Laplace "
+                       "calibrated (seconds per configuration), and with --lmo the least-variance search over LMO "
+                       "mixtures too (minutes per configuration, cached)")
+    p.add_argument("--epsilon", type=float, nargs="+", default=[1.0, 3.0])
+    p.add_argument("--steps", type=int, nargs="+", default=[1000])
+    p.add_argument("--lmo", action="store_true", help="also search the LMO family and pick privacy.noise = 'auto' "
+                   "(slow: minutes per configuration; the result is cached)")
     p.add_argument("--sample-rate", type=float, default=64 / 50000)
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--json", action="store_true", help="one JSON line per configuration instead of a table")

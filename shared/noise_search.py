@@ -124,6 +124,16 @@ def _laplace(target: Target, gauss: Noise) -> Noise:
     return _scale_to_target(Noise.laplace(1.0), target, b0 / 4, b0)
 
 
+def quick(target: Target) -> dict[str, Noise]:
+    """The Gaussian and the Laplace for ``target`` (seconds), or every family if a full search is cached:
+    what ``seedtune noise-search`` answers without ``--lmo``."""
+    cached = _load(target)
+    if cached is not None:
+        return cached
+    gauss = _gaussian(target)
+    return {"gaussian": gauss, "laplace": _laplace(target, gauss)}
+
+
 def search(target: Target, progress: Callable[[str], None] | None = None) -> dict[str, Noise]:
     cached = _load(target)
     if cached is not None:

@@ -1,6 +1,6 @@
 """Benchmark: the utility/cost table. Privacy, accuracy, memory, time and communication of every method.
 
-    python -m seedtune.simulations.bench_utility --json [--mode quick|full] [--out results/utility] [--jobs 1]
+    python -m seedtune.simulations.bench_utility --json [--mode quick|full] [--out DIR] [--jobs 1]
                                         [--models ...] [--methods ...] [--tasks sst2 trec rte] [--resume]
 
 Methods, on SST-2 (``--tasks``: also TREC and RTE through their presets, configs/<task>.toml) with the same
@@ -21,7 +21,9 @@ Each row runs in a fresh subprocess (``--row``), so its peak RSS (VmHWM, model l
 included, as a user's process sees it) and its CPU seconds (``cpu_s``, user + system, the whole row: what
 "equal CPU time" compares) are its own. Epsilon is always our PLD accountant's. Writes
 ``rows.jsonl`` (one JSON object per row, appended as rows finish), ``table.md`` and ``plot.png`` to
-``--out``; ``--json`` also prints each row as one JSON line.
+``--out`` (default a new ``runs/bench-utility-<time>``); ``--json`` also prints each row as one JSON line. A
+folder that already holds rows (the committed ``results/utility`` among them) is continued with ``--resume``,
+redrawn with ``--report-only`` or replaced with ``--overwrite``, never rewritten otherwise.
 """
 
 from __future__ import annotations
@@ -517,7 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print each row as one JSON line")
     parser.add_argument("--mode", choices=sorted(PLANS), default="quick")
-    parser.add_argument("--out", default="results/utility", help="folder for rows.jsonl, table.md, plot.png")
+    parser.add_argument("--out", default="", help="folder for rows.jsonl, table.md, plot.png (default: a new "
+                        "runs/bench-utility-<time>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the rows an existing --out folder holds")
     parser.add_argument("--models", nargs="+", help="subset of the mode's models")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=["sst2"],
@@ -532,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    out = Path(args.out)
+    out = Path(args.out or f"runs/bench-utility-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.row:
         spec = RowSpec(**json.loads(args.row))
         # The row is also kept beside the results, so it outlives an interrupted parent (--resume collects
@@ -552,8 +556,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(models) - set(PLANS[args.mode])
     if unknown:
         parser.error(f"models {sorted(unknown)} are not in the {args.mode} plan ({sorted(PLANS[args.mode])})")
-    out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
+    held = rows_path.is_file() or any((out / ROWS_DIR).glob("*.json"))
+    if held and not (args.resume or args.report_only or args.overwrite):
+        parser.error(f"{out} already holds rows (rows.jsonl or {ROWS_DIR}/): --resume continues them, --report-only "
+                     f"redraws their table, --overwrite replaces them; or name another --out")
+    out.mkdir(parents=True, exist_ok=True)
     done = {}
     if args.resume or args.report_only:
         kept = rows_path.read_text().splitlines() if rows_path.is_file() else []

@@ -197,6 +197,22 @@ def test_bench_utility_quick_rows_are_well_formed(tmp_path, capsys):
     assert (out / "plot.png").stat().st_size > 1000
 
 
+def test_bench_utility_never_rewrites_rows_it_was_not_asked_to(tmp_path, capsys):
+    """Issue 34: `bench_utility --mode quick` wrote to results/utility by default and deleted the committed rows
+    there before running. Now its default is a new runs/ folder, and a folder holding rows is refused unless
+    --resume, --report-only or --overwrite says what to do with them."""
+    from seedtune.simulations.bench_utility import main
+
+    out = tmp_path / "utility"
+    (out / "rows.d").mkdir(parents=True)
+    (out / "rows.jsonl").write_text('{"kept": true}\n')
+    (out / "rows.d" / "x.json").write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        main(["--mode", "quick", "--models", "tiny-encoder", "--methods", "zero-shot", "--out", str(out)])
+    assert stop.value.code == 2 and "already holds rows" in capsys.readouterr().err
+    assert (out / "rows.jsonl").read_text() == '{"kept": true}\n' and (out / "rows.d" / "x.json").exists()
+
+
 # --------------------------------------------------------------------------------------- linear probes
 def test_head_scores_of_the_features_are_the_logits(tiny_task):
     """A linear probe and a step that trains only the head read ``features``: their scores are the model's own."""

@@ -149,3 +149,23 @@ def test_a_cached_choice_that_misses_the_target_is_searched_again(tmp_path, monk
     path.write_text(json.dumps({k: weak.to_json() for k in ("gaussian", "laplace", "lmo", "auto")}))
     found = search(target)
     assert all(accounted_epsilon(n, target) <= 1.0 for n in found.values())
+
+
+def test_noise_search_without_lmo_calibrates_gaussian_and_laplace_only(monkeypatch, capsys):
+    """Issue 34: `seedtune noise-search` with no arguments ran the LMO search (over 20 minutes) before printing
+    anything; now it calibrates the Gaussian and the Laplace (seconds) and the LMO search waits for --lmo."""
+    import json
+
+    import seedtune.shared.noise_search as noise_search
+    from seedtune.cli import main
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the LMO search ran without --lmo")
+
+    monkeypatch.setattr(noise_search, "search", no_search)
+    assert main(["noise-search", "--epsilon", "3", "--steps", "20", "--json", "--no-progress"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"gaussian", "laplace"} <= set(row) and "lmo" not in row and "auto_family" not in row
+    assert row["gaussian"]["accounted_epsilon"] <= 3.0 and row["laplace"]["accounted_epsilon"] <= 3.0
+    assert main(["noise-search", "--epsilon", "3", "--steps", "20", "--no-progress"]) == 0
+    assert "--lmo adds the LMO search" in capsys.readouterr().out
