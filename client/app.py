@@ -41,7 +41,7 @@ from flwr.clientapp import ClientApp
 
 from seedtune.client.privacy_ledger import Budget, open_privacy_ledger
 from seedtune.client.node import DataSource, Holder, NodeState, Runtime, handle_instruction, identify as identity_of
-from seedtune.client.node import evaluate as evaluate_heldout, refusal, sync
+from seedtune.client.node import config_refusal, evaluate as evaluate_heldout, sync
 from seedtune.client.partition import load_own_data, load_partition
 from seedtune.shared.identity import SigningKey, load_public
 from seedtune.shared.onnx_task import DEFAULT_PROVIDERS
@@ -167,7 +167,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         holder, runtime, data = _node(context)
     except ValueError as exc:  # NodeConfigError included: refuse by name rather than fail the ClientApp
-        return Message(to_content(refusal(ins, context.node_id, str(exc))), reply_to=msg)
+        return Message(to_content(config_refusal(ins, context.node_id, str(exc))), reply_to=msg)
     state = load_state(context)
     reply = handle_instruction(ins, context.node_id, state, data, holder, runtime=runtime)
     save_state(context, state)
@@ -181,7 +181,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         holder, runtime, _ = _node(context)
         heldout = _heldout_source(context)
     except ValueError as exc:
-        return Message(to_content(refusal(ins, context.node_id, str(exc))), reply_to=msg)
+        return Message(to_content(config_refusal(ins, context.node_id, str(exc))), reply_to=msg)
     state = load_state(context)
     reply = evaluate_heldout(ins, context.node_id, state, heldout, holder, runtime=runtime)
     save_state(context, state)
@@ -207,7 +207,7 @@ def query(msg: Message, context: Context) -> Message:
     try:
         holder, runtime, data = _node(context)
     except ValueError as exc:
-        return Message(to_content(refusal(ins, context.node_id, str(exc))), reply_to=msg)
+        return Message(to_content(config_refusal(ins, context.node_id, str(exc))), reply_to=msg)
     state = load_state(context)
     reply = sync(ins, context.node_id, state, data, holder, runtime)
     save_state(context, state)

@@ -271,12 +271,13 @@ def handle_instruction(ins: Instruction, node_id: int, state: NodeState, data: D
     """Run the instruction and return the reply (a refusal reply if the node declines); updates ``state``.
 
     A reply that releases anything is in the holder's privacy ledger before this returns."""
-    reply = _reply(ins, node_id, holder, runtime)
-    return _answer(lambda: _run(ins, state, data, holder, rng or SecureRandom(), runtime, reply), reply, state,
-                   holder, f"round {ins.round}")
+    reply = _envelope(ins, node_id, holder, runtime)
+    return _refusing_on_error(lambda: _run(ins, state, data, holder, rng or SecureRandom(), runtime, reply), reply,
+                              state, holder, f"round {ins.round}")
 
 
-def _answer(work: Callable[[], Reply], reply: Reply, state: NodeState, holder: Holder, what: str) -> Reply:
+def _refusing_on_error(work: Callable[[], Reply], reply: Reply, state: NodeState, holder: Holder,
+                       what: str) -> Reply:
     """The reply ``work`` returns, or ``reply`` turned into a signed refusal that releases nothing."""
     try:
         return work()
@@ -290,16 +291,16 @@ def _answer(work: Callable[[], Reply], reply: Reply, state: NodeState, holder: H
     return sign_reply(reply, holder.key)
 
 
-def _reply(ins: Instruction, node_id: int, holder: Holder | None, runtime: Runtime) -> Reply:
+def _envelope(ins: Instruction, node_id: int, holder: Holder | None, runtime: Runtime) -> Reply:
     """A reply's envelope; ``runtime`` says the runtime kind until the replica is loaded, then its engine."""
     return Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node_id,
                  runtime=runtime.kind, holder=holder.name if holder else "")
 
 
-def refusal(ins: Instruction, node_id: int, reason: str, runtime: Runtime = Runtime()) -> Reply:
+def config_refusal(ins: Instruction, node_id: int, reason: str, runtime: Runtime = Runtime()) -> Reply:
     """A reply that does no work, e.g. for a node whose own configuration is unusable."""
     log.error("node %d refuses round %d: %s", node_id, ins.round, reason)
-    reply = _reply(ins, node_id, None, runtime)
+    reply = _envelope(ins, node_id, None, runtime)
     reply.refusal = reason
     return reply
 
@@ -415,9 +416,9 @@ def evaluate(ins: Instruction, node_id: int, state: NodeState, heldout: DataSour
     (examples, predicted, correct) plus Gaussian noise of ``federation.node_eval_epsilon``: one release,
     recorded in the holder's privacy ledger under that data set's key before the reply leaves. A re-delivered
     instruction gets the stored reply; a release past the budget is refused."""
-    reply = _reply(ins, node_id, holder, runtime)
-    return _answer(lambda: _evaluate(ins, state, heldout, holder, rng or SecureRandom(), runtime, reply), reply,
-                   state, holder, "the evaluation")
+    reply = _envelope(ins, node_id, holder, runtime)
+    return _refusing_on_error(lambda: _evaluate(ins, state, heldout, holder, rng or SecureRandom(), runtime, reply),
+                              reply, state, holder, "the evaluation")
 
 
 def _evaluate(ins: Instruction, state: NodeState, heldout: DataSource, holder: Holder, rng: SecureRandom,
@@ -455,7 +456,7 @@ def sync(ins: Instruction, node_id: int, state: NodeState, data: DataSource, hol
          runtime: Runtime = Runtime()) -> Reply:
     """Catch up without training; report the replica's state digest (the end-of-run consistency check), the
     holder's identity (how the server keys its accounting) and the epsilon its privacy ledger has recorded."""
-    reply = _reply(ins, node_id, holder, runtime)
+    reply = _envelope(ins, node_id, holder, runtime)
     try:
         replica = _catch_up(ins, state, runtime, holder)
         reply.runtime = replica.engine

@@ -43,6 +43,7 @@ from typing import Any, Iterable, Sequence
 from seedtune.shared.accounting import PrivacyAccountant
 from seedtune.shared.noise import Noise
 from seedtune.shared.run_folder import PRIVACY_LEDGER_FILE
+from seedtune.shared.transaction import immediate
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,7 @@ class PrivacyLedger:
 
     def _prepare(self) -> None:
         """Check the format, move a format-2 file to format 3, or lay out a new file, in one transaction."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self._conn):
             tables = self._tables()
             if "meta" in tables:
                 row = self._conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
@@ -181,10 +181,6 @@ class PrivacyLedger:
                 self._conn.execute("INSERT INTO meta VALUES ('format', ?)", (str(FORMAT),))
                 self._conn.execute("INSERT INTO meta VALUES ('created_utc', ?)", (_now(),))
                 log.info("new privacy ledger %s", self.path)
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
 
     def _lay_out(self) -> None:
         for statement in _SCHEMA.split(";"):  # (executescript would commit the open transaction)
@@ -244,20 +240,12 @@ class PrivacyLedger:
     def follow(self, holder: str, ledger: str, version: int, head: bytes, server_key: str = "") -> None:
         """Durably note the position followed (the anchor only moves forward) and, with ``server_key``, pin
         this ledger as the one this holder follows from that server, if none is pinned yet."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            self._conn.execute(
-                "INSERT INTO followed VALUES (?, ?, ?, ?, ?) ON CONFLICT (holder, ledger) DO UPDATE SET "
-                "version = excluded.version, head = excluded.head, followed_utc = excluded.followed_utc "
-                "WHERE excluded.version > followed.version",
-                (holder, ledger, int(version), head, _now()))
+        with immediate(self._conn) as conn:
+            conn.execute("INSERT INTO followed VALUES (?, ?, ?, ?, ?) ON CONFLICT (holder, ledger) DO UPDATE SET "
+                         "version = excluded.version, head = excluded.head, followed_utc = excluded.followed_utc "
+                         "WHERE excluded.version > followed.version", (holder, ledger, int(version), head, _now()))
             if server_key:
-                self._conn.execute("INSERT OR IGNORE INTO servers VALUES (?, ?, ?, ?)",
-                                   (holder, server_key, ledger, _now()))
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
+                conn.execute("INSERT OR IGNORE INTO servers VALUES (?, ?, ?, ?)", (holder, server_key, ledger, _now()))
 
     def pinned_ledger(self, holder: str, server_key: str) -> str | None:
         """The header digest of the ledger this holder follows from the server with ``server_key``, or None."""
@@ -296,16 +284,11 @@ class PrivacyLedger:
         process may serve the same holder); raises :class:`BudgetExceeded` and records nothing if it no longer
         fits. Call before the reply is sent."""
         noise, rate, steps = run
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self._conn) as conn:
             self.check(key, run, budget)
-            self._conn.execute("INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               (key, request, NON_PRIVATE if noise is None else noise.to_json(), float(rate),
-                                int(steps), reply, _now()))
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
+            conn.execute("INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (key, request, NON_PRIVATE if noise is None else noise.to_json(), float(rate), int(steps),
+                          reply, _now()))
 
 
 _LEDGERS: dict[Path, PrivacyLedger] = {}

@@ -42,6 +42,7 @@ from seedtune.shared.chain import ChainError, Entry, genesis, link, pack_tail
 from google.protobuf.message import DecodeError
 
 from seedtune.shared.identity import position_bytes, verify as signed_by
+from seedtune.shared.transaction import immediate
 from seedtune.shared.proto import LEDGER_FORMAT_VERSION, LEDGER_FORMATS_READ, LedgerHeader, LedgerTail
 
 _U64 = 1 << 64
@@ -425,14 +426,9 @@ class Ledger:
         node may spend privacy on a round that the server never commits (it crashed, or the reply was lost), so
         the server's accounting counts what it asked for, across restarts."""
         sent = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            self._conn.executemany("INSERT INTO instructions VALUES (?, ?, ?, ?)",
-                                   [(rnd, h, steps, sent) for h in holders])
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
+        with immediate(self._conn) as conn:
+            conn.executemany("INSERT INTO instructions VALUES (?, ?, ?, ?)", [(rnd, h, steps, sent) for h in holders])
+
     def commit_round(self, rnd: int, seeds: Sequence[int], coeffs: Sequence[float] | np.ndarray,
                      replies: Sequence[Provenance], rule: RoundRule, metrics: dict[str, Any] | None = None,
                      sign: Callable[[int, bytes], bytes] | None = None) -> list[Entry]:
@@ -466,9 +462,7 @@ class Ledger:
             rows.append((e.index, e.round, _to_i64(e.seed), e.coeff, prev))
         round_row = (rnd, first, len(entries), prev, rule.rule, float(rule.lr), float(rule.trim),
                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), json.dumps(metrics or {}, sort_keys=True))
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self._conn) as conn:
             conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?)", rows)
             conn.executemany("INSERT INTO replies VALUES (?, ?, ?, ?, ?)",
                              [(rnd, _to_i64(p.node), p.holder, p.status, p.scalars) for p in replies])
@@ -479,8 +473,4 @@ class Ledger:
             if sign is not None:
                 conn.execute(_SIGNATURES)
                 conn.execute("INSERT INTO signatures VALUES (?, ?)", (rnd, sign(first + len(entries), prev)))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return entries

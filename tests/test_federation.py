@@ -95,6 +95,13 @@ def test_uplink_is_four_bytes_per_step_plus_a_small_envelope(finished):
     rows = [json.loads(line) for line in (finished[0] / "metrics.jsonl").read_text().splitlines()][1:]
     for row in rows:
         assert row["bytes_up_max"] <= 16 * STEPS + 1024
+    ledger = Ledger.open(finished[0] / "ledger.sqlite", read_only=True)
+    try:  # every accepted reply carried exactly one float32 per step (float64 scalars would be 8 bytes each)
+        for rnd in (1, 2, 3):
+            accepted = [p for p in ledger.replies(rnd) if p.status == "accepted"]
+            assert accepted and all(len(p.scalars) == 4 * STEPS for p in accepted)
+    finally:
+        ledger.close()
     # Downlink: a node receives the entries committed since the version it last computed at (its own
     # scalars reach it through the ledger too), never the model; the header only while it is at version 0.
     ins = [from_content(m.content, Instruction) for m in grid.sent if m.metadata.message_type == "train"]
@@ -183,11 +190,14 @@ def test_bad_replies_are_rejected_and_never_reach_the_ledger(tmp_path, kind, mon
     assert len(ledger) == STEPS and ledger.verify() == STEPS
 
 
-def test_a_client_refuses_work_beyond_its_own_budget(tmp_path):
+def test_a_client_refuses_work_beyond_its_own_budget(tmp_path, caplog):
     grid = InProcessGrid(NODES, node_configs={0: {"epsilon-budget": 0.05, "delta": 1e-5}})
     server = FederatedServer(fed_config(tmp_path, **{"federation.rounds": 1}), grid, tmp_path)
     row = server.run_round(1)
     assert row["rejected_by_kind"] == {"refused": 1} and row["accepted"] == NODES - 1
+    refusals = [r.getMessage() for r in caplog.records if r.name == "seedtune.server.federation"
+                and "rejected (refused)" in r.getMessage()]
+    assert len(refusals) == 1 and "> its budget 0.05" in refusals[0]  # refused for its budget, not another reason
     frugal = grid.get_node_ids()[0]
     assert [p.status for p in server.ledger.replies(1) if p.node == frugal] == ["refused"]
 
