@@ -39,7 +39,8 @@ from seedtune.shared.tasks import load_split, local_files, with_labels
 from seedtune.shared.tracking import Tracker, check_backend, open_tracker
 from seedtune.shared.update import ScoredView
 from seedtune.shared.run_folder import (CONFIG_FILE, DATA_PIN_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE,
-                                        anchors_of, ends_with_newline, write_home_anchor)
+                                        anchors_of, check_anchor_home, ends_with_newline,
+                                        write_home_anchor)
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,9 @@ def _check_data_pin(out_dir: Path, pin: dict[str, Any], train_file: str) -> None
 
 def _resume_ledger(out_dir: Path, header, unanchored: bool) -> Ledger:
     """The interrupted run's ledger, verified against its anchors (the last ledger record its run folder's
-    metrics.jsonl wrote, and the one kept outside the run folder, :func:`shared.run_folder.home_anchor`), after checking it was made for this very base model, trainable set and noise (the
-    noise is calibrated afresh from the same config: the same parameters). A ledger behind its anchor (a lost
+    metrics.jsonl wrote, and the one kept outside the run folder, :func:`shared.run_folder.home_anchor`), after
+    checking it was made for this very base model, trainable set and noise (the noise is calibrated afresh from
+    the same config: the same parameters). A ledger behind its anchor (a lost
     WAL, a restored copy) would release its lost steps again with fresh noise, unaccounted: refused; so is a
     ledger with steps and no anchor, unless ``unanchored`` says the user vouches for it."""
     ledger = Ledger.open(out_dir / LEDGER_FILE)
@@ -219,6 +221,7 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
     # machine lacks leaves nothing behind.
     device, dtype = placement(config.model)
     check_backend(config.tracking)
+    check_anchor_home()
     given = config  # as the user gave it: what a tracker is told
     config = with_labels(config, "test")  # public: never the private training split's
     train_split = load_split(config, "train")

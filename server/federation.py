@@ -50,7 +50,8 @@ from seedtune.shared.identity import NONCE_BYTES, AllowedNodes, IdentityError, S
 from seedtune.shared.ledger import Anchor, Ledger, LedgerError, Provenance
 from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Instruction, Reply
 from seedtune.shared.replica import Replica, config_json
-from seedtune.shared.run_folder import LEDGER_FILE, METRICS_FILE, anchors_of, write_home_anchor
+from seedtune.shared.run_folder import (LEDGER_FILE, METRICS_FILE, anchors_of, check_anchor_home,
+                                        write_home_anchor)
 from seedtune.shared.tasks import counts_metrics, load_split, with_labels
 from seedtune.shared.tracking import check_backend, open_tracker
 from seedtune.shared.noise import Noise, SecureRandom
@@ -90,6 +91,7 @@ class FederatedServer:
         self.dev = (self.replica.task.encode(dev.records), dev.labels) if not self.replica.task.generation \
             else ([], dev.labels[:0])
         self.test = self.replica.task.eval_set(test)
+        check_anchor_home()
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rng = SecureRandom()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,19 @@ def anchor_home() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "seedtune" / "anchors"
 
 
+def check_anchor_home() -> None:
+    """The anchors folder exists and takes a file: checked before a run writes anything, so that it never
+    commits a round or step it then cannot anchor."""
+    home = anchor_home()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=home, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise LedgerError(f"{home}, where runs keep their ledger's anchor outside the run folder, is not writable "
+                          f"({exc.strerror}); make it so, or set {ANCHORS_ENV} to another folder") from None
+
+
 def _home_file(genesis: bytes) -> Path:
     return anchor_home() / f"{genesis.hex()}.json"
 
@@ -120,7 +134,8 @@ def home_anchor(genesis: bytes) -> Anchor | None:
     except (OSError, ValueError) as exc:
         raise LedgerError(f"{path}, the ledger's anchor outside its run folder, is unreadable ({exc}): restore "
                           f"it, or delete it if you vouch for the ledger") from None
-    if not (isinstance(body, dict) and isinstance(body.get("round"), int) and isinstance(body.get("ledger_record"), str)):
+    if not (isinstance(body, dict) and isinstance(body.get("round"), int)
+            and isinstance(body.get("ledger_record"), str)):
         raise LedgerError(f"{path}, the ledger's anchor outside its run folder, is malformed: restore it, or "
                           f"delete it if you vouch for the ledger")
     return Anchor(body["round"], body["ledger_record"], str(path))

@@ -265,3 +265,17 @@ def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, directio
     assert summary["epsilon"] <= 3.0 + 1e-9
     rebuilt = replay(summary["ledger"])
     assert rebuilt["entries"] == 5 * k and rebuilt["model_digest"] == summary["model_digest"]
+
+
+def test_a_run_whose_anchors_folder_is_not_writable_stops_before_writing_anything(tmp_path, monkeypatch, capsys):
+    """Every step's anchor also goes outside the run folder (shared.run_folder.anchor_home): a folder that cannot
+    take it is refused at the start, by name, rather than after a step was committed and released."""
+    from seedtune.cli import main
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the anchors folder should be")
+    monkeypatch.setenv("SEEDTUNE_ANCHORS", str(blocked / "anchors"))
+    assert main(["train", "-s", "model.name=tiny-encoder", "-s", "data.train_size=64", "-s", "data.test_size=16",
+                 "-s", "schedule.stage_steps=[2]", "--out", str(tmp_path / "run")]) == 2
+    assert "not-a-folder/anchors, where runs keep their ledger's anchor" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
