@@ -195,7 +195,7 @@ def _adopt_header(ins: Instruction, state: NodeState) -> LedgerHeader:
 
 def _check_server(ins: Instruction, holder: Holder) -> None:
     """With a pinned server key: the instruction's position must be signed by it, and its ledger must be the
-    one this holder follows from that server. A server (or whoever holds its disk) that rewrote its ledger's
+    one this holder follows from that server (the first one signed by the key that it saw, pinned atomically). A server (or whoever holds its disk) that rewrote its ledger's
     header and recomputed every hash sends another header digest: a fork, refused until the node's operator
     unpins it (``seedtune holder forget-server``). Checked before anything of the instruction is adopted."""
     if not holder.server_key:
@@ -203,9 +203,9 @@ def _check_server(ins: Instruction, holder: Holder) -> None:
     position = position_bytes(ins.header_digest, ins.model_version, ins.tail.head_hash)
     if not (ins.server_signature and verify(holder.server_key, position, ins.server_signature)):
         raise Refusal(f"the instruction for ledger {ins.header_digest[:16]} at version {ins.model_version} is not "
-                      f"signed by the server key this node pins (node config server-key)")
-    pinned = holder.ledger.pinned_ledger(holder.name, holder.server_key)
-    if pinned is not None and pinned != ins.header_digest:
+                      f"signed by the server key this node pins (node config server-key)", REFUSAL_HISTORY)
+    pinned = holder.ledger.pin_server(holder.name, holder.server_key, ins.header_digest)  # the first one signed
+    if pinned != ins.header_digest:
         raise Refusal(f"this node follows ledger {pinned[:16]} from this server; it now sends ledger "
                       f"{ins.header_digest[:16]}: another header from the same server is a fork (a rewritten "
                       f"ledger). Refusing it; the node's operator may accept it with seedtune holder "
@@ -224,7 +224,7 @@ def _catch_up(ins: Instruction, state: NodeState, runtime: Runtime, holder: Hold
     if anchor is not None:
         _check_anchor(anchor, ins, before, replica)
     if anchor is None or replica.version > anchor[0]:
-        holder.ledger.follow(holder.name, ins.header_digest, replica.version, replica.head, holder.server_key)
+        holder.ledger.follow(holder.name, ins.header_digest, replica.version, replica.head)
     state.version, state.head, state.values = replica.version, replica.head, replica.values()
     return replica
 

@@ -237,21 +237,25 @@ class PrivacyLedger:
                                  (holder, ledger)).fetchone()
         return None if row is None else (int(row[0]), bytes(row[1]))
 
-    def follow(self, holder: str, ledger: str, version: int, head: bytes, server_key: str = "") -> None:
-        """Durably note the position followed (the anchor only moves forward) and, with ``server_key``, pin
-        this ledger as the one this holder follows from that server, if none is pinned yet."""
-        with immediate(self._conn) as conn:
-            conn.execute("INSERT INTO followed VALUES (?, ?, ?, ?, ?) ON CONFLICT (holder, ledger) DO UPDATE SET "
-                         "version = excluded.version, head = excluded.head, followed_utc = excluded.followed_utc "
-                         "WHERE excluded.version > followed.version", (holder, ledger, int(version), head, _now()))
-            if server_key:
-                conn.execute("INSERT OR IGNORE INTO servers VALUES (?, ?, ?, ?)", (holder, server_key, ledger, _now()))
+    def follow(self, holder: str, ledger: str, version: int, head: bytes) -> None:
+        """Durably note the position followed; the anchor only moves forward."""
+        self._conn.execute(
+            "INSERT INTO followed VALUES (?, ?, ?, ?, ?) ON CONFLICT (holder, ledger) DO UPDATE SET "
+            "version = excluded.version, head = excluded.head, followed_utc = excluded.followed_utc "
+            "WHERE excluded.version > followed.version",
+            (holder, ledger, int(version), head, _now()))
 
-    def pinned_ledger(self, holder: str, server_key: str) -> str | None:
-        """The header digest of the ledger this holder follows from the server with ``server_key``, or None."""
-        row = self._conn.execute("SELECT ledger FROM servers WHERE holder = ? AND server_key = ?",
-                                 (holder, server_key)).fetchone()
-        return None if row is None else str(row[0])
+    def pin_server(self, holder: str, server_key: str, ledger: str) -> str:
+        """The ledger (header digest) this holder follows from the server with ``server_key``: the one pinned,
+        or ``ledger``, pinned now if none was. One write transaction, so two first contacts with different
+        headers cannot both be pinned."""
+        with immediate(self._conn) as conn:
+            row = conn.execute("SELECT ledger FROM servers WHERE holder = ? AND server_key = ?",
+                               (holder, server_key)).fetchone()
+            if row is not None:
+                return str(row[0])
+            conn.execute("INSERT INTO servers VALUES (?, ?, ?, ?)", (holder, server_key, ledger, _now()))
+        return ledger
 
     def forget_server(self, server_key: str, holder: str | None = None) -> int:
         """The operator's reset (``seedtune holder forget-server``): unpin the ledger followed from the server

@@ -48,7 +48,7 @@ from seedtune.shared.config import ConfigError, RunConfig, directions_per_step, 
 from seedtune.shared.directions import step_seeds
 from seedtune.shared.identity import NONCE_BYTES, AllowedNodes, IdentityError, SigningKey, position_bytes
 from seedtune.shared.ledger import Anchor, Ledger, LedgerError, Provenance
-from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Hyperparameters, Instruction, Reply
+from seedtune.shared.proto import PROTOCOL_VERSION, REFUSAL_HISTORY, Challenge, Hyperparameters, Instruction, Reply
 from seedtune.shared.replica import Replica, config_json
 from seedtune.shared.run_folder import (LEDGER_FILE, METRICS_FILE, anchors_of, check_anchor_home,
                                         write_home_anchor)
@@ -67,8 +67,9 @@ TRAIN, SYNC, IDENTIFY, EVALUATE = "train", "query", "query.identify", "evaluate"
 
 
 class FederationHalted(RuntimeError):
-    """The nodes refuse this server's ledger itself (Reply.refusal_code "history"): it stops, writing no round
-    and no summary, rather than run on a ledger nobody follows."""
+    """Every node that answered refuses this server's ledger itself (Reply.refusal_code "history": unsigned by
+    the key they pin, behind, forked, or another header): it stops, writing no round and no summary, rather
+    than run on a ledger nobody follows."""
 
 
 BELOW_MIN_REPLIES = "below_min_replies"  # provenance status of valid replies in a round with too few of them
@@ -118,6 +119,7 @@ class FederatedServer:
         self.known_version: dict[int, int] = {}  # what each node holds, as far as the server knows
         self.holders: dict[int, str] = {}  # Flower node id -> the data holder it proved (learned by identify)
         self.strangers: set[int] = set()  # nodes whose identity the pinned list refused: never asked again
+        self.history_refusals = 0  # replies to the last query that refused this server's ledger itself
         # One accountant per data holder, of every private step instructed (conservative: sent = spent)
         self.accountants: dict[str, PrivacyAccountant] = {}
         self._resume(anchor)
@@ -345,7 +347,7 @@ class FederatedServer:
         """The round's entries and provenance in one ledger transaction (the ledger checks the coefficients
         follow from the accepted scalars and refuses the round, unwritten, if they do not)."""
         return self.ledger.commit_round(plan.round, plan.seeds, coeffs, provenance, self.rule, metrics,
-                                        self.sign if self.key else None)
+                                        self.key.sign if self.key else None)
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         start = time.time()
@@ -367,12 +369,13 @@ class FederatedServer:
             phase.update({k: round(v, 6) for k, v in sent.items()})
         t = time.perf_counter()
         provenance, rejected, up = self.judge(plan, replies)
-        if rejected[REFUSED_HISTORY] and not any(p.status == ACCEPTED for p in provenance):
-            raise FederationHalted(f"round {rnd}: no reply accepted, and {rejected[REFUSED_HISTORY]} node(s) refused "
-                                   f"this server's ledger {self.ledger.path} as behind, forked from or another "
-                                   f"header than the history they followed (a restored copy, a lost WAL or a "
-                                   f"rewrite); stopping with nothing committed. Restore the ledger they followed, "
-                                   f"or start a new federation their operators accept")
+        if replies and rejected[REFUSED_HISTORY] == len(replies):
+            raise FederationHalted(f"round {rnd}: every node that answered ({len(replies)}) refused this server's "
+                                   f"ledger {self.ledger.path} itself: not signed by the server key they pin, or "
+                                   f"behind, forked from or another header than the history they followed (a "
+                                   f"restored copy, a lost WAL, a rewrite, or the wrong federation.server_key); "
+                                   f"stopping with nothing committed. Restore the ledger they followed, or start a "
+                                   f"new federation their operators accept")
         t = timed("validate", t)
         coeffs = self.aggregate(plan, provenance)
         t = timed("aggregate", t)
@@ -417,6 +420,7 @@ class FederatedServer:
         """Send the plan's nodes a query or an evaluate message (catch up, no training); their valid,
         non-refusing replies by node."""
         replies, _, _ = self.send(plan, message_type)
+        self.history_refusals = 0  # of this query's replies (Reply.refusal_code "history")
         out = {}
         for msg in replies:
             src = msg.metadata.src_node_id
@@ -426,6 +430,7 @@ class FederatedServer:
                 reply = None
             if reply is not None and reply.refusal:
                 log.warning("node %d refused the %s: %s", src, message_type, reply.refusal)
+                self.history_refusals += reply.refusal_code == REFUSAL_HISTORY
             elif reply is not None and not signed(reply, self.holders.get(src), self.pins):
                 log.warning("node %d: the query reply is not signed by its pinned key; ignored", src)
             elif reply is not None and reply.node == src and reply.model_version == plan.version:
@@ -495,6 +500,9 @@ class FederatedServer:
             self.run_round(rnd)
         server_digest = self.replica.state_digest()
         asked, synced = self.sync()
+        if asked and self.history_refusals == len(asked):
+            raise FederationHalted(f"every node asked in the final sync ({len(asked)}) refused this server's ledger "
+                                   f"{self.ledger.path} itself (see the warnings above); no summary is written")
         client_digests = {str(n): r.state_digest for n, r in synced.items()}
         client_runtimes = {str(n): r.runtime or "torch" for n, r in synced.items()}
         # What each holder's own privacy ledger recorded (over every run on that data), next to this server's.

@@ -36,6 +36,7 @@ from seedtune.shared.proto import Reply
 IDENTIFY_CONTEXT = b"seedtune identify v1\x00"
 REPLY_CONTEXT = b"seedtune reply v1\x00"
 POSITION_CONTEXT = b"seedtune position v1\x00"
+ROUND_CONTEXT = b"seedtune round v1\x00"
 NONCE_BYTES = 32
 _HASHES = {256: hashes.SHA256, 384: hashes.SHA384, 521: hashes.SHA512}  # the hash OpenSSH pairs with each curve
 
@@ -143,6 +144,15 @@ def position_bytes(header_digest: str, version: int, head: bytes) -> bytes:
     body = json.dumps({"header_digest": header_digest, "version": int(version), "head": head.hex()},
                       sort_keys=True, separators=(",", ":"))
     return POSITION_CONTEXT + body.encode()
+
+
+def round_bytes(header_digest: str, rnd: int, version: int, head: bytes, record: bytes) -> bytes:
+    """What the server signs into its ledger for a committed round: the position after it and its round
+    record, which chains the round's instructions, replies and metrics (shared.ledger.round_record), so that
+    what the server charged each holder is signed too, not only where the model stands."""
+    body = json.dumps({"header_digest": header_digest, "round": int(rnd), "version": int(version),
+                       "head": head.hex(), "record": record.hex()}, sort_keys=True, separators=(",", ":"))
+    return ROUND_CONTEXT + body.encode()
 
 
 def reply_bytes(reply: Reply) -> bytes:

@@ -41,7 +41,7 @@ from seedtune.shared.aggregation import ACCEPTED, RoundRule
 from seedtune.shared.chain import ChainError, Entry, genesis, link, pack_tail
 from google.protobuf.message import DecodeError
 
-from seedtune.shared.identity import position_bytes, verify as signed_by
+from seedtune.shared.identity import round_bytes, verify as signed_by
 from seedtune.shared.transaction import immediate
 from seedtune.shared.proto import LEDGER_FORMAT_VERSION, LEDGER_FORMATS_READ, LedgerHeader, LedgerTail
 
@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     rule TEXT NOT NULL, lr REAL NOT NULL, trim REAL NOT NULL, committed_utc TEXT NOT NULL, metrics TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (round INTEGER PRIMARY KEY, hash BLOB NOT NULL);
 """
-# The server's signature over each committed round's position (shared.identity.position_bytes), with
+# The server's signature over each committed round's position and record (shared.identity.round_bytes), with
 # federation.server_key; a table of its own, so that ledgers written before it still open as they were.
 _SIGNATURES = "CREATE TABLE IF NOT EXISTS signatures (round INTEGER PRIMARY KEY, signature BLOB NOT NULL)"
 ROUND_CHAIN_FORMAT = 5  # the first ledger format whose rounds, replies and instructions are chained (records)
@@ -366,23 +366,38 @@ class Ledger:
                              f"round {len(rows) + 1} can be pending after {len(rows)} committed rounds")
         return n
 
+    def signed_rounds(self) -> int:
+        """How many rounds carry a server signature (0 for a ledger written without a server key)."""
+        if not self._rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'signatures'"):
+            return 0
+        return int(self._rows("SELECT COUNT(*) FROM signatures")[0][0])
+
     def check_signatures(self, public: str, setting: str = "the server key") -> int:
-        """Check that every committed round's position is signed by ``public`` (an OpenSSH public key line);
-        returns the number of rounds checked. A ledger rewritten by anyone without the private key (a new
-        header, rounds dropped or changed, every hash recomputed) fails here by the round it first differs at."""
-        has_table = self._rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'signatures'")
-        signatures = dict(self._rows("SELECT round, signature FROM signatures")) if has_table else {}
+        """Check that every committed round is signed by ``public`` (an OpenSSH public key line) over its
+        position and its round record (:func:`shared.identity.round_bytes`); returns the number of rounds
+        checked. A ledger rewritten by anyone without the private key (a new header, rounds dropped or changed,
+        instructions or replies edited, every hash recomputed) fails here by the round it first differs at.
+        One read transaction, so a server committing meanwhile is seen before or after its round."""
+        self._conn.execute("BEGIN")
+        try:
+            signatures = dict(self._rows("SELECT round, signature FROM signatures")) if self.signed_rounds() else {}
+            rounds = self._rows("SELECT round, first_idx, count, head FROM rounds ORDER BY round")
+            records = dict(self._rows("SELECT round, hash FROM records")) if self.chains_rounds else {}
+        finally:
+            with contextlib.suppress(sqlite3.DatabaseError):
+                self._conn.execute("ROLLBACK")
         digest = self.genesis.hex()
-        rounds = self._rows("SELECT round, first_idx, count, head FROM rounds ORDER BY round")
         for rnd, first, count, head in rounds:
             signature = signatures.get(rnd)
             if signature is None:
                 raise ChainError(f"ledger {self.path}: round {rnd} carries no signature, where {setting} signs "
                                  f"every round: the ledger was written without the key, or rewritten")
-            if not signed_by(public, position_bytes(digest, first + count, _blob(head, f"round {rnd}'s head")),
-                          _blob(signature, f"round {rnd}'s signature")):
+            signed = round_bytes(digest, rnd, first + count, _blob(head, f"round {rnd}'s head"),
+                                 _blob(records.get(rnd, b""), f"round {rnd}'s record"))
+            if not signed_by(public, signed, _blob(signature, f"round {rnd}'s signature")):
                 raise ChainError(f"ledger {self.path}: round {rnd} is not signed by {setting}: the ledger (its "
-                                 f"header or history) was rewritten by someone without the key, or the key changed")
+                                 f"header, history, instructions or replies) was rewritten by someone without the "
+                                 f"key, or the key changed")
         return len(rounds)
 
     def _check_anchor(self, anchor: Anchor) -> None:
@@ -431,12 +446,12 @@ class Ledger:
 
     def commit_round(self, rnd: int, seeds: Sequence[int], coeffs: Sequence[float] | np.ndarray,
                      replies: Sequence[Provenance], rule: RoundRule, metrics: dict[str, Any] | None = None,
-                     sign: Callable[[int, bytes], bytes] | None = None) -> list[Entry]:
+                     sign: Callable[[bytes], bytes] | None = None) -> list[Entry]:
         """Append one round atomically: one entry per seed with the caller's coefficient, and every reply's
         provenance. The coefficients must be the rule's aggregate of the accepted replies' scalars (none if
         nothing was accepted): a round that does not follow from its provenance is refused, unwritten. With
-        ``sign`` (version, head) -> signature, the round's position is signed in the same transaction. Returns
-        the entries as committed."""
+        ``sign`` (bytes -> signature), the round is signed in the same transaction, over its position and its
+        round record (:func:`shared.identity.round_bytes`). Returns the entries as committed."""
         last = self.last_round
         if rnd != last + 1:
             raise LedgerError(f"round {rnd} cannot follow round {last}: rounds are committed once each, in order")
@@ -467,10 +482,12 @@ class Ledger:
             conn.executemany("INSERT INTO replies VALUES (?, ?, ?, ?, ?)",
                              [(rnd, _to_i64(p.node), p.holder, p.status, p.scalars) for p in replies])
             conn.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", round_row)
+            record = b""
             if self.chains_rounds:
                 record = round_record(self.record_at(rnd - 1), round_row, replies, self._instructions(rnd))
                 conn.execute("INSERT INTO records VALUES (?, ?)", (rnd, record))
             if sign is not None:
+                signed = round_bytes(self.genesis.hex(), rnd, first + len(entries), prev, record)
                 conn.execute(_SIGNATURES)
-                conn.execute("INSERT INTO signatures VALUES (?, ?)", (rnd, sign(first + len(entries), prev)))
+                conn.execute("INSERT INTO signatures VALUES (?, ?)", (rnd, sign(signed)))
         return entries

@@ -88,7 +88,12 @@ def anchor_home() -> Path:
     folder: restoring a run folder from a backup, or deleting its metrics.jsonl, leaves it where it was."""
     if os.environ.get(ANCHORS_ENV):
         return Path(os.environ[ANCHORS_ENV])
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "seedtune" / "anchors"
+    if os.environ.get("XDG_DATA_HOME"):
+        return Path(os.environ["XDG_DATA_HOME"]) / "seedtune" / "anchors"
+    try:
+        return Path.home() / ".local" / "share" / "seedtune" / "anchors"
+    except RuntimeError:  # no HOME and no passwd entry (some containers)
+        raise LedgerError(f"no home folder to keep runs' anchors in: set {ANCHORS_ENV} (or XDG_DATA_HOME)") from None
 
 
 def check_anchor_home() -> None:
@@ -116,11 +121,15 @@ def write_home_anchor(ledger_path: str | Path, genesis: bytes, rnd: int, record:
     body = {"ledger": str(Path(ledger_path).resolve()), "round": int(rnd), "ledger_record": record.hex(),
             "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tmp = path.with_name(path.name + ".new")
-    with tmp.open("w") as fh:
-        fh.write(json.dumps(body) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as fh:
+            fh.write(json.dumps(body) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise LedgerError(f"could not write round {rnd}'s anchor to {path} ({exc.strerror}); the round is committed "
+                          f"in the ledger: free the disk and resume") from None
 
 
 def home_anchor(genesis: bytes) -> Anchor | None:
@@ -134,7 +143,7 @@ def home_anchor(genesis: bytes) -> Anchor | None:
     except (OSError, ValueError) as exc:
         raise LedgerError(f"{path}, the ledger's anchor outside its run folder, is unreadable ({exc}): restore "
                           f"it, or delete it if you vouch for the ledger") from None
-    if not (isinstance(body, dict) and isinstance(body.get("round"), int)
+    if not (isinstance(body, dict) and type(body.get("round")) is int and body["round"] >= 0
             and isinstance(body.get("ledger_record"), str)):
         raise LedgerError(f"{path}, the ledger's anchor outside its run folder, is malformed: restore it, or "
                           f"delete it if you vouch for the ledger")

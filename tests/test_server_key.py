@@ -21,11 +21,11 @@ from seedtune.client.privacy_ledger import open_privacy_ledger
 from seedtune.server.federation import FederatedServer, FederationHalted
 from seedtune.shared.aggregation import RoundRule
 from seedtune.shared.chain import ChainError
-from seedtune.shared.identity import SigningKey, position_bytes
+from seedtune.shared.identity import SigningKey
 from seedtune.shared.ledger import Ledger, Provenance
 from seedtune.shared.proto import LedgerHeader
 from seedtune.simulations.inprocess import InProcessGrid
-from tests.test_federation import NODES, fed_config
+from tests.test_federation import NODES, STEPS, fed_config
 from tests.test_identity import write_key
 
 
@@ -68,8 +68,7 @@ def forge(run: Path, key: Path | None) -> None:
     for leftover in run.glob("ledger.sqlite*"):
         leftover.unlink()
     forged = Ledger.create(run / "ledger.sqlite", header)
-    signer = SigningKey.load(key, "forger") if key else None
-    sign = (lambda v, h: signer.sign(position_bytes(forged.genesis.hex(), v, h))) if signer else None
+    sign = SigningKey.load(key, "forger").sign if key else None
     for r, replies, entries, instructions in kept:
         rule = RoundRule(r["rule"], r["lr"], r["trim"])
         forged.record_instructions(r["round"], [h for h, _, _ in instructions], instructions[0][1])
@@ -103,7 +102,7 @@ def test_a_rewrite_signed_with_the_stolen_key_is_refused_by_every_node_as_a_fork
     forge(tmp_path / "run", key=key)
     assert api.verify(tmp_path / "run" / "ledger.sqlite", server_key=pub)["signed_rounds"] == 1
     restored = FederatedServer(config, pinning_grid(pub, first_id=40), tmp_path / "run")  # new node processes
-    with pytest.raises(FederationHalted, match=f"{NODES} node.s. refused this server's ledger"):
+    with pytest.raises(FederationHalted, match=f"every node that answered .{NODES}. refused this server's ledger"):
         restored.run()
     assert caplog.text.count("another header from the same server is a fork") >= NODES
     assert restored.ledger.last_round == 1 and not (tmp_path / "run" / "summary.json").exists()
@@ -115,8 +114,9 @@ def test_a_pinning_node_refuses_unsigned_or_foreign_positions_and_follows_signed
     other, _ = server_key(tmp_path, "another_key")
     for run, extra in (("unsigned", {}), ("foreign", {"federation.server_key": str(other)})):
         server = FederatedServer(fed_config(tmp_path / run, **extra), pinning_grid(pub), tmp_path / run)
-        row = server.run_round(1)
-        assert row["rejected_by_kind"] == {"refused": NODES} and row["entries"] == 0
+        with pytest.raises(FederationHalted, match=f"every node that answered .{NODES}. refused"):
+            server.run_round(1)  # (a server started without its key, or with another, stops at once)
+        assert server.ledger.last_round == 0
         server.ledger.close()
     assert caplog.text.count("is not signed by the server key this node pins") >= 2 * NODES
     server = FederatedServer(fed_config(tmp_path / "signed", **{"federation.server_key": str(key)}),
@@ -155,3 +155,36 @@ def test_a_resumed_server_checks_its_own_signatures(tmp_path):
     conn.close()
     with pytest.raises(ChainError, match="round 2 is not signed by federation.server_key"):
         FederatedServer(config, pinning_grid(pub, first_id=40), tmp_path / "run")
+
+
+def test_the_signatures_cover_what_the_server_charged_each_holder(tmp_path):
+    """A round's signature covers its round record, which chains its instructions and replies: deleting what
+    the server recorded it asked of the holders (its epsilon, the model card's) and recomputing the round chain
+    passes the chains but not the signatures (review of issue 32's fix: the signature covered the position only)."""
+    from seedtune.shared.ledger import round_record
+
+    _, _, pub = two_signed_rounds(tmp_path)
+    path = tmp_path / "run" / "ledger.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("DELETE FROM instructions WHERE round = 1")
+    conn.commit()
+    ledger = Ledger.open(path, read_only=True)
+    record, rows = ledger.genesis, []
+    for rnd in (1, 2):
+        row = conn.execute("SELECT round, first_idx, count, head, rule, lr, trim, committed_utc, metrics FROM rounds "
+                           "WHERE round = ?", (rnd,)).fetchone()
+        record = round_record(record, row, ledger.replies(rnd), ledger._instructions(rnd))
+        rows.append((record, rnd))
+    conn.executemany("UPDATE records SET hash = ? WHERE round = ?", rows)
+    conn.commit()
+    conn.close()
+    assert ledger.verify() == 2 * STEPS and set(ledger.instructed_steps().values()) == {STEPS}  # chains pass
+    with pytest.raises(ChainError, match="round 1 is not signed by the server key"):
+        ledger.check_signatures(pub.read_text().strip())
+
+
+def test_a_holder_pins_the_first_signed_header_it_sees_atomically(tmp_path):
+    holders = open_privacy_ledger(tmp_path / "holders.sqlite", create=True)
+    assert holders.pin_server("h", "key", "aa") == "aa" and holders.pin_server("h", "key", "bb") == "aa"
+    assert holders.pin_server("other", "key", "bb") == "bb" and holders.forget_server("key", "h") == 1
+    assert holders.pin_server("h", "key", "bb") == "bb"

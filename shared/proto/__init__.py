@@ -20,8 +20,8 @@ from seedtune.shared.proto.seedtune_pb2 import (  # noqa: F401  (re-exported)
 # noised label counts on its own held-out data in Reply.counts; 6: Instruction.server_signature, signed ledger
 # positions a node pinning the server's key requires, and Reply.refusal_code)
 PROTOCOL_VERSION = 6
-# Reply.refusal_code of a node that refuses the server's ledger itself (behind or beside the position it
-# followed, or another header from a server whose key it pins): a server all of whose nodes say so stops.
+# Reply.refusal_code of a node that refuses the server's ledger itself (not signed by the key it pins, behind or
+# beside the position it followed, or another header from that server): a server all of whose nodes say so stops.
 REFUSAL_HISTORY = "history"
 # LedgerHeader.format_version written and accepted (2: instructions by holder; 3: one entry per seed per round,
 # entries hashed without a node, per-reply provenance table, rounds record their rule and learning rate;
