@@ -40,9 +40,9 @@ def pinning_grid(pub: Path, first_id: int = 1) -> InProcessGrid:
     return InProcessGrid(NODES, node_configs={i: {"server-key": str(pub)} for i in range(NODES)}, first_id=first_id)
 
 
-def two_signed_rounds(tmp: Path):
+def two_signed_rounds(tmp: Path, rounds: int = 3):
     key, pub = server_key(tmp)
-    config = fed_config(tmp / "run", **{"federation.rounds": 3, "federation.server_key": str(key)})
+    config = fed_config(tmp / "run", **{"federation.rounds": rounds, "federation.server_key": str(key)})
     server = FederatedServer(config, pinning_grid(pub), tmp / "run")
     for rnd in (1, 2):
         assert server.run_round(rnd)["accepted"] == NODES
@@ -51,15 +51,16 @@ def two_signed_rounds(tmp: Path):
     return config, key, pub
 
 
-def forge(run: Path, key: Path | None) -> None:
-    """The red team's rewrite: another header, round 1's scalars x3, round 2 dropped, every hash recomputed,
+def forge(run: Path, key: Path | None, drop_last: bool = True) -> None:
+    """The red team's rewrite: another header, round 1's scalars x3, the last round dropped (unless not
+    ``drop_last``), every hash recomputed,
     metrics.jsonl anchoring the result; signed with ``key`` (an attacker holding the server's key and disk)
     or not at all (one holding the disk only)."""
     old = Ledger.open(run / "ledger.sqlite", read_only=True)
     header = LedgerHeader()
     header.CopyFrom(old.header)
     header.created_utc = "2020-01-01T00:00:00Z"
-    rounds = old.rounds()[:-1]
+    rounds = old.rounds()[:-1] if drop_last else old.rounds()
     kept = [(r, [Provenance(p.node, p.holder, p.status, (3 * p.values()).astype("<f4").tobytes())
                  for p in old.replies(r["round"])],
              list(old.entries(r["first_index"], r["first_index"] + r["entries"])), old._instructions(r["round"]))
@@ -188,3 +189,14 @@ def test_a_holder_pins_the_first_signed_header_it_sees_atomically(tmp_path):
     assert holders.pin_server("h", "key", "aa") == "aa" and holders.pin_server("h", "key", "bb") == "aa"
     assert holders.pin_server("other", "key", "bb") == "bb" and holders.forget_server("key", "h") == 1
     assert holders.pin_server("h", "key", "bb") == "bb"
+
+
+def test_a_server_whose_nodes_all_refuse_the_final_sync_writes_no_summary(tmp_path, caplog):
+    """A forged ledger with every round kept: the resumed server has no round left and goes straight to the
+    final sync, which every node refuses as a fork; it stops there rather than write a summary."""
+    config, key, pub = two_signed_rounds(tmp_path, rounds=2)
+    forge(tmp_path / "run", key=key, drop_last=False)
+    restored = FederatedServer(config, pinning_grid(pub, first_id=40), tmp_path / "run")
+    with pytest.raises(FederationHalted, match=f"every node asked in the final sync .{NODES}. refused"):
+        restored.run()
+    assert not (tmp_path / "run" / "summary.json").exists()
