@@ -289,7 +289,7 @@ class FeatureCache:
     ``budget_mb`` (then records are computed afresh each time); in memory only, never released, gone with the
     process."""
 
-    GROUP = 32  # rows of every batch a record's features are computed in (when its length qualifies)
+    GROUP = 8  # rows of every batch a record's features are computed in (when its length qualifies)
 
     def __init__(self, task: TextClassifier, budget_mb: int) -> None:
         self.task = task
