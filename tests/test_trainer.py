@@ -263,8 +263,9 @@ def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, directio
     k = directions or (128 if name == "tiny-encoder" else 64)
     assert summary["trainable_entries"] == size and summary["directions_per_step"] == k
     assert summary["epsilon"] <= 3.0 + 1e-9
-    rebuilt = replay(summary["ledger"])
+    rebuilt = replay(summary["ledger"], tmp_path / "model")  # saved with its model card (it raised KeyError)
     assert rebuilt["entries"] == 5 * k and rebuilt["model_digest"] == summary["model_digest"]
+    assert "the classifier head only" in (tmp_path / "model" / "README.md").read_text()
 
 
 def test_a_run_whose_anchors_folder_is_not_writable_stops_before_writing_anything(tmp_path, monkeypatch, capsys):
