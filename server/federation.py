@@ -119,7 +119,6 @@ class FederatedServer:
         self.known_version: dict[int, int] = {}  # what each node holds, as far as the server knows
         self.holders: dict[int, str] = {}  # Flower node id -> the data holder it proved (learned by identify)
         self.strangers: set[int] = set()  # nodes whose identity the pinned list refused: never asked again
-        self.history_refusals = 0  # replies to the last query that refused this server's ledger itself
         # One accountant per data holder, of every private step instructed (conservative: sent = spent)
         self.accountants: dict[str, PrivacyAccountant] = {}
         self._resume(anchor)
@@ -416,11 +415,11 @@ class FederatedServer:
         return self.replica.task.evaluate(self.test, self.config.model.microbatch)
 
     # ------------------------------------------------------------------------------------------- run
-    def _query(self, plan: RoundPlan, message_type: str = SYNC) -> dict[int, Reply]:
+    def _query(self, plan: RoundPlan, message_type: str = SYNC) -> tuple[dict[int, Reply], int]:
         """Send the plan's nodes a query or an evaluate message (catch up, no training); their valid,
-        non-refusing replies by node."""
+        non-refusing replies by node, and how many replies refused this server's ledger itself."""
         replies, _, _ = self.send(plan, message_type)
-        self.history_refusals = 0  # of this query's replies (Reply.refusal_code "history")
+        history = 0  # replies refusing this server's ledger itself (Reply.refusal_code "history")
         out = {}
         for msg in replies:
             src = msg.metadata.src_node_id
@@ -430,21 +429,22 @@ class FederatedServer:
                 reply = None
             if reply is not None and reply.refusal:
                 log.warning("node %d refused the %s: %s", src, message_type, reply.refusal)
-                self.history_refusals += reply.refusal_code == REFUSAL_HISTORY
+                history += reply.refusal_code == REFUSAL_HISTORY
             elif reply is not None and not signed(reply, self.holders.get(src), self.pins):
                 log.warning("node %d: the query reply is not signed by its pinned key; ignored", src)
             elif reply is not None and reply.node == src and reply.model_version == plan.version:
                 out[src] = reply
                 self.known_version[src] = plan.version
-        return out
+        return out, history
 
-    def sync(self) -> tuple[list[int], dict[int, Reply]]:
+    def sync(self) -> tuple[list[int], dict[int, Reply], int]:
         """Send the final tail to every live node (only the identified ones when the run pins its nodes: the
         others get nothing of the ledger); returns the nodes asked and their replies, which carry their
-        replicas' state digests, runtimes and the epsilon each holder's own ledger recorded."""
+        replicas' state digests, runtimes and the epsilon each holder's own ledger recorded, and how many
+        refused this server's ledger itself."""
         live = self.grid.get_node_ids()
         nodes = sorted(n for n in live if n in self.holders) if self.pins else sorted(live)
-        return nodes, self._query(RoundPlan(self.ledger.last_round + 1, len(self.ledger), nodes, [], None))
+        return nodes, *self._query(RoundPlan(self.ledger.last_round + 1, len(self.ledger), nodes, [], None))
 
     def evaluate_nodes(self) -> dict[str, Any]:
         """Flower's evaluate path: one node per identified holder scores the final model on its own held-out
@@ -454,7 +454,7 @@ class FederatedServer:
         nodes = sorted(self.one_per_holder(self.grid.get_node_ids()).values())
         plan = RoundPlan(self.ledger.last_round + 1, len(self.ledger), nodes, [], None)
         counts, epsilon = [], {}
-        for src, reply in self._query(plan, EVALUATE).items():
+        for src, reply in self._query(plan, EVALUATE)[0].items():
             values = np.asarray(reply.counts, dtype=np.float64)
             if values.shape != (3 * len(labels),) or not np.isfinite(values).all():
                 log.warning("node %d: evaluation counts of shape %s (expected %d finite values); ignored", src,
@@ -499,8 +499,8 @@ class FederatedServer:
         for rnd in range(first, fed.rounds + 1):
             self.run_round(rnd)
         server_digest = self.replica.state_digest()
-        asked, synced = self.sync()
-        if asked and self.history_refusals == len(asked):
+        asked, synced, history = self.sync()
+        if asked and history == len(asked):
             raise FederationHalted(f"every node asked in the final sync ({len(asked)}) refused this server's ledger "
                                    f"{self.ledger.path} itself (see the warnings above); no summary is written")
         client_digests = {str(n): r.state_digest for n, r in synced.items()}
