@@ -372,9 +372,9 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
         raise Refusal(f"{len(ins.seeds)} seeds are not whole steps of the header's {k} directions")
 
     data = _load(source, replica)
-    cache = getattr(replica.view, "cache", None)  # a head-only torch view: its records' features, once
-    if cache is not None:
-        cache.fill(data.ids)
+    prepare = getattr(replica.view, "prepare", None)  # a torch view: each record's frozen part, once, where it pays
+    if prepare is not None:
+        prepare(data.ids, len(ins.seeds) // k * h.sample_rate)
     request = request_key(ins.header_digest, ins.round, ins.model_version, list(ins.seeds))
     stored = holder.ledger.reply_for(holder.spends, request)
     if stored is not None:  # answered before (a re-delivery): the same bytes, not a second release

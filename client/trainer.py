@@ -283,8 +283,6 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
     zero_shot = task.evaluate(test_set, config.model.microbatch, progress)
     log.info("zero-shot test %s", ", ".join(f"{k} {v:.4f}" for k, v in zero_shot.items() if isinstance(v, float)))
 
-    if view.cache is not None:  # the head stage: every training record's features once, before the steps
-        view.cache.fill(train_ids, progress)
     rng = SecureRandom()
     seeds = seed_stream(config.zo.seed) if config.zo.seed else iter(rng.seed64, None)
     accountant = PrivacyAccountant()
@@ -299,6 +297,8 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
                 step_seeds(config.zo.direction, seeds, directions)
         log.info("resuming %s at step %d of %d (weights replayed from its ledger; epsilon so far %s)", out_dir,
                  done, plan.steps, f"{accountant.epsilon(config.privacy.delta):.4g}" if private else "none")
+    # the frozen part of every training record once, where the steps to come draw each record at least once
+    view.prepare(train_ids, (plan.steps - done) * plan.sample_rate, progress)
     metrics_path = out_dir / METRICS_FILE
     bar = tqdm(total=plan.steps, initial=done, desc="DP-ZO" if private else "MeZO", unit="step",
                disable=not progress)
@@ -320,6 +320,7 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
                 selection = new
                 view = ScoredView(task, selection, config.zo.direction,
                                   feature_cache_mb=config.model.feature_cache_mb)
+                view.prepare(train_ids, stage.steps * plan.sample_rate, progress)
                 log.info("stage %d: %d trainable entries (%.3f%%), digest %s", stage.index, selection.size,
                          100 * selection.fraction_of(task.module), selection.digest()[:16])
             anchor = view.values() if config.schedule.prox > 0 else None

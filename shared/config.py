@@ -67,9 +67,11 @@ class ModelConfig:
     # in a float32 master whatever the dtype, so a ledger replays to the same float32 values on any machine.
     device: str = "cpu"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps"
     dtype: str = "float32"  # "float32", "bfloat16" or "float16"
-    # With selection.mode = "head", each training record's frozen features are computed once, alone, and kept
-    # in memory up to this many MB (then computed afresh, alone, each time: the same values, more time).
-    # Never written to disk, never released; gone when the process ends.
+    # With selection.mode = "head", each training record's frozen features are computed once and kept in memory
+    # up to this many MB (then computed afresh each time: the same values, more time). A trainable set above
+    # layer L keeps the output of layers 0..L-1 per record the same way, when every record fits and the run
+    # draws each at least once on average (else they are computed once per batch). Never written to disk,
+    # never released; gone when the process ends.
     feature_cache_mb: int = 1024
 
     def validate(self) -> None:

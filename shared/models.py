@@ -125,6 +125,50 @@ class EncoderClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.scores(self.embed(input_ids, attention_mask))
 
+    @contextmanager
+    def _layers(self, span: slice, embed: bool) -> Iterator[nn.Module]:
+        """The body with only ``encoder.layer[span]``; without ``embed``, its embeddings hand ``inputs_embeds``
+        through unchanged (they are then the hidden states of the layer below ``span``). Swapping the body's own
+        modules keeps its mask code; :meth:`TextClassifier.frozen_depth` checks the halves compose to the full
+        forward (a body without ``embeddings`` and ``encoder.layer`` raises AttributeError there)."""
+        encoder, embeddings = self.body.encoder, self.body.embeddings
+        layers = encoder.layer
+        encoder.layer = nn.ModuleList(list(layers)[span])
+        if not embed:
+            self.body.embeddings = _HiddenThrough()
+        try:
+            yield self.body
+        finally:
+            encoder.layer, self.body.embeddings = layers, embeddings
+
+    def prefix_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, depth: int) -> torch.Tensor:
+        """Hidden states after the embeddings and the first ``depth`` layers."""
+        with self._layers(slice(0, depth), embed=True) as body:
+            return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor, depth: int) -> torch.Tensor:
+        """Class scores from ``prefix_hidden(..., depth)``, running only the layers from ``depth`` on."""
+        with self._layers(slice(depth, None), embed=False):
+            return self.scores(self.embed(None, attention_mask, inputs_embeds=hidden))
+
+    def layer_of(self, name: str) -> int:
+        """The first layer whose output depends on parameter ``name``; the layer count for the head."""
+        parts = name.split(".")
+        if name.startswith("body.encoder.layer."):
+            return int(parts[3])
+        if parts[0] == "head":
+            return len(self.body.encoder.layer)
+        return 0  # embeddings (or a module this split does not know): conservatively none
+
+
+class _HiddenThrough(nn.Module):
+    """Stands in for an encoder's embeddings when its input is already a layer's hidden states."""
+
+    def forward(self, inputs_embeds: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        if inputs_embeds is None:
+            raise ValueError("the upper layers run from hidden states (inputs_embeds), not token ids")
+        return inputs_embeds
+
 
 class DecoderClassifier(nn.Module):
     def __init__(self, lm: nn.Module, label_token_ids: Sequence[int]) -> None:
@@ -347,12 +391,15 @@ class TextClassifier:
 
         A ZO step perturbs only ``names``, so the output of those layers is the same in both perturbed
         passes: computing it once saves ``depth / layers`` of one forward per step (a third of the step for a
-        set in the top third of the layers). Only decoders split; the split is checked against the full
-        forward on a probe batch and not used (with a warning) where the two disagree.
+        set in the top third of the layers). Encoders (BERT-like: ``embeddings``, ``encoder.layer``) and decoders
+        split; the split is checked against the full forward on a probe batch and not used (with a warning)
+        where the two disagree.
         """
-        if self.kind != "decoder" or not names:
+        try:
+            depth = min((self.module.layer_of(n) for n in names), default=0)
+        except AttributeError as exc:  # a body without the modules the split swaps
+            log.warning("cannot tell which layers feed the trainable set (%s); every pass runs the whole model", exc)
             return 0
-        depth = min(self.module.layer_of(n) for n in names)
         if depth == 0:
             return 0
         probe = self.collate(self.encode(self.probe(["a probe.", "a longer probe sentence, checked once."])),

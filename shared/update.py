@@ -274,10 +274,12 @@ def frame_runs(moves: Sequence[tuple[int, float]], size: int) -> list[tuple[int,
 
 
 class FeatureCache:
-    """Each record's frozen features (:meth:`TextClassifier.features`), computed once, for a trainable set that
-    is the classifier head only: a step then costs the head's scores, not the model's.
+    """Each record's frozen part of a forward, computed once: its features (:meth:`TextClassifier.features`) for
+    a trainable set that is the classifier head only, so that a step costs the head's scores, not the model's;
+    or, with ``depth``, its hidden states after the first ``depth`` layers (:meth:`TextClassifier.prefix_hidden`)
+    for a set that lies wholly above them, so that a step runs only the layers from ``depth`` on.
 
-    A record's features must be a function of that record alone (the sensitivity argument), and the same bits
+    A record's cached part must be a function of that record alone (the sensitivity argument), and the same bits
     however they were reached: from the cache, recomputed, or from a cache that was full. So each record has one
     canonical computation: in a batch of fixed shape, :data:`GROUP` rows of the record's own length (no
     padding; rows a group lacks are copies of its first record), where this machine's forward treats the rows
@@ -291,16 +293,19 @@ class FeatureCache:
 
     GROUP = 8  # rows of every batch a record's features are computed in (when its length qualifies)
 
-    def __init__(self, task: TextClassifier, budget_mb: int) -> None:
-        self.task = task
-        self.live = task.head_reads_inputs()
+    def __init__(self, task: TextClassifier, budget_mb: int, depth: int | None = None) -> None:
+        self.task, self.depth = task, depth
+        # a prefix lies below every trainable entry (frozen_depth), so no input embedding in it moves
+        self.live = task.head_reads_inputs() if depth is None else frozenset()
         self.budget = budget_mb * 2**20
         self.store: dict[tuple[int, ...], torch.Tensor] = {}
         self.bytes = 0
         self.grouped: dict[int, bool] = {}  # record length -> computed in fixed-shape groups (else alone)
 
     def _forward(self, records: Sequence[tuple[int, ...]]) -> torch.Tensor:
-        return self.task.features(self.task.collate(list(records), np.zeros(len(records), dtype=np.int64)))
+        """The cached part of records of one length, one row each (no padding)."""
+        batch = self.task.collate(list(records), np.zeros(len(records), dtype=np.int64))
+        return self.task.features(batch) if self.depth is None else self.task.prefix_hidden(batch, self.depth)
 
     def _rows_independent(self, length: int) -> bool:
         """Whether, in a batch of GROUP rows of ``length`` tokens, every row's features are the same bits at any
@@ -334,12 +339,27 @@ class FeatureCache:
         return out
 
     def _keep(self, key: tuple[int, ...], value: torch.Tensor) -> None:
-        if self.live.isdisjoint(key) and self.bytes + 4 * value.numel() <= self.budget:
-            self.store[key] = value
-            self.bytes += 4 * value.numel()
+        size = value.numel() * value.element_size()
+        if self.live.isdisjoint(key) and self.bytes + size <= self.budget:
+            self.store[key] = value.clone()  # not a view that would keep its whole group's batch alive
+            self.bytes += size
 
     def features(self, ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """The features of ``ids`` in order: cached ones as stored, the others computed (canonically, records of
+        """The features of ``ids`` stacked in order (see :meth:`rows`)."""
+        return torch.stack(self.rows(ids))
+
+    def padded(self, ids: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+        """The prefix hidden states of ``ids`` (see :meth:`rows`) as one right-padded batch of ``width`` positions,
+        as :meth:`TextClassifier.collate` pads the same records (padded positions hold zeros: the attention mask
+        hides them from every real position)."""
+        rows = self.rows(ids)
+        out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
+        for i, row in enumerate(rows):
+            out[i, : row.shape[0]] = row
+        return out
+
+    def rows(self, ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """The cached part of ``ids`` in order: cached ones as stored, the others computed (canonically, records of
         one length together) and kept within the budget."""
         keys = [tuple(record) for record in ids]
         found = {k: self.store[k] for k in keys if k in self.store}
@@ -350,7 +370,7 @@ class FeatureCache:
             for key, value in zip(records, self._computed(records)):
                 found[key] = value
                 self._keep(key, value)
-        return torch.stack([found[k] for k in keys])
+        return [found[k] for k in keys]
 
     def fill(self, ids: Sequence[Sequence[int]], progress: bool = False) -> None:
         """Compute every cacheable record of ``ids`` up front, records of one length together (their canonical
@@ -362,7 +382,8 @@ class FeatureCache:
             if record not in self.store and self.live.isdisjoint(record):
                 by_length.setdefault(len(record), []).append(record)
         todo = sum(len(v) for v in by_length.values())
-        with tqdm(total=todo, desc="features", unit="record", disable=not progress) as bar:
+        desc = "features" if self.depth is None else f"layers 0-{self.depth - 1} once"
+        with tqdm(total=todo, desc=desc, unit="record", disable=not progress) as bar:
             for _, records in sorted(by_length.items()):
                 for first in range(0, len(records), 8 * self.GROUP):
                     chunk = records[first : first + 8 * self.GROUP]
@@ -391,8 +412,11 @@ class ScoredView(TrainableView):
             log.info("only the classifier head is trainable: each record's features are computed once "
                      "(cache up to %d MB in memory)", feature_cache_mb)
         # Layers below the trainable set see the same weights in every pass of a step: their output is
-        # computed once per batch, between snapshot() and restore(), and reused by both perturbed passes.
+        # computed once per batch, between snapshot() and restore(), and reused by both perturbed passes; or
+        # once per record, where prepare() finds that pays.
         self.depth = 0 if self.cache is not None else task.frozen_depth(selection.names)
+        self.feature_cache_mb = feature_cache_mb
+        self.prefixes: FeatureCache | None = None  # those layers' output per record, once prepare() chose it
         self._prefixes: dict[tuple[tuple[int, ...], ...], torch.Tensor] = {}
         self._layout: tuple[torch.Tensor, torch.Tensor] | None = None  # the head's, once a frame step needs it
         if self.depth:
@@ -407,6 +431,31 @@ class ScoredView(TrainableView):
         values = TrainableView(task.module, selection).values() if dtype != task.dtype else None
         task.place(device, dtype)
         return cls(task, selection, kind, values=values, feature_cache_mb=feature_cache_mb)
+
+    def prepare(self, ids: Sequence[Sequence[int]], visits: float, progress: bool = False) -> None:
+        """Before steps over the records ``ids``, each expected to be drawn ``visits`` times: compute each record's
+        frozen part once where that pays. A head-only set: every record's features (a step then costs the head's
+        scores). A set above layer ``depth``: those layers' output for every record, when a record is drawn at
+        least once on average (else the per-batch prefix costs less than the records' one pass) and all of them
+        fit in ``model.feature_cache_mb``; a step then runs only the layers from ``depth`` on, twice."""
+        if self.cache is not None:
+            self.cache.fill(ids, progress)
+            return
+        if not self.depth or self.prefixes is not None or visits < 1 or not len(ids):
+            return
+        records = list(dict.fromkeys(tuple(r) for r in ids))
+        per_token = self.task.prefix_hidden(self.task.collate([records[0]], np.zeros(1, dtype=np.int64)),
+                                            self.depth)
+        need = sum(len(r) for r in records) * per_token[0, 0].numel() * per_token.element_size()
+        if need > self.feature_cache_mb * 2**20:
+            log.info("the output of layers 0-%d for %d records needs %.0f MB, over model.feature_cache_mb = %d: "
+                     "computed once per batch instead", self.depth - 1, len(records), need / 2**20,
+                     self.feature_cache_mb)
+            return
+        self.prefixes = FeatureCache(self.task, self.feature_cache_mb, self.depth)
+        self.prefixes.fill(records, progress)
+        log.info("layers 0-%d run once per record (%d records, %.0f MB in memory): a step runs layers %d on",
+                 self.depth - 1, len(records), self.prefixes.bytes / 2**20, self.depth)
 
     def snapshot(self) -> None:
         self._prefixes.clear()
@@ -424,7 +473,8 @@ class ScoredView(TrainableView):
             return self.task.per_example_loss(batch).cpu().numpy()
         key = tuple(tuple(x) for x in ids)
         if key not in self._prefixes:
-            self._prefixes[key] = self.task.prefix_hidden(batch, self.depth)
+            self._prefixes[key] = self.task.prefix_hidden(batch, self.depth) if self.prefixes is None else \
+                self.prefixes.padded(ids, batch.input_ids.shape[1]).to(batch.input_ids.device)
         return self.task.per_example_loss(batch, self._prefixes[key], self.depth).cpu().numpy()
 
     @torch.no_grad()

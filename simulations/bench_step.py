@@ -3,6 +3,7 @@
     python -m seedtune.simulations.bench_step --json [--models minilm smollm2] [--batch-size 32] [--seq-len 64]
     python -m seedtune.simulations.bench_step --json --models minilm --onnx-model M.onnx   # on ONNX Runtime, no torch
     python -m seedtune.simulations.bench_step --json --models smollm2 --fraction 0.03 --patterns "*layers.2?.mlp*"
+    python -m seedtune.simulations.bench_step --json --models minilm --patterns "*layer.4.*" "*layer.5.*"  # top third
     python -m seedtune.simulations.bench_step --json --models minilm --fraction 1.0 --mezo-reference  # every weight, beside MeZO
     python -m seedtune.simulations.bench_step --json --dtypes float32 bfloat16 --device cpu  # one row per model and dtype
     python -m seedtune.simulations.bench_step --json --models minilm --head --batch-size 256  # the head stage
@@ -11,6 +12,10 @@ Prints one JSON line per model. Ratios (step / forward, training peak / inferenc
 same process, alternating the timed calls, because absolute times on shared machines are noisy.
 Peak memory per phase is the process's VmHWM after resetting it (``/proc/self/clear_refs``), so each phase's
 peak includes the loaded model, exactly as a user's process would see it.
+
+A trainable set above layer L (``--patterns``) has the output of layers 0..L-1 for the batch's records computed
+once before the timed calls, as a run keeps it when its steps draw each record at least once
+(``ScoredView.prepare``; ``prefix_cached`` in the JSON).
 
 ``--head``: the head stage's step (selection.mode = "head", a full Hadamard frame of K directions, the batch's
 features already cached, as they are after a training run's first pass over its records) against one forward
@@ -169,6 +174,9 @@ def bench(name: str, batch_size: int, seq_len: int, fraction: float, repeats: in
     if task.max_length != seq_len:
         raise SystemExit(f"{onnx_model} was exported with max_length {task.max_length}, not --seq-len {seq_len}")
     ids = fixed_batch(task, batch_size, seq_len)
+    if hasattr(view, "prepare"):  # torch: the frozen layers' output per record, as a run keeps it (none for ONNX)
+        view.prepare(ids, visits=float("inf"))
+        info["prefix_cached"] = getattr(view, "prefixes", None) is not None
     forward, step = timed_calls(view, ids, task if head else None)
     calls = [("forward", forward), ("step", step)]
     if mezo_reference:

@@ -8,7 +8,7 @@ from seedtune.shared.digest import model_digest
 from seedtune.shared.directions import direction_numpy
 from seedtune.shared.models import Batch, load_task_model
 from seedtune.shared.selection import select_all, select_patterns, select_pruned
-from seedtune.shared.update import ScoredView, TrainableView
+from seedtune.shared.update import FeatureCache, ScoredView, TrainableView
 from tests.helpers import LABELS, SENTENCES, run_python
 
 
@@ -211,9 +211,11 @@ def test_frozen_prefix_depth_follows_the_lowest_trainable_layer(tiny_decoder, pa
     assert view.depth == depth
 
 
-def test_encoders_never_split():
+def test_encoders_split_above_their_embeddings():
     encoder = load_task_model(ModelConfig(name="tiny-encoder"))
-    assert ScoredView(encoder, select_patterns(encoder.module, ["*layer.1.*"])).depth == 0
+    assert ScoredView(encoder, select_patterns(encoder.module, ["*layer.1.*"])).depth == 1
+    assert ScoredView(encoder, select_patterns(encoder.module, ["*layer.1.*", "head.*"])).depth == 1
+    assert ScoredView(encoder, select_patterns(encoder.module, ["*layer.1.*", "*embeddings*"])).depth == 0
 
 
 def test_a_split_that_does_not_reproduce_the_forward_is_not_used(tiny_decoder, monkeypatch, caplog):
@@ -224,56 +226,69 @@ def test_a_split_that_does_not_reproduce_the_forward_is_not_used(tiny_decoder, m
     assert "do not reproduce the full forward" in caplog.text
 
 
-def test_a_step_with_the_frozen_prefix_reused_gives_the_full_forward_estimates(tiny_decoder):
-    """The cached lower layers change the cost of a step, not its numbers: same g_i as running every layer
-    twice, weights restored bit for bit, and the cache dropped after the step."""
-    selection = select_patterns(tiny_decoder.module, ["*layers.1.mlp*"])
-    cached, full = ScoredView(tiny_decoder, selection), ScoredView(tiny_decoder, selection)
+UPPER = ["*layers.1.mlp*", "*layer.1.output*"]  # the tiny decoder's and the tiny encoder's top layer, in part
+
+
+def _records(n: int = 24) -> tuple[list[list[int]], np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [list(rng.integers(1000, 2000, size=int(k))) for k in rng.integers(3, 20, size=n)], \
+        rng.integers(0, 2, size=n)
+
+
+def test_a_step_with_the_frozen_prefix_reused_gives_the_full_forward_estimates(tiny_task):
+    """The lower layers run once (per batch, or per record once prepared) change the cost of a step, not its
+    numbers: same g_i as running every layer twice, weights restored bit for bit, the per-step batch dropped."""
+    selection = select_patterns(tiny_task.module, UPPER)
+    cached, full, once = (ScoredView(tiny_task, selection) for _ in range(3))
     full.depth = 0
     assert cached.depth == 1
-    rng = np.random.default_rng(0)
-    ids = [list(rng.integers(1000, 2000, size=int(n))) for n in rng.integers(3, 20, size=24)]
-    labels = rng.integers(0, 2, size=24)
-    before = _snapshot(tiny_decoder.module)
-    g_cached, loss_cached = projected_gradients(cached, ids, labels, seed=7, mu=1e-2, microbatch=5)
-    assert len(cached._prefixes) == 0
+    ids, labels = _records()
+    once.prepare(ids, visits=1.0)
+    assert once.prefixes is not None and len(once.prefixes.store) == len({tuple(x) for x in ids})
+    before = _snapshot(tiny_task.module)
     g_full, loss_full = projected_gradients(full, ids, labels, seed=7, mu=1e-2, microbatch=5)
-    np.testing.assert_allclose(g_cached, g_full, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(loss_cached, loss_full, rtol=1e-6)
+    for view in (cached, once):
+        g, loss = projected_gradients(view, ids, labels, seed=7, mu=1e-2, microbatch=5)
+        assert len(view._prefixes) == 0
+        np.testing.assert_allclose(g, g_full, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(loss, loss_full, rtol=1e-6)
     assert np.abs(g_full).max() > 0  # the set matters to the loss: equality is not vacuous
-    after = _snapshot(tiny_decoder.module)
+    after = _snapshot(tiny_task.module)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_several_directions_share_one_unperturbed_pass_and_agree_with_two_point_estimates(tiny_decoder):
-    """One-sided estimates along K seeds: K + 1 passes, each column close to that seed's symmetric two-point
-    estimate (they differ by mu/2 times the curvature along z, and by float32 rounding), losses those of the unperturbed model, weights
-    restored bit for bit; zo_step releases one scalar per seed."""
-    from seedtune.client.zo_step import one_sided_gradients, zo_step
-    from seedtune.shared.noise import SecureRandom
+def test_cached_and_uncached_prefix_losses_are_bit_identical(tiny_task):
+    """A record's lower-layer output is the same bits from the cache as computed afresh (a cache of 0 MB), so a
+    step's per-example losses at a perturbed point are too; and they are the full model's to float rounding."""
+    selection = select_patterns(tiny_task.module, UPPER)
+    ids, labels = _records(12)
+    cached, bare = ScoredView(tiny_task, selection), ScoredView(tiny_task, selection, feature_cache_mb=0)
+    cached.prepare(ids, visits=2.0)
+    bare.prefixes = FeatureCache(tiny_task, 0, bare.depth)
+    assert cached.prefixes is not None and cached.prefixes.bytes > 0
+    for view in (cached, bare):
+        view.snapshot()
+        view.perturb(12345, 0.5)
+    try:
+        got = cached.per_example_loss(ids, labels)
+        assert np.array_equal(got, bare.per_example_loss(ids, labels))
+        assert bare.prefixes.bytes == 0
+        full = tiny_task.per_example_loss(tiny_task.collate(ids, labels)).numpy()
+        np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(got, cached.per_example_loss(ids, labels[::-1].copy()))  # the labels matter
+    finally:
+        cached.restore()
+        bare.restore()
 
-    view = ScoredView(tiny_decoder, select_pruned(tiny_decoder.module, tiny_decoder.synflow_output, 0.05))
-    rng = np.random.default_rng(1)
-    ids = [list(rng.integers(1000, 2000, size=int(n))) for n in rng.integers(3, 20, size=12)]
-    labels = rng.integers(0, 2, size=12)
-    seeds = [11, 12, 13]
-    before = _snapshot(tiny_decoder.module)
-    passes = []
-    real = view.per_example_loss
-    view.per_example_loss = lambda *a: passes.append(1) or real(*a)
-    g, center = one_sided_gradients(view, ids, labels, seeds, mu=1e-4, microbatch=5)
-    del view.per_example_loss
-    assert g.shape == (12, 3) and len(passes) == 4 * 3  # (K + 1) passes of 3 microbatches
-    assert all(torch.equal(before[k], v) for k, v in _snapshot(tiny_decoder.module).items())
-    np.testing.assert_allclose(center, real(ids, labels), rtol=1e-6)
-    for k, seed in enumerate(seeds):
-        two_point, _ = projected_gradients(view, ids, labels, seed=seed, mu=1e-4, microbatch=5)
-        np.testing.assert_allclose(g[:, k], two_point, atol=0.01 * np.abs(two_point).max())
-    assert np.abs(g).max() > 0.01 and not np.allclose(g[:, 0], g[:, 1])  # distinct directions, real signal
-    result = zo_step(view, ids, labels, seeds=seeds, mu=1e-4, sample_rate=1.0, microbatch=5, rng=SecureRandom(),
-                     clip=None, noise=None)
-    assert result.seeds == tuple(seeds) and len(result.scalars) == 3
-    np.testing.assert_allclose(result.scalars, g.mean(axis=0) / np.sqrt(3), rtol=1e-6)  # each over sqrt(K)
+
+def test_prefixes_are_kept_only_where_they_pay_and_fit(tiny_task):
+    selection = select_patterns(tiny_task.module, UPPER)
+    ids, _ = _records(12)
+    rare = ScoredView(tiny_task, selection)
+    rare.prepare(ids, visits=0.5)  # drawn less than once each: the per-batch prefix costs less
+    small = ScoredView(tiny_task, selection, feature_cache_mb=0)
+    small.prepare(ids, visits=10.0)  # does not fit
+    assert rare.prefixes is None and small.prefixes is None
 
 
 # ------------------------------------------------------------------------ the head's feature cache
