@@ -42,7 +42,7 @@ from typing import Any, Iterable
 import numpy as np
 from flwr.app import Message
 
-from seedtune.shared.accounting import PrivacyAccountant
+from seedtune.shared.accounting import PrivacyAccountant, StepRun
 from seedtune.shared.aggregation import ACCEPTED, RoundRule, update_scale
 from seedtune.shared.config import ConfigError, RunConfig, directions_per_step, flatten
 from seedtune.shared.directions import step_seeds
@@ -468,7 +468,8 @@ class FederatedServer:
             "node_eval_noise_std": noise.std * COUNT_SENSITIVITY,  # per released count
             # each holder's epsilon on its held-out data, from its own ledger (this release and any before)
             "node_eval_epsilon_holders": epsilon,
-            "node_eval_epsilon_per_release": PrivacyAccountant([(noise, 1.0, 1)]).epsilon(self.config.privacy.delta),
+            "node_eval_epsilon_per_release": PrivacyAccountant([StepRun(noise, 1.0, 1)]).epsilon(
+                self.config.privacy.delta),
         }
         if counts:
             metrics = counts_metrics(np.sum(counts, axis=0), labels)

@@ -20,13 +20,13 @@ from typing import Any, Mapping, Sequence
 
 
 from seedtune.shared.directions import DIRECTION_KINDS, frame_size
-from seedtune.shared.noise import NOISE_FAMILIES
+from seedtune.shared.noise import CALIBRATED_FAMILIES
 
 PRUNE_STRATEGIES = ("static", "dynamic", "incremental")
 SELECTION_MODES = ("all", "patterns", "prune", "head")
 DTYPES = ("float32", "bfloat16", "float16")  # forward-pass dtypes (model.dtype)
 
-NOISE_CHOICES = NOISE_FAMILIES + ("auto",)
+NOISE_CHOICES = CALIBRATED_FAMILIES + ("auto",)
 
 
 class ConfigError(ValueError):

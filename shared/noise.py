@@ -14,6 +14,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -80,13 +81,7 @@ class SecureRandom:
 
     def noise(self, noise: "Noise", n: int = 1) -> np.ndarray:
         """``n`` draws of the noise that ``noise`` describes (the description holds no randomness of its own)."""
-        if noise.family == "gaussian":
-            return self.normal(n) * noise.sigma if noise.sigma > 0 else np.zeros(n)
-        atom = np.searchsorted(np.cumsum(noise.weights), self.uniform(n) * sum(noise.weights))
-        atom = np.minimum(atom, len(noise.rates) - 1)
-        u, side = self.uniform(n), self.uniform(n)
-        magnitude = -np.log(u) / np.asarray(noise.rates)[atom]  # Exp(rate): |Laplace|
-        return np.where(side < 0.5, -magnitude, magnitude)
+        return noise.sample(self, n)
 
     def seed64(self) -> int:
         """A fresh 64-bit seed, e.g. for a public direction (unpredictable before it is announced)."""
@@ -98,127 +93,256 @@ MIN_UNIFORM = 2.0**-(_MAX_BINADE + 1)
 GAUSSIAN_SUPPORT = math.sqrt(-2.0 * math.log(MIN_UNIFORM))  # the largest |Box-Muller draw| / sigma: 37.6
 LAPLACE_SUPPORT = -math.log(MIN_UNIFORM)  # the largest |Laplace draw| x rate: 708
 
-NOISE_FAMILIES = ("gaussian", "laplace", "lmo")
 _LMO_ATOMS = 16  # quantile atoms of the LMO inverse-scale distribution
 _LMO_DRAWS = 200_000  # public, fixed-seed draws used to place them
 
+NOISE_FAMILIES: dict[str, type["Noise"]] = {}  # family name -> class: what a ledger's noise record can name
+CALIBRATED_FAMILIES = ("gaussian", "laplace", "lmo")  # what privacy.noise names: shared.noise_search calibrates them
 
-@dataclass(frozen=True)
+
+def register_noise(*families: str) -> Callable[[type["Noise"]], type["Noise"]]:
+    """Class decorator: ``families`` are serialised by, and read back as, this class. A new noise family is one
+    class (sampling, density, tail, PLD if dp-accounting has one) and this one line."""
+    def add(cls: type["Noise"]) -> type["Noise"]:
+        for family in families:
+            if family in NOISE_FAMILIES:
+                raise ValueError(f"noise family {family!r} is already registered")
+            NOISE_FAMILIES[family] = cls
+        return cls
+    return add
+
+
 class Noise:
     """The description of a noise for a sensitivity-1 release (the private sum gets ``clip * rng.noise(noise)``,
-    drawn by :meth:`SecureRandom.noise`): what the ledger header pins and the accountant composes.
-
-    ``gaussian``: N(0, sigma^2). ``laplace`` and ``lmo``: a finite mixture of Laplace(0, 1/rate_j) with weights
-    w_j (one atom for Laplace). The LMO-DP family draws the Laplace inverse scale from a positive combination
-    of Gamma, Exponential and Uniform variables; that distribution is replaced by ``_LMO_ATOMS`` quantile atoms,
-    and it is exactly this finite mixture that is both sampled and accounted, so the accountant describes the
-    sampler with no approximation. Hashable, so accounting results can be cached per noise.
-    """
+    drawn by :meth:`SecureRandom.noise`): what the ledger header pins and the accountant composes. Subclasses
+    are frozen dataclasses (hashable, so accounting results can be cached per noise); each owns its sampling,
+    density and tail, and its PLD where dp-accounting has one (else :func:`shared.accounting.noise_pld`
+    builds one from the density, which needs log p(x-1)/p(x) monotone on (-inf, 0], [0, 1] and [1, inf))."""
 
     family: str
-    sigma: float = 0.0
-    rates: tuple[float, ...] = ()
-    weights: tuple[float, ...] = ()
-    recipe: tuple[float, ...] = ()  # lmo: (a_gamma, gamma_shape, a_exp, a_unif, unif_lo, unif_hi, scale)
-
-    def __post_init__(self) -> None:
-        if self.family not in NOISE_FAMILIES:
-            raise ValueError(f"noise family must be one of {NOISE_FAMILIES}, got {self.family!r}")
-        if self.family == "gaussian":
-            if not (math.isfinite(self.sigma) and self.sigma >= 0.0):
-                raise ValueError(f"gaussian noise multiplier must be finite and >= 0, got {self.sigma}")
-        elif not (self.rates and len(self.rates) == len(self.weights)
-                  and all(math.isfinite(r) and r > 0 for r in self.rates)
-                  and all(w > 0 for w in self.weights) and abs(sum(self.weights) - 1) < 1e-9):
-            raise ValueError(f"{self.family} noise needs positive rates and weights summing to 1, got "
-                             f"{self.rates} / {self.weights}")
 
     # ---------------------------------------------------------------------------------- constructors
-    @classmethod
-    def gaussian(cls, sigma: float) -> "Noise":
-        return cls("gaussian", sigma=float(sigma))
+    @staticmethod
+    def gaussian(sigma: float) -> "Gaussian":
+        return Gaussian(float(sigma))
 
-    @classmethod
-    def laplace(cls, scale: float) -> "Noise":
-        return cls("laplace", rates=(1.0 / scale,), weights=(1.0,))
+    @staticmethod
+    def laplace(scale: float) -> "LaplaceMixture":
+        return LaplaceMixture("laplace", rates=(1.0 / scale,), weights=(1.0,))
 
-    @classmethod
-    def lmo(cls, a_gamma: float, gamma_shape: float, a_exp: float, a_unif: float, unif_lo: float, unif_hi: float,
-            scale: float = 1.0) -> "Noise":
-        """Inverse scale ``scale * (a_gamma * Gamma(k, 1/k) + a_exp * Exp(1) + a_unif * U(lo, hi))``."""
+    @staticmethod
+    def lmo(a_gamma: float, gamma_shape: float, a_exp: float, a_unif: float, unif_lo: float, unif_hi: float,
+            scale: float = 1.0) -> "LaplaceMixture":
+        """LMO-DP: a Laplace whose inverse scale is ``scale * (a_gamma * Gamma(k, 1/k) + a_exp * Exp(1) + a_unif *
+        U(lo, hi))``, that distribution replaced by ``_LMO_ATOMS`` quantile atoms: it is exactly this finite
+        mixture that is both sampled and accounted, so the accountant describes the sampler with no
+        approximation."""
         if min(a_gamma, a_exp, a_unif) < 0 or a_gamma + a_exp + a_unif <= 0 or not 0 < unif_lo <= unif_hi:
             raise ValueError("LMO weights must be >= 0 with a positive sum, and 0 < unif_lo <= unif_hi")
         rng = np.random.default_rng(20240531)  # public: only places the atoms of a public distribution
         lam = (a_gamma * rng.gamma(gamma_shape, 1.0 / gamma_shape, _LMO_DRAWS)
                + a_exp * rng.exponential(1.0, _LMO_DRAWS) + a_unif * rng.uniform(unif_lo, unif_hi, _LMO_DRAWS))
         atoms = np.quantile(lam, (np.arange(_LMO_ATOMS) + 0.5) / _LMO_ATOMS) * scale
-        return cls("lmo", rates=tuple(float(a) for a in atoms), weights=(1.0 / _LMO_ATOMS,) * _LMO_ATOMS,
-                   recipe=(a_gamma, gamma_shape, a_exp, a_unif, unif_lo, unif_hi, scale))
+        return LaplaceMixture("lmo", rates=tuple(float(a) for a in atoms), weights=(1.0 / _LMO_ATOMS,) * _LMO_ATOMS,
+                              recipe=(a_gamma, gamma_shape, a_exp, a_unif, unif_lo, unif_hi, scale))
+
+    # ------------------------------------------------------------------------------- what a family owns
+    def sample(self, rng: "SecureRandom", n: int) -> np.ndarray:
+        """``n`` draws from the CSPRNG ``rng``."""
+        raise NotImplementedError
 
     def scaled(self, factor: float) -> "Noise":
         """The same family, multiplied by ``factor`` (larger = more noise)."""
-        if self.family == "gaussian":
-            return Noise.gaussian(self.sigma * factor)
-        recipe = self.recipe[:-1] + (self.recipe[-1] / factor,) if self.recipe else ()
-        return Noise(self.family, rates=tuple(r / factor for r in self.rates), weights=self.weights, recipe=recipe)
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------------------------- moments
     @property
     def std(self) -> float:
-        if self.family == "gaussian":
-            return self.sigma
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def support_gap(self) -> float:
+        """Mass the ideal distribution puts beyond what :meth:`sample` can draw: the total variation between the
+        sampled and the accounted noise, per draw, from the support cut."""
+        raise NotImplementedError
+
+    def tail_bound(self, mass: float) -> float:
+        """A ``t`` with P(X > t) at most ``mass``: where a density-built PLD may stop."""
+        raise NotImplementedError
+
+    def log_pdf(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def sf(self, x: np.ndarray) -> np.ndarray:
+        """P(X > x), accurate in the upper tail."""
+        raise NotImplementedError
+
+    def cdf(self, x: np.ndarray) -> np.ndarray:
+        """P(X <= x), accurate in the lower tail (every family here is symmetric)."""
+        return self.sf(-np.asarray(x, dtype=np.float64))
+
+    def builtin_pld(self, sample_rate: float, interval: float, connect_dots: bool = True) -> Any:
+        """dp-accounting's own PLD of one Poisson-subsampled release, or None where it has none."""
+        return None
+
+    def gaussian_sigma(self) -> float | None:
+        """The noise multiplier where this is a Gaussian (the RDP cross-check covers those only), else None."""
+        return None
+
+    # ----------------------------------------------------------------------------------- records
+    def _record(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        return json.dumps({"family": self.family, **self._record()}, sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "Noise":
+        d = json.loads(text)
+        family = d["family"]
+        if family not in NOISE_FAMILIES:
+            raise ValueError(f"noise family must be one of {tuple(NOISE_FAMILIES)}, got {family!r}")
+        return NOISE_FAMILIES[family].from_record(family, d)
+
+    @classmethod
+    def from_record(cls, family: str, record: dict[str, Any]) -> "Noise":
+        raise NotImplementedError
+
+
+@register_noise("gaussian")
+@dataclass(frozen=True)
+class Gaussian(Noise):
+    """N(0, sigma^2)."""
+
+    sigma: float
+    family = "gaussian"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.sigma) and self.sigma >= 0.0):
+            raise ValueError(f"gaussian noise multiplier must be finite and >= 0, got {self.sigma}")
+
+    def sample(self, rng: "SecureRandom", n: int) -> np.ndarray:
+        return rng.normal(n) * self.sigma if self.sigma > 0 else np.zeros(n)
+
+    def scaled(self, factor: float) -> "Gaussian":
+        return Gaussian(self.sigma * factor)
+
+    @property
+    def std(self) -> float:
+        return self.sigma
+
+    def describe(self) -> str:
+        return f"gaussian(sigma={self.sigma:.4g})"
+
+    def support_gap(self) -> float:
+        from scipy.special import ndtr
+
+        return float(2.0 * ndtr(-GAUSSIAN_SUPPORT))
+
+    def tail_bound(self, mass: float) -> float:
+        return 9.5 * self.sigma  # P(X > 9.5 sigma) ~ 1e-21, below any mass asked here (1e-18)
+
+    def log_pdf(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        return -0.5 * (x / self.sigma) ** 2 - math.log(self.sigma * math.sqrt(2 * math.pi))
+
+    def sf(self, x: np.ndarray) -> np.ndarray:
+        from scipy.special import ndtr
+
+        return ndtr(-np.asarray(x, dtype=np.float64) / self.sigma)
+
+    def builtin_pld(self, sample_rate: float, interval: float, connect_dots: bool = True) -> Any:
+        from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+        return pld_lib.from_gaussian_mechanism(self.sigma, value_discretization_interval=interval,
+                                               sampling_prob=sample_rate, use_connect_dots=connect_dots)
+
+    def gaussian_sigma(self) -> float | None:
+        return self.sigma
+
+    def _record(self) -> dict[str, Any]:
+        return {"sigma": self.sigma, "rates": [], "weights": [], "recipe": []}
+
+    @classmethod
+    def from_record(cls, family: str, record: dict[str, Any]) -> "Gaussian":
+        return cls(float(record.get("sigma", 0.0)))
+
+
+@register_noise("laplace", "lmo")
+@dataclass(frozen=True)
+class LaplaceMixture(Noise):
+    """A finite mixture of Laplace(0, 1/rate_j) with weights w_j: one atom for ``laplace``, LMO-DP's quantile atoms
+    for ``lmo`` (:meth:`Noise.lmo`, whose arguments ``recipe`` keeps)."""
+
+    family: str  # type: ignore[misc]  # an instance field here: "laplace" or "lmo"
+    rates: tuple[float, ...] = ()
+    weights: tuple[float, ...] = ()
+    recipe: tuple[float, ...] = ()  # lmo: (a_gamma, gamma_shape, a_exp, a_unif, unif_lo, unif_hi, scale)
+
+    def __post_init__(self) -> None:
+        if not (self.rates and len(self.rates) == len(self.weights)
+                and all(math.isfinite(r) and r > 0 for r in self.rates)
+                and all(w > 0 for w in self.weights) and abs(sum(self.weights) - 1) < 1e-9):
+            raise ValueError(f"{self.family} noise needs positive rates and weights summing to 1, got "
+                             f"{self.rates} / {self.weights}")
+
+    def sample(self, rng: "SecureRandom", n: int) -> np.ndarray:
+        atom = np.searchsorted(np.cumsum(self.weights), rng.uniform(n) * sum(self.weights))
+        atom = np.minimum(atom, len(self.rates) - 1)
+        u, side = rng.uniform(n), rng.uniform(n)
+        magnitude = -np.log(u) / np.asarray(self.rates)[atom]  # Exp(rate): |Laplace|
+        return np.where(side < 0.5, -magnitude, magnitude)
+
+    def scaled(self, factor: float) -> "LaplaceMixture":
+        recipe = self.recipe[:-1] + (self.recipe[-1] / factor,) if self.recipe else ()
+        return LaplaceMixture(self.family, rates=tuple(r / factor for r in self.rates), weights=self.weights,
+                              recipe=recipe)
+
+    @property
+    def std(self) -> float:
         return math.sqrt(sum(w * 2.0 / r**2 for r, w in zip(self.rates, self.weights)))
 
     def describe(self) -> str:
-        if self.family == "gaussian":
-            return f"gaussian(sigma={self.sigma:.4g})"
         if self.family == "laplace":
             return f"laplace(b={1 / self.rates[0]:.4g})"
         return f"lmo(recipe={tuple(round(x, 4) for x in self.recipe)}, std={self.std:.4g})"
 
     def support_gap(self) -> float:
-        """Mass the ideal distribution puts beyond what :meth:`SecureRandom.noise` can draw:
-        the total variation between the sampled and the accounted noise, per draw, from the support cut."""
-        if self.family == "gaussian":
-            from scipy.special import ndtr
-
-            return float(2.0 * ndtr(-GAUSSIAN_SUPPORT))
         return math.exp(-LAPLACE_SUPPORT)  # every atom: P(|Lap(1/r)| > LAPLACE_SUPPORT / r)
 
-    # ------------------------------------------------------------------------------------- density
+    def tail_bound(self, mass: float) -> float:
+        return math.log(0.5 / mass) / min(self.rates)  # the widest atom's P(X > t) = exp(-rate t) / 2
+
     def log_pdf(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
-        if self.family == "gaussian":
-            return -0.5 * (x / self.sigma) ** 2 - math.log(self.sigma * math.sqrt(2 * math.pi))
         rates, logw = np.asarray(self.rates), np.log(self.weights)
         terms = logw + np.log(rates / 2) - np.abs(x)[..., None] * rates
         return _logsumexp(terms)
 
     def sf(self, x: np.ndarray) -> np.ndarray:
-        """P(X > x), accurate in the upper tail."""
         x = np.asarray(x, dtype=np.float64)
-        if self.family == "gaussian":
-            from scipy.special import ndtr
-
-            return ndtr(-x / self.sigma)
         rates, w = np.asarray(self.rates), np.asarray(self.weights)
         upper = 0.5 * np.exp(-np.abs(x)[..., None] * rates) @ w  # P(X > |x|)
         return np.where(x >= 0, upper, 1.0 - upper)
 
-    def cdf(self, x: np.ndarray) -> np.ndarray:
-        """P(X <= x), accurate in the lower tail (the noise is symmetric)."""
-        return self.sf(-np.asarray(x, dtype=np.float64))
+    def builtin_pld(self, sample_rate: float, interval: float, connect_dots: bool = True) -> Any:
+        """A single Laplace only: a mixture is sampled as a mixture, so it is accounted as one (by its density),
+        never as its first atom."""
+        if self.family != "laplace" or len(self.rates) != 1:
+            return None
+        from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-    # ----------------------------------------------------------------------------------- records
-    def to_json(self) -> str:
-        return json.dumps({"family": self.family, "sigma": self.sigma, "rates": list(self.rates),
-                           "weights": list(self.weights), "recipe": list(self.recipe)}, sort_keys=True)
+        return pld_lib.from_laplace_mechanism(1.0 / self.rates[0], value_discretization_interval=interval,
+                                              sampling_prob=sample_rate, use_connect_dots=connect_dots)
+
+    def _record(self) -> dict[str, Any]:
+        return {"sigma": 0.0, "rates": list(self.rates), "weights": list(self.weights), "recipe": list(self.recipe)}
 
     @classmethod
-    def from_json(cls, text: str) -> "Noise":
-        d = json.loads(text)
-        return cls(d["family"], float(d.get("sigma", 0.0)), tuple(d.get("rates", ())), tuple(d.get("weights", ())),
-                   tuple(d.get("recipe", ())))
+    def from_record(cls, family: str, record: dict[str, Any]) -> "LaplaceMixture":
+        return cls(family, tuple(record.get("rates", ())), tuple(record.get("weights", ())),
+                   tuple(record.get("recipe", ())))
 
 
 def _logsumexp(a: np.ndarray) -> np.ndarray:

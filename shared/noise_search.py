@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from seedtune.shared.accounting import calibrate_noise_multiplier, noise_epsilon
+from seedtune.shared.accounting import StepRun, calibrate_noise_multiplier, noise_epsilon
 from seedtune.shared.config import ConfigError, PrivacyConfig, cache_root
-from seedtune.shared.noise import NOISE_FAMILIES, Noise
+from seedtune.shared.noise import CALIBRATED_FAMILIES, Noise
 
 log = logging.getLogger(__name__)
 
-CHOICES = NOISE_FAMILIES + ("auto",)
+CHOICES = CALIBRATED_FAMILIES + ("auto",)
 
 
 def plan_noise(privacy: PrivacyConfig, sample_rate: float, steps: int, nodes_stop_at_budget: bool = False) -> Noise:
@@ -37,7 +37,7 @@ def plan_noise(privacy: PrivacyConfig, sample_rate: float, steps: int, nodes_sto
     that would take their holder past its budget: there the run stops at the target instead."""
     if privacy.noise == "gaussian" and privacy.noise_multiplier:
         noise = Noise.gaussian(privacy.noise_multiplier)
-        spent = noise_epsilon(((noise, sample_rate, steps),), privacy.delta)
+        spent = noise_epsilon((StepRun(noise, sample_rate, steps),), privacy.delta)
         if spent > privacy.epsilon and not nodes_stop_at_budget:
             raise ConfigError(f"privacy.noise_multiplier {privacy.noise_multiplier:g} spends epsilon {spent:.4g} "
                               f"over {steps} steps at sampling rate {sample_rate:.4g}, more than privacy.epsilon "
@@ -82,7 +82,7 @@ class Target:
 
 
 def accounted_epsilon(noise: Noise, target: Target) -> float:
-    return noise_epsilon(((noise, target.sample_rate, target.steps),), target.delta)
+    return noise_epsilon((StepRun(noise, target.sample_rate, target.steps),), target.delta)
 
 
 def p_small(noise: Noise) -> float:

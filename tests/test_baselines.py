@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from seedtune.client.baselines.dpsgd import FirstOrderLearner, train_first_order
-from seedtune.shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, noise_epsilon, pld_epsilon
+from seedtune.shared.accounting import (PrivacyAccountant, StepRun, calibrate_noise_multiplier, noise_epsilon,
+                                        pld_epsilon)
 from seedtune.shared.config import DataConfig, ModelConfig
 from seedtune.shared.first_order import FirstOrderConfig, poisson_rate, prepare_trainable, trainable_state
 from seedtune.shared.models import load_task_model
@@ -117,7 +118,7 @@ def test_reported_epsilon_is_our_pld_accountant_and_calibration_round_trips():
     accountant = PrivacyAccountant()
     accountant.record(Noise.gaussian(sigma), rate, 4)
     assert summary["epsilon"] == pytest.approx(accountant.epsilon(1e-5))
-    assert summary["epsilon"] == noise_epsilon(((Noise.gaussian(sigma), rate, 4),), 1e-5)
+    assert summary["epsilon"] == noise_epsilon((StepRun(Noise.gaussian(sigma), rate, 4),), 1e-5)
     assert 2.9 < summary["epsilon"] <= 3.0 + 1e-9
     assert summary["opacus_rdp_epsilon"] >= summary["epsilon"]  # Opacus' RDP: looser, a cross-check only
     import dp_accounting
@@ -166,7 +167,7 @@ def test_fedavg_on_flower_runs_two_rounds_and_reports_bytes(tmp_path):
     # The uplink carries every trainable float32 (plus a small envelope): what DP-ZO's scalars replace.
     assert 4 * summary["trainable_params"] < summary["bytes_up_per_client_round"] < \
         4 * summary["trainable_params"] + 64 * 1024
-    expected = noise_epsilon(((Noise.gaussian(1.0), poisson_rate(100, 8), 4),), 1e-5)
+    expected = noise_epsilon((StepRun(Noise.gaussian(1.0), poisson_rate(100, 8), 4),), 1e-5)
     assert summary["epsilon_max"] == pytest.approx(expected)
 
 
@@ -276,7 +277,7 @@ def test_dp_probe_reports_our_pld_epsilon_and_the_plain_probe_learns(name):
     rate = poisson_rate(300, 16)
     sigma = calibrate_noise_multiplier(3.0, 1e-5, rate, 6)
     assert summary["method"] == "dp-probe" and summary["noise_multiplier"] == pytest.approx(sigma)
-    assert summary["epsilon"] == noise_epsilon(((Noise.gaussian(sigma), rate, 6),), 1e-5)
+    assert summary["epsilon"] == noise_epsilon((StepRun(Noise.gaussian(sigma), rate, 6),), 1e-5)
     assert summary["epsilon"] <= 3.0 + 1e-9 and summary["rdp_epsilon"] >= summary["epsilon"]
     width = 32 + 1  # the tiny models' hidden size, and the bias
     assert summary["trainable_params"] == 2 * width and 0.0 <= summary["test_accuracy"] <= 1.0

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from seedtune.client.privacy_ledger import open_privacy_ledger
 from seedtune.server.federation import FederatedServer
-from seedtune.shared.accounting import noise_epsilon
+from seedtune.shared.accounting import StepRun, noise_epsilon
 from seedtune.shared.aggregation import ACCEPTED, RoundRule
 from seedtune.shared.chain import ChainError
 from seedtune.shared.ledger import Ledger, LedgerError, Provenance
@@ -222,7 +222,7 @@ def test_a_head_stage_federation_sends_whole_frames_and_accounts_steps_not_seeds
         assert len(set(keys)) == STEPS and [s & 0xFFFFFFFF for s in seeds] == list(range(k)) * STEPS
         replies = [p for p in server.ledger.replies(rnd) if p.status == ACCEPTED]
         assert len(replies) == NODES and all(len(p.values()) == STEPS * k for p in replies)
-    spent = noise_epsilon(((server.noise, config.federation.sample_rate, 2 * STEPS),), config.privacy.delta)
+    spent = noise_epsilon((StepRun(server.noise, config.federation.sample_rate, 2 * STEPS),), config.privacy.delta)
     assert summary["epsilon_agree"] and len(summary["epsilon_holders"]) == NODES
     assert all(e == pytest.approx(spent, rel=1e-9) for e in summary["epsilon_holders"].values())
     rebuilt = replay(str(tmp_path / "ledger.sqlite"))
@@ -381,7 +381,7 @@ def test_laplace_noise_travels_in_the_header_and_both_sides_account_it(tmp_path)
     # The holders' own ledgers and the server agree on what one round of Laplace noise cost.
     ledger = open_privacy_ledger()
     assert len(ledger.keys()) == 2 and all(ledger.steps(k) == STEPS for k in ledger.keys())
-    spent = noise_epsilon(((server.noise, config.federation.sample_rate, STEPS),), config.privacy.delta)
+    spent = noise_epsilon((StepRun(server.noise, config.federation.sample_rate, STEPS),), config.privacy.delta)
     assert all(ledger.epsilon(k, config.privacy.delta) == pytest.approx(spent, rel=1e-12) for k in ledger.keys())
     assert row["epsilon"] == {"partition-0-of-2": pytest.approx(spent, rel=1e-12),
                               "partition-1-of-2": pytest.approx(spent, rel=1e-12)}

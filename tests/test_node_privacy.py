@@ -16,8 +16,8 @@ from seedtune.client.privacy_ledger import open_privacy_ledger
 from seedtune.client.zo_step import privatize, zo_step
 from seedtune.server.federation import FederatedServer, FederationHalted
 from seedtune.shared.chain import ChainError
-from seedtune.shared.accounting import noise_epsilon, noise_pld, step_pld
-from seedtune.shared.noise import GAUSSIAN_SUPPORT, Noise, SecureRandom
+from seedtune.shared.accounting import StepRun, noise_epsilon, noise_pld, step_pld
+from seedtune.shared.noise import GAUSSIAN_SUPPORT, LaplaceMixture, Noise, SecureRandom
 from seedtune.shared.proto import Instruction, Reply
 from seedtune.shared.tasks import Split
 from seedtune.shared.wire import from_content, to_content
@@ -113,8 +113,8 @@ def test_a_deployed_node_without_its_own_budget_refuses_and_never_takes_the_serv
 
 
 def test_a_multi_atom_laplace_is_accounted_by_its_mixture_pld():
-    mixture = Noise("laplace", rates=(0.5, 1000.0), weights=(0.5, 0.5))
-    epsilon = noise_epsilon(((mixture, 0.08, 20),), 1e-5)
+    mixture = LaplaceMixture("laplace", rates=(0.5, 1000.0), weights=(0.5, 0.5))
+    epsilon = noise_epsilon((StepRun(mixture, 0.08, 20),), 1e-5)
     assert epsilon == pytest.approx(29.8, abs=0.2)  # its first atom alone would say 0.61
     assert step_pld(mixture, 0.08).get_epsilon_for_delta(1e-5) == pytest.approx(
         noise_pld(mixture, 0.08).get_epsilon_for_delta(1e-5), rel=1e-9)
@@ -131,7 +131,7 @@ def _one_round_spent(tmp_path):
     spent = {k: ledger.epsilon(k, 1e-5) for k in ledger.keys()}
     assert sorted(spent) == [f"partition-{i}-of-{NODES}" for i in range(NODES)]
     assert all(0 < e < 3.0 for e in spent.values())
-    two_rounds = noise_epsilon(((first.noise, first.config.federation.sample_rate, 2 * STEPS),), 1e-5)
+    two_rounds = noise_epsilon((StepRun(first.noise, first.config.federation.sample_rate, 2 * STEPS),), 1e-5)
     return ledger, spent, {"epsilon-budget": (max(spent.values()) + two_rounds) / 2, "delta": 1e-5}
 
 
@@ -156,7 +156,8 @@ def test_a_resumed_simulation_whose_node_ids_changed_still_accounts_every_partit
     first.ledger.close()
     resumed = FederatedServer(config, InProcessGrid(NODES, first_id=5), tmp_path)  # relaunched: new node ids
     row = resumed.run_round(3)
-    three_rounds = noise_epsilon(((resumed.noise, config.federation.sample_rate, 3 * STEPS),), config.privacy.delta)
+    three_rounds = noise_epsilon((StepRun(resumed.noise, config.federation.sample_rate, 3 * STEPS),),
+                                 config.privacy.delta)
     assert row["epsilon"] == {f"partition-{i}-of-{NODES}": pytest.approx(three_rounds, rel=1e-12)
                               for i in range(NODES)}
     ledger = open_privacy_ledger()  # and the holders' own ledgers say the same
@@ -351,7 +352,7 @@ def test_holder_init_creates_a_ledger_once_and_status_and_backup_read_it(tmp_pat
     ledger.record("h", "request", run, None, b"reply")
     status = json.loads(cli("status").stdout)
     assert [(b["budget"], b["steps"]) for b in status["budgets"]] == [("h", 10)]
-    assert status["budgets"][0]["epsilon"] == pytest.approx(noise_epsilon((run,), 1e-5), rel=1e-12)
+    assert status["budgets"][0]["epsilon"] == pytest.approx(noise_epsilon((StepRun(*run),), 1e-5), rel=1e-12)
     assert cli("backup", str(tmp_path / "copy.sqlite")).returncode == 0
     assert open_privacy_ledger(tmp_path / "copy.sqlite").steps("h") == 10
 

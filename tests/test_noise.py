@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from seedtune.shared.accounting import builtin_pld, noise_epsilon, noise_pld
+from seedtune.shared.accounting import PrivacyAccountant, StepRun, builtin_pld, noise_epsilon, noise_pld
 from seedtune.shared.config import ConfigError, load_config
-from seedtune.shared.noise import Noise, SecureRandom
+from seedtune.shared.noise import NOISE_FAMILIES, LaplaceMixture, Noise, SecureRandom
 from seedtune.shared.noise_search import Target, accounted_epsilon, search
 
 NOISES = [Noise.gaussian(1.3), Noise.laplace(0.7), Noise.lmo(0.5, 4.0, 0.2, 0.3, 0.5, 1.5, scale=1.2)]
@@ -40,7 +40,7 @@ def test_density_based_pld_matches_dp_accountings_builtin(noise, q, steps):
     assert generic == pytest.approx(builtin, abs=1e-3)
 
 
-@pytest.mark.parametrize("noise", [Noise("laplace", rates=(1.0, 4.0), weights=(0.5, 0.5)), Noise.gaussian(0.8),
+@pytest.mark.parametrize("noise", [LaplaceMixture("laplace", rates=(1.0, 4.0), weights=(0.5, 0.5)), Noise.gaussian(0.8),
                                    Noise.lmo(0.3, 4.0, 0.1, 0.6, 0.7, 1.3, scale=1.5)], ids=["two-atom", "gauss", "lmo"])
 @pytest.mark.parametrize("remove", [True, False], ids=["remove", "add"])
 def test_every_privacy_loss_cell_is_rounded_up_never_down(noise, remove):
@@ -114,7 +114,7 @@ def test_noise_descriptions_round_trip():
 
 def test_more_noise_never_costs_more_privacy():
     lmo = NOISES[2]
-    eps = [noise_epsilon(((lmo.scaled(f), 0.01, 200),), 1e-5) for f in (0.5, 1.0, 2.0)]
+    eps = [noise_epsilon((StepRun(lmo.scaled(f), 0.01, 200),), 1e-5) for f in (0.5, 1.0, 2.0)]
     assert eps[0] > eps[1] > eps[2] > 0
 
 
@@ -169,3 +169,24 @@ def test_noise_search_without_lmo_calibrates_gaussian_and_laplace_only(monkeypat
     assert row["gaussian"]["accounted_epsilon"] <= 3.0 and row["laplace"]["accounted_epsilon"] <= 3.0
     assert main(["noise-search", "--epsilon", "3", "--steps", "20", "--no-progress"]) == 0
     assert "--lmo adds the LMO search" in capsys.readouterr().out
+
+
+def test_a_new_noise_family_is_one_class_and_one_registry_line():
+    """tests/noise_logistic.py adds the logistic: read back from its record, sampled from the CSPRNG with its
+    own std, and accounted from its density by the same PLD code, within the pure-DP bound its density ratio
+    gives (|log p(x-1)/p(x)| <= 1/s, so one unsampled release is (1/s, 0)-DP), tighter with sampling and
+    looser with more steps and less noise."""
+    from tests.noise_logistic import Logistic
+
+    noise = Logistic(2.0)
+    assert Noise.from_json(noise.to_json()) == noise and NOISE_FAMILIES["logistic"] is Logistic
+    draws = SecureRandom().noise(noise, 200_000)
+    assert abs(draws.std() / noise.std - 1) < 0.02 and abs(draws.mean()) < 0.03
+    one = noise_epsilon((StepRun(noise, 1.0, 1),), 1e-5)
+    assert 0.3 < one <= 0.5 + 1e-3
+    sampled = noise_epsilon((StepRun(noise, 0.01, 300),), 1e-5)
+    assert 0 < sampled < noise_epsilon((StepRun(noise, 0.01, 600),), 1e-5) < noise_epsilon(
+        (StepRun(noise.scaled(0.5), 0.01, 600),), 1e-5)
+    accountant = PrivacyAccountant()
+    accountant.record(noise, 0.01, 300)
+    assert PrivacyAccountant.from_json(accountant.to_json()).epsilon(1e-5) == sampled

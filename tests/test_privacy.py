@@ -3,7 +3,8 @@ import pytest
 from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
 
 from seedtune.client.zo_step import privatize, privatize_vectors, zo_step
-from seedtune.shared.accounting import PrivacyAccountant, calibrate_noise_multiplier, gaussian_step, pld_epsilon
+from seedtune.shared.accounting import (PrivacyAccountant, StepRun, calibrate_noise_multiplier, gaussian_step,
+                                        pld_epsilon)
 from seedtune.shared.noise import Noise, SecureRandom
 from seedtune.shared.selection import select_pruned
 from seedtune.shared.update import ScoredView
@@ -86,7 +87,7 @@ def test_runs_of_identical_steps_compose_like_one_event():
     one_by_one = PrivacyAccountant()
     for _ in range(50):
         one_by_one.record(Noise.gaussian(1.0), 0.01)
-    assert one_by_one.runs == [(Noise.gaussian(1.0), 0.01, 50)]
+    assert one_by_one.runs == [StepRun(Noise.gaussian(1.0), 0.01, 50)]
     mixed = PrivacyAccountant()
     mixed.record(Noise.gaussian(1.0), 0.01, 30)
     mixed.record(Noise.gaussian(2.0), 0.01, 20)
@@ -123,7 +124,7 @@ def test_the_accountant_saves_restores_and_answers_what_if_without_spending():
     assert back == accountant and back.epsilon(1e-5) == accountant.epsilon(1e-5)
     more = accountant.after(laplace, 0.02, 10)
     assert accountant.steps == 340 and more.steps == 350 and more.epsilon(1e-5) > accountant.epsilon(1e-5)
-    assert more.runs[-1] == (laplace, 0.02, 50)  # merged into the last run: one cached epsilon per history
+    assert more.runs[-1] == StepRun(laplace, 0.02, 50)  # merged into the last run: one cached epsilon per history
     leaked = PrivacyAccountant.from_json(accountant.after(None, 1.0, 1).to_json())
     assert leaked.non_private and leaked.epsilon(1e-5) == float("inf")
     with pytest.raises(ValueError, match="not a saved PrivacyAccountant"):
