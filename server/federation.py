@@ -20,11 +20,9 @@ After the last round every node is synced (its state digest checked against the 
 ``federation.node_evaluation``, asked to evaluate the final model on its own held-out data (Flower's evaluate
 message): it releases noised per-label counts, accounted in its holder's privacy ledger, which the server sums.
 
-Privacy is accounted per data holder, by the identity each node states (``Reply.holder``), never by Flower's
-node id, which changes at every launch and key rotation. The ledger is the source of truth: a restarted
+Privacy is accounted per data holder (:mod:`server.holders`). The ledger is the source of truth: a restarted
 server replays it, recovers each holder's step count from the instructions it recorded before sending
-(including rounds that never committed), and continues with the next round. The nodes keep their own
-accounting on their own disks (client.privacy_ledger); the summary shows both.
+(including rounds that never committed), and continues with the next round.
 """
 
 from __future__ import annotations
@@ -57,9 +55,9 @@ from seedtune.shared.tracking import check_backend, open_tracker
 from seedtune.shared.noise import Noise, SecureRandom
 from seedtune.shared.noise_search import COUNT_SENSITIVITY, count_noise, plan_noise
 from seedtune.shared.wire import WireError, content_of, from_content, payload_length, wire_bytes
+from seedtune.server.holders import Holders
 from seedtune.server.report import RunReport
-from seedtune.server.round import (REFUSED_HISTORY, Rejected, RoundPlan, scalar_bound, signed, validate,
-                                   validate_identity)
+from seedtune.server.round import REFUSED_HISTORY, Rejected, RoundPlan, scalar_bound, signed, validate
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +115,7 @@ class FederatedServer:
                               config.federation.trim)
         self.bound = scalar_bound(config.privacy.clip, self.noise)
         self.known_version: dict[int, int] = {}  # what each node holds, as far as the server knows
-        self.holders: dict[int, str] = {}  # Flower node id -> the data holder it proved (learned by identify)
-        self.strangers: set[int] = set()  # nodes whose identity the pinned list refused: never asked again
-        # One accountant per data holder, of every private step instructed (conservative: sent = spent)
-        self.accountants: dict[str, PrivacyAccountant] = {}
+        self.holders = Holders(config.privacy, config.federation.sample_rate, self.noise)
         self._resume(anchor)
 
     # -------------------------------------------------------------------------------------- setup
@@ -179,44 +174,13 @@ class FederatedServer:
                 self.ledger.check_signatures(self.key.public, f"federation.server_key {self.key.path!r}")
             self.replica.apply(list(self.ledger.entries()), self.ledger.hash_at(n))
         for holder, steps in self.ledger.instructed_steps().items():
-            self._record(holder, steps)
-
-    # ------------------------------------------------------------------------------------ accounting
-    def _record(self, holder: str, steps: int) -> None:
-        """Every step of this federation has the header's noise at its sampling rate (None: non-private)."""
-        self.accountants.setdefault(holder, PrivacyAccountant()).record(
-            self.noise, self.config.federation.sample_rate, steps)
-
-    def epsilon(self, holder: str, extra_steps: int = 0) -> float | None:
-        """The holder's epsilon at the federation's delta; None without privacy (no guarantee at all)."""
-        if not self.config.privacy.enabled:
-            return None
-        accountant = self.accountants.get(holder, PrivacyAccountant())
-        return accountant.after(self.noise, self.config.federation.sample_rate, extra_steps).epsilon(
-            self.config.privacy.delta)
-
-    def one_per_holder(self, nodes: Iterable[int]) -> dict[str, int]:
-        """Identified holder -> its node among ``nodes`` (the lowest id if several claim it)."""
-        first: dict[str, int] = {}
-        for n in sorted(nodes):
-            if n in self.holders:
-                first.setdefault(self.holders[n], n)
-        return first
-
-    def eligible(self, nodes: Iterable[int]) -> list[int]:
-        """One node per identified holder (the lowest id if several claim it), if the holder's budget allows
-        another round."""
-        k = self.config.federation.local_steps
-        first = self.one_per_holder(nodes)
-        if self.config.privacy.enabled:
-            first = {h: n for h, n in first.items() if self.epsilon(h, k) <= self.config.privacy.epsilon}
-        return sorted(first.values())
+            self.holders.record(holder, steps)
 
     def identify(self, nodes: Iterable[int], rnd: int) -> None:
         """Ask the nodes the server has not identified which data holder they serve, with a challenge that
         carries nothing of the ledger. A node that does not answer is not instructed (its spending could not be
         keyed) and is asked again next round; one the pinned list refuses is never asked again."""
-        unknown = sorted(set(nodes) - set(self.holders) - self.strangers)
+        unknown = self.holders.unknown(nodes)
         if not unknown:
             return
         challenge = Challenge(protocol_version=PROTOCOL_VERSION, run_id=self.grid.run.run_id,
@@ -225,14 +189,8 @@ class FederatedServer:
         messages = [Message(content_of(payload), dst_node_id=n, message_type=IDENTIFY, group_id=str(rnd))
                     for n in unknown]
         for msg in self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s):
-            src = msg.metadata.src_node_id
-            try:
-                self.holders[src] = validate_identity(msg, challenge, unknown, self.pins)
-            except Rejected as exc:
-                log.warning("round %d: node %d not identified (%s): %s", rnd, src, exc.kind, exc)
-                if exc.kind in ("not_pinned", "bad_signature"):
-                    self.strangers.add(src)
-        missing = [n for n in unknown if n not in self.holders]
+            self.holders.learn(msg, challenge, unknown, self.pins, rnd)
+        missing = [n for n in unknown if n not in self.holders.of]
         if missing:
             log.warning("round %d: %d node(s) not identified; not instructed: %s", rnd, len(missing), missing)
 
@@ -243,7 +201,7 @@ class FederatedServer:
         fed, privacy = self.config.federation, self.config.privacy
         live = self.grid.get_node_ids()
         self.identify(live, rnd)
-        nodes = self.eligible(live)
+        nodes = self.holders.eligible(live, fed.local_steps)
         if fed.clients_per_round and len(nodes) > fed.clients_per_round:
             nodes = sorted(self.sampler.sample(nodes, fed.clients_per_round))
         hyper = Hyperparameters(lr=self.config.zo.lr, mu=self.config.zo.mu, clip=privacy.clip,
@@ -254,10 +212,10 @@ class FederatedServer:
                                                                              self.directions)]
         plan = RoundPlan(rnd, len(self.ledger), nodes, seeds, hyper)
         if nodes:  # steps, not seeds: a step of K directions is one privacy event
-            holders = [self.holders[n] for n in nodes]
+            holders = [self.holders.of[n] for n in nodes]
             self.ledger.record_instructions(rnd, holders, fed.local_steps)
             for holder in holders:
-                self._record(holder, fed.local_steps)
+                self.holders.record(holder, fed.local_steps)
         return plan
 
     def instruction(self, plan: RoundPlan, start: int) -> Instruction:
@@ -313,7 +271,7 @@ class FederatedServer:
                 if length not in sizes:  # replies of one payload length differ only in their ids
                     sizes[length] = wire_bytes(msg)
                 up[src] = sizes[length]
-            holder = self.holders.get(src)
+            holder = self.holders.of.get(src)
             try:
                 _, scalars = validate(msg, plan, run_id, holder, accepted, self.bound, self.pins)
             except Rejected as exc:
@@ -393,7 +351,7 @@ class FederatedServer:
             "bytes_up_max": max(up.values(), default=0), "bytes_up_total": sum(up.values()),
             "bytes_up_per_step": max(up.values()) / self.config.federation.local_steps if up else None,
             "bytes_down_max": max(down.values(), default=0), "bytes_down_total": sum(down.values()),
-            "epsilon": {h: self.epsilon(h) for h in sorted(self.accountants)},
+            "epsilon": self.holders.epsilons(),
         }
         row["epsilon_max"] = max((e for e in row["epsilon"].values() if e is not None), default=None)
         every = self.config.eval.every
@@ -430,7 +388,7 @@ class FederatedServer:
             if reply is not None and reply.refusal:
                 log.warning("node %d refused the %s: %s", src, message_type, reply.refusal)
                 history += reply.refusal_code == REFUSAL_HISTORY
-            elif reply is not None and not signed(reply, self.holders.get(src), self.pins):
+            elif reply is not None and not signed(reply, self.holders.of.get(src), self.pins):
                 log.warning("node %d: the query reply is not signed by its pinned key; ignored", src)
             elif reply is not None and reply.node == src and reply.model_version == plan.version:
                 out[src] = reply
@@ -443,7 +401,7 @@ class FederatedServer:
         replicas' state digests, runtimes and the epsilon each holder's own ledger recorded, and how many
         refused this server's ledger itself."""
         live = self.grid.get_node_ids()
-        nodes = sorted(n for n in live if n in self.holders) if self.pins else sorted(live)
+        nodes = sorted(n for n in live if n in self.holders.of) if self.pins else sorted(live)
         return nodes, *self._query(RoundPlan(self.ledger.last_round + 1, len(self.ledger), nodes, [], None))
 
     def evaluate_nodes(self) -> dict[str, Any]:
@@ -451,7 +409,7 @@ class FederatedServer:
         data and releases its per-label counts under Gaussian noise (its holder's privacy ledger accounts the
         release); the server sums the counts into a DP-noised accuracy and macro-F1 over the holders' data."""
         fed, labels = self.config.federation, self.config.task.labels
-        nodes = sorted(self.one_per_holder(self.grid.get_node_ids()).values())
+        nodes = sorted(self.holders.one_per_holder(self.grid.get_node_ids()).values())
         plan = RoundPlan(self.ledger.last_round + 1, len(self.ledger), nodes, [], None)
         counts, epsilon = [], {}
         for src, reply in self._query(plan, EVALUATE)[0].items():
@@ -508,7 +466,7 @@ class FederatedServer:
         client_runtimes = {str(n): r.runtime or "torch" for n, r in synced.items()}
         # What each holder's own privacy ledger recorded (over every run on that data), next to this server's.
         holder_epsilon = {r.holder: r.metrics["epsilon"] for r in synced.values() if "epsilon" in r.metrics}
-        server_epsilon = {h: self.epsilon(h) for h in sorted(self.accountants)}
+        server_epsilon = self.holders.epsilons()
         nodes_eval = self.evaluate_nodes() if fed.node_evaluation else {}
         test = self.test_metrics()
         rows = self.report.rows
@@ -535,7 +493,7 @@ class FederatedServer:
             "clients_agree": bool(client_digests) and len(client_digests) == len(asked)
                              and all(d == server_digest for d in client_digests.values()),
             "pinned_nodes": len(self.pins.keys) if self.pins else None,
-            "refused_identities": sorted(self.strangers),
+            "refused_identities": sorted(self.holders.strangers),
             "ledger": str(self.ledger.path), "wall_s": round(time.time() - start, 2),
         }
         self.report.finish(summary)

@@ -297,7 +297,7 @@ def step_pld(noise: Noise, sample_rate: float) -> pld_lib.PrivacyLossDistributio
 
 @functools.lru_cache(maxsize=4096)
 def noise_epsilon(runs: tuple[StepRun, ...], delta: float) -> float:
-    """Epsilon after runs of ``(noise, sample_rate, steps)``, any noise family.
+    """Epsilon after runs of steps (:class:`StepRun`), any noise family.
 
     The PLD describes the ideal noise; the sampler cuts it at its support (shared.noise.SecureRandom), which
     adds at most ``(1 + e^eps) * sum(steps * gap)`` to delta. That term is checked to be negligible (below a

@@ -47,19 +47,19 @@ def _reply_message(plan, content: RecordDict) -> Message:
 def _check(server, plan, msg) -> None:
     src = msg.metadata.src_node_id
     try:
-        reply, scalars = validate(msg, plan, server.grid.run.run_id, server.holders[src], set(), server.bound)
+        reply, scalars = validate(msg, plan, server.grid.run.run_id, server.holders.of[src], set(), server.bound)
     except Rejected as exc:
         assert exc.kind in KINDS and str(exc)
         with pytest.raises(Rejected) as again:  # pure: the same reply, the same verdict
-            validate(msg, plan, server.grid.run.run_id, server.holders[src], set(), server.bound)
+            validate(msg, plan, server.grid.run.run_id, server.holders.of[src], set(), server.bound)
         assert again.value.kind == exc.kind
     else:
         assert len(scalars) == len(plan.seeds) and np.all(np.isfinite(scalars))
         assert np.all(np.abs(scalars) <= server.bound)
         assert (reply.round, reply.model_version, reply.node, reply.holder, reply.refusal) == (
-            plan.round, plan.version, src, server.holders[src], "")
+            plan.round, plan.version, src, server.holders.of[src], "")
         with pytest.raises(Rejected, match="a second reply"):  # and a node is accepted once per round
-            validate(msg, plan, server.grid.run.run_id, server.holders[src], {src}, server.bound)
+            validate(msg, plan, server.grid.run.run_id, server.holders.of[src], {src}, server.bound)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -79,7 +79,7 @@ def test_arbitrary_reply_fields_are_accepted_or_rejected_by_name(server, protoco
     srv, plan = server
     reply = Reply(protocol_version=protocol, run_id=srv.grid.run.run_id, round=round_, model_version=version,
                   node=plan.nodes[0] if node_is_src else plan.nodes[0] ^ 1,
-                  holder=srv.holders[plan.nodes[0]] if own_holder else "someone-else",
+                  holder=srv.holders.of[plan.nodes[0]] if own_holder else "someone-else",
                   scalars=np.asarray(scalars, dtype="<f4").tobytes(), refusal=refusal)
     _check(srv, plan, _reply_message(plan, to_content(reply)))
 

@@ -130,7 +130,7 @@ def test_a_listed_node_cannot_identify_as_another_holder(tmp_path):
     server = pinned_server(tmp_path, grid, allowed)
     server.identify(grid.get_node_ids(), 1)
     ids = grid.get_node_ids()
-    assert server.holders == {ids[0]: "holder-0", ids[2]: "holder-2"} and server.strangers == {ids[1]}
+    assert server.holders.of == {ids[0]: "holder-0", ids[2]: "holder-2"} and server.holders.strangers == {ids[1]}
 
 
 def _answer(grid: InProcessGrid, node: int, challenge: Challenge) -> Message:
@@ -173,7 +173,7 @@ def test_a_node_with_an_unusable_key_refuses_by_name(tmp_path):
     assert "node-key" in identity.refusal and str(tmp_path / "node_0") in identity.refusal
     server = pinned_server(tmp_path, grid, allowed)
     server.identify(grid.get_node_ids(), 1)
-    assert node not in server.holders and node not in server.strangers  # asked again next round
+    assert node not in server.holders.of and node not in server.holders.strangers  # asked again next round
 
 
 @pytest.mark.parametrize("text, message", [
@@ -214,7 +214,7 @@ def test_an_unpinned_federation_sends_no_signatures(tmp_path):
     grid.tamper = lambda msg: replies.append(msg) or msg
     server = FederatedServer(fed_config(tmp_path, **{"federation.rounds": 1}), grid, tmp_path)
     assert server.run_round(1)["accepted"] == 2 and server.ledger.header.allowed_nodes == ""
-    assert sorted(server.holders.values()) == ["partition-0-of-2", "partition-1-of-2"]
+    assert sorted(server.holders.of.values()) == ["partition-0-of-2", "partition-1-of-2"]
     identities = [from_content(m.content, Identity) for m in replies if m.metadata.message_type == "query.identify"]
     train = [from_content(m.content, Reply) for m in replies if m.metadata.message_type == "train"]
     assert len(identities) == len(train) == 2

@@ -63,7 +63,7 @@ def test_a_node_with_own_data_but_no_holder_refuses_by_name(tmp_path):
     grid = InProcessGrid(1, node_configs={0: {"data-path": str(own)}})
     server = FederatedServer(_config(tmp_path), grid, tmp_path / "run")
     assert server.run_round(1)["accepted"] == 0
-    assert not server.holders  # it never identified
+    assert not server.holders.of  # it never identified
 
 
 def test_a_natural_partition_gives_each_node_one_institutions_records(tmp_path):
