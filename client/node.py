@@ -372,9 +372,6 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
         raise Refusal(f"{len(ins.seeds)} seeds are not whole steps of the header's {k} directions")
 
     data = _load(source, replica)
-    prepare = getattr(replica.view, "prepare", None)  # a torch view: each record's frozen part, once, where it pays
-    if prepare is not None:
-        prepare(data.ids, len(ins.seeds) // k * h.sample_rate)
     request = request_key(ins.header_digest, ins.round, ins.model_version, list(ins.seeds))
     stored = holder.ledger.reply_for(holder.spends, request)
     if stored is not None:  # answered before (a re-delivery): the same bytes, not a second release
@@ -382,6 +379,9 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
         return Reply.FromString(stored)
     run = (noise, h.sample_rate, len(ins.seeds) // k)  # one privacy event per step of k directions
     epsilon = holder.ledger.check(holder.spends, run, budget)
+    prepare = getattr(replica.view, "prepare", None)  # a torch view: each record's frozen part, once, where it pays
+    if prepare is not None:
+        prepare(data.ids, len(ins.seeds) // k * h.sample_rate)
 
     microbatch = replica.config.model.microbatch
     scalars, losses, nonfinite = [], [], 0

@@ -25,7 +25,7 @@ from seedtune.client.privacy_ledger import data_key
 from seedtune.client.zo_step import StepResult, ZoModel, zo_step
 from seedtune.shared.aggregation import ACCEPTED, RoundRule, update_scale
 from seedtune.shared.ledger import Ledger, Provenance
-from seedtune.shared.accounting import PrivacyAccountant
+from seedtune.shared.accounting import PrivacyAccountant, StepRun, noise_epsilon
 from seedtune.shared.config import ConfigError, RunConfig, directions_per_step, flatten
 from seedtune.shared.digest import model_digest
 from seedtune.shared.directions import seed_stream, step_seeds
@@ -298,7 +298,10 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
         log.info("resuming %s at step %d of %d (weights replayed from its ledger; epsilon so far %s)", out_dir,
                  done, plan.steps, f"{accountant.epsilon(config.privacy.delta):.4g}" if private else "none")
     # the frozen part of every training record once, where the steps to come draw each record at least once
-    view.prepare(train_ids, (plan.steps - done) * plan.sample_rate, progress)
+    # (a set that changes per stage: this view serves the first stage only)
+    static = config.selection.mode != "prune" or config.selection.strategy == "static"
+    view_steps = plan.steps - done if static else config.schedule.stage_steps[0]
+    view.prepare(train_ids, view_steps * plan.sample_rate, progress)
     metrics_path = out_dir / METRICS_FILE
     bar = tqdm(total=plan.steps, initial=done, desc="DP-ZO" if private else "MeZO", unit="step",
                disable=not progress)
@@ -369,6 +372,9 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
         "steps": plan.steps,
         "directions_per_step": directions,
         "epsilon": epsilon,
+        # each stage's steps alone: one PLD composition of these runs is "epsilon"
+        "epsilon_per_stage": [noise_epsilon((StepRun(plan.noise, plan.sample_rate, n),), config.privacy.delta)
+                              for n in config.schedule.stage_steps] if private else None,
         "delta": config.privacy.delta if private else None,
         "noise": plan.noise.family if plan.noise else None,
         "noise_params": plan.noise.describe() if plan.noise else None,

@@ -406,7 +406,9 @@ class TextClassifier:
                              np.zeros(2))
         try:
             split = self.per_example_loss(probe, self.prefix_hidden(probe, depth), depth)
-        except (AttributeError, TypeError, ValueError) as exc:  # a body without .layers / .norm, or other inputs
+        except (AttributeError, TypeError, ValueError, RuntimeError) as exc:
+            # a body without the swapped modules, other inputs, or a module between the embeddings and the first
+            # layer (ELECTRA's projection) whose shapes then do not fit
             log.warning("cannot run the first %d layers apart (%s); every pass runs the whole model", depth, exc)
             return 0
         tol = 1e-5 if self.dtype == torch.float32 else 2e-2  # half-precision kernels may round differently

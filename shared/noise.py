@@ -226,7 +226,7 @@ class Gaussian(Noise):
         return rng.normal(n) * self.sigma if self.sigma > 0 else np.zeros(n)
 
     def scaled(self, factor: float) -> "Gaussian":
-        return Gaussian(self.sigma * factor)
+        return Gaussian(float(self.sigma * factor))
 
     @property
     def std(self) -> float:
@@ -341,8 +341,10 @@ class LaplaceMixture(Noise):
 
     @classmethod
     def from_record(cls, family: str, record: dict[str, Any]) -> "LaplaceMixture":
-        return cls(family, tuple(record.get("rates", ())), tuple(record.get("weights", ())),
-                   tuple(record.get("recipe", ())))
+        """Every number read as a float (a record that holds anything else raises TypeError or ValueError)."""
+        def floats(key: str) -> tuple[float, ...]:
+            return tuple(float(x) for x in record.get(key, ()))
+        return cls(family, floats("rates"), floats("weights"), floats("recipe"))
 
 
 def _logsumexp(a: np.ndarray) -> np.ndarray:

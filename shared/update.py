@@ -441,18 +441,23 @@ class ScoredView(TrainableView):
         if self.cache is not None:
             self.cache.fill(ids, progress)
             return
-        if not self.depth or self.prefixes is not None or visits < 1 or not len(ids):
+        if not self.depth or visits < 1 or not len(ids):
             return
-        records = list(dict.fromkeys(tuple(r) for r in ids))
+        stored = self.prefixes.store if self.prefixes is not None else {}
+        records = [r for r in dict.fromkeys(tuple(r) for r in ids) if r not in stored]
+        if not records:
+            return
         per_token = self.task.prefix_hidden(self.task.collate([records[0]], np.zeros(1, dtype=np.int64)),
                                             self.depth)
         need = sum(len(r) for r in records) * per_token[0, 0].numel() * per_token.element_size()
-        if need > self.feature_cache_mb * 2**20:
-            log.info("the output of layers 0-%d for %d records needs %.0f MB, over model.feature_cache_mb = %d: "
-                     "computed once per batch instead", self.depth - 1, len(records), need / 2**20,
+        held = self.prefixes.bytes if self.prefixes is not None else 0
+        if held + need > self.feature_cache_mb * 2**20:
+            log.info("the output of layers 0-%d for %d more records needs %.0f MB, over model.feature_cache_mb = %d: "
+                     "computed once per batch for them", self.depth - 1, len(records), need / 2**20,
                      self.feature_cache_mb)
             return
-        self.prefixes = FeatureCache(self.task, self.feature_cache_mb, self.depth)
+        if self.prefixes is None:  # a view serving several nodes' records (a simulation) adds each one's
+            self.prefixes = FeatureCache(self.task, self.feature_cache_mb, self.depth)
         self.prefixes.fill(records, progress)
         log.info("layers 0-%d run once per record (%d records, %.0f MB in memory): a step runs layers %d on",
                  self.depth - 1, len(records), self.prefixes.bytes / 2**20, self.depth)
@@ -473,8 +478,11 @@ class ScoredView(TrainableView):
             return self.task.per_example_loss(batch).cpu().numpy()
         key = tuple(tuple(x) for x in ids)
         if key not in self._prefixes:
-            self._prefixes[key] = self.task.prefix_hidden(batch, self.depth) if self.prefixes is None else \
-                self.prefixes.padded(ids, batch.input_ids.shape[1]).to(batch.input_ids.device)
+            # the records' stored states where prepare() kept all of them; else this batch's own prefix (a record
+            # not stored would be computed alone or in a filler group: dearer than the batch's one pass)
+            cached = self.prefixes is not None and all(tuple(x) in self.prefixes.store for x in ids)
+            self._prefixes[key] = self.prefixes.padded(ids, batch.input_ids.shape[1]).to(batch.input_ids.device) \
+                if cached else self.task.prefix_hidden(batch, self.depth)
         return self.task.per_example_loss(batch, self._prefixes[key], self.depth).cpu().numpy()
 
     @torch.no_grad()

@@ -190,3 +190,14 @@ def test_a_new_noise_family_is_one_class_and_one_registry_line():
     accountant = PrivacyAccountant()
     accountant.record(noise, 0.01, 300)
     assert PrivacyAccountant.from_json(accountant.to_json()).epsilon(1e-5) == sampled
+
+
+@pytest.mark.parametrize("record", ['{"family": "lmo", "rates": [1.0], "weights": [1.0], "recipe": ["a"]}',
+                                    '{"family": "laplace", "rates": ["x"], "weights": [1.0]}',
+                                    '{"family": "laplace", "rates": 2.0, "weights": [1.0]}',
+                                    '{"family": "gaussian", "sigma": "nan"}', '{"family": "uniform", "sigma": 1.0}'])
+def test_a_malformed_noise_record_is_refused_by_name(record):
+    """What a node reads from an instruction: every malformed record raises an error its caller turns into a
+    refusal (never a noise that fails later, e.g. when described)."""
+    with pytest.raises((ValueError, TypeError)):
+        Noise.from_json(record)

@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+from seedtune.shared.accounting import StepRun, noise_epsilon
+from seedtune.shared.noise import Noise
+
 
 def _seedtune(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "seedtune.cli", *args], capture_output=True, text=True, timeout=timeout)
@@ -22,6 +25,11 @@ def test_train_cli_prints_a_summary_line(tmp_path):
         assert key in summary
     assert summary["steps"] == 12 and summary["model"] == "tiny-encoder"
     assert 1.9 < summary["epsilon"] <= 2.0  # calibrated for the whole run, reported by the PLD accountant
+    # the stages' epsilons, each alone, compose to the printed total
+    stage_runs = tuple(StepRun(Noise.gaussian(summary["noise_std"]), summary["sample_rate"], 6) for _ in range(2))
+    assert len(summary["epsilon_per_stage"]) == 2 and summary["epsilon_per_stage"][0] < summary["epsilon"]
+    assert noise_epsilon(stage_runs, 1e-5) == pytest.approx(summary["epsilon"], rel=1e-3)
+    assert noise_epsilon(stage_runs[:1], 1e-5) == summary["epsilon_per_stage"][0] == summary["epsilon_per_stage"][1]
     assert 1850 < summary["train_size"] < 2150 and summary["test_size"] == 64  # kept per record: about 2000
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 13 and sum("dev_accuracy" in r for r in rows) == 4

@@ -258,37 +258,59 @@ def test_a_step_with_the_frozen_prefix_reused_gives_the_full_forward_estimates(t
 
 
 def test_cached_and_uncached_prefix_losses_are_bit_identical(tiny_task):
-    """A record's lower-layer output is the same bits from the cache as computed afresh (a cache of 0 MB), so a
-    step's per-example losses at a perturbed point are too; and they are the full model's to float rounding."""
+    """A record's lower-layer output is the same bits from the cache as computed afresh (a cache that keeps
+    nothing), so a step's per-example losses at a perturbed point are too; and they are the full model's to
+    float rounding."""
     selection = select_patterns(tiny_task.module, UPPER)
     ids, labels = _records(12)
-    cached, bare = ScoredView(tiny_task, selection), ScoredView(tiny_task, selection, feature_cache_mb=0)
+    cached = ScoredView(tiny_task, selection)
     cached.prepare(ids, visits=2.0)
-    bare.prefixes = FeatureCache(tiny_task, 0, bare.depth)
+    fresh = FeatureCache(tiny_task, 0, cached.depth)
     assert cached.prefixes is not None and cached.prefixes.bytes > 0
-    for view in (cached, bare):
-        view.snapshot()
-        view.perturb(12345, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(cached.prefixes.rows(ids), fresh.rows(ids))) and fresh.bytes == 0
+    batch = tiny_task.collate(ids, labels)
+    cached.snapshot()
+    cached.perturb(12345, 0.5)
     try:
         got = cached.per_example_loss(ids, labels)
-        assert np.array_equal(got, bare.per_example_loss(ids, labels))
-        assert bare.prefixes.bytes == 0
-        full = tiny_task.per_example_loss(tiny_task.collate(ids, labels)).numpy()
-        np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-6)
+        uncached = tiny_task.per_example_loss(batch, fresh.padded(ids, batch.input_ids.shape[1]), cached.depth)
+        assert np.array_equal(got, uncached.numpy())
+        np.testing.assert_allclose(got, tiny_task.per_example_loss(batch).numpy(), rtol=1e-5, atol=1e-6)
         assert not np.allclose(got, cached.per_example_loss(ids, labels[::-1].copy()))  # the labels matter
     finally:
         cached.restore()
-        bare.restore()
 
 
 def test_prefixes_are_kept_only_where_they_pay_and_fit(tiny_task):
     selection = select_patterns(tiny_task.module, UPPER)
-    ids, _ = _records(12)
+    ids, labels = _records(12)
     rare = ScoredView(tiny_task, selection)
     rare.prepare(ids, visits=0.5)  # drawn less than once each: the per-batch prefix costs less
     small = ScoredView(tiny_task, selection, feature_cache_mb=0)
     small.prepare(ids, visits=10.0)  # does not fit
     assert rare.prefixes is None and small.prefixes is None
+    shared = ScoredView(tiny_task, selection)  # one view, two simulated nodes' records
+    shared.prepare(ids[:6], visits=2.0)
+    shared.snapshot()
+    try:  # a batch holding records not stored takes the batch's own prefix (same losses to rounding)
+        mixed = shared.per_example_loss(ids, labels)
+        np.testing.assert_allclose(mixed, tiny_task.per_example_loss(tiny_task.collate(ids, labels)).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        shared.restore()
+    shared.prepare(ids[6:], visits=2.0)
+    assert shared.prefixes is not None and len(shared.prefixes.store) == len({tuple(x) for x in ids})
+
+
+def test_a_split_that_raises_is_not_used(tiny_task, monkeypatch, caplog):
+    """A body whose halves do not compose (ELECTRA projects its embeddings before the first layer, so its upper
+    layers reject the hidden states) runs whole, with a warning, rather than failing to start."""
+    def broken(self, hidden, mask, depth):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(type(tiny_task.module), "forward_from", broken)
+    assert ScoredView(tiny_task, select_patterns(tiny_task.module, UPPER)).depth == 0
+    assert "cannot run the first 1 layers apart" in caplog.text
 
 
 # ------------------------------------------------------------------------ the head's feature cache
