@@ -405,14 +405,22 @@ class TextClassifier:
         probe = self.collate(self.encode(self.probe(["a probe.", "a longer probe sentence, checked once."])),
                              np.zeros(2))
         try:
-            split = self.per_example_loss(probe, self.prefix_hidden(probe, depth), depth)
+            batched = self.prefix_hidden(probe, depth)
+            split = self.per_example_loss(probe, batched, depth)
+            # as ScoredView.prepare keeps them: each record's states computed alone, right-padded with zeros
+            alone = torch.zeros_like(batched)
+            for i, n in enumerate(probe.attention_mask.sum(-1).tolist()):
+                row = Batch(probe.input_ids[i:i + 1, :n], probe.attention_mask[i:i + 1, :n], probe.labels[i:i + 1])
+                alone[i, :n] = self.prefix_hidden(row, depth)[0]
+            padded = self.per_example_loss(probe, alone, depth)
         except (AttributeError, TypeError, ValueError, RuntimeError) as exc:
             # a body without the swapped modules, other inputs, or a module between the embeddings and the first
             # layer (ELECTRA's projection) whose shapes then do not fit
             log.warning("cannot run the first %d layers apart (%s); every pass runs the whole model", depth, exc)
             return 0
         tol = 1e-5 if self.dtype == torch.float32 else 2e-2  # half-precision kernels may round differently
-        if not torch.allclose(split, self.per_example_loss(probe), rtol=tol, atol=tol / 10):
+        full = self.per_example_loss(probe)
+        if not all(torch.allclose(x, full, rtol=tol, atol=tol / 10) for x in (split, padded)):
             log.warning("the first %d layers run apart do not reproduce the full forward for %s; every pass "
                         "runs the whole model", depth, self.name)
             return 0
