@@ -328,8 +328,9 @@ class FeatureCache:
         if length not in self.grouped:
             self.grouped[length] = self._rows_independent(length)
             if not self.grouped[length]:
-                log.info("records of %d tokens: rows of a batch depend on each other here; each is computed alone",
-                         length)
+                # (not which length: on a node, the lengths are its private records')
+                log.info("for some record lengths, rows of a batch depend on each other here: those records are "
+                         "computed alone")
         if not self.grouped[length]:
             return [self._forward([r])[0] for r in records]
         out: list[torch.Tensor] = []
@@ -452,15 +453,14 @@ class ScoredView(TrainableView):
         need = sum(len(r) for r in records) * per_token[0, 0].numel() * per_token.element_size()
         held = self.prefixes.bytes if self.prefixes is not None else 0
         if held + need > self.feature_cache_mb * 2**20:
-            log.info("the output of layers 0-%d for %d more records needs %.0f MB, over model.feature_cache_mb = %d: "
-                     "computed once per batch for them", self.depth - 1, len(records), need / 2**20,
-                     self.feature_cache_mb)
+            # (no record count or size here: on a node, these are its private data's)
+            log.info("the output of layers 0-%d for these records exceeds model.feature_cache_mb = %d: computed "
+                     "once per batch for them", self.depth - 1, self.feature_cache_mb)
             return
         if self.prefixes is None:  # a view serving several nodes' records (a simulation) adds each one's
             self.prefixes = FeatureCache(self.task, self.feature_cache_mb, self.depth)
         self.prefixes.fill(records, progress)
-        log.info("layers 0-%d run once per record (%d records, %.0f MB in memory): a step runs layers %d on",
-                 self.depth - 1, len(records), self.prefixes.bytes / 2**20, self.depth)
+        log.info("layers 0-%d run once per record: a step runs layers %d on", self.depth - 1, self.depth)
 
     def snapshot(self) -> None:
         self._prefixes.clear()
