@@ -47,7 +47,7 @@ from seedtune.shared.identity import SigningKey, load_public
 from seedtune.shared.onnx_task import DEFAULT_PROVIDERS
 from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction
 from seedtune.shared.follower import LedgerFollower
-from seedtune.shared.wire import from_content, to_content
+from seedtune.shared.wire import EVALUATE, IDENTIFY, SYNC, TRAIN, from_content, to_content
 
 log = logging.getLogger(__name__)
 STATE = "seedtune-node"
@@ -214,7 +214,7 @@ def query(msg: Message, context: Context) -> Message:
     return Message(to_content(reply), reply_to=msg)
 
 
-HANDLERS = {"train": train, "query": query, "query.identify": identify, "evaluate": evaluate}  # message type -> handler
+HANDLERS = {TRAIN: train, SYNC: query, IDENTIFY: identify, EVALUATE: evaluate}  # message type -> handler
 
 
 def handler_for(message_type: str):

@@ -15,8 +15,9 @@ import json
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from seedtune.shared.ledger import Anchor
 from seedtune.shared.run_folder import METRICS_FILE, SUMMARY_FILE, anchor_of, ends_with_newline, read_rows
@@ -38,6 +39,18 @@ class RunReport:
     def anchor(self) -> Anchor | None:
         """The last committed round's ledger record, as this run folder wrote it (None before any round)."""
         return anchor_of(self.rows, str(self.path))
+
+    @contextmanager
+    def tracking(self, tracker: Tracker | None) -> Iterator[None]:
+        """Rows and the summary also go to ``tracker`` within this block; a run that fails closes it as failed."""
+        self.tracker = tracker
+        try:
+            yield
+        except BaseException:
+            if self.tracker is not None:
+                self.tracker.close(failed=True)
+                self.tracker = None
+            raise
 
     def add(self, row: dict[str, Any]) -> None:
         row = finite(row)

@@ -1,4 +1,5 @@
-"""One federated round's pure parts: the plan the server sends, the validation of a reply, the scalar bound.
+"""One federated round's pure parts: the plan the server sends, the validation of a reply and of a whole round's
+replies (:func:`judge`), the scalar bound.
 
 :class:`server.federation.FederatedServer` is the loop around them (configure, send, validate, aggregate,
 commit, evaluate); these functions hold no state and touch no ledger, so each is testable alone. The
@@ -7,18 +8,23 @@ aggregation itself is :mod:`shared.aggregation` (the ledger's verifier recompute
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
+from seedtune.shared.aggregation import ACCEPTED
 from seedtune.shared.identity import AllowedNodes, identity_bytes, reply_bytes
+from seedtune.shared.ledger import Provenance
 from seedtune.shared.noise import Noise
 from seedtune.shared.proto import PROTOCOL_VERSION, REFUSAL_HISTORY, Challenge, Hyperparameters, Identity, Reply
 from seedtune.shared.wire import PayloadTooLarge, WireError, from_content
 
-
+log = logging.getLogger(__name__)
 REFUSED_HISTORY = "refused_history"  # the node refused the server's ledger itself (Reply.refusal_code)
+BELOW_MIN_REPLIES = "below_min_replies"  # provenance status of valid replies in a round with too few of them
 
 
 class Rejected(ValueError):
@@ -135,3 +141,30 @@ def validate(msg: Any, plan: RoundPlan, run_id: int, holder: str | None, seen: s
     if np.any(np.abs(scalars) > bound):
         raise Rejected("out_of_range", f"node {src}: |scalar| up to {np.abs(scalars).max():.4g} > {bound:.4g}")
     return reply, scalars
+
+
+def judge(plan: RoundPlan, replies: list[Any], run_id: int, holders: Mapping[int, str], bound: float,
+          pins: AllowedNodes | None, min_replies: int) -> tuple[list[Provenance], Counter[str]]:
+    """Every reply's provenance row (accepted, or the rejection kind) and the rejections by kind. With fewer
+    than ``min_replies`` valid replies, none is accepted: they are kept as :data:`BELOW_MIN_REPLIES`."""
+    provenance: list[Provenance] = []
+    rejected: Counter[str] = Counter()
+    accepted: set[int] = set()
+    for msg in replies:
+        src = msg.metadata.src_node_id
+        holder = holders.get(src)
+        try:
+            _, scalars = validate(msg, plan, run_id, holder, accepted, bound, pins)
+        except Rejected as exc:
+            rejected[exc.kind] += 1
+            log.warning("round %d: rejected (%s) %s", plan.round, exc.kind, exc)
+            provenance.append(Provenance(src, holder or "", exc.kind))
+            continue
+        accepted.add(src)
+        provenance.append(Provenance(src, holder or "", ACCEPTED, scalars.tobytes()))
+    if 0 < len(accepted) < min_replies:
+        log.warning("round %d: %d valid replies < min_replies %d; committing no update", plan.round,
+                    len(accepted), min_replies)
+        provenance = [Provenance(p.node, p.holder, BELOW_MIN_REPLIES, p.scalars) if p.status == ACCEPTED else p
+                      for p in provenance]
+    return provenance, rejected

@@ -42,7 +42,7 @@ from seedtune.shared.ledger import Ledger
 from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, Reply
 from seedtune.shared.replica import Replica
 from seedtune.shared.run_folder import LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
-from seedtune.shared.wire import from_content, to_content
+from seedtune.shared.wire import IDENTIFY, from_content, to_content
 from seedtune.simulations.inprocess import outside_flower
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class LoadGrid:
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            if msg.metadata.message_type == "query.identify":
+            if msg.metadata.message_type == IDENTIFY:
                 challenge = from_content(msg.content, Challenge)
                 identity = Identity(protocol_version=PROTOCOL_VERSION, run_id=challenge.run_id, node=node,
                                     holder=self.holder[node])

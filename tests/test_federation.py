@@ -152,11 +152,11 @@ _orig: list = []
 @pytest.mark.parametrize("kind", ["non_finite", "out_of_range", "wrong_count", "wrong_round", "wrong_version",
                                   "wrong_holder", "malformed", "duplicate", "second_record", "oversized"])
 def test_bad_replies_are_rejected_and_never_reach_the_ledger(tmp_path, kind, monkeypatch):
-    import seedtune.server.federation as federation
+    import seedtune.server.courier as courier
 
     measured = []  # the payload lengths the server deflated to meter: never a reply it refuses by size or shape
-    wire_bytes = federation.wire_bytes
-    monkeypatch.setattr(federation, "wire_bytes", lambda m: measured.append(federation.payload_length(m)) or
+    wire_bytes = courier.wire_bytes
+    monkeypatch.setattr(courier, "wire_bytes", lambda m: measured.append(courier.payload_length(m)) or
                         wire_bytes(m))
     grid = InProcessGrid(NODES)
     server = FederatedServer(fed_config(tmp_path, **{"federation.rounds": 1}), grid, tmp_path)
@@ -195,7 +195,7 @@ def test_a_client_refuses_work_beyond_its_own_budget(tmp_path, caplog):
     server = FederatedServer(fed_config(tmp_path, **{"federation.rounds": 1}), grid, tmp_path)
     row = server.run_round(1)
     assert row["rejected_by_kind"] == {"refused": 1} and row["accepted"] == NODES - 1
-    refusals = [r.getMessage() for r in caplog.records if r.name == "seedtune.server.federation"
+    refusals = [r.getMessage() for r in caplog.records if r.name == "seedtune.server.round"
                 and "rejected (refused)" in r.getMessage()]
     assert len(refusals) == 1 and "> its budget 0.05" in refusals[0]  # refused for its budget, not another reason
     frugal = grid.get_node_ids()[0]

@@ -128,7 +128,7 @@ def test_a_listed_node_cannot_identify_as_another_holder(tmp_path):
     grid, allowed = pinned_grid(tmp_path)
     grid.contexts[grid.get_node_ids()[1]].node_config["holder"] = "holder-0"
     server = pinned_server(tmp_path, grid, allowed)
-    server.identify(grid.get_node_ids(), 1)
+    server.holders.identify(grid.get_node_ids(), server.courier, server.ledger.genesis.hex(), 1)
     ids = grid.get_node_ids()
     assert server.holders.of == {ids[0]: "holder-0", ids[2]: "holder-2"} and server.holders.strangers == {ids[1]}
 
@@ -172,7 +172,7 @@ def test_a_node_with_an_unusable_key_refuses_by_name(tmp_path):
     identity = from_content(_answer(grid, node, challenge).content, Identity)
     assert "node-key" in identity.refusal and str(tmp_path / "node_0") in identity.refusal
     server = pinned_server(tmp_path, grid, allowed)
-    server.identify(grid.get_node_ids(), 1)
+    server.holders.identify(grid.get_node_ids(), server.courier, server.ledger.genesis.hex(), 1)
     assert node not in server.holders.of and node not in server.holders.strangers  # asked again next round
 
 

@@ -23,7 +23,7 @@ from seedtune.shared.first_order import METRICS, TRAINABLE, FedAvgConfig, prepar
 from seedtune.shared.models import load_task_model
 from seedtune.shared.run_folder import SUMMARY_FILE
 from seedtune.shared.tasks import load_split
-from seedtune.shared.wire import wire_bytes
+from seedtune.shared.wire import TRAIN, wire_bytes
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def run_rounds(config: FedAvgConfig, grid: Grid) -> dict[str, Any]:
     for rnd in range(1, config.rounds + 1):
         nodes = sorted(grid.get_node_ids())
         content = RecordDict({TRAINABLE: ArrayRecord(trainable_state(task.module))})
-        messages = [Message(content, dst_node_id=n, message_type="train", group_id=str(rnd)) for n in nodes]
+        messages = [Message(content, dst_node_id=n, message_type=TRAIN, group_id=str(rnd)) for n in nodes]
         down = [wire_bytes(m) for m in messages]
         replies = [r for r in grid.send_and_receive(messages) if not r.has_error()]
         if not replies:
