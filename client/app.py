@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
@@ -63,7 +64,8 @@ def load_state(context: Context) -> NodeState:
     if record is None:
         return NodeState()
     values = context.state.array_records.get(VALUES)
-    return NodeState(header=record["header"], version=int(record["version"]), head=record["head"],
+    return NodeState(header=cast(bytes, record["header"]), version=cast(int, record["version"]),
+                     head=cast(bytes, record["head"]),
                      values=values["values"].numpy() if values is not None else None)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 import numpy as np
 
@@ -241,8 +241,8 @@ def _check_anchor(anchor: tuple[int, bytes], ins: Instruction, before: tuple[int
         seen = replica.head
     elif version == before[0]:
         seen = before[1]
-    else:  # None: the replica passed the anchor earlier in this process, under this same check
-        seen = hash_along(ins.tail, version)
+    else:
+        seen = hash_along(ins.tail, version)  # type: ignore[assignment]  # None: passed earlier in this process
     if seen is not None and seen != head:
         raise Refusal(f"the server's ledger {ins.header_digest[:16]} differs, up to version {version}, from the "
                       f"history this node followed: it forked or was rewritten; refusing to follow it", REFUSAL_HISTORY)
@@ -384,7 +384,9 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
         prepare(data.ids, len(ins.seeds) // k * h.sample_rate)
 
     microbatch = replica.config.model.microbatch
-    scalars, losses, nonfinite = [], [], 0
+    scalars: list[float] = []
+    losses: list[float] = []
+    nonfinite = 0
     try:
         lr = update_scale(h.lr, k)
         for first in range(0, len(ins.seeds), k):
@@ -398,7 +400,8 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
             # local progress only, a step's entries in one call as every applier makes it (Hadamard frames)
             replica.view.apply_all([(seed, coefficient(lr, s)) for seed, s in zip(seeds, result.scalars)])
     finally:
-        replica.load_values(state.values, state.version, state.head)  # the model moves only by the ledger
+        # the model moves only by the ledger (state.values: set by the catch-up above)
+        replica.load_values(cast(np.ndarray, state.values), state.version, state.head)
     # Kept in the node's own log, never sent: the loss and the non-finite count depend on the private batch.
     log.info("round %d: mean batch loss %.4f, %d non-finite estimates zeroed (local only)", ins.round,
              float(np.nanmean(losses)) if losses else math.nan, nonfinite)

@@ -72,9 +72,12 @@ class OnnxView:
 class OnnxReplica(LedgerFollower):
     """A ledger replica whose forward passes run on ONNX Runtime."""
 
+    task: OnnxTask
+    view: OnnxView
+
     def __init__(self, task: OnnxTask, config: RunConfig | None = None) -> None:
         meta = task.meta
-        self.task, self.config = task, config
+        self.task, self.config = task, config  # type: ignore[assignment]  # None: an exported model's own settings
         self._base_values = load_trainable(task.trainable_path, meta)
         super().__init__(meta.base_model_digest, meta.trainable_digest, meta.trainable_size)
         self.view = OnnxView(task, self._base_values)

@@ -13,25 +13,17 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from seedtune.client.node import Partition
 from seedtune.shared.config import RunConfig
+from seedtune.shared.follower import Tokenizes
 from seedtune.shared.tasks import DataError, Split, load_own, load_split
 
 log = logging.getLogger(__name__)
 
 _CACHE: dict[tuple, Partition] = {}
-
-
-class Tokenizes(Protocol):
-    """A task model as far as partitioning needs it (torch's TextClassifier or ONNX Runtime's OnnxTask)."""
-
-    name: str
-
-    def examples(self, split: Split) -> tuple[list[list[int]], np.ndarray]: ...
 
 
 _SPLITS: dict[tuple[str, str], Split] = {}

@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -269,9 +269,10 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
         (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
         (out_dir / DATA_PIN_FILE).write_text(json.dumps(pin, indent=2))
     if resume:
-        ledger = _resume_ledger(out_dir, ledger_header(config, base_digest, selection.digest(), plan.noise),
-                                unanchored)
-    elif not_a_ledger is None:
+        # a run folder to resume holds a ledger, so its run is one (base_digest is set)
+        ledger = _resume_ledger(out_dir, ledger_header(config, cast(str, base_digest), selection.digest(),
+                                                       plan.noise), unanchored)
+    elif base_digest is not None:
         ledger = _create_ledger(config, base_digest, selection, plan.noise, out_dir)
     else:
         ledger = None
@@ -287,7 +288,7 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
     seeds = seed_stream(config.zo.seed) if config.zo.seed else iter(rng.seed64, None)
     accountant = PrivacyAccountant()
     done = 0
-    if resume:
+    if resume and ledger is not None:
         done = ledger.last_round
         view.apply_all([(e.seed, e.coeff) for e in ledger.entries()])
         if private:
@@ -340,7 +341,7 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
                     view.pull_towards(anchor, stage.lr * config.schedule.prox)
                 bar.update(1)
                 bar.set_postfix(stage=stage.index, loss=f"{result.loss:.3f}")
-                row = {"step": t + 1, "stage": stage.index, "batch": result.batch_size, "clipped": result.clipped,
+                row: dict[str, Any] = {"step": t + 1, "stage": stage.index, "batch": result.batch_size, "clipped": result.clipped,
                        "nonfinite": result.nonfinite, "loss": result.loss}
                 if directions == 1:  # (K coefficients are the ledger's business)
                     row["coeff"] = coeffs[0]
@@ -374,7 +375,7 @@ def _train(config: RunConfig, progress: bool, on_loop_start: Callable[[], object
         "epsilon": epsilon,
         # each stage's steps alone: one PLD composition of these runs is "epsilon"
         "epsilon_per_stage": [noise_epsilon((StepRun(plan.noise, plan.sample_rate, n),), config.privacy.delta)
-                              for n in config.schedule.stage_steps] if private else None,
+                              for n in config.schedule.stage_steps] if plan.noise is not None else None,
         "delta": config.privacy.delta if private else None,
         "noise": plan.noise.family if plan.noise else None,
         "noise_params": plan.noise.describe() if plan.noise else None,

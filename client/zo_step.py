@@ -15,7 +15,7 @@ one Gaussian mechanism of L2 sensitivity C, accounted exactly like the single sc
 is ``theta -= (lr / sqrt(K)) sum_k scalar_k z_k`` (:func:`shared.aggregation.update_scale`): lr times the gradient, on average
 (exactly, for the frame).
 
-The step is written against :class:`ZoModel`, so the same code (sampling, clipping, noise) runs on torch
+The step is written against :class:`shared.follower.ZoModel`, so the same code (sampling, clipping, noise) runs on torch
 (:class:`shared.update.ScoredView`) and on ONNX Runtime (:class:`client.onnx_runtime.OnnxView`); this module
 imports no torch.
 """
@@ -23,31 +23,13 @@ imports no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from seedtune.shared.batching import length_sorted
+from seedtune.shared.follower import ZoModel
 from seedtune.shared.noise import Noise, SecureRandom
-
-
-class ZoModel(Protocol):
-    """What a ZO step needs of a model: seeded moves of its trainable entries and per-example losses."""
-
-    def snapshot(self) -> None:
-        """Remember the current trainable values; perturb and restore work from them."""
-
-    def perturb(self, seed: int, scale: float) -> None:
-        """Trainable values := snapshot + scale * z(seed)."""
-
-    def restore(self) -> None:
-        """Back to the snapshot, exactly."""
-
-    def apply(self, seed: int, coeff: float) -> None:
-        """theta += coeff * z(seed)."""
-
-    def per_example_loss(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> np.ndarray:
-        """Cross-entropy of each example at the current trainable values (float32)."""
 
 
 @dataclass(frozen=True)

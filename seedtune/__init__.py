@@ -9,8 +9,9 @@ and seedtune.train, .replay, .verify, .export, .load_model: the command line's c
 The design card's folders are subpackages: ``seedtune.shared`` (what both sides import), ``seedtune.client``
 (trainers and federated nodes), ``seedtune.server`` (the federation's server, replay) and
 ``seedtune.simulations`` (scenarios and benchmarks); ``seedtune.cli`` is the ``seedtune`` command. An installed
-wheel holds them under ``seedtune/`` (pyproject.toml's package-dir); in a source checkout they stay at the top
-of the tree, and this package's search path takes them from there, so that either way they import as
+wheel holds them under ``seedtune/`` (pyproject.toml's package-dir). In a source checkout they stay at the top
+of the tree and ``seedtune/<folder>`` is a link to each, which Python, mypy and editors follow; a tree without
+the links (a Flower app bundle leaves links out) gets the finder below instead. Either way they import as
 ``seedtune.<folder>`` and no generic top-level name (``client``, ``shared``) is claimed.
 """
 
@@ -26,8 +27,8 @@ _HERE = Path(__file__).resolve().parent
 
 
 class _CheckoutFolders(importlib.abc.MetaPathFinder):
-    """In a source checkout: ``seedtune.<folder>`` is the checkout's top-level folder, for these four names
-    only (the rest of the checkout, tests/ or examples/, stays outside the package)."""
+    """In a source tree without the links: ``seedtune.<folder>`` is the tree's top-level folder, for these four
+    names only (the rest of the checkout, tests/ or examples/, stays outside the package)."""
 
     def find_spec(self, name, path=None, target=None):
         package, _, folder = name.partition(".")

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from seedtune.client.zo_step import StepResult
 from seedtune.shared.accounting import PrivacyAccountant
 from seedtune.shared.config import ConfigError, PrivacyConfig, RunConfig, load_config
 from seedtune.shared.digest import model_digest
-from seedtune.shared.directions import DIRECTION_KINDS
+from seedtune.shared.directions import DIRECTION_KINDS, DirectionKind
 from seedtune.shared.chain import ChainError
 from seedtune.shared.ledger import Ledger
 from seedtune.shared.noise import SecureRandom
@@ -47,7 +47,7 @@ class _OwnModelView(TrainableView):
     Examples are passed to the step as one-element rows ``[index]``, so the step's sampling and clipping see
     the user's data set as indices only."""
 
-    def __init__(self, model: nn.Module, selection, kind: str, loss_fn: LossFn) -> None:
+    def __init__(self, model: nn.Module, selection, kind: DirectionKind, loss_fn: LossFn) -> None:
         super().__init__(model, selection, kind)
         self.model, self.loss_fn = model, loss_fn
 
@@ -113,10 +113,10 @@ class PrivateZO:
                             ("microbatch", microbatch)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name, value in (("lr", lr), ("mu", mu), ("epsilon", epsilon), ("delta", delta), ("clip", clip)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-                    or value <= 0:
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        for name, number in (("lr", lr), ("mu", mu), ("epsilon", epsilon), ("delta", delta), ("clip", clip)):
+            if not isinstance(number, (int, float)) or isinstance(number, bool) or not math.isfinite(number) \
+                    or number <= 0:
+                raise ConfigError(f"{name} must be a positive number, got {number!r}")
         if batch_size > num_examples:
             raise ConfigError(f"batch_size {batch_size} exceeds num_examples {num_examples}")
         if direction not in DIRECTION_KINDS:
@@ -141,7 +141,7 @@ class PrivateZO:
         base_digest = model_digest(model)
         q = batch_size / num_examples
         self.plan = PrivacyPlan(q, plan_noise(self.privacy, q, steps) if private else None, steps)
-        self.view = _OwnModelView(model, selection, direction, loss_fn)
+        self.view = _OwnModelView(model, selection, direction, loss_fn)  # checked above
         self.view.check_per_example(num_examples)
         self.model, self.lr, self.mu, self.microbatch = model, float(lr), float(mu), microbatch
         self.accountant = PrivacyAccountant()
@@ -199,10 +199,11 @@ class PrivateZO:
 
     def summary(self) -> dict[str, Any]:
         """What the run may publish: its privacy guarantee, steps and ledger (nothing computed from the data)."""
-        private = self.plan.noise is not None
+        noise = self.plan.noise
+        private = noise is not None
         return {"steps": self.steps_done, "epsilon": self.epsilon if private else None,
                 "delta": self.privacy.delta if private else None,
-                "noise": self.plan.noise.describe() if private else None, "sample_rate": self.plan.sample_rate,
+                "noise": noise.describe() if noise is not None else None, "sample_rate": self.plan.sample_rate,
                 "trainable_entries": self.view.selection.size,
                 "ledger": str(self.ledger_path) if self.ledger_path else None,
                 "ledger_head": self.ledger.hash_at(len(self.ledger)).hex() if self.ledger is not None else None}

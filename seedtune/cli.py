@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from seedtune.shared.config import ConfigError, load_config, parse_override
 
@@ -74,7 +74,7 @@ def _noise_search(args: argparse.Namespace) -> int:
     desc = "noise search (with LMO: minutes per configuration)" if args.lmo else "noise calibration"
     for target in tqdm(targets, desc=desc, unit="config", disable=args.no_progress):
         found = search(target) if args.lmo else quick(target)
-        row = {"epsilon": target.epsilon, "delta": target.delta, "sample_rate": target.sample_rate,
+        row: dict[str, Any] = {"epsilon": target.epsilon, "delta": target.delta, "sample_rate": target.sample_rate,
                "steps": target.steps}
         for family, noise in found.items():
             row[family] = {"std": noise.std, "params": noise.describe(), "p_small": p_small(noise),

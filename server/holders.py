@@ -104,8 +104,9 @@ class Holders:
 
     def epsilon(self, holder: str, extra_steps: int = 0) -> float | None:
         """The holder's epsilon at the federation's delta; None without privacy (no guarantee at all)."""
-        if not self.privacy.enabled:
-            return None
+        return self._spent(holder, extra_steps) if self.privacy.enabled else None
+
+    def _spent(self, holder: str, extra_steps: int) -> float:
         accountant = self.accountants.get(holder, PrivacyAccountant())
         return accountant.after(self.noise, self.sample_rate, extra_steps).epsilon(self.privacy.delta)
 
@@ -118,5 +119,5 @@ class Holders:
         ``steps`` more."""
         first = self.one_per_holder(nodes)
         if self.privacy.enabled:
-            first = {h: n for h, n in first.items() if self.epsilon(h, steps) <= self.privacy.epsilon}
+            first = {h: n for h, n in first.items() if self._spent(h, steps) <= self.privacy.epsilon}
         return sorted(first.values())

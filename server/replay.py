@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 from torch import nn
 
 from seedtune.server.model_card import CARD_FILE, PrivacyRecord, model_card, privacy_record
 from seedtune.shared.run_folder import anchors_of
 from seedtune.shared.config import ConfigError
+from seedtune.shared.directions import DirectionKind
 from seedtune.shared.digest import model_digest
 from seedtune.shared.ledger import Ledger
 from seedtune.shared.replica import Replica, own_model_settings, placed_config
@@ -21,7 +22,7 @@ from seedtune.shared.update import TrainableView
 
 # Replay and export run no training: the float32 model on the CPU, whatever placement the run used (its
 # trainable values are float32 in any case), so an export traces the float32 graph ONNX Runtime nodes load.
-CPU_FLOAT32 = {"device": "cpu", "dtype": "float32"}
+CPU_FLOAT32: dict[str, Any] = {"device": "cpu", "dtype": "float32"}
 
 
 @contextlib.contextmanager
@@ -72,12 +73,12 @@ def replay_onto(ledger_path: str | Path, model: nn.Module) -> dict[str, Any]:
             raise ConfigError(f"the model given is not the base model of {ledger_path}: digest {digest[:16]} "
                               f"vs the ledger's {ledger.header.base_model_digest[:16]} (replay onto the weights "
                               f"training started from)")
-        patterns = own_model_settings(ledger.header).get("trainable")
+        patterns = (own_model_settings(ledger.header) or {}).get("trainable")
         selection = select_patterns(model, patterns) if patterns else select_all(model)
         if selection.digest() != ledger.header.trainable_digest:
             raise ConfigError(f"the trainable set of {ledger_path} ({patterns or 'all parameters'}) does not "
                               f"match this model's parameters")
-        TrainableView(model, selection, ledger.header.direction).apply_all(
+        TrainableView(model, selection, cast(DirectionKind, ledger.header.direction)).apply_all(
             [(e.seed, e.coeff) for e in ledger.entries()])
         return {"ledger": str(ledger_path), "rounds": ledger.last_round, "entries": n,
                 "ledger_head": ledger.hash_at(n).hex(), "model_digest": model_digest(model)}

@@ -119,8 +119,8 @@ class PrivacyAccountant:
         """RDP bound for a Gaussian history: looser, kept as a cross-check."""
         if not self.runs:
             return 0.0
-        sigmas = [run.noise.gaussian_sigma() for run in self.runs]
-        if any(sigma is None for sigma in sigmas):
+        sigmas = [s for s in (run.noise.gaussian_sigma() for run in self.runs) if s is not None]
+        if len(sigmas) < len(self.runs):
             raise ValueError("the RDP cross-check covers Gaussian noise only")
         event = dp_accounting.ComposedDpEvent([dp_accounting.SelfComposedDpEvent(gaussian_step(sigma, r.sample_rate),
                                                                                  r.count)

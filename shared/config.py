@@ -16,10 +16,10 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 
-from seedtune.shared.directions import DIRECTION_KINDS, frame_size
+from seedtune.shared.directions import DIRECTION_KINDS, DirectionKind, frame_size
 from seedtune.shared.noise import CALIBRATED_FAMILIES
 
 PRUNE_STRATEGIES = ("static", "dynamic", "incremental")
@@ -217,7 +217,7 @@ class ZOConfig:
     batch_size: int = 32  # expected batch size q*n under Poisson sampling
     lr: float = 1e-4  # step size of theta -= lr * g * z
     mu: float = 1e-3  # smoothing scale of the two-point estimate
-    direction: str = "rademacher"  # "rademacher", "gaussian" or "hadamard" (an orthogonal frame) directions z
+    direction: DirectionKind = "rademacher"  # "rademacher", "gaussian" or "hadamard" (an orthogonal frame) directions z
     seed: int = 0  # 0: fresh direction seeds from the CSPRNG; else a public, reproducible stream from this seed
     # Directions per step. 1: DPZero's symmetric two-point estimate (2 passes). K > 1: one-sided estimates
     # sharing one unperturbed pass (K + 1 passes; a head over a Hadamard frame: all K by one transform), each
@@ -428,7 +428,7 @@ class RunConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
-                value.validate()
+                cast(Any, value).validate()  # every section validates itself
         _int("threads", self.threads, 0, 1024)
         _path_text("out_dir", self.out_dir)
         # K noisy scalars released together are one mechanism of L2 sensitivity C: accounted as one scalar for
@@ -480,7 +480,8 @@ def from_dict(data: Mapping[str, Any], cls: type = RunConfig, prefix: str = "") 
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
             raise ConfigError(f"unknown config key '{prefix}{key}'; {hint}known keys: {sorted(fields)}")
-        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
+        factory = fields[key].default_factory
+        default = factory() if callable(factory) else None
         if dataclasses.is_dataclass(default):
             kwargs[key] = from_dict(value, type(default), f"{prefix}{key}.")
         else:
@@ -569,7 +570,7 @@ def _field_comments(cls: type) -> dict[str, str]:
         if "  # " in line:
             out[name] = line.split("  # ", 1)[1].strip()
             continue
-        above = []
+        above: list[str] = []
         for prev in reversed(lines[:i]):
             if not prev.strip().startswith("#"):
                 break

@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # torch is imported lazily: the numpy path (the ONNX Runtime 
     import torch
 
 DirectionKind = Literal["rademacher", "gaussian", "hadamard"]
-DIRECTION_KINDS: tuple[str, ...] = ("rademacher", "gaussian", "hadamard")
+DIRECTION_KINDS: tuple[DirectionKind, ...] = ("rademacher", "gaussian", "hadamard")
 
 MASK32 = 0xFFFFFFFF
 _M1 = 0x7FEB352D
@@ -315,7 +315,7 @@ def direction_numpy(
         x = j & np.uint32(_check_seed(seed) & MASK32)
         for shift in (16, 8, 4, 2, 1):
             x = x ^ (x >> np.uint32(shift))
-        signs = (1 - 2 * (x & np.uint32(1)).astype(np.int8)).astype(dtype)
+        signs: np.ndarray = (1 - 2 * (x & np.uint32(1)).astype(np.int8)).astype(dtype)
         return direction_numpy(seed >> 32, start, count, "rademacher", dtype) * signs
     raise ValueError(f"unknown direction kind {kind!r}; choose one of {DIRECTION_KINDS}")
 

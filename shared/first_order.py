@@ -103,7 +103,8 @@ def prepare_trainable(task: TextClassifier, lora_rank: int, lora_alpha: float) -
         from peft import LoraConfig, inject_adapter_in_model
 
         body = module.lm if task.kind == "decoder" else module.body
-        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha,  # type: ignore[arg-type]  # any number
+                                           lora_dropout=0.0,
                                            target_modules=LORA_TARGETS[task.kind]), body)
         for name, p in module.named_parameters():
             p.requires_grad_("lora_" in name)

@@ -16,6 +16,15 @@ from seedtune.shared.chain import ChainError, Entry, genesis, link, unpack_tail
 from seedtune.shared.config import RunConfig
 from seedtune.shared.digest import state_digest
 from seedtune.shared.proto import LedgerHeader, LedgerTail
+from seedtune.shared.tasks import Split
+
+
+class Tokenizes(Protocol):
+    """A replica's task model as far as loading data needs it."""
+
+    name: str
+
+    def examples(self, split: Split) -> tuple[list[list[int]], np.ndarray]: ...
 
 
 class ReplicaError(RuntimeError):
@@ -23,14 +32,34 @@ class ReplicaError(RuntimeError):
     reach the requested version from where it is."""
 
 
-class DirectionApplier(Protocol):
+class ZoModel(Protocol):
+    """What a ZO step needs of a model, and a replica of its view: seeded moves of its trainable entries and
+    per-example losses (client.zo_step)."""
+
+    def snapshot(self) -> None:
+        """Remember the current trainable values; perturb and restore work from them."""
+
+    def perturb(self, seed: int, scale: float) -> None:
+        """Trainable values := snapshot + scale * z(seed)."""
+
+    def restore(self) -> None:
+        """Back to the snapshot, exactly."""
+
+    def apply(self, seed: int, coeff: float) -> None:
+        """theta += coeff * z(seed)."""
+
     def apply_all(self, moves: Sequence[tuple[int, float]]) -> None:
         """theta += coeff * z(seed) on the trainable entries for each (seed, coeff), in order."""
+
+    def per_example_loss(self, ids: Sequence[Sequence[int]], labels: np.ndarray) -> np.ndarray:
+        """Cross-entropy of each example at the current trainable values (float32)."""
+
 
 
 class LedgerFollower:
     config: RunConfig  # the run configuration pinned in the ledger header
-    view: DirectionApplier
+    view: ZoModel
+    task: Tokenizes  # the task model: torch's TextClassifier, ONNX Runtime's OnnxTask
 
     def __init__(self, base_digest: str, trainable_digest: str, size: int) -> None:
         self.base_digest, self.trainable_digest, self.size = base_digest, trainable_digest, size
@@ -74,6 +103,8 @@ class LedgerFollower:
 
     def reset(self) -> None:
         """Back to the base weights (version 0)."""
+        if self.header is None:
+            raise ReplicaError("no ledger attached: attach(header) first")
         self._reset_values()
         self.version, self.head = 0, genesis(self.header)
 

@@ -25,7 +25,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -38,7 +38,7 @@ REPLY_CONTEXT = b"seedtune reply v1\x00"
 POSITION_CONTEXT = b"seedtune position v1\x00"
 ROUND_CONTEXT = b"seedtune round v1\x00"
 NONCE_BYTES = 32
-_HASHES = {256: hashes.SHA256, 384: hashes.SHA384, 521: hashes.SHA512}  # the hash OpenSSH pairs with each curve
+_HASHES: dict[int, Callable[[], hashes.HashAlgorithm]] = {256: hashes.SHA256, 384: hashes.SHA384, 521: hashes.SHA512}  # the hash OpenSSH pairs with each curve
 
 
 class IdentityError(ValueError):
@@ -76,8 +76,10 @@ def verify(public: str, data: bytes, signature: bytes) -> bool:
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
             key.verify(signature, data, ec.ECDSA(_HASHES[key.curve.key_size]()))
-        else:
+        elif isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(signature, data)
+        else:  # a kind node keys cannot be (AllowedNodes refuses it on load)
+            return False
     except InvalidSignature:
         return False
     return True

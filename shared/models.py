@@ -33,7 +33,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -102,10 +102,10 @@ class Batch:
 
 
 class EncoderClassifier(nn.Module):
-    def __init__(self, body: nn.Module, num_labels: int = 2) -> None:
+    def __init__(self, body: Any, num_labels: int = 2) -> None:
         super().__init__()
-        self.body = body
-        self.head = nn.Linear(body.config.hidden_size, num_labels)
+        self.body: Any = body  # a transformers encoder: its submodules are read by name (embeddings, encoder.layer)
+        self.head = nn.Linear(self.body.config.hidden_size, num_labels)
 
     def embed(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,9 +171,11 @@ class _HiddenThrough(nn.Module):
 
 
 class DecoderClassifier(nn.Module):
+    label_ids: torch.Tensor
+
     def __init__(self, lm: nn.Module, label_token_ids: Sequence[int]) -> None:
         super().__init__()
-        self.lm = lm
+        self.lm: Any = lm  # a transformers causal LM: its submodules are read by name (model.layers, lm_head)
         self.register_buffer("label_ids", torch.tensor(list(label_token_ids), dtype=torch.long), persistent=False)
 
     def hidden_states(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
@@ -246,8 +248,8 @@ class DecoderGenerator(DecoderClassifier):
     def __init__(self, lm: nn.Module) -> None:
         super().__init__(lm, [])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
-                prefix: torch.Tensor | None = None, depth: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,  # type: ignore[override]
+                prompt_lengths: torch.Tensor, prefix: torch.Tensor | None = None, depth: int = 0) -> torch.Tensor:
         """Each example's mean target NLL; with ``prefix`` (``prefix_hidden(..., depth)``) only the layers from
         ``depth`` on run."""
         if prefix is None:
@@ -294,7 +296,8 @@ class TextClassifier:
 
     def __init__(self, name: str, kind: str, module: nn.Module, tokenizer, max_length: int,
                  task: TaskConfig) -> None:
-        self.name, self.kind, self.module, self.tokenizer, self.max_length = name, kind, module, tokenizer, max_length
+        self.name, self.kind, self.tokenizer, self.max_length = name, kind, tokenizer, max_length
+        self.module: Any = module  # an EncoderClassifier, DecoderClassifier or DecoderGenerator
         self.labels, self.prompter = list(task.labels), Prompter.of(task)
         self.generation, self.max_new_tokens = task.kind == "generation", task.max_new_tokens
         self.module.eval()  # no dropout: the two-point estimate needs a deterministic loss
@@ -499,11 +502,7 @@ class TextClassifier:
         if len(ids) == 0:
             raise ValueError("cannot compute the features of an empty split")
         out: torch.Tensor | None = None
-        batches = length_sorted(ids, batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-            batches = tqdm(batches, total=-(-len(ids) // batch_size), desc=desc, unit="batch", leave=False)
-        for rows in batches:
+        for rows in _batches(ids, batch_size, desc if progress else ""):
             part = self.features(self.collate([ids[i] for i in rows], np.zeros(len(rows), dtype=np.int64))).cpu()
             if out is None:
                 out = torch.empty(len(ids), part.shape[1], dtype=torch.float32)
@@ -532,11 +531,7 @@ class TextClassifier:
         if len(ids) == 0:
             raise ValueError("cannot score an empty split")
         predicted = np.empty(len(ids), dtype=np.int64)
-        batches = length_sorted(ids, batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-            batches = tqdm(batches, total=-(-len(ids) // batch_size), desc="evaluating", unit="batch", leave=False)
-        for rows in batches:
+        for rows in _batches(ids, batch_size, "evaluating" if progress else ""):
             batch = self.collate([ids[i] for i in rows], np.zeros(len(rows), dtype=np.int64))
             predicted[rows] = self.logits(batch).argmax(-1).cpu().numpy()
         return predicted
@@ -555,6 +550,8 @@ class TextClassifier:
         for rows in length_sorted(data.ids, batch_size):
             nll[rows] = self.per_example_loss(self.collate([data.ids[i] for i in rows], data.labels[rows])).cpu()
         counts = np.asarray([len(x) for x in data.ids]) - data.labels
+        if data.prompt_ids is None or data.references is None:
+            raise ValueError("a generation task's evaluation set needs its prompts and references (eval_set)")
         hypotheses = self.generate(data.prompt_ids, self.max_new_tokens, batch_size, progress)
         return generation_metrics(hypotheses, data.references, float((nll * counts).sum()), int(counts.sum()))
 
@@ -570,12 +567,7 @@ class TextClassifier:
         settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
                                     eos_token_id=eos)
         out: list[str] = [""] * len(prompt_ids)
-        batches = length_sorted(prompt_ids, batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-            batches = tqdm(batches, total=-(-len(prompt_ids) // batch_size), desc="generating", unit="batch",
-                           leave=False)
-        for rows in batches:
+        for rows in _batches(prompt_ids, batch_size, "generating" if progress else ""):
             seqs = [list(prompt_ids[i]) for i in rows]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -593,6 +585,16 @@ class TextClassifier:
         if not hasattr(self, "_token_kinds"):
             self._token_kinds = LineEnd.token_kinds(self.tokenizer).to(self.device)
         return LineEnd(self._token_kinds, width)
+
+
+def _batches(ids: Sequence[Sequence[int]], batch_size: int, progress: str = "") -> Iterable[np.ndarray]:
+    """Length-sorted batches of ``ids``; with a progress bar named ``progress`` when one is given."""
+    batches: Iterable[np.ndarray] = length_sorted(ids, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=-(-len(ids) // batch_size), desc=progress, unit="batch", leave=False)
+    return batches
 
 
 class LineEnd:
@@ -671,9 +673,9 @@ def _tiny(kind: str):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         if kind == "encoder":
-            cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=64, max_position_embeddings=128)
-            return BertModel(cfg, add_pooling_layer=False), tok
+            encoder = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+            return BertModel(encoder, add_pooling_layer=False), tok
         cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
                           tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
@@ -700,7 +702,8 @@ def _load_hf(name: str, kind: str):
 def label_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
     """The first token of " " + each label word: what a decoder scores after the prompt. Two words sharing a
     first token would score the same, so they are refused by name."""
-    ids, owner = [], {}
+    ids: list[int] = []
+    owner: dict[int, str] = {}
     for word in words:
         pieces = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
         if not pieces:

@@ -275,7 +275,7 @@ class LaplaceMixture(Noise):
     """A finite mixture of Laplace(0, 1/rate_j) with weights w_j: one atom for ``laplace``, LMO-DP's quantile atoms
     for ``lmo`` (:meth:`Noise.lmo`, whose arguments ``recipe`` keeps)."""
 
-    family: str  # type: ignore[misc]  # an instance field here: "laplace" or "lmo"
+    family: str  # an instance field here: "laplace" or "lmo"
     rates: tuple[float, ...] = ()
     weights: tuple[float, ...] = ()
     recipe: tuple[float, ...] = ()  # lmo: (a_gamma, gamma_shape, a_exp, a_unif, unif_lo, unif_hi, scale)

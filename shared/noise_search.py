@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from seedtune.shared.accounting import StepRun, calibrate_noise_multiplier, noise_epsilon
 from seedtune.shared.config import ConfigError, PrivacyConfig, cache_root
 from seedtune.shared.noise import CALIBRATED_FAMILIES, Noise
@@ -87,7 +89,7 @@ def accounted_epsilon(noise: Noise, target: Target) -> float:
 
 def p_small(noise: Noise) -> float:
     """P(|X| <= 1): how often the noise stays within one clip bound."""
-    return float(1.0 - 2.0 * noise.sf(1.0))
+    return float(1.0 - 2.0 * noise.sf(np.asarray(1.0)))
 
 
 def _scale_to_target(unit: Noise, target: Target, lo: float, hi: float, rel_tol: float = 3e-3) -> Noise:
@@ -143,15 +145,14 @@ def search(target: Target, progress: Callable[[str], None] | None = None) -> dic
     say(f"gaussian: {gauss.describe()}")
     laplace = _laplace(target, gauss)
     say(f"laplace: {laplace.describe()}")
-    best_lmo = None
+    lmos = []
     for shape in LMO_SHAPES:
         unit = Noise.lmo(*shape)
         unit = unit.scaled(laplace.std / unit.std)  # start from the Laplace's std
         noise = _scale_to_target(unit, target, 0.5, 2.0)
         say(f"lmo {shape}: std {noise.std:.4g}")
-        if best_lmo is None or noise.std < best_lmo.std:
-            best_lmo = noise
-    found = {"gaussian": gauss, "laplace": laplace, "lmo": best_lmo}
+        lmos.append(noise)
+    found = {"gaussian": gauss, "laplace": laplace, "lmo": min(lmos, key=lambda n: n.std)}  # the first smallest
     found["auto"] = pick(found.values())
     _store(target, found)
     return found

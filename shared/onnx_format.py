@@ -20,6 +20,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class OnnxMetadata:
 def save_trainable(path: Path, indices: list[np.ndarray | None], base_values: np.ndarray) -> None:
     arrays = {f"idx_{i}": idx.astype(np.int64) for i, idx in enumerate(indices) if idx is not None}
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, base_values=base_values.astype(np.float32), **arrays)
+    np.savez(tmp, base_values=base_values.astype(np.float32), **cast(dict[str, Any], arrays))
     tmp.replace(path)
 
 

@@ -54,10 +54,10 @@ def float32_model(task: TextClassifier, config: RunConfig, view: TrainableView) 
 def placed_config(config: RunConfig, device: str | None = None, dtype: str | None = None) -> RunConfig:
     """``config`` with its forward passes placed elsewhere (None keeps a setting): placement is this machine's
     choice, not the ledger's, and never changes the replayed float32 values."""
-    placed = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    if not placed:
+    if device is None and dtype is None:
         return config
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, **placed)).validate()
+    model = dataclasses.replace(config.model, device=device or config.model.device, dtype=dtype or config.model.dtype)
+    return dataclasses.replace(config, model=model).validate()
 
 
 # Settings of this machine's bookkeeping, not of the run: kept out of the ledger header (a federation sends the
@@ -106,6 +106,9 @@ def own_model_settings(header: LedgerHeader) -> dict[str, Any] | None:
 
 
 class Replica(LedgerFollower):
+    task: TextClassifier
+    view: ScoredView
+
     def __init__(self, config: RunConfig, task: TextClassifier | None = None,
                  selection: TrainableSet | None = None, base_digest: str | None = None) -> None:
         """``selection`` and ``base_digest`` may come from a node's cache (``from_header``), which saves the

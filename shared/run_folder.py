@@ -61,8 +61,11 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def anchor_of(rows: list[dict[str, Any]], source: str) -> Anchor | None:
     """The anchor of the highest round (a federation's row) or step (a training's: one ledger round per step)
     whose row carries a ledger record."""
-    anchored = [(r.get("round", r.get("step")), r["ledger_record"]) for r in rows
-                if isinstance(r.get("ledger_record"), str) and isinstance(r.get("round", r.get("step")), int)]
+    anchored: list[tuple[int, str]] = []
+    for r in rows:
+        at, record = r.get("round", r.get("step")), r.get("ledger_record")
+        if isinstance(at, int) and isinstance(record, str):
+            anchored.append((at, record))
     if not anchored:
         return None
     last = max(anchored)

@@ -75,7 +75,7 @@ class TrainableSet:
             if any(idx is None for _, idx in parts):
                 merged = None
             else:
-                merged = torch.unique(torch.cat([idx for _, idx in parts]))
+                merged = torch.unique(torch.cat([idx for _, idx in parts if idx is not None]))
             names.append(name)
             shapes.append(shape)
             indices.append(merged)
@@ -155,7 +155,7 @@ def synflow_scores(
                 if output.requires_grad:
                     grads = torch.autograd.grad(output, [params[n] for n in group], allow_unused=True)
                 else:  # R does not depend on this group at all
-                    grads = (None,) * len(group)
+                    grads = (None,) * len(group)  # type: ignore[assignment]  # as autograd.grad's allow_unused
                 for n, g in zip(group, grads):
                     p = params[n]
                     scores[n] = torch.zeros_like(p) if g is None else (p.detach() * g).abs_()

@@ -22,7 +22,7 @@ import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -367,7 +367,14 @@ def load_own(config: "RunConfig", path: str | Path, split: str = "train") -> Spl
     return part
 
 
-def load_split(config: "RunConfig", split: str, size: int | None = None, group_field: str = "") -> Split:
+class WithData(Protocol):
+    """A run's configuration as far as its data goes: a RunConfig, or a first-order baseline's."""
+
+    task: TaskConfig
+    data: DataConfig
+
+
+def load_split(config: WithData, split: str, size: int | None = None, group_field: str = "") -> Split:
     """The examples a run uses from one split, labelled with the task's labels (which must be resolved:
     :func:`with_labels`); an empty Split for a dev split the data does not have. ``data.min_words`` applies to
     train and dev (the training distribution, e.g. SST-2's phrases), never to test (the benchmark); then a
@@ -469,7 +476,7 @@ def generation_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[
     from rouge_score import rouge_scorer
 
     most = max(len(r) for r in references)
-    streams = [[r[k] if k < len(r) else None for r in references] for k in range(most)]  # None: no k-th reference
+    streams: list[Any] = [[r[k] if k < len(r) else None for r in references] for k in range(most)]  # None: no k-th reference
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score_multi(list(refs), hyp)["rougeL"].fmeasure for hyp, refs in zip(hypotheses, references)]
     return {"bleu": float(sacrebleu.corpus_bleu(list(hypotheses), streams).score),

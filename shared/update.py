@@ -480,9 +480,11 @@ class ScoredView(TrainableView):
         if key not in self._prefixes:
             # the records' stored states where prepare() kept all of them; else this batch's own prefix (a record
             # not stored would be computed alone or in a filler group: dearer than the batch's one pass)
-            cached = self.prefixes is not None and all(tuple(x) in self.prefixes.store for x in ids)
-            self._prefixes[key] = self.prefixes.padded(ids, batch.input_ids.shape[1]).to(batch.input_ids.device) \
-                if cached else self.task.prefix_hidden(batch, self.depth)
+            stored = self.prefixes
+            if stored is not None and all(tuple(x) in stored.store for x in ids):
+                self._prefixes[key] = stored.padded(ids, batch.input_ids.shape[1]).to(batch.input_ids.device)
+            else:
+                self._prefixes[key] = self.task.prefix_hidden(batch, self.depth)
         return self.task.per_example_loss(batch, self._prefixes[key], self.depth).cpu().numpy()
 
     @torch.no_grad()
@@ -509,7 +511,8 @@ class ScoredView(TrainableView):
         if len(ids) * int(classes.max() + 1) * n > 1 << 27:  # the transform's float32 working set past 512 MB
             return None
         features = self.cache.features(ids).to(torch.float64)
-        weight, bias = (None if t is None else t.to(torch.float64) for t in self.task.head_weights())
+        weight, bias = self.task.head_weights()
+        weight, bias = weight.to(torch.float64), None if bias is None else bias.to(torch.float64)
         scores = (features[:, None, :] * weight[None]).sum(-1) + (0.0 if bias is None else bias)
         inputs = torch.cat([features, features.new_ones(len(ids), 1)], dim=1)[:, cols]
         signs = direction_torch(seeds[0] >> 32, 0, size, "rademacher", dtype=torch.float64, device=features.device)

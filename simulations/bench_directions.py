@@ -13,6 +13,7 @@ noisy neighbour slows both sides alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -51,9 +52,12 @@ def torch_rows(size: int, repeats: int) -> list[dict]:
     import torch
 
     w, z = torch.zeros(size), torch.ones(size)
-    calls: dict[str, Callable[[], None]] = {"axpy": lambda: w.add_(z, alpha=1e-3)}
+    def axpy() -> None:
+        w.add_(z, alpha=1e-3)
+
+    calls: dict[str, Callable[[], None]] = {"axpy": axpy}
     for kind in DIRECTION_KINDS:
-        calls[kind] = chunked(lambda lo, n, kind=kind: direction_torch(12345, lo, n, kind), size)
+        calls[kind] = chunked(functools.partial(direction_torch, 12345, kind=kind), size)
     seconds = median_seconds(calls, repeats)
     return [row("torch", kind, size, seconds, torch.get_num_threads()) for kind in DIRECTION_KINDS]
 
@@ -66,7 +70,7 @@ def numpy_rows(size: int, repeats: int) -> list[dict]:
 
     calls: dict[str, Callable[[], None]] = {"axpy": axpy}
     for kind in DIRECTION_KINDS:
-        calls[kind] = chunked(lambda lo, n, kind=kind: direction_numpy(12345, lo, n, kind), size)
+        calls[kind] = chunked(functools.partial(direction_numpy, 12345, kind=kind), size)
     seconds = median_seconds(calls, repeats)
     return [row("numpy", kind, size, seconds, 1) for kind in DIRECTION_KINDS]
 

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import numpy as np
 from flwr.app import Message
@@ -77,7 +77,7 @@ class LoadGrid:
                                     holder=self.holder[node])
                 replies.append(Message(to_content(identity), reply_to=msg))
                 continue
-            raw = msg.content.config_records["seedtune"]["payload"]
+            raw = cast(bytes, msg.content.config_records["seedtune"]["payload"])
             if raw not in parsed:  # the server shares one payload among the nodes at one position
                 parsed[raw] = from_content(msg.content, Instruction)
             ins = parsed[raw]

@@ -118,7 +118,7 @@ def row_key(task: str, model: str, method: str, epsilon: float | None, steps: in
 
 
 FED_CLIENTS, FED_ROUNDS_DPZO, FED_LOCAL_STEPS_DPZO, FED_ROUNDS_FO, FED_LOCAL_STEPS_FO = 2, 1, 10, 2, 2
-_TINY = dict(zo_file=None, steps=8, short_steps=4, batch_size=16, fo_lr=1e-3, ft_lr=1e-3, lora_lr=1e-2,
+_TINY: dict[str, Any] = dict(zo_file=None, steps=8, short_steps=4, batch_size=16, fo_lr=1e-3, ft_lr=1e-3, lora_lr=1e-2,
              train_size=1000, test_size=128, zo_overrides={"zo.lr": 1e-2, "privacy.clip": 5.0},
              fed_train_size=200, fed_test_size=64, probe_steps=20, probe_batch=32)
 PLANS: dict[str, dict[str, ModelPlan]] = {

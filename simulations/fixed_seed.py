@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.urandom = random._urandom = fixed_urandom(args.seed)  # type: ignore[attr-defined]
     gmtime = time.gmtime
-    time.gmtime = lambda *_: gmtime(0)  # type: ignore[assignment]  # the header's created_utc
+    time.gmtime = lambda *_: gmtime(0)  # the header's created_utc
     os.environ["SEEDTUNE_ANCHORS"] = str(out / "anchors")
     loaded = sys.modules.get("seedtune")
     if loaded is not None and not Path(loaded.__file__ or "").resolve().is_relative_to(checkout):

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, cast
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
@@ -76,9 +76,9 @@ class ProcessGrid:
             node = self.nodes.get(msg.metadata.dst_node_id)
             if node is None or node.poll() is not None:
                 continue
-            payload = msg.content.config_records[RECORD]["payload"]
+            payload = cast(bytes, msg.content.config_records[RECORD]["payload"])
             try:
-                _write(node.stdin, {"type": msg.metadata.message_type, "run_id": self.run.run_id}, payload)
+                _write(cast(BinaryIO, node.stdin), {"type": msg.metadata.message_type, "run_id": self.run.run_id}, payload)
             except BrokenPipeError:
                 continue
             pending[msg.metadata.dst_node_id] = msg
@@ -86,14 +86,14 @@ class ProcessGrid:
         replies = []
         with selectors.DefaultSelector() as sel:
             for node_id in pending:
-                sel.register(self.nodes[node_id].stdout, selectors.EVENT_READ, node_id)
+                sel.register(cast(BinaryIO, self.nodes[node_id].stdout), selectors.EVENT_READ, node_id)
             while pending and time.monotonic() < deadline:
                 for key, _ in sel.select(timeout=max(0.0, deadline - time.monotonic())):
                     node_id = key.data
                     sel.unregister(key.fileobj)
                     msg = pending.pop(node_id)
                     try:
-                        _, payload = _read(self.nodes[node_id].stdout)
+                        _, payload = _read(cast(BinaryIO, self.nodes[node_id].stdout))
                     except EOFError:
                         continue
                     content = RecordDict({RECORD: ConfigRecord({"payload": payload})})

@@ -7,7 +7,9 @@ name in a checkout and fail outright in an installed wheel."""
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +95,38 @@ def test_the_layer_rule_itself():
     assert layer("seedtune.shared.models") == "shared" and layer("seedtune.cli") == "entry"
     assert layer("seedtune") is None and layer("torch.nn") is None
     assert "entry" in FORBIDDEN["shared"]
+
+
+def test_the_package_links_each_folder_for_static_tools():
+    """seedtune/<folder> links to the checkout's <folder>, so mypy and editors resolve ``seedtune.<folder>`` from
+    the source tree (seedtune/__init__.py's finder serves trees without the links, such as a Flower app bundle)."""
+    for folder in FOLDERS:
+        link = ROOT / "seedtune" / folder
+        assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve(), f"{link} is not a link to {folder}/"
+
+
+def _module_map() -> dict[str, list[str]]:
+    """docs/engine.md's module map: each folder's bullet and the names in backquotes under it."""
+    text = (ROOT / "docs" / "engine.md").read_text()
+    section = text.split("## Module map", 1)[1].split("\n## ", 1)[0]
+    names: dict[str, list[str]] = {}
+    for bullet in re.split(r"\n(?=- \*\*)", section)[1:]:
+        folder = re.match(r"- \*\*(\w+)/\*\*", bullet).group(1)
+        names[folder] = re.findall(r"`([^`\s]+)`", bullet)
+    return names
+
+
+@pytest.mark.parametrize("folder", [*FOLDERS, "seedtune"])
+def test_the_module_map_names_every_module_and_no_other(folder):
+    """Every module of the folder is named in its bullet (a pattern such as ``bench_*.py`` counts), and every
+    ``*.py`` its bullet names exists: a map that misses a new module or keeps a removed one fails."""
+    names = _module_map()[folder]
+    modules = [p.relative_to(ROOT / folder).as_posix() for p in sorted((ROOT / folder).rglob("*.py"))
+               if p.name != "__init__.py" and not p.name.endswith("_pb2.py")]
+    if folder == "seedtune":
+        modules = [m for m in modules if "/" not in m]  # its links are the other folders
+    unnamed = [m for m in modules if not any(fnmatch.fnmatch(m, n) or fnmatch.fnmatch(m.split("/")[-1], n)
+                                             for n in names)]
+    own = [n for n in names if n.endswith(".py") and ("/" not in n or (ROOT / folder / n.split("/")[0]).is_dir())]
+    stale = [n for n in own if not any(fnmatch.fnmatch(m, n) or m.endswith("/" + n) for m in modules)]
+    assert unnamed == [] and stale == [], f"docs/engine.md's module map, {folder}/: unnamed {unnamed}, stale {stale}"

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from seedtune.shared.accounting import PrivacyAccountant, calibrate_noise_multiplier
 from seedtune.shared.first_order import FirstOrderConfig, poisson_rate, prepare_trainable
 from seedtune.shared.models import TextClassifier, load_task_model
-from seedtune.shared.noise import Noise, SecureRandom
+from seedtune.shared.noise import Gaussian, SecureRandom
 from seedtune.shared.tasks import load_split
 from seedtune.shared.run_folder import write_summary
 
@@ -76,7 +76,7 @@ def _csprng_batches(opacus_loader: DataLoader, rate: float, rng: SecureRandom) -
     """Opacus' Poisson loader with its sampler replaced by :class:`_CsprngPoissonBatches`; its collate
     function (which builds empty batches) kept."""
     dataset = opacus_loader.dataset
-    return DataLoader(dataset, batch_sampler=_CsprngPoissonBatches(len(dataset), rate, rng),
+    return DataLoader(dataset, batch_sampler=_CsprngPoissonBatches(len(dataset), rate, rng),  # type: ignore[arg-type]
                       collate_fn=opacus_loader.collate_fn)
 
 
@@ -117,12 +117,12 @@ class FirstOrderLearner:
         loader = DataLoader(_Indices(len(ids)), batch_size=config.batch_size)  # Opacus' rate: 1 / len(loader)
         rng = SecureRandom()
         self.criterion: Any = nn.CrossEntropyLoss()
-        self.noise: Noise | None = None
+        self.noise: Gaussian | None = None
         task.module.train()  # Opacus' hooks record only in training mode (and its validator insists)
         if config.private:
             sigma = config.noise_multiplier or calibrate_noise_multiplier(
                 config.epsilon, config.delta, self.sample_rate, total_steps)
-            self.noise = Noise.gaussian(sigma)
+            self.noise = Gaussian(float(sigma))
             self.engine = PrivacyEngine(accountant="rdp")
             self.model, self.optimizer, self.criterion, self.loader = self.engine.make_private(
                 module=task.module, optimizer=optimizer, criterion=self.criterion, data_loader=loader,

@@ -13,6 +13,7 @@ calibrated for ``rounds x local_steps`` steps.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -57,13 +58,14 @@ def make_client_app(config: FedAvgConfig) -> ClientApp:
         losses = [learner.step() for _ in range(config.local_steps)]
         # The node's accountant lives in Flower's node state, across rounds and ClientApp processes.
         saved = context.state.config_records.get(STATE)
-        accountant = PrivacyAccountant.from_json(saved["accountant"]) if saved else PrivacyAccountant()
+        accountant = PrivacyAccountant.from_json(str(saved["accountant"])) if saved else PrivacyAccountant()
         accountant.record(learner.noise, learner.sample_rate, len(losses))
         context.state[STATE] = ConfigRecord({"accountant": accountant.to_json()})
         # The loss and the data size depend on the private data: they stay in the node's log, never sent.
         log.info("fedavg node %s: mean loss %.4f over %d local steps (local only)", context.node_id,
                  sum(losses) / len(losses), len(losses))
-        metrics = {"epsilon": accountant.epsilon(config.learner.delta)} if learner.noise is not None else {}
+        metrics: dict[str, Any] = {"epsilon": accountant.epsilon(config.learner.delta)} if learner.noise is not None \
+            else {}
         content = RecordDict({TRAINABLE: ArrayRecord(trainable_state(learner.task.module)),
                               METRICS: MetricRecord(metrics)})
         return Message(content, reply_to=msg)

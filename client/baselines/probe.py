@@ -30,7 +30,7 @@ from seedtune.shared.accounting import PrivacyAccountant, calibrate_noise_multip
 from seedtune.shared.config import ConfigError
 from seedtune.shared.first_order import FirstOrderConfig, poisson_rate
 from seedtune.shared.models import load_task_model
-from seedtune.shared.noise import Noise, SecureRandom
+from seedtune.shared.noise import Gaussian, SecureRandom
 from seedtune.shared.run_folder import write_summary
 from seedtune.shared.tasks import load_split
 
@@ -73,12 +73,12 @@ class ProbeLearner:
         opt_cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
         self.optimizer = opt_cls([self.weight], lr=config.lr)
         self.rng = SecureRandom()
-        self.noise: Noise | None = None
+        self.noise: Gaussian | None = None
         self.accountant = PrivacyAccountant()
         if config.private:
             sigma = config.noise_multiplier or calibrate_noise_multiplier(
                 config.epsilon, config.delta, self.sample_rate, config.steps)
-            self.noise = Noise.gaussian(sigma)
+            self.noise = Gaussian(float(sigma))
 
     def step(self) -> None:
         rows = torch.as_tensor(self.rng.poisson_sample(self.n, self.sample_rate), dtype=torch.long)
@@ -140,7 +140,7 @@ def train_probe(config: FirstOrderConfig, progress: bool = False,
         "epsilon": learner.accountant.epsilon(config.delta) if private else None,
         "rdp_epsilon": learner.accountant.rdp_epsilon(config.delta) if private else None,
         "delta": config.delta if private else None,
-        "noise_multiplier": learner.noise.sigma if private else 0.0,
+        "noise_multiplier": learner.noise.sigma if learner.noise else 0.0,
         "sample_rate": learner.sample_rate,
         "trainable_params": learner.weight.numel(),
         "test_accuracy": learner.accuracy(test_x, test_split.labels),

@@ -43,7 +43,7 @@ def run_rounds(config: FedAvgConfig, grid: Grid) -> dict[str, Any]:
     test = load_split(cfg, "test")
     test_ids = task.encode(test.records)
     zero_shot = task.accuracy(test_ids, test.labels, cfg.model.microbatch)
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     for rnd in range(1, config.rounds + 1):
         nodes = sorted(grid.get_node_ids())
         content = RecordDict({TRAINABLE: ArrayRecord(trainable_state(task.module))})
