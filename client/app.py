@@ -19,7 +19,7 @@ default ``partition-I-of-N``), charged for all its training data whatever an ins
 ``data-path`` and ``test-path`` (the institution's own training and held-out files, or folders with
 train/test files; they never leave the node) and ``node-key`` (the
 node's private key, OpenSSH or PEM: it signs the node's identity and replies; required to join a federation
-that pins its nodes, see shared.identity) and ``server-key`` (the server's public key, a ``.pub`` file: the
+that pins its nodes, see shared.protocol.identity) and ``server-key`` (the server's public key, a ``.pub`` file: the
 node then follows only ledger positions that server signed, and only one ledger header from it; a simulated
 node takes ``$SEEDTUNE_SERVER_KEY`` when its config names none, as scripts/simulate.sh sets it).
 
@@ -44,11 +44,11 @@ from seedtune.client.privacy_ledger import Budget, open_privacy_ledger
 from seedtune.client.node import DataSource, Holder, NodeState, Runtime, handle_instruction, identify as identity_of
 from seedtune.client.node import config_refusal, evaluate as evaluate_heldout, sync
 from seedtune.client.partition import load_own_data, load_partition
-from seedtune.shared.identity import SigningKey, load_public
-from seedtune.shared.onnx_task import DEFAULT_PROVIDERS
-from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction
-from seedtune.shared.follower import LedgerFollower
-from seedtune.shared.wire import EVALUATE, IDENTIFY, SYNC, TRAIN, from_content, to_content
+from seedtune.shared.protocol.identity import SigningKey, load_public
+from seedtune.shared.task.onnx_task import DEFAULT_PROVIDERS
+from seedtune.shared.protocol.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction
+from seedtune.shared.engine.follower import LedgerFollower
+from seedtune.shared.protocol.wire import EVALUATE, IDENTIFY, SYNC, TRAIN, from_content, to_content
 
 log = logging.getLogger(__name__)
 STATE = "seedtune-node"

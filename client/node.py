@@ -25,17 +25,17 @@ import numpy as np
 
 from seedtune.client.privacy_ledger import Budget, BudgetExceeded, PrivacyLedger, heldout_budget, request_key
 from seedtune.client.zo_step import zo_step
-from seedtune.shared.aggregation import coefficient, update_scale
-from seedtune.shared.chain import ChainError, hash_along, header_digest
-from seedtune.shared.config import ConfigError, RunConfig, cache_root, directions_per_step
-from seedtune.shared.follower import LedgerFollower, ReplicaError
-from seedtune.shared.identity import SigningKey, identity_bytes, position_bytes, sign_reply, verify
-from seedtune.shared.noise import Noise, SecureRandom
-from seedtune.shared.noise_search import COUNT_SENSITIVITY, count_noise
-from seedtune.shared.onnx_task import DEFAULT_PROVIDERS
-from seedtune.shared.proto import (PROTOCOL_VERSION, REFUSAL_HISTORY, Challenge, Identity, Instruction, LedgerHeader,
-                                   Reply)
-from seedtune.shared.tasks import DataError, label_counts
+from seedtune.shared.protocol.aggregation import coefficient, update_scale
+from seedtune.shared.protocol.chain import ChainError, hash_along, header_digest
+from seedtune.shared.task.config import ConfigError, RunConfig, cache_root, directions_per_step
+from seedtune.shared.engine.follower import LedgerFollower, ReplicaError
+from seedtune.shared.protocol.identity import SigningKey, identity_bytes, position_bytes, sign_reply, verify
+from seedtune.shared.privacy.noise import Noise, SecureRandom
+from seedtune.shared.privacy.noise_search import COUNT_SENSITIVITY, count_noise
+from seedtune.shared.task.onnx_task import DEFAULT_PROVIDERS
+from seedtune.shared.protocol.proto import (PROTOCOL_VERSION, REFUSAL_HISTORY, Challenge, Identity, Instruction,
+                                            LedgerHeader, Reply)
+from seedtune.shared.task.tasks import DataError, label_counts
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class Runtime:
             return OnnxReplica.from_header(header, self.onnx_model, self.onnx_providers)
         import torch
 
-        from seedtune.shared.replica import Replica
+        from seedtune.shared.engine.replica import Replica
 
         try:
             replica = Replica.from_header(header, cache_root() / "replicas", self.device or None, self.dtype or None)

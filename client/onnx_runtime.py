@@ -2,7 +2,7 @@
 
 An edge box with an inference runtime can then take part: a ZO step needs two forward passes per example at
 seeded perturbations of the trainable entries, which here are just a numpy vector fed to the exported
-graph (see :mod:`shared.onnx_format`). Directions come from the engine's numpy generator, and replay is
+graph (see :mod:`shared.task.onnx_format`). Directions come from the engine's numpy generator, and replay is
 ``values += float32(coeff) * z``, the same single rounding as the torch replica, so both reach bit-identical
 trainable values from the same ledger (Rademacher directions only; Gaussian ones agree only to rounding).
 """
@@ -17,12 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
-from seedtune.shared.config import RunConfig, from_dict
-from seedtune.shared.directions import CHUNK, direction_numpy
-from seedtune.shared.follower import LedgerFollower, ReplicaError
-from seedtune.shared.onnx_format import load_trainable
-from seedtune.shared.onnx_task import DEFAULT_PROVIDERS, OnnxTask
-from seedtune.shared.proto import LedgerHeader
+from seedtune.shared.task.config import RunConfig, from_dict
+from seedtune.shared.engine.directions import CHUNK, direction_numpy
+from seedtune.shared.engine.follower import LedgerFollower, ReplicaError
+from seedtune.shared.task.onnx_format import load_trainable
+from seedtune.shared.task.onnx_task import DEFAULT_PROVIDERS, OnnxTask
+from seedtune.shared.protocol.proto import LedgerHeader
 
 log = logging.getLogger(__name__)
 

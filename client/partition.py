@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from seedtune.client.node import Partition
-from seedtune.shared.config import RunConfig
-from seedtune.shared.follower import Tokenizes
-from seedtune.shared.tasks import DataError, Split, load_own, load_split
+from seedtune.shared.task.config import RunConfig
+from seedtune.shared.engine.follower import Tokenizes
+from seedtune.shared.task.tasks import DataError, Split, load_own, load_split
 
 log = logging.getLogger(__name__)
 

@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from seedtune.shared.accounting import PrivacyAccountant
-from seedtune.shared.noise import Noise
-from seedtune.shared.run_folder import PRIVACY_LEDGER_FILE
-from seedtune.shared.transaction import immediate
+from seedtune.shared.privacy.accounting import PrivacyAccountant
+from seedtune.shared.privacy.noise import Noise
+from seedtune.shared.protocol.run_folder import PRIVACY_LEDGER_FILE
+from seedtune.shared.protocol.transaction import immediate
 
 log = logging.getLogger(__name__)
 

@@ -23,24 +23,23 @@ from tqdm.auto import tqdm
 
 from seedtune.client.privacy_ledger import data_key
 from seedtune.client.zo_step import StepResult, ZoModel, zo_step
-from seedtune.shared.aggregation import ACCEPTED, RoundRule, update_scale
-from seedtune.shared.ledger import Ledger, Provenance
-from seedtune.shared.accounting import PrivacyAccountant, StepRun, noise_epsilon
-from seedtune.shared.config import ConfigError, RunConfig, directions_per_step, flatten
-from seedtune.shared.digest import model_digest
-from seedtune.shared.directions import seed_stream, step_seeds
-from seedtune.shared.models import load_task_model, placement
-from seedtune.shared.noise import Noise, SecureRandom
-from seedtune.shared.noise_search import plan_noise
-from seedtune.shared.schedule import stages
-from seedtune.shared.selection import TrainableSet
-from seedtune.shared.replica import OPERATIONAL_KEYS, float32_model, ledger_header, select_trainable
-from seedtune.shared.tasks import load_split, local_files, with_labels
-from seedtune.shared.tracking import Tracker, check_backend, open_tracker
-from seedtune.shared.update import ScoredView
-from seedtune.shared.run_folder import (CONFIG_FILE, DATA_PIN_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE,
-                                        anchors_of, check_anchor_home, ends_with_newline,
-                                        write_home_anchor)
+from seedtune.shared.protocol.aggregation import ACCEPTED, RoundRule, update_scale
+from seedtune.shared.protocol.ledger import Ledger, Provenance
+from seedtune.shared.privacy.accounting import PrivacyAccountant, StepRun, noise_epsilon
+from seedtune.shared.task.config import ConfigError, RunConfig, directions_per_step, flatten
+from seedtune.shared.protocol.digest import model_digest
+from seedtune.shared.engine.directions import seed_stream, step_seeds
+from seedtune.shared.task.models import load_task_model, placement
+from seedtune.shared.privacy.noise import Noise, SecureRandom
+from seedtune.shared.privacy.noise_search import plan_noise
+from seedtune.client.schedule import stages
+from seedtune.shared.engine.selection import TrainableSet
+from seedtune.shared.engine.replica import OPERATIONAL_KEYS, float32_model, ledger_header, select_trainable
+from seedtune.shared.task.tasks import load_split, local_files, with_labels
+from seedtune.shared.task.tracking import Tracker, check_backend, open_tracker
+from seedtune.shared.engine.update import ScoredView
+from seedtune.shared.protocol.run_folder import (CONFIG_FILE, DATA_PIN_FILE, LEDGER_FILE, METRICS_FILE, SUMMARY_FILE,
+                                                 anchors_of, check_anchor_home, ends_with_newline, write_home_anchor)
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ def _check_data_pin(out_dir: Path, pin: dict[str, Any], train_file: str) -> None
 
 def _resume_ledger(out_dir: Path, header, unanchored: bool) -> Ledger:
     """The interrupted run's ledger, verified against its anchors (the last ledger record its run folder's
-    metrics.jsonl wrote, and the one kept outside the run folder, :func:`shared.run_folder.home_anchor`), after
+    metrics.jsonl wrote, and the one kept outside the run folder, :func:`shared.protocol.run_folder.home_anchor`), after
     checking it was made for this very base model, trainable set and noise (the noise is calibrated afresh from
     the same config: the same parameters). A ledger behind its anchor (a lost
     WAL, a restored copy) would release its lost steps again with fresh noise, unaccounted: refused; so is a

@@ -10,13 +10,13 @@ With K > 1 directions per step (``zo.directions``) the K estimates share one unp
 the vector ``g_i[k] = (L_i(theta + mu z_k) - L_i(theta)) / (mu sqrt(K))``, K + 1 forward passes instead of 2K,
 clipped to L2 norm C as a whole. The 1 / sqrt(K) makes C a bound on the gradient itself, whatever K:
 ``||Z^T g||^2 / K`` is ``||g||^2`` on average over random directions and exactly for a Hadamard frame of
-K = n directions (shared.directions), so privacy.clip means what DP-SGD's clip means. The released K-vector is
+K = n directions (shared.engine.directions), so privacy.clip means what DP-SGD's clip means. The released K-vector is
 one Gaussian mechanism of L2 sensitivity C, accounted exactly like the single scalar, and the caller's update
-is ``theta -= (lr / sqrt(K)) sum_k scalar_k z_k`` (:func:`shared.aggregation.update_scale`): lr times the gradient, on average
-(exactly, for the frame).
+is ``theta -= (lr / sqrt(K)) sum_k scalar_k z_k`` (:func:`shared.protocol.aggregation.update_scale`): lr times
+the gradient, on average (exactly, for the frame).
 
-The step is written against :class:`shared.follower.ZoModel`, so the same code (sampling, clipping, noise) runs on torch
-(:class:`shared.update.ScoredView`) and on ONNX Runtime (:class:`client.onnx_runtime.OnnxView`); this module
+The step is written against :class:`shared.engine.follower.ZoModel`, so the same code (sampling, clipping, noise)
+runs on torch (:class:`shared.engine.update.ScoredView`) and on ONNX Runtime (:class:`client.onnx_runtime.OnnxView`); this module
 imports no torch.
 """
 
@@ -27,9 +27,9 @@ from typing import Sequence
 
 import numpy as np
 
-from seedtune.shared.batching import length_sorted
-from seedtune.shared.follower import ZoModel
-from seedtune.shared.noise import Noise, SecureRandom
+from seedtune.shared.engine.batching import length_sorted
+from seedtune.shared.engine.follower import ZoModel
+from seedtune.shared.privacy.noise import Noise, SecureRandom
 
 
 @dataclass(frozen=True)

@@ -25,17 +25,17 @@ from tqdm.auto import tqdm
 
 from seedtune.client.trainer import PrivacyPlan, private_step
 from seedtune.client.zo_step import StepResult
-from seedtune.shared.accounting import PrivacyAccountant
-from seedtune.shared.config import ConfigError, PrivacyConfig, RunConfig, load_config
-from seedtune.shared.digest import model_digest
-from seedtune.shared.directions import DIRECTION_KINDS, DirectionKind
-from seedtune.shared.chain import ChainError
-from seedtune.shared.ledger import Ledger
-from seedtune.shared.noise import SecureRandom
-from seedtune.shared.noise_search import plan_noise
-from seedtune.shared.replica import own_model_header
-from seedtune.shared.selection import select_all, select_patterns
-from seedtune.shared.update import TrainableView
+from seedtune.shared.privacy.accounting import PrivacyAccountant
+from seedtune.shared.task.config import ConfigError, PrivacyConfig, RunConfig, load_config
+from seedtune.shared.protocol.digest import model_digest
+from seedtune.shared.engine.directions import DIRECTION_KINDS, DirectionKind
+from seedtune.shared.protocol.chain import ChainError
+from seedtune.shared.protocol.ledger import Ledger
+from seedtune.shared.privacy.noise import SecureRandom
+from seedtune.shared.privacy.noise_search import plan_noise
+from seedtune.shared.engine.replica import own_model_header
+from seedtune.shared.engine.selection import select_all, select_patterns
+from seedtune.shared.engine.update import TrainableView
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +265,8 @@ def verify(ledger: str | Path, unanchored: bool = False, server_key: str | Path 
     then the chains alone are checked and the answer says ``"unanchored": true``. With ``server_key`` (the
     federation server's public key, a ``.pub`` file) every round must be signed by it: the check that tells a
     consistent rewrite by anyone without the key (new header, every hash recomputed) from the ledger itself."""
-    from seedtune.shared.identity import IdentityError, load_public
-    from seedtune.shared.run_folder import anchors_of
+    from seedtune.shared.protocol.identity import IdentityError, load_public
+    from seedtune.shared.protocol.run_folder import anchors_of
 
     try:
         public = load_public(server_key, "--server-key") if server_key else None
@@ -311,7 +311,7 @@ def export(ledger: str | Path | None, out: str | Path,
 def load_model(folder: str | Path):
     """The classifier (or generator) a replay saved in ``folder``, ready to predict: its task (labels, prompts,
     label words) comes from the folder's seedtune.json, an encoder's head from its side file."""
-    from seedtune.shared.replica import load_saved
+    from seedtune.shared.engine.replica import load_saved
 
     return load_saved(folder)
 

@@ -18,7 +18,7 @@ import re
 import sys
 from typing import Any, NoReturn
 
-from seedtune.shared.config import ConfigError, load_config, parse_override
+from seedtune.shared.task.config import ConfigError, load_config, parse_override
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from seedtune.shared.config import RunConfig, describe
+    from seedtune.shared.task.config import RunConfig, describe
 
     if args.defaults and (args.config or args.set):
         raise ConfigError("config --defaults prints the defaults alone; drop -c/-s, or drop --defaults")
@@ -67,7 +67,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _noise_search(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from seedtune.shared.noise_search import Target, accounted_epsilon, p_small, quick, search
+    from seedtune.shared.privacy.noise_search import Target, accounted_epsilon, p_small, quick, search
 
     targets = [Target(e, args.delta, args.sample_rate, s) for s in args.steps for e in args.epsilon]
     rows = []
@@ -100,7 +100,7 @@ def _noise_search(args: argparse.Namespace) -> int:
 
 def _holder(args: argparse.Namespace) -> int:
     from seedtune.client.privacy_ledger import PrivacyLedger, default_path, init
-    from seedtune.shared.identity import IdentityError, load_public
+    from seedtune.shared.protocol.identity import IdentityError, load_public
 
     path = args.ledger or default_path()
     if args.action == "init":
@@ -235,11 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from seedtune.shared.ledger import LedgerError
-    from seedtune.shared.chain import ChainError
-    from seedtune.shared.follower import ReplicaError
-    from seedtune.shared.models import ModelLoadError
-    from seedtune.shared.tasks import DataError
+    from seedtune.shared.protocol.ledger import LedgerError
+    from seedtune.shared.protocol.chain import ChainError
+    from seedtune.shared.engine.follower import ReplicaError
+    from seedtune.shared.task.models import ModelLoadError
+    from seedtune.shared.task.tasks import DataError
     from seedtune.client.privacy_ledger import PrivacyLedgerError
 
     try:

@@ -11,8 +11,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from seedtune.server.federation import FederatedServer
-from seedtune.shared.config import ConfigError, RunConfig, config_from_flower
-from seedtune.shared.tasks import DataError, data_roots
+from seedtune.shared.task.config import ConfigError, RunConfig, config_from_flower
+from seedtune.shared.task.tasks import DataError, data_roots
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -20,7 +20,7 @@ app = ServerApp()
 
 def check_submitted_paths(config: RunConfig) -> None:
     """A Flower run config comes from whoever submits the run (``flwr run``), and the files it names are read on
-    the server's host: they must lie under the server's data roots (shared.tasks.data_roots: the working
+    the server's host: they must lie under the server's data roots (shared.task.tasks.data_roots: the working
     directory, ``$SEEDTUNE_DATA``, the team data folder), so that a submission cannot read any CSV there."""
     roots = [root.resolve() for root in data_roots()]
     for field in ("train_file", "test_file", "dev_file", "data_dir"):

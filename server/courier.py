@@ -14,11 +14,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 from flwr.app import Message
 
-from seedtune.shared.aggregation import ACCEPTED
-from seedtune.shared.identity import AllowedNodes
-from seedtune.shared.ledger import Provenance
-from seedtune.shared.proto import REFUSAL_HISTORY, Instruction, Reply
-from seedtune.shared.wire import IDENTIFY, SYNC, TRAIN, WireError, content_of, from_content, payload_length, \
+from seedtune.shared.protocol.aggregation import ACCEPTED
+from seedtune.shared.protocol.identity import AllowedNodes
+from seedtune.shared.protocol.ledger import Provenance
+from seedtune.shared.protocol.proto import REFUSAL_HISTORY, Instruction, Reply
+from seedtune.shared.protocol.wire import IDENTIFY, SYNC, TRAIN, WireError, content_of, from_content, payload_length, \
     wire_bytes
 from seedtune.server.round import BELOW_MIN_REPLIES, REFUSED_HISTORY, RoundPlan, signed
 

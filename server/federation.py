@@ -8,7 +8,7 @@ A round reads like the protocol (:meth:`FederatedServer.run_round`):
 2. **send** each distinct instruction once and collect the replies (:mod:`server.courier`, which meters bytes
    and keeps how far each node holds the ledger);
 3. **validate** each reply (:func:`server.round.judge`, pure: a named rejection or the scalars);
-4. **aggregate** the accepted scalars per seed under the round's rule (:mod:`shared.aggregation`, pure);
+4. **aggregate** the accepted scalars per seed under the round's rule (:mod:`shared.protocol.aggregation`, pure);
 5. **commit** the K entries and every reply's provenance in one ledger transaction, and apply them to the
    server's replica;
 6. **evaluate** on the public dev split and write the round's metrics (:mod:`server.summary`,
@@ -34,19 +34,19 @@ from typing import Any
 
 import numpy as np
 
-from seedtune.shared.aggregation import ACCEPTED, RoundRule, update_scale
-from seedtune.shared.config import RunConfig, directions_per_step, flatten
-from seedtune.shared.directions import step_seeds
-from seedtune.shared.identity import position_bytes
-from seedtune.shared.ledger import Provenance
-from seedtune.shared.proto import PROTOCOL_VERSION, Hyperparameters, Instruction, Reply
-from seedtune.shared.replica import Replica
-from seedtune.shared.run_folder import check_anchor_home, write_home_anchor
-from seedtune.shared.tasks import load_split, with_labels
-from seedtune.shared.tracking import check_backend, open_tracker
-from seedtune.shared.noise import Noise, SecureRandom
-from seedtune.shared.noise_search import count_noise, plan_noise
-from seedtune.shared.wire import EVALUATE, SYNC
+from seedtune.shared.protocol.aggregation import ACCEPTED, RoundRule, update_scale
+from seedtune.shared.task.config import RunConfig, directions_per_step, flatten
+from seedtune.shared.engine.directions import step_seeds
+from seedtune.shared.protocol.identity import position_bytes
+from seedtune.shared.protocol.ledger import Provenance
+from seedtune.shared.protocol.proto import PROTOCOL_VERSION, Hyperparameters, Instruction, Reply
+from seedtune.shared.engine.replica import Replica
+from seedtune.shared.protocol.run_folder import check_anchor_home, write_home_anchor
+from seedtune.shared.task.tasks import load_split, with_labels
+from seedtune.shared.task.tracking import check_backend, open_tracker
+from seedtune.shared.privacy.noise import Noise, SecureRandom
+from seedtune.shared.privacy.noise_search import count_noise, plan_noise
+from seedtune.shared.protocol.wire import EVALUATE, SYNC
 from seedtune.server.courier import Courier
 from seedtune.server.holders import Holders, load_key, load_pins
 from seedtune.server.resume import open_run

@@ -14,11 +14,11 @@ import logging
 import os
 from typing import Any, Iterable
 
-from seedtune.shared.accounting import PrivacyAccountant
-from seedtune.shared.config import ConfigError, PrivacyConfig
-from seedtune.shared.identity import NONCE_BYTES, AllowedNodes, IdentityError, SigningKey
-from seedtune.shared.noise import Noise
-from seedtune.shared.proto import PROTOCOL_VERSION, Challenge
+from seedtune.shared.privacy.accounting import PrivacyAccountant
+from seedtune.shared.task.config import ConfigError, PrivacyConfig
+from seedtune.shared.protocol.identity import NONCE_BYTES, AllowedNodes, IdentityError, SigningKey
+from seedtune.shared.privacy.noise import Noise
+from seedtune.shared.protocol.proto import PROTOCOL_VERSION, Challenge
 from seedtune.server.courier import Courier
 from seedtune.server.round import Rejected, validate_identity
 

@@ -1,7 +1,7 @@
 """The model card a replay or an export writes beside the model: what it is, what it was trained for and with
 what privacy guarantee, and how to rebuild it.
 
-The guarantee is accounted afresh here (PLD, :class:`shared.accounting.PrivacyAccountant`) from the noise the
+The guarantee is accounted afresh here (PLD, :class:`shared.privacy.accounting.PrivacyAccountant`) from the noise the
 ledger header records as sampled and the steps the ledger holds, not copied from a log: a federated ledger
 records the private steps each data holder was asked to run (its instructions table) and the federation's
 sampling rate; a ``seedtune train`` ledger has one step per round, at the sampling rate its run folder's
@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seedtune.shared.accounting import PrivacyAccountant
-from seedtune.shared.config import RunConfig
-from seedtune.shared.ledger import Ledger
-from seedtune.shared.noise import Noise
-from seedtune.shared.run_folder import SUMMARY_FILE
+from seedtune.shared.privacy.accounting import PrivacyAccountant
+from seedtune.shared.task.config import RunConfig
+from seedtune.shared.protocol.ledger import Ledger
+from seedtune.shared.privacy.noise import Noise
+from seedtune.shared.protocol.run_folder import SUMMARY_FILE
 
 CARD_FILE = "README.md"  # a Hugging Face folder's model card
 
@@ -32,7 +32,7 @@ class PrivacyRecord:
 
     private: bool
     delta: float
-    noise: str  # the noise as sampled (shared.noise.Noise.describe), or "none"
+    noise: str  # the noise as sampled (shared.privacy.noise.Noise.describe), or "none"
     epsilon: dict[str, float] | None  # holder -> epsilon; None when the sampling rate is not known
     steps: dict[str, int]  # holder -> private steps accounted
     federated: bool

@@ -11,14 +11,14 @@ from typing import Any, Iterator, cast
 from torch import nn
 
 from seedtune.server.model_card import CARD_FILE, PrivacyRecord, model_card, privacy_record
-from seedtune.shared.run_folder import anchors_of
-from seedtune.shared.config import ConfigError
-from seedtune.shared.directions import DirectionKind
-from seedtune.shared.digest import model_digest
-from seedtune.shared.ledger import Ledger
-from seedtune.shared.replica import Replica, own_model_settings, placed_config
-from seedtune.shared.selection import select_all, select_patterns
-from seedtune.shared.update import TrainableView
+from seedtune.shared.protocol.run_folder import anchors_of
+from seedtune.shared.task.config import ConfigError
+from seedtune.shared.engine.directions import DirectionKind
+from seedtune.shared.protocol.digest import model_digest
+from seedtune.shared.protocol.ledger import Ledger
+from seedtune.shared.engine.replica import Replica, own_model_settings, placed_config
+from seedtune.shared.engine.selection import select_all, select_patterns
+from seedtune.shared.engine.update import TrainableView
 
 # Replay and export run no training: the float32 model on the CPU, whatever placement the run used (its
 # trainable values are float32 in any case), so an export traces the float32 graph ONNX Runtime nodes load.
@@ -102,7 +102,7 @@ def replay(ledger_path: str | Path, out_dir: str | Path | None = None) -> dict[s
 def export(ledger_path: str | Path | None, out: str | Path, config=None) -> dict[str, Any]:
     """``seedtune export-onnx``: the model after the ledger (or the base model of ``config``) as ONNX; a
     finetuned model's card goes beside it (``<name>.README.md``)."""
-    from seedtune.shared.onnx_export import export_onnx
+    from seedtune.server.onnx_export import export_onnx
 
     if ledger_path is None:
         return {"ledger": None, **export_onnx(Replica(placed_config(config, **CPU_FLOAT32)), out)}

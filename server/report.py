@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from seedtune.shared.ledger import Anchor
-from seedtune.shared.run_folder import METRICS_FILE, SUMMARY_FILE, anchor_of, ends_with_newline, read_rows
-from seedtune.shared.tracking import Tracker
+from seedtune.shared.protocol.ledger import Anchor
+from seedtune.shared.protocol.run_folder import METRICS_FILE, SUMMARY_FILE, anchor_of, ends_with_newline, read_rows
+from seedtune.shared.task.tracking import Tracker
 
 log = logging.getLogger(__name__)
 CSV_COLUMNS = ("round", "dev_accuracy", "nodes", "replies", "accepted", "rejected", "entries",

@@ -2,7 +2,7 @@
 
 The ledger is the source of truth: a restarted server replays it into its replica and continues with the next
 round. It is checked first against every anchor of its history kept outside the ledger file (the run folder's
-metrics rows and this machine's home anchor, :mod:`shared.run_folder`), so that a ledger restored from an older
+metrics rows and this machine's home anchor, :mod:`shared.protocol.run_folder`), so that a ledger restored from an older
 copy, cut short or rewritten is refused rather than continued, and against the server's signing key.
 """
 
@@ -12,12 +12,12 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from seedtune.shared.config import RunConfig
-from seedtune.shared.identity import SigningKey
-from seedtune.shared.ledger import Ledger, LedgerError
-from seedtune.shared.proto import LedgerHeader
-from seedtune.shared.replica import Replica, config_json
-from seedtune.shared.run_folder import LEDGER_FILE, METRICS_FILE, anchors_of
+from seedtune.shared.task.config import RunConfig
+from seedtune.shared.protocol.identity import SigningKey
+from seedtune.shared.protocol.ledger import Ledger, LedgerError
+from seedtune.shared.protocol.proto import LedgerHeader
+from seedtune.shared.engine.replica import Replica, config_json
+from seedtune.shared.protocol.run_folder import LEDGER_FILE, METRICS_FILE, anchors_of
 from seedtune.server.report import RunReport
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ replies (:func:`judge`), the scalar bound.
 
 :class:`server.federation.FederatedServer` is the loop around them (configure, send, validate, aggregate,
 commit, evaluate); these functions hold no state and touch no ledger, so each is testable alone. The
-aggregation itself is :mod:`shared.aggregation` (the ledger's verifier recomputes it).
+aggregation itself is :mod:`shared.protocol.aggregation` (the ledger's verifier recomputes it).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from seedtune.shared.aggregation import ACCEPTED
-from seedtune.shared.identity import AllowedNodes, identity_bytes, reply_bytes
-from seedtune.shared.ledger import Provenance
-from seedtune.shared.noise import Noise
-from seedtune.shared.proto import PROTOCOL_VERSION, REFUSAL_HISTORY, Challenge, Hyperparameters, Identity, Reply
-from seedtune.shared.wire import PayloadTooLarge, WireError, from_content
+from seedtune.shared.protocol.aggregation import ACCEPTED
+from seedtune.shared.protocol.identity import AllowedNodes, identity_bytes, reply_bytes
+from seedtune.shared.protocol.ledger import Provenance
+from seedtune.shared.privacy.noise import Noise
+from seedtune.shared.protocol.proto import (PROTOCOL_VERSION, REFUSAL_HISTORY, Challenge, Hyperparameters, Identity,
+                                            Reply)
+from seedtune.shared.protocol.wire import PayloadTooLarge, WireError, from_content
 
 log = logging.getLogger(__name__)
 REFUSED_HISTORY = "refused_history"  # the node refused the server's ledger itself (Reply.refusal_code)

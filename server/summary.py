@@ -11,11 +11,11 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from seedtune.shared.accounting import PrivacyAccountant, StepRun
-from seedtune.shared.noise import Noise
-from seedtune.shared.noise_search import COUNT_SENSITIVITY
-from seedtune.shared.proto import Reply
-from seedtune.shared.tasks import counts_metrics
+from seedtune.shared.privacy.accounting import PrivacyAccountant, StepRun
+from seedtune.shared.privacy.noise import Noise
+from seedtune.shared.privacy.noise_search import COUNT_SENSITIVITY
+from seedtune.shared.protocol.proto import Reply
+from seedtune.shared.task.tasks import counts_metrics
 
 log = logging.getLogger(__name__)
 

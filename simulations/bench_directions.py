@@ -3,7 +3,7 @@
     python -m seedtune.simulations.bench_directions --json [--sizes 227140 1350000 22700000] [--repeats 5]
 
 Prints one JSON line per (runtime, kind, size): entries/s of ``direction_torch`` and ``direction_numpy`` for the
-Rademacher and Gaussian kinds, generated in :data:`shared.directions.CHUNK`-sized pieces as every caller does,
+Rademacher and Gaussian kinds, generated in :data:`shared.engine.directions.CHUNK`-sized pieces as every caller does,
 beside an axpy reference measured in the same process on the same number of float32 entries
 (``w.add_(z, alpha=c)`` in torch, ``w += c * z`` in numpy) and their ratio. The default sizes are MiniLM's and
 SmolLM2's 1% trainable sets and every weight of MiniLM. Timings are medians; calls are alternated so that a
@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from seedtune.shared.directions import CHUNK, DIRECTION_KINDS, direction_numpy, direction_torch
+from seedtune.shared.engine.directions import CHUNK, DIRECTION_KINDS, direction_numpy, direction_torch
 
 SIZES = (227_140, 1_350_000, 22_700_000)
 

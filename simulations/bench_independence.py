@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from seedtune.client.zo_step import projected_gradients
-from seedtune.shared.config import load_config
-from seedtune.shared.models import load_task_model
-from seedtune.shared.replica import select_trainable
-from seedtune.shared.tasks import load_split
-from seedtune.shared.update import ScoredView
+from seedtune.shared.task.config import load_config
+from seedtune.shared.task.models import load_task_model
+from seedtune.shared.engine.replica import select_trainable
+from seedtune.shared.task.tasks import load_split
+from seedtune.shared.engine.update import ScoredView
 
 
 def measure(model: str, batches: int, alone: int = 8) -> dict:

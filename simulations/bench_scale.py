@@ -36,13 +36,13 @@ import numpy as np
 from flwr.app import Message
 
 from seedtune.server.federation import FederatedServer
-from seedtune.shared.accounting import noise_epsilon
-from seedtune.shared.config import load_config
-from seedtune.shared.ledger import Ledger
-from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, Reply
-from seedtune.shared.replica import Replica
-from seedtune.shared.run_folder import LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
-from seedtune.shared.wire import IDENTIFY, from_content, to_content
+from seedtune.shared.privacy.accounting import noise_epsilon
+from seedtune.shared.task.config import load_config
+from seedtune.shared.protocol.ledger import Ledger
+from seedtune.shared.protocol.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, Reply
+from seedtune.shared.engine.replica import Replica
+from seedtune.shared.protocol.run_folder import LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
+from seedtune.shared.protocol.wire import IDENTIFY, from_content, to_content
 from seedtune.simulations.inprocess import outside_flower
 
 log = logging.getLogger(__name__)

@@ -37,11 +37,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from seedtune.client.zo_step import privatize, projected_gradients, zo_step
-from seedtune.shared.aggregation import coefficient, update_scale
-from seedtune.shared.directions import frame_size, step_seeds
-from seedtune.shared.noise import Noise, SecureRandom
-from seedtune.shared.config import RunConfig
-from seedtune.shared.tasks import load_split
+from seedtune.shared.protocol.aggregation import coefficient, update_scale
+from seedtune.shared.engine.directions import frame_size, step_seeds
+from seedtune.shared.privacy.noise import Noise, SecureRandom
+from seedtune.shared.task.config import RunConfig
+from seedtune.shared.task.tasks import load_split
 
 
 def reset_peak() -> bool:
@@ -74,10 +74,10 @@ def torch_case(name: str, seq_len: int, fraction: float, patterns: Sequence[str]
                dtype: str = "float32", head: bool = False) -> tuple[Any, Any, dict]:
     import torch
 
-    from seedtune.shared.config import ModelConfig
-    from seedtune.shared.models import load_task_model, placement
-    from seedtune.shared.selection import select_pruned
-    from seedtune.shared.update import ScoredView
+    from seedtune.shared.task.config import ModelConfig
+    from seedtune.shared.task.models import load_task_model, placement
+    from seedtune.shared.engine.selection import select_pruned
+    from seedtune.shared.engine.update import ScoredView
 
     config = ModelConfig(name=name, max_length=seq_len, device=device, dtype=dtype)
     config.validate()
@@ -95,7 +95,7 @@ def torch_case(name: str, seq_len: int, fraction: float, patterns: Sequence[str]
 def onnx_case(model_path: str) -> tuple[Any, Any, dict]:
     """The same measurement on ONNX Runtime, in a process that never imports torch."""
     from seedtune.client.onnx_runtime import OnnxReplica, OnnxTask
-    from seedtune.shared.onnx_format import load_trainable
+    from seedtune.shared.task.onnx_format import load_trainable
 
     task = OnnxTask(model_path)
     view = OnnxReplica(task).view

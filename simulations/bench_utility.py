@@ -4,7 +4,7 @@
                                         [--models ...] [--methods ...] [--tasks sst2 trec rte] [--resume]
 
 Methods, on SST-2 (``--tasks``: also TREC and RTE through their presets, configs/<task>.toml) with the same
-task loss (shared.models.TextClassifier, cross-entropy):
+task loss (shared.task.models.TextClassifier, cross-entropy):
 
 * ``zero-shot``: the base model, no step.
 * ``dpzo`` (epsilon 1, 3, 8) and ``mezo`` (the same engine, privacy off): client/trainer.py ``train``.
@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from seedtune.shared.run_folder import METRICS_FILE, PRIVACY_LEDGER_FILE
+from seedtune.shared.protocol.run_folder import METRICS_FILE, PRIVACY_LEDGER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class ModelPlan:
     probe_batch: int = 256
     probe_lr: float = 1.0  # plain SGD on unit-norm features
     # DP-ZO on the head alone (selection.mode = "head"): a Hadamard frame of K = n >= head size directions (a step is
-    # then DP-SGD on the head, shared.directions), the probe's batch, steps, learning rate and clip
+    # then DP-SGD on the head, shared.engine.directions), the probe's batch, steps, learning rate and clip
     head_width: int = 0  # head entries per label: hidden + 1 (encoder: a bias) or hidden (decoder)
 
 
@@ -196,14 +196,14 @@ def _task_files(spec: RowSpec) -> list[Path]:
 
 def _task_sections(spec: RowSpec, train_size: int, test_size: int):
     """The row's task and data sections, as a DP-ZO run of the same task reads them."""
-    from seedtune.shared.config import load_config
+    from seedtune.shared.task.config import load_config
 
     config = load_config(_task_files(spec), {"data.train_size": train_size, "data.test_size": test_size})
     return config.task, config.data
 
 
 def _zo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, extra: dict[str, Any] | None = None):
-    from seedtune.shared.config import load_config
+    from seedtune.shared.task.config import load_config
 
     overrides = {"model.name": plan.name, "model.microbatch": plan.microbatch, "zo.batch_size": plan.batch_size,
                  "schedule.stage_steps": [spec.steps], "eval.every": 0, "data.train_size": plan.train_size,
@@ -216,8 +216,8 @@ def _zo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, extra: dict[str, An
 
 
 def _fo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, train_size: int, test_size: int):
-    from seedtune.shared.first_order import FirstOrderConfig
-    from seedtune.shared.config import ModelConfig
+    from seedtune.shared.task.first_order import FirstOrderConfig
+    from seedtune.shared.task.config import ModelConfig
 
     private = spec.method not in ("finetune", "probe")
     lora = spec.method.endswith("lora")
@@ -234,9 +234,9 @@ def _fo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, train_size: int, te
 def _zero_shot(plan: ModelPlan, spec: RowSpec) -> dict[str, Any]:
     import torch
 
-    from seedtune.shared.config import ModelConfig, RunConfig
-    from seedtune.shared.models import load_task_model
-    from seedtune.shared.tasks import load_split
+    from seedtune.shared.task.config import ModelConfig, RunConfig
+    from seedtune.shared.task.models import load_task_model
+    from seedtune.shared.task.tasks import load_split
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -272,7 +272,7 @@ def _fed_dpzo(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
 
 
 def _fed_dpsgd(plan: ModelPlan, spec: RowSpec, out_dir: str) -> dict[str, Any]:
-    from seedtune.shared.first_order import FedAvgConfig
+    from seedtune.shared.task.first_order import FedAvgConfig
     from seedtune.simulations.fedavg import run_fedavg
 
     learner = _fo_config(plan, replace(spec, method="dpsgd"), "", plan.fed_train_size,

@@ -13,8 +13,8 @@ from typing import Any, Iterator
 
 from seedtune.client.baselines.fedavg import make_client_app
 from seedtune.server.baselines.fedavg import make_server_app
-from seedtune.shared.first_order import FedAvgConfig
-from seedtune.shared.run_folder import SUMMARY_FILE
+from seedtune.shared.task.first_order import FedAvgConfig
+from seedtune.shared.protocol.run_folder import SUMMARY_FILE
 
 
 @contextmanager

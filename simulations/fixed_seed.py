@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(checkout))
     os.chdir(out)  # the run folder is "run" in both runs: the ledger header pins the configuration, out_dir too
     from seedtune.server.federation import FederatedServer
-    from seedtune.shared.config import load_config
+    from seedtune.shared.task.config import load_config
     from seedtune.simulations.inprocess import InProcessGrid
 
     config = load_config(None, {"out_dir": "run", **overrides})

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from seedtune.shared.config import load_config
-from seedtune.shared.directions import direction_numpy, direction_torch
+from seedtune.shared.task.config import load_config
+from seedtune.shared.engine.directions import direction_numpy, direction_torch
 from seedtune.simulations import bench_step
 
 ROOT = Path(__file__).resolve().parents[1]

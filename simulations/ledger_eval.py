@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from seedtune.shared.ledger import Ledger
+from seedtune.shared.protocol.ledger import Ledger
 from seedtune.server.replay import replay_ledger
-from seedtune.shared.tasks import load_split
+from seedtune.shared.task.tasks import load_split
 
 
 def tail_weight(position: int, total: int, window: int) -> float:

@@ -26,7 +26,7 @@ from typing import BinaryIO, Iterable, cast
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from seedtune.shared.wire import RECORD
+from seedtune.shared.protocol.wire import RECORD
 
 ROOT = Path(__file__).resolve().parents[1]
 

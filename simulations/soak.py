@@ -29,11 +29,11 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 import seedtune.client.app as client_app
 from seedtune.server.federation import FederatedServer
-from seedtune.shared.ledger import Ledger
-from seedtune.shared.run_folder import LEDGER_FILE, PRIVACY_LEDGER_FILE
-from seedtune.shared.config import load_config
-from seedtune.shared.proto import Reply
-from seedtune.shared.wire import from_content, to_content
+from seedtune.shared.protocol.ledger import Ledger
+from seedtune.shared.protocol.run_folder import LEDGER_FILE, PRIVACY_LEDGER_FILE
+from seedtune.shared.task.config import load_config
+from seedtune.shared.protocol.proto import Reply
+from seedtune.shared.protocol.wire import from_content, to_content
 from seedtune.simulations.inprocess import InProcessGrid
 
 log = logging.getLogger("soak")

@@ -38,14 +38,14 @@ import torch.nn.functional as F
 
 from seedtune.client.trainer import plan_privacy
 from seedtune.client.zo_step import privatize, projected_gradients
-from seedtune.shared.config import RunConfig, load_config, parse_override
-from seedtune.shared.directions import direction_torch
-from seedtune.shared.models import TextClassifier, load_task_model
-from seedtune.shared.noise import SecureRandom
-from seedtune.shared.replica import select_trainable
-from seedtune.shared.selection import TrainableSet
-from seedtune.shared.tasks import load_split, with_labels
-from seedtune.shared.update import ScoredView
+from seedtune.shared.task.config import RunConfig, load_config, parse_override
+from seedtune.shared.engine.directions import direction_torch
+from seedtune.shared.task.models import TextClassifier, load_task_model
+from seedtune.shared.privacy.noise import SecureRandom
+from seedtune.shared.engine.replica import select_trainable
+from seedtune.shared.engine.selection import TrainableSet
+from seedtune.shared.task.tasks import load_split, with_labels
+from seedtune.shared.engine.update import ScoredView
 
 
 def parse_selection(spec: str, base: RunConfig) -> RunConfig:
@@ -146,8 +146,8 @@ def measure(task: TextClassifier, config: RunConfig, spec: str, halves: tuple[di
 def dtype_agreement(config: RunConfig, dtype: str, mus: list[float],
                     batches: list[tuple[list[list[int]], np.ndarray]], first_seed: int) -> list[dict]:
     """Per mu: correlation of the per-example two-point estimates between float32 and ``dtype`` forwards."""
-    from seedtune.shared.models import placement
-    from seedtune.shared.update import ScoredView
+    from seedtune.shared.task.models import placement
+    from seedtune.shared.engine.update import ScoredView
 
     views = {}
     for name in ("float32", dtype):

@@ -1,5 +1,5 @@
 """A toy noise family, to show what a new one takes: this file (sampling, density, tail, its record) and the
-``register_noise`` line. The accountant builds its PLD from the density (shared.accounting.noise_pld), which the
+``register_noise`` line. The accountant builds its PLD from the density (shared.privacy.accounting.noise_pld), which the
 logistic allows: it is log-concave, so log p(x-1)/p(x) is monotone."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 
-from seedtune.shared.noise import LAPLACE_SUPPORT, Noise, SecureRandom, register_noise
+from seedtune.shared.privacy.noise import LAPLACE_SUPPORT, Noise, SecureRandom, register_noise
 
 
 @register_noise("logistic")

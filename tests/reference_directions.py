@@ -1,12 +1,12 @@
 """The direction generator as it was when ledgers were first written, kept as the reference the fast generator
-in shared/directions.py must reproduce bit for bit (ledgers depend on the stream): the 32-bit hash emulated on
-int64 tensors, each word expanded into 32 int64 bits. Written without shared.directions' torch code."""
+in shared/engine/directions.py must reproduce bit for bit (ledgers depend on the stream): the 32-bit hash emulated on
+int64 tensors, each word expanded into 32 int64 bits. Written without shared.engine.directions' torch code."""
 
 from __future__ import annotations
 
 import torch
 
-from seedtune.shared.directions import MASK32, _M1, _M2, _keys
+from seedtune.shared.engine.directions import MASK32, _M1, _M2, _keys
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

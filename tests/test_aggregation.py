@@ -1,11 +1,11 @@
-"""The one rule from released scalars to ledger coefficients (shared.aggregation)."""
+"""The one rule from released scalars to ledger coefficients (shared.protocol.aggregation)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from seedtune.shared.aggregation import RoundRule, aggregate, coefficient, coefficients
+from seedtune.shared.protocol.aggregation import RoundRule, aggregate, coefficient, coefficients
 
 
 @pytest.fixture

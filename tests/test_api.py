@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import seedtune
-from seedtune.shared.config import ConfigError
+from seedtune.shared.task.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from seedtune.client.baselines.dpsgd import FirstOrderLearner, train_first_order
-from seedtune.shared.accounting import (PrivacyAccountant, StepRun, calibrate_noise_multiplier, noise_epsilon,
-                                        pld_epsilon)
-from seedtune.shared.config import DataConfig, ModelConfig
-from seedtune.shared.first_order import FirstOrderConfig, poisson_rate, prepare_trainable, trainable_state
-from seedtune.shared.models import load_task_model
-from seedtune.shared.noise import Noise, SecureRandom
+from seedtune.shared.privacy.accounting import (PrivacyAccountant, StepRun, calibrate_noise_multiplier, noise_epsilon,
+                                                pld_epsilon)
+from seedtune.shared.task.config import DataConfig, ModelConfig
+from seedtune.shared.task.first_order import FirstOrderConfig, poisson_rate, prepare_trainable, trainable_state
+from seedtune.shared.task.models import load_task_model
+from seedtune.shared.privacy.noise import Noise, SecureRandom
 from tests.helpers import LABELS, SENTENCES
 
 
@@ -150,7 +150,7 @@ def test_lora_variant_trains_only_lora_parameters(name):
 
 
 def test_fedavg_on_flower_runs_two_rounds_and_reports_bytes(tmp_path):
-    from seedtune.shared.first_order import FedAvgConfig
+    from seedtune.shared.task.first_order import FedAvgConfig
     from seedtune.simulations.fedavg import run_fedavg
 
     config = FedAvgConfig(learner=_config("tiny-encoder", data=DataConfig(train_size=200, test_size=32),
@@ -287,7 +287,7 @@ def test_dp_probe_reports_our_pld_epsilon_and_the_plain_probe_learns(name):
 
 
 def test_a_probe_with_lora_is_refused_by_name():
-    from seedtune.shared.config import ConfigError
+    from seedtune.shared.task.config import ConfigError
 
     with pytest.raises(ConfigError, match="lora_rank must be 0 for a linear probe"):
         _config(probe=True, lora_rank=4)

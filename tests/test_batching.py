@@ -1,11 +1,11 @@
-"""One batching module for the torch and ONNX Runtime paths (shared.batching)."""
+"""One batching module for the torch and ONNX Runtime paths (shared.engine.batching)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from seedtune.shared.batching import keep_tail, length_sorted, pad
+from seedtune.shared.engine.batching import keep_tail, length_sorted, pad
 
 
 def test_length_sorted_batches_cover_every_row_once_shortest_first():

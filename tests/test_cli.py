@@ -36,7 +36,7 @@ def test_config_prints_every_key_with_its_meaning_as_toml_that_loads_back(tmp_pa
     import dataclasses
     import tomllib
 
-    from seedtune.shared.config import RunConfig, load_config
+    from seedtune.shared.task.config import RunConfig, load_config
 
     assert main(["config", "--defaults"]) == 0
     text = capsys.readouterr().out

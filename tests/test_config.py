@@ -1,6 +1,6 @@
 import pytest
 
-from seedtune.shared.config import ConfigError, load_config, parse_override
+from seedtune.shared.task.config import ConfigError, load_config, parse_override
 
 
 def test_defaults_are_valid():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from seedtune.shared.directions import direction_numpy, direction_torch
+from seedtune.shared.engine.directions import direction_numpy, direction_torch
 from tests.helpers import run_python
 
 SEEDS = [0, 1, 12345, 2**63 + 7, 2**64 - 1]
@@ -34,7 +34,7 @@ def test_directions_are_balanced_and_seed_dependent():
 
 
 def test_same_in_a_separate_process():
-    code = ("from seedtune.shared.directions import direction_torch, direction_numpy; import hashlib; "
+    code = ("from seedtune.shared.engine.directions import direction_torch, direction_numpy; import hashlib; "
             "print(hashlib.sha256(direction_torch(2**64-5, 17, 100000).numpy().tobytes()).hexdigest(), "
             "hashlib.sha256(direction_numpy(2**64-5, 17, 100000).tobytes()).hexdigest())")
     here = hashlib.sha256(direction_torch(2**64 - 5, 17, 100000).numpy().tobytes()).hexdigest()
@@ -56,7 +56,7 @@ def test_gaussian_option_matches_numpy_bit_for_bit_and_is_standard_normal():
 
 
 def test_normal_levels_are_symmetric_with_unit_variance():
-    from seedtune.shared.directions import LEVELS, normal_levels
+    from seedtune.shared.engine.directions import LEVELS, normal_levels
 
     levels = normal_levels()
     assert levels.shape == (LEVELS,) and np.all(np.diff(levels) > 0)
@@ -66,7 +66,7 @@ def test_normal_levels_are_symmetric_with_unit_variance():
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_scale_and_scratch_give_the_same_values(kind):
-    from seedtune.shared.directions import SCRATCH_EXTRA
+    from seedtune.shared.engine.directions import SCRATCH_EXTRA
 
     plain = direction_torch(11, 37, 5_000, kind)
     scratch = torch.full((5_000 + SCRATCH_EXTRA,), float("nan"))
@@ -114,7 +114,7 @@ def test_hadamard_directions_are_a_tight_frame_the_same_in_torch_and_numpy():
     """n = 2^m Hadamard rows under one sign key: sum_k z_k z_k^T = n I exactly on any d <= n entries (what makes a
     head step over them DP-SGD); entries +-1, torch equal to numpy bit for bit, slices equal to the whole, and
     different keys give different signs."""
-    from seedtune.shared.directions import seed_stream, step_seeds
+    from seedtune.shared.engine.directions import seed_stream, step_seeds
 
     seeds = step_seeds("hadamard", seed_stream(11), 256)
     assert len({s >> 32 for s in seeds}) == 1 and [s & 0xFFFFFFFF for s in seeds] == list(range(256))

@@ -18,14 +18,14 @@ from safetensors.torch import load_file
 
 from seedtune.client.privacy_ledger import open_privacy_ledger
 from seedtune.server.federation import FederatedServer
-from seedtune.shared.accounting import StepRun, noise_epsilon
-from seedtune.shared.aggregation import ACCEPTED, RoundRule
-from seedtune.shared.chain import ChainError
-from seedtune.shared.ledger import Ledger, LedgerError, Provenance
-from seedtune.shared.config import ConfigError, load_config
-from seedtune.shared.digest import tensor_digest
-from seedtune.shared.proto import Instruction, Reply
-from seedtune.shared.wire import from_content, to_content
+from seedtune.shared.privacy.accounting import StepRun, noise_epsilon
+from seedtune.shared.protocol.aggregation import ACCEPTED, RoundRule
+from seedtune.shared.protocol.chain import ChainError
+from seedtune.shared.protocol.ledger import Ledger, LedgerError, Provenance
+from seedtune.shared.task.config import ConfigError, load_config
+from seedtune.shared.protocol.digest import tensor_digest
+from seedtune.shared.protocol.proto import Instruction, Reply
+from seedtune.shared.protocol.wire import from_content, to_content
 from seedtune.simulations.inprocess import InProcessGrid
 
 NODES, STEPS = 3, 2
@@ -462,7 +462,7 @@ def test_a_resumed_server_refuses_a_ledger_that_went_backwards(tmp_path):
 
 
 def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path, caplog):
-    from seedtune.shared.run_folder import read_rows
+    from seedtune.shared.protocol.run_folder import read_rows
 
     config, grid = _two_rounds(tmp_path)
     with (tmp_path / "metrics.jsonl").open("a") as fh:
@@ -476,7 +476,7 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path, caplog):
 
 def test_non_finite_metrics_are_written_as_null(tmp_path, caplog):
     from seedtune.server.report import RunReport
-    from seedtune.shared.run_folder import read_rows
+    from seedtune.shared.protocol.run_folder import read_rows
 
     report = RunReport(tmp_path)
     report.add({"round": 1, "epsilon": {"a": math.inf}, "dev_accuracy": math.nan, "ok": 1.5})
@@ -502,7 +502,7 @@ def _data_folder(folder: Path, broken: str, content: str) -> Path:
     ("dev", "text,label\nx,1\n", r"dev.tsv: no column 'sentence' \(task.text_fields\)"),
 ])
 def test_a_bad_data_file_is_named_and_leaves_no_run_folder(tmp_path, broken, content, message):
-    from seedtune.shared.tasks import DataError
+    from seedtune.shared.task.tasks import DataError
 
     data = _data_folder(tmp_path / "data", broken, content)
     run_dir = tmp_path / "run"
@@ -531,7 +531,7 @@ def test_a_submitted_run_config_reads_no_file_outside_the_servers_data_roots(tmp
     from types import SimpleNamespace
 
     from seedtune.server.app import check_submitted_paths, main
-    from seedtune.shared.tasks import DataError
+    from seedtune.shared.task.tasks import DataError
 
     secret = tmp_path / "elsewhere" / "payroll.csv"
     secret.parent.mkdir()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from seedtune.shared.ledger import Ledger
+from seedtune.shared.protocol.ledger import Ledger
 from tests.deploy_harness import start_federation
 
 ROOT = Path(__file__).resolve().parents[1]

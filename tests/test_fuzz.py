@@ -16,14 +16,14 @@ from hypothesis import strategies as st
 
 from seedtune.server.federation import FederatedServer
 from seedtune.server.round import Rejected, validate
-from seedtune.shared.aggregation import ACCEPTED, RoundRule
-from seedtune.shared.ledger import Ledger, Provenance
-from seedtune.shared.chain import ChainError
-from seedtune.shared.config import load_config
-from seedtune.shared.noise import Noise
-from seedtune.shared.proto import PROTOCOL_VERSION, Reply
-from seedtune.shared.replica import Replica
-from seedtune.shared.wire import to_content
+from seedtune.shared.protocol.aggregation import ACCEPTED, RoundRule
+from seedtune.shared.protocol.ledger import Ledger, Provenance
+from seedtune.shared.protocol.chain import ChainError
+from seedtune.shared.task.config import load_config
+from seedtune.shared.privacy.noise import Noise
+from seedtune.shared.protocol.proto import PROTOCOL_VERSION, Reply
+from seedtune.shared.engine.replica import Replica
+from seedtune.shared.protocol.wire import to_content
 from seedtune.simulations.inprocess import InProcessGrid
 from tests.test_federation import STEPS, fed_config
 
@@ -204,8 +204,8 @@ def _mutate(path, data: bytes, mutation: tuple) -> bool:
 
 def _outcome(path, replica, digest: str) -> str:
     """A named refusal, or a ledger that verifies and replays to the pristine model: nothing else."""
-    from seedtune.shared.follower import ReplicaError
-    from seedtune.shared.ledger import LedgerError
+    from seedtune.shared.engine.follower import ReplicaError
+    from seedtune.shared.protocol.ledger import LedgerError
 
     try:
         ledger = Ledger.open(path)

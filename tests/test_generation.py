@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from seedtune.shared.config import ConfigError, ModelConfig, TaskConfig, load_config
-from seedtune.shared.models import DecoderGenerator, LineEnd, load_task_model
-from seedtune.shared.tasks import Split, generation_metrics, load_split
+from seedtune.shared.task.config import ConfigError, ModelConfig, TaskConfig, load_config
+from seedtune.shared.task.models import DecoderGenerator, LineEnd, load_task_model
+from seedtune.shared.task.tasks import Split, generation_metrics, load_split
 
 E2E = "configs/e2e.toml"
 
@@ -77,8 +77,8 @@ def test_a_continuation_stops_once_a_newline_follows_text_and_keeps_that_first_l
 
 
 def test_the_generation_loss_reuses_the_layers_below_the_trainable_set(generator):
-    from seedtune.shared.selection import select_patterns
-    from seedtune.shared.update import ScoredView
+    from seedtune.shared.engine.selection import select_patterns
+    from seedtune.shared.engine.update import ScoredView
 
     view = ScoredView(generator, select_patterns(generator.module, ["*layers.1.mlp*"]))
     assert view.depth == 1  # the tiny decoder's layer 0 runs once per batch
@@ -119,7 +119,7 @@ def test_generation_config_errors_are_named():
         load_task_model(ModelConfig(name="tiny-encoder"), config.task)
     with pytest.raises(ConfigError, match="'dirichlet' skews labels"):
         load_config([E2E], {"federation.partition": "dirichlet"})
-    from seedtune.shared.tasks import DataError
+    from seedtune.shared.task.tasks import DataError
 
     bad = load_config([E2E], {"task.target_field": "reference"})
     with pytest.raises(DataError, match=r"no column 'reference' \(task.target_field\)"):
@@ -143,11 +143,11 @@ def test_seedtune_train_on_a_generation_task_reports_bleu_rouge_perplexity_and_r
 
 
 def test_onnx_export_refuses_a_generation_task(tmp_path):
-    from seedtune.shared.onnx_format import OnnxModelError
-    from seedtune.shared.replica import Replica
+    from seedtune.shared.task.onnx_format import OnnxModelError
+    from seedtune.shared.engine.replica import Replica
 
     config = load_config([E2E], {"model.name": "tiny-decoder"})
-    from seedtune.shared.onnx_export import export_onnx
+    from seedtune.server.onnx_export import export_onnx
 
     with pytest.raises(OnnxModelError, match="generation task"):
         export_onnx(Replica(config), tmp_path / "m.onnx")

@@ -16,11 +16,11 @@ from flwr.app import Message
 
 from seedtune.server.federation import FederatedServer
 from seedtune.server.round import Rejected, validate_identity
-from seedtune.shared.config import ConfigError
-from seedtune.shared.identity import AllowedNodes, IdentityError, SigningKey, public_line, sign_reply
-from seedtune.shared.ledger import Ledger, LedgerError
-from seedtune.shared.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, Reply
-from seedtune.shared.wire import from_content, to_content
+from seedtune.shared.task.config import ConfigError
+from seedtune.shared.protocol.identity import AllowedNodes, IdentityError, SigningKey, public_line, sign_reply
+from seedtune.shared.protocol.ledger import Ledger, LedgerError
+from seedtune.shared.protocol.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, Reply
+from seedtune.shared.protocol.wire import from_content, to_content
 from seedtune.simulations.inprocess import InProcessGrid
 from tests.test_federation import fed_config
 

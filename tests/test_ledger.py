@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from seedtune.shared.aggregation import ACCEPTED, RoundRule
-from seedtune.shared.ledger import Anchor, Ledger, LedgerError, Provenance
-from seedtune.shared.chain import ChainError, unpack_tail
-from seedtune.shared.proto import LedgerHeader
+from seedtune.shared.protocol.aggregation import ACCEPTED, RoundRule
+from seedtune.shared.protocol.ledger import Anchor, Ledger, LedgerError, Provenance
+from seedtune.shared.protocol.chain import ChainError, unpack_tail
+from seedtune.shared.protocol.proto import LedgerHeader
 
 RULE = RoundRule("mean", lr=0.01)
 NODES = 3

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from seedtune.shared.config import DataConfig, ModelConfig, RunConfig
-from seedtune.shared.models import ModelLoadError, load_task_model
-from seedtune.shared.tasks import load_split
+from seedtune.shared.task.config import DataConfig, ModelConfig, RunConfig
+from seedtune.shared.task.models import ModelLoadError, load_task_model
+from seedtune.shared.task.tasks import load_split
 from tests.helpers import LABELS, SENTENCES
 
 

@@ -11,8 +11,8 @@ import pytest
 from seedtune.client.app import NodeConfigError, _heldout_source
 from seedtune.client.privacy_ledger import heldout_budget, open_privacy_ledger
 from seedtune.server.federation import FederatedServer
-from seedtune.shared.config import ConfigError, load_config
-from seedtune.shared.tasks import classification_metrics, counts_metrics, label_counts
+from seedtune.shared.task.config import ConfigError, load_config
+from seedtune.shared.task.tasks import classification_metrics, counts_metrics, label_counts
 from seedtune.simulations.inprocess import InProcessGrid
 from tests.test_federation import NODES, fed_config
 

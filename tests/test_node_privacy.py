@@ -15,12 +15,12 @@ import seedtune.client.app as client_app
 from seedtune.client.privacy_ledger import open_privacy_ledger
 from seedtune.client.zo_step import privatize, zo_step
 from seedtune.server.federation import FederatedServer, FederationHalted
-from seedtune.shared.chain import ChainError
-from seedtune.shared.accounting import StepRun, noise_epsilon, noise_pld, step_pld
-from seedtune.shared.noise import GAUSSIAN_SUPPORT, LaplaceMixture, Noise, SecureRandom
-from seedtune.shared.proto import Instruction, Reply
-from seedtune.shared.tasks import Split
-from seedtune.shared.wire import from_content, to_content
+from seedtune.shared.protocol.chain import ChainError
+from seedtune.shared.privacy.accounting import StepRun, noise_epsilon, noise_pld, step_pld
+from seedtune.shared.privacy.noise import GAUSSIAN_SUPPORT, LaplaceMixture, Noise, SecureRandom
+from seedtune.shared.protocol.proto import Instruction, Reply
+from seedtune.shared.task.tasks import Split
+from seedtune.shared.protocol.wire import from_content, to_content
 from seedtune.simulations.inprocess import InProcessGrid
 from tests.test_federation import NODES, STEPS, fed_config
 
@@ -249,7 +249,7 @@ def test_a_restarted_node_refuses_a_server_whose_run_folder_was_rolled_back(tmp_
     released = {k: ledger.steps(k) for k in ledger.keys()}
     shutil.rmtree(tmp_path / "run")
     shutil.copytree(tmp_path / "backup", tmp_path / "run")
-    # the run folder alone restored: the server's anchor outside it (shared.run_folder.home_anchor) refuses it
+    # the run folder alone restored: the server's anchor outside it (shared.protocol.run_folder.home_anchor) refuses it
     with pytest.raises(ChainError, match=r"ends at round 1, but its anchor \(.*anchors.*\) records round 2"):
         FederatedServer(config, InProcessGrid(NODES, first_id=20), tmp_path / "run")
     shutil.rmtree(tmp_path / "anchors")
@@ -267,8 +267,8 @@ def test_a_restarted_node_refuses_a_server_whose_run_folder_was_rolled_back(tmp_
 
 def test_a_node_refuses_a_tail_that_forks_from_the_history_it_followed(tmp_path):
     from seedtune.client.node import Refusal, _check_anchor
-    from seedtune.shared.chain import Entry, chain, genesis, pack_tail
-    from seedtune.shared.proto import LedgerHeader
+    from seedtune.shared.protocol.chain import Entry, chain, genesis, pack_tail
+    from seedtune.shared.protocol.proto import LedgerHeader
 
     start = genesis(LedgerHeader(config_json="{}"))
     ours = [Entry(i, 100 + i, 0.5, 1 + i // 2) for i in range(4)]

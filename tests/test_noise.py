@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from seedtune.shared.accounting import PrivacyAccountant, StepRun, builtin_pld, noise_epsilon, noise_pld
-from seedtune.shared.config import ConfigError, load_config
-from seedtune.shared.noise import NOISE_FAMILIES, LaplaceMixture, Noise, SecureRandom
-from seedtune.shared.noise_search import Target, accounted_epsilon, search
+from seedtune.shared.privacy.accounting import PrivacyAccountant, StepRun, builtin_pld, noise_epsilon, noise_pld
+from seedtune.shared.task.config import ConfigError, load_config
+from seedtune.shared.privacy.noise import NOISE_FAMILIES, LaplaceMixture, Noise, SecureRandom
+from seedtune.shared.privacy.noise_search import Target, accounted_epsilon, search
 
 NOISES = [Noise.gaussian(1.3), Noise.laplace(0.7), Noise.lmo(0.5, 4.0, 0.2, 0.3, 0.5, 1.5, scale=1.2)]
 
@@ -48,7 +48,7 @@ def test_every_privacy_loss_cell_is_rounded_up_never_down(noise, remove):
     cell beside it held losses above its bucket (the mixture and LMO PLDs under-counted: a two-atom Laplace gave
     epsilon 29.764 against an independent 29.77+). Every output of every cell must have a loss at most its
     bucket's, on each monotone piece of each direction."""
-    from seedtune.shared.accounting import _bucket_cells, _loss_function, _support
+    from seedtune.shared.privacy.accounting import _bucket_cells, _loss_function, _support
 
     q, interval = 0.3, 1e-2
     loss = _loss_function(noise, q, remove)
@@ -139,7 +139,7 @@ def test_noise_config_is_validated():
 
 
 def test_a_cached_choice_that_misses_the_target_is_searched_again(tmp_path, monkeypatch):
-    from seedtune.shared.noise_search import _cache_path
+    from seedtune.shared.privacy.noise_search import _cache_path
 
     monkeypatch.setenv("SEEDTUNE_CACHE", str(tmp_path))
     target = Target(1.0, 1e-5, 0.01, 100)
@@ -156,7 +156,7 @@ def test_noise_search_without_lmo_calibrates_gaussian_and_laplace_only(monkeypat
     anything; now it calibrates the Gaussian and the Laplace (seconds) and the LMO search waits for --lmo."""
     import json
 
-    import seedtune.shared.noise_search as noise_search
+    import seedtune.shared.privacy.noise_search as noise_search
     from seedtune.cli import main
 
     def no_search(*args, **kwargs):

@@ -13,15 +13,15 @@ import pytest
 
 from seedtune.client.onnx_runtime import OnnxReplica, OnnxTask
 from seedtune.server.federation import FederatedServer
-from seedtune.shared.ledger import Ledger
-from seedtune.shared.chain import Entry, link
-from seedtune.shared.config import from_dict
-from seedtune.shared.follower import ReplicaError
-from seedtune.shared.onnx_export import export_onnx
-from seedtune.shared.onnx_format import OnnxModelError
-from seedtune.shared.proto import Instruction
-from seedtune.shared.replica import Replica
-from seedtune.shared.wire import from_content
+from seedtune.shared.protocol.ledger import Ledger
+from seedtune.shared.protocol.chain import Entry, link
+from seedtune.shared.task.config import from_dict
+from seedtune.shared.engine.follower import ReplicaError
+from seedtune.server.onnx_export import export_onnx
+from seedtune.shared.task.onnx_format import OnnxModelError
+from seedtune.shared.protocol.proto import Instruction
+from seedtune.shared.engine.replica import Replica
+from seedtune.shared.protocol.wire import from_content
 from seedtune.simulations.inprocess import InProcessGrid
 from tests.helpers import LABELS, SENTENCES
 from tests.test_federation import fed_config
@@ -190,8 +190,8 @@ def test_export_onnx_command_writes_a_checked_finetuned_model(mixed, tmp_path):
 
 NO_TORCH_NODE = r"""
 import sys
-from seedtune.shared.proto import Instruction
-from seedtune.shared.wire import from_content, to_content
+from seedtune.shared.protocol.proto import Instruction
+from seedtune.shared.protocol.wire import from_content, to_content
 from seedtune.simulations.inprocess import InProcessGrid
 from flwr.app import Message
 
@@ -200,13 +200,13 @@ grid = InProcessGrid(4, node_configs={i: {"runtime": "onnx", "onnx-model": sys.a
 node = grid.get_node_ids()[int(sys.argv[2])]
 [reply] = grid.send_and_receive([Message(to_content(instruction), dst_node_id=node, message_type="train")])
 assert "torch" not in sys.modules, "the ONNX Runtime node imported torch"
-sys.stdout.buffer.write(from_content(reply.content, __import__("seedtune.shared.proto", fromlist=["Reply"]).Reply)
-                        .SerializeToString())
+Reply = __import__("seedtune.shared.protocol.proto", fromlist=["Reply"]).Reply
+sys.stdout.buffer.write(from_content(reply.content, Reply).SerializeToString())
 """
 
 
 def test_onnx_node_process_imports_no_torch(mixed):
-    from seedtune.shared.proto import Reply
+    from seedtune.shared.protocol.proto import Reply
 
     _, model, grid, _ = mixed
     first = next(m for m in grid.sent if m.metadata.message_type == "train")

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from seedtune.server.federation import FederatedServer
-from seedtune.shared.config import load_config
+from seedtune.shared.task.config import load_config
 from seedtune.simulations.inprocess import InProcessGrid
 from tests.helpers import QUESTIONS, write_csv
 
@@ -73,13 +73,13 @@ def test_a_natural_partition_gives_each_node_one_institutions_records(tmp_path):
         (tmp_path / "server" / f"{split}.csv").write_text(
             "text,label,site\n" + "".join(f"\"{t}\",{y},{s}\n" for t, y, s in rows))
     from seedtune.client.partition import load_partition
-    from seedtune.shared.models import load_task_model
+    from seedtune.shared.task.models import load_task_model
 
     config = _config(tmp_path, **{"federation.partition": "natural", "federation.partition_by": "site"})
     task = load_task_model(config.model, config.task)
     parts = [load_partition(config, task, i, 3) for i in range(3)]
     assert [len(p.labels) for p in parts] == [6, 6, 6] and len({str(p.ids) for p in parts}) == 3
-    from seedtune.shared.tasks import DataError
+    from seedtune.shared.task.tasks import DataError
 
     with pytest.raises(DataError, match="column 'site' has 3 distinct values but the federation has 2 nodes"):
         load_partition(config, task, 0, 2)

@@ -93,10 +93,10 @@ def _site_packages(python: Path) -> Path:
 
 # What an installed seedtune is asked: the API, a folder subpackage, and where it all came from.
 _PROBE = """
-import json, sys, seedtune, seedtune.shared.models, seedtune.client.app, seedtune.server.app
+import json, sys, seedtune, seedtune.shared.task.models, seedtune.client.app, seedtune.server.app
 from seedtune.cli import build_parser
 print(json.dumps({"seedtune": seedtune.__file__, "api": callable(seedtune.PrivateZO),
-                  "shared": seedtune.shared.models.__file__, "path": list(seedtune.__path__)}))
+                  "shared": seedtune.shared.task.models.__file__, "path": list(seedtune.__path__)}))
 """
 
 
@@ -124,7 +124,7 @@ def test_the_wheel_holds_everything_under_seedtune(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"seedtune", "seedtune-0.1.0.dist-info"}
     proto = sorted(n for n in names if "/proto/" in n)
-    assert "seedtune/shared/proto/seedtune_pb2.pyi" in proto, proto  # package data: the messages' type stubs
+    assert "seedtune/shared/protocol/proto/seedtune_pb2.pyi" in proto, proto  # package data: the messages' type stubs
     python = _fresh_venv(tmp_path / "venv")
     installed = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
                                 str(wheel)], capture_output=True, text=True, timeout=300, env=_clean_env())

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from seedtune.shared.config import ConfigError, ModelConfig, load_config
-from seedtune.shared.directions import direction_numpy, direction_torch
-from seedtune.shared.models import load_task_model
-from seedtune.shared.selection import select_pruned
-from seedtune.shared.update import ScoredView
+from seedtune.shared.task.config import ConfigError, ModelConfig, load_config
+from seedtune.shared.engine.directions import direction_numpy, direction_torch
+from seedtune.shared.task.models import load_task_model
+from seedtune.shared.engine.selection import select_pruned
+from seedtune.shared.engine.update import ScoredView
 from tests.helpers import LABELS, SENTENCES
 
 ROOT = Path(__file__).resolve().parents[1]

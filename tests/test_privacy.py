@@ -3,11 +3,11 @@ import pytest
 from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
 
 from seedtune.client.zo_step import privatize, privatize_vectors, zo_step
-from seedtune.shared.accounting import (PrivacyAccountant, StepRun, calibrate_noise_multiplier, gaussian_step,
-                                        pld_epsilon)
-from seedtune.shared.noise import Noise, SecureRandom
-from seedtune.shared.selection import select_pruned
-from seedtune.shared.update import ScoredView
+from seedtune.shared.privacy.accounting import (PrivacyAccountant, StepRun, calibrate_noise_multiplier, gaussian_step,
+                                                pld_epsilon)
+from seedtune.shared.privacy.noise import Noise, SecureRandom
+from seedtune.shared.engine.selection import select_pruned
+from seedtune.shared.engine.update import ScoredView
 from tests.helpers import LABELS, SENTENCES
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from seedtune.shared.proto import Instruction, LedgerHeader, Reply
-from seedtune.shared.proto.generate import stale_files
-from seedtune.shared.wire import WireError, from_content, to_content
+from seedtune.shared.protocol.proto import Instruction, LedgerHeader, Reply
+from seedtune.shared.protocol.proto.generate import stale_files
+from seedtune.shared.protocol.wire import WireError, from_content, to_content
 
 
 def test_generated_code_matches_the_proto_files():
-    assert stale_files() == [], "run: python -m seedtune.shared.proto.generate"
+    assert stale_files() == [], "run: python -m seedtune.shared.protocol.proto.generate"
 
 
 def test_instruction_and_reply_round_trip_with_uint64_ids():

@@ -7,13 +7,13 @@ import tomllib
 import numpy as np
 import pytest
 
-from seedtune.shared.aggregation import ACCEPTED, RoundRule
-from seedtune.shared.ledger import Ledger, Provenance
-from seedtune.shared.chain import ChainError
-from seedtune.shared.config import config_from_flower, load_config
-from seedtune.shared.noise import Noise
-from seedtune.shared.follower import ReplicaError
-from seedtune.shared.replica import Replica
+from seedtune.shared.protocol.aggregation import ACCEPTED, RoundRule
+from seedtune.shared.protocol.ledger import Ledger, Provenance
+from seedtune.shared.protocol.chain import ChainError
+from seedtune.shared.task.config import config_from_flower, load_config
+from seedtune.shared.privacy.noise import Noise
+from seedtune.shared.engine.follower import ReplicaError
+from seedtune.shared.engine.replica import Replica
 
 
 
@@ -76,7 +76,7 @@ def test_flower_app_defaults_make_a_valid_config():
         app_config = flatten_dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
     config = config_from_flower(app_config)
     assert config.federation.rounds >= 1 and config.model.name == "minilm"
-    from seedtune.shared.config import ConfigError
+    from seedtune.shared.task.config import ConfigError
     with pytest.raises(ConfigError, match="federation.sample_rate must be in"):
         config_from_flower({**app_config, "federation.sample_rate": 2.0})
 

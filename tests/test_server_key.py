@@ -19,11 +19,11 @@ import pytest
 from seedtune import api
 from seedtune.client.privacy_ledger import open_privacy_ledger
 from seedtune.server.federation import FederatedServer, FederationHalted
-from seedtune.shared.aggregation import RoundRule
-from seedtune.shared.chain import ChainError
-from seedtune.shared.identity import SigningKey
-from seedtune.shared.ledger import Ledger, Provenance
-from seedtune.shared.proto import LedgerHeader
+from seedtune.shared.protocol.aggregation import RoundRule
+from seedtune.shared.protocol.chain import ChainError
+from seedtune.shared.protocol.identity import SigningKey
+from seedtune.shared.protocol.ledger import Ledger, Provenance
+from seedtune.shared.protocol.proto import LedgerHeader
 from seedtune.simulations.inprocess import InProcessGrid
 from tests.test_federation import NODES, STEPS, fed_config
 from tests.test_identity import write_key
@@ -162,7 +162,7 @@ def test_the_signatures_cover_what_the_server_charged_each_holder(tmp_path):
     """A round's signature covers its round record, which chains its instructions and replies: deleting what
     the server recorded it asked of the holders (its epsilon, the model card's) and recomputing the round chain
     passes the chains but not the signatures (review of issue 32's fix: the signature covered the position only)."""
-    from seedtune.shared.ledger import round_record
+    from seedtune.shared.protocol.ledger import round_record
 
     _, _, pub = two_signed_rounds(tmp_path)
     path = tmp_path / "run" / "ledger.sqlite"

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from seedtune.client.privacy_ledger import data_key
-from seedtune.shared.config import ConfigError, DataConfig, ModelConfig, RunConfig, TaskConfig, load_config
-from seedtune.shared.models import load_task_model
-from seedtune.shared.tasks import DataError, Prompter, classification_metrics, load_split, template_fields, with_labels
+from seedtune.shared.task.config import ConfigError, DataConfig, ModelConfig, RunConfig, TaskConfig, load_config
+from seedtune.shared.task.models import load_task_model
+from seedtune.shared.task.tasks import (DataError, Prompter, classification_metrics, load_split, template_fields,
+                                        with_labels)
 from tests.helpers import QUESTIONS, write_csv
 
 TREC_LIKE = TaskConfig(name="questions", text_fields=["text"], template="Question: {text}\nType:", labels=[],
@@ -30,7 +31,7 @@ def _folder(tmp_path, train=QUESTIONS * 4, test=QUESTIONS):
 
 # ------------------------------------------------------------------------------------------ formats
 def test_a_csv_folder_with_string_labels_gives_sorted_labels_and_no_dev_split(tmp_path, caplog):
-    caplog.set_level("INFO", logger="seedtune.shared.tasks")
+    caplog.set_level("INFO", logger="seedtune.shared.task.tasks")
     _folder(tmp_path)
     config = with_labels(_config(tmp_path))
     assert config.task.labels == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
@@ -272,7 +273,7 @@ def test_labels_never_come_from_the_private_training_split(tmp_path, capsys):
     import sqlite3
 
     from seedtune.cli import main
-    from seedtune.shared.proto import LedgerHeader
+    from seedtune.shared.protocol.proto import LedgerHeader
 
     with pytest.raises(ConfigError, match="task.labels cannot come from the training split"):
         with_labels(_config(tmp_path), "train")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import seedtune
-from seedtune.shared.config import ConfigError, TrackingConfig, load_config
-from seedtune.shared.tracking import PRIVATE_FIELDS, open_tracker, scalars
+from seedtune.shared.task.config import ConfigError, TrackingConfig, load_config
+from seedtune.shared.task.tracking import PRIVATE_FIELDS, open_tracker, scalars
 
 
 def _events(logdir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -34,7 +34,7 @@ def test_train_with_tensorboard_writes_event_files_of_its_rows(tmp_path):
     assert events["epsilon"] == [(5, pytest.approx(summary["epsilon"]))]
     assert "loss" in events  # the run folder's own monitoring (metrics.jsonl holds it too)
     # tracking is this machine's bookkeeping: not in the ledger header every replica (every node) reads
-    from seedtune.shared.ledger import Ledger
+    from seedtune.shared.protocol.ledger import Ledger
 
     ledger = Ledger.open(tmp_path / "run" / "ledger.sqlite")
     assert "tracking" not in json.loads(ledger.header.config_json)

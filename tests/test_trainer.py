@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from seedtune.shared.accounting import StepRun, noise_epsilon
-from seedtune.shared.noise import Noise
+from seedtune.shared.privacy.accounting import StepRun, noise_epsilon
+from seedtune.shared.privacy.noise import Noise
 
 
 def _seedtune(*args, timeout=600):
@@ -62,11 +62,11 @@ def test_bad_config_fails_with_a_clear_error(tmp_path, override, message):
 @pytest.mark.parametrize("directions", [1, 3])
 def test_replaying_the_run_ledger_rebuilds_the_trained_model(tmp_path, directions):
     from seedtune.client.trainer import train
-    from seedtune.shared.ledger import Ledger
+    from seedtune.shared.protocol.ledger import Ledger
     from seedtune.server.replay import replay
-    from seedtune.shared.config import load_config
-    from seedtune.shared.digest import model_digest
-    from seedtune.shared.models import load_task_model
+    from seedtune.shared.task.config import load_config
+    from seedtune.shared.protocol.digest import model_digest
+    from seedtune.shared.task.models import load_task_model
 
     config = load_config(overrides={"model.name": "tiny-decoder", "schedule.stage_steps": [4, 3], "eval.every": 0,
                                     "data.train_size": 400, "data.test_size": 32, "zo.directions": directions,
@@ -87,7 +87,7 @@ def test_replaying_the_run_ledger_rebuilds_the_trained_model(tmp_path, direction
 
 def test_ledger_eval_scores_base_tail_means_and_last_state(tmp_path, capsys):
     from seedtune.client.trainer import train
-    from seedtune.shared.config import load_config
+    from seedtune.shared.task.config import load_config
     from seedtune.simulations.ledger_eval import main, tail_weight
 
     assert [tail_weight(t, 4, 2) for t in range(4)] == [1.0, 1.0, 1.0, 0.5]  # mean of theta_3 and theta_4
@@ -107,7 +107,7 @@ def test_ledger_eval_scores_base_tail_means_and_last_state(tmp_path, capsys):
 
 def test_runs_outside_the_ledger_model_say_so(tmp_path):
     from seedtune.client.trainer import train
-    from seedtune.shared.config import load_config
+    from seedtune.shared.task.config import load_config
 
     config = load_config(overrides={"model.name": "tiny-decoder", "schedule.stage_steps": [2], "eval.every": 0,
                                     "schedule.prox": 0.1, "data.train_size": 200, "data.test_size": 16,
@@ -142,7 +142,7 @@ def test_a_killed_train_resumes_to_the_uninterrupted_runs_epsilon(tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
-    from seedtune.shared.ledger import Ledger
+    from seedtune.shared.protocol.ledger import Ledger
 
     ledger = Ledger.open(out / "ledger.sqlite")
     done = ledger.last_round
@@ -260,7 +260,7 @@ def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, directio
     replay both add as one sum per frame."""
     from seedtune.client.trainer import train
     from seedtune.server.replay import replay
-    from seedtune.shared.config import load_config
+    from seedtune.shared.task.config import load_config
 
     config = load_config(overrides={"model.name": name, "selection.mode": "head", "schedule.stage_steps": [5],
                                     "zo.direction": direction, "zo.directions": directions, "zo.lr": 0.5,
@@ -277,8 +277,8 @@ def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, directio
 
 
 def test_a_run_whose_anchors_folder_is_not_writable_stops_before_writing_anything(tmp_path, monkeypatch, capsys):
-    """Every step's anchor also goes outside the run folder (shared.run_folder.anchor_home): a folder that cannot
-    take it is refused at the start, by name, rather than after a step was committed and released."""
+    """Every step's anchor also goes outside the run folder (shared.protocol.run_folder.anchor_home): a folder that
+    cannot take it is refused at the start, by name, rather than after a step was committed and released."""
     from seedtune.cli import main
 
     blocked = tmp_path / "not-a-folder"

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from seedtune.client.zo_step import projected_gradients
-from seedtune.shared.config import ModelConfig
-from seedtune.shared.digest import model_digest
-from seedtune.shared.directions import direction_numpy
-from seedtune.shared.models import Batch, load_task_model
-from seedtune.shared.selection import select_all, select_patterns, select_pruned
-from seedtune.shared.update import FeatureCache, ScoredView, TrainableView
+from seedtune.shared.task.config import ModelConfig
+from seedtune.shared.protocol.digest import model_digest
+from seedtune.shared.engine.directions import direction_numpy
+from seedtune.shared.task.models import Batch, load_task_model
+from seedtune.shared.engine.selection import select_all, select_patterns, select_pruned
+from seedtune.shared.engine.update import FeatureCache, ScoredView, TrainableView
 from tests.helpers import LABELS, SENTENCES, run_python
 
 
@@ -74,12 +74,12 @@ def test_an_update_changes_exactly_the_selected_entries(tiny_task, mode):
 
 LEDGER_SCRIPT = """
 import numpy as np
-from seedtune.shared.config import ModelConfig
-from seedtune.shared.digest import model_digest
-from seedtune.shared.models import load_task_model
-from seedtune.shared.selection import select_pruned
+from seedtune.shared.task.config import ModelConfig
+from seedtune.shared.protocol.digest import model_digest
+from seedtune.shared.task.models import load_task_model
+from seedtune.shared.engine.selection import select_pruned
 from seedtune.client.zo_step import projected_gradients
-from seedtune.shared.update import ScoredView, TrainableView
+from seedtune.shared.engine.update import ScoredView, TrainableView
 task = load_task_model(ModelConfig(name="tiny-decoder"))
 sel = select_pruned(task.module, task.synflow_output, 0.05)
 rng = np.random.default_rng(2024)
@@ -136,7 +136,7 @@ def _numpy_replay(task, sel, moves):
 def test_apply_all_is_one_apply_after_another_across_chunks(tiny_decoder, mode, monkeypatch):
     """A round's entries applied at once (each pruned chunk gathered once) give the bits of applying them one
     by one, and of the numpy formula, also when tensors span several chunks."""
-    from seedtune.shared import update
+    from seedtune.shared.engine import update
 
     monkeypatch.setattr(update, "CHUNK", 4096)  # the embedding spans dozens of chunks, small tensors share one
     sel = {"all": select_all, "prune": lambda m: select_pruned(m, tiny_decoder.synflow_output, 0.3)}[mode](
@@ -378,9 +378,9 @@ def test_a_step_over_a_hadamard_frame_is_dp_sgd_on_the_head(tiny_task):
     L2 norm C (the same C, not C sqrt(K)), summed, divided by the expected batch, times lr. Checked against the
     closed-form per-example gradient of the softmax head, (p - e_y) features^T, clipping some examples."""
     from seedtune.client.trainer import private_step, PrivacyPlan
-    from seedtune.shared.accounting import PrivacyAccountant
-    from seedtune.shared.directions import seed_stream, step_seeds
-    from seedtune.shared.noise import SecureRandom
+    from seedtune.shared.privacy.accounting import PrivacyAccountant
+    from seedtune.shared.engine.directions import seed_stream, step_seeds
+    from seedtune.shared.privacy.noise import SecureRandom
 
     task, head = tiny_task, tiny_task.head_set()
     view = ScoredView(task, head, "hadamard")
@@ -412,7 +412,7 @@ def test_frame_estimates_are_the_passes_two_point_estimates_each_example_alone(t
     """ScoredView's shortcut for a head over a Hadamard frame (one transform per example instead of K passes)
     gives each seed's two-point estimate from real perturbed passes, and an example's estimates do not depend on
     the rest of its batch (the same in a batch of one); it declines where it does not apply."""
-    from seedtune.shared.directions import seed_stream, step_seeds
+    from seedtune.shared.engine.directions import seed_stream, step_seeds
 
     task = tiny_task
     view = ScoredView(task, task.head_set(), "hadamard")
@@ -443,7 +443,7 @@ def test_frame_runs_cut_whole_frames_and_a_frame_is_added_as_its_sum(tiny_task):
     row reset, and lone or other-kind moves stay single. apply_all adds a frame as one float32 sum, within float32
     rounding of one apply after another, and a view fed round by round ends on the same bits as one fed the
     whole history (the trainer and replay)."""
-    from seedtune.shared.update import frame_runs
+    from seedtune.shared.engine.update import frame_runs
 
     a, b = 7 << 32, 9 << 32
     moves = [(a | 0, 0.1), (a | 1, 0.2), (a | 2, 0.3), (a | 0, 0.4), (a | 1, 0.5), (b | 0, 0.6), (5, 0.7), (b | 3, 1.0)]
@@ -485,7 +485,7 @@ def test_a_records_features_are_one_computation_of_that_record_alone_however_the
     record alone. Filled up front, computed when a batch needs them, or computed afresh with no room to keep
     them: the same bits, whatever records they were computed with. A forward whose rows interact is detected
     and each record computed alone; a row-wise forward is batched (fewer forwards)."""
-    from seedtune.shared.update import FeatureCache
+    from seedtune.shared.engine.update import FeatureCache
 
     task = tiny_task
     rng = np.random.default_rng(3)

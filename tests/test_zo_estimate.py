@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from seedtune.shared.directions import direction_torch
-from seedtune.shared.selection import select_all
-from seedtune.shared.update import TrainableView
+from seedtune.shared.engine.directions import direction_torch
+from seedtune.shared.engine.selection import select_all
+from seedtune.shared.engine.update import TrainableView
 
 
 class Quadratic(nn.Module):
@@ -73,11 +73,11 @@ def test_with_microbatch_one_an_estimate_does_not_depend_on_its_batch_mates(name
     not allow for; scored alone (model.microbatch = 1) each record's estimate is a function of that record
     alone: bit-identical whatever else was sampled."""
     from seedtune.client.zo_step import projected_gradients
-    from seedtune.shared.config import load_config
-    from seedtune.shared.models import load_task_model
-    from seedtune.shared.replica import select_trainable
-    from seedtune.shared.tasks import load_split
-    from seedtune.shared.update import ScoredView
+    from seedtune.shared.task.config import load_config
+    from seedtune.shared.task.models import load_task_model
+    from seedtune.shared.engine.replica import select_trainable
+    from seedtune.shared.task.tasks import load_split
+    from seedtune.shared.engine.update import ScoredView
 
     config = load_config(overrides={"model.name": name, "data.train_size": 64})
     task = load_task_model(config.model, config.task)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from seedtune.client.zo_step import projected_gradients
-from seedtune.shared.config import ConfigError, RunConfig
-from seedtune.shared.directions import direction_torch
-from seedtune.shared.replica import select_trainable
-from seedtune.shared.update import ScoredView
+from seedtune.shared.task.config import ConfigError, RunConfig
+from seedtune.shared.engine.directions import direction_torch
+from seedtune.shared.engine.replica import select_trainable
+from seedtune.shared.engine.update import ScoredView
 from seedtune.simulations.zo_signal import Signal, mean_gradient, parse_selection, restricted
 from tests.helpers import LABELS, SENTENCES
 
@@ -60,8 +60,8 @@ def test_best_learning_rate_of_a_quadratic_step():
 def test_the_bfloat16_comparison_reports_agreement_with_float32():
     """--compare-dtype: the same seeds and batches through float32 and bfloat16 forwards; on the tiny decoder
     the two-point estimates correlate at the larger mu, and the rows say how well."""
-    from seedtune.shared.config import load_config
-    from seedtune.shared.models import load_task_model
+    from seedtune.shared.task.config import load_config
+    from seedtune.shared.task.models import load_task_model
     from seedtune.simulations.zo_signal import dtype_agreement
 
     config = load_config(None, {"model.name": "tiny-decoder", "selection.fraction": 0.2})

@@ -5,8 +5,8 @@ the way the literature runs it (Li et al., ICLR 2022): per-example clipping by g
 gradient norms of linear layers without materialising per-example gradients), Poisson sampling, Gaussian
 noise on the clipped sum divided by the expected batch size, and Adam or SGD on top.
 
-* The task and loss are the DP-ZO path's: :class:`shared.models.TextClassifier`'s logits and cross-entropy.
-* The noise multiplier is calibrated, and the reported epsilon computed, by :mod:`shared.accounting` (PLD),
+* The task and loss are the DP-ZO path's: :class:`shared.task.models.TextClassifier`'s logits and cross-entropy.
+* The noise multiplier is calibrated, and the reported epsilon computed, by :mod:`shared.privacy.accounting` (PLD),
   for the sampling rate Opacus really uses (``1 / ceil(n / B)``). Opacus' own RDP accountant is logged as a
   cross-check only.
 * What is trained (``trainable_parameters``): every parameter except the embedding tables. Ghost clipping
@@ -33,12 +33,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from seedtune.shared.accounting import PrivacyAccountant, calibrate_noise_multiplier
-from seedtune.shared.first_order import FirstOrderConfig, poisson_rate, prepare_trainable
-from seedtune.shared.models import TextClassifier, load_task_model
-from seedtune.shared.noise import Gaussian, SecureRandom
-from seedtune.shared.tasks import load_split
-from seedtune.shared.run_folder import write_summary
+from seedtune.shared.privacy.accounting import PrivacyAccountant, calibrate_noise_multiplier
+from seedtune.shared.task.first_order import FirstOrderConfig, poisson_rate, prepare_trainable
+from seedtune.shared.task.models import TextClassifier, load_task_model
+from seedtune.shared.privacy.noise import Gaussian, SecureRandom
+from seedtune.shared.task.tasks import load_split
+from seedtune.shared.protocol.run_folder import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class _Indices(Dataset):
 
 class _CsprngPoissonBatches:
     """Poisson batches (each record in each batch independently with ``rate``) drawn from
-    :class:`shared.noise.SecureRandom`, in place of Opacus' sampler: that one draws from a torch generator, a
+    :class:`shared.privacy.noise.SecureRandom`, in place of Opacus' sampler: that one draws from a torch generator, a
     Mersenne Twister whose state its outputs give away, and which record was sampled is what the accounting
     assumes secret. As many batches per pass as Opacus' (``1 / rate``)."""
 
@@ -81,7 +81,7 @@ def _csprng_batches(opacus_loader: DataLoader, rate: float, rng: SecureRandom) -
 
 
 def _secure_noise(optimizer: Any, rng: SecureRandom) -> None:
-    """Make an Opacus DPOptimizer draw its Gaussian noise from :class:`shared.noise.SecureRandom`.
+    """Make an Opacus DPOptimizer draw its Gaussian noise from :class:`shared.privacy.noise.SecureRandom`.
 
     Opacus draws the noise from a torch generator unless ``secure_mode``, which needs torchcsprng (unmaintained;
     no build for this torch). The optimizer's one noise hook is replaced; clipping, accumulation and the

@@ -1,7 +1,7 @@
 """Linear-probe baselines: a linear head on the frozen model's features, privately (DP-SGD) or not.
 
 This is what a user would write instead of finetuning: the frozen model's features, computed once per record
-(:meth:`shared.models.TextClassifier.all_features`: the encoder's normalised mean-pooled embedding, the
+(:meth:`shared.task.models.TextClassifier.all_features`: the encoder's normalised mean-pooled embedding, the
 decoder's last hidden state), each normalised to unit L2 norm (a per-record rule, no statistics of the data),
 and a fresh softmax-regression head over them, started at zero. Privately it is DP-SGD on the head alone:
 
@@ -10,7 +10,7 @@ and a fresh softmax-regression head over them, started at zero. Privately it is 
   ``i`` is the outer product ``(p_i - e_{y_i}) x_i^T`` (bias as a constant feature 1), whose L2 norm is exactly
   ``|p_i - e_{y_i}| |x_i|``, so clipping to ``C`` needs no per-example tensor;
 * Gaussian noise ``N(0, (sigma C)^2)`` on every entry of the clipped sum from the CSPRNG, divided by the
-  expected batch size ``q n``; sigma calibrated, and epsilon reported, by :mod:`shared.accounting` (PLD),
+  expected batch size ``q n``; sigma calibrated, and epsilon reported, by :mod:`shared.privacy.accounting` (PLD),
   the RDP bound as a cross-check.
 
 ``private = False`` is the same loop without clipping or noise.
@@ -26,13 +26,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from seedtune.shared.accounting import PrivacyAccountant, calibrate_noise_multiplier
-from seedtune.shared.config import ConfigError
-from seedtune.shared.first_order import FirstOrderConfig, poisson_rate
-from seedtune.shared.models import load_task_model
-from seedtune.shared.noise import Gaussian, SecureRandom
-from seedtune.shared.run_folder import write_summary
-from seedtune.shared.tasks import load_split
+from seedtune.shared.privacy.accounting import PrivacyAccountant, calibrate_noise_multiplier
+from seedtune.shared.task.config import ConfigError
+from seedtune.shared.task.first_order import FirstOrderConfig, poisson_rate
+from seedtune.shared.task.models import load_task_model
+from seedtune.shared.privacy.noise import Gaussian, SecureRandom
+from seedtune.shared.protocol.run_folder import write_summary
+from seedtune.shared.task.tasks import load_split
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Per round the server sends every node the global trainable tensors, averages the replies' tensors with
 equal weights (each is one node's clipped, noised local update applied to the global model; the average is
-post-processing), and records the bytes each message really costs on the wire (``shared.wire.wire_bytes``).
+post-processing), and records the bytes each message really costs on the wire (``shared.protocol.wire.wire_bytes``).
 After the last round it evaluates the global model on the test split and writes ``summary.json``.
 :func:`simulations.fedavg.run_fedavg` runs it with its client half (:mod:`client.baselines.fedavg`).
 """
@@ -19,11 +19,11 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from seedtune.shared.first_order import METRICS, TRAINABLE, FedAvgConfig, prepare_trainable, trainable_state
-from seedtune.shared.models import load_task_model
-from seedtune.shared.run_folder import SUMMARY_FILE
-from seedtune.shared.tasks import load_split
-from seedtune.shared.wire import TRAIN, wire_bytes
+from seedtune.shared.task.first_order import METRICS, TRAINABLE, FedAvgConfig, prepare_trainable, trainable_state
+from seedtune.shared.task.models import load_task_model
+from seedtune.shared.protocol.run_folder import SUMMARY_FILE
+from seedtune.shared.task.tasks import load_split
+from seedtune.shared.protocol.wire import TRAIN, wire_bytes
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-from seedtune.shared.noise import Noise
+from seedtune.shared.privacy.noise import Noise
 
 _RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 _PLD_DISCRETIZATION = 1e-4
@@ -299,7 +299,7 @@ def step_pld(noise: Noise, sample_rate: float) -> pld_lib.PrivacyLossDistributio
 def noise_epsilon(runs: tuple[StepRun, ...], delta: float) -> float:
     """Epsilon after runs of steps (:class:`StepRun`), any noise family.
 
-    The PLD describes the ideal noise; the sampler cuts it at its support (shared.noise.SecureRandom), which
+    The PLD describes the ideal noise; the sampler cuts it at its support (shared.privacy.noise.SecureRandom), which
     adds at most ``(1 + e^eps) * sum(steps * gap)`` to delta. That term is checked to be negligible (below a
     millionth of delta) rather than silently assumed."""
     _check_delta(delta)

@@ -18,14 +18,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from seedtune.shared.config import ConfigError, ModelConfig, RunConfig, TaskConfig, from_dict
-from seedtune.shared.digest import model_digest, tensor_digest
-from seedtune.shared.follower import LedgerFollower
-from seedtune.shared.noise import Noise
-from seedtune.shared.models import HEAD_FILE, TextClassifier, load_task_model, placement
-from seedtune.shared.proto import LEDGER_FORMAT_VERSION, LedgerHeader
-from seedtune.shared.selection import TrainableSet, select_all, select_patterns, select_pruned, stage_fraction
-from seedtune.shared.update import ScoredView, TrainableView
+from seedtune.shared.task.config import ConfigError, ModelConfig, RunConfig, TaskConfig, from_dict
+from seedtune.shared.protocol.digest import model_digest, tensor_digest
+from seedtune.shared.engine.follower import LedgerFollower
+from seedtune.shared.privacy.noise import Noise
+from seedtune.shared.task.models import HEAD_FILE, TextClassifier, load_task_model, placement
+from seedtune.shared.protocol.proto import LEDGER_FORMAT_VERSION, LedgerHeader
+from seedtune.shared.engine.selection import TrainableSet, select_all, select_patterns, select_pruned, stage_fraction
+from seedtune.shared.engine.update import ScoredView, TrainableView
 
 
 def select_trainable(task: TextClassifier, config: RunConfig, stage: int = 0) -> TrainableSet:

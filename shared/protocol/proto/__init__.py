@@ -1,10 +1,11 @@
-"""Python classes generated from protos/seedtune.proto (regenerate with ``python -m seedtune.shared.proto.generate``).
+"""Python classes generated from protos/seedtune.proto (regenerate with
+``python -m seedtune.shared.protocol.proto.generate``).
 
 The generated modules are committed so that neither a client nor the server needs the protobuf compiler;
 ``tests/test_protos.py`` fails when they fall out of sync with the .proto file.
 """
 
-from seedtune.shared.proto.seedtune_pb2 import (  # noqa: F401  (re-exported)
+from seedtune.shared.protocol.proto.seedtune_pb2 import (  # noqa: F401  (re-exported)
     Challenge,
     Hyperparameters,
     Identity,
@@ -25,7 +26,7 @@ PROTOCOL_VERSION = 6
 REFUSAL_HISTORY = "history"
 # LedgerHeader.format_version written and accepted (2: instructions by holder; 3: one entry per seed per round,
 # entries hashed without a node, per-reply provenance table, rounds record their rule and learning rate;
-# 4: Gaussian directions are the 16-bit quantised normal of shared.directions, not Box-Muller; 5: the round
+# 4: Gaussian directions are the 16-bit quantised normal of shared.engine.directions, not Box-Muller; 5: the round
 # chain: each round's rounds row, replies and instructions hashed into its record, chained from the header)
 LEDGER_FORMAT_VERSION = 5
 # Older formats still read, with the direction kinds whose stream has not changed since

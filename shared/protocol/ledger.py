@@ -1,7 +1,7 @@
 """The ledger: the global model's whole history as hash-chained (seed, coeff, round) entries in SQLite.
 
 A round adds one entry per seed, its coefficient the round's aggregate of the accepted scalars
-(:mod:`shared.aggregation`), so replaying a round costs K direction generations whatever the number of
+(:mod:`shared.protocol.aggregation`), so replaying a round costs K direction generations whatever the number of
 replies. Each reply's scalars and fate (accepted, or the rejection kind) go into the ``replies`` provenance
 table in the same transaction: it is never replayed, but :meth:`Ledger.verify` recomputes every coefficient
 from it under the round's recorded rule, and :meth:`Ledger.commit_round` refuses a round whose coefficients do
@@ -12,7 +12,7 @@ leaves the file at the last committed round, never half a round. Rounds are comm
 once (1, 2, ... without gaps), so no entry is ever applied twice. Every entry row keeps its chain hash;
 :meth:`Ledger.verify` recomputes the chain from the header and names the first entry that differs.
 
-Two chains, both from the header's hash: the *entry chain* (:mod:`shared.chain`) is what replicas follow; the
+Two chains, both from the header's hash: the *entry chain* (:mod:`shared.protocol.chain`) is what replicas follow; the
 *round chain* (format 5 on) covers everything else a round leaves: its rounds row, every reply's provenance and
 every instruction recorded for it, on which the server's privacy accounting rests. Neither can tell, from the
 file alone, a consistent rewrite or a file that lost its last rounds (a rolled-back copy, a lost WAL): an
@@ -37,13 +37,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from seedtune.shared.aggregation import ACCEPTED, RoundRule
-from seedtune.shared.chain import ChainError, Entry, genesis, link, pack_tail
+from seedtune.shared.protocol.aggregation import ACCEPTED, RoundRule
+from seedtune.shared.protocol.chain import ChainError, Entry, genesis, link, pack_tail
 from google.protobuf.message import DecodeError
 
-from seedtune.shared.identity import round_bytes, verify as signed_by
-from seedtune.shared.transaction import immediate
-from seedtune.shared.proto import LEDGER_FORMAT_VERSION, LEDGER_FORMATS_READ, LedgerHeader, LedgerTail
+from seedtune.shared.protocol.identity import round_bytes, verify as signed_by
+from seedtune.shared.protocol.transaction import immediate
+from seedtune.shared.protocol.proto import LEDGER_FORMAT_VERSION, LEDGER_FORMATS_READ, LedgerHeader, LedgerTail
 
 _U64 = 1 << 64
 _SCHEMA = """
@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     rule TEXT NOT NULL, lr REAL NOT NULL, trim REAL NOT NULL, committed_utc TEXT NOT NULL, metrics TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (round INTEGER PRIMARY KEY, hash BLOB NOT NULL);
 """
-# The server's signature over each committed round's position and record (shared.identity.round_bytes), with
+# The server's signature over each committed round's position and record (shared.protocol.identity.round_bytes), with
 # federation.server_key; a table of its own, so that ledgers written before it still open as they were.
 _SIGNATURES = "CREATE TABLE IF NOT EXISTS signatures (round INTEGER PRIMARY KEY, signature BLOB NOT NULL)"
 ROUND_CHAIN_FORMAT = 5  # the first ledger format whose rounds, replies and instructions are chained (records)
@@ -374,7 +374,7 @@ class Ledger:
 
     def check_signatures(self, public: str, setting: str = "the server key") -> int:
         """Check that every committed round is signed by ``public`` (an OpenSSH public key line) over its
-        position and its round record (:func:`shared.identity.round_bytes`); returns the number of rounds
+        position and its round record (:func:`shared.protocol.identity.round_bytes`); returns the number of rounds
         checked. A ledger rewritten by anyone without the private key (a new header, rounds dropped or changed,
         instructions or replies edited, every hash recomputed) fails here by the round it first differs at.
         One read transaction, so a server committing meanwhile is seen before or after its round."""
@@ -451,7 +451,7 @@ class Ledger:
         provenance. The coefficients must be the rule's aggregate of the accepted replies' scalars (none if
         nothing was accepted): a round that does not follow from its provenance is refused, unwritten. With
         ``sign`` (bytes -> signature), the round is signed in the same transaction, over its position and its
-        round record (:func:`shared.identity.round_bytes`). Returns the entries as committed."""
+        round record (:func:`shared.protocol.identity.round_bytes`). Returns the entries as committed."""
         last = self.last_round
         if rnd != last + 1:
             raise LedgerError(f"round {rnd} cannot follow round {last}: rounds are committed once each, in order")

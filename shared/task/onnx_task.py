@@ -1,7 +1,7 @@
 """The exported classifier on ONNX Runtime, with numpy only: tokenise, score, per-example loss, accuracy.
 
 Used by ONNX Runtime nodes (:mod:`client.onnx_runtime`) and by the exporter's own check
-(:mod:`shared.onnx_export`), so it lives where both can import it; no torch is imported here.
+(:mod:`server.onnx_export`), so it lives where both can import it; no torch is imported here.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
-from seedtune.shared.batching import keep_tail, length_sorted, pad
-from seedtune.shared.onnx_format import OnnxMetadata, OnnxModelError, file_sha256, sidecars
-from seedtune.shared.tasks import Prompter, Record, Split, as_record
+from seedtune.shared.engine.batching import keep_tail, length_sorted, pad
+from seedtune.shared.task.onnx_format import OnnxMetadata, OnnxModelError, file_sha256, sidecars
+from seedtune.shared.task.tasks import Prompter, Record, Split, as_record
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def check_providers(requested: Sequence[str], available: Sequence[str]) -> list[
 
 
 class OnnxTask:
-    """The exported classifier: tokenises like :class:`shared.models.TextClassifier` and scores batches."""
+    """The exported classifier: tokenises like :class:`shared.task.models.TextClassifier` and scores batches."""
 
     def __init__(self, model_path: str | Path, threads: int = 0,
                  providers: Sequence[str] = DEFAULT_PROVIDERS) -> None:

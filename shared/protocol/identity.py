@@ -4,7 +4,7 @@ Flower's SuperNode authentication says only that a node's key was registered wit
 1.41 anyone who can reach the SuperLink's Control API can register one (docs/deployment.md, "Threat model").
 A federation that names its members therefore pins them itself: ``federation.allowed_nodes`` is a file of
 ``HOLDER PUBLIC-KEY`` lines whose digest goes into the ledger header. Before a node is sent anything of the
-ledger it answers a :class:`~shared.proto.Identity` signed over the server's fresh nonce, and every reply it
+ledger it answers a :class:`~shared.protocol.proto.Identity` signed over the server's fresh nonce, and every reply it
 sends afterwards is signed too, so a node that is not on the list gets no instruction and moves nothing, and a
 listed node cannot speak for another holder. Keys are OpenSSH or PEM files: ECDSA on a NIST curve (the kind
 Flower's node authentication also takes, so one key may serve both) or Ed25519.
@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from seedtune.shared.proto import Reply
+from seedtune.shared.protocol.proto import Reply
 
 IDENTIFY_CONTEXT = b"seedtune identify v1\x00"
 REPLY_CONTEXT = b"seedtune reply v1\x00"
@@ -142,7 +142,7 @@ def identity_bytes(run_id: int, node: int, holder: str, header_digest: str, nonc
 def position_bytes(header_digest: str, version: int, head: bytes) -> bytes:
     """What the server signs: ledger ``header_digest`` stands at ``version`` entries with chain hash ``head``.
     The chain runs from the header's hash through every entry, so one signature vouches for the whole history
-    up to that position (shared.chain)."""
+    up to that position (shared.protocol.chain)."""
     body = json.dumps({"header_digest": header_digest, "version": int(version), "head": head.hex()},
                       sort_keys=True, separators=(",", ":"))
     return POSITION_CONTEXT + body.encode()
@@ -150,7 +150,7 @@ def position_bytes(header_digest: str, version: int, head: bytes) -> bytes:
 
 def round_bytes(header_digest: str, rnd: int, version: int, head: bytes, record: bytes) -> bytes:
     """What the server signs into its ledger for a committed round: the position after it and its round
-    record, which chains the round's instructions, replies and metrics (shared.ledger.round_record), so that
+    record, which chains the round's instructions, replies and metrics (shared.protocol.ledger.round_record), so that
     what the server charged each holder is signed too, not only where the model stands."""
     body = json.dumps({"header_digest": header_digest, "round": int(rnd), "version": int(version),
                        "head": head.hex(), "record": record.hex()}, sort_keys=True, separators=(",", ":"))

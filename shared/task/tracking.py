@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
-from seedtune.shared.config import ConfigError, TrackingConfig
+from seedtune.shared.task.config import ConfigError, TrackingConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Task data: a task's train, test and optional dev splits, from local files or the Hugging Face hub.
 
-A task (``shared.config.TaskConfig``) names its columns, its prompt and its labels; its data come from local
+A task (``shared.task.config.TaskConfig``) names its columns, its prompt and its labels; its data come from local
 files read with the ``datasets`` library (CSV, TSV, JSON Lines, Parquet) or from a hub dataset. Local files
 win: explicit ``data.train_file``/``test_file``/``dev_file``; else the folder ``data.data_dir`` (default: the
 task's name) holding ``train.*``, ``test.*`` and optionally ``dev.*``, looked up as given, then under
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from seedtune.shared.config import DataConfig, RunConfig, TaskConfig
+    from seedtune.shared.task.config import DataConfig, RunConfig, TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def read_file(path: Path):
             raise DataError(f"{path}: no examples (a header row only)")
         kwargs = {**dialect, "keep_default_na": False,
                   "features": datasets.Features({name: datasets.Value("string") for name in header})}
-    from seedtune.shared.config import cache_root
+    from seedtune.shared.task.config import cache_root
 
     datasets.disable_progress_bars()
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False  # a holder's own file: no request to the hub's counter
@@ -383,7 +383,7 @@ def load_split(config: WithData, split: str, size: int | None = None, group_fiel
     task ``size`` distinct prompts with all their references."""
     data, task = config.data, config.task
     if not task.labels and task.kind == "classification":
-        raise ValueError("task.labels is empty: resolve them first (shared.tasks.with_labels)")
+        raise ValueError("task.labels is empty: resolve them first (shared.task.tasks.with_labels)")
     loaded = load_raw(data, task, split, task.labels, group_field)
     if loaded is None:
         return Split([], np.zeros(0, dtype=np.int64))
@@ -410,7 +410,7 @@ def with_labels(config: "RunConfig", split: str = "test") -> "RunConfig":
     be published, and a label that one private record holds would be published with them."""
     import dataclasses
 
-    from seedtune.shared.config import ConfigError
+    from seedtune.shared.task.config import ConfigError
 
     if config.task.labels or config.task.kind == "generation":
         return config

@@ -22,8 +22,8 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from seedtune.shared.config import PRUNE_STRATEGIES
-from seedtune.shared.digest import selection_digest
+from seedtune.shared.task.config import PRUNE_STRATEGIES
+from seedtune.shared.protocol.digest import selection_digest
 
 log = logging.getLogger(__name__)
 

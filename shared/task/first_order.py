@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seedtune.shared.config import ConfigError, DataConfig, ModelConfig, TaskConfig
-from seedtune.shared.models import TextClassifier
+from seedtune.shared.task.config import ConfigError, DataConfig, ModelConfig, TaskConfig
+from seedtune.shared.task.models import TextClassifier
 
 TRAINABLE = "trainable"  # FedAvg ArrayRecord: the trainable tensors, by parameter name
 METRICS = "metrics"  # FedAvg MetricRecord: the node's public counters (steps, epsilon)

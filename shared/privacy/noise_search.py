@@ -1,7 +1,7 @@
 """Choosing the noise of the private scalar: the family and parameters with the least variance at a guarantee.
 
 For a target (epsilon, delta), sampling rate q and number of steps, each family is scaled to the smallest
-noise whose *accounted* epsilon (shared.accounting, PLD) is within the target: the Gaussian by dp-accounting's
+noise whose *accounted* epsilon (shared.privacy.accounting, PLD) is within the target: the Gaussian by dp-accounting's
 calibration, the Laplace and every LMO shape by bisection on a scale factor. LMO-DP's family (Laplace with a
 random inverse scale, a positive combination of Gamma, Exponential and Uniform variables) is searched over a
 fixed grid of shapes. ``auto`` takes the smallest standard deviation; ties (within 1%) go to the family with
@@ -22,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 
-from seedtune.shared.accounting import StepRun, calibrate_noise_multiplier, noise_epsilon
-from seedtune.shared.config import ConfigError, PrivacyConfig, cache_root
-from seedtune.shared.noise import CALIBRATED_FAMILIES, Noise
+from seedtune.shared.privacy.accounting import StepRun, calibrate_noise_multiplier, noise_epsilon
+from seedtune.shared.task.config import ConfigError, PrivacyConfig, cache_root
+from seedtune.shared.privacy.noise import CALIBRATED_FAMILIES, Noise
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Perturbing and updating a model's trainable entries along seeded directions.
 
-:class:`TrainableView` binds a model to a :class:`~shared.selection.TrainableSet`. It is the one place that
+:class:`TrainableView` binds a model to a :class:`~shared.engine.selection.TrainableSet`. It is the one place that
 writes into trainable weights, for the ZO step (perturb, restore) and for replay (``apply_all``), so the
 trainer, a client and the server all change weights through the same arithmetic and agree bit for bit.
 
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from seedtune.shared.directions import (CHUNK, SCRATCH_EXTRA, DirectionKind, direction_torch, transform_length,
-                                        walsh_hadamard)
-from seedtune.shared.selection import TrainableSet
+from seedtune.shared.engine.directions import (CHUNK, SCRATCH_EXTRA, DirectionKind, direction_torch, transform_length,
+                                               walsh_hadamard)
+from seedtune.shared.engine.selection import TrainableSet
 
 if TYPE_CHECKING:
-    from seedtune.shared.models import TextClassifier
+    from seedtune.shared.task.models import TextClassifier
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ FRAME_LIMIT = CHUNK  # the largest trainable set whose Hadamard frames are summe
 
 def frame_runs(moves: Sequence[tuple[int, float]], size: int) -> list[tuple[int, int, bool]]:
     """``moves`` cut into [first, last) runs, each a frame (True: at least two Hadamard moves under one sign key,
-    rows strictly rising, as one step draws them with :func:`shared.directions.step_seeds`) or a single move.
+    rows strictly rising, as one step draws them with :func:`shared.engine.directions.step_seeds`) or a single move.
     A set larger than :data:`FRAME_LIMIT` has no frames (its moves are applied one by one)."""
     runs: list[tuple[int, int, bool]] = []
     first = 0

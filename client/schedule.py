@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from seedtune.shared.config import ScheduleConfig
+from seedtune.shared.task.config import ScheduleConfig
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Regenerate (or, with ``--check``, verify) the Python code for protos/*.proto.
 
-    python -m seedtune.shared.proto.generate          # rewrite shared/proto/*_pb2.py(i)
-    python -m seedtune.shared.proto.generate --check  # exit 1 if the committed files differ from fresh output
+    python -m seedtune.shared.protocol.proto.generate          # rewrite shared/protocol/proto/*_pb2.py(i)
+    python -m seedtune.shared.protocol.proto.generate --check  # exit 1 if the committed files differ from fresh output
 
 Needs grpcio-tools (the ``dev`` extra), pinned so that the output is byte-stable.
 """
@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PROTO_DIR = ROOT / "protos"
 OUT_DIR = Path(__file__).resolve().parent
 
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = stale_files()
         if stale:
-            print(f"out of date: {', '.join(stale)}; run python -m seedtune.shared.proto.generate", file=sys.stderr)
+            print(f"out of date: {', '.join(stale)}; run python -m seedtune.shared.protocol.proto.generate",
+                  file=sys.stderr)
             return 1
         print("generated protobuf code is up to date")
         return 0

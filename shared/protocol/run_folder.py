@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seedtune.shared.ledger import Anchor, LedgerError
+from seedtune.shared.protocol.ledger import Anchor, LedgerError
 
 log = logging.getLogger(__name__)
 
-LEDGER_FILE = "ledger.sqlite"  # the hash-chained history (shared.ledger), from which replay rebuilds the model
+LEDGER_FILE = "ledger.sqlite"  # the hash-chained history (shared.protocol.ledger), from which replay rebuilds the model
 METRICS_FILE = "metrics.jsonl"  # one JSON row per step (training) or round (federation), appended as it runs
 SUMMARY_FILE = "summary.json"  # written last: its presence means the run finished
 CONFIG_FILE = "config.json"  # the full run configuration of a training

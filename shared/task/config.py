@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, cast
 
 
-from seedtune.shared.directions import DIRECTION_KINDS, DirectionKind, frame_size
-from seedtune.shared.noise import CALIBRATED_FAMILIES
+from seedtune.shared.engine.directions import DIRECTION_KINDS, DirectionKind, frame_size
+from seedtune.shared.privacy.noise import CALIBRATED_FAMILIES
 
 PRUNE_STRATEGIES = ("static", "dynamic", "incremental")
 SELECTION_MODES = ("all", "patterns", "prune", "head")
@@ -63,7 +63,7 @@ class ModelConfig:
     kind: str = "auto"  # "encoder", "decoder" or "auto" (from the model's config)
     max_length: int = 64  # tokens per example; a decoder prompt keeps its tail (the question)
     microbatch: int = 16  # examples per forward pass, grouped by length: less padding, bounded memory
-    # Where and in what precision the forward passes run (shared.models.placement). The trainable entries stay
+    # Where and in what precision the forward passes run (shared.task.models.placement). The trainable entries stay
     # in a float32 master whatever the dtype, so a ledger replays to the same float32 values on any machine.
     device: str = "cpu"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps"
     dtype: str = "float32"  # "float32", "bfloat16" or "float16"
@@ -138,7 +138,8 @@ class TaskConfig:
         for name in ("labels", "label_words", "label_prompts"):
             _require(not generation or getattr(self, name) == [], f"task.{name}",
                      "applies to classification: set it to [] for a generation task", getattr(self, name))
-        from seedtune.shared.tasks import template_fields  # the one parser of templates (shared.tasks imports no config)
+        # the one parser of templates (shared.task.tasks imports no config)
+        from seedtune.shared.task.tasks import template_fields
 
         _require(isinstance(self.template, str), "task.template", "must be a string", self.template)
         try:
@@ -354,7 +355,7 @@ class FederationConfig:
     alpha: float = 0.5  # Dirichlet concentration: smaller = more skewed
     aggregation: str = "mean"  # per seed over the replies: "mean", "trimmed_mean" or "median" (robust)
     trim: float = 0.2  # trimmed_mean: fraction of replies dropped at each end, per seed
-    # File of "HOLDER PUBLIC-KEY" lines (shared.identity.AllowedNodes): only these nodes are instructed, and
+    # File of "HOLDER PUBLIC-KEY" lines (shared.protocol.identity.AllowedNodes): only these nodes are instructed, and
     # only their signed replies count. "": any node that states a holder takes part (simulations).
     allowed_nodes: str = ""
     # The server's private key (OpenSSH or PEM, no passphrase): it signs every ledger position it sends and

@@ -24,8 +24,8 @@ from typing import Any, cast
 
 import numpy as np
 
-from seedtune.shared.digest import selection_digest
-from seedtune.shared.follower import ReplicaError
+from seedtune.shared.protocol.digest import selection_digest
+from seedtune.shared.engine.follower import ReplicaError
 
 FORMAT_VERSION = 2  # 2: the whole task (1: SST-2's prompt only)
 INPUTS = ("input_ids", "attention_mask", "trainable")
@@ -58,7 +58,7 @@ class OnnxMetadata:
     kind: str  # "encoder" or "decoder"
     max_length: int
     pad_token_id: int
-    task: dict  # the task (shared.config.TaskConfig as a dict): fields, template, labels in the logits' order
+    task: dict  # the task (shared.task.config.TaskConfig as a dict): fields, template, labels in the logits' order
     direction: str
     base_model_digest: str
     trainable_digest: str
@@ -67,7 +67,7 @@ class OnnxMetadata:
     param_shapes: list[list[int]]
     ledger_version: int  # the position whose trainable values are the graph's default
     ledger_head: str  # hex
-    state_digest: str  # of that position (shared.digest.state_digest)
+    state_digest: str  # of that position (shared.protocol.digest.state_digest)
     onnx_sha256: str
     opset: int
     format_version: int = FORMAT_VERSION

@@ -2,7 +2,7 @@
 
 A replica moves only by applying chain-verified entries, one ``theta += coeff * z(seed)`` each, to its
 trainable entries. This class keeps the position (version, chain hash) and checks every tail against it;
-subclasses say where the weights live (:class:`shared.replica.Replica`: a torch model;
+subclasses say where the weights live (:class:`shared.engine.replica.Replica`: a torch model;
 :class:`client.onnx_runtime.OnnxReplica`: a numpy vector fed to ONNX Runtime). It imports no torch.
 """
 
@@ -12,11 +12,11 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from seedtune.shared.chain import ChainError, Entry, genesis, link, unpack_tail
-from seedtune.shared.config import RunConfig
-from seedtune.shared.digest import state_digest
-from seedtune.shared.proto import LedgerHeader, LedgerTail
-from seedtune.shared.tasks import Split
+from seedtune.shared.protocol.chain import ChainError, Entry, genesis, link, unpack_tail
+from seedtune.shared.task.config import RunConfig
+from seedtune.shared.protocol.digest import state_digest
+from seedtune.shared.protocol.proto import LedgerHeader, LedgerTail
+from seedtune.shared.task.tasks import Split
 
 
 class Tokenizes(Protocol):

@@ -97,7 +97,8 @@ _LMO_ATOMS = 16  # quantile atoms of the LMO inverse-scale distribution
 _LMO_DRAWS = 200_000  # public, fixed-seed draws used to place them
 
 NOISE_FAMILIES: dict[str, type["Noise"]] = {}  # family name -> class: what a ledger's noise record can name
-CALIBRATED_FAMILIES = ("gaussian", "laplace", "lmo")  # what privacy.noise names: shared.noise_search calibrates them
+# what privacy.noise names: shared.privacy.noise_search calibrates them
+CALIBRATED_FAMILIES = ("gaussian", "laplace", "lmo")
 
 
 def register_noise(*families: str) -> Callable[[type["Noise"]], type["Noise"]]:
@@ -116,7 +117,7 @@ class Noise:
     """The description of a noise for a sensitivity-1 release (the private sum gets ``clip * rng.noise(noise)``,
     drawn by :meth:`SecureRandom.noise`): what the ledger header pins and the accountant composes. Subclasses
     are frozen dataclasses (hashable, so accounting results can be cached per noise); each owns its sampling,
-    density and tail, and its PLD where dp-accounting has one (else :func:`shared.accounting.noise_pld`
+    density and tail, and its PLD where dp-accounting has one (else :func:`shared.privacy.accounting.noise_pld`
     builds one from the density, which needs log p(x-1)/p(x) monotone on (-inf, 0], [0, 1] and [1, inf))."""
 
     family: str

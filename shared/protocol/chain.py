@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from seedtune.shared.proto import LedgerHeader, LedgerTail
+from seedtune.shared.protocol.proto import LedgerHeader, LedgerTail
 
 _ENTRY = struct.Struct("<QQfI")
 
@@ -27,7 +27,7 @@ class ChainError(ValueError):
 class Entry:
     index: int
     seed: int
-    coeff: float  # a float32 value: -lr times the round's aggregate for this seed (shared.aggregation)
+    coeff: float  # a float32 value: -lr times the round's aggregate for this seed (shared.protocol.aggregation)
     round: int
 
 

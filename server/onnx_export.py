@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from seedtune.shared.directions import direction_numpy
-from seedtune.shared.models import TextClassifier
-from seedtune.shared.onnx_format import INPUTS, OnnxMetadata, OnnxModelError, file_sha256, save_trainable, sidecars
-from seedtune.shared.replica import Replica
-from seedtune.shared.selection import TrainableSet
+from seedtune.shared.engine.directions import direction_numpy
+from seedtune.shared.task.models import TextClassifier
+from seedtune.shared.task.onnx_format import INPUTS, OnnxMetadata, OnnxModelError, file_sha256, save_trainable, sidecars
+from seedtune.shared.engine.replica import Replica
+from seedtune.shared.engine.selection import TrainableSet
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _with_default(path: Path, values: np.ndarray) -> None:
 
 def _check(task: TextClassifier, model_path: Path, values: np.ndarray) -> dict[str, float]:
     """ONNX Runtime vs torch logits on public sentences, at the exported values and at a perturbed vector."""
-    from seedtune.shared.onnx_task import OnnxTask
+    from seedtune.shared.task.onnx_task import OnnxTask
 
     ort_task = OnnxTask(model_path)
     probe = task.probe(CHECK_SENTENCES)

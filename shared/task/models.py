@@ -1,6 +1,6 @@
 """Task models: a K-label text classifier over an encoder or a decoder, giving per-example losses.
 
-The task (``shared.config.TaskConfig``: text fields, prompt template, labels, label words and prompts) decides
+The task (``shared.task.config.TaskConfig``: text fields, prompt template, labels, label words and prompts) decides
 what the model reads and scores; nothing task-specific is written here.
 
 * Encoder (BERT-like, e.g. MiniLM): mean-pooled, L2-normalised embedding of the text (or of the pair, joined
@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seedtune.shared.batching import keep_tail, length_sorted, pad
-from seedtune.shared.config import ConfigError, ModelConfig, TaskConfig, cache_root
-from seedtune.shared.selection import TrainableSet
-from seedtune.shared.tasks import Prompter, Record, Split, as_record, classification_metrics, generation_metrics
+from seedtune.shared.engine.batching import keep_tail, length_sorted, pad
+from seedtune.shared.task.config import ConfigError, ModelConfig, TaskConfig, cache_root
+from seedtune.shared.engine.selection import TrainableSet
+from seedtune.shared.task.tasks import Prompter, Record, Split, as_record, classification_metrics, generation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def cpu_has_bf16() -> bool:
 
 def placement(config: ModelConfig) -> tuple[torch.device, torch.dtype]:
     """The device and dtype of the forward passes, resolved and checked: ``auto`` picks CUDA, then MPS, then the
-    CPU (logged); a device this machine lacks is a :class:`~shared.config.ConfigError` naming it."""
+    CPU (logged); a device this machine lacks is a :class:`~shared.task.config.ConfigError` naming it."""
     name = config.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else \
@@ -306,7 +306,7 @@ class TextClassifier:
     def place(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move the forward passes to ``device`` and cast the parameters to ``dtype``. Buffers keep their dtype
         (rotary frequencies stay float32). Weights cast to a half dtype are a forward copy, not the model: the
-        trainable entries' truth is the float32 master of :class:`shared.update.TrainableView`."""
+        trainable entries' truth is the float32 master of :class:`shared.engine.update.TrainableView`."""
         self.module.to(device)
         if dtype != torch.float32:
             for param in self.module.parameters():
@@ -475,7 +475,7 @@ class TextClassifier:
         """Where each entry of :meth:`head_set` (in its flat order) sits in the head: its class (the score's
         index) and its feature column, the column ``features`` standing for the encoder's bias (a constant 1).
         Score c is then ``sum_j [class_j = c] value_j x_col_j`` over the head's entries, x the features and a 1:
-        what lets a step evaluate the head at many perturbations at once (:class:`shared.update.ScoredView`)."""
+        what lets a step evaluate the head at many perturbations at once (:class:`shared.engine.update.ScoredView`)."""
         weight, bias = self.head_weights()
         classes, width = weight.shape
         rows = torch.arange(classes).repeat_interleave(width)
@@ -541,9 +541,9 @@ class TextClassifier:
         return int((self.predictions(ids, batch_size, progress) == labels).sum()) / len(ids)
 
     def evaluate(self, data: EvalSet, batch_size: int = 64, progress: bool = False) -> dict:
-        """Classification: accuracy, macro-F1 and per-label counts (shared.tasks.classification_metrics).
+        """Classification: accuracy, macro-F1 and per-label counts (shared.task.tasks.classification_metrics).
         Generation: greedy continuations of the distinct prompts scored with BLEU and ROUGE-L against all
-        their references, and the perplexity of the references (shared.tasks.generation_metrics)."""
+        their references, and the perplexity of the references (shared.task.tasks.generation_metrics)."""
         if not self.generation:
             return classification_metrics(self.predictions(data.ids, batch_size, progress), data.labels, self.labels)
         nll = np.empty(len(data.ids), dtype=np.float64)
@@ -724,7 +724,8 @@ def load_task_model(config: ModelConfig, task: TaskConfig | None = None) -> Text
     """The classifier of ``task`` (default: the embedded default task, SST-2) over model ``config.name``."""
     task = task or TaskConfig()
     if not task.labels and task.kind == "classification":
-        raise ConfigError("task.labels is empty: resolve the labels from the data first (shared.tasks.with_labels)")
+        raise ConfigError("task.labels is empty: resolve the labels from the data first "
+                          "(shared.task.tasks.with_labels)")
     name, kind = config.name, config.kind
     if name == "minilm":
         from transformers import AutoModel
