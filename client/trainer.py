@@ -29,7 +29,8 @@ from seedtune.shared.privacy.accounting import PrivacyAccountant, StepRun, noise
 from seedtune.shared.task.config import ConfigError, RunConfig, directions_per_step, flatten
 from seedtune.shared.protocol.digest import model_digest
 from seedtune.shared.engine.directions import seed_stream, step_seeds
-from seedtune.shared.task.models import load_task_model, placement
+from seedtune.shared.task.loading import load_task_model
+from seedtune.shared.task.placement import placement
 from seedtune.shared.privacy.noise import Noise, SecureRandom
 from seedtune.shared.privacy.noise_search import plan_noise
 from seedtune.client.schedule import stages

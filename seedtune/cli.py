@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     from seedtune.shared.protocol.ledger import LedgerError
     from seedtune.shared.protocol.chain import ChainError
     from seedtune.shared.engine.follower import ReplicaError
-    from seedtune.shared.task.models import ModelLoadError
+    from seedtune.shared.task.loading import ModelLoadError
     from seedtune.shared.task.tasks import DataError
     from seedtune.client.privacy_ledger import PrivacyLedgerError
 

@@ -21,7 +21,7 @@ import torch
 
 from seedtune.client.zo_step import projected_gradients
 from seedtune.shared.task.config import load_config
-from seedtune.shared.task.models import load_task_model
+from seedtune.shared.task.loading import load_task_model
 from seedtune.shared.engine.replica import select_trainable
 from seedtune.shared.task.tasks import load_split
 from seedtune.shared.engine.update import ScoredView

@@ -75,7 +75,8 @@ def torch_case(name: str, seq_len: int, fraction: float, patterns: Sequence[str]
     import torch
 
     from seedtune.shared.task.config import ModelConfig
-    from seedtune.shared.task.models import load_task_model, placement
+    from seedtune.shared.task.loading import load_task_model
+    from seedtune.shared.task.placement import placement
     from seedtune.shared.engine.selection import select_pruned
     from seedtune.shared.engine.update import ScoredView
 

@@ -235,7 +235,7 @@ def _zero_shot(plan: ModelPlan, spec: RowSpec) -> dict[str, Any]:
     import torch
 
     from seedtune.shared.task.config import ModelConfig, RunConfig
-    from seedtune.shared.task.models import load_task_model
+    from seedtune.shared.task.loading import load_task_model
     from seedtune.shared.task.tasks import load_split
 
     if spec.threads:

@@ -40,7 +40,8 @@ from seedtune.client.trainer import plan_privacy
 from seedtune.client.zo_step import privatize, projected_gradients
 from seedtune.shared.task.config import RunConfig, load_config, parse_override
 from seedtune.shared.engine.directions import direction_torch
-from seedtune.shared.task.models import TextClassifier, load_task_model
+from seedtune.shared.task.loading import load_task_model
+from seedtune.shared.task.models import TextClassifier
 from seedtune.shared.privacy.noise import SecureRandom
 from seedtune.shared.engine.replica import select_trainable
 from seedtune.shared.engine.selection import TrainableSet
@@ -146,7 +147,7 @@ def measure(task: TextClassifier, config: RunConfig, spec: str, halves: tuple[di
 def dtype_agreement(config: RunConfig, dtype: str, mus: list[float],
                     batches: list[tuple[list[list[int]], np.ndarray]], first_seed: int) -> list[dict]:
     """Per mu: correlation of the per-example two-point estimates between float32 and ``dtype`` forwards."""
-    from seedtune.shared.task.models import placement
+    from seedtune.shared.task.placement import placement
     from seedtune.shared.engine.update import ScoredView
 
     views = {}

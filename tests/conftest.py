@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from seedtune.shared.task.config import ModelConfig
-from seedtune.shared.task.models import TextClassifier, load_task_model
+from seedtune.shared.task.loading import load_task_model
+from seedtune.shared.task.models import TextClassifier
 
 # What libraries set in the process on their first import or use, once and always to the same value, whichever
 # test comes first: added, these are no test's doing (changed or removed, they are).

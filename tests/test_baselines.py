@@ -17,7 +17,7 @@ from seedtune.shared.privacy.accounting import (PrivacyAccountant, StepRun, cali
                                                 pld_epsilon)
 from seedtune.shared.task.config import DataConfig, ModelConfig
 from seedtune.shared.task.first_order import FirstOrderConfig, poisson_rate, prepare_trainable, trainable_state
-from seedtune.shared.task.models import load_task_model
+from seedtune.shared.task.loading import load_task_model
 from seedtune.shared.privacy.noise import Noise, SecureRandom
 from tests.helpers import LABELS, SENTENCES
 

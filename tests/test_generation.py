@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from seedtune.shared.task.config import ConfigError, ModelConfig, TaskConfig, load_config
-from seedtune.shared.task.models import DecoderGenerator, LineEnd, load_task_model
+from seedtune.shared.task.decoder import DecoderGenerator, LineEnd
+from seedtune.shared.task.loading import load_task_model
 from seedtune.shared.task.tasks import Split, generation_metrics, load_split
 
 E2E = "configs/e2e.toml"

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from seedtune.shared.task.config import DataConfig, ModelConfig, RunConfig
-from seedtune.shared.task.models import ModelLoadError, load_task_model
+from seedtune.shared.task.loading import ModelLoadError, load_task_model
 from seedtune.shared.task.tasks import load_split
 from tests.helpers import LABELS, SENTENCES
 

@@ -73,7 +73,7 @@ def test_a_natural_partition_gives_each_node_one_institutions_records(tmp_path):
         (tmp_path / "server" / f"{split}.csv").write_text(
             "text,label,site\n" + "".join(f"\"{t}\",{y},{s}\n" for t, y, s in rows))
     from seedtune.client.partition import load_partition
-    from seedtune.shared.task.models import load_task_model
+    from seedtune.shared.task.loading import load_task_model
 
     config = _config(tmp_path, **{"federation.partition": "natural", "federation.partition_by": "site"})
     task = load_task_model(config.model, config.task)

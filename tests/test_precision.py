@@ -17,7 +17,7 @@ import torch
 
 from seedtune.shared.task.config import ConfigError, ModelConfig, load_config
 from seedtune.shared.engine.directions import direction_numpy, direction_torch
-from seedtune.shared.task.models import load_task_model
+from seedtune.shared.task.loading import load_task_model
 from seedtune.shared.engine.selection import select_pruned
 from seedtune.shared.engine.update import ScoredView
 from tests.helpers import LABELS, SENTENCES

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from seedtune.shared.task.config import ModelConfig
-from seedtune.shared.task.models import load_task_model
+from seedtune.shared.task.loading import load_task_model
 from seedtune.shared.engine.selection import (select_all, select_patterns, select_pruned, stage_fraction,
                                               synflow_scores, top_fraction)
 from tests.helpers import run_python
@@ -37,7 +37,7 @@ def test_pruning_prefers_high_scores(tiny_decoder):
 def test_mask_digest_is_reproducible_in_another_process(tiny_decoder):
     here = select_pruned(tiny_decoder.module, tiny_decoder.synflow_output, 0.01).digest()
     code = ("from seedtune.shared.task.config import ModelConfig; "
-            "from seedtune.shared.task.models import load_task_model; "
+            "from seedtune.shared.task.loading import load_task_model; "
             "from seedtune.shared.engine.selection import select_pruned; "
             "t = load_task_model(ModelConfig(name='tiny-decoder')); "
             "print(select_pruned(t.module, t.synflow_output, 0.01).digest())")

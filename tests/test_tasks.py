@@ -11,7 +11,7 @@ import torch
 
 from seedtune.client.privacy_ledger import data_key
 from seedtune.shared.task.config import ConfigError, DataConfig, ModelConfig, RunConfig, TaskConfig, load_config
-from seedtune.shared.task.models import load_task_model
+from seedtune.shared.task.loading import load_task_model
 from seedtune.shared.task.tasks import (DataError, Prompter, classification_metrics, load_split, template_fields,
                                         with_labels)
 from tests.helpers import QUESTIONS, write_csv

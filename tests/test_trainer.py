@@ -66,7 +66,7 @@ def test_replaying_the_run_ledger_rebuilds_the_trained_model(tmp_path, direction
     from seedtune.server.replay import replay
     from seedtune.shared.task.config import load_config
     from seedtune.shared.protocol.digest import model_digest
-    from seedtune.shared.task.models import load_task_model
+    from seedtune.shared.task.loading import load_task_model
 
     config = load_config(overrides={"model.name": "tiny-decoder", "schedule.stage_steps": [4, 3], "eval.every": 0,
                                     "data.train_size": 400, "data.test_size": 32, "zo.directions": directions,

@@ -6,7 +6,8 @@ from seedtune.client.zo_step import projected_gradients
 from seedtune.shared.task.config import ModelConfig
 from seedtune.shared.protocol.digest import model_digest
 from seedtune.shared.engine.directions import direction_numpy
-from seedtune.shared.task.models import Batch, load_task_model
+from seedtune.shared.task.loading import load_task_model
+from seedtune.shared.task.models import Batch
 from seedtune.shared.engine.selection import select_all, select_patterns, select_pruned
 from seedtune.shared.engine.update import FeatureCache, ScoredView, TrainableView
 from tests.helpers import LABELS, SENTENCES, run_python
@@ -76,7 +77,7 @@ LEDGER_SCRIPT = """
 import numpy as np
 from seedtune.shared.task.config import ModelConfig
 from seedtune.shared.protocol.digest import model_digest
-from seedtune.shared.task.models import load_task_model
+from seedtune.shared.task.loading import load_task_model
 from seedtune.shared.engine.selection import select_pruned
 from seedtune.client.zo_step import projected_gradients
 from seedtune.shared.engine.update import ScoredView, TrainableView

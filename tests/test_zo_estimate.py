@@ -74,7 +74,7 @@ def test_with_microbatch_one_an_estimate_does_not_depend_on_its_batch_mates(name
     alone: bit-identical whatever else was sampled."""
     from seedtune.client.zo_step import projected_gradients
     from seedtune.shared.task.config import load_config
-    from seedtune.shared.task.models import load_task_model
+    from seedtune.shared.task.loading import load_task_model
     from seedtune.shared.engine.replica import select_trainable
     from seedtune.shared.task.tasks import load_split
     from seedtune.shared.engine.update import ScoredView

@@ -61,7 +61,7 @@ def test_the_bfloat16_comparison_reports_agreement_with_float32():
     """--compare-dtype: the same seeds and batches through float32 and bfloat16 forwards; on the tiny decoder
     the two-point estimates correlate at the larger mu, and the rows say how well."""
     from seedtune.shared.task.config import load_config
-    from seedtune.shared.task.models import load_task_model
+    from seedtune.shared.task.loading import load_task_model
     from seedtune.simulations.zo_signal import dtype_agreement
 
     config = load_config(None, {"model.name": "tiny-decoder", "selection.fraction": 0.2})

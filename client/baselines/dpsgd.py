@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from seedtune.shared.privacy.accounting import PrivacyAccountant, calibrate_noise_multiplier
 from seedtune.shared.task.first_order import FirstOrderConfig, poisson_rate, prepare_trainable
-from seedtune.shared.task.models import TextClassifier, load_task_model
+from seedtune.shared.task.loading import load_task_model
+from seedtune.shared.task.models import TextClassifier
 from seedtune.shared.privacy.noise import Gaussian, SecureRandom
 from seedtune.shared.task.tasks import load_split
 from seedtune.shared.protocol.run_folder import write_summary

@@ -23,7 +23,7 @@ from seedtune.client.partition import load_partition
 from seedtune.shared.privacy.accounting import PrivacyAccountant
 from seedtune.shared.task.config import FederationConfig, RunConfig
 from seedtune.shared.task.first_order import METRICS, TRAINABLE, FedAvgConfig, prepare_trainable, trainable_state
-from seedtune.shared.task.models import load_task_model
+from seedtune.shared.task.loading import load_task_model
 
 log = logging.getLogger(__name__)
 

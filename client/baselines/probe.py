@@ -29,7 +29,7 @@ import torch
 from seedtune.shared.privacy.accounting import PrivacyAccountant, calibrate_noise_multiplier
 from seedtune.shared.task.config import ConfigError
 from seedtune.shared.task.first_order import FirstOrderConfig, poisson_rate
-from seedtune.shared.task.models import load_task_model
+from seedtune.shared.task.loading import load_task_model
 from seedtune.shared.privacy.noise import Gaussian, SecureRandom
 from seedtune.shared.protocol.run_folder import write_summary
 from seedtune.shared.task.tasks import load_split

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from seedtune.shared.task.first_order import METRICS, TRAINABLE, FedAvgConfig, prepare_trainable, trainable_state
-from seedtune.shared.task.models import load_task_model
+from seedtune.shared.task.loading import load_task_model
 from seedtune.shared.protocol.run_folder import SUMMARY_FILE
 from seedtune.shared.task.tasks import load_split
 from seedtune.shared.protocol.wire import TRAIN, wire_bytes

@@ -22,7 +22,9 @@ from seedtune.shared.task.config import ConfigError, ModelConfig, RunConfig, Tas
 from seedtune.shared.protocol.digest import model_digest, tensor_digest
 from seedtune.shared.engine.follower import LedgerFollower
 from seedtune.shared.privacy.noise import Noise
-from seedtune.shared.task.models import HEAD_FILE, TextClassifier, load_task_model, placement
+from seedtune.shared.task.loading import HEAD_FILE, load_task_model
+from seedtune.shared.task.models import TextClassifier
+from seedtune.shared.task.placement import placement
 from seedtune.shared.protocol.proto import LEDGER_FORMAT_VERSION, LedgerHeader
 from seedtune.shared.engine.selection import TrainableSet, select_all, select_patterns, select_pruned, stage_fraction
 from seedtune.shared.engine.update import ScoredView, TrainableView

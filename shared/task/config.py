@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import json
 import math
 import os
@@ -16,7 +15,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, cast
+from typing import Any, Callable, ClassVar, Mapping, Self, Sequence, cast
 
 
 from seedtune.shared.engine.directions import DIRECTION_KINDS, DirectionKind, frame_size
@@ -49,6 +48,36 @@ def _path_text(name: str, value: Any) -> None:
     _require(isinstance(value, str) and "\x00" not in value, name, "must be a string without NUL characters", value)
 
 
+def setting(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None,
+            ints: tuple[int, int] | None = None, choices: Sequence[Any] | None = None, help: str = "") -> Any:
+    """A config field that carries its meaning: ``help`` (what ``seedtune config`` prints beside it), and where
+    given the integer range ``ints`` or the ``choices`` that :meth:`Settings.validate` enforces."""
+    metadata = {"help": help, "ints": ints, "choices": tuple(choices) if choices is not None else None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class Settings:
+    """A config section (a dataclass of :func:`setting` fields): :meth:`validate` checks each field's range or
+    choices, named ``SECTION.field``, then the rules between fields (:meth:`check`)."""
+
+    SECTION: ClassVar[str] = ""
+
+    def validate(self) -> Self:
+        for f in dataclasses.fields(cast(Any, self)):
+            name, value = f"{self.SECTION}.{f.name}" if self.SECTION else f.name, getattr(self, f.name)
+            if f.metadata.get("ints") is not None:
+                _int(name, value, *f.metadata["ints"])
+            if f.metadata.get("choices") is not None:
+                _require(value in f.metadata["choices"], name, f"must be one of {f.metadata['choices']}", value)
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """The rules a range or a list of choices cannot state (types, patterns, fields that depend on others)."""
+
+
 MAX_STEPS = 10**7  # steps of one run (a stage, or all stages): far past any budget a CPU or a GPU spends
 MAX_EXAMPLES = 10**9
 
@@ -58,32 +87,33 @@ def _positive(name: str, value: float) -> None:
 
 
 @dataclass
-class ModelConfig:
-    name: str = "minilm"  # "minilm", "smollm2", a Hugging Face model id or a local folder
-    kind: str = "auto"  # "encoder", "decoder" or "auto" (from the model's config)
-    max_length: int = 64  # tokens per example; a decoder prompt keeps its tail (the question)
-    microbatch: int = 16  # examples per forward pass, grouped by length: less padding, bounded memory
-    # Where and in what precision the forward passes run (shared.task.models.placement). The trainable entries stay
-    # in a float32 master whatever the dtype, so a ledger replays to the same float32 values on any machine.
-    device: str = "cpu"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps"
-    dtype: str = "float32"  # "float32", "bfloat16" or "float16"
-    # With selection.mode = "head", each training record's frozen features are computed once and kept in memory
-    # up to this many MB (then computed afresh each time: the same values, more time). A trainable set above
-    # layer L keeps the output of layers 0..L-1 per record the same way, when every record fits and the run
-    # draws each at least once on average (else they are computed once per batch). Never written to disk,
-    # never released; gone when the process ends.
-    feature_cache_mb: int = 1024
+class ModelConfig(Settings):
+    SECTION: ClassVar[str] = "model"
 
-    def validate(self) -> None:
+    name: str = setting("minilm", help='"minilm", "smollm2", a Hugging Face model id or a local folder')
+    kind: str = setting("auto", help="\"encoder\", \"decoder\" or \"auto\" (from the model's config)")
+    max_length: int = setting(64, ints=(8, 131_072), help="tokens per example; a decoder prompt keeps its tail (the "
+                                                          "question)")
+    microbatch: int = setting(16, ints=(1, 65_536), help="examples per forward pass, grouped by length: less "
+                                                         "padding, bounded memory")
+    # Where and in what precision the forward passes run (shared.task.placement). The trainable entries stay
+    # in a float32 master whatever the dtype, so a ledger replays to the same float32 values on any machine.
+    device: str = setting("cpu", help='"auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps"')
+    dtype: str = setting("float32", choices=DTYPES, help='"float32", "bfloat16" or "float16"')
+    feature_cache_mb: int = setting(
+        1024, ints=(0, 10**7),
+        help="With selection.mode = \"head\", each training record's frozen features are computed once and kept in "
+             "memory up to this many MB (then computed afresh each time: the same values, more time). A trainable "
+             "set above layer L keeps the output of layers 0..L-1 per record the same way, when every record fits "
+             "and the run draws each at least once on average (else they are computed once per batch). Never written "
+             "to disk, never released; gone when the process ends.")
+
+    def check(self) -> None:
         _require(isinstance(self.name, str) and self.name != "", "model.name", "must be a non-empty string", self.name)
         _require(self.kind in ("auto", "encoder", "decoder"), "model.kind", "must be auto, encoder or decoder",
                  self.kind)
-        _int("model.max_length", self.max_length, 8, 131_072)
-        _int("model.microbatch", self.microbatch, 1, 65_536)
-        _int("model.feature_cache_mb", self.feature_cache_mb, 0, 10**7)
         _require(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
                  "model.device", "must be auto, cpu, cuda, cuda:N or mps", self.device)
-        _require(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", self.dtype)
 
 
 TASK_KINDS = ("classification", "generation")
@@ -91,7 +121,7 @@ DATA_FORMATS = ("csv", "tsv", "json", "parquet")  # by file extension; .jsonl is
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(Settings):
     """What the model learns: which columns it reads, the prompt they fill, and the labels it tells apart
     (classification) or the text it writes after the prompt (generation, decoders only).
 
@@ -100,27 +130,34 @@ class TaskConfig:
     nothing task-specific lives in the engine.
     """
 
-    name: str = "sst2"  # a name for summaries and logs (the privacy ledger keys data by its records)
-    kind: str = "classification"  # "classification" (labels) or "generation" (a target text; decoders)
-    text_fields: list[str] = field(default_factory=lambda: ["sentence"])  # one text, or a pair (premise, hypothesis)
-    label_field: str = "label"  # classification: the label column
-    target_field: str = ""  # generation: the column the model learns to write after the prompt
-    max_new_tokens: int = 64  # generation: the longest greedy continuation scored at evaluation
-    # A decoder's prompt: {field} placeholders name text_fields; the label word's score is read right after it.
-    template: str = "Review: {sentence}\nSentiment:"
-    # The label values as the data spells them, in class order; empty: the training split's values, sorted
-    # (stated in the log; a federation takes them from the server's public test split).
-    labels: list[str] = field(default_factory=lambda: ["0", "1"])
-    # What a decoder scores for each label (" " + word after the prompt); empty: the labels themselves
-    label_words: list[str] = field(default_factory=lambda: ["negative", "positive"])
-    # An encoder's public label prompts: its zero-shot head rows are their embeddings; empty: the label words
-    label_prompts: list[str] = field(default_factory=lambda: ["This review is negative. It was terrible.",
-                                                              "This review is positive. It was great."])
+    SECTION: ClassVar[str] = "task"
 
-    def validate(self) -> None:
+    name: str = setting("sst2", help="a name for summaries and logs (the privacy ledger keys data by its records)")
+    kind: str = setting("classification", choices=TASK_KINDS, help='"classification" (labels) or "generation" (a '
+                                                                   'target text; decoders)')
+    text_fields: list[str] = setting(factory=lambda: ["sentence"], help="one text, or a pair (premise, hypothesis)")
+    label_field: str = setting("label", help="classification: the label column")
+    target_field: str = setting("", help="generation: the column the model learns to write after the prompt")
+    max_new_tokens: int = setting(64, ints=(1, 8192), help="generation: the longest greedy continuation scored at "
+                                                           "evaluation")
+    template: str = setting(
+        "Review: {sentence}\nSentiment:",
+        help="A decoder's prompt: {field} placeholders name text_fields; the label word's score is read right after "
+             "it.")
+    labels: list[str] = setting(
+        factory=lambda: ["0", "1"],
+        help="The label values as the data spells them, in class order; empty: the training split's values, sorted "
+             "(stated in the log; a federation takes them from the server's public test split).")
+    label_words: list[str] = setting(
+        factory=lambda: ["negative", "positive"],
+        help='What a decoder scores for each label (" " + word after the prompt); empty: the labels themselves')
+    label_prompts: list[str] = setting(
+        factory=lambda: ["This review is negative. It was terrible.", "This review is positive. It was great."],
+        help="An encoder's public label prompts: its zero-shot head rows are their embeddings; empty: the label words")
+
+    def check(self) -> None:
         _require(isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "task.name",
                  "must be a non-empty name of letters, digits, '_', '.' or '-'", self.name)
-        _require(self.kind in TASK_KINDS, "task.kind", f"must be one of {TASK_KINDS}", self.kind)
         _require(isinstance(self.text_fields, list) and 1 <= len(self.text_fields) <= 2
                  and all(isinstance(f, str) and f for f in self.text_fields), "task.text_fields",
                  "must list one or two column names", self.text_fields)
@@ -134,7 +171,6 @@ class TaskConfig:
                  and self.target_field not in self.text_fields, "task.target_field",
                  "must name the target column (not a text field) exactly when task.kind = 'generation'",
                  self.target_field)
-        _int("task.max_new_tokens", self.max_new_tokens, 1, 8192)
         for name in ("labels", "label_words", "label_prompts"):
             _require(not generation or getattr(self, name) == [], f"task.{name}",
                      "applies to classification: set it to [] for a generation task", getattr(self, name))
@@ -176,27 +212,33 @@ class TaskConfig:
 
 
 @dataclass
-class DataConfig:
-    # Where the task's files are: a folder with train and test (and optionally dev) files, each .csv, .tsv,
-    # .jsonl/.json or .parquet; a relative folder is looked up in the working directory, $SEEDTUNE_DATA and
-    # the team data folder (../shared/data). Empty: the folder named task.name there.
-    data_dir: str = ""
-    train_file: str = ""  # explicit files, instead of the folder's (test_file needs train_file)
-    test_file: str = ""  # the test split's file (with train_file)
-    dev_file: str = ""  # optional: without a dev split there is no periodic (public) dev evaluation
-    # A Hugging Face dataset, used when no local files are found (real users with hub access); "" = none
-    hub: str = "glue"
-    hub_config: str = "sst2"  # the hub dataset's configuration
-    hub_splits: list[str] = field(default_factory=lambda: ["train[10%:]", "validation", "train[:10%]"])  # train, test, dev
-    train_size: int = 0  # 0 = the whole training split; else about this many, kept per record by a salted hash
-    test_size: int = 0  # 0 = the whole test split
-    seed: int = 0  # public seed for the subset choice
-    # Keep only train/dev records of at least this many words (0 = all). SST-2's training split is mostly
-    # phrases (median 7 words), its test split full sentences (median 19): a public per-record rule that
-    # spends the steps on sentence-like examples at no privacy cost (the accountant counts what is kept).
-    min_words: int = 0
+class DataConfig(Settings):
+    SECTION: ClassVar[str] = "data"
 
-    def validate(self) -> None:
+    data_dir: str = setting(
+        "",
+        help="Where the task's files are: a folder with train and test (and optionally dev) files, each .csv, .tsv, "
+             ".jsonl/.json or .parquet; a relative folder is looked up in the working directory, $SEEDTUNE_DATA and "
+             "the team data folder (../shared/data). Empty: the folder named task.name there.")
+    train_file: str = setting("", help="explicit files, instead of the folder's (test_file needs train_file)")
+    test_file: str = setting("", help="the test split's file (with train_file)")
+    dev_file: str = setting("", help="optional: without a dev split there is no periodic (public) dev evaluation")
+    hub: str = setting("glue", help='A Hugging Face dataset, used when no local files are found (real users with hub '
+                                    'access); "" = none')
+    hub_config: str = setting("sst2", help="the hub dataset's configuration")
+    hub_splits: list[str] = setting(factory=lambda: ["train[10%:]", "validation", "train[:10%]"], help="train, test, "
+                                                                                                       "dev")
+    train_size: int = setting(0, ints=(0, MAX_EXAMPLES), help="0 = the whole training split; else about this many, "
+                                                              "kept per record by a salted hash")
+    test_size: int = setting(0, ints=(0, MAX_EXAMPLES), help="0 = the whole test split")
+    seed: int = setting(0, help="public seed for the subset choice")
+    min_words: int = setting(
+        0, ints=(0, MAX_EXAMPLES),
+        help="Keep only train/dev records of at least this many words (0 = all). SST-2's training split is mostly "
+             "phrases (median 7 words), its test split full sentences (median 19): a public per-record rule that "
+             "spends the steps on sentence-like examples at no privacy cost (the accountant counts what is kept).")
+
+    def check(self) -> None:
         for name in ("data_dir", "train_file", "test_file", "dev_file", "hub", "hub_config"):
             _path_text(f"data.{name}", getattr(self, name))
         _require(not (self.test_file or self.dev_file) or bool(self.train_file), "data.train_file",
@@ -206,35 +248,34 @@ class DataConfig:
         _require(isinstance(self.hub_splits, list) and len(self.hub_splits) in (2, 3)
                  and all(isinstance(s, str) and s for s in self.hub_splits), "data.hub_splits",
                  "must list the hub's train and test split names, and optionally dev", self.hub_splits)
-        for name in ("train_size", "test_size", "min_words"):
-            value = getattr(self, name)
-            _int(f"data.{name}", value, 0, MAX_EXAMPLES)
         _require(isinstance(self.seed, int) and 0 <= self.seed < 2**64, "data.seed", "must be an int in [0, 2^64)",
                  self.seed)
 
 
 @dataclass
-class ZOConfig:
-    batch_size: int = 32  # expected batch size q*n under Poisson sampling
-    lr: float = 1e-4  # step size of theta -= lr * g * z
-    mu: float = 1e-3  # smoothing scale of the two-point estimate
-    direction: DirectionKind = "rademacher"  # "rademacher", "gaussian" or "hadamard" (an orthogonal frame) directions z
-    seed: int = 0  # 0: fresh direction seeds from the CSPRNG; else a public, reproducible stream from this seed
-    # Directions per step. 1: DPZero's symmetric two-point estimate (2 passes). K > 1: one-sided estimates
-    # sharing one unperturbed pass (K + 1 passes; a head over a Hadamard frame: all K by one transform), each
-    # divided by sqrt(K), the per-example K-vector clipped in L2 (one privacy event per step).
-    # 0 with zo.direction = "hadamard": a full frame, K = the power of two at or above the trainable set's size.
-    directions: int = 1
+class ZOConfig(Settings):
+    SECTION: ClassVar[str] = "zo"
 
-    def validate(self) -> None:
-        _int("zo.batch_size", self.batch_size, 1, 10**6)
+    batch_size: int = setting(32, ints=(1, 10**6), help="expected batch size q*n under Poisson sampling")
+    lr: float = setting(1e-4, help="step size of theta -= lr * g * z")
+    mu: float = setting(1e-3, help="smoothing scale of the two-point estimate")
+    direction: DirectionKind = setting(
+        "rademacher", choices=DIRECTION_KINDS,
+        help='"rademacher", "gaussian" or "hadamard" (an orthogonal frame) directions z')
+    seed: int = setting(0, help="0: fresh direction seeds from the CSPRNG; else a public, reproducible stream from "
+                                "this seed")
+    directions: int = setting(
+        1, ints=(0, 4096),
+        help="Directions per step. 1: DPZero's symmetric two-point estimate (2 passes). K > 1: one-sided estimates "
+             "sharing one unperturbed pass (K + 1 passes; a head over a Hadamard frame: all K by one transform), "
+             "each divided by sqrt(K), the per-example K-vector clipped in L2 (one privacy event per step). 0 with "
+             "zo.direction = \"hadamard\": a full frame, K = the power of two at or above the trainable set's size.")
+
+    def check(self) -> None:
         _positive("zo.lr", self.lr)
         _positive("zo.mu", self.mu)
-        _require(self.direction in DIRECTION_KINDS, "zo.direction", f"must be one of {DIRECTION_KINDS}",
-                 self.direction)
         _require(isinstance(self.seed, int) and 0 <= self.seed < 2**64, "zo.seed", "must be an int in [0, 2^64)",
                  self.seed)
-        _int("zo.directions", self.directions, 0, 4096)
         _require(self.directions != 0 or self.direction == "hadamard", "zo.directions",
                  "0 (a full frame) needs zo.direction = 'hadamard'", self.directions)
 
@@ -251,15 +292,19 @@ def directions_per_step(configured: int, entries: int) -> int:
 
 
 @dataclass
-class PrivacyConfig:
-    enabled: bool = True  # False: non-private MeZO (no clipping, no noise, epsilon reported as inf)
-    epsilon: float = 3.0  # the target epsilon of the whole run (PLD accounting), at delta
-    delta: float = 1e-5  # the target delta
-    clip: float = 1.0  # per-example clipping bound C on the projected gradient
-    noise_multiplier: float = 0.0  # Gaussian only; 0: calibrated from (epsilon, delta, sampling rate, steps)
-    noise: str = "gaussian"  # "gaussian", "laplace", "lmo" or "auto" (least variance at the target; see noise_search)
+class PrivacyConfig(Settings):
+    SECTION: ClassVar[str] = "privacy"
 
-    def validate(self) -> None:
+    enabled: bool = setting(True, help="False: non-private MeZO (no clipping, no noise, epsilon reported as inf)")
+    epsilon: float = setting(3.0, help="the target epsilon of the whole run (PLD accounting), at delta")
+    delta: float = setting(1e-5, help="the target delta")
+    clip: float = setting(1.0, help="per-example clipping bound C on the projected gradient")
+    noise_multiplier: float = setting(0.0, help="Gaussian only; 0: calibrated from (epsilon, delta, sampling rate, "
+                                                "steps)")
+    noise: str = setting("gaussian", choices=NOISE_CHOICES, help='"gaussian", "laplace", "lmo" or "auto" (least '
+                                                                 'variance at the target; see noise_search)')
+
+    def check(self) -> None:
         _require(isinstance(self.enabled, bool), "privacy.enabled", "must be true or false", self.enabled)
         _positive("privacy.epsilon", self.epsilon)
         _require(isinstance(self.delta, float) and 0 < self.delta < 1, "privacy.delta", "must be in (0, 1)",
@@ -267,27 +312,28 @@ class PrivacyConfig:
         _positive("privacy.clip", self.clip)
         _require(isinstance(self.noise_multiplier, (int, float)) and math.isfinite(self.noise_multiplier)
                  and self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0", self.noise_multiplier)
-        _require(self.noise in NOISE_CHOICES, "privacy.noise", f"must be one of {NOISE_CHOICES}", self.noise)
         _require(self.noise == "gaussian" or not self.noise_multiplier, "privacy.noise_multiplier",
                  "applies to privacy.noise = 'gaussian' only (other noises are always calibrated)",
                  self.noise_multiplier)
 
 
 @dataclass
-class SelectionConfig:
-    # "all", "patterns", "prune", or "head": only the classifier head (the encoder's head rows and bias, the
-    # decoder's label-word rows), whose steps read each record's frozen features once (model.feature_cache_mb)
-    mode: str = "prune"
-    fraction: float = 0.01  # kept fraction for "prune"
-    strategy: str = "static"  # "static", "dynamic" (recomputed per stage), "incremental" (grows per stage)
-    patterns: list[str] = field(default_factory=list)  # glob patterns; with "prune", restricts the candidates
+class SelectionConfig(Settings):
+    SECTION: ClassVar[str] = "selection"
 
-    def validate(self) -> None:
-        _require(self.mode in SELECTION_MODES, "selection.mode", f"must be one of {SELECTION_MODES}", self.mode)
+    mode: str = setting(
+        "prune", choices=SELECTION_MODES,
+        help="\"all\", \"patterns\", \"prune\", or \"head\": only the classifier head (the encoder's head rows and "
+             "bias, the decoder's label-word rows), whose steps read each record's frozen features once "
+             "(model.feature_cache_mb)")
+    fraction: float = setting(0.01, help='kept fraction for "prune"')
+    strategy: str = setting("static", choices=PRUNE_STRATEGIES, help='"static", "dynamic" (recomputed per stage), '
+                                                                     '"incremental" (grows per stage)')
+    patterns: list[str] = setting(factory=list, help='glob patterns; with "prune", restricts the candidates')
+
+    def check(self) -> None:
         _require(isinstance(self.fraction, (int, float)) and 0 < self.fraction <= 1, "selection.fraction",
                  "must be in (0, 1]", self.fraction)
-        _require(self.strategy in PRUNE_STRATEGIES, "selection.strategy", f"must be one of {PRUNE_STRATEGIES}",
-                 self.strategy)
         _require(isinstance(self.patterns, list) and all(isinstance(p, str) for p in self.patterns),
                  "selection.patterns", "must be a list of strings", self.patterns)
         _require(self.mode != "patterns" or bool(self.patterns), "selection.patterns",
@@ -295,20 +341,23 @@ class SelectionConfig:
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Settings):
     """DP-ZOSO stages: stage s runs stage_steps[s] steps at lr * lr_decay**s and mu * mu_decay**s."""
 
-    stage_steps: list[int] = field(default_factory=lambda: [300])  # steps of each stage, in order
-    lr_decay: float = 0.5  # lr multiplier from one stage to the next
-    mu_decay: float = 0.5  # mu multiplier from one stage to the next
-    mu_min: float = 1e-5  # mu never decays below this
-    prox: float = 0.0  # proximal strength lambda: theta -= lr_s * lambda * (theta - stage start) each step
+    SECTION: ClassVar[str] = "schedule"
+
+    stage_steps: list[int] = setting(factory=lambda: [300], help="steps of each stage, in order")
+    lr_decay: float = setting(0.5, help="lr multiplier from one stage to the next")
+    mu_decay: float = setting(0.5, help="mu multiplier from one stage to the next")
+    mu_min: float = setting(1e-5, help="mu never decays below this")
+    prox: float = setting(0.0, help="proximal strength lambda: theta -= lr_s * lambda * (theta - stage start) each "
+                                    "step")
 
     @property
     def total_steps(self) -> int:
         return sum(self.stage_steps)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         _require(isinstance(self.stage_steps, list) and 1 <= len(self.stage_steps) <= 64
                  and all(type(s) is int and s >= 1 for s in self.stage_steps)
                  and sum(self.stage_steps) <= MAX_STEPS, "schedule.stage_steps",
@@ -323,67 +372,70 @@ class ScheduleConfig:
 
 
 @dataclass
-class EvalConfig:
-    # Dev-subset evaluations every this many steps (seedtune train) or rounds (a federation); 0: only before
-    # and after training
-    every: int = 100
-    dev_size: int = 256  # dev examples per periodic evaluation (public-split monitoring, not model selection)
+class EvalConfig(Settings):
+    SECTION: ClassVar[str] = "eval"
 
-    def validate(self) -> None:
-        _int("eval.every", self.every, 0, MAX_STEPS)
-        _int("eval.dev_size", self.dev_size, 0, MAX_EXAMPLES)
-
+    every: int = setting(
+        100, ints=(0, MAX_STEPS),
+        help="Dev-subset evaluations every this many steps (seedtune train) or rounds (a federation); 0: only before "
+             "and after training")
+    dev_size: int = setting(256, ints=(0, MAX_EXAMPLES), help="dev examples per periodic evaluation (public-split "
+                                                              "monitoring, not model selection)")
 
 PARTITIONS = ("iid", "dirichlet", "natural")
 AGGREGATIONS = ("mean", "trimmed_mean", "median")
 
 
 @dataclass
-class FederationConfig:
+class FederationConfig(Settings):
     """Federated DP-ZO: every round the server sends the same fresh seeds to the sampled clients, each runs
     one private ZO step per seed on its own partition, and each seed's scalars are aggregated into one ledger
     entry (``aggregation``). Its run folder is the top-level ``out_dir``, its evaluation cadence ``eval.every``."""
 
-    rounds: int = 10  # federated rounds
-    clients_per_round: int = 0  # nodes sampled per round; 0 = every node still within its budget
-    local_steps: int = 4  # private ZO steps (seeds) per client per round
-    sample_rate: float = 0.01  # Poisson rate q on each client's partition, so every client has the same epsilon/step
-    min_replies: int = 1  # a round with fewer valid replies commits nothing
-    round_timeout_s: float = 600.0  # how long a round waits for replies
-    partition: str = "iid"  # "iid", "dirichlet" (label skew) or "natural" (one node per value of partition_by)
-    partition_by: str = ""  # "natural": the column naming each record's institution or user
-    alpha: float = 0.5  # Dirichlet concentration: smaller = more skewed
-    aggregation: str = "mean"  # per seed over the replies: "mean", "trimmed_mean" or "median" (robust)
-    trim: float = 0.2  # trimmed_mean: fraction of replies dropped at each end, per seed
-    # File of "HOLDER PUBLIC-KEY" lines (shared.protocol.identity.AllowedNodes): only these nodes are instructed, and
-    # only their signed replies count. "": any node that states a holder takes part (simulations).
-    allowed_nodes: str = ""
-    # The server's private key (OpenSSH or PEM, no passphrase): it signs every ledger position it sends and
-    # every round it commits, and a resumed server checks its ledger's signatures. Nodes configured with its
-    # public key (node config server-key) follow only signed positions and pin one ledger per server key.
-    server_key: str = ""
-    # After the last round, each node scores the final model on its own held-out data (Flower's evaluate
-    # message) and releases its per-label counts (examples, predicted, correct) under Gaussian noise calibrated
-    # to node_eval_epsilon at privacy.delta: one release, accounted in its data holder's privacy ledger under
-    # that data set's key. The server sums the counts (DP-noised accuracy and macro-F1). Classification only.
-    node_evaluation: bool = False
-    node_eval_epsilon: float = 1.0  # epsilon of that one release, per holder and held-out data set
+    SECTION: ClassVar[str] = "federation"
 
-    def validate(self) -> None:
-        for name in ("rounds", "local_steps", "min_replies"):
-            value = getattr(self, name)
-            _int(f"federation.{name}", value, 1, {"rounds": 10**6, "local_steps": 10**5}.get(name, 10**6))
-        _int("federation.clients_per_round", self.clients_per_round, 0, 10**6)
+    rounds: int = setting(10, ints=(1, 10**6), help="federated rounds")
+    clients_per_round: int = setting(0, ints=(0, 10**6), help="nodes sampled per round; 0 = every node still within "
+                                                              "its budget")
+    local_steps: int = setting(4, ints=(1, 10**5), help="private ZO steps (seeds) per client per round")
+    sample_rate: float = setting(0.01, help="Poisson rate q on each client's partition, so every client has the same "
+                                            "epsilon/step")
+    min_replies: int = setting(1, ints=(1, 10**6), help="a round with fewer valid replies commits nothing")
+    round_timeout_s: float = setting(600.0, help="how long a round waits for replies")
+    partition: str = setting("iid", choices=PARTITIONS, help='"iid", "dirichlet" (label skew) or "natural" (one node '
+                                                             'per value of partition_by)')
+    partition_by: str = setting("", help="\"natural\": the column naming each record's institution or user")
+    alpha: float = setting(0.5, help="Dirichlet concentration: smaller = more skewed")
+    aggregation: str = setting("mean", choices=AGGREGATIONS, help='per seed over the replies: "mean", "trimmed_mean" '
+                                                                  'or "median" (robust)')
+    trim: float = setting(0.2, help="trimmed_mean: fraction of replies dropped at each end, per seed")
+    allowed_nodes: str = setting(
+        "",
+        help='File of "HOLDER PUBLIC-KEY" lines (shared.protocol.identity.AllowedNodes): only these nodes are '
+             'instructed, and only their signed replies count. "": any node that states a holder takes part '
+             '(simulations).')
+    server_key: str = setting(
+        "",
+        help="The server's private key (OpenSSH or PEM, no passphrase): it signs every ledger position it sends and "
+             "every round it commits, and a resumed server checks its ledger's signatures. Nodes configured with its "
+             "public key (node config server-key) follow only signed positions and pin one ledger per server key.")
+    node_evaluation: bool = setting(
+        False,
+        help="After the last round, each node scores the final model on its own held-out data (Flower's evaluate "
+             "message) and releases its per-label counts (examples, predicted, correct) under Gaussian noise "
+             "calibrated to node_eval_epsilon at privacy.delta: one release, accounted in its data holder's privacy "
+             "ledger under that data set's key. The server sums the counts (DP-noised accuracy and macro-F1). "
+             "Classification only.")
+    node_eval_epsilon: float = setting(1.0, help="epsilon of that one release, per holder and held-out data set")
+
+    def check(self) -> None:
         _require(isinstance(self.sample_rate, (int, float)) and 0 < self.sample_rate <= 1, "federation.sample_rate",
                  "must be in (0, 1]", self.sample_rate)
         _positive("federation.round_timeout_s", self.round_timeout_s)
-        _require(self.partition in PARTITIONS, "federation.partition", f"must be one of {PARTITIONS}", self.partition)
         _require(isinstance(self.partition_by, str) and (self.partition != "natural") != bool(self.partition_by),
                  "federation.partition_by", "must name a column exactly when federation.partition = 'natural'",
                  self.partition_by)
         _positive("federation.alpha", self.alpha)
-        _require(self.aggregation in AGGREGATIONS, "federation.aggregation", f"must be one of {AGGREGATIONS}",
-                 self.aggregation)
         _require(isinstance(self.trim, (int, float)) and 0 <= self.trim < 0.5, "federation.trim",
                  "must be in [0, 0.5)", self.trim)
         _require(isinstance(self.node_evaluation, bool), "federation.node_evaluation", "must be true or false",
@@ -395,21 +447,23 @@ TRACKING_BACKENDS = ("none", "tensorboard", "mlflow")
 
 
 @dataclass
-class TrackingConfig:
-    backend: str = "none"  # also send the metrics rows to "tensorboard" (event files in the run folder) or "mlflow"
-    uri: str = ""  # mlflow: the tracking URI (default: sqlite, the run folder's mlflow.db); private-batch fields never go there
-    experiment: str = "seedtune"  # mlflow: the experiment name
+class TrackingConfig(Settings):
+    SECTION: ClassVar[str] = "tracking"
 
-    def validate(self) -> None:
-        _require(self.backend in TRACKING_BACKENDS, "tracking.backend", f"must be one of {TRACKING_BACKENDS}",
-                 self.backend)
+    backend: str = setting("none", choices=TRACKING_BACKENDS, help='also send the metrics rows to "tensorboard" '
+                                                                   '(event files in the run folder) or "mlflow"')
+    uri: str = setting("", help="mlflow: the tracking URI (default: sqlite, the run folder's mlflow.db); "
+                                "private-batch fields never go there")
+    experiment: str = setting("seedtune", help="mlflow: the experiment name")
+
+    def check(self) -> None:
         _require(isinstance(self.uri, str), "tracking.uri", "must be a string", self.uri)
         _require(isinstance(self.experiment, str) and self.experiment != "", "tracking.experiment",
                  "must be a non-empty string", self.experiment)
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Settings):
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -420,35 +474,32 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    # The run folder (ledger, metrics, summary, plots) of a training or a federation's server; empty:
-    # runs/train-<time> or runs/federated-<time>
-    out_dir: str = ""
-    threads: int = 0  # torch CPU threads; 0: torch's default
+    out_dir: str = setting("", help="The run folder (ledger, metrics, summary, plots) of a training or a "
+                                    "federation's server; empty: runs/train-<time> or runs/federated-<time>")
+    threads: int = setting(0, ints=(0, 1024), help="torch CPU threads; 0: torch's default")
 
-    def validate(self) -> "RunConfig":
+    def check(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if dataclasses.is_dataclass(value):
-                cast(Any, value).validate()  # every section validates itself
-        _int("threads", self.threads, 0, 1024)
+            if isinstance(value, Settings):
+                value.validate()  # every section validates itself
         _path_text("out_dir", self.out_dir)
         # K noisy scalars released together are one mechanism of L2 sensitivity C: accounted as one scalar for
         # the Gaussian only (K independent Laplace or LMO draws would need an accounting of their own).
         _require(self.zo.directions == 1 or not self.privacy.enabled or self.privacy.noise == "gaussian",
                  "zo.directions", f"other than 1 needs privacy.noise = 'gaussian' (got {self.privacy.noise!r})",
                  self.zo.directions)
-        # SynFlow scores a float32 model on the CPU (every node must derive the same set): a strategy that re-prunes
-        # between stages would have to score the half-precision forward copy.
         _require(self.federation.partition != "dirichlet" or self.task.kind == "classification",
                  "federation.partition", "'dirichlet' skews labels: a classification task's only", "dirichlet")
         _require(not self.federation.node_evaluation or (self.task.kind == "classification" and
                                                           self.privacy.enabled),
                  "federation.node_evaluation", "releases noised label counts: it needs a classification task and "
                  "privacy.enabled (generation is evaluated on the server's public test split)", True)
+        # SynFlow scores a float32 model on the CPU (every node must derive the same set): a strategy that re-prunes
+        # between stages would have to score the half-precision forward copy.
         _require(self.model.dtype == "float32" or self.selection.mode != "prune" or self.selection.strategy == "static",
                  "selection.strategy", f"must be 'static' with model.dtype = {self.model.dtype!r} (re-pruning runs "
                  f"in float32 only)", self.selection.strategy)
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -559,27 +610,6 @@ def parse_override(text: str) -> tuple[str, Any]:
 CONFIG_FILE_KEY = "config-file"
 
 
-def _field_comments(cls: type) -> dict[str, str]:
-    """Each field's comment in this file: the one after it on its line, else the comment lines just above."""
-    lines = inspect.getsource(cls).splitlines()
-    names = {f.name for f in dataclasses.fields(cls)}
-    out = {}
-    for i, line in enumerate(lines):
-        name = line.strip().split(":", 1)[0]
-        if name not in names or name in out:
-            continue
-        if "  # " in line:
-            out[name] = line.split("  # ", 1)[1].strip()
-            continue
-        above: list[str] = []
-        for prev in reversed(lines[:i]):
-            if not prev.strip().startswith("#"):
-                break
-            above.insert(0, prev.strip().lstrip("#").strip())
-        out[name] = " ".join(above)
-    return out
-
-
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -591,19 +621,17 @@ def _toml_value(value: Any) -> str:
 
 
 def describe(config: RunConfig) -> str:
-    """``config`` as a TOML file that load_config reads back, every key with the one line its field's comment
-    in this file gives: what ``seedtune config`` prints, the reference of every key."""
+    """``config`` as a TOML file that load_config reads back, every key with its field's help: what ``seedtune
+    config`` prints, the reference of every key."""
     top, tables = [], []
-    comments = _field_comments(RunConfig)
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            meanings = _field_comments(type(value))
-            rows = [f"{g.name} = {_toml_value(getattr(value, g.name))}  # {meanings.get(g.name, '')}".rstrip(" #")
-                    for g in dataclasses.fields(value)]
+        if isinstance(value, Settings):
+            rows = [f"{g.name} = {_toml_value(getattr(value, g.name))}  # {g.metadata.get('help', '')}".rstrip(" #")
+                    for g in dataclasses.fields(cast(Any, value))]
             tables.append(f"[{f.name}]\n" + "\n".join(rows))
         else:
-            top.append(f"{f.name} = {_toml_value(value)}  # {comments.get(f.name, '')}".rstrip(" #"))
+            top.append(f"{f.name} = {_toml_value(value)}  # {f.metadata.get('help', '')}".rstrip(" #"))
     return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"
 
 

@@ -476,7 +476,8 @@ def generation_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[
     from rouge_score import rouge_scorer
 
     most = max(len(r) for r in references)
-    streams: list[Any] = [[r[k] if k < len(r) else None for r in references] for k in range(most)]  # None: no k-th reference
+    # None: no k-th reference
+    streams: list[Any] = [[r[k] if k < len(r) else None for r in references] for k in range(most)]
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score_multi(list(refs), hyp)["rougeL"].fmeasure for hyp, refs in zip(hypotheses, references)]
     return {"bleu": float(sacrebleu.corpus_bleu(list(hypotheses), streams).score),
