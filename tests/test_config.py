@@ -121,3 +121,15 @@ def test_every_setting_carries_its_help_and_bounds_as_field_metadata():
         load_config(None, {"model.max_length": 7})
     with pytest.raises(ConfigError, match=r"federation\.aggregation must be one of \('mean', 'trimmed_mean', 'median'\)"):
         load_config(None, {"federation.aggregation": "mode"})
+
+
+def test_a_decoders_own_head_is_a_classifiers():
+    """model.decoder_head = "linear" replaces the label rows of a classifier; a generation task has none."""
+    from pathlib import Path
+
+    e2e = str(Path(__file__).resolve().parents[1] / "configs" / "e2e.toml")
+    with pytest.raises(ConfigError, match="model.decoder_head 'linear' is a classifier's head"):
+        load_config([e2e], {"model.decoder_head": "linear"})
+    with pytest.raises(ConfigError, match=r"model\.decoder_head must be one of \('label_rows', 'linear'\)"):
+        load_config(None, {"model.decoder_head": "tied"})
+

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 import sqlite3
@@ -251,9 +252,10 @@ def test_resume_refuses_changed_training_data_a_ledger_behind_its_anchor_and_a_l
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_at_step"] == 4
 
 
-@pytest.mark.parametrize("name", ["tiny-encoder", "tiny-decoder"])
+@pytest.mark.parametrize("name,head", [("tiny-encoder", "label_rows"), ("tiny-decoder", "label_rows"),
+                                       ("tiny-decoder", "linear")])
 @pytest.mark.parametrize("direction,directions", [("rademacher", 16), ("hadamard", 0)])
-def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, direction, directions):
+def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, head, direction, directions):
     """selection.mode = "head": K directions over the head's entries, each record's features computed once; the
     ledger is the usual (seed, coeff) history and replays to the trainer's model. zo.directions = 0 with Hadamard
     directions is a full frame (K = the power of two at or above the head's size), whose rounds the trainer and
@@ -262,7 +264,8 @@ def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, directio
     from seedtune.server.replay import replay
     from seedtune.shared.task.config import load_config
 
-    config = load_config(overrides={"model.name": name, "selection.mode": "head", "schedule.stage_steps": [5],
+    config = load_config(overrides={"model.name": name, "model.decoder_head": head, "selection.mode": "head",
+                                    "schedule.stage_steps": [5],
                                     "zo.direction": direction, "zo.directions": directions, "zo.lr": 0.5,
                                     "privacy.clip": 1.0, "eval.every": 0, "data.train_size": 300,
                                     "data.test_size": 32, "out_dir": str(tmp_path / "run")})
@@ -274,6 +277,12 @@ def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, directio
     rebuilt = replay(summary["ledger"], tmp_path / "model")  # saved with its model card (it raised KeyError)
     assert rebuilt["entries"] == 5 * k and rebuilt["model_digest"] == summary["model_digest"]
     assert "the classifier head only" in (tmp_path / "model" / "README.md").read_text()
+    if head == "linear":  # the saved folder holds the decoder's own head (HEAD_FILE) and loads back with it
+        from seedtune.shared.protocol.digest import model_digest
+        from seedtune.shared.task.loading import load_task_model
+
+        saved = load_task_model(dataclasses.replace(config.model, name=str(tmp_path / "model")), config.task)
+        assert model_digest(saved.module) == summary["model_digest"]
 
 
 def test_a_run_whose_anchors_folder_is_not_writable_stops_before_writing_anything(tmp_path, monkeypatch, capsys):

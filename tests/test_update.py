@@ -361,6 +361,35 @@ def test_cached_and_uncached_head_losses_are_bit_identical(tiny_task):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_a_decoders_own_head_starts_as_its_label_rows_and_its_features_are_cached():
+    """model.decoder_head = "linear": a head of the decoder's own on the last hidden state, starting from the label
+    words' output rows (the same zero-shot scores), untied from the input embedding: every record's features are
+    cached, a record holding a label word included (with the tied rows it is recomputed at every perturbation),
+    and the cached losses equal the uncached ones bit for bit."""
+    rows = load_task_model(ModelConfig(name="tiny-decoder"))
+    own = load_task_model(ModelConfig(name="tiny-decoder", decoder_head="linear"))
+    ids = own.encode(SENTENCES + ["a positive , negative one"])  # the label words
+    labels = np.arange(len(ids)) % 2
+    batch = own.collate(ids, labels)
+    assert torch.equal(own.logits(batch), rows.logits(batch))
+    head = own.head_set()
+    assert head.names == ("head.weight",) and head.size == 2 * 32 and own.head_reads_inputs() == frozenset()
+    assert rows.head_reads_inputs() and own.frozen_depth(["head.weight"]) == 2  # both layers lie below the head
+    cached, bare = ScoredView(own, head), ScoredView(own, head, feature_cache_mb=0)
+    for view in (cached, bare):
+        view.per_example_loss(ids, labels)
+        view.snapshot()
+        view.perturb(12345, 0.5)
+    try:
+        assert np.array_equal(cached.per_example_loss(ids, labels), bare.per_example_loss(ids, labels))
+        np.testing.assert_allclose(cached.per_example_loss(ids, labels), _alone_losses(own, ids, labels),
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        cached.restore()
+        bare.restore()
+    assert len(cached.cache.store) == len(ids)
+
+
 def test_head_losses_do_not_depend_on_the_rest_of_the_batch(tiny_task):
     """Each record's features are a function of that record alone, so one more record in the batch moves no
     other record's loss (the sensitivity argument's assumption, which padded batches meet only at float level)."""

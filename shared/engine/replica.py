@@ -192,7 +192,8 @@ class Replica(LedgerFollower):
 
     # ---------------------------------------------------------------------------------------- export
     def save(self, out_dir: str | Path) -> Path:
-        """A Hugging Face model folder (weights, config, tokenizer); an encoder's head goes in HEAD_FILE."""
+        """A Hugging Face model folder (weights, config, tokenizer); a head of the model's own (an encoder's, a
+        decoder's with model.decoder_head = "linear") goes in HEAD_FILE."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
@@ -202,7 +203,7 @@ class Replica(LedgerFollower):
         backbone = module.lm if self.task.kind == "decoder" else module.body
         backbone.save_pretrained(out)
         self.task.tokenizer.save_pretrained(out)
-        if self.task.kind == "encoder":
+        if hasattr(module, "head"):
             save_file({k: v.contiguous() for k, v in module.head.state_dict().items()}, str(out / HEAD_FILE))
         (out / SAVED_FILE).write_text(json.dumps({
             "kind": self.task.kind, "base_model": self.config.model.name, "ledger_version": self.version,

@@ -24,6 +24,7 @@ from seedtune.shared.privacy.noise import CALIBRATED_FAMILIES
 PRUNE_STRATEGIES = ("static", "dynamic", "incremental")
 SELECTION_MODES = ("all", "patterns", "prune", "head")
 DTYPES = ("float32", "bfloat16", "float16")  # forward-pass dtypes (model.dtype)
+DECODER_HEADS = ("label_rows", "linear")
 
 NOISE_CHOICES = CALIBRATED_FAMILIES + ("auto",)
 
@@ -92,6 +93,11 @@ class ModelConfig(Settings):
 
     name: str = setting("minilm", help='"minilm", "smollm2", a Hugging Face model id or a local folder')
     kind: str = setting("auto", help="\"encoder\", \"decoder\" or \"auto\" (from the model's config)")
+    decoder_head: str = setting(
+        "label_rows", choices=DECODER_HEADS,
+        help='a decoder classifier\'s head: "label_rows" (the label words\' rows of its output embedding, tied to the '
+             'input embedding in SmolLM2) or "linear" (a head of its own on the last hidden state, starting from '
+             'those rows: the same zero-shot scores, and features a head stage computes once per record)')
     max_length: int = setting(64, ints=(8, 131_072), help="tokens per example; a decoder prompt keeps its tail (the "
                                                           "question)")
     microbatch: int = setting(16, ints=(1, 65_536), help="examples per forward pass, grouped by length: less "
@@ -491,6 +497,8 @@ class RunConfig(Settings):
                  self.zo.directions)
         _require(self.federation.partition != "dirichlet" or self.task.kind == "classification",
                  "federation.partition", "'dirichlet' skews labels: a classification task's only", "dirichlet")
+        _require(self.model.decoder_head == "label_rows" or self.task.kind == "classification", "model.decoder_head",
+                 "'linear' is a classifier's head: a generation task scores the vocabulary", self.model.decoder_head)
         _require(not self.federation.node_evaluation or (self.task.kind == "classification" and
                                                           self.privacy.enabled),
                  "federation.node_evaluation", "releases noised label counts: it needs a classification task and "

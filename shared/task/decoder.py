@@ -108,6 +108,12 @@ class DecoderClassifier(nn.Module):
         indices = (rows[:, None] * width + torch.arange(width)).reshape(-1)
         return TrainableSet((name,), (tuple(weight.shape),), (indices,))
 
+    def head_row_classes(self) -> torch.Tensor:
+        """The class of each row of :meth:`head_set`, in its order (the label rows sorted by token id)."""
+        if len(set(self.label_ids.tolist())) != len(self.label_ids):
+            raise ValueError("two labels share a label word: the head cannot tell their rows apart")
+        return torch.argsort(self.label_ids.cpu())
+
     def head_reads_inputs(self) -> frozenset[int]:
         """The label words' token ids where the output embedding is tied to the input one."""
         tied = self.lm.get_output_embeddings().weight is self.lm.get_input_embeddings().weight
@@ -115,6 +121,43 @@ class DecoderClassifier(nn.Module):
 
     def synflow_scores(self, ones: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.label_logits(self.last_hidden(mask, inputs_embeds=ones))
+
+
+class DecoderHeadClassifier(DecoderClassifier):
+    """A decoder classifier with a K-row head of its own on the last hidden state (``model.decoder_head =
+    "linear"``), initialised from the label words' output rows, so that its zero-shot scores are theirs.
+
+    Why: where the output embedding is tied to the input one (SmolLM2), the label rows are also the input
+    embeddings of the label words, so training them moves the features of every record holding one, which a
+    head stage then cannot cache. An own head reads nothing but the frozen body's output: every record's
+    features are computed once (:class:`shared.engine.update.FeatureCache`)."""
+
+    def __init__(self, lm: nn.Module, label_token_ids: Sequence[int]) -> None:
+        super().__init__(lm, label_token_ids)
+        rows = self.lm.get_output_embeddings().weight[self.label_ids].detach()
+        self.head = nn.Linear(rows.shape[1], rows.shape[0], bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(rows)
+
+    def label_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        return last_hidden.float() @ self.head.weight.float().T  # float32 scores whatever the forward dtype
+
+    def layer_of(self, name: str) -> int:
+        if name.startswith("head."):  # it reads the final norm's output: every layer lies below it
+            return len(getattr(self.lm, self.lm.base_model_prefix).layers)
+        return super().layer_of(name)
+
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.head.weight.float(), None
+
+    def head_set(self) -> TrainableSet:
+        return TrainableSet(("head.weight",), (tuple(self.head.weight.shape),), (None,))
+
+    def head_row_classes(self) -> torch.Tensor:
+        return torch.arange(self.head.weight.shape[0])
+
+    def head_reads_inputs(self) -> frozenset[int]:
+        return frozenset()
 
 
 class DecoderGenerator(DecoderClassifier):

@@ -59,6 +59,9 @@ class EncoderClassifier(nn.Module):
         return TrainableSet(("head.weight", "head.bias"), (tuple(self.head.weight.shape), tuple(self.head.bias.shape)),
                             (None, None))
 
+    def head_row_classes(self) -> torch.Tensor:
+        return torch.arange(self.head.weight.shape[0])
+
     def head_reads_inputs(self) -> frozenset[int]:
         return frozenset()  # the head is not an input embedding
 

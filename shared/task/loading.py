@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from seedtune.shared.task.config import ConfigError, ModelConfig, TaskConfig, cache_root
-from seedtune.shared.task.decoder import DecoderClassifier, DecoderGenerator
+from seedtune.shared.task.decoder import DecoderClassifier, DecoderGenerator, DecoderHeadClassifier
 from seedtune.shared.task.encoder import EncoderClassifier
 from seedtune.shared.task.models import TextClassifier
 
@@ -167,22 +167,30 @@ def load_task_model(config: ModelConfig, task: TaskConfig | None = None) -> Text
     elif kind == "decoder":
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        model = TextClassifier(name, kind, DecoderClassifier(body, label_token_ids(tok, task.words)), tok,
-                               config.max_length, task)
+        cls = DecoderHeadClassifier if config.decoder_head == "linear" else DecoderClassifier
+        model = TextClassifier(name, kind, cls(body, label_token_ids(tok, task.words)), tok, config.max_length, task)
+        if cls is DecoderHeadClassifier:
+            _load_saved_head(model, task)
     else:
         model = TextClassifier(name, kind, EncoderClassifier(body, len(task.labels)), tok, config.max_length, task)
-        head_file = Path(name) / HEAD_FILE
-        if head_file.is_file():  # a folder written by Replica.save: the finetuned head, not a zero-shot one
-            from safetensors.torch import load_file
-
-            head = load_file(str(head_file))
-            if head["weight"].shape[0] != len(task.labels):
-                raise ConfigError(f"{head_file} has {head['weight'].shape[0]} label rows; task {task.name!r} has "
-                                  f"{len(task.labels)} labels {task.labels}")
-            model.module.head.load_state_dict(head)
-        else:
+        if not _load_saved_head(model, task):
             _init_zero_shot_head(model, task.prompts)
     return model
+
+
+def _load_saved_head(model: TextClassifier, task: TaskConfig) -> bool:
+    """The finetuned head of a folder written by Replica.save (HEAD_FILE), if the model's folder has one."""
+    head_file = Path(model.name) / HEAD_FILE
+    if not head_file.is_file():
+        return False
+    from safetensors.torch import load_file
+
+    head = load_file(str(head_file))
+    if head["weight"].shape[0] != len(task.labels):
+        raise ConfigError(f"{head_file} has {head['weight'].shape[0]} label rows; task {task.name!r} has "
+                          f"{len(task.labels)} labels {task.labels}")
+    model.module.head.load_state_dict(head)
+    return True
 
 
 @torch.no_grad()

@@ -222,14 +222,11 @@ class TextClassifier:
         what lets a step evaluate the head at many perturbations at once (:class:`shared.engine.update.ScoredView`)."""
         weight, bias = self.head_weights()
         classes, width = weight.shape
-        rows = torch.arange(classes).repeat_interleave(width)
+        rows = self.module.head_row_classes().repeat_interleave(width)  # the rows as the head set holds them
         cols = torch.arange(width).repeat(classes)
         if bias is not None:  # the encoder: head.weight row-major, then head.bias
             return torch.cat([rows, torch.arange(classes)]), torch.cat([cols, torch.full((classes,), width)])
-        order = torch.argsort(self.module.label_ids.cpu())  # the head set holds the label rows sorted by token id
-        if len(set(self.module.label_ids.tolist())) != classes:
-            raise ValueError("two labels share a label word: the head cannot tell their rows apart")
-        return order.repeat_interleave(width), cols
+        return rows, cols
 
     def head_reads_inputs(self) -> frozenset[int]:
         """Token ids whose input embedding is a trainable head row (a tied decoder's label words): a record
