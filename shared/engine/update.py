@@ -481,7 +481,7 @@ class ScoredView(TrainableView):
             # the records' stored states where prepare() kept all of them; else this batch's own prefix (a record
             # not stored would be computed alone or in a filler group: dearer than the batch's one pass)
             stored = self.prefixes
-            if stored is not None and all(tuple(x) in stored.store for x in ids):
+            if stored is not None and all(x in stored.store for x in key):
                 self._prefixes[key] = stored.padded(ids, batch.input_ids.shape[1]).to(batch.input_ids.device)
             else:
                 self._prefixes[key] = self.task.prefix_hidden(batch, self.depth)
