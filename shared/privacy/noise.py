@@ -79,6 +79,46 @@ class SecureRandom:
             raise ValueError(f"sampling rate must be in (0, 1], got {rate}")
         return np.flatnonzero(self.uniform(population) < rate)
 
+    def poisson(self, lam: float, n: int) -> np.ndarray:
+        """``n`` Poisson(``lam``) draws (int64) on this stream's uniforms, by the algorithms numpy uses: products of
+        uniforms below mean 10, Hormann's transformed rejection (PTRS, 1993) above. Exact up to float64
+        arithmetic, as numpy's are; the Skellam noise of secure aggregation (shared.privacy.skellam) is their
+        difference."""
+        if not (lam >= 0 and math.isfinite(lam)):
+            raise ValueError(f"Poisson mean must be finite and >= 0, got {lam}")
+        out = np.zeros(n, dtype=np.int64)
+        if lam == 0 or n == 0:
+            return out
+        pending = np.arange(n)
+        if lam < 10:
+            limit, prod = math.exp(-lam), np.ones(n)
+            while pending.size:
+                prod[pending] *= self.uniform(pending.size)
+                going = prod[pending] > limit
+                out[pending[going]] += 1
+                pending = pending[going]
+            return out
+        from scipy.special import gammaln
+
+        slam, loglam = math.sqrt(lam), math.log(lam)
+        b = 0.931 + 2.53 * slam
+        a = -0.059 + 0.02483 * b
+        log_inv_alpha = math.log(1.1239 + 1.1328 / (b - 3.4))
+        vr = 0.9277 - 3.6224 / (b - 2)
+        while pending.size:
+            u, v = self.uniform(pending.size) - 0.5, self.uniform(pending.size)
+            us = 0.5 - np.abs(u)
+            k = np.floor((2 * a / us + b) * u + lam + 0.43)
+            quick = (us >= 0.07) & (v <= vr)
+            possible = ~quick & (k >= 0) & ~((us < 0.013) & (v > us))
+            kk = np.where(possible, k, 0.0)
+            slow = possible & (np.log(v) + log_inv_alpha - np.log(a / (us * us) + b)
+                               <= -lam + kk * loglam - gammaln(kk + 1))
+            done = quick | slow
+            out[pending[done]] = k[done].astype(np.int64)
+            pending = pending[~done]
+        return out
+
     def noise(self, noise: "Noise", n: int = 1) -> np.ndarray:
         """``n`` draws of the noise that ``noise`` describes (the description holds no randomness of its own)."""
         return noise.sample(self, n)

@@ -1,0 +1,131 @@
+"""Distributed Skellam noise (shared.privacy.skellam): the sampler, the rounding, the accountant, the noise gain."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from dp_accounting.rdp import rdp_privacy_accountant
+from scipy import stats
+
+from seedtune.shared.privacy.accounting import calibrate_noise_multiplier
+from seedtune.shared.privacy.noise import SecureRandom
+from seedtune.shared.privacy.skellam import (ORDERS, SkellamPlan, calibrate, pld_epsilon_1d, quantize,
+                                             rdp_to_epsilon, skellam_noise, subsampled_rdp)
+
+
+def _fits(draws: np.ndarray, dist) -> bool:
+    """Chi-square of integer draws against a discrete distribution over 20 quantile bins, at p > 1e-4."""
+    edges = np.unique(dist.ppf(np.linspace(0.0, 1.0, 21)[1:-1])).astype(int)
+    observed = np.bincount(np.searchsorted(edges, draws, side="left"), minlength=len(edges) + 1)
+    expected = np.diff(np.concatenate([[0.0], dist.cdf(edges), [1.0]])) * draws.size
+    return bool(stats.chisquare(observed, expected).pvalue > 1e-4)
+
+
+@pytest.mark.parametrize("lam", [0.7, 9.5, 10.0, 300.0, 2.5e6])
+def test_poisson_draws_follow_the_distribution(lam):
+    """Both branches of the sampler (products of uniforms below 10, PTRS above)."""
+    draws = SecureRandom().poisson(lam, 100_000)
+    assert draws.dtype == np.int64 and draws.min() >= 0
+    assert _fits(draws, stats.poisson(lam))
+
+
+def test_skellam_noise_sums_to_skellam_noise():
+    """t nodes adding variance mu / t give the sum variance mu, with Skellam's zero mean (closure under sums)."""
+    rng, mu, t = SecureRandom(), 5000.0, 5
+    total = sum(skellam_noise(mu / t, 200_000, rng) for _ in range(t))
+    assert abs(total.mean()) < 4 * math.sqrt(mu / 200_000)
+    assert total.var() == pytest.approx(mu, rel=0.02)
+    assert _fits(total, stats.skellam(mu / 2, mu / 2))
+
+
+def test_rounding_is_unbiased_and_within_one_unit():
+    rng = SecureRandom()
+    vectors = np.tile(np.array([[0.25, -1.7, 3.0]]), (200_000, 1))
+    rounded = quantize(vectors, 10.0, rng)
+    assert np.all(np.abs(rounded - vectors * 10.0) < 1)
+    assert np.allclose(rounded.mean(axis=0), [2.5, -17.0, 30.0], atol=0.01)
+    assert np.all(rounded[:, 2] == 30)  # an integer stays put
+
+
+def test_the_sampling_bound_is_never_below_the_exact_subsampled_gaussian():
+    """Zhu-Wang's general bound, fed the Gaussian's RDP curve, must lie above dp-accounting's exact value for the
+    subsampled Gaussian at every order: a bound below it would be wrong."""
+    for sigma, q in [(0.8, 0.01), (1.4, 0.08), (3.0, 0.5)]:
+        exact = rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian(q, sigma, ORDERS)
+        bound = [subsampled_rdp(a, q, lambda o: o / (2 * sigma**2)) for a in ORDERS]
+        assert np.all(np.array(bound) >= np.asarray(exact) * (1 - 1e-9))
+
+
+def test_the_rdp_bound_is_above_the_exact_pld_in_one_dimension():
+    plan = SkellamPlan(clip=1.0, directions=1, scale=50.0, variance=(1.5 * 50) ** 2, threshold=1)
+    for steps in (1, 50):
+        rdp = rdp_to_epsilon(plan.rdp(0.05, steps), 1e-5)
+        pld = pld_epsilon_1d(50, plan.variance, 0.05, steps, 1e-5)
+        assert pld <= rdp
+
+
+def test_a_smaller_rounded_shift_never_costs_more():
+    """One direction is accounted at the largest rounded example, ceil(gamma C); any smaller shift costs less."""
+    costs = [pld_epsilon_1d(shift, 60.0**2, 0.05, 20, 1e-5) for shift in (10, 25, 40, 49, 50)]
+    assert costs == sorted(costs)
+
+
+def test_one_direction_skellam_costs_what_the_gaussian_costs():
+    """At a variance this large the Skellam mechanism is the Gaussian one: calibrated to the same target, the
+    noise multiplier is within 2% of the PLD-calibrated Gaussian's."""
+    plan = calibrate(3.0, 1e-5, 0.08, 100, clip=1.0, directions=1, threshold=10)
+    sigma = calibrate_noise_multiplier(3.0, 1e-5, 0.08, 100)
+    assert plan.epsilon(0.08, 100, 1e-5) <= 3.0
+    assert plan.noise_multiplier == pytest.approx(sigma, rel=0.02)
+    # each node's own share protects it far less: the local guarantee is reported beside the central one
+    assert plan.epsilon(0.08, 100, 1e-5, local=True) > 3 * plan.epsilon(0.08, 100, 1e-5)
+
+
+def test_calibration_meets_the_target_with_many_directions():
+    plan = calibrate(2.0, 1e-5, 0.05, 30, clip=0.5, directions=64, threshold=3)
+    assert plan.scale * plan.clip == pytest.approx(800.0)  # rounding adds 1% at most
+    assert 1.9 < plan.epsilon(0.05, 30, 1e-5) <= 2.0
+    assert plan.node_variance == pytest.approx(plan.variance / 3)
+
+
+def test_distributed_noise_is_sqrt_m_smaller_at_the_same_central_epsilon():
+    """M = 10 nodes, the same target epsilon per holder: today each adds all the Gaussian noise to its scalar and
+    the server averages; with secure aggregation each adds a tenth of the Skellam variance and the server divides
+    the sum. Measured over 4,000 rounds of the samplers themselves, the aggregate's noise std is sqrt(10) smaller
+    (to the two noise multipliers' ratio and the sampling error)."""
+    m, rounds, q, steps = 10, 4000, 0.08, 100
+    rng = SecureRandom()
+    sigma = calibrate_noise_multiplier(3.0, 1e-5, q, steps)
+    plan = calibrate(3.0, 1e-5, q, steps, clip=1.0, directions=1, threshold=m)
+    clipped = rng.uniform(m) - 0.5  # each node's clipped sum (clip 1), the same in both modes
+    today = (clipped[:, None] + sigma * rng.normal(m * rounds).reshape(m, rounds)).mean(axis=0)
+    integers = quantize(clipped[:, None], plan.scale, rng)
+    summed = (integers + skellam_noise(plan.node_variance, m * rounds, rng).reshape(m, rounds)).sum(axis=0)
+    secure = summed / plan.scale / m
+    gain = np.std(today - clipped.mean()) / np.std(secure - clipped.mean())
+    expected = math.sqrt(m) * sigma / plan.noise_multiplier * plan.l2_sensitivity / (plan.scale * plan.clip)
+    assert gain == pytest.approx(expected, rel=0.05)
+    assert gain == pytest.approx(math.sqrt(m), rel=0.06)
+
+
+def test_the_field_never_wraps_for_the_values_a_node_may_send():
+    plan = SkellamPlan(clip=1.0, directions=1024, scale=3200.0, variance=1e8, threshold=10)
+    limit = plan.field_limit(1000)
+    assert 1000 * limit < 2**63
+    assert limit > 1e12 * plan.l2_sensitivity  # a trillion-example batch fits
+
+
+@pytest.mark.parametrize("bad", [dict(clip=0.0), dict(variance=-1.0), dict(scale=math.inf), dict(threshold=0)])
+def test_a_bad_plan_is_refused_by_name(bad):
+    args = dict(clip=1.0, directions=1, scale=100.0, variance=1e4, threshold=2) | bad
+    with pytest.raises(ValueError, match="threshold" if "threshold" in bad else next(iter(bad))):
+        SkellamPlan(**args)
+
+
+def test_the_plan_converts_its_rdp_with_dp_accountings_conversion():
+    plan = SkellamPlan(clip=1.0, directions=4, scale=200.0, variance=1e6, threshold=2)
+    rdp = plan.rdp(0.1, 10)
+    assert plan.epsilon(0.1, 10, 1e-6) == pytest.approx(
+        rdp_privacy_accountant.compute_epsilon(ORDERS, rdp, 1e-6)[0])
