@@ -23,9 +23,10 @@ that pins its nodes, see shared.protocol.identity) and ``server-key`` (the serve
 node then follows only ledger positions that server signed, and only one ledger header from it; a simulated
 node takes ``$SEEDTUNE_SERVER_KEY`` when its config names none, as scripts/simulate.sh sets it).
 
-Four message types: ``query.identify`` (which holder this node serves, signed; nothing of the ledger comes
-with it), ``train`` (catch up, private steps), ``query`` (catch up, report the state digest) and
-``evaluate`` (catch up, release the noised label counts of the node's held-out data, when the ledger header
+Five message types: ``query.identify`` (which holder this node serves, signed; nothing of the ledger comes
+with it), ``train`` (catch up, private steps; with secure aggregation, the round's first SecAgg+ stage),
+``train.secure`` (the later SecAgg+ stages, client.secure_round), ``query`` (catch up, report the state digest)
+and ``evaluate`` (catch up, release the noised label counts of the node's held-out data, when the ledger header
 enables federation.node_evaluation).
 """
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import cast
+from typing import Callable, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
@@ -42,13 +43,13 @@ from flwr.clientapp import ClientApp
 
 from seedtune.client.privacy_ledger import Budget, open_privacy_ledger
 from seedtune.client.node import DataSource, Holder, NodeState, Runtime, handle_instruction, identify as identity_of
-from seedtune.client.node import config_refusal, evaluate as evaluate_heldout, sync
+from seedtune.client.node import config_refusal, evaluate as evaluate_heldout, secure_step, sync
 from seedtune.client.partition import load_own_data, load_partition
 from seedtune.shared.protocol.identity import SigningKey, load_public
 from seedtune.shared.task.onnx_task import DEFAULT_PROVIDERS
-from seedtune.shared.protocol.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction
+from seedtune.shared.protocol.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, Reply
 from seedtune.shared.engine.follower import LedgerFollower
-from seedtune.shared.protocol.wire import EVALUATE, IDENTIFY, SYNC, TRAIN, from_content, to_content
+from seedtune.shared.protocol.wire import EVALUATE, IDENTIFY, SECURE, SYNC, TRAIN, from_content, to_content
 
 log = logging.getLogger(__name__)
 STATE = "seedtune-node"
@@ -66,11 +67,13 @@ def load_state(context: Context) -> NodeState:
     values = context.state.array_records.get(VALUES)
     return NodeState(header=cast(bytes, record["header"]), version=cast(int, record["version"]),
                      head=cast(bytes, record["head"]),
-                     values=values["values"].numpy() if values is not None else None)
+                     values=values["values"].numpy() if values is not None else None,
+                     secure=cast(bytes, record.get("secure", b"")))
 
 
 def save_state(context: Context, state: NodeState) -> None:
-    context.state[STATE] = ConfigRecord({"header": state.header, "version": state.version, "head": state.head})
+    context.state[STATE] = ConfigRecord({"header": state.header, "version": state.version, "head": state.head,
+                                         "secure": state.secure})
     if state.values is not None:
         context.state[VALUES] = ArrayRecord({"values": Array(np.ascontiguousarray(state.values))})
 
@@ -163,31 +166,41 @@ def _node(context: Context) -> tuple[Holder, Runtime, DataSource]:
     return _holder(context), _runtime(context), _data_source(context)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _answer(msg: Message, context: Context, work: Callable[[Instruction, NodeState, Holder, Runtime, DataSource], Reply],
+            heldout: bool = False) -> Message:
+    """The reply to an instruction-carrying message: ``work`` on this node's holder, runtime, data (its held-out
+    data with ``heldout``) and saved state, kept for the next message; or a refusal naming what is wrong with the
+    node's own config, before any work."""
     ins = from_content(msg.content, Instruction)
     try:
         holder, runtime, data = _node(context)
+        if heldout:
+            data = _heldout_source(context)
     except ValueError as exc:  # NodeConfigError included: refuse by name rather than fail the ClientApp
         return Message(to_content(config_refusal(ins, context.node_id, str(exc))), reply_to=msg)
     state = load_state(context)
-    reply = handle_instruction(ins, context.node_id, state, data, holder, runtime=runtime)
+    reply = work(ins, state, holder, runtime, data)
     save_state(context, state)
     return Message(to_content(reply), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _answer(msg, context, lambda ins, state, holder, runtime, data: handle_instruction(
+        ins, context.node_id, state, data, holder, runtime=runtime))
+
+
+@app.train("secure")
+def train_secure(msg: Message, context: Context) -> Message:
+    """Stages 2 to 4 of a secure-aggregation round (client.secure_round); its state stays in the node's context."""
+    return _answer(msg, context, lambda ins, state, holder, runtime, data: secure_step(
+        ins, context.node_id, state, holder, runtime))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    ins = from_content(msg.content, Instruction)
-    try:
-        holder, runtime, _ = _node(context)
-        heldout = _heldout_source(context)
-    except ValueError as exc:
-        return Message(to_content(config_refusal(ins, context.node_id, str(exc))), reply_to=msg)
-    state = load_state(context)
-    reply = evaluate_heldout(ins, context.node_id, state, heldout, holder, runtime=runtime)
-    save_state(context, state)
-    return Message(to_content(reply), reply_to=msg)
+    return _answer(msg, context, lambda ins, state, holder, runtime, heldout: evaluate_heldout(
+        ins, context.node_id, state, heldout, holder, runtime=runtime), heldout=True)
 
 
 @app.query("identify")
@@ -205,18 +218,11 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    ins = from_content(msg.content, Instruction)
-    try:
-        holder, runtime, data = _node(context)
-    except ValueError as exc:
-        return Message(to_content(config_refusal(ins, context.node_id, str(exc))), reply_to=msg)
-    state = load_state(context)
-    reply = sync(ins, context.node_id, state, data, holder, runtime)
-    save_state(context, state)
-    return Message(to_content(reply), reply_to=msg)
+    return _answer(msg, context, lambda ins, state, holder, runtime, data: sync(
+        ins, context.node_id, state, data, holder, runtime))
 
 
-HANDLERS = {TRAIN: train, SYNC: query, IDENTIFY: identify, EVALUATE: evaluate}  # message type -> handler
+HANDLERS = {TRAIN: train, SECURE: train_secure, SYNC: query, IDENTIFY: identify, EVALUATE: evaluate}  # message type -> handler
 
 
 def handler_for(message_type: str):

@@ -23,6 +23,7 @@ from typing import Callable, cast
 
 import numpy as np
 
+from seedtune.client import secure_round
 from seedtune.client.privacy_ledger import Budget, BudgetExceeded, PrivacyLedger, heldout_budget, request_key
 from seedtune.client.zo_step import zo_step
 from seedtune.shared.protocol.aggregation import coefficient, update_scale
@@ -58,6 +59,7 @@ class NodeState:
     version: int = 0
     head: bytes = b""
     values: np.ndarray | None = None  # trainable values at `version` (None: the base model's)
+    secure: bytes = b""  # the open secure-aggregation round (client.secure_round.Pending), private keys included
 
 
 @dataclass
@@ -281,12 +283,12 @@ def _refusing_on_error(work: Callable[[], Reply], reply: Reply, state: NodeState
     """The reply ``work`` returns, or ``reply`` turned into a signed refusal that releases nothing."""
     try:
         return work()
-    except (Refusal, ReplicaError, ChainError, BudgetExceeded) as exc:
+    except (Refusal, ReplicaError, ChainError, BudgetExceeded, secure_round.SecureRefusal) as exc:
         log.warning("node %d refuses %s: %s", reply.node, what, exc)
         reply.refusal = str(exc)
         reply.refusal_code = getattr(exc, "code", "")
         reply.model_version = state.version
-        for released in ("scalars", "counts", "metrics"):
+        for released in ("scalars", "counts", "metrics", "secure"):
             reply.ClearField(released)
     return sign_reply(reply, holder.key)
 
@@ -372,6 +374,10 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
         raise Refusal(f"{len(ins.seeds)} seeds are not whole steps of the header's {k} directions")
 
     data = _load(source, replica)
+    if replica.config.federation.secure_aggregation != "none":  # the round is SecAgg+'s four steps
+        reply, state.secure = secure_round.begin(ins, reply.node, replica, data.ids, data.labels, holder, budget,
+                                                 noise, rng, reply)
+        return reply
     request = request_key(ins.header_digest, ins.round, ins.model_version, list(ins.seeds))
     stored = holder.ledger.reply_for(holder.spends, request)
     if stored is not None:  # answered before (a re-delivery): the same bytes, not a second release
@@ -411,6 +417,25 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
     sign_reply(reply, holder.key)  # before it is stored: a re-delivery gets the same signed bytes
     holder.ledger.record(holder.spends, request, run, budget, reply.SerializeToString(deterministic=True))
     return reply
+
+
+def secure_step(ins: Instruction, node_id: int, state: NodeState, holder: Holder,
+                runtime: Runtime = Runtime()) -> Reply:
+    """Stages 2 to 4 of the secure round this node opened (message type ``train.secure``; client.secure_round):
+    checked against the round it keeps, and nothing of the ledger moves."""
+    reply = _envelope(ins, node_id, holder, runtime)
+
+    def work() -> Reply:
+        if ins.protocol_version != PROTOCOL_VERSION:
+            raise Refusal(f"protocol version {ins.protocol_version}; this node speaks {PROTOCOL_VERSION}")
+        replica = replica_for(_adopt_header(ins, state), runtime)
+        budget = holder.budget_for(replica.config)
+        header = replica.header
+        noise = Noise.from_json(header.noise_params) if header is not None and header.noise_params else None
+        out, state.secure = secure_round.advance(ins, state.secure, holder, budget, noise, reply)
+        return out
+
+    return _refusing_on_error(work, reply, state, holder, f"secure step {ins.secure.stage} of round {ins.round}")
 
 
 def evaluate(ins: Instruction, node_id: int, state: NodeState, heldout: DataSource, holder: Holder,

@@ -29,7 +29,8 @@ import numpy as np
 
 from seedtune.shared.engine.batching import length_sorted
 from seedtune.shared.engine.follower import ZoModel
-from seedtune.shared.privacy.noise import Noise, SecureRandom
+from seedtune.shared.privacy.noise import Noise, SecureRandom, Skellam
+from seedtune.shared.privacy.skellam import quantize
 
 
 @dataclass(frozen=True)
@@ -114,18 +115,25 @@ def zero_nonfinite(g: np.ndarray) -> tuple[np.ndarray, int]:
     return g, int(bad.sum())
 
 
-def privatize_vectors(
-    g: np.ndarray, clip: float, expected_batch: float, noise: Noise | None, rng: SecureRandom
-) -> tuple[np.ndarray, int]:
-    """Zero non-finite rows, clip each example's row of ``g`` (n, K) to L2 norm C, sum, add C times K draws of
-    the (sensitivity-1) noise, divide by the expected batch; also returns how many rows were clipped."""
+def clip_rows(g: np.ndarray, clip: float) -> tuple[np.ndarray, int]:
+    """Each example's row of ``g`` (n, K), non-finite rows zeroed, scaled to L2 norm at most C; and how many
+    rows were clipped."""
     g, _ = zero_nonfinite(g)
     norms = np.linalg.norm(g, axis=1)
     scale = np.minimum(1.0, clip / np.maximum(norms, np.finfo(np.float64).tiny))
-    total = (g * scale[:, None]).sum(axis=0)
+    return g * scale[:, None], int((norms > clip).sum())
+
+
+def privatize_vectors(
+    g: np.ndarray, clip: float, expected_batch: float, noise: Noise | None, rng: SecureRandom
+) -> tuple[np.ndarray, int]:
+    """Clip each example's row of ``g`` (n, K) to L2 norm C, sum, add C times K draws of the (sensitivity-1)
+    noise, divide by the expected batch; also returns how many rows were clipped."""
+    clipped, count = clip_rows(g, clip)
+    total = clipped.sum(axis=0)
     if noise is not None:
         total = total + clip * np.asarray(rng.noise(noise, g.shape[1]), dtype=np.float64)
-    return total / expected_batch, int((norms > clip).sum())
+    return total / expected_batch, count
 
 
 def privatize(
@@ -134,6 +142,29 @@ def privatize(
     """The single-direction case: clip each estimate to [-C, C], sum, add noise, divide by the expected batch."""
     total, clipped = privatize_vectors(np.asarray(g, dtype=np.float64)[:, None], clip, expected_batch, noise, rng)
     return float(total[0]), clipped
+
+
+def estimates(model: ZoModel, train_ids: Sequence[Sequence[int]], train_labels: np.ndarray, seeds: Sequence[int],
+              mu: float, sample_rate: float, microbatch: int, rng: SecureRandom) -> tuple[np.ndarray, np.ndarray, int]:
+    """A Poisson sample's per-example estimates along each seed, shape (n, K) (one seed: the symmetric
+    two-point estimate; several: one-sided estimates sharing the unperturbed pass, divided by sqrt(K)), non-finite
+    rows zeroed; the sample's unperturbed losses; how many rows were zeroed."""
+    if not seeds:
+        raise ValueError("a ZO step needs at least one direction seed")
+    rows = rng.poisson_sample(len(train_ids), sample_rate)
+    ids, labels = [train_ids[i] for i in rows], train_labels[rows]
+    if len(seeds) == 1:
+        g, losses = projected_gradients(model, ids, labels, seeds[0], mu, microbatch)
+        g = g[:, None]
+    else:
+        # A model that can evaluate all K directions at once (a head-only view over a Hadamard frame) does;
+        # others make K + 1 passes.
+        frame = getattr(model, "frame_estimates", None)
+        found = frame(ids, labels, seeds, mu) if frame is not None else None
+        g, losses = found if found is not None else one_sided_gradients(model, ids, labels, seeds, mu, microbatch)
+        g = g / np.sqrt(len(seeds))
+    g, nonfinite = zero_nonfinite(g)
+    return g, losses, nonfinite
 
 
 def zo_step(
@@ -151,24 +182,20 @@ def zo_step(
 ) -> StepResult:
     """A full step's estimates on a Poisson sample, one per seed (one seed: the symmetric two-point estimate;
     several: one-sided estimates sharing the unperturbed pass); ``clip=None`` is the non-private MeZO estimate."""
-    if not seeds:
-        raise ValueError("a ZO step needs at least one direction seed")
-    rows = rng.poisson_sample(len(train_ids), sample_rate)
-    ids, labels = [train_ids[i] for i in rows], train_labels[rows]
-    if len(seeds) == 1:
-        g, losses = projected_gradients(model, ids, labels, seeds[0], mu, microbatch)
-        g = g[:, None]
-    else:
-        # A model that can evaluate all K directions at once (a head-only view over a Hadamard frame) does;
-        # others make K + 1 passes.
-        frame = getattr(model, "frame_estimates", None)
-        found = frame(ids, labels, seeds, mu) if frame is not None else None
-        g, losses = found if found is not None else one_sided_gradients(model, ids, labels, seeds, mu, microbatch)
-        g = g / np.sqrt(len(seeds))
-    g, nonfinite = zero_nonfinite(g)
+    g, losses, nonfinite = estimates(model, train_ids, train_labels, seeds, mu, sample_rate, microbatch, rng)
     if clip is None:
         scalars, clipped = (g.mean(axis=0) if len(g) else np.zeros(len(seeds))), 0
     else:
         scalars, clipped = privatize_vectors(g, clip, sample_rate * len(train_ids), noise, rng)
-    return StepResult(tuple(seeds), tuple(float(s) for s in scalars), len(rows), clipped, nonfinite,
+    return StepResult(tuple(seeds), tuple(float(s) for s in scalars), len(g), clipped, nonfinite,
                       float(losses.mean()) if len(losses) else float("nan"))
+
+
+def integer_release(g: np.ndarray, clip: float, noise: Skellam, share: int, rng: SecureRandom) -> np.ndarray:
+    """A secure-aggregation step's vector from its estimates ``g`` (n, K) (shared.privacy.skellam): each
+    example's clipped row in units of ``clip / noise.sensitivity``, rounded up or down at random (so one example
+    moves the sum by at most the sensitivity, whatever the coin flips), summed, plus this node's ``1 / share`` of
+    the central Skellam variance. int64, one per seed; the caller masks it before it leaves the node."""
+    clipped, _ = clip_rows(g, clip)
+    total = quantize(clipped, noise.sensitivity / clip, rng).sum(axis=0, dtype=np.int64)
+    return total + Skellam.integers(rng, g.shape[1], noise.variance / share)

@@ -264,7 +264,9 @@ def verify(ledger: str | Path, unanchored: bool = False, server_key: str | Path 
     with rounds and no anchor beside it is an error (its lost rounds could not be told), unless ``unanchored``:
     then the chains alone are checked and the answer says ``"unanchored": true``. With ``server_key`` (the
     federation server's public key, a ``.pub`` file) every round must be signed by it: the check that tells a
-    consistent rewrite by anyone without the key (new header, every hash recomputed) from the ledger itself."""
+    consistent rewrite by anyone without the key (new header, every hash recomputed) from the ledger itself.
+    ``secure_rounds`` counts the securely aggregated rounds: their coefficients are checked against the stored
+    per-seed aggregate; the nodes' own scalars were never seen by the server, so they cannot be."""
     from seedtune.shared.protocol.identity import IdentityError, load_public
     from seedtune.shared.protocol.run_folder import anchors_of
 
@@ -290,6 +292,7 @@ def verify(ledger: str | Path, unanchored: bool = False, server_key: str | Path 
                 "record": opened.record_at(rounds).hex() if opened.chains_rounds else None,
                 "format": opened.header.format_version, "anchored_round": anchor.round if anchor else None,
                 "unanchored": anchor is None and bool(rounds), "signed_rounds": signed,
+                "secure_rounds": opened.secure_rounds(),
                 "noise": opened.header.noise, "base_model_digest": opened.header.base_model_digest}
     finally:
         opened.close()

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from flwr.app import Message
 
-from seedtune.shared.protocol.aggregation import ACCEPTED
+from seedtune.shared.protocol.aggregation import ACCEPTED, MASKED
 from seedtune.shared.protocol.identity import AllowedNodes
 from seedtune.shared.protocol.ledger import Provenance
 from seedtune.shared.protocol.proto import REFUSAL_HISTORY, Instruction, Reply
@@ -78,6 +78,18 @@ class Courier:
         delivery.timings = {"tail": t1 - t0, "transport": time.perf_counter() - t1}
         return delivery
 
+    def send_each(self, rnd: int, instructions: Mapping[int, Instruction], message_type: str) -> Delivery:
+        """Send each node its own instruction (a secure round's later stages: each node's keys, shares or
+        unmasking request differ); their replies and downlink bytes."""
+        t0 = time.perf_counter()
+        messages = [Message(content_of(ins.SerializeToString(deterministic=True)), dst_node_id=node,
+                            message_type=message_type, group_id=str(rnd)) for node, ins in instructions.items()]
+        delivery = Delivery([], {m.metadata.dst_node_id: wire_bytes(m) for m in messages})
+        t1 = time.perf_counter()
+        delivery.replies = self._exchange(messages)
+        delivery.timings = {"tail": t1 - t0, "transport": time.perf_counter() - t1}
+        return delivery
+
     @staticmethod
     def uplink(replies: list[Any], max_bytes: int) -> dict[int, int]:
         """The wire bytes of each node's reply. One too long or of the wrong shape counts its payload only (it
@@ -99,7 +111,7 @@ class Courier:
         """After a round: a node whose reply was valid holds the ledger at ``version``; one that refused is
         resent it from the start, header included (it skips what it already has)."""
         for p in provenance:
-            if p.status in (ACCEPTED, BELOW_MIN_REPLIES):
+            if p.status in (ACCEPTED, MASKED, BELOW_MIN_REPLIES):
                 self.known_version[p.node] = version
             elif p.status in ("refused", REFUSED_HISTORY):
                 self.known_version[p.node] = 0

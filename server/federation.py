@@ -29,12 +29,13 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from seedtune.shared.protocol.aggregation import ACCEPTED, RoundRule, update_scale
+from seedtune.shared.protocol.aggregation import ACCEPTED, FEEDS, MASKED, RoundRule, update_scale
 from seedtune.shared.task.config import RunConfig, directions_per_step, flatten
 from seedtune.shared.engine.directions import step_seeds
 from seedtune.shared.protocol.identity import position_bytes
@@ -44,13 +45,15 @@ from seedtune.shared.engine.replica import Replica
 from seedtune.shared.protocol.run_folder import check_anchor_home, write_home_anchor
 from seedtune.shared.task.tasks import load_split, with_labels
 from seedtune.shared.task.tracking import check_backend, open_tracker
-from seedtune.shared.privacy.noise import Noise, SecureRandom
+from seedtune.shared.privacy.noise import Noise, SecureRandom, Skellam
+from seedtune.shared.privacy.skellam import calibrate as calibrate_skellam
 from seedtune.shared.privacy.noise_search import count_noise, plan_noise
 from seedtune.shared.protocol.wire import EVALUATE, SYNC
 from seedtune.server.courier import Courier
 from seedtune.server.holders import Holders, load_key, load_pins
 from seedtune.server.resume import open_run
-from seedtune.server.round import REFUSED_HISTORY, RoundPlan, judge, scalar_bound
+from seedtune.server.round import REFUSED_HISTORY, Collected, RoundPlan, judge, scalar_bound
+from seedtune.server.secure import SecureRound
 from seedtune.server.summary import Clock, node_evaluation, round_row, run_summary
 
 log = logging.getLogger(__name__)
@@ -98,6 +101,8 @@ class FederatedServer:
                               config.federation.trim)
         self.bound = scalar_bound(config.privacy.clip, self.noise)
         self.holders = Holders(config.privacy, config.federation.sample_rate, self.noise, self.pins)
+        self.secure = SecureRound(config, self.noise, self.courier, self.pins, self.ledger.genesis.hex()) \
+            if config.federation.secure_aggregation != "none" and isinstance(self.noise, Skellam) else None
         for holder, steps in self.ledger.instructed_steps().items():  # sent = spent, committed or not
             self.holders.record(holder, steps)
 
@@ -108,11 +113,16 @@ class FederatedServer:
     def _new_header(self):
         """The header of a new ledger: calibrates the noise for the whole run (only when no ledger exists)."""
         fed, privacy = self.config.federation, self.config.privacy
-        noise = None
-        if privacy.enabled:
-            noise = plan_noise(privacy, fed.sample_rate, fed.rounds * fed.local_steps, nodes_stop_at_budget=True)
+        noise: Noise | None = None
+        steps = fed.rounds * fed.local_steps
+        if privacy.enabled and fed.secure_aggregation != "none":  # the central noise the survivors' shares sum to
+            noise = calibrate_skellam(privacy.epsilon, privacy.delta, fed.sample_rate, steps, privacy.clip, 1,
+                                      fed.min_replies).noise()
+        elif privacy.enabled:
+            noise = plan_noise(privacy, fed.sample_rate, steps, nodes_stop_at_budget=True)
+        if noise is not None:
             log.info("noise %s for epsilon %.3g, delta %.1e over %d steps per node at rate %.4g",
-                     noise.describe(), privacy.epsilon, privacy.delta, fed.rounds * fed.local_steps, fed.sample_rate)
+                     noise.describe(), privacy.epsilon, privacy.delta, steps, fed.sample_rate)
         header = self.replica.make_header(noise)
         header.allowed_nodes = self.pins.digest if self.pins else ""
         return header
@@ -155,9 +165,25 @@ class FederatedServer:
             if self.key else b""
         return ins
 
+    def collect(self, plan: RoundPlan) -> Collected:
+        """send -> validate: each instructed node's reply judged (server.round.judge). Secure aggregation replaces
+        this step with SecAgg+'s four (server.secure), which yield one aggregate row instead of the replies'
+        scalars."""
+        if self.secure is not None:
+            return self.secure.collect(plan, lambda at: self.instruction(plan, at), self.holders.of)
+        if not plan.nodes:
+            return Collected([], Counter(), 0, Counter(), Counter(), {})
+        delivery = self.courier.send(plan, lambda at: self.instruction(plan, at))
+        provenance, rejected = judge(plan, delivery.replies, self.courier.run_id, self.holders.of, self.bound,
+                                     self.pins, self.config.federation.min_replies)
+        return Collected(provenance, rejected, len(delivery.replies),
+                         Counter(self.courier.uplink(delivery.replies, plan.max_reply_bytes)), Counter(delivery.down),
+                         delivery.timings)
+
     def aggregate(self, plan: RoundPlan, provenance: list[Provenance]) -> np.ndarray:
-        """The round's K coefficients: the rule over the accepted scalars, per seed (none if nothing accepted)."""
-        accepted = [p.values() for p in provenance if p.status == ACCEPTED]
+        """The round's K coefficients: the rule over the accepted scalars (or a secure round's aggregate row), per
+        seed (none if nothing accepted)."""
+        accepted = [p.values() for p in provenance if p.status in FEEDS]
         return self.rule.coefficients(np.stack(accepted)) if accepted else np.zeros(0, dtype=np.float32)
 
     def run_round(self, rnd: int) -> dict[str, Any]:
@@ -168,19 +194,16 @@ class FederatedServer:
         clock.lap("configure")
         if not plan.nodes:
             log.warning("round %d: no node is within its privacy budget; committing an empty round", rnd)
-        delivery = self.courier.send(plan, lambda at: self.instruction(plan, at)) if plan.nodes else None
-        replies = delivery.replies if delivery else []
-        clock.add(delivery.timings if delivery else {})
-        fed = self.config.federation
-        provenance, rejected = judge(plan, replies, self.courier.run_id, self.holders.of, self.bound, self.pins,
-                                     fed.min_replies)
+        got = self.collect(plan)
+        clock.add(got.timings)
+        fed, provenance, rejected = self.config.federation, got.provenance, got.rejected
         self.courier.settle(provenance, plan.version)
-        if replies and rejected[REFUSED_HISTORY] == len(replies):
-            raise FederationHalted.in_round(rnd, len(replies), self.ledger.path)
+        if got.replies and rejected[REFUSED_HISTORY] == got.replies:
+            raise FederationHalted.in_round(rnd, got.replies, self.ledger.path)
         clock.lap("validate")
         coeffs = self.aggregate(plan, provenance)
         clock.lap("aggregate")
-        accepted = sum(p.status == ACCEPTED for p in provenance)
+        accepted = sum(p.status in (ACCEPTED, MASKED) for p in provenance)
         entries = self.ledger.commit_round(plan.round, plan.seeds, coeffs, provenance, self.rule,
                                            {"instructed": len(plan.nodes), "accepted": accepted,
                                             "rejected": dict(rejected), "seeds": len(plan.seeds)},
@@ -190,9 +213,8 @@ class FederatedServer:
         record = self.ledger.record_at(rnd)
         write_home_anchor(self.ledger.path, self.ledger.genesis, rnd, record)  # the metrics row is the other
         clock.lap("apply")
-        row = round_row(rnd, len(plan.nodes), len(replies), accepted, rejected, len(entries), len(self.ledger),
-                        record, self.courier.uplink(replies, plan.max_reply_bytes), delivery.down if delivery else {},
-                        fed.local_steps, self.holders.epsilons())
+        row = round_row(rnd, len(plan.nodes), got.replies, accepted, rejected, len(entries), len(self.ledger),
+                        record, got.up, got.down, fed.local_steps, self.holders.epsilons())
         if self.config.eval.every and rnd % self.config.eval.every == 0:
             row["dev_accuracy"] = self.evaluate()
         clock.lap("evaluate")

@@ -50,6 +50,20 @@ class RoundPlan:
         return 4 * len(self.seeds) + 16 * 1024
 
 
+@dataclass
+class Collected:
+    """What a round's send-and-validate step brought back (server.federation.FederatedServer.collect, or
+    server.secure for a secure round): every reply's provenance, the rejections by kind, how many replies
+    arrived, the bytes each node sent and was sent, and where the time went."""
+
+    provenance: list[Provenance]
+    rejected: Counter[str]
+    replies: int
+    up: Counter[int]
+    down: Counter[int]
+    timings: dict[str, float]
+
+
 def scalar_bound(clip: float, noise: Noise | None) -> float:
     """Largest |scalar| an honest client sends: a clipped mean (at most C, a little more when the Poisson batch
     is larger than expected) plus noise, loosely bounded at 20 standard deviations."""
@@ -101,9 +115,11 @@ def signed(reply: Reply, holder: str | None, pins: AllowedNodes | None) -> bool:
                             and pins.signed_by(holder, reply_bytes(reply), reply.signature))
 
 
-def validate(msg: Any, plan: RoundPlan, run_id: int, holder: str | None, seen: set[int],
-             bound: float, pins: AllowedNodes | None = None) -> tuple[Reply, np.ndarray]:
-    """The reply in ``msg`` and its float32 scalars, or :class:`Rejected` naming what is wrong with it.
+def envelope(msg: Any, plan: RoundPlan, run_id: int, holder: str | None, seen: set[int],
+             pins: AllowedNodes | None = None, max_bytes: int | None = None) -> Reply:
+    """The reply in ``msg`` if it answers this round from the holder its node proved, signed where the
+    federation pins keys, once, at the round's version; else :class:`Rejected` naming what is wrong. What it
+    carries is checked by the caller (:func:`validate`: the scalars; server.secure: a SecAgg+ step's answer).
 
     ``holder`` is the data holder the sending node proved; ``seen`` the nodes already accepted this round;
     ``pins`` the federation's pinned keys (a reply must then carry its holder's signature)."""
@@ -113,7 +129,7 @@ def validate(msg: Any, plan: RoundPlan, run_id: int, holder: str | None, seen: s
     if msg.has_error():
         raise Rejected("client_error", f"node {src} failed: {msg.error.reason}")
     try:
-        reply = from_content(msg.content, Reply, max_bytes=plan.max_reply_bytes)
+        reply = from_content(msg.content, Reply, max_bytes=max_bytes or plan.max_reply_bytes)
     except WireError as exc:
         raise Rejected("oversized" if isinstance(exc, PayloadTooLarge) else "malformed",
                        f"node {src}: {exc}") from exc
@@ -133,6 +149,15 @@ def validate(msg: Any, plan: RoundPlan, run_id: int, holder: str | None, seen: s
     if reply.model_version != plan.version:
         raise Rejected("wrong_version", f"node {src}: computed at version {reply.model_version}, "
                        f"the round is at {plan.version}")
+    return reply
+
+
+def validate(msg: Any, plan: RoundPlan, run_id: int, holder: str | None, seen: set[int],
+             bound: float, pins: AllowedNodes | None = None) -> tuple[Reply, np.ndarray]:
+    """The reply in ``msg`` (:func:`envelope`) and its float32 scalars, one per seed, finite and within the
+    honest ``bound``; or :class:`Rejected` naming what is wrong with it."""
+    reply = envelope(msg, plan, run_id, holder, seen, pins)
+    src = msg.metadata.src_node_id
     if len(reply.scalars) != 4 * len(plan.seeds):
         raise Rejected("wrong_count", f"node {src}: {len(reply.scalars)} bytes of scalars for "
                        f"{len(plan.seeds)} seeds (4 bytes each)")

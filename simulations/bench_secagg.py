@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -32,14 +31,7 @@ from typing import Any
 import numpy as np
 
 from seedtune.shared.privacy.noise import SecureRandom
-from seedtune.shared.protocol.secagg import NodeSession, RoundGraph, ServerSession
-
-
-def default_degree(m: int) -> int:
-    """SecAgg+'s O(log M) neighbourhood: the smallest odd number at or above 2 log2 M + 1 (all M when that covers
-    them)."""
-    degree = 2 * math.ceil(math.log2(max(m, 2))) + 1
-    return m if degree >= m else degree
+from seedtune.shared.protocol.secagg import NodeSession, RoundGraph, ServerSession, default_degree
 
 
 def one_round(m: int, length: int, drop: float, degree: int | None = None) -> dict[str, Any]:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from seedtune.shared.privacy.noise import SecureRandom
-from seedtune.shared.privacy.skellam import quantize, skellam_noise
+from seedtune.shared.privacy.noise import SecureRandom, Skellam
+from seedtune.shared.privacy.skellam import quantize
 from seedtune.shared.protocol.secagg import NodeSession, RoundGraph, SecAggError, ServerSession, mask
 
 
@@ -27,7 +27,7 @@ def _noised(m: int, length: int) -> dict[int, np.ndarray]:
     """What nodes mask in a secure-aggregation round: clipped examples' sums, rounded, plus Skellam shares."""
     rng = SecureRandom()
     return {100 + i: quantize(rng.uniform(length)[None, :] - 0.5, 3200.0, rng)[0]
-            + skellam_noise(4e6 / m, length, rng) for i in range(m)}
+            + Skellam.integers(rng, length, 4e6 / m) for i in range(m)}
 
 
 @pytest.mark.parametrize("m, degree, threshold", [(2, 2, 2), (5, 5, 3), (12, 5, 3), (12, 7, 5)])

@@ -10,9 +10,9 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import stats
 
 from seedtune.shared.privacy.accounting import calibrate_noise_multiplier
-from seedtune.shared.privacy.noise import SecureRandom
+from seedtune.shared.privacy.noise import SecureRandom, Skellam
 from seedtune.shared.privacy.skellam import (ORDERS, SkellamPlan, calibrate, pld_epsilon_1d, quantize,
-                                             rdp_to_epsilon, skellam_noise, subsampled_rdp)
+                                             rdp_to_epsilon, subsampled_rdp)
 
 
 def _fits(draws: np.ndarray, dist) -> bool:
@@ -34,7 +34,7 @@ def test_poisson_draws_follow_the_distribution(lam):
 def test_skellam_noise_sums_to_skellam_noise():
     """t nodes adding variance mu / t give the sum variance mu, with Skellam's zero mean (closure under sums)."""
     rng, mu, t = SecureRandom(), 5000.0, 5
-    total = sum(skellam_noise(mu / t, 200_000, rng) for _ in range(t))
+    total = sum(Skellam.integers(rng, 200_000, mu / t) for _ in range(t))
     assert abs(total.mean()) < 4 * math.sqrt(mu / 200_000)
     assert total.var() == pytest.approx(mu, rel=0.02)
     assert _fits(total, stats.skellam(mu / 2, mu / 2))
@@ -102,7 +102,7 @@ def test_distributed_noise_is_sqrt_m_smaller_at_the_same_central_epsilon():
     clipped = rng.uniform(m) - 0.5  # each node's clipped sum (clip 1), the same in both modes
     today = (clipped[:, None] + sigma * rng.normal(m * rounds).reshape(m, rounds)).mean(axis=0)
     integers = quantize(clipped[:, None], plan.scale, rng)
-    summed = (integers + skellam_noise(plan.node_variance, m * rounds, rng).reshape(m, rounds)).sum(axis=0)
+    summed = (integers + Skellam.integers(rng, m * rounds, plan.node_variance).reshape(m, rounds)).sum(axis=0)
     secure = summed / plan.scale / m
     gain = np.std(today - clipped.mean()) / np.std(secure - clipped.mean())
     expected = math.sqrt(m) * sigma / plan.noise_multiplier * plan.l2_sensitivity / (plan.scale * plan.clip)

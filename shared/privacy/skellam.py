@@ -40,7 +40,8 @@ import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant
 from scipy.special import gammaln, logsumexp
 
-from seedtune.shared.privacy.noise import SecureRandom
+from seedtune.shared.privacy.accounting import StepRun, noise_epsilon
+from seedtune.shared.privacy.noise import SecureRandom, Skellam
 
 ORDERS = tuple(range(2, 129)) + (160, 192, 256, 384, 512)  # integer RDP orders (the sampling bound needs them)
 FIELD_BITS = 64  # secure aggregation adds modulo 2^64 (numpy uint64 arithmetic wraps exactly there)
@@ -161,6 +162,13 @@ class SkellamPlan:
         gamma C = 3,200, the limit for 1,000 nodes is 4.6e15, a batch of 1.4e12 examples)."""
         return (1 << (FIELD_BITS - 1)) // max(nodes, 1) - 1
 
+    def noise(self) -> Skellam:
+        """The central noise as the ledger header pins and every accountant composes it (one direction only: the
+        exact PLD covers one coordinate)."""
+        if self.directions != 1:
+            raise ValueError(f"a Skellam noise record covers one direction per step, not {self.directions}")
+        return Skellam(self.variance, int(self.l2_sensitivity))
+
 
 def default_scale(clip: float, directions: int, share: float = ROUNDING_SHARE) -> float:
     """The scale gamma at which rounding adds at most ``share`` to the L2 sensitivity: ``gamma C >= sqrt(K) /
@@ -202,30 +210,7 @@ def quantize(vectors: np.ndarray, scale: float, rng: SecureRandom) -> np.ndarray
     return (low + up).astype(np.int64)
 
 
-def skellam_noise(variance: float, n: int, rng: SecureRandom) -> np.ndarray:
-    """``n`` draws of symmetric Skellam noise of ``variance`` (int64): Poisson(variance/2) - Poisson(variance/2)."""
-    return rng.poisson(variance / 2, n) - rng.poisson(variance / 2, n)
-
-
 def pld_epsilon_1d(sensitivity: int, variance: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Exact-PLD epsilon of the one-coordinate Skellam mechanism with integer ``sensitivity`` on a Poisson sample:
-    dp-accounting's PLD from the two output distributions (pessimistic), both directions of add/remove.
-
-    The support spans 20 standard deviations each side (the mass beyond, 1e-89, is below float64's reach), and
-    any outcome rarer than e^-60 is counted as an infinite loss (pessimistic: its mass goes to delta)."""
-    from dp_accounting.pld import privacy_loss_distribution as pld_lib
-    from scipy.stats import skellam
-
-    width = int(math.ceil(20 * math.sqrt(variance))) + sensitivity
-    support = np.arange(-width, width + 1)
-    base = skellam.logpmf(support, variance / 2, variance / 2)
-    shifted = skellam.logpmf(support - sensitivity, variance / 2, variance / 2)
-    mixed = np.logaddexp(math.log1p(-sample_rate) + base, math.log(sample_rate) + shifted) if sample_rate < 1 \
-        else shifted
-    mixed_pmf = {int(x): float(v) for x, v in zip(support, mixed)}
-    base_pmf = {int(x): float(v) for x, v in zip(support, base)}
-    epsilons = []
-    for lower, upper in ((base_pmf, mixed_pmf), (mixed_pmf, base_pmf)):  # the two directions of add/remove
-        pld = pld_lib.from_two_probability_mass_functions(lower, upper, log_mass_truncation_bound=-60.0)
-        epsilons.append(float((pld.self_compose(steps) if steps > 1 else pld).get_epsilon_for_delta(delta)))
-    return max(epsilons)
+    """Exact-PLD epsilon of ``steps`` one-coordinate Skellam releases of integer ``sensitivity`` on Poisson samples
+    (:class:`shared.privacy.noise.Skellam`'s PLD, composed by the one accountant every epsilon comes from)."""
+    return noise_epsilon((StepRun(Skellam(variance, sensitivity), sample_rate, steps),), delta)

@@ -72,6 +72,11 @@ def coefficient(lr: float, scalar: float) -> float:
 
 
 ACCEPTED = "accepted"  # a provenance row whose scalars entered the round's aggregates
+# Secure aggregation (server.secure): the server never sees a node's scalars, only their sum. A round's per-seed
+# aggregate (the sum divided as the round's metrics say) is one row of its own, node 0, and each node whose
+# masked vector is in the sum has a row of this status, without scalars.
+SECURE_SUM, MASKED = "secure_sum", "masked"
+FEEDS = (ACCEPTED, SECURE_SUM)  # the provenance rows a round's coefficients are computed from
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from seedtune.shared.protocol.aggregation import ACCEPTED, RoundRule
+from seedtune.shared.protocol.aggregation import FEEDS, SECURE_SUM, RoundRule
 from seedtune.shared.protocol.chain import ChainError, Entry, genesis, link, pack_tail
 from google.protobuf.message import DecodeError
 
@@ -366,6 +366,11 @@ class Ledger:
                              f"round {len(rows) + 1} can be pending after {len(rows)} committed rounds")
         return n
 
+    def secure_rounds(self) -> int:
+        """How many rounds were securely aggregated: their coefficients follow from a stored per-seed aggregate,
+        and no node's own scalars were ever seen, so none can be checked."""
+        return int(self._rows("SELECT COUNT(DISTINCT round) FROM replies WHERE status = ?", (SECURE_SUM,))[0][0])
+
     def signed_rounds(self) -> int:
         """How many rounds carry a server signature (0 for a ledger written without a server key)."""
         if not self._rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'signatures'"):
@@ -416,7 +421,7 @@ class Ledger:
 
     def _coefficients(self, rnd: int, replies: Sequence[Provenance], rule: RoundRule, count: int) -> np.ndarray:
         """What a round's coefficients must be: its rule over the accepted scalars (none if nothing accepted)."""
-        accepted = [p.values() for p in replies if p.status == ACCEPTED]
+        accepted = [p.values() for p in replies if p.status in FEEDS]
         if not accepted:
             return np.zeros(0, dtype=np.float32)
         if any(v.size != count for v in accepted):
@@ -455,7 +460,7 @@ class Ledger:
         last = self.last_round
         if rnd != last + 1:
             raise LedgerError(f"round {rnd} cannot follow round {last}: rounds are committed once each, in order")
-        accepted = [p.values() for p in replies if p.status == ACCEPTED]
+        accepted = [p.values() for p in replies if p.status in FEEDS]
         if accepted and any(v.size != len(seeds) for v in accepted):
             raise LedgerError(f"round {rnd}: accepted replies carry {sorted({v.size for v in accepted})} scalars "
                               f"for {len(seeds)} seeds")

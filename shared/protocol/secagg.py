@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
+import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -89,12 +92,24 @@ class RoundGraph:
         return self._position[a] < self._position[b]
 
 
+def round_context(header_digest: str, rnd: int, version: int) -> bytes:
+    """What binds a round's masks to its federation, round and ledger position (server and node alike)."""
+    return f"{header_digest}/{rnd}/{version}".encode()
+
+
+def default_degree(nodes: int) -> int:
+    """SecAgg+'s O(log M) neighbourhood: 2 ceil(log2 M) + 1 nodes (odd, itself included), or all M when that
+    covers them (Bell et al. 2020)."""
+    degree = 2 * math.ceil(math.log2(max(nodes, 2))) + 1
+    return nodes if degree >= nodes else degree
+
+
 def mask(secret: bytes, context: bytes, length: int) -> np.ndarray:
-    """``length`` uint64 words of the ChaCha20 keystream keyed by ``secret`` (32 bytes), its nonce from
-    ``context``: uniform over Z_2^64, the same on every machine."""
+    """``length`` uint64 words of the ChaCha20 keystream keyed by ``secret`` (32 bytes), its nonce from a hash of
+    ``context`` (the federation and round): uniform over Z_2^64, the same on every machine."""
     if len(secret) != SEED_BYTES:
         raise SecAggError(f"a mask key has {SEED_BYTES} bytes, got {len(secret)}")
-    nonce = bytes(4) + (context + bytes(12))[:12]  # block counter 0; the round's context as the nonce
+    nonce = bytes(4) + hashlib.sha256(context).digest()[:12]  # block counter 0; the round's context as the nonce
     stream = Cipher(algorithms.ChaCha20(secret, nonce), mode=None).encryptor()
     return np.frombuffer(stream.update(bytes(8 * length)), dtype="<u8").astype(np.uint64)
 
@@ -146,6 +161,32 @@ class NodeSession:
 
     def advertise(self) -> PublicKeys:
         return self._keys
+
+    def dump(self) -> bytes:
+        """The session's whole state, private keys and seed included, for the node's own storage between the
+        round's messages (Flower's context state): never sent."""
+        return json.dumps({
+            "node": self.node, "ring": list(self.graph.ring), "degree": self.graph.degree,
+            "threshold": self.graph.threshold, "length": self.graph.length, "context": self.graph.context.hex(),
+            "encryption": private_key_to_bytes(self._encryption).decode(),
+            "masking": private_key_to_bytes(self._masking).decode(), "seed": self._seed.hex(),
+            "peers": {str(j): [k.encryption.decode(), k.masking.decode()] for j, k in self._peers.items()},
+            "received": {str(j): c.hex() for j, c in self._received.items()},
+            "answered": {str(j): kind for j, kind in self._answered.items()}}, sort_keys=True).encode()
+
+    @classmethod
+    def load(cls, data: bytes) -> NodeSession:
+        d = json.loads(data)
+        graph = RoundGraph(tuple(d["ring"]), d["degree"], d["threshold"], d["length"], bytes.fromhex(d["context"]))
+        session = cls(int(d["node"]), graph, _seed=bytes.fromhex(d["seed"]))
+        session._encryption = bytes_to_private_key(d["encryption"].encode())
+        session._masking = bytes_to_private_key(d["masking"].encode())
+        session._keys = PublicKeys(public_key_to_bytes(session._encryption.public_key()),
+                                   public_key_to_bytes(session._masking.public_key()))
+        session._peers = {int(j): PublicKeys(e.encode(), m.encode()) for j, (e, m) in d["peers"].items()}
+        session._received = {int(j): bytes.fromhex(c) for j, c in d["received"].items()}
+        session._answered = {int(j): str(kind) for j, kind in d["answered"].items()}
+        return session
 
     def _channel(self, peer: int) -> bytes:
         if peer not in self._channels:

@@ -17,6 +17,7 @@ from google.protobuf.message import Message as ProtoMessage
 RECORD = "seedtune"
 # The Flower message types of the protocol: the server sends them, the ClientApp routes on them (client/app.py)
 TRAIN, SYNC, IDENTIFY, EVALUATE = "train", "query", "query.identify", "evaluate"
+SECURE = "train.secure"  # stages 2 to 4 of a secure-aggregation round (shared.protocol.secagg)
 MAX_PAYLOAD_BYTES = 64 << 20  # a reply is a few bytes per step; an instruction carries at most a ledger
 
 T = TypeVar("T", bound=ProtoMessage)

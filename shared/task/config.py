@@ -390,6 +390,7 @@ class EvalConfig(Settings):
 
 PARTITIONS = ("iid", "dirichlet", "natural")
 AGGREGATIONS = ("mean", "trimmed_mean", "median")
+SECURE_AGGREGATIONS = ("none", "secagg+")
 
 
 @dataclass
@@ -433,6 +434,18 @@ class FederationConfig(Settings):
              "ledger under that data set's key. The server sums the counts (DP-noised accuracy and macro-F1). "
              "Classification only.")
     node_eval_epsilon: float = setting(1.0, help="epsilon of that one release, per holder and held-out data set")
+    secure_aggregation: str = setting(
+        "none", choices=SECURE_AGGREGATIONS,
+        help='"secagg+": the server learns only each seed\'s sum over a round\'s surviving nodes (SecAgg+ over '
+             "Flower's primitives, shared.protocol.secagg), and each node adds 1/min_replies of the Skellam noise the "
+             "sum needs (shared.privacy.skellam): at least min_replies nodes must survive a round. docs/federation.md, "
+             '"Secure aggregation"')
+    secure_batch: float = setting(
+        32.0, help="secagg+: the expected Poisson batch of one node, public, that a round's sum is divided by (with "
+                   "the number of surviving nodes): a node with more records weighs more, as in FedAvg")
+    secure_degree: int = setting(
+        0, ints=(0, 10**6), help="secagg+: each node's neighbourhood in SecAgg+'s graph, itself included (odd); 0: "
+                                 "2 ceil(log2 M) + 1 of a round's M nodes, or all of them when that covers them")
 
     def check(self) -> None:
         _require(isinstance(self.sample_rate, (int, float)) and 0 < self.sample_rate <= 1, "federation.sample_rate",
@@ -447,6 +460,9 @@ class FederationConfig(Settings):
         _require(isinstance(self.node_evaluation, bool), "federation.node_evaluation", "must be true or false",
                  self.node_evaluation)
         _positive("federation.node_eval_epsilon", self.node_eval_epsilon)
+        _positive("federation.secure_batch", self.secure_batch)
+        _require(self.secure_degree == 0 or (self.secure_degree >= 3 and self.secure_degree % 2 == 1),
+                 "federation.secure_degree", "must be 0 or an odd number >= 3", self.secure_degree)
 
 
 TRACKING_BACKENDS = ("none", "tensorboard", "mlflow")
@@ -495,6 +511,8 @@ class RunConfig(Settings):
         _require(self.zo.directions == 1 or not self.privacy.enabled or self.privacy.noise == "gaussian",
                  "zo.directions", f"other than 1 needs privacy.noise = 'gaussian' (got {self.privacy.noise!r})",
                  self.zo.directions)
+        if self.federation.secure_aggregation != "none":
+            self._check_secure_aggregation()
         _require(self.federation.partition != "dirichlet" or self.task.kind == "classification",
                  "federation.partition", "'dirichlet' skews labels: a classification task's only", "dirichlet")
         _require(self.model.decoder_head == "label_rows" or self.task.kind == "classification", "model.decoder_head",
@@ -508,6 +526,22 @@ class RunConfig(Settings):
         _require(self.model.dtype == "float32" or self.selection.mode != "prune" or self.selection.strategy == "static",
                  "selection.strategy", f"must be 'static' with model.dtype = {self.model.dtype!r} (re-pruning runs "
                  f"in float32 only)", self.selection.strategy)
+
+    def _check_secure_aggregation(self) -> None:
+        """What SecAgg+ with distributed Skellam noise can compute and account (docs/federation.md)."""
+        fed, privacy = self.federation, self.privacy
+        _require(privacy.enabled and privacy.noise == "gaussian" and not privacy.noise_multiplier,
+                 "federation.secure_aggregation", "needs privacy.enabled with the default privacy.noise "
+                 "('gaussian', not fixed): its Skellam counterpart is calibrated to privacy.epsilon", fed.secure_aggregation)
+        _require(fed.aggregation == "mean", "federation.aggregation",
+                 f"{fed.aggregation!r} cannot be computed on a masked sum: secure aggregation gives the mean only",
+                 fed.aggregation)
+        _require(fed.min_replies >= 2, "federation.min_replies", "is the survivors a secure round needs (each node "
+                 "adds 1/min_replies of the noise): at least 2", fed.min_replies)
+        _require(fed.clients_per_round == 0 or fed.clients_per_round >= fed.min_replies, "federation.clients_per_round",
+                 f"must be 0 or at least federation.min_replies ({fed.min_replies})", fed.clients_per_round)
+        _require(self.zo.directions == 1, "zo.directions", "must be 1 with secure aggregation (the exact Skellam PLD "
+                 "covers one direction per step)", self.zo.directions)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,7 +12,11 @@ from seedtune.shared.protocol.proto.seedtune_pb2 import (  # noqa: F401  (re-exp
     Instruction,
     LedgerHeader,
     LedgerTail,
+    PeerKeys,
     Reply,
+    SecureReply,
+    SecureStep,
+    ShareAnswer,
 )
 
 # Instruction/Reply semantics; a receiver refuses any other (2: Reply.holder; 3: tails of aggregated entries

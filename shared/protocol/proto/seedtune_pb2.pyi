@@ -61,7 +61,7 @@ class Hyperparameters(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., mu: _Optional[float] = ..., clip: _Optional[float] = ..., sample_rate: _Optional[float] = ..., private: _Optional[bool] = ..., noise: _Optional[str] = ...) -> None: ...
 
 class Instruction(_message.Message):
-    __slots__ = ("protocol_version", "run_id", "round", "model_version", "header_digest", "tail", "seeds", "hyper", "header", "server_signature")
+    __slots__ = ("protocol_version", "run_id", "round", "model_version", "header_digest", "tail", "seeds", "hyper", "header", "server_signature", "secure")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class Instruction(_message.Message):
     HYPER_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     SERVER_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     run_id: int
     round: int
@@ -82,10 +83,87 @@ class Instruction(_message.Message):
     hyper: Hyperparameters
     header: LedgerHeader
     server_signature: bytes
-    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., header_digest: _Optional[str] = ..., tail: _Optional[_Union[LedgerTail, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., hyper: _Optional[_Union[Hyperparameters, _Mapping]] = ..., header: _Optional[_Union[LedgerHeader, _Mapping]] = ..., server_signature: _Optional[bytes] = ...) -> None: ...
+    secure: SecureStep
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., header_digest: _Optional[str] = ..., tail: _Optional[_Union[LedgerTail, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., hyper: _Optional[_Union[Hyperparameters, _Mapping]] = ..., header: _Optional[_Union[LedgerHeader, _Mapping]] = ..., server_signature: _Optional[bytes] = ..., secure: _Optional[_Union[SecureStep, _Mapping]] = ...) -> None: ...
+
+class SecureStep(_message.Message):
+    __slots__ = ("stage", "ring", "degree", "threshold", "peers", "inbox", "survivors", "dropped")
+    class PeersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: PeerKeys
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[PeerKeys, _Mapping]] = ...) -> None: ...
+    class InboxEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    RING_FIELD_NUMBER: _ClassVar[int]
+    DEGREE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    INBOX_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    ring: _containers.RepeatedScalarFieldContainer[int]
+    degree: int
+    threshold: int
+    peers: _containers.MessageMap[int, PeerKeys]
+    inbox: _containers.ScalarMap[int, bytes]
+    survivors: _containers.RepeatedScalarFieldContainer[int]
+    dropped: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, stage: _Optional[int] = ..., ring: _Optional[_Iterable[int]] = ..., degree: _Optional[int] = ..., threshold: _Optional[int] = ..., peers: _Optional[_Mapping[int, PeerKeys]] = ..., inbox: _Optional[_Mapping[int, bytes]] = ..., survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PeerKeys(_message.Message):
+    __slots__ = ("encryption", "masking")
+    ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
+    MASKING_FIELD_NUMBER: _ClassVar[int]
+    encryption: bytes
+    masking: bytes
+    def __init__(self, encryption: _Optional[bytes] = ..., masking: _Optional[bytes] = ...) -> None: ...
+
+class ShareAnswer(_message.Message):
+    __slots__ = ("kind", "share")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    share: bytes
+    def __init__(self, kind: _Optional[str] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class SecureReply(_message.Message):
+    __slots__ = ("keys", "shares", "masked", "answers")
+    class SharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class AnswersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: ShareAnswer
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[ShareAnswer, _Mapping]] = ...) -> None: ...
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    MASKED_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    keys: PeerKeys
+    shares: _containers.ScalarMap[int, bytes]
+    masked: bytes
+    answers: _containers.MessageMap[int, ShareAnswer]
+    def __init__(self, keys: _Optional[_Union[PeerKeys, _Mapping]] = ..., shares: _Optional[_Mapping[int, bytes]] = ..., masked: _Optional[bytes] = ..., answers: _Optional[_Mapping[int, ShareAnswer]] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("protocol_version", "run_id", "round", "node", "model_version", "scalars", "metrics", "refusal", "state_digest", "runtime", "holder", "signature", "counts", "refusal_code")
+    __slots__ = ("protocol_version", "run_id", "round", "node", "model_version", "scalars", "metrics", "refusal", "state_digest", "runtime", "holder", "signature", "counts", "refusal_code", "secure")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +185,7 @@ class Reply(_message.Message):
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_CODE_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     run_id: int
     round: int
@@ -121,7 +200,8 @@ class Reply(_message.Message):
     signature: bytes
     counts: _containers.RepeatedScalarFieldContainer[float]
     refusal_code: str
-    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., node: _Optional[int] = ..., model_version: _Optional[int] = ..., scalars: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., refusal: _Optional[str] = ..., state_digest: _Optional[str] = ..., runtime: _Optional[str] = ..., holder: _Optional[str] = ..., signature: _Optional[bytes] = ..., counts: _Optional[_Iterable[float]] = ..., refusal_code: _Optional[str] = ...) -> None: ...
+    secure: SecureReply
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., node: _Optional[int] = ..., model_version: _Optional[int] = ..., scalars: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., refusal: _Optional[str] = ..., state_digest: _Optional[str] = ..., runtime: _Optional[str] = ..., holder: _Optional[str] = ..., signature: _Optional[bytes] = ..., counts: _Optional[_Iterable[float]] = ..., refusal_code: _Optional[str] = ..., secure: _Optional[_Union[SecureReply, _Mapping]] = ...) -> None: ...
 
 class Challenge(_message.Message):
     __slots__ = ("protocol_version", "run_id", "header_digest", "nonce")
