@@ -12,6 +12,10 @@ Part 2, ``--flwr-nodes N`` (default 100): a real ``flwr run`` simulation (script
 encoder with N simulated nodes, every node instructed every round; it reports the rounds' server phases from
 the run's metrics, the ledger's entries per round and whether every node's replica agrees with the server's.
 
+``--secure``: part 1 again in secure-aggregation mode (server.secure): the server's own SecAgg+ work is the
+``secure`` phase (routing keys and shares, rebuilding seeds and keys, removing masks); the generator plays
+each node's part with the real protocol code, timed apart as before.
+
 Steady-state rounds only (round 1 also asks every node for its data-holder identity); each figure is the
 median over ``--rounds`` rounds. Run it alone: the machine has two cores.
 """
@@ -42,17 +46,20 @@ from seedtune.shared.protocol.ledger import Ledger
 from seedtune.shared.protocol.proto import PROTOCOL_VERSION, Challenge, Identity, Instruction, Reply
 from seedtune.shared.engine.replica import Replica
 from seedtune.shared.protocol.run_folder import LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
-from seedtune.shared.protocol.wire import IDENTIFY, from_content, to_content
+from seedtune.shared.protocol.secagg import NodeSession, PublicKeys, RoundGraph, round_context
+from seedtune.shared.protocol.wire import IDENTIFY, SECURE, from_content, to_content
 from seedtune.simulations.inprocess import outside_flower
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
-SERVER_PHASES = ("configure", "tail", "validate", "aggregate", "commit", "apply")
+SERVER_PHASES = ("configure", "tail", "validate", "secure", "aggregate", "commit", "apply")  # "secure": SecAgg+'s work
 SIZES = (10, 100, 1000, 10_000)
 
 
 class LoadGrid:
-    """M simulated nodes answering with real Identity and Reply messages (a benchmark driver for the Grid API)."""
+    """M simulated nodes answering with real Identity and Reply messages (a benchmark driver for the Grid API).
+    In a secure round each plays its SecAgg+ part with the real protocol code (shared.protocol.secagg), masking
+    a random vector in the range a node's quantised noised sums take."""
 
     def __init__(self, num_nodes: int, clip: float, seed: int = 0) -> None:
         self.run = SimpleNamespace(run_id=11)
@@ -61,6 +68,27 @@ class LoadGrid:
         self.clip = clip
         self.rng = np.random.default_rng(seed)
         self.generator_s = 0.0
+        self.sessions: dict[int, NodeSession] = {}
+
+    def secure(self, node: int, ins: Instruction, reply: Reply) -> None:
+        """One node's answer to a secure round's stage (its keys, shares, masked vector or unmasking shares)."""
+        step = ins.secure
+        if step.stage == 1:
+            graph = RoundGraph(tuple(step.ring), step.degree, step.threshold, len(ins.seeds),
+                               round_context(ins.header_digest, ins.round, ins.model_version))
+            self.sessions[node] = NodeSession(node, graph)
+            keys = self.sessions[node].advertise()
+            reply.secure.keys.encryption, reply.secure.keys.masking = keys.encryption, keys.masking
+        elif step.stage == 2:
+            peers = {int(j): PublicKeys(k.encryption, k.masking) for j, k in step.peers.items()}
+            for j, ciphertext in self.sessions[node].share(peers).items():
+                reply.secure.shares[j] = ciphertext
+        elif step.stage == 3:
+            vector = self.rng.integers(-20_000, 20_000, self.sessions[node].graph.length)
+            reply.secure.masked = self.sessions[node].masked(vector, dict(step.inbox)).astype("<u8").tobytes()
+        else:
+            for j, (kind, share) in self.sessions[node].unmask(set(step.survivors), set(step.dropped)).items():
+                reply.secure.answers[j].kind, reply.secure.answers[j].share = kind, share
 
     def get_node_ids(self) -> list[int]:
         return list(self.ids)
@@ -83,7 +111,9 @@ class LoadGrid:
             ins = parsed[raw]
             reply = Reply(protocol_version=PROTOCOL_VERSION, run_id=ins.run_id, round=ins.round, node=node,
                           model_version=ins.model_version, holder=self.holder[node], runtime="load-generator")
-            if msg.metadata.message_type == "train":
+            if msg.metadata.message_type == SECURE or ins.HasField("secure"):
+                self.secure(node, ins, reply)
+            elif msg.metadata.message_type == "train":
                 scalars = np.clip(self.rng.normal(0.0, self.clip, len(ins.seeds)), -self.clip, self.clip)
                 reply.scalars = scalars.astype("<f4").tobytes()
             replies.append(Message(to_content(reply), reply_to=msg))
@@ -104,7 +134,7 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r["phase_s"].get(key, 0.0) for r in rows)
 
 
-def bench_in_process(sizes: Iterable[int], rounds: int, model: str) -> list[dict[str, Any]]:
+def bench_in_process(sizes: Iterable[int], rounds: int, model: str, secure: bool = False) -> list[dict[str, Any]]:
     outside_flower()
     replica = None
     out = []
@@ -112,8 +142,12 @@ def bench_in_process(sizes: Iterable[int], rounds: int, model: str) -> list[dict
     for m in sizes:
         tmp = base / "run"  # one run folder name for every M: the shared replica's config pins it
         shutil.rmtree(tmp, ignore_errors=True)
+        # A ledger's genesis holds its creation second: a new ledger at this path within the second the last one
+        # was created would be the same ledger to this machine's anchors, which refuse it as rolled back.
+        time.sleep(1.0 - time.time() % 1.0)
         noise_epsilon.cache_clear()  # every M pays its own accounting (one PLD per round: M holders share it)
-        config = _config(tmp, rounds + 1, model)
+        config = _config(tmp, rounds + 1, model, {"federation.secure_aggregation": "secagg+", "federation.min_replies": 2,
+                                                   "privacy.noise_multiplier": 0.0} if secure else None)
         replica = replica or Replica(config)
         grid = LoadGrid(m, config.privacy.clip)
         server = FederatedServer(config, grid, tmp, replica=replica)
@@ -129,6 +163,8 @@ def bench_in_process(sizes: Iterable[int], rounds: int, model: str) -> list[dict
             "server_s": round(sum(phases.values()), 6),
             "generator_s": round(grid.generator_s / len(rows), 6),
             "bytes_down_total": rows[-1]["bytes_down_total"], "bytes_up_total": rows[-1]["bytes_up_total"],
+            "bytes_up_per_node": rows[-1]["bytes_up_total"] // m, "bytes_down_per_node": rows[-1]["bytes_down_total"] // m,
+            "secure_aggregation": secure,
         }
         server.ledger.verify()
         server.ledger.close()
@@ -195,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--flwr-nodes", type=int, default=100, help="nodes of the real flwr simulation (0: skip it)")
     ap.add_argument("--flwr-rounds", type=int, default=3)
+    ap.add_argument("--secure", action="store_true", help="also run part 1 with federation.secure_aggregation = "
+                                                          "\"secagg+\" (each generated node plays SecAgg+)")
     args = ap.parse_args(argv)
     if any(m < 1 for m in args.sizes) or args.rounds < 1:
         ap.error("--sizes and --rounds must be positive")
@@ -202,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(__name__).setLevel(logging.INFO)
     rows = bench_in_process(sorted(args.sizes), args.rounds, args.model)
     result = {"bench": "scale", "model": args.model, "in_process": rows, "targets": targets(rows)}
+    if args.secure:
+        result["in_process_secure"] = bench_in_process(sorted(args.sizes), args.rounds, args.model, secure=True)
     if args.flwr_nodes:
         result["flwr_simulation"] = bench_flwr(args.flwr_nodes, args.flwr_rounds)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2), flush=True)

@@ -89,3 +89,40 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
         received = re.findall(r"Receiving: (\S+) message", fed.log("rogue"))
         assert received == ["query.identify"], received
         assert fed.check_refusal("plaintext").refused
+
+
+@pytest.mark.slow  # a real SuperLink and SuperNodes with TLS: multi-minute; run with -m slow
+def test_deployment_with_tls_node_authentication_and_secure_aggregation(tmp_path):
+    """Secure aggregation over the real deployment path (TLS, pinned nodes, a pinned server key): three
+    SuperNodes, each its own file; the third's file is bad, so it refuses the round's first stage and drops out
+    before sharing. Every round commits from the two others' masked vectors (min_replies 2), the ledger keeps no
+    node's scalars, and every node, the one that refuses included, follows the ledger to the server's state."""
+    run_dir = tmp_path / "run"
+    files = []
+    for i, rows in enumerate((range(0, 60), range(60, 120))):
+        files.append(tmp_path / f"site-{i}" / "train.tsv")
+        files[-1].parent.mkdir()
+        files[-1].write_text("sentence\tlabel\n" + "".join(f"site {i} sentence {k} , a fine one\t{k % 2}\n"
+                                                           for k in rows))
+    bad = tmp_path / "site-2" / "train.tsv"
+    bad.parent.mkdir()
+    bad.write_text("sentence\tlabel\nfine\t1\nmy secret record\t7\n")
+    nodes = {f"NODE_CONFIG_{i}": f"data-path=\"{path}\"" for i, path in enumerate((*files, bad))}
+    with start_federation(ROOT, tmp_path / "fed", num_nodes=3, extra_unregistered=False, extra_env=nodes) as fed:
+        result = fed.run(ROOT, {**TINY, "federation.rounds": 2, "out_dir": str(run_dir),
+                                "privacy.noise_multiplier": 0.0, "federation.secure_aggregation": "secagg+",
+                                "federation.min_replies": 2,
+                                "federation.allowed_nodes": fed.env["SEEDTUNE_ALLOWED_NODES"],
+                                "federation.server_key": fed.env["SEEDTUNE_SERVER_KEY"]}, timeout=420)
+        assert result.ok, result.output_tail()
+        ledger = Ledger.open(run_dir / "ledger.sqlite")
+        assert ledger.last_round == 2 and ledger.verify() == 2 * 2 and ledger.secure_rounds() == 2
+        for rnd in (1, 2):
+            rows = ledger.replies(rnd)
+            assert sorted((p.holder, p.status) for p in rows) == [
+                ("", "secure_sum"), ("node-0", "masked"), ("node-1", "masked"), ("node-2", "refused")]
+            assert all(not p.scalars for p in rows if p.status != "secure_sum")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["clients_agree"] and len(summary["client_digests"]) == 3
+        assert summary["noise"].startswith("skellam(")
+        assert re.findall(r"Receiving: (\S+) message", fed.log("supernode_1")).count("train.secure") == 2 * 3
