@@ -25,7 +25,7 @@ import numpy as np
 
 from seedtune.client import secure_round
 from seedtune.client.privacy_ledger import Budget, BudgetExceeded, PrivacyLedger, heldout_budget, request_key
-from seedtune.client.zo_step import zo_step
+from seedtune.client.zo_step import holder_release, zo_step
 from seedtune.shared.protocol.aggregation import coefficient, update_scale
 from seedtune.shared.protocol.chain import ChainError, hash_along, header_digest
 from seedtune.shared.task.config import ConfigError, RunConfig, cache_root, directions_per_step
@@ -383,7 +383,11 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
     if stored is not None:  # answered before (a re-delivery): the same bytes, not a second release
         log.info("round %d: instruction already answered; resending the stored reply", ins.round)
         return Reply.FromString(stored)
-    run = (noise, h.sample_rate, len(ins.seeds) // k)  # one privacy event per step of k directions
+    # One privacy event per step of k directions on a Poisson sample of the records, or, when the unit is the data
+    # holder, one per round at the node's own coin (config.privacy_events)
+    per_holder = replica.config.privacy.unit == "holder"
+    events, rate = replica.config.privacy_events() if per_holder else (len(ins.seeds) // k, h.sample_rate)
+    run = (noise, rate, events)
     epsilon = holder.ledger.check(holder.spends, run, budget)
     prepare = getattr(replica.view, "prepare", None)  # a torch view: each record's frozen part, once, where it pays
     if prepare is not None:
@@ -399,7 +403,8 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
             seeds = tuple(ins.seeds[first : first + k])
             result = zo_step(replica.view, data.ids, data.labels, seeds=seeds, mu=h.mu,
                              sample_rate=h.sample_rate, microbatch=microbatch, rng=rng,
-                             clip=h.clip if h.private else None, noise=noise)
+                             clip=h.clip if h.private and not per_holder else None,
+                             noise=None if per_holder else noise)
             scalars.extend(result.scalars)
             losses.append(result.loss)
             nonfinite += result.nonfinite
@@ -411,6 +416,8 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
     # Kept in the node's own log, never sent: the loss and the non-finite count depend on the private batch.
     log.info("round %d: mean batch loss %.4f, %d non-finite estimates zeroed (local only)", ins.round,
              float(np.nanmean(losses)) if losses else math.nan, nonfinite)
+    if per_holder:  # the round's vector is released once, clipped as a whole and noised (its steps' means are not)
+        scalars = list(holder_release(np.asarray(scalars), h.clip, rate, cast(Noise, noise), rng))
     reply.model_version = replica.version
     reply.scalars = np.asarray(scalars, dtype="<f4").tobytes()
     reply.metrics["epsilon"] = epsilon

@@ -283,16 +283,17 @@ class PrivacyLedger:
                                  f"{after:.3f} > its budget {budget.epsilon} (delta {budget.delta})")
         return after
 
-    def record(self, key: str, request: str, run: Run, budget: Budget | None, reply: bytes) -> None:
+    def record(self, key: str, request: str, run: Run, budget: Budget | None, reply: bytes,
+               beside: Sequence[tuple[str, Run]] = ()) -> None:
         """Durably note the release and its reply bytes, re-checking the budget inside the transaction (another
         process may serve the same holder); raises :class:`BudgetExceeded` and records nothing if it no longer
-        fits. Call before the reply is sent."""
-        noise, rate, steps = run
+        fits. ``beside``: the same release as other budgets see it (a secure round's local guarantee), written in
+        the same transaction, unchecked. Call before the reply is sent."""
         with immediate(self._conn) as conn:
             self.check(key, run, budget)
-            conn.execute("INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (key, request, NON_PRIVATE if noise is None else noise.to_json(), float(rate), int(steps),
-                          reply, _now()))
+            conn.executemany("INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             [(k, request, NON_PRIVATE if noise is None else noise.to_json(), float(rate), int(steps),
+                               reply, _now()) for k, (noise, rate, steps) in [(key, run), *beside]])
 
 
 _LEDGERS: dict[Path, PrivacyLedger] = {}

@@ -80,7 +80,7 @@ class Pending:
         sign_reply(reply, holder.key)
         self.replies[stage] = reply.SerializeToString(deterministic=True).hex()
         self.session = session.dump().decode()
-        return reply, b"" if stage == STAGES[-1] else self.to_bytes()
+        return reply, self.to_bytes()  # kept after stage 4 too: a re-delivered stage 4 gets the same bytes
 
 
 def begin(ins: Instruction, node_id: int, replica: LedgerFollower, ids: Sequence[Sequence[int]], labels: np.ndarray,
@@ -117,9 +117,8 @@ def begin(ins: Instruction, node_id: int, replica: LedgerFollower, ids: Sequence
                                   replica.config.model.microbatch, rng)[0], h.clip, noise, shares, rng)
         for seed in ins.seeds])
     limit = (1 << 63) // len(step.ring) - 1  # no sum of the ring's vectors can wrap around 2^64
-    if np.abs(vector).max(initial=0) > limit:
-        raise SecureRefusal(f"this node's vector reaches {np.abs(vector).max()}, past the field's limit {limit} for "
-                            f"{len(step.ring)} nodes")
+    if np.abs(vector).max(initial=0) > limit:  # (the value itself is private: not in the message)
+        raise SecureRefusal(f"this node's vector passes the field's limit {limit} for {len(step.ring)} nodes")
     keys = session.advertise()
     reply.model_version = replica.version
     reply.secure.keys.encryption, reply.secure.keys.masking = keys.encryption, keys.masking
@@ -131,7 +130,7 @@ def begin(ins: Instruction, node_id: int, replica: LedgerFollower, ids: Sequence
 def advance(ins: Instruction, stored: bytes, holder: Holder, budget: Budget | None, noise: Noise | None,
             reply: Reply) -> tuple[Reply, bytes]:
     """Stages 2 to 4 of the round the node's ``stored`` pending state holds. Returns the signed reply and the
-    state to keep (empty once the round is over)."""
+    state to keep (until the next round's stage 1 replaces it)."""
     if not stored:
         raise SecureRefusal("no secure round is open at this node (it restarted, or was never sent stage 1)")
     pending = Pending.from_bytes(stored)
@@ -153,6 +152,10 @@ def advance(ins: Instruction, stored: bytes, holder: Holder, budget: Budget | No
             for j, ciphertext in session.share(peers).items():
                 reply.secure.shares[j] = ciphertext
         elif stage == 3:
+            released = holder.ledger.reply_for(holder.spends, pending.request)
+            if released is not None:  # recorded, then the node stopped before keeping its state: the same bytes
+                pending.replies[3] = released.hex()
+                return Reply.FromString(released), pending.to_bytes()
             masked = session.masked(np.array(pending.vector, dtype=np.int64), dict(ins.secure.inbox))
             reply.secure.masked = masked.astype("<u8").tobytes()
             return _release(reply, pending, session, holder, budget, noise)
@@ -175,6 +178,5 @@ def _release(reply: Reply, pending: Pending, session: NodeSession, holder: Holde
         reply.metrics["epsilon_local"] = holder.ledger.epsilon(local_budget(holder.spends), budget.delta, local)
     signed, state = pending.seal(reply, 3, session, holder)
     raw = bytes.fromhex(pending.replies[3])
-    holder.ledger.record(holder.spends, pending.request, run, budget, raw)
-    holder.ledger.record(local_budget(holder.spends), pending.request, local, None, raw)
+    holder.ledger.record(holder.spends, pending.request, run, budget, raw, beside=[(local_budget(holder.spends), local)])
     return signed, state

@@ -53,6 +53,10 @@ class PrivacyPlan:
 
 
 def plan_privacy(config: RunConfig, train_size: int) -> PrivacyPlan:
+    if config.privacy.unit != "example":
+        raise ConfigError(f"privacy.unit = {config.privacy.unit!r} is a federation's unit (each node's data holder); "
+                          f"a centralized run's records are protected one example at a time: set privacy.unit = "
+                          f"'example'")
     q = config.zo.batch_size / train_size
     if q > 1:
         raise ConfigError(f"zo.batch_size {config.zo.batch_size} exceeds the training set size {train_size}")

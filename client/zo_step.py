@@ -136,6 +136,20 @@ def privatize_vectors(
     return total / expected_batch, count
 
 
+def holder_release(values: np.ndarray, clip: float, rate: float, noise: Noise, rng: SecureRandom) -> np.ndarray:
+    """A node's whole round as one release, when the privacy unit is its data holder (privacy.unit = "holder"):
+    its vector of scalars (every step's mean estimate) clipped to L2 norm C as a whole, let in with probability
+    ``rate`` by a secret CSPRNG coin (else zeros: the node sends the noise alone, and nobody can tell which), plus
+    C times the (sensitivity-1) noise per scalar, divided by ``rate`` so the mean over nodes stays unbiased. Adding
+    or removing the holder moves the vector by at most C: one Poisson-subsampled Gaussian release per round."""
+    values = np.asarray(values, dtype=np.float64)
+    norm = float(np.linalg.norm(values))
+    clipped = values * min(1.0, clip / max(norm, np.finfo(np.float64).tiny)) if np.isfinite(norm) \
+        else np.zeros_like(values)
+    kept = clipped if rng.uniform(1)[0] < rate else np.zeros_like(clipped)
+    return (kept + clip * np.asarray(rng.noise(noise, values.size), dtype=np.float64)) / rate
+
+
 def privatize(
     g: np.ndarray, clip: float, expected_batch: float, noise: Noise | None, rng: SecureRandom
 ) -> tuple[float, int]:
@@ -197,5 +211,5 @@ def integer_release(g: np.ndarray, clip: float, noise: Skellam, share: int, rng:
     moves the sum by at most the sensitivity, whatever the coin flips), summed, plus this node's ``1 / share`` of
     the central Skellam variance. int64, one per seed; the caller masks it before it leaves the node."""
     clipped, _ = clip_rows(g, clip)
-    total = quantize(clipped, noise.sensitivity / clip, rng).sum(axis=0, dtype=np.int64)
+    total = quantize(clipped, noise.sensitivity / clip, rng, limit=noise.sensitivity).sum(axis=0, dtype=np.int64)
     return total + Skellam.integers(rng, g.shape[1], noise.variance / share)

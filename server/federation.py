@@ -99,8 +99,10 @@ class FederatedServer:
         self.directions = directions_per_step(config.zo.directions, self.replica.selection.size)
         self.rule = RoundRule(config.federation.aggregation, update_scale(config.zo.lr, self.directions),
                               config.federation.trim)
-        self.bound = scalar_bound(config.privacy.clip, self.noise)
-        self.holders = Holders(config.privacy, config.federation.sample_rate, self.noise, self.pins)
+        self.events, rate = config.privacy_events()  # privacy events per instructed holder per round, their rate
+        self.holders = Holders(config.privacy, rate, self.noise, self.pins)
+        # a holder-unit node divides its release by its coin's rate (client.zo_step.holder_release)
+        self.bound = scalar_bound(config.privacy.clip, self.noise) / (rate if config.privacy.unit == "holder" else 1)
         self.secure = SecureRound(config, self.noise, self.courier, self.pins, self.ledger.genesis.hex()) \
             if config.federation.secure_aggregation != "none" and isinstance(self.noise, Skellam) else None
         for holder, steps in self.ledger.instructed_steps().items():  # sent = spent, committed or not
@@ -114,15 +116,16 @@ class FederatedServer:
         """The header of a new ledger: calibrates the noise for the whole run (only when no ledger exists)."""
         fed, privacy = self.config.federation, self.config.privacy
         noise: Noise | None = None
-        steps = fed.rounds * fed.local_steps
+        per_round, rate = self.config.privacy_events()
+        events = fed.rounds * per_round
         if privacy.enabled and fed.secure_aggregation != "none":  # the central noise the survivors' shares sum to
-            noise = calibrate_skellam(privacy.epsilon, privacy.delta, fed.sample_rate, steps, privacy.clip, 1,
+            noise = calibrate_skellam(privacy.epsilon, privacy.delta, rate, events, privacy.clip, 1,
                                       fed.min_replies).noise()
         elif privacy.enabled:
-            noise = plan_noise(privacy, fed.sample_rate, steps, nodes_stop_at_budget=True)
+            noise = plan_noise(privacy, rate, events, nodes_stop_at_budget=True)
         if noise is not None:
-            log.info("noise %s for epsilon %.3g, delta %.1e over %d steps per node at rate %.4g",
-                     noise.describe(), privacy.epsilon, privacy.delta, steps, fed.sample_rate)
+            log.info("noise %s for epsilon %.3g, delta %.1e over %d releases per %s at rate %.4g", noise.describe(),
+                     privacy.epsilon, privacy.delta, events, privacy.unit, rate)
         header = self.replica.make_header(noise)
         header.allowed_nodes = self.pins.digest if self.pins else ""
         return header
@@ -134,7 +137,7 @@ class FederatedServer:
         fed, privacy = self.config.federation, self.config.privacy
         live = self.courier.live()
         self.holders.identify(live, self.courier, self.ledger.genesis.hex(), rnd)
-        nodes = self.holders.eligible(live, fed.local_steps)
+        nodes = self.holders.eligible(live, self.events)
         if fed.clients_per_round and len(nodes) > fed.clients_per_round:
             nodes = sorted(self.sampler.sample(nodes, fed.clients_per_round))
         hyper = Hyperparameters(lr=self.config.zo.lr, mu=self.config.zo.mu, clip=privacy.clip,
@@ -144,11 +147,11 @@ class FederatedServer:
         seeds = [seed for _ in range(fed.local_steps) for seed in step_seeds(self.config.zo.direction, draws,
                                                                              self.directions)]
         plan = RoundPlan(rnd, len(self.ledger), nodes, seeds, hyper)
-        if nodes:  # steps, not seeds: a step of K directions is one privacy event
+        if nodes:  # events, not seeds: a step of K directions is one, a holder's whole round (unit "holder") one
             holders = [self.holders.of[n] for n in nodes]
-            self.ledger.record_instructions(rnd, holders, fed.local_steps)
+            self.ledger.record_instructions(rnd, holders, self.events)
             for holder in holders:
-                self.holders.record(holder, fed.local_steps)
+                self.holders.record(holder, self.events)
         return plan
 
     def instruction(self, plan: RoundPlan, start: int) -> Instruction:

@@ -50,7 +50,7 @@ def privacy_record(ledger: Ledger, config: RunConfig, ledger_path: str | Path) -
     steps = instructed if federated else {"trainer": ledger.last_round}
     summary_path = Path(ledger_path).parent / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if not federated and summary_path.is_file() else {}
-    rate = config.federation.sample_rate if federated else summary.get("sample_rate")
+    rate = config.privacy_events()[1] if federated else summary.get("sample_rate")
     epsilon = None
     if noise is not None and rate is not None:
         epsilon = {}
@@ -79,6 +79,9 @@ def model_card(info: dict[str, Any], config: RunConfig, record: PrivacyRecord, c
                    else "the training set of one `seedtune train` run")
         guarantee = (f"({_fmt(record.epsilon_max)}, {record.delta:g})-differential privacy for one example added "
                      f"to or removed from {holders}")
+        if config.privacy.unit == "holder" and record.federated:
+            guarantee = (f"({_fmt(record.epsilon_max)}, {record.delta:g})-differential privacy for one data holder's "
+                         f"whole data added to or removed from the federation")
         if record.epsilon is None:
             guarantee += " (epsilon unknown: the run folder's summary.json, which states the sampling rate, is absent)"
     else:

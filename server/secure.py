@@ -18,6 +18,7 @@ node's scalars are stored because none were seen.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -33,11 +34,14 @@ from seedtune.shared.protocol.identity import AllowedNodes
 from seedtune.shared.protocol.ledger import Provenance
 from seedtune.shared.protocol.proto import PROTOCOL_VERSION, Instruction, PeerKeys, Reply, SecureStep
 from seedtune.shared.protocol.secagg import (PublicKeys, RoundGraph, SecAggError, ServerSession, default_degree,
-                                             round_context)
+                                             public_key, round_context)
 from seedtune.shared.protocol.wire import SECURE
 from seedtune.shared.task.config import RunConfig
 
 log = logging.getLogger(__name__)
+# Records one node may sample in one step, for the range check of an unmasked sum: far above any real batch, and
+# a sum with a mask left in lands below it with probability about 2^-30 per coordinate.
+MAX_BATCH = 10**7
 DROPPED = "dropped"  # a node that answered an earlier stage of the round and not a later one
 UNMASK_FAILED = "unmask_failed"  # survivors whose sum could not be unmasked (too few shares): nothing committed
 
@@ -73,22 +77,27 @@ class SecureRound:
 
         delivery = self.courier.send(plan, opening)
         for node, reply in self._judge(plan, 1, delivery, out, holders, fate, plan.nodes):
-            server.keys[node] = PublicKeys(reply.secure.keys.encryption, reply.secure.keys.masking)
+            keys = PublicKeys(reply.secure.keys.encryption, reply.secure.keys.masking)
+            try:
+                public_key(keys.encryption), public_key(keys.masking)
+            except SecAggError as exc:  # refused here, so that its neighbours never fail on it
+                self._reject(plan, node, fate, out, Rejected("malformed", f"node {node}'s keys: {exc}"), 1)
+                continue
+            server.keys[node] = keys
         for node, reply in self._stage(plan, 2, lambda n: SecureStep(stage=2, peers={
                 j: PeerKeys(encryption=k.encryption, masking=k.masking) for j, k in server.peers_of(n).items()}),
                 server.keys, out, holders, fate):
-            neighbours = set(graph.neighbours(node))
-            if not set(reply.secure.shares) <= neighbours:
-                self._reject(plan, node, holders, fate, out, Rejected("malformed", f"node {node} sent shares for "
-                             f"nodes outside its neighbourhood"))
+            if set(reply.secure.shares) != set(server.peers_of(node)):
+                self._reject(plan, node, fate, out, Rejected("malformed", f"node {node} sent shares for "
+                             f"{sorted(reply.secure.shares)}, not for the neighbours it was sent keys of"), 2)
                 continue
             server.shared[node] = dict(reply.secure.shares)
         masked: dict[int, np.ndarray] = {}
         for node, reply in self._stage(plan, 3, lambda n: SecureStep(stage=3, inbox=server.inbox(n)), server.shared,
                                        out, holders, fate):
             if len(reply.secure.masked) != 8 * len(plan.seeds):
-                self._reject(plan, node, holders, fate, out, Rejected("wrong_count", f"node {node}: "
-                             f"{len(reply.secure.masked)} bytes of masked vector for {len(plan.seeds)} seeds"))
+                self._reject(plan, node, fate, out, Rejected("wrong_count", f"node {node}: "
+                             f"{len(reply.secure.masked)} bytes of masked vector for {len(plan.seeds)} seeds"), 3)
                 continue
             masked[node] = np.frombuffer(reply.secure.masked, dtype="<u8").astype(np.uint64)
         answers: dict[int, dict[int, tuple[str, bytes]]] = {}
@@ -124,7 +133,11 @@ class SecureRound:
             try:
                 reply = envelope(msg, plan, self.courier.run_id, holders.get(src), seen, self.pins, limit)
             except Rejected as exc:
-                self._reject(plan, src, holders, fate, out, exc, stage)
+                if exc.kind == "duplicate":  # its first answer stands
+                    out.rejected[exc.kind] += 1
+                    log.warning("round %d: secure stage %d: %s", plan.round, stage, exc)
+                else:
+                    self._reject(plan, src, fate, out, exc, stage)
                 continue
             seen.add(src)
             valid.append((src, reply))
@@ -139,11 +152,10 @@ class SecureRound:
         return valid
 
     @staticmethod
-    def _reject(plan: RoundPlan, node: int, holders: Mapping[int, str], fate: dict[int, str], out: Collected,
-                exc: Rejected, stage: int | None = None) -> None:
+    def _reject(plan: RoundPlan, node: int, fate: dict[int, str], out: Collected, exc: Rejected, stage: int) -> None:
         fate[node] = exc.kind
         out.rejected[exc.kind] += 1
-        log.warning("round %d: secure stage %s: rejected (%s) %s", plan.round, stage or "", exc.kind, exc)
+        log.warning("round %d: secure stage %d: rejected (%s) %s", plan.round, stage, exc.kind, exc)
 
     def _settle(self, plan: RoundPlan, masked: dict[int, np.ndarray], answers: dict[int, dict[int, tuple[str, bytes]]],
                 server: ServerSession, holders: Mapping[int, str], fate: dict[int, str], out: Collected) -> Collected:
@@ -153,7 +165,14 @@ class SecureRound:
         if len(masked) >= fed.min_replies:
             try:
                 total = server.total(masked, answers)
+                bound = len(masked) * self.noise.sensitivity * MAX_BATCH + 40 * math.sqrt(
+                    self.noise.variance * len(masked) / fed.min_replies)
+                if np.abs(total.astype(np.float64)).max(initial=0.0) > bound:
+                    raise SecAggError(f"the unmasked sum reaches {np.abs(total.astype(np.float64)).max():.3g}, past "
+                                      f"any honest sum ({bound:.3g}): a mask was left in (a node that masked with "
+                                      f"another view of the round, or a wrong share)")
             except SecAggError as exc:
+                total = None
                 log.warning("round %d: the sum cannot be unmasked (%s); committing no update", plan.round, exc)
         in_sum = MASKED if total is not None else (BELOW_MIN_REPLIES if len(masked) < fed.min_replies else UNMASK_FAILED)
         if total is None and len(masked) < fed.min_replies:

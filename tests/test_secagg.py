@@ -8,7 +8,7 @@ from scipy import stats
 
 from seedtune.shared.privacy.noise import SecureRandom, Skellam
 from seedtune.shared.privacy.skellam import quantize
-from seedtune.shared.protocol.secagg import NodeSession, RoundGraph, SecAggError, ServerSession, mask
+from seedtune.shared.protocol.secagg import NodeSession, PublicKeys, RoundGraph, SecAggError, ServerSession, mask
 
 
 def _round(ring, degree, threshold, vectors, drop_after_sharing=(), drop_before_sharing=()):
@@ -124,3 +124,45 @@ def test_masks_are_the_keyed_chacha20_stream_and_differ_by_round():
     assert np.array_equal(first, again) and not np.array_equal(first, other)
     with pytest.raises(SecAggError, match="32 bytes"):
         mask(b"short", b"round-1", 4)
+
+
+def test_a_share_that_rebuilds_nothing_is_a_named_refusal_not_a_crash():
+    vectors = _noised(5, 4)
+    graph = RoundGraph(tuple(vectors), 5, 3, 4, b"ctx")
+    nodes = {n: NodeSession(n, graph) for n in vectors}
+    server = ServerSession(graph)
+    server.keys = {n: s.advertise() for n, s in nodes.items()}
+    server.shared = {n: s.share(server.peers_of(n)) for n, s in nodes.items()}
+    masked = {n: s.masked(vectors[n], server.inbox(n)) for n, s in nodes.items()}
+    answers = {n: nodes[n].unmask(*server.unmask_request(n, masked)) for n in masked}
+    answers[100] = {j: (kind, b"\x01\x00\x00\x00" + bytes(48)) for j, (kind, _) in answers[100].items()}
+    answers[101] = {j: (kind, b"garbage") for j, (kind, _) in answers[101].items()}
+    answers[102] = {j: ("key", share) for j, (_, share) in answers[102].items()}  # not what it was asked: ignored
+    with pytest.raises(SecAggError):
+        server.total(masked, answers)
+
+
+def test_a_node_shown_another_round_masks_with_streams_that_do_not_cancel():
+    """The graph is hashed into every mask: a node given another ring than its neighbours (a server isolating it)
+    leaves masks in the sum instead of revealing its vector."""
+    vectors = _noised(5, 8)
+    ring = tuple(vectors)
+    graph = RoundGraph(ring, 5, 3, 8, b"ctx")
+    other = RoundGraph(ring[::-1], 5, 3, 8, b"ctx")  # same nodes, another order
+    nodes = {n: NodeSession(n, other if n == 100 else graph) for n in ring}
+    server = ServerSession(graph)
+    server.keys = {n: s.advertise() for n, s in nodes.items()}
+    server.shared = {n: s.share(server.peers_of(n)) for n, s in nodes.items()}
+    masked = {n: s.masked(vectors[n], server.inbox(n)) for n, s in nodes.items()}
+    answers = {n: nodes[n].unmask(*server.unmask_request(n, masked)) for n in masked}
+    total = server.total(masked, answers)
+    assert np.abs(total.astype(np.float64)).max() > 1e15  # garbage the server's range check refuses
+
+
+def test_a_malformed_advertised_key_is_refused_by_the_node_that_receives_it():
+    graph = RoundGraph((1, 2, 3), 3, 2, 4, b"ctx")
+    nodes = {n: NodeSession(n, graph) for n in graph.ring}
+    keys = {n: s.advertise() for n, s in nodes.items()}
+    keys[2] = PublicKeys(b"junk", keys[2].masking)
+    with pytest.raises(SecAggError, match="node 2's advertised key"):
+        nodes[1].share(keys)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Message
 from scipy import stats
 
 import seedtune.client.secure_round as secure_round
@@ -17,9 +18,9 @@ from seedtune.client.privacy_ledger import open_privacy_ledger
 from seedtune.server.federation import FederatedServer
 from seedtune.shared.privacy.noise import Skellam
 from seedtune.shared.protocol.aggregation import MASKED, SECURE_SUM
-from seedtune.shared.protocol.ledger import Ledger
+from seedtune.shared.protocol.ledger import Ledger, Provenance, check_feeds
 from seedtune.shared.protocol.proto import Reply
-from seedtune.shared.protocol.wire import SECURE, TRAIN, from_content
+from seedtune.shared.protocol.wire import SECURE, TRAIN, from_content, to_content
 from seedtune.shared.task.config import ConfigError
 from seedtune.simulations.inprocess import InProcessGrid
 from tests.test_federation import fed_config
@@ -37,6 +38,7 @@ class Recorder:
         self.received: list[tuple[str, Reply]] = []
         self.vectors: dict[tuple[int, int], np.ndarray] = {}  # (round, node) -> the node's quantised noised vector
         self.drop: set[tuple[int, int, int]] = set()  # (round, node, stage) replies lost in flight
+        self.forge: set[tuple[int, int]] = set()  # (round, node) whose advertised keys are replaced in flight
         begin = secure_round.begin
 
         def recording(ins, node_id, *args, **kwargs):
@@ -55,6 +57,9 @@ class Recorder:
         reply = from_content(msg.content, Reply)
         self.received.append((asked, reply))
         stage = 1 if reply.secure.HasField("keys") else 2 if reply.secure.shares else 3 if reply.secure.masked else 4
+        if stage == 1 and (reply.round, reply.node) in self.forge:
+            reply.secure.keys.encryption = b"-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n"
+            return Message(to_content(reply), reply_to=self.grid.sent[-1])
         return None if (reply.round, reply.node, stage) in self.drop else msg
 
 
@@ -163,3 +168,31 @@ def test_fewer_survivors_than_min_replies_commit_nothing(tmp_path, monkeypatch):
 def test_what_a_masked_sum_cannot_give_is_refused_by_name(tmp_path, extra, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         fed_config(tmp_path, **{**SECURE_RUN, **extra})
+
+
+def test_a_node_advertising_a_malformed_key_is_refused_and_the_round_goes_on(tmp_path, monkeypatch):
+    grid = InProcessGrid(NODES, privacy_ledger=str(tmp_path / "holders.sqlite"))
+    recorder = Recorder(grid, monkeypatch)
+    liar = sorted(grid.contexts)[0]
+    recorder.forge = {(1, liar)}
+    server = FederatedServer(fed_config(tmp_path / "run", **{**SECURE_RUN, "federation.rounds": 1}), grid,
+                             tmp_path / "run")
+    server.run()
+    statuses = {p.node: p.status for p in server.ledger.replies(1) if p.node}
+    assert statuses == {n: "malformed" if n == liar else MASKED for n in grid.contexts}
+    assert len(server.ledger) == STEPS
+
+
+def test_a_secure_ledger_takes_its_coefficients_from_one_aggregate_row_only():
+    class Header:
+        noise = "skellam"
+
+    rows = [Provenance(1, "a", MASKED), Provenance(0, "", SECURE_SUM, bytes(8))]
+    check_feeds(rows, Header())  # as a secure round writes it
+    for bad in ([*rows, Provenance(2, "b", "accepted", bytes(8))], [*rows, Provenance(0, "", SECURE_SUM, bytes(8))],
+                [Provenance(3, "c", SECURE_SUM, bytes(8))]):
+        with pytest.raises(ValueError):
+            check_feeds(bad, Header())
+    Header.noise = "gaussian"
+    with pytest.raises(ValueError, match="without secure aggregation"):
+        check_feeds(rows, Header())

@@ -129,3 +129,11 @@ def test_the_plan_converts_its_rdp_with_dp_accountings_conversion():
     rdp = plan.rdp(0.1, 10)
     assert plan.epsilon(0.1, 10, 1e-6) == pytest.approx(
         rdp_privacy_accountant.compute_epsilon(ORDERS, rdp, 1e-6)[0])
+
+
+def test_a_row_clipped_a_few_ulps_above_its_bound_never_rounds_past_the_sensitivity():
+    rows = np.full((10_000, 1), 1.0 + 3e-14)  # what float clipping to norm 1 can leave
+    assert quantize(rows, 100.0, SecureRandom(), limit=100).max() == 100
+    over = np.full((10_000, 1), 1.001)  # (further above, a coin would pass it in a tenth of the rows)
+    assert quantize(over, 100.0, SecureRandom()).max() == 101
+    assert quantize(over, 100.0, SecureRandom(), limit=100).max() == 100

@@ -200,11 +200,15 @@ def calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, clip
     return plan(hi)
 
 
-def quantize(vectors: np.ndarray, scale: float, rng: SecureRandom) -> np.ndarray:
+def quantize(vectors: np.ndarray, scale: float, rng: SecureRandom, limit: int | None = None) -> np.ndarray:
     """Each row of ``vectors`` (already clipped) times ``scale``, rounded to an integer up or down at random with
     the probabilities that keep it unbiased (int64). The coin flips come from the CSPRNG: they are part of the
-    mechanism, not of the public direction."""
+    mechanism, not of the public direction. With ``limit`` (an integer) every scaled value is first held to
+    [-limit, limit]: a row clipped in floating point can come out a few ulps above its bound, and a coin must
+    never round it past the sensitivity."""
     scaled = np.asarray(vectors, dtype=np.float64) * scale
+    if limit is not None:
+        scaled = np.clip(scaled, -limit, limit)
     low = np.floor(scaled)
     up = rng.uniform(scaled.size).reshape(scaled.shape) < (scaled - low)
     return (low + up).astype(np.int64)

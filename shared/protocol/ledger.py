@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from seedtune.shared.protocol.aggregation import FEEDS, SECURE_SUM, RoundRule
+from seedtune.shared.protocol.aggregation import ACCEPTED, FEEDS, SECURE_SUM, RoundRule
 from seedtune.shared.protocol.chain import ChainError, Entry, genesis, link, pack_tail
 from google.protobuf.message import DecodeError
 
@@ -80,6 +80,18 @@ class Provenance:
 
     def values(self) -> np.ndarray:
         return np.frombuffer(self.scalars, dtype="<f4")
+
+
+def check_feeds(replies: Sequence[Provenance], header: LedgerHeader) -> None:
+    """A round's coefficients come from its accepted replies' scalars, or, in a secure-aggregation ledger (its
+    header's noise is Skellam), from exactly one aggregate row of node 0 and nothing else: ValueError otherwise."""
+    secure = [p for p in replies if p.status == SECURE_SUM]
+    if header.noise != "skellam":
+        if secure:
+            raise ValueError("a secure_sum row in a ledger without secure aggregation")
+        return
+    if any(p.status == ACCEPTED for p in replies) or len(secure) > 1 or any(p.node != 0 for p in secure):
+        raise ValueError("a secure round's coefficients come from one node-0 secure_sum row and no reply's scalars")
 
 
 class LedgerError(RuntimeError):
@@ -421,6 +433,10 @@ class Ledger:
 
     def _coefficients(self, rnd: int, replies: Sequence[Provenance], rule: RoundRule, count: int) -> np.ndarray:
         """What a round's coefficients must be: its rule over the accepted scalars (none if nothing accepted)."""
+        try:
+            check_feeds(replies, self.header)
+        except ValueError as exc:
+            raise ChainError(f"ledger {self.path}: round {rnd}: {exc}: the provenance was modified") from exc
         accepted = [p.values() for p in replies if p.status in FEEDS]
         if not accepted:
             return np.zeros(0, dtype=np.float32)
@@ -460,6 +476,10 @@ class Ledger:
         last = self.last_round
         if rnd != last + 1:
             raise LedgerError(f"round {rnd} cannot follow round {last}: rounds are committed once each, in order")
+        try:
+            check_feeds(replies, self.header)
+        except ValueError as exc:
+            raise LedgerError(f"round {rnd}: {exc}") from exc
         accepted = [p.values() for p in replies if p.status in FEEDS]
         if accepted and any(v.size != len(seeds) for v in accepted):
             raise LedgerError(f"round {rnd}: accepted replies carry {sorted({v.size for v in accepted})} scalars "

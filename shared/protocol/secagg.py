@@ -63,6 +63,14 @@ class RoundGraph:
     length: int  # uint64 words per vector
     context: bytes  # binds masks and shares to this federation and round (the ledger's header digest and round)
 
+    @property
+    def binding(self) -> bytes:
+        """The round's context with the whole graph hashed in: a node given another view of the round than its
+        neighbours (another ring, degree or threshold) masks with streams theirs do not cancel, and the sum is
+        garbage the server's range check refuses, instead of an unmasked vector."""
+        graph = json.dumps([list(self.ring), self.degree, self.threshold, self.length]).encode()
+        return self.context + b"/" + hashlib.sha256(graph).digest()
+
     def __post_init__(self) -> None:
         if len(set(self.ring)) != len(self.ring) or len(self.ring) < 2:
             raise SecAggError(f"a round needs at least two distinct nodes, got {list(self.ring)}")
@@ -116,7 +124,19 @@ def mask(secret: bytes, context: bytes, length: int) -> np.ndarray:
 
 def _pair_key(private: ec.EllipticCurvePrivateKey, public_pem: bytes) -> bytes:
     """The 32 bytes two nodes agree on by ECDH (Flower's HKDF-SHA256 derivation, urlsafe-base64 for Fernet)."""
-    return generate_shared_key(private, bytes_to_public_key(public_pem))
+    return generate_shared_key(private, public_key(public_pem))
+
+
+def public_key(pem: bytes) -> ec.EllipticCurvePublicKey:
+    """An advertised public key, or :class:`SecAggError` if it is not one (a party never fails on another's
+    malformed key: it refuses by name)."""
+    try:
+        key = bytes_to_public_key(pem)
+    except (ValueError, TypeError) as exc:
+        raise SecAggError(f"not a PEM EC public key ({exc})") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise SecAggError(f"not an EC public key: {type(key).__name__}")
+    return key
 
 
 @dataclass(frozen=True)
@@ -206,6 +226,11 @@ class NodeSession:
         if len(peers) < self.graph.threshold:
             raise SecAggError(f"node {self.node}: {len(peers)} neighbours advertised keys, fewer than the "
                               f"threshold {self.graph.threshold}")
+        for j, keys in peers.items():
+            try:
+                public_key(keys.encryption), public_key(keys.masking)
+            except SecAggError as exc:
+                raise SecAggError(f"node {self.node}: node {j}'s advertised key: {exc}") from exc
         self._peers = dict(peers)
         order = [j for j in hood if j in peers]
         seed_shares = create_shares(self._seed, self.graph.threshold, len(order))
@@ -228,7 +253,7 @@ class NodeSession:
             raise SecAggError(f"node {self.node}: shares from {len(received)} neighbours, below the threshold "
                               f"{self.graph.threshold}")
         self._received = dict(received)
-        out = values.astype(np.int64).view(np.uint64) + mask(self._seed, self.graph.context, self.graph.length)
+        out = values.astype(np.int64).view(np.uint64) + mask(self._seed, self.graph.binding, self.graph.length)
         for j in received:
             if j != self.node:
                 out = _add_pairwise(out, self._masking, self._peers[j].masking, self.graph,
@@ -266,7 +291,7 @@ class NodeSession:
 def _add_pairwise(total: np.ndarray, private: ec.EllipticCurvePrivateKey, public_pem: bytes, graph: RoundGraph,
                   sign: int) -> np.ndarray:
     """``total`` plus (``sign`` = 1) or minus the pairwise mask of the key pair (private, public)."""
-    pairwise = mask(base64.urlsafe_b64decode(_pair_key(private, public_pem)), graph.context, graph.length)
+    pairwise = mask(base64.urlsafe_b64decode(_pair_key(private, public_pem)), graph.binding, graph.length)
     return total + pairwise if sign > 0 else total - pairwise
 
 
@@ -294,20 +319,27 @@ class ServerSession:
 
     def total(self, masked: dict[int, np.ndarray], answers: dict[int, dict[int, tuple[str, bytes]]]) -> np.ndarray:
         """The sum (int64, two's complement of the uint64 sum) of the survivors' vectors: every survivor's seed
-        and every dropped node's masking key rebuilt from at least ``threshold`` shares, their masks removed."""
-        context, length = self.graph.context, self.graph.length
+        and every dropped node's masking key rebuilt from at least ``threshold`` shares, their masks removed.
+        Only the shares each node was asked for count (:meth:`unmask_request`); a share that rebuilds nothing
+        is a :class:`SecAggError`, never a crash."""
+        context, length = self.graph.binding, self.graph.length
         total = np.zeros(length, dtype=np.uint64)
         for y in masked.values():
             total = total + np.asarray(y, dtype=np.uint64)
         shares: dict[tuple[int, str], list[bytes]] = {}
-        for replies in answers.values():
+        for node, replies in answers.items():
+            survivors, dropped_ones = self.unmask_request(node, masked)
             for j, (kind, share) in replies.items():
-                shares.setdefault((j, kind), []).append(share)
+                if (kind == "seed" and j in survivors) or (kind == "key" and j in dropped_ones):
+                    shares.setdefault((j, kind), []).append(share)
         dropped = set(self.shared) - set(masked)
         for node in masked:
             total = total - mask(self._rebuild(shares, node, "seed"), context, length)
         for node in dropped:
-            key = bytes_to_private_key(self._rebuild(shares, node, "key"))
+            try:
+                key = bytes_to_private_key(self._rebuild(shares, node, "key"))
+            except (ValueError, TypeError) as exc:
+                raise SecAggError(f"node {node}'s rebuilt masking key is not a key ({exc})") from exc
             for j in self.graph.neighbours(node):
                 if j in masked and j in self.shared[node]:  # j masked with node's key: undo j's sign
                     total = _add_pairwise(total, key, self.keys[j].masking, self.graph,
@@ -319,4 +351,7 @@ class ServerSession:
         if len(found) < self.graph.threshold:
             raise SecAggError(f"node {node}'s {kind}: {len(found)} shares, below the threshold "
                               f"{self.graph.threshold}; the round cannot be unmasked")
-        return combine_shares(found[: self.graph.threshold])
+        try:
+            return combine_shares(found[: self.graph.threshold])
+        except (ValueError, TypeError, IndexError) as exc:  # a share that is not one: the round is not unmasked
+            raise SecAggError(f"node {node}'s {kind} cannot be rebuilt from the shares given ({exc})") from exc

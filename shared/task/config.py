@@ -297,6 +297,9 @@ def directions_per_step(configured: int, entries: int) -> int:
         raise ConfigError(f"zo.directions = 0: {exc}") from None
 
 
+PRIVACY_UNITS = ("example", "holder")
+
+
 @dataclass
 class PrivacyConfig(Settings):
     SECTION: ClassVar[str] = "privacy"
@@ -309,6 +312,15 @@ class PrivacyConfig(Settings):
                                                 "steps)")
     noise: str = setting("gaussian", choices=NOISE_CHOICES, help='"gaussian", "laplace", "lmo" or "auto" (least '
                                                                  'variance at the target; see noise_search)')
+    unit: str = setting(
+        "example", choices=PRIVACY_UNITS,
+        help='what the guarantee protects: "example" (one record of a data holder) or "holder" (a federated node\'s '
+             "whole data: each round its node clips its whole vector of scalars to privacy.clip as one unit and lets "
+             "it in with probability holder_rate, else sends the noise alone; docs/federation.md, \"The privacy "
+             "unit\")")
+    holder_rate: float = setting(
+        0.1, help='unit "holder": the probability, per round, that an instructed node lets its data in (a secret '
+                  "coin from its CSPRNG: the amplification of node sampling, which the server cannot see)")
 
     def check(self) -> None:
         _require(isinstance(self.enabled, bool), "privacy.enabled", "must be true or false", self.enabled)
@@ -321,6 +333,8 @@ class PrivacyConfig(Settings):
         _require(self.noise == "gaussian" or not self.noise_multiplier, "privacy.noise_multiplier",
                  "applies to privacy.noise = 'gaussian' only (other noises are always calibrated)",
                  self.noise_multiplier)
+        _require(isinstance(self.holder_rate, (int, float)) and 0 < self.holder_rate <= 1, "privacy.holder_rate",
+                 "must be in (0, 1]", self.holder_rate)
 
 
 @dataclass
@@ -513,6 +527,11 @@ class RunConfig(Settings):
                  self.zo.directions)
         if self.federation.secure_aggregation != "none":
             self._check_secure_aggregation()
+        _require(self.privacy.unit == "example" or (self.privacy.enabled and self.privacy.noise == "gaussian"
+                                                    and self.federation.secure_aggregation == "none"),
+                 "privacy.unit", "'holder' needs privacy.enabled with privacy.noise = 'gaussian' (a node's whole vector "
+                 "is one Gaussian release) and plain rounds (its Skellam counterpart under secure aggregation would "
+                 "need the multi-coordinate accounting)", self.privacy.unit)
         _require(self.federation.partition != "dirichlet" or self.task.kind == "classification",
                  "federation.partition", "'dirichlet' skews labels: a classification task's only", "dirichlet")
         _require(self.model.decoder_head == "label_rows" or self.task.kind == "classification", "model.decoder_head",
@@ -526,6 +545,14 @@ class RunConfig(Settings):
         _require(self.model.dtype == "float32" or self.selection.mode != "prune" or self.selection.strategy == "static",
                  "selection.strategy", f"must be 'static' with model.dtype = {self.model.dtype!r} (re-pruning runs "
                  f"in float32 only)", self.selection.strategy)
+
+    def privacy_events(self) -> tuple[int, float]:
+        """A federated round's privacy events per instructed holder, and their sampling rate: one per local step
+        on a Poisson sample of its records (unit "example"), or one for the round, the node's own coin (unit
+        "holder"). The server calibrates, counts and caps by them; each node charges its holder by them."""
+        if self.privacy.unit == "holder":
+            return 1, self.privacy.holder_rate
+        return self.federation.local_steps, self.federation.sample_rate
 
     def _check_secure_aggregation(self) -> None:
         """What SecAgg+ with distributed Skellam noise can compute and account (docs/federation.md)."""
