@@ -23,6 +23,16 @@ def _round(ring, degree, threshold, vectors, drop_after_sharing=(), drop_before_
     return masked, answers, server.total(masked, answers)
 
 
+def _masked(vectors: dict[int, np.ndarray], graph: RoundGraph, view=None):
+    """Stages 1 to 3 of a round in process (``view``: the graph a node is shown, default the round's): the
+    nodes' sessions, the server's session and the masked vectors."""
+    nodes = {n: NodeSession(n, (view or {}).get(n, graph)) for n in vectors}
+    server = ServerSession(graph)
+    server.keys = {n: s.advertise() for n, s in nodes.items()}
+    server.shared = {n: s.share(server.peers_of(n)) for n, s in nodes.items()}
+    return nodes, server, {n: s.masked(vectors[n], server.inbox(n)) for n, s in nodes.items()}
+
+
 def _noised(m: int, length: int) -> dict[int, np.ndarray]:
     """What nodes mask in a secure-aggregation round: clipped examples' sums, rounded, plus Skellam shares."""
     rng = SecureRandom()
@@ -84,13 +94,7 @@ def test_a_node_never_gives_both_shares_of_one_neighbour():
     """A server that says a node survived, then that it dropped, would hold both its seed and its masking key and
     could remove every mask from its vector: the second request is refused."""
     vectors = _noised(5, 4)
-    graph = RoundGraph(tuple(vectors), 5, 3, 4, b"ctx")
-    nodes = {n: NodeSession(n, graph) for n in vectors}
-    server = ServerSession(graph)
-    server.keys = {n: s.advertise() for n, s in nodes.items()}
-    server.shared = {n: s.share(server.peers_of(n)) for n, s in nodes.items()}
-    for n, s in nodes.items():
-        s.masked(vectors[n], server.inbox(n))
+    nodes, _, _ = _masked(vectors, RoundGraph(tuple(vectors), 5, 3, 4, b"ctx"))
     everyone = set(vectors)
     nodes[100].unmask(everyone, set())
     with pytest.raises(SecAggError, match="given already"):
@@ -128,12 +132,7 @@ def test_masks_are_the_keyed_chacha20_stream_and_differ_by_round():
 
 def test_a_share_that_rebuilds_nothing_is_a_named_refusal_not_a_crash():
     vectors = _noised(5, 4)
-    graph = RoundGraph(tuple(vectors), 5, 3, 4, b"ctx")
-    nodes = {n: NodeSession(n, graph) for n in vectors}
-    server = ServerSession(graph)
-    server.keys = {n: s.advertise() for n, s in nodes.items()}
-    server.shared = {n: s.share(server.peers_of(n)) for n, s in nodes.items()}
-    masked = {n: s.masked(vectors[n], server.inbox(n)) for n, s in nodes.items()}
+    nodes, server, masked = _masked(vectors, RoundGraph(tuple(vectors), 5, 3, 4, b"ctx"))
     answers = {n: nodes[n].unmask(*server.unmask_request(n, masked)) for n in masked}
     answers[100] = {j: (kind, b"\x01\x00\x00\x00" + bytes(48)) for j, (kind, _) in answers[100].items()}
     answers[101] = {j: (kind, b"garbage") for j, (kind, _) in answers[101].items()}
@@ -149,11 +148,7 @@ def test_a_node_shown_another_round_masks_with_streams_that_do_not_cancel():
     ring = tuple(vectors)
     graph = RoundGraph(ring, 5, 3, 8, b"ctx")
     other = RoundGraph(ring[::-1], 5, 3, 8, b"ctx")  # same nodes, another order
-    nodes = {n: NodeSession(n, other if n == 100 else graph) for n in ring}
-    server = ServerSession(graph)
-    server.keys = {n: s.advertise() for n, s in nodes.items()}
-    server.shared = {n: s.share(server.peers_of(n)) for n, s in nodes.items()}
-    masked = {n: s.masked(vectors[n], server.inbox(n)) for n, s in nodes.items()}
+    nodes, server, masked = _masked(vectors, graph, view={100: other})
     answers = {n: nodes[n].unmask(*server.unmask_request(n, masked)) for n in masked}
     total = server.total(masked, answers)
     assert np.abs(total.astype(np.float64)).max() > 1e15  # garbage the server's range check refuses
