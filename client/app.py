@@ -21,7 +21,10 @@ train/test files; they never leave the node) and ``node-key`` (the
 node's private key, OpenSSH or PEM: it signs the node's identity and replies; required to join a federation
 that pins its nodes, see shared.protocol.identity) and ``server-key`` (the server's public key, a ``.pub`` file: the
 node then follows only ledger positions that server signed, and only one ledger header from it; a simulated
-node takes ``$SEEDTUNE_SERVER_KEY`` when its config names none, as scripts/simulate.sh sets it).
+node takes ``$SEEDTUNE_SERVER_KEY`` when its config names none, as scripts/simulate.sh sets it) and
+``trust-secure-aggregation`` (true: in a secure-aggregation federation, charge the holder's budget at the central
+noise of the sum, which holds only while the server follows the protocol; false, a deployed node's default: at
+the node's own share of the noise, the guarantee it keeps against any server; client.secure_round).
 
 Five message types: ``query.identify`` (which holder this node serves, signed; nothing of the ledger comes
 with it), ``train`` (catch up, private steps; with secure aggregation, the round's first SecAgg+ stage),
@@ -112,7 +115,11 @@ def _holder(context: Context) -> Holder:
     key = SigningKey.load(str(cfg["node-key"])) if cfg.get("node-key") else None  # IdentityError names the file
     server = str(cfg.get("server-key", "") or (os.environ.get(SERVER_KEY_ENV, "") if simulated(context) else ""))
     server_key = load_public(server, "node config server-key") if server else ""
-    return Holder(name, budget, ledger, simulated(context), key, scope, server_key)
+    trust = cfg.get("trust-secure-aggregation", simulated(context))
+    if str(trust).lower() not in ("true", "false", "1", "0"):
+        raise NodeConfigError(f"node config trust-secure-aggregation={trust!r}: true or false")
+    return Holder(name, budget, ledger, simulated(context), key, scope, server_key,
+                  trusts_secure_sum=str(trust).lower() in ("true", "1"))
 
 
 def _data_source(context: Context):

@@ -91,6 +91,9 @@ class Holder:
     key: SigningKey | None = None
     scope: str = ""
     server_key: str = ""  # OpenSSH public key line of the server this node follows; "": any server
+    # Secure aggregation: charge the budget at the central noise (the sum's, which holds only if the server follows
+    # the protocol) rather than at this node's own share (node config trust-secure-aggregation; client.secure_round)
+    trusts_secure_sum: bool = False
 
     @property
     def spends(self) -> str:

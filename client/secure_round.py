@@ -13,10 +13,13 @@ aggregation the server sees only sums, so a node's own noised value is not a rel
 copy by it (as a plain round does with its released scalars) would make its later steps depend on a value that
 carries only a share of the noise, outside the central accounting.
 
-What the node's holder is charged: each step one subsampled Skellam release at the header's central variance
-(its budget is checked against that: the central guarantee, given at least ``min_replies`` survivors and a
-server that follows the protocol), and, beside it under ``HOLDER#local``, the same steps at its own share of
-the variance (the local guarantee, should secure aggregation fail), which ``seedtune holder status`` shows.
+What the node's holder is charged: each step is one subsampled Skellam release, seen two ways: at the header's
+central variance (the central guarantee, given at least ``min_replies`` survivors and a server that follows the
+protocol) and at the node's own share of it (the local guarantee, against any server). Its budget is checked
+against the local one unless its operator trusts the server's protocol (node config
+``trust-secure-aggregation``; simulated nodes do): a server cannot buy a deployed holder less noise by choosing
+secure aggregation. The other view is recorded beside it (``HOLDER#local`` or ``HOLDER#central``), and ``seedtune
+holder status`` shows both.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from seedtune.client.privacy_ledger import Budget, request_key
+from seedtune.client.privacy_ledger import Budget, Run, request_key
 from seedtune.client.zo_step import estimates, integer_release
 from seedtune.shared.engine.follower import LedgerFollower
 from seedtune.shared.privacy.noise import Noise, SecureRandom, Skellam
@@ -42,8 +45,24 @@ STAGES = (1, 2, 3, 4)  # keys, share, mask, unmask
 
 
 def local_budget(budget: str) -> str:
-    """Where a holder's local guarantee is recorded, beside its (central) training budget."""
+    """Where a trusting holder's local guarantee is recorded, beside its (central) training budget."""
     return f"{budget}#local"
+
+
+def central_budget(budget: str) -> str:
+    """Where a holder that does not trust the server's protocol records the central guarantee, beside its training
+    budget (charged at its local noise)."""
+    return f"{budget}#central"
+
+
+def charged(holder: Holder, noise: Skellam, shares: int, rate: float, steps: int) -> tuple[Run, tuple[str, Run]]:
+    """The run the holder's budget is charged and checked with, and the other view of the same release with the
+    budget it is recorded under: central and local noise, by whether the node trusts the server's protocol."""
+    central = (noise, rate, steps)
+    local = (Skellam(noise.variance / shares, noise.sensitivity), rate, steps)
+    if holder.trusts_secure_sum:
+        return central, (local_budget(holder.spends), local)
+    return local, (central_budget(holder.spends), central)
 
 
 class SecureRefusal(RuntimeError):
@@ -108,7 +127,7 @@ def begin(ins: Instruction, node_id: int, replica: LedgerFollower, ids: Sequence
     if holder.ledger.reply_for(holder.spends, request) is not None:
         raise SecureRefusal(f"round {ins.round} was already released by this holder: a secure round is not rerun")
     steps = len(ins.seeds)
-    holder.ledger.check(holder.spends, (noise, h.sample_rate, steps), budget)
+    holder.ledger.check(holder.spends, charged(holder, noise, shares, h.sample_rate, steps)[0], budget)
     prepare = getattr(replica.view, "prepare", None)  # a torch view: each record's frozen part, once
     if prepare is not None:
         prepare(ids, steps * h.sample_rate)
@@ -169,14 +188,14 @@ def advance(ins: Instruction, stored: bytes, holder: Holder, budget: Budget | No
 
 def _release(reply: Reply, pending: Pending, session: NodeSession, holder: Holder, budget: Budget | None,
              noise: Skellam) -> tuple[Reply, bytes]:
-    """Stage 3: the masked vector is the release. It is written to the holder's privacy ledger, at the central
-    noise against its budget and at its own share of the noise under its local budget, before it leaves."""
-    run = (noise, pending.sample_rate, pending.steps)
-    local = (Skellam(noise.variance / pending.shares, noise.sensitivity), pending.sample_rate, pending.steps)
+    """Stage 3: the masked vector is the release. It is written to the holder's privacy ledger before it leaves:
+    against its budget at the noise the node trusts (:func:`charged`), and the other view beside it."""
+    run, (other_key, other) = charged(holder, noise, pending.shares, pending.sample_rate, pending.steps)
     reply.metrics["epsilon"] = holder.ledger.check(holder.spends, run, budget)
     if budget is not None:
-        reply.metrics["epsilon_local"] = holder.ledger.epsilon(local_budget(holder.spends), budget.delta, local)
+        view = "epsilon_local" if other_key == local_budget(holder.spends) else "epsilon_central"
+        reply.metrics[view] = holder.ledger.epsilon(other_key, budget.delta, other)
     signed, state = pending.seal(reply, 3, session, holder)
     raw = bytes.fromhex(pending.replies[3])
-    holder.ledger.record(holder.spends, pending.request, run, budget, raw, beside=[(local_budget(holder.spends), local)])
+    holder.ledger.record(holder.spends, pending.request, run, budget, raw, beside=[(other_key, other)])
     return signed, state

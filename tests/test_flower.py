@@ -107,7 +107,9 @@ def test_deployment_with_tls_node_authentication_and_secure_aggregation(tmp_path
     bad = tmp_path / "site-2" / "train.tsv"
     bad.parent.mkdir()
     bad.write_text("sentence\tlabel\nfine\t1\nmy secret record\t7\n")
-    nodes = {f"NODE_CONFIG_{i}": f"data-path=\"{path}\"" for i, path in enumerate((*files, bad))}
+    # the two good sites' operators trust the server to follow the protocol: their budgets are charged centrally
+    nodes = {f"NODE_CONFIG_{i}": f"data-path=\"{path}\" trust-secure-aggregation=true"
+             for i, path in enumerate((*files, bad))}
     with start_federation(ROOT, tmp_path / "fed", num_nodes=3, extra_unregistered=False, extra_env=nodes) as fed:
         result = fed.run(ROOT, {**TINY, "federation.rounds": 2, "out_dir": str(run_dir),
                                 "privacy.noise_multiplier": 0.0, "federation.secure_aggregation": "secagg+",

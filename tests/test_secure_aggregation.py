@@ -196,3 +196,19 @@ def test_a_secure_ledger_takes_its_coefficients_from_one_aggregate_row_only():
     Header.noise = "gaussian"
     with pytest.raises(ValueError, match="without secure aggregation"):
         check_feeds(rows, Header())
+
+
+def test_a_node_that_does_not_trust_the_server_charges_its_own_share_of_the_noise(tmp_path, monkeypatch):
+    """A deployed node's default: its budget is checked at its own share of the noise (what holds against any
+    server), and the central view is recorded beside it; a trusting node charges the central noise. (Its own budget
+    here is wide: at the federation's target of 3 its local epsilon would make it refuse the round.)"""
+    grid = InProcessGrid(NODES, privacy_ledger=str(tmp_path / "holders.sqlite"),
+                         node_configs={0: {"trust-secure-aggregation": False, "epsilon-budget": 50.0, "delta": 1e-5}})
+    server = FederatedServer(fed_config(tmp_path / "run", **{**SECURE_RUN, "federation.rounds": 1}), grid,
+                             tmp_path / "run")
+    server.run()
+    spent = {row["budget"]: row["epsilon"] for row in open_privacy_ledger(tmp_path / "holders.sqlite").summary(1e-5)}
+    wary, trusting = "partition-0-of-3", "partition-1-of-3"
+    assert spent[wary] == pytest.approx(spent[secure_round.local_budget(trusting)])  # the local guarantee
+    assert spent[secure_round.central_budget(wary)] == pytest.approx(spent[trusting])  # the central one, beside
+    assert spent[wary] > 1.3 * spent[trusting] and secure_round.local_budget(wary) not in spent
