@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -235,6 +236,22 @@ class Federation:
         if cp.returncode != 0:
             raise FederationError(cp.stdout + cp.stderr)
         return old, self.node_ids[node - 1]
+
+    def crash_node(self, node: int) -> list[int]:
+        """SIGKILL SuperNode ``node`` (1-based) and every process under it, as a power cut would: no SIGTERM, no
+        goodbye to the SuperLink. Returns the pids killed."""
+        pid_file = self.state_dir / "pids" / f"supernode_{node}.pid"
+        pids = [int(pid_file.read_text())]
+        for pid in pids:  # breadth first: Flower starts each ClientApp in a session of its own, under the SuperNode
+            kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+            pids += [int(k) for k in kids.split()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        pid_file.unlink()
+        return pids
 
     def stop(self) -> None:
         """Stop all processes of this federation (idempotent)."""

@@ -8,6 +8,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -94,37 +96,47 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
 @pytest.mark.slow  # a real SuperLink and SuperNodes with TLS: multi-minute; run with -m slow
 def test_deployment_with_tls_node_authentication_and_secure_aggregation(tmp_path):
     """Secure aggregation over the real deployment path (TLS, pinned nodes, a pinned server key): three
-    SuperNodes, each its own file; the third's file is bad, so it refuses the round's first stage and drops out
-    before sharing. Every round commits from the two others' masked vectors (min_replies 2), the ledger keeps no
-    node's scalars, and every node, the one that refuses included, follows the ledger to the server's state."""
+    SuperNodes, each its own file. The third is killed (SIGKILL, its ClientApp with it) the moment the masked
+    vector is asked of it, so it has sent its encrypted shares and never sends its vector: a drop after the masks
+    are shared. Round 1 still commits from the two survivors (min_replies 2, threshold 2 of 3), which needs the
+    dead node's pairwise masks rebuilt from the survivors' shares; round 2 goes on without it. The ledger keeps
+    no node's scalars, and both survivors follow it to the server's state."""
     run_dir = tmp_path / "run"
     files = []
-    for i, rows in enumerate((range(0, 60), range(60, 120))):
+    for i, rows in enumerate((range(0, 60), range(60, 120), range(120, 180))):
         files.append(tmp_path / f"site-{i}" / "train.tsv")
         files[-1].parent.mkdir()
         files[-1].write_text("sentence\tlabel\n" + "".join(f"site {i} sentence {k} , a fine one\t{k % 2}\n"
                                                            for k in rows))
-    bad = tmp_path / "site-2" / "train.tsv"
-    bad.parent.mkdir()
-    bad.write_text("sentence\tlabel\nfine\t1\nmy secret record\t7\n")
-    # the two good sites' operators trust the server to follow the protocol: their budgets are charged centrally
-    nodes = {f"NODE_CONFIG_{i}": f"data-path=\"{path}\" trust-secure-aggregation=true"
-             for i, path in enumerate((*files, bad))}
-    with start_federation(ROOT, tmp_path / "fed", num_nodes=3, extra_unregistered=False, extra_env=nodes) as fed:
-        result = fed.run(ROOT, {**TINY, "federation.rounds": 2, "out_dir": str(run_dir),
-                                "privacy.noise_multiplier": 0.0, "federation.secure_aggregation": "secagg+",
-                                "federation.min_replies": 2,
-                                "federation.allowed_nodes": fed.env["SEEDTUNE_ALLOWED_NODES"],
-                                "federation.server_key": fed.env["SEEDTUNE_SERVER_KEY"]}, timeout=420)
+    # the sites' operators trust the server to follow the protocol: their budgets are charged centrally
+    nodes = {f"NODE_CONFIG_{i}": f"data-path=\"{path}\" trust-secure-aggregation=true" for i, path in enumerate(files)}
+    with start_federation(ROOT, tmp_path / "fed", num_nodes=3, extra_unregistered=False, extra_env=nodes) as fed, \
+            ThreadPoolExecutor(1) as pool:
+        run = pool.submit(fed.run, ROOT, {**TINY, "federation.rounds": 2, "out_dir": str(run_dir),
+                                          "privacy.noise_multiplier": 0.0, "federation.secure_aggregation": "secagg+",
+                                          "federation.min_replies": 2, "federation.round_timeout_s": 30.0,
+                                          "federation.allowed_nodes": fed.env["SEEDTUNE_ALLOWED_NODES"],
+                                          "federation.server_key": fed.env["SEEDTUNE_SERVER_KEY"]}, timeout=420)
+        # train.secure carries stages 2 to 4: the second is stage 3, the request for the masked vector. A
+        # ClientApp takes seconds to start, so a kill within 20 ms of its receipt lands before any answer; the
+        # ledger's "dropped" row and the server's stage-3 warning below check that it did.
+        while not run.done() and fed.log("supernode_3").count("Receiving: train.secure message") < 2:
+            time.sleep(0.02)
+        assert not run.done(), run.result().output_tail()
+        fed.crash_node(3)
+        result = run.result()
         assert result.ok, result.output_tail()
+        assert "node %d sent no valid answer to secure stage 3" % fed.node_ids[2] in result.output
         ledger = Ledger.open(run_dir / "ledger.sqlite")
         assert ledger.last_round == 2 and ledger.verify() == 2 * 2 and ledger.secure_rounds() == 2
-        for rnd in (1, 2):
-            rows = ledger.replies(rnd)
-            assert sorted((p.holder, p.status) for p in rows) == [
-                ("", "secure_sum"), ("node-0", "masked"), ("node-1", "masked"), ("node-2", "refused")]
-            assert all(not p.scalars for p in rows if p.status != "secure_sum")
+        survivors = [("", "secure_sum"), ("node-0", "masked"), ("node-1", "masked")]
+        assert sorted((p.holder, p.status) for p in ledger.replies(1)) == [*survivors, ("node-2", "dropped")]
+        # in round 2 the dead node is either still listed by the SuperLink (asked, and dropped at stage 1) or not
+        assert sorted((p.holder, p.status) for p in ledger.replies(2)) in ([*survivors, ("node-2", "dropped")],
+                                                                          survivors)
+        assert all(not p.scalars for r in (1, 2) for p in ledger.replies(r) if p.status != "secure_sum")
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["clients_agree"] and len(summary["client_digests"]) == 3
+        assert summary["clients_agree"] and len(summary["client_digests"]) == 2
+        assert set(summary["client_digests"].values()) == {summary["state_digest"]}
         assert summary["noise"].startswith("skellam(")
         assert re.findall(r"Receiving: (\S+) message", fed.log("supernode_1")).count("train.secure") == 2 * 3
