@@ -10,7 +10,8 @@
 # so this starts a simulation SuperLink with runtime dependency installation disabled, points a `flwr`
 # connection at it, runs the app, waits for it and fails if the run did not finish successfully.
 # A task preset (and a model preset before it): "config-file=\"configs/quickstart.toml,configs/trec.toml\"".
-# Environment: NODES (10), RUN_DIR (runs/federated-<time>), SEEDTUNE_DATA (the data root holding one folder
+# RECIPE=configs/federated_dpzo.toml: the DP-ZO recipe in place of the head stage (its keys as overrides, before
+# yours). Environment: NODES (10), RUN_DIR (runs/federated-<time>), SEEDTUNE_DATA (the data root holding one folder
 # per task, default ../shared/data), NUM_CPUS
 # per simulated client (1), NUM_GPUS per simulated client (0; e.g. 0.25 puts four clients on one GPU, with
 # "model.device=cuda" in the overrides), FLWR_HOME (.flwr), SEEDTUNE_PRIVACY_LEDGER
@@ -37,6 +38,15 @@ RUN_DIR=$(cd "$RUN_DIR" && pwd)
 [ -d "$DATA" ] && export SEEDTUNE_DATA=$(cd "$DATA" && pwd)
 
 USER_OVERRIDES="$*"
+if [ -n "${RECIPE:-}" ]; then  # a TOML of app-config keys, given as overrides before yours; a key you set wins
+    RECIPE_OVERRIDES=$("$PY" -c 'import sys
+from seedtune.shared.task.config import ConfigError, recipe_overrides
+try:
+    print(recipe_overrides(sys.argv[1], sys.argv[2]))
+except ConfigError as exc:
+    sys.exit(f"simulate: RECIPE: {exc}")' "$RECIPE" "$USER_OVERRIDES") || exit 2
+    USER_OVERRIDES="$RECIPE_OVERRIDES $USER_OVERRIDES"
+fi
 case "$USER_OVERRIDES" in
     *out_dir=*) echo "simulate: set the run folder with RUN_DIR=..., not out_dir" >&2; exit 2 ;;
 esac

@@ -1,6 +1,12 @@
-import pytest
+import tomllib
+from pathlib import Path
 
-from seedtune.shared.task.config import ConfigError, load_config, parse_override
+import pytest
+from flwr.common.config import flatten_dict, parse_config_args
+
+from seedtune.shared.task.config import ConfigError, config_from_flower, load_config, parse_override, recipe_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_valid():
@@ -133,3 +139,27 @@ def test_a_decoders_own_head_is_a_classifiers():
     with pytest.raises(ConfigError, match=r"model\.decoder_head must be one of \('label_rows', 'linear'\)"):
         load_config(None, {"model.decoder_head": "tied"})
 
+
+
+def test_the_federated_dpzo_recipe_overrides_the_head_stage_default_and_takes_secure_aggregation():
+    """The main job defaults to the head stage; RECIPE=configs/federated_dpzo.toml (scripts/simulate.sh) turns it
+    back into DP-ZO over the pruned set. Its keys must be app-config keys (Flower refuses others), a key the user
+    sets must win without being given twice (Flower refuses that too), and secure aggregation, which takes one
+    direction per step, is refused on the default by name and accepted on the recipe."""
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        app = flatten_dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    assert config_from_flower(app).selection.mode == "head"
+    recipe = recipe_overrides(ROOT / "configs" / "federated_dpzo.toml")
+    parsed = parse_config_args([recipe])
+    assert set(parsed) <= set(app)
+    dpzo = config_from_flower({**app, **parsed})
+    assert (dpzo.selection.mode, dpzo.zo.direction, dpzo.zo.directions) == ("prune", "rademacher", 1)
+    yours = 'zo.lr=0.01 federation.local_steps=3'
+    mixed = parse_config_args([f"{recipe_overrides(ROOT / 'configs' / 'federated_dpzo.toml', yours)} {yours}"])
+    assert (mixed["zo.lr"], mixed["federation.local_steps"], mixed["selection.mode"]) == (0.01, 3, "prune")
+    secure = {"federation.secure_aggregation": "secagg+", "federation.min_replies": 5}
+    assert config_from_flower({**app, **parsed, **secure}).federation.secure_aggregation == "secagg+"
+    with pytest.raises(ConfigError, match="zo.directions.*federated_dpzo"):
+        config_from_flower({**app, **secure})
+    with pytest.raises(ConfigError, match="no-such.toml"):
+        recipe_overrides(ROOT / "configs" / "no-such.toml")

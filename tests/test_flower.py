@@ -9,12 +9,14 @@ import re
 import subprocess
 import sys
 import time
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from seedtune.shared.protocol.ledger import Ledger
+from seedtune.shared.task.config import flatten
 from tests.deploy_harness import start_federation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +24,8 @@ DATA = ROOT.parent / "shared" / "data" / "sst2"
 TINY = {"model.name": "tiny-encoder", "data.train_size": 240, "data.test_size": 64, "eval.dev_size": 32, "eval.every": 1,
         "federation.local_steps": 2, "federation.sample_rate": 0.25, "federation.clients_per_round": 0,
         "zo.lr": 1e-2, "privacy.noise_multiplier": 2.0, "data.data_dir": str(DATA)}
+# The DP-ZO recipe (one direction per step: what secure aggregation and the ONNX node take), as app-config keys
+DPZO = flatten(tomllib.loads((ROOT / "configs" / "federated_dpzo.toml").read_text()))
 
 
 def test_simulation_with_flwr_run_offline(tmp_path):
@@ -32,7 +36,9 @@ def test_simulation_with_flwr_run_offline(tmp_path):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["rounds"] == 2 and summary["ledger_entries"] == 2 * 2  # rounds x local steps, for 3 nodes
+    # the default recipe, the head stage: rounds x local steps x a full frame over the tiny encoder's head (2
+    # labels x 33 entries: 128 directions), for 3 nodes
+    assert summary["rounds"] == 2 and summary["ledger_entries"] == 2 * 2 * 128
     assert summary["clients_agree"] and len(summary["client_digests"]) == 3
     for name in ("metrics.csv", "metrics.png", "metrics.jsonl"):
         assert (tmp_path / "run" / name).stat().st_size > 0
@@ -68,7 +74,7 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
                                env=fed.env, capture_output=True, text=True, timeout=120)
         assert rogue.returncode == 0, rogue.stdout + rogue.stderr  # the gap in Flower that pinning closes
         rogue_id = int(re.search(r"ROGUE node_id=(\d+)", rogue.stdout).group(1))
-        result = fed.run(ROOT, {**TINY, "federation.rounds": 2, "out_dir": str(run_dir),
+        result = fed.run(ROOT, {**DPZO, **TINY, "federation.rounds": 2, "out_dir": str(run_dir),
                                 "federation.allowed_nodes": fed.env["SEEDTUNE_ALLOWED_NODES"],
                                 "federation.server_key": fed.env["SEEDTUNE_SERVER_KEY"]}, timeout=420)
         assert result.ok, result.output_tail()
@@ -112,7 +118,7 @@ def test_deployment_with_tls_node_authentication_and_secure_aggregation(tmp_path
     nodes = {f"NODE_CONFIG_{i}": f"data-path=\"{path}\" trust-secure-aggregation=true" for i, path in enumerate(files)}
     with start_federation(ROOT, tmp_path / "fed", num_nodes=3, extra_unregistered=False, extra_env=nodes) as fed, \
             ThreadPoolExecutor(1) as pool:
-        run = pool.submit(fed.run, ROOT, {**TINY, "federation.rounds": 2, "out_dir": str(run_dir),
+        run = pool.submit(fed.run, ROOT, {**DPZO, **TINY, "federation.rounds": 2, "out_dir": str(run_dir),
                                           "privacy.noise_multiplier": 0.0, "federation.secure_aggregation": "secagg+",
                                           "federation.min_replies": 2, "federation.round_timeout_s": 30.0,
                                           "federation.allowed_nodes": fed.env["SEEDTUNE_ALLOWED_NODES"],

@@ -568,7 +568,7 @@ class RunConfig(Settings):
         _require(fed.clients_per_round == 0 or fed.clients_per_round >= fed.min_replies, "federation.clients_per_round",
                  f"must be 0 or at least federation.min_replies ({fed.min_replies})", fed.clients_per_round)
         _require(self.zo.directions == 1, "zo.directions", "must be 1 with secure aggregation (the exact Skellam PLD "
-                 "covers one direction per step)", self.zo.directions)
+                 "covers one direction per step; the main job: RECIPE=configs/federated_dpzo.toml)", self.zo.directions)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -716,3 +716,16 @@ def config_from_flower(run_config: Mapping[str, Any]) -> RunConfig:
     paths = [p.strip() for p in str(run_config.get(CONFIG_FILE_KEY) or "").split(",") if p.strip()]
     overrides = {k: v for k, v in run_config.items() if k != CONFIG_FILE_KEY}
     return load_config(paths, overrides)
+
+
+def recipe_overrides(path: str | Path, yours: str = "") -> str:
+    """A recipe file's keys (e.g. configs/federated_dpzo.toml) as a Flower ``--run-config`` string, leaving out
+    each key that ``yours`` (the user's own overrides) sets. A recipe cannot be a ``config-file``: the app
+    config's values beat a file's, so its keys must come as overrides, and Flower refuses a key given twice."""
+    try:
+        with open(path, "rb") as fh:
+            recipe = flatten(tomllib.load(fh))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"recipe {str(path)!r}: {exc}") from exc
+    given = set(re.findall(r"(?:^|\s)([\w.-]+)\s*=", yours))
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in recipe.items() if key not in given)
