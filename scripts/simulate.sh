@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: a federated DP-ZO simulation on this machine, offline, with `flwr run .`.
+# The main job: a federated private finetuning simulation (the head stage by default) on this machine, offline,
+# with `flwr run .`.
 #
 #   bash scripts/simulate.sh [extra --run-config overrides, e.g. "federation.rounds=20" "privacy.epsilon=1"]
 #
@@ -9,15 +10,19 @@
 # `flwr run .` alone would try to install the app's dependencies with uv (fails offline; DESIGN.md section 5),
 # so this starts a simulation SuperLink with runtime dependency installation disabled, points a `flwr`
 # connection at it, runs the app, waits for it and fails if the run did not finish successfully.
-# A task preset (and a model preset before it): "config-file=\"configs/quickstart.toml,configs/trec.toml\"".
-# RECIPE=configs/federated_dpzo.toml: the DP-ZO recipe in place of the head stage (its keys as overrides, before
-# yours). Environment: NODES (10), RUN_DIR (runs/federated-<time>), SEEDTUNE_DATA (the data root holding one folder
+# A task preset: "config-file=\"configs/trec.toml\"" (its task.* and data.* keys; the head stage trains TREC's head).
+# SEEDTUNE_RECIPE=configs/federated_dpzo.toml: the DP-ZO recipe in place of the head stage (its keys as overrides,
+# before yours; a key=value you give wins). A config-file's keys lose to every app-config key (pyproject.toml's
+# defaults, the recipe's, yours): presets set task.*, data.* and other non-app keys; the server warns of any other. Environment: NODES (10), RUN_DIR (runs/federated-<time>), SEEDTUNE_DATA (the data root holding one folder
 # per task, default ../shared/data), NUM_CPUS
 # per simulated client (1), NUM_GPUS per simulated client (0; e.g. 0.25 puts four clients on one GPU, with
 # "model.device=cuda" in the overrides), FLWR_HOME (.flwr), SEEDTUNE_PRIVACY_LEDGER
 # (runs/simulated-holders.sqlite). The server's signing key is RUN_DIR/server_1 (made on first use, unless the
 # overrides name federation.server_key), pinned by every simulated node.
 set -euo pipefail
+if [ -n "${SEEDTUNE_RECIPE:-}" ] && [ -f "$SEEDTUNE_RECIPE" ]; then  # relative to where you call from
+    SEEDTUNE_RECIPE=$(cd "$(dirname "$SEEDTUNE_RECIPE")" && pwd)/$(basename "$SEEDTUNE_RECIPE")
+fi
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-$ROOT/.venv/bin/python}
@@ -38,13 +43,13 @@ RUN_DIR=$(cd "$RUN_DIR" && pwd)
 [ -d "$DATA" ] && export SEEDTUNE_DATA=$(cd "$DATA" && pwd)
 
 USER_OVERRIDES="$*"
-if [ -n "${RECIPE:-}" ]; then  # a TOML of app-config keys, given as overrides before yours; a key you set wins
+if [ -n "${SEEDTUNE_RECIPE:-}" ]; then  # a TOML of app-config keys, as overrides before yours; a key you set wins
     RECIPE_OVERRIDES=$("$PY" -c 'import sys
 from seedtune.shared.task.config import ConfigError, recipe_overrides
 try:
     print(recipe_overrides(sys.argv[1], sys.argv[2]))
 except ConfigError as exc:
-    sys.exit(f"simulate: RECIPE: {exc}")' "$RECIPE" "$USER_OVERRIDES") || exit 2
+    sys.exit(f"simulate: SEEDTUNE_RECIPE: {exc}")' "$SEEDTUNE_RECIPE" "$USER_OVERRIDES") || exit 2
     USER_OVERRIDES="$RECIPE_OVERRIDES $USER_OVERRIDES"
 fi
 case "$USER_OVERRIDES" in

@@ -180,7 +180,7 @@ def bench_flwr(nodes: int, rounds: int) -> dict[str, Any]:
         run_dir = Path(tmp) / "run"
         env = {**os.environ, "NODES": str(nodes), "RUN_DIR": str(run_dir), "FLWR_HOME": str(Path(tmp) / "flwr"),
                "SEEDTUNE_PRIVACY_LEDGER": str(Path(tmp) / "holders.sqlite"), "NUM_CPUS": "1",
-               "RECIPE": str(ROOT / "configs" / "federated_dpzo.toml")}  # one scalar per step, as measured before
+               "SEEDTUNE_RECIPE": str(ROOT / "configs" / "federated_dpzo.toml")}  # one scalar per step, as measured before
         overrides = (f"model.name=\"tiny-encoder\" federation.rounds={rounds} federation.local_steps=10 "
                      f"federation.clients_per_round={nodes} data.train_size={20 * nodes} data.test_size=64 "
                      "eval.dev_size=64 eval.every=0 federation.sample_rate=0.25")  # noise calibrated

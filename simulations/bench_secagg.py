@@ -2,7 +2,7 @@
 
 One round of shared.protocol.secagg in process, for each M: every node advertises its keys, shares its seed and
 masking key among its neighbours, masks a vector of ``--length`` words (the round's quantised, Skellam-noised
-scalars: 10 for the README main job's 10 local steps of one direction, 10,240 for ten head-stage steps over
+scalars: 10 for the DP-ZO recipe's 10 local steps of one direction, 10,240 for ten head-stage steps over
 SST-2's 1,024-direction frame), and the survivors answer the unmasking; ``--drop`` of the nodes drop after
 sharing, so the server also rebuilds their masking keys and removes their pairwise masks. Reported per M:
 

@@ -330,7 +330,7 @@ def run_row(spec: RowSpec) -> dict[str, Any]:
         k = 1 << (labels * plan.head_width - 1).bit_length()
         summary = train(_zo_config(plan, spec, out_dir, {
             "selection.mode": "head", "zo.direction": "hadamard", "zo.directions": k,
-            "model.decoder_head": "linear",  # a decoder's own head: every record's features cached (no encoder effect)
+            "model.decoder_head": "unit",  # a decoder's own head on unit-norm features, as the probe's: all cached
             "zo.batch_size": plan.probe_batch, "zo.lr": plan.probe_lr, "privacy.clip": plan.clip}),
             progress=False, on_loop_start=training_starts)
         row.update(test_accuracy=summary["test_accuracy"], zero_shot_accuracy=summary["zero_shot_accuracy"],

@@ -130,19 +130,20 @@ def test_every_setting_carries_its_help_and_bounds_as_field_metadata():
 
 
 def test_a_decoders_own_head_is_a_classifiers():
-    """model.decoder_head = "linear" replaces the label rows of a classifier; a generation task has none."""
+    """model.decoder_head = "linear" or "unit" replaces the label rows of a classifier; a generation task has none."""
     from pathlib import Path
 
     e2e = str(Path(__file__).resolve().parents[1] / "configs" / "e2e.toml")
-    with pytest.raises(ConfigError, match="model.decoder_head 'linear' is a classifier's head"):
-        load_config([e2e], {"model.decoder_head": "linear"})
-    with pytest.raises(ConfigError, match=r"model\.decoder_head must be one of \('label_rows', 'linear'\)"):
+    for head in ("linear", "unit"):
+        with pytest.raises(ConfigError, match=f"model.decoder_head other than 'label_rows' is a classifier's head.*'{head}'"):
+            load_config([e2e], {"model.decoder_head": head})
+    with pytest.raises(ConfigError, match=r"model\.decoder_head must be one of \('label_rows', 'linear', 'unit'\)"):
         load_config(None, {"model.decoder_head": "tied"})
 
 
 
 def test_the_federated_dpzo_recipe_overrides_the_head_stage_default_and_takes_secure_aggregation():
-    """The main job defaults to the head stage; RECIPE=configs/federated_dpzo.toml (scripts/simulate.sh) turns it
+    """The main job defaults to the head stage; SEEDTUNE_RECIPE=configs/federated_dpzo.toml (scripts/simulate.sh) turns it
     back into DP-ZO over the pruned set. Its keys must be app-config keys (Flower refuses others), a key the user
     sets must win without being given twice (Flower refuses that too), and secure aggregation, which takes one
     direction per step, is refused on the default by name and accepted on the recipe."""
@@ -157,9 +158,26 @@ def test_the_federated_dpzo_recipe_overrides_the_head_stage_default_and_takes_se
     yours = 'zo.lr=0.01 federation.local_steps=3'
     mixed = parse_config_args([f"{recipe_overrides(ROOT / 'configs' / 'federated_dpzo.toml', yours)} {yours}"])
     assert (mixed["zo.lr"], mixed["federation.local_steps"], mixed["selection.mode"]) == (0.01, 3, "prune")
+    quoted = 'data.data_dir="/tmp/x federation.local_steps=3"'  # a value, not a key: the recipe's steps stay
+    assert "federation.local_steps=10" in recipe_overrides(ROOT / "configs" / "federated_dpzo.toml", quoted)
     secure = {"federation.secure_aggregation": "secagg+", "federation.min_replies": 5}
     assert config_from_flower({**app, **parsed, **secure}).federation.secure_aggregation == "secagg+"
     with pytest.raises(ConfigError, match="zo.directions.*federated_dpzo"):
         config_from_flower({**app, **secure})
     with pytest.raises(ConfigError, match="no-such.toml"):
         recipe_overrides(ROOT / "configs" / "no-such.toml")
+
+
+def test_a_config_file_key_beaten_by_the_app_config_is_named(caplog):
+    """Flower's app config beats a config-file's keys, so a preset such as configs/quickstart.toml (selection.mode
+    "prune") would otherwise run the head stage silently."""
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        app = flatten_dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    with caplog.at_level("WARNING", logger="seedtune.shared.task.config"):
+        config = config_from_flower({**app, "config-file": str(ROOT / "configs" / "quickstart.toml")})
+    assert config.selection.mode == "head"
+    assert "selection.mode = 'head', not 'prune'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="seedtune.shared.task.config"):
+        config_from_flower({**app, "config-file": str(ROOT / "configs" / "trec.toml")})  # task keys only
+    assert "config-file" not in caplog.text

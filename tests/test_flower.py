@@ -28,17 +28,22 @@ TINY = {"model.name": "tiny-encoder", "data.train_size": 240, "data.test_size": 
 DPZO = flatten(tomllib.loads((ROOT / "configs" / "federated_dpzo.toml").read_text()))
 
 
-def test_simulation_with_flwr_run_offline(tmp_path):
+@pytest.mark.parametrize("recipe", ["", "configs/federated_dpzo.toml"])
+def test_simulation_with_flwr_run_offline(tmp_path, recipe):
+    """The README's main job path on the tiny encoder: the default recipe (the head stage), and DP-ZO through
+    SEEDTUNE_RECIPE, whose keys go in as overrides while the test's own (TINY's) win."""
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in {**TINY, "federation.rounds": 2}.items())
     env = {**os.environ, "NODES": "3", "RUN_DIR": str(tmp_path / "run"), "FLWR_HOME": str(tmp_path / "flwr"),
-           "PYTHON": sys.executable}
+           "PYTHON": sys.executable, "SEEDTUNE_RECIPE": recipe}
     out = subprocess.run(["bash", "scripts/simulate.sh", overrides], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    # the default recipe, the head stage: rounds x local steps x a full frame over the tiny encoder's head (2
-    # labels x 33 entries: 128 directions), for 3 nodes
-    assert summary["rounds"] == 2 and summary["ledger_entries"] == 2 * 2 * 128
+    # rounds x local steps x directions: a full frame over the tiny encoder's head (2 labels x 33 entries: 128
+    # directions) for the head stage, one for DP-ZO; all 3 nodes each round (TINY's clients_per_round 0 wins)
+    assert summary["rounds"] == 2 and summary["ledger_entries"] == 2 * 2 * (1 if recipe else 128)
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["accepted"] for r in rounds if r["round"] >= 1] == [3, 3]
     assert summary["clients_agree"] and len(summary["client_digests"]) == 3
     for name in ("metrics.csv", "metrics.png", "metrics.jsonl"):
         assert (tmp_path / "run" / name).stat().st_size > 0
@@ -116,8 +121,9 @@ def test_deployment_with_tls_node_authentication_and_secure_aggregation(tmp_path
                                                            for k in rows))
     # the sites' operators trust the server to follow the protocol: their budgets are charged centrally
     nodes = {f"NODE_CONFIG_{i}": f"data-path=\"{path}\" trust-secure-aggregation=true" for i, path in enumerate(files)}
-    with start_federation(ROOT, tmp_path / "fed", num_nodes=3, extra_unregistered=False, extra_env=nodes) as fed, \
-            ThreadPoolExecutor(1) as pool:
+    # the federation stops first on the way out, so a failing check does not wait for the run to time out
+    with ThreadPoolExecutor(1) as pool, \
+            start_federation(ROOT, tmp_path / "fed", num_nodes=3, extra_unregistered=False, extra_env=nodes) as fed:
         run = pool.submit(fed.run, ROOT, {**DPZO, **TINY, "federation.rounds": 2, "out_dir": str(run_dir),
                                           "privacy.noise_multiplier": 0.0, "federation.secure_aggregation": "secagg+",
                                           "federation.min_replies": 2, "federation.round_timeout_s": 30.0,

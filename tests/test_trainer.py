@@ -253,7 +253,7 @@ def test_resume_refuses_changed_training_data_a_ledger_behind_its_anchor_and_a_l
 
 
 @pytest.mark.parametrize("name,head", [("tiny-encoder", "label_rows"), ("tiny-decoder", "label_rows"),
-                                       ("tiny-decoder", "linear")])
+                                       ("tiny-decoder", "linear"), ("tiny-decoder", "unit")])
 @pytest.mark.parametrize("direction,directions", [("rademacher", 16), ("hadamard", 0)])
 def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, head, direction, directions):
     """selection.mode = "head": K directions over the head's entries, each record's features computed once; the
@@ -277,7 +277,7 @@ def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, head, di
     rebuilt = replay(summary["ledger"], tmp_path / "model")  # saved with its model card (it raised KeyError)
     assert rebuilt["entries"] == 5 * k and rebuilt["model_digest"] == summary["model_digest"]
     assert "the classifier head only" in (tmp_path / "model" / "README.md").read_text()
-    if head == "linear":  # the saved folder holds the decoder's own head (HEAD_FILE) and loads back with it
+    if head != "label_rows":  # the saved folder holds the decoder's own head (HEAD_FILE) and loads back with it
         from seedtune.shared.protocol.digest import model_digest
         from seedtune.shared.task.loading import load_task_model
 

@@ -361,17 +361,24 @@ def test_cached_and_uncached_head_losses_are_bit_identical(tiny_task):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_a_decoders_own_head_starts_as_its_label_rows_and_its_features_are_cached():
+@pytest.mark.parametrize("kind", ["linear", "unit"])
+def test_a_decoders_own_head_starts_as_its_label_rows_and_its_features_are_cached(kind):
     """model.decoder_head = "linear": a head of the decoder's own on the last hidden state, starting from the label
     words' output rows (the same zero-shot scores), untied from the input embedding: every record's features are
     cached, a record holding a label word included (with the tied rows it is recomputed at every perturbation),
-    and the cached losses equal the uncached ones bit for bit."""
+    and the cached losses equal the uncached ones bit for bit. "unit" reads the state at unit norm (the probe's
+    features): the same zero-shot predictions, other scores."""
     rows = load_task_model(ModelConfig(name="tiny-decoder"))
-    own = load_task_model(ModelConfig(name="tiny-decoder", decoder_head="linear"))
+    own = load_task_model(ModelConfig(name="tiny-decoder", decoder_head=kind))
     ids = own.encode(SENTENCES + ["a positive , negative one"])  # the label words
     labels = np.arange(len(ids)) % 2
     batch = own.collate(ids, labels)
-    assert torch.equal(own.logits(batch), rows.logits(batch))
+    if kind == "linear":
+        assert torch.equal(own.logits(batch), rows.logits(batch))
+    else:
+        assert torch.equal(own.logits(batch).argmax(-1), rows.logits(batch).argmax(-1))
+        assert not torch.allclose(own.logits(batch), rows.logits(batch))
+        torch.testing.assert_close(own.features(batch).norm(dim=-1), torch.ones(len(ids)))
     head = own.head_set()
     assert head.names == ("head.weight",) and head.size == 2 * 32 and own.head_reads_inputs() == frozenset()
     assert rows.head_reads_inputs() and own.frozen_depth(["head.weight"]) == 2  # both layers lie below the head

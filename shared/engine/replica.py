@@ -193,7 +193,7 @@ class Replica(LedgerFollower):
     # ---------------------------------------------------------------------------------------- export
     def save(self, out_dir: str | Path) -> Path:
         """A Hugging Face model folder (weights, config, tokenizer); a head of the model's own (an encoder's, a
-        decoder's with model.decoder_head = "linear") goes in HEAD_FILE."""
+        decoder's with model.decoder_head = "linear" or "unit") goes in HEAD_FILE."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)

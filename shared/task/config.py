@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import os
 import re
@@ -21,10 +22,12 @@ from typing import Any, Callable, ClassVar, Mapping, Self, Sequence, cast
 from seedtune.shared.engine.directions import DIRECTION_KINDS, DirectionKind, frame_size
 from seedtune.shared.privacy.noise import CALIBRATED_FAMILIES
 
+log = logging.getLogger(__name__)
+
 PRUNE_STRATEGIES = ("static", "dynamic", "incremental")
 SELECTION_MODES = ("all", "patterns", "prune", "head")
 DTYPES = ("float32", "bfloat16", "float16")  # forward-pass dtypes (model.dtype)
-DECODER_HEADS = ("label_rows", "linear")
+DECODER_HEADS = ("label_rows", "linear", "unit")
 
 NOISE_CHOICES = CALIBRATED_FAMILIES + ("auto",)
 
@@ -97,7 +100,9 @@ class ModelConfig(Settings):
         "label_rows", choices=DECODER_HEADS,
         help='a decoder classifier\'s head: "label_rows" (the label words\' rows of its output embedding, tied to the '
              'input embedding in SmolLM2) or "linear" (a head of its own on the last hidden state, starting from '
-             'those rows: the same zero-shot scores, and features a head stage computes once per record)')
+             'those rows: the same zero-shot scores, and features a head stage computes once per record) or "unit" '
+             '(the same head on the last hidden state scaled to unit L2 norm: the DP linear probe\'s features, so a '
+             'clipped head step keeps its signal; the same zero-shot predictions)')
     max_length: int = setting(64, ints=(8, 131_072), help="tokens per example; a decoder prompt keeps its tail (the "
                                                           "question)")
     microbatch: int = setting(16, ints=(1, 65_536), help="examples per forward pass, grouped by length: less "
@@ -535,7 +540,8 @@ class RunConfig(Settings):
         _require(self.federation.partition != "dirichlet" or self.task.kind == "classification",
                  "federation.partition", "'dirichlet' skews labels: a classification task's only", "dirichlet")
         _require(self.model.decoder_head == "label_rows" or self.task.kind == "classification", "model.decoder_head",
-                 "'linear' is a classifier's head: a generation task scores the vocabulary", self.model.decoder_head)
+                 "other than 'label_rows' is a classifier's head: a generation task scores the vocabulary",
+                 self.model.decoder_head)
         _require(not self.federation.node_evaluation or (self.task.kind == "classification" and
                                                           self.privacy.enabled),
                  "federation.node_evaluation", "releases noised label counts: it needs a classification task and "
@@ -568,7 +574,7 @@ class RunConfig(Settings):
         _require(fed.clients_per_round == 0 or fed.clients_per_round >= fed.min_replies, "federation.clients_per_round",
                  f"must be 0 or at least federation.min_replies ({fed.min_replies})", fed.clients_per_round)
         _require(self.zo.directions == 1, "zo.directions", "must be 1 with secure aggregation (the exact Skellam PLD "
-                 "covers one direction per step; the main job: RECIPE=configs/federated_dpzo.toml)", self.zo.directions)
+                 "covers one direction per step; the main job: SEEDTUNE_RECIPE=configs/federated_dpzo.toml)", self.zo.directions)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -712,10 +718,19 @@ def cache_root() -> Path:
 def config_from_flower(run_config: Mapping[str, Any]) -> RunConfig:
     """A Flower run config (``[tool.flwr.app.config]`` plus ``--run-config``): ``config-file`` names optional
     TOML files (comma-separated, applied in order: e.g. a task preset, then a model's), every other key is a
-    dotted override such as ``federation.rounds``."""
+    dotted override such as ``federation.rounds``. An empty string is the app config's "unset" (``data.data_dir``,
+    ``federation.allowed_nodes``, ...): it leaves a file's value in place."""
     paths = [p.strip() for p in str(run_config.get(CONFIG_FILE_KEY) or "").split(",") if p.strip()]
-    overrides = {k: v for k, v in run_config.items() if k != CONFIG_FILE_KEY}
-    return load_config(paths, overrides)
+    overrides = {k: v for k, v in run_config.items() if k != CONFIG_FILE_KEY and not (paths and v == "")}
+    config = load_config(paths, overrides)
+    for path in paths:  # a preset's app-config keys never apply: say so rather than run something else silently
+        with open(path, "rb") as fh:
+            beaten = {k: v for k, v in flatten(tomllib.load(fh)).items() if k in overrides and overrides[k] != v}
+        if beaten:
+            log.warning("config-file %s: %s set by the run config (pyproject.toml's app config or --run-config), "
+                        "which beats a file; pass the file's values as overrides to use them", path,
+                        ", ".join(f"{k} = {overrides[k]!r}, not {v!r}" for k, v in beaten.items()))
+    return config
 
 
 def recipe_overrides(path: str | Path, yours: str = "") -> str:
@@ -727,5 +742,11 @@ def recipe_overrides(path: str | Path, yours: str = "") -> str:
             recipe = flatten(tomllib.load(fh))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"recipe {str(path)!r}: {exc}") from exc
-    given = set(re.findall(r"(?:^|\s)([\w.-]+)\s*=", yours))
+    from click import ClickException
+    from flwr.common.config import parse_config_args
+
+    try:  # the user's keys as Flower will read them (a quoted value may hold "key=")
+        given = set(parse_config_args([yours])) if yours.strip() else set()
+    except ClickException as exc:
+        raise ConfigError(f"overrides {yours!r}: {exc.message}") from exc
     return " ".join(f"{key}={json.dumps(value)}" for key, value in recipe.items() if key not in given)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from seedtune.shared.task.config import ConfigError, ModelConfig, TaskConfig, cache_root
-from seedtune.shared.task.decoder import DecoderClassifier, DecoderGenerator, DecoderHeadClassifier
+from seedtune.shared.task.decoder import (DecoderClassifier, DecoderGenerator, DecoderHeadClassifier,
+                                          DecoderUnitHeadClassifier)
 from seedtune.shared.task.encoder import EncoderClassifier
 from seedtune.shared.task.models import TextClassifier
 
@@ -167,9 +168,10 @@ def load_task_model(config: ModelConfig, task: TaskConfig | None = None) -> Text
     elif kind == "decoder":
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        cls = DecoderHeadClassifier if config.decoder_head == "linear" else DecoderClassifier
+        cls = {"linear": DecoderHeadClassifier, "unit": DecoderUnitHeadClassifier}.get(config.decoder_head,
+                                                                                    DecoderClassifier)
         model = TextClassifier(name, kind, cls(body, label_token_ids(tok, task.words)), tok, config.max_length, task)
-        if cls is DecoderHeadClassifier:
+        if issubclass(cls, DecoderHeadClassifier):
             _load_saved_head(model, task)
     else:
         model = TextClassifier(name, kind, EncoderClassifier(body, len(task.labels)), tok, config.max_length, task)
