@@ -142,10 +142,7 @@ def holder_release(values: np.ndarray, clip: float, rate: float, noise: Noise, r
     ``rate`` by a secret CSPRNG coin (else zeros: the node sends the noise alone, and nobody can tell which), plus
     C times the (sensitivity-1) noise per scalar, divided by ``rate`` so the mean over nodes stays unbiased. Adding
     or removing the holder moves the vector by at most C: one Poisson-subsampled Gaussian release per round."""
-    values = np.asarray(values, dtype=np.float64)
-    norm = float(np.linalg.norm(values))
-    clipped = values * min(1.0, clip / max(norm, np.finfo(np.float64).tiny)) if np.isfinite(norm) \
-        else np.zeros_like(values)
+    clipped = clip_rows(np.asarray(values, dtype=np.float64)[None, :], clip)[0][0]  # non-finite: zeros
     kept = clipped if rng.uniform(1)[0] < rate else np.zeros_like(clipped)
     return (kept + clip * np.asarray(rng.noise(noise, values.size), dtype=np.float64)) / rate
 

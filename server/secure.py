@@ -34,7 +34,7 @@ from seedtune.shared.protocol.identity import AllowedNodes
 from seedtune.shared.protocol.ledger import Provenance
 from seedtune.shared.protocol.proto import PROTOCOL_VERSION, Instruction, PeerKeys, Reply, SecureStep
 from seedtune.shared.protocol.secagg import (PublicKeys, RoundGraph, SecAggError, ServerSession, default_degree,
-                                             public_key, round_context)
+                                             round_context)
 from seedtune.shared.protocol.wire import SECURE
 from seedtune.shared.task.config import RunConfig
 
@@ -79,7 +79,7 @@ class SecureRound:
         for node, reply in self._judge(plan, 1, delivery, out, holders, fate, plan.nodes):
             keys = PublicKeys(reply.secure.keys.encryption, reply.secure.keys.masking)
             try:
-                public_key(keys.encryption), public_key(keys.masking)
+                keys.check()
             except SecAggError as exc:  # refused here, so that its neighbours never fail on it
                 self._reject(plan, node, fate, out, Rejected("malformed", f"node {node}'s keys: {exc}"), 1)
                 continue

@@ -63,7 +63,7 @@ class RoundGraph:
     length: int  # uint64 words per vector
     context: bytes  # binds masks and shares to this federation and round (the ledger's header digest and round)
 
-    @property
+    @functools.cached_property
     def binding(self) -> bytes:
         """The round's context with the whole graph hashed in: a node given another view of the round than its
         neighbours (another ring, degree or threshold) masks with streams theirs do not cancel, and the sum is
@@ -145,6 +145,10 @@ class PublicKeys:
 
     encryption: bytes
     masking: bytes
+
+    def check(self) -> None:
+        """Both keys parse as public keys, or a :class:`SecAggError`."""
+        public_key(self.encryption), public_key(self.masking)
 
 
 def _pack(src: int, dst: int, seed_share: bytes, key_share: bytes) -> bytes:
@@ -228,7 +232,7 @@ class NodeSession:
                               f"threshold {self.graph.threshold}")
         for j, keys in peers.items():
             try:
-                public_key(keys.encryption), public_key(keys.masking)
+                keys.check()
             except SecAggError as exc:
                 raise SecAggError(f"node {self.node}: node {j}'s advertised key: {exc}") from exc
         self._peers = dict(peers)
@@ -314,8 +318,8 @@ class ServerSession:
     def unmask_request(self, node: int, masked: dict[int, np.ndarray]) -> tuple[set[int], set[int]]:
         """Whom ``node`` is asked about: its neighbours that sent a masked vector, and those that shared but did
         not."""
-        hood = set(self.graph.neighbours(node)) & set(self.shared)
-        return hood & set(masked), hood - set(masked)
+        hood = [j for j in self.graph.neighbours(node) if j in self.shared]
+        return {j for j in hood if j in masked}, {j for j in hood if j not in masked}
 
     def total(self, masked: dict[int, np.ndarray], answers: dict[int, dict[int, tuple[str, bytes]]]) -> np.ndarray:
         """The sum (int64, two's complement of the uint64 sum) of the survivors' vectors: every survivor's seed

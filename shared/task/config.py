@@ -643,20 +643,26 @@ def _merge(base: dict[str, Any], layer: Mapping[str, Any]) -> None:
             base[key] = value
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's tables, or a :class:`ConfigError` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    with p.open("rb") as fh:
+        try:
+            return tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+
+
 def load_config(path: str | Path | Sequence[str | Path] | None = None,
                 overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Defaults, then the TOML file(s) in order (e.g. a task preset, then a model's: later keys win, tables
     merge), then dotted overrides such as ``{"privacy.epsilon": 1.0}``."""
     data: dict[str, Any] = {}
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        with p.open("rb") as fh:
-            try:
-                _merge(data, tomllib.load(fh))
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+    for p in paths:
+        _merge(data, read_toml(p))
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -724,8 +730,7 @@ def config_from_flower(run_config: Mapping[str, Any]) -> RunConfig:
     overrides = {k: v for k, v in run_config.items() if k != CONFIG_FILE_KEY and not (paths and v == "")}
     config = load_config(paths, overrides)
     for path in paths:  # a preset's app-config keys never apply: say so rather than run something else silently
-        with open(path, "rb") as fh:
-            beaten = {k: v for k, v in flatten(tomllib.load(fh)).items() if k in overrides and overrides[k] != v}
+        beaten = {k: v for k, v in flatten(read_toml(path)).items() if k in overrides and overrides[k] != v}
         if beaten:
             log.warning("config-file %s: %s set by the run config (pyproject.toml's app config or --run-config), "
                         "which beats a file; pass the file's values as overrides to use them", path,
@@ -737,11 +742,7 @@ def recipe_overrides(path: str | Path, yours: str = "") -> str:
     """A recipe file's keys (e.g. configs/federated_dpzo.toml) as a Flower ``--run-config`` string, leaving out
     each key that ``yours`` (the user's own overrides) sets. A recipe cannot be a ``config-file``: the app
     config's values beat a file's, so its keys must come as overrides, and Flower refuses a key given twice."""
-    try:
-        with open(path, "rb") as fh:
-            recipe = flatten(tomllib.load(fh))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"recipe {str(path)!r}: {exc}") from exc
+    recipe = flatten(read_toml(path))
     from click import ClickException
     from flwr.common.config import parse_config_args
 
