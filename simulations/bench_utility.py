@@ -12,6 +12,9 @@ task loss (shared.task.models.TextClassifier, cross-entropy):
   (the same loop without privacy): client/baselines/dpsgd.py.
 * ``probe`` and ``dp-probe`` (epsilon 1, 3, 8): what a user would write instead, a linear head on the frozen
   model's features, plainly or by DP-SGD on the head alone (client/baselines/probe.py).
+* ``dpzo-head`` (epsilon 1, 3, 8): the head stage, DP-ZO over a Hadamard frame on the head (selection.mode =
+  "head"), on the features of the plan's head (a decoder: ``model.decoder_head``, ``model.head_layer``), and
+  ``dp-probe-recipe``: the DP probe on those same features, which tells the features' gain from the method's.
 * ``fed-dpzo``: a real federated DP-ZO round (server loop + ClientApp handlers, in-process transport) and
   ``fed-dpsgd``: a real Flower FedAvg simulation of the DP-SGD clients. Their rows exist for the uplink
   (bytes per client per round, measured as Flower ships each message); their few steps are not meant to
@@ -49,8 +52,8 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
 EPSILONS = (1.0, 3.0, 8.0)
-METHODS = ("zero-shot", "probe", "dp-probe", "mezo", "dpzo", "dpzo-head", "finetune", "dpsgd", "dpsgd-lora", "fed-dpzo",
-           "fed-dpsgd")
+METHODS = ("zero-shot", "probe", "dp-probe", "dp-probe-recipe", "mezo", "dpzo", "dpzo-head", "finetune", "dpsgd",
+           "dpsgd-lora", "fed-dpzo", "fed-dpsgd")
 TASKS = ("sst2", "trec", "rte")  # sst2: the embedded default; the others layer configs/<task>.toml
 ROWS_DIR = "rows.d"  # one JSON file per finished row
 ROW_FIELDS = ("task", "model", "method", "epsilon_target", "epsilon_spent", "delta", "test_accuracy", "zero_shot_accuracy",
@@ -89,6 +92,10 @@ class ModelPlan:
     # DP-ZO on the head alone (selection.mode = "head"): a Hadamard frame of K = n >= head size directions (a step is
     # then DP-SGD on the head, shared.engine.directions), the probe's batch, steps, learning rate and clip
     head_width: int = 0  # head entries per label: hidden + 1 (encoder: a bias) or hidden (decoder)
+    # a decoder's head for the head stage: "unit" (the last state at unit norm, the probe's features) or "centred"
+    # (layer head_layer's state less the template's, at unit norm; shared.task.decoder); encoders ignore both
+    decoder_head: str = "unit"
+    head_layer: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,15 +129,18 @@ _TINY: dict[str, Any] = dict(zo_file=None, steps=8, short_steps=4, batch_size=16
              train_size=1000, test_size=128, zo_overrides={"zo.lr": 1e-2, "privacy.clip": 5.0},
              fed_train_size=200, fed_test_size=64, probe_steps=20, probe_batch=32)
 PLANS: dict[str, dict[str, ModelPlan]] = {
-    "quick": {name: ModelPlan(name=name, head_width=width, **_TINY)
-              for name, width in (("tiny-encoder", 33), ("tiny-decoder", 32))},
+    "quick": {"tiny-encoder": ModelPlan(name="tiny-encoder", head_width=33, **_TINY),
+              "tiny-decoder": ModelPlan(name="tiny-decoder", head_width=32, decoder_head="centred", head_layer=1,
+                                        **_TINY)},
     "full": {
         # configs/smollm2_eps3.toml's settings (batch 32, clip 10, microbatch 8, its trainable set and lr) in one
         # stage. The shared budget is 100 steps: a ghost-clipping DP-SGD step of SmolLM2 costs about 4 DP-ZO steps
         # on this CPU. results/utility/ was measured with the earlier config (1% of all weights, lr 1e-3).
         "smollm2": ModelPlan(name="smollm2", zo_file="configs/smollm2_eps3.toml", steps=100, short_steps=10,
                              batch_size=32, long_dpzo_steps=(250,), microbatch=8, head_width=576,
-                             probe_lr=3.0),  # its own dev sweep (docs/results.md)
+                             probe_lr=3.0,  # its own dev sweep (docs/results.md)
+                             # the centred state of layer 22 of 30: chosen on SST-2's public dev split (docs/results.md)
+                             decoder_head="centred", head_layer=22),
         # configs/quickstart.toml's settings (batch 64, lr 1e-3, clip 5) in one 50-step stage (CPU time).
         "minilm": ModelPlan(name="minilm", zo_file="configs/quickstart.toml", steps=50, short_steps=20,
                             batch_size=64, long_dpzo_steps=(300,), microbatch=64, head_width=385),
@@ -166,6 +176,7 @@ def _task_rows(mode: str, models: list[str], methods: list[str], threads: int, e
                             "steps"}
         items = [("zero-shot", None, 0, "main"), ("probe", None, plan.probe_steps, "main"),
                  *[("dp-probe", e, plan.probe_steps, "main") for e in EPSILONS],
+                 *[("dp-probe-recipe", e, plan.probe_steps, "main") for e in EPSILONS],
                  *[("dpzo", e, plan.steps, "main") for e in EPSILONS],
                  *[("dpzo-head", e, plan.probe_steps, "main") for e in EPSILONS],
                  ("mezo", None, plan.steps, "main"), ("dpsgd", 3.0, plan.steps, "main"),
@@ -221,11 +232,15 @@ def _fo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, train_size: int, te
 
     private = spec.method not in ("finetune", "probe")
     lora = spec.method.endswith("lora")
-    probe = spec.method.endswith("probe")
+    probe = "probe" in spec.method
+    recipe = spec.method == "dp-probe-recipe"  # the head stage's features, not the baseline's
     lr = plan.probe_lr if probe else plan.lora_lr if lora else (plan.fo_lr if private else plan.ft_lr)
     task, data = _task_sections(spec, train_size, test_size)
     return FirstOrderConfig(
-        model=ModelConfig(name=plan.name, microbatch=plan.microbatch), task=task, data=data, steps=spec.steps,
+        model=ModelConfig(name=plan.name, microbatch=plan.microbatch,
+                          decoder_head=plan.decoder_head if recipe else "label_rows",
+                          head_layer=plan.head_layer if recipe else 0),
+        task=task, data=data, steps=spec.steps,
         batch_size=plan.probe_batch if probe else plan.batch_size, lr=lr, optimizer="sgd" if probe else "adam",
         private=private, epsilon=spec.epsilon or 1.0, delta=DELTA, clip=plan.clip, lora_rank=8 if lora else 0,
         probe=probe, threads=spec.threads, zero_shot=False, out_dir=out_dir).validate()
@@ -330,14 +345,14 @@ def run_row(spec: RowSpec) -> dict[str, Any]:
         k = 1 << (labels * plan.head_width - 1).bit_length()
         summary = train(_zo_config(plan, spec, out_dir, {
             "selection.mode": "head", "zo.direction": "hadamard", "zo.directions": k,
-            "model.decoder_head": "unit",  # a decoder's own head on unit-norm features, as the probe's: all cached
+            "model.decoder_head": plan.decoder_head, "model.head_layer": plan.head_layer,  # a decoder's own head
             "zo.batch_size": plan.probe_batch, "zo.lr": plan.probe_lr, "privacy.clip": plan.clip}),
             progress=False, on_loop_start=training_starts)
         row.update(test_accuracy=summary["test_accuracy"], zero_shot_accuracy=summary["zero_shot_accuracy"],
                    epsilon_spent=summary["epsilon"], trainable_params=summary["trainable_entries"],
                    noise_multiplier=summary["noise_std"], batch_size=plan.probe_batch, directions=k,
                    s_per_step=summary["train_s"] / spec.steps)
-    elif spec.method in ("probe", "dp-probe"):
+    elif spec.method in ("probe", "dp-probe", "dp-probe-recipe"):
         from seedtune.client.baselines.probe import train_probe
 
         config = _fo_config(plan, spec, out_dir, plan.train_size, plan.test_size)

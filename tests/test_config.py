@@ -130,15 +130,20 @@ def test_every_setting_carries_its_help_and_bounds_as_field_metadata():
 
 
 def test_a_decoders_own_head_is_a_classifiers():
-    """model.decoder_head = "linear" or "unit" replaces the label rows of a classifier; a generation task has none."""
+    """model.decoder_head = "linear", "unit" or "centred" replaces the label rows of a classifier; a generation task
+    has none; model.head_layer is the centred head's."""
     from pathlib import Path
 
     e2e = str(Path(__file__).resolve().parents[1] / "configs" / "e2e.toml")
-    for head in ("linear", "unit"):
+    for head in ("linear", "unit", "centred"):
         with pytest.raises(ConfigError, match=f"model.decoder_head other than 'label_rows' is a classifier's head.*'{head}'"):
             load_config([e2e], {"model.decoder_head": head})
-    with pytest.raises(ConfigError, match=r"model\.decoder_head must be one of \('label_rows', 'linear', 'unit'\)"):
+    with pytest.raises(ConfigError, match=r"model\.decoder_head must be one of \('label_rows', 'linear', 'unit', "
+                                          r"'centred'\)"):
         load_config(None, {"model.decoder_head": "tied"})
+    with pytest.raises(ConfigError, match=r"model\.head_layer is the layer a 'centred' decoder head reads.*got 22"):
+        load_config(None, {"model.decoder_head": "unit", "model.head_layer": 22})
+    assert load_config(None, {"model.decoder_head": "centred", "model.head_layer": 22}).model.head_layer == 22
 
 
 
@@ -181,3 +186,10 @@ def test_a_config_file_key_beaten_by_the_app_config_is_named(caplog):
     with caplog.at_level("WARNING", logger="seedtune.shared.task.config"):
         config_from_flower({**app, "config-file": str(ROOT / "configs" / "trec.toml")})  # task keys only
     assert "config-file" not in caplog.text
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.toml")))
+def test_every_shipped_preset_loads_and_validates(preset):
+    """A preset the docs tell users to pass with -c must load and validate as shipped: a key renamed or a value
+    refused would otherwise surface only in a user's run."""
+    assert load_config([ROOT / "configs" / preset]).validate()

@@ -253,7 +253,8 @@ def test_resume_refuses_changed_training_data_a_ledger_behind_its_anchor_and_a_l
 
 
 @pytest.mark.parametrize("name,head", [("tiny-encoder", "label_rows"), ("tiny-decoder", "label_rows"),
-                                       ("tiny-decoder", "linear"), ("tiny-decoder", "unit")])
+                                       ("tiny-decoder", "linear"), ("tiny-decoder", "unit"),
+                                       ("tiny-decoder", "centred")])
 @pytest.mark.parametrize("direction,directions", [("rademacher", 16), ("hadamard", 0)])
 def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, head, direction, directions):
     """selection.mode = "head": K directions over the head's entries, each record's features computed once; the
@@ -265,6 +266,7 @@ def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, head, di
     from seedtune.shared.task.config import load_config
 
     config = load_config(overrides={"model.name": name, "model.decoder_head": head, "selection.mode": "head",
+                                    "model.head_layer": 1 if head == "centred" else 0,
                                     "schedule.stage_steps": [5],
                                     "zo.direction": direction, "zo.directions": directions, "zo.lr": 0.5,
                                     "privacy.clip": 1.0, "eval.every": 0, "data.train_size": 300,

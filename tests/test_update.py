@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from seedtune.client.zo_step import projected_gradients
-from seedtune.shared.task.config import ModelConfig
+from seedtune.shared.task.config import ConfigError, ModelConfig
 from seedtune.shared.protocol.digest import model_digest
 from seedtune.shared.engine.directions import direction_numpy
 from seedtune.shared.task.loading import load_task_model
@@ -361,6 +361,25 @@ def test_cached_and_uncached_head_losses_are_bit_identical(tiny_task):
                                rtol=1e-5, atol=1e-6)
 
 
+def _cached_head_losses_are_the_uncached_ones(task, ids, labels) -> None:
+    """At a perturbed head, the losses with every record's features cached equal those without a cache bit for
+    bit, and each record's loss computed alone; every record was cached."""
+    head = task.head_set()
+    cached, bare = ScoredView(task, head), ScoredView(task, head, feature_cache_mb=0)
+    for view in (cached, bare):
+        view.per_example_loss(ids, labels)
+        view.snapshot()
+        view.perturb(12345, 0.5)
+    try:
+        assert np.array_equal(cached.per_example_loss(ids, labels), bare.per_example_loss(ids, labels))
+        np.testing.assert_allclose(cached.per_example_loss(ids, labels), _alone_losses(task, ids, labels),
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        cached.restore()
+        bare.restore()
+    assert len(cached.cache.store) == len(ids)
+
+
 @pytest.mark.parametrize("kind", ["linear", "unit"])
 def test_a_decoders_own_head_starts_as_its_label_rows_and_its_features_are_cached(kind):
     """model.decoder_head = "linear": a head of the decoder's own on the last hidden state, starting from the label
@@ -382,19 +401,31 @@ def test_a_decoders_own_head_starts_as_its_label_rows_and_its_features_are_cache
     head = own.head_set()
     assert head.names == ("head.weight",) and head.size == 2 * 32 and own.head_reads_inputs() == frozenset()
     assert rows.head_reads_inputs() and own.frozen_depth(["head.weight"]) == 2  # both layers lie below the head
-    cached, bare = ScoredView(own, head), ScoredView(own, head, feature_cache_mb=0)
-    for view in (cached, bare):
-        view.per_example_loss(ids, labels)
-        view.snapshot()
-        view.perturb(12345, 0.5)
-    try:
-        assert np.array_equal(cached.per_example_loss(ids, labels), bare.per_example_loss(ids, labels))
-        np.testing.assert_allclose(cached.per_example_loss(ids, labels), _alone_losses(own, ids, labels),
-                                   rtol=1e-5, atol=1e-6)
-    finally:
-        cached.restore()
-        bare.restore()
-    assert len(cached.cache.store) == len(ids)
+    _cached_head_losses_are_the_uncached_ones(own, ids, labels)
+
+
+def test_a_centred_head_reads_its_layer_less_the_templates_own_state_and_its_features_are_cached():
+    """model.decoder_head = "centred", model.head_layer = 1: the head reads the first of the tiny decoder's two
+    layers at the last position, less the state of the template with an empty text (so that record's features are
+    zero), at unit norm; the second layer never runs (moving it moves no score); the cached losses equal the
+    uncached ones bit for bit and each record's loss computed alone."""
+    own = load_task_model(ModelConfig(name="tiny-decoder", decoder_head="centred", head_layer=1))
+    ids = own.encode(SENTENCES)
+    labels = np.arange(len(ids)) % 2
+    batch = own.collate(ids, labels)
+    torch.testing.assert_close(own.features(batch).norm(dim=-1), torch.ones(len(ids)))
+    empty = own.collate(own.encode([""]), np.zeros(1, dtype=np.int64))
+    assert torch.equal(own.features(empty), torch.zeros(1, own.module.hidden_size))
+    top = own.module.lm.model.layers[1].mlp.down_proj.weight
+    before = own.logits(batch)
+    with torch.no_grad():
+        top.add_(1.0)
+    assert torch.equal(own.logits(batch), before)
+    top_layer = next(n for n, p in own.module.named_parameters() if p is top)
+    assert own.frozen_depth(["head.weight"]) == 1 and own.frozen_depth([top_layer]) == 1
+    with pytest.raises(ConfigError, match=r"model\.head_layer: the head reads layer 1 to 2 \(0: the last\); got 3"):
+        load_task_model(ModelConfig(name="tiny-decoder", decoder_head="centred", head_layer=3))
+    _cached_head_losses_are_the_uncached_ones(own, ids, labels)
 
 
 def test_head_losses_do_not_depend_on_the_rest_of_the_batch(tiny_task):

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 PRUNE_STRATEGIES = ("static", "dynamic", "incremental")
 SELECTION_MODES = ("all", "patterns", "prune", "head")
 DTYPES = ("float32", "bfloat16", "float16")  # forward-pass dtypes (model.dtype)
-DECODER_HEADS = ("label_rows", "linear", "unit")
+DECODER_HEADS = ("label_rows", "linear", "unit", "centred")
 
 NOISE_CHOICES = CALIBRATED_FAMILIES + ("auto",)
 
@@ -102,7 +102,13 @@ class ModelConfig(Settings):
              'input embedding in SmolLM2) or "linear" (a head of its own on the last hidden state, starting from '
              'those rows: the same zero-shot scores, and features a head stage computes once per record) or "unit" '
              '(the same head on the last hidden state scaled to unit L2 norm: the DP linear probe\'s features, so a '
-             'clipped head step keeps its signal; the same zero-shot predictions)')
+             'clipped head step keeps its signal; the same zero-shot predictions) or "centred" (the same head on the '
+             'output of layer model.head_layer less the prompt template\'s own state, at unit norm: the common '
+             'direction of all states removed, data-free; docs/engine.md, "The head alone")')
+    head_layer: int = setting(0, ints=(0, 10_000),
+                              help='the layer whose output a "centred" head reads (1 to the layer count; 0: the last, '
+                                   'after the final norm); layers above it never run. 22 for SmolLM2 (of 30), chosen '
+                                   'on SST-2\'s public dev split')
     max_length: int = setting(64, ints=(8, 131_072), help="tokens per example; a decoder prompt keeps its tail (the "
                                                           "question)")
     microbatch: int = setting(16, ints=(1, 65_536), help="examples per forward pass, grouped by length: less "
@@ -539,6 +545,8 @@ class RunConfig(Settings):
                  "need the multi-coordinate accounting)", self.privacy.unit)
         _require(self.federation.partition != "dirichlet" or self.task.kind == "classification",
                  "federation.partition", "'dirichlet' skews labels: a classification task's only", "dirichlet")
+        _require(self.model.head_layer == 0 or self.model.decoder_head == "centred", "model.head_layer",
+                 "is the layer a 'centred' decoder head reads: set model.decoder_head = 'centred'", self.model.head_layer)
         _require(self.model.decoder_head == "label_rows" or self.task.kind == "classification", "model.decoder_head",
                  "other than 'label_rows' is a classifier's head: a generation task scores the vocabulary",
                  self.model.decoder_head)

@@ -174,6 +174,61 @@ class DecoderUnitHeadClassifier(DecoderHeadClassifier):
         return nn.functional.normalize(super().last_hidden(attention_mask, **inputs).float(), dim=-1)
 
 
+class DecoderCentredHeadClassifier(DecoderHeadClassifier):
+    """A decoder classifier whose own head reads the output of layer ``depth`` (1..layers) at the last position,
+    less the same state of the prompt template with every text field empty, scaled to unit L2 norm
+    (``model.decoder_head = "centred"``, ``model.head_layer``); the layers above ``depth`` never run.
+
+    Why: SmolLM2's states all point nearly one way (the mean of its unit last states has norm 0.94), so a clipped
+    head step spends most of its norm on a direction no class differs in. The template's own state is that common
+    part, computed from the model and the public template alone (no record), so every node and the server derive
+    the same centre. On SST-2's public dev split (DP linear head at epsilon 3) the last state reads 82.6 raw and
+    84.6 centred, and layer 22's output centred 86.4; the records' own mean as the centre is no better
+    (docs/results.md). The head starts from the label words' rows: zero-shot scores are no longer the model's."""
+
+    centre: torch.Tensor
+
+    def __init__(self, lm: nn.Module, label_token_ids: Sequence[int], depth: int) -> None:
+        super().__init__(lm, label_token_ids)
+        self.layer_count = len(getattr(self.lm, self.lm.base_model_prefix).layers)
+        if not 0 <= depth <= self.layer_count:
+            raise ValueError(f"the head reads layer 1 to {self.layer_count} (0: the last); got {depth}")
+        self.depth = depth or self.layer_count
+        self._cut = False  # inside a _layers span, which is already cut at depth
+        self.register_buffer("centre", torch.zeros(self.hidden_size), persistent=False)
+
+    @contextmanager
+    def _layers(self, span: slice, final_norm: bool) -> Iterator[nn.Module]:
+        start, stop, _ = span.indices(self.depth)  # no span reaches above the head's layer
+        outer, self._cut = self._cut, True
+        try:
+            with super()._layers(slice(start, stop), final_norm and self.depth == self.layer_count) as body:
+                yield body
+        finally:
+            self._cut = outer
+
+    def hidden_states(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        if self._cut:
+            return super().hidden_states(attention_mask, **inputs)
+        with self._layers(slice(0, None), final_norm=True):
+            return super().hidden_states(attention_mask, **inputs)
+
+    def last_hidden(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        # every path to the head (forward, forward_from, features) reads this: cached and uncached scores agree
+        state = super().last_hidden(attention_mask, **inputs).float()
+        return nn.functional.normalize(state - self.centre.float(), dim=-1)
+
+    def layer_of(self, name: str) -> int:
+        if name.startswith("head."):
+            return self.depth
+        return super().layer_of(name)
+
+    @torch.no_grad()
+    def set_centre(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """The centre: the state at ``depth`` of one row, the template with its text fields empty."""
+        self.centre.copy_(super().last_hidden(attention_mask, input_ids=input_ids)[0].float())
+
+
 class DecoderGenerator(DecoderClassifier):
     """A causal LM scored on its target tokens: the per-example mean negative log-likelihood of the target given
     the prompt, the loss a generation task's two-point estimate uses. (It shares the classifier's body plumbing,
