@@ -109,6 +109,7 @@ class RowSpec:
     budget: str = "main"  # "main" (the shared step budget), "long", "short" (cut for CPU time) or "fed"
     note: str = ""
     task: str = "sst2"
+    draws: int = 1  # probe rows: heads trained on the same features, each with fresh noise (their mean reported)
 
     @property
     def key(self) -> str:
@@ -356,8 +357,10 @@ def run_row(spec: RowSpec) -> dict[str, Any]:
         from seedtune.client.baselines.probe import train_probe
 
         config = _fo_config(plan, spec, out_dir, plan.train_size, plan.test_size)
-        summary = train_probe(config, on_loop_start=training_starts)
-        row.update(test_accuracy=summary["test_accuracy"], zero_shot_accuracy=None, epsilon_spent=summary["epsilon"],
+        summary = train_probe(config, on_loop_start=training_starts, draws=spec.draws)
+        row.update({k: summary[k] for k in ("test_accuracies", "test_accuracy_sd") if k in summary})
+        row.update(test_accuracy=summary["test_accuracy"], draws=spec.draws, zero_shot_accuracy=None,
+                   epsilon_spent=summary["epsilon"],
                    trainable_params=summary["trainable_params"], noise_multiplier=summary["noise_multiplier"],
                    batch_size=config.batch_size, features_s=summary["features_s"],
                    s_per_step=summary["train_s"] / spec.steps)
@@ -546,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="subset of the private rows' targets")
     parser.add_argument("--jobs", type=int, default=1, help="rows run in parallel (one subprocess each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
+    parser.add_argument("--probe-draws", type=int, default=1,
+                        help="probe rows: heads trained on the same features with fresh noise each; the row reports "
+                             "their mean, each and their spread (each draw is its own release at the row's epsilon)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in OUT/rows.jsonl")
     parser.add_argument("--report-only", action="store_true", help="rewrite table.md and plot.png from rows.jsonl")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row spec (JSON) in this process
@@ -572,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(models) - set(PLANS[args.mode])
     if unknown:
         parser.error(f"models {sorted(unknown)} are not in the {args.mode} plan ({sorted(PLANS[args.mode])})")
+    if args.probe_draws < 1:
+        parser.error(f"--probe-draws must be >= 1, got {args.probe_draws}")
     rows_path = out / "rows.jsonl"
     held = rows_path.is_file() or any((out / ROWS_DIR).glob("*.json"))
     if held and not (args.resume or args.report_only or args.overwrite):
@@ -591,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
             p.unlink()
     running = {p.stem for p in (out / ROWS_DIR).glob("*.pid") if _alive(int(p.read_text() or 0))}
     specs = [] if args.report_only else \
-        [s for s in plan_rows(args.mode, models, args.methods, args.threads, tuple(args.epsilons), tuple(args.tasks))
+        [replace(s, draws=args.probe_draws) if "probe" in s.method else s
+         for s in plan_rows(args.mode, models, args.methods, args.threads, tuple(args.epsilons), tuple(args.tasks))
          if s.key not in done and not (args.resume and s.slug in running)]
     log.info("%d rows to run (%d kept), %d at a time", len(specs), len(done), args.jobs)
     rows = list(done.values())

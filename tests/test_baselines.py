@@ -286,6 +286,26 @@ def test_dp_probe_reports_our_pld_epsilon_and_the_plain_probe_learns(name):
     assert plain["method"] == "probe" and plain["epsilon"] is None and plain["noise_multiplier"] == 0.0
 
 
+def test_probe_draws_train_fresh_heads_on_the_same_features_and_report_their_mean(monkeypatch):
+    """train_probe(draws=N): N heads on features computed once (one all_features call per split), each with its own
+    CSPRNG draws; the row's accuracy is their mean. draws < 1 is refused by name."""
+    from seedtune.client.baselines import probe
+    from seedtune.shared.task.config import ConfigError
+    from seedtune.shared.task.models import TextClassifier
+
+    calls, learners = [], []
+    features, learner = TextClassifier.all_features, probe.ProbeLearner
+    monkeypatch.setattr(TextClassifier, "all_features",
+                        lambda self, *a, **k: calls.append(a[-1]) or features(self, *a, **k))
+    monkeypatch.setattr(probe, "ProbeLearner", lambda *a: learners.append(learner(*a)) or learners[-1])
+    summary = probe.train_probe(_config("tiny-encoder", probe=True, epsilon=3.0, steps=4), draws=3)
+    assert calls == ["training features", "test features"] and len(learners) == 3
+    assert len({lr.rng for lr in learners}) == 3 and not torch.equal(learners[0].weight, learners[1].weight)
+    assert summary["test_accuracy"] == pytest.approx(np.mean(summary["test_accuracies"]))
+    with pytest.raises(ConfigError, match="draws must be >= 1, got 0"):
+        probe.train_probe(_config("tiny-encoder", probe=True, epsilon=3.0, steps=4), draws=0)
+
+
 def test_a_probe_with_lora_is_refused_by_name():
     from seedtune.shared.task.config import ConfigError
 
