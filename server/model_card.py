@@ -73,7 +73,7 @@ def model_card(info: dict[str, Any], config: RunConfig, record: PrivacyRecord, c
                  "prune": f"SynFlow-pruned (data-free), {sel.fraction:g} of the entries"
                           + (f" within {list(sel.patterns)}" if sel.patterns else ""),
                  "head": "the classifier head only (the encoder's head rows and bias, or the decoder's label-word "
-                         "rows), the body frozen"}[sel.mode]
+                         "rows or head of its own), the body frozen"}[sel.mode]
     if record.private:
         holders = ("each data holder (a node's institution) of the federation" if record.federated
                    else "the training set of one `seedtune train` run")

@@ -92,9 +92,9 @@ class ModelPlan:
     # DP-ZO on the head alone (selection.mode = "head"): a Hadamard frame of K = n >= head size directions (a step is
     # then DP-SGD on the head, shared.engine.directions), the probe's batch, steps, learning rate and clip
     head_width: int = 0  # head entries per label: hidden + 1 (encoder: a bias) or hidden (decoder)
-    # a decoder's head for the head stage: "unit" (the last state at unit norm, the probe's features) or "centred"
-    # (layer head_layer's state less the template's, at unit norm; shared.task.decoder); encoders ignore both
-    decoder_head: str = "unit"
+    # a decoder's head for the head stage and dp-probe-recipe: "centred" (layer head_layer's state less the
+    # template's, at unit norm; shared.task.decoder); an encoder keeps "label_rows" (its own head on its features)
+    decoder_head: str = "label_rows"
     head_layer: int = 0
 
 
@@ -177,7 +177,8 @@ def _task_rows(mode: str, models: list[str], methods: list[str], threads: int, e
                             "steps"}
         items = [("zero-shot", None, 0, "main"), ("probe", None, plan.probe_steps, "main"),
                  *[("dp-probe", e, plan.probe_steps, "main") for e in EPSILONS],
-                 *[("dp-probe-recipe", e, plan.probe_steps, "main") for e in EPSILONS],
+                 *[("dp-probe-recipe", e, plan.probe_steps, "main") for e in EPSILONS
+                   if plan.decoder_head != "label_rows"],  # else the same features as dp-probe's
                  *[("dpzo", e, plan.steps, "main") for e in EPSILONS],
                  *[("dpzo-head", e, plan.probe_steps, "main") for e in EPSILONS],
                  ("mezo", None, plan.steps, "main"), ("dpsgd", 3.0, plan.steps, "main"),

@@ -300,7 +300,7 @@ def test_probe_draws_train_fresh_heads_on_the_same_features_and_report_their_mea
     monkeypatch.setattr(probe, "ProbeLearner", lambda *a: learners.append(learner(*a)) or learners[-1])
     summary = probe.train_probe(_config("tiny-encoder", probe=True, epsilon=3.0, steps=4), draws=3)
     assert calls == ["training features", "test features"] and len(learners) == 3
-    assert len({lr.rng for lr in learners}) == 3 and not torch.equal(learners[0].weight, learners[1].weight)
+    assert not torch.equal(learners[0].weight, learners[1].weight)  # fresh noise and batches, not one draw thrice
     assert summary["test_accuracy"] == pytest.approx(np.mean(summary["test_accuracies"]))
     with pytest.raises(ConfigError, match="draws must be >= 1, got 0"):
         probe.train_probe(_config("tiny-encoder", probe=True, epsilon=3.0, steps=4), draws=0)

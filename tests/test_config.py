@@ -143,7 +143,10 @@ def test_a_decoders_own_head_is_a_classifiers():
         load_config(None, {"model.decoder_head": "tied"})
     with pytest.raises(ConfigError, match=r"model\.head_layer is the layer a 'centred' decoder head reads.*got 22"):
         load_config(None, {"model.decoder_head": "unit", "model.head_layer": 22})
-    assert load_config(None, {"model.decoder_head": "centred", "model.head_layer": 22}).model.head_layer == 22
+    with pytest.raises(ConfigError, match=r"'centred' trains the head alone \(selection\.mode = 'head'\).*got 'centred'"):
+        load_config(None, {"model.decoder_head": "centred", "selection.mode": "prune"})
+    centred = {"model.decoder_head": "centred", "model.head_layer": 22, "selection.mode": "head"}
+    assert load_config(None, centred).model.head_layer == 22
 
 
 

@@ -279,12 +279,15 @@ def test_a_head_only_run_replays_to_the_trainers_digest(tmp_path, name, head, di
     rebuilt = replay(summary["ledger"], tmp_path / "model")  # saved with its model card (it raised KeyError)
     assert rebuilt["entries"] == 5 * k and rebuilt["model_digest"] == summary["model_digest"]
     assert "the classifier head only" in (tmp_path / "model" / "README.md").read_text()
-    if head != "label_rows":  # the saved folder holds the decoder's own head (HEAD_FILE) and loads back with it
+    if head != "label_rows":  # the saved folder holds the decoder's own head (HEAD_FILE), and seedtune.json its
+        # setting: seedtune.load_model builds that head and loads it (it built the label-row classifier before)
+        from seedtune.shared.engine.replica import load_saved
         from seedtune.shared.protocol.digest import model_digest
-        from seedtune.shared.task.loading import load_task_model
 
-        saved = load_task_model(dataclasses.replace(config.model, name=str(tmp_path / "model")), config.task)
+        saved = load_saved(tmp_path / "model")
         assert model_digest(saved.module) == summary["model_digest"]
+        if head == "centred":
+            assert saved.module.depth == config.model.head_layer
 
 
 def test_a_run_whose_anchors_folder_is_not_writable_stops_before_writing_anything(tmp_path, monkeypatch, capsys):

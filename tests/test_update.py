@@ -417,14 +417,18 @@ def test_a_centred_head_reads_its_layer_less_the_templates_own_state_and_its_fea
     empty = own.collate(own.encode([""]), np.zeros(1, dtype=np.int64))
     assert torch.equal(own.features(empty), torch.zeros(1, own.module.hidden_size))
     top = own.module.lm.model.layers[1].mlp.down_proj.weight
+    norm = own.module.lm.model.norm.weight  # the final norm, also above layer 1: scaled unevenly, it moves nothing
     before = own.logits(batch)
     with torch.no_grad():
         top.add_(1.0)
+        norm.mul_(torch.linspace(0.5, 2.0, norm.numel()))
     assert torch.equal(own.logits(batch), before)
     top_layer = next(n for n, p in own.module.named_parameters() if p is top)
     assert own.frozen_depth(["head.weight"]) == 1 and own.frozen_depth([top_layer]) == 1
     with pytest.raises(ConfigError, match=r"model\.head_layer: the head reads layer 1 to 2 \(0: the last\); got 3"):
         load_task_model(ModelConfig(name="tiny-decoder", decoder_head="centred", head_layer=3))
+    with pytest.raises(ConfigError, match=r"choose a decoder's head; tiny-encoder is an encoder"):
+        load_task_model(ModelConfig(name="tiny-encoder", decoder_head="centred", head_layer=1))
     _cached_head_losses_are_the_uncached_ones(own, ids, labels)
 
 

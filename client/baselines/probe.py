@@ -102,7 +102,7 @@ class ProbeLearner:
 def train_probe(config: FirstOrderConfig, progress: bool = False,
                 on_loop_start: Callable[[], object] | None = None, draws: int = 1) -> dict[str, Any]:
     """A centralized linear-probe run; returns a summary like :func:`client.baselines.dpsgd.train_first_order`'s,
-    with the seconds spent computing features (``features_s``) apart from the head's steps (``train_s``).
+    with the seconds spent computing features (``features_s``) apart from the head's steps (``train_s``, one draw's).
 
     ``draws > 1`` trains that many heads on the same features, each with fresh CSPRNG noise and sampling, and
     reports their mean test accuracy (``test_accuracy``), each (``test_accuracies``) and their standard deviation:
@@ -113,6 +113,8 @@ def train_probe(config: FirstOrderConfig, progress: bool = False,
 
     start, cpu_start = time.time(), time.process_time()
     config.validate()
+    if draws < 1:
+        raise ConfigError(f"draws must be >= 1, got {draws}")
     if not config.probe:
         raise ConfigError("train_probe trains a linear probe: set probe = true")
     if config.threads:
@@ -128,8 +130,6 @@ def train_probe(config: FirstOrderConfig, progress: bool = False,
     zero_shot = None
     if config.zero_shot:  # the model's own head on the same features: no second forward
         zero_shot = float((task.head_scores(test_raw).argmax(-1).numpy() == test_split.labels).mean())
-    if draws < 1:
-        raise ConfigError(f"draws must be >= 1, got {draws}")
     learner = ProbeLearner(train_x, train_split.labels, len(task.labels), config)
     log.info("%s on %s: %d x %d head, rate %.4g, noise %s", config.method, task.name, len(task.labels),
              train_x.shape[1], learner.sample_rate, learner.noise.describe() if learner.noise else "none")

@@ -193,7 +193,8 @@ class Replica(LedgerFollower):
     # ---------------------------------------------------------------------------------------- export
     def save(self, out_dir: str | Path) -> Path:
         """A Hugging Face model folder (weights, config, tokenizer); a head of the model's own (an encoder's, a
-        decoder's with model.decoder_head = "linear" or "unit") goes in HEAD_FILE."""
+        decoder's with model.decoder_head other than "label_rows") goes in HEAD_FILE; seedtune.json names the decoder's
+        head setting, so that load_saved builds the module that file belongs to."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
@@ -209,6 +210,7 @@ class Replica(LedgerFollower):
             "kind": self.task.kind, "base_model": self.config.model.name, "ledger_version": self.version,
             "ledger_head": self.head.hex(), "model_digest": self.digest(),
             "max_length": self.config.model.max_length, "task": dataclasses.asdict(self.config.task),
+            "decoder_head": self.config.model.decoder_head, "head_layer": self.config.model.head_layer,
         }, indent=2))
         return out
 
@@ -229,8 +231,11 @@ def load_saved(folder: str | Path, device: str = "cpu", dtype: str = "float32") 
                           f"again (seedtune replay LEDGER --out {folder})")
     task = from_dict(meta["task"], TaskConfig, "task.")
     task.validate()
+    # a decoder's own head (seedtune.json from before 2026-12-07 has no setting: its decoders kept the label rows)
+    head = {"decoder_head": meta.get("decoder_head", "label_rows"), "head_layer": meta.get("head_layer", 0)} \
+        if meta["kind"] == "decoder" else {}
     model = ModelConfig(name=str(folder), kind=meta["kind"], max_length=meta["max_length"], device=device,
-                        dtype=dtype)
+                        dtype=dtype, **head)
     model.validate()
     loaded = load_task_model(model, task)
     loaded.place(*placement(model))

@@ -106,8 +106,8 @@ class ModelConfig(Settings):
              'output of layer model.head_layer less the prompt template\'s own state, at unit norm: the common '
              'direction of all states removed, data-free; docs/engine.md, "The head alone")')
     head_layer: int = setting(0, ints=(0, 10_000),
-                              help='the layer whose output a "centred" head reads (1 to the layer count; 0: the last, '
-                                   'after the final norm); layers above it never run. 22 for SmolLM2 (of 30), chosen '
+                              help='the layer whose output a "centred" head reads (1 to the layer count; 0 or the '
+                                   'count: the last, after the final norm); layers above it never run. 22 for SmolLM2 (of 30), chosen '
                                    'on SST-2\'s public dev split')
     max_length: int = setting(64, ints=(8, 131_072), help="tokens per example; a decoder prompt keeps its tail (the "
                                                           "question)")
@@ -550,6 +550,9 @@ class RunConfig(Settings):
         _require(self.model.decoder_head == "label_rows" or self.task.kind == "classification", "model.decoder_head",
                  "other than 'label_rows' is a classifier's head: a generation task scores the vocabulary",
                  self.model.decoder_head)
+        _require(self.model.decoder_head != "centred" or self.selection.mode == "head", "model.decoder_head",
+                 "'centred' trains the head alone (selection.mode = 'head'): its centre is the base body's and the "
+                 "layers above model.head_layer never run, so no body entry may move", self.model.decoder_head)
         _require(not self.federation.node_evaluation or (self.task.kind == "classification" and
                                                           self.privacy.enabled),
                  "federation.node_evaluation", "releases noised label counts: it needs a classification task and "

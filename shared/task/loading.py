@@ -183,7 +183,13 @@ def load_task_model(config: ModelConfig, task: TaskConfig | None = None) -> Text
             module.set_centre(empty.input_ids, empty.attention_mask)
         if isinstance(module, DecoderHeadClassifier):
             _load_saved_head(model, task)
+        elif (Path(name) / HEAD_FILE).is_file():  # else its trained head would be silently left out
+            raise ConfigError(f"{name} holds a decoder head of its own ({HEAD_FILE}): load it with the "
+                              f"model.decoder_head (and model.head_layer) it was trained with")
     else:
+        if config.decoder_head != "label_rows" or config.head_layer:
+            raise ConfigError(f"model.decoder_head ({config.decoder_head!r}) and model.head_layer ({config.head_layer}) "
+                              f"choose a decoder's head; {name} is an encoder, whose head reads its pooled embedding")
         model = TextClassifier(name, kind, EncoderClassifier(body, len(task.labels)), tok, config.max_length, task)
         if not _load_saved_head(model, task):
             _init_zero_shot_head(model, task.prompts)

@@ -192,7 +192,8 @@ class TextClassifier:
     @torch.no_grad()
     def features(self, batch: Batch) -> torch.Tensor:
         """What the classifier head reads, in float32: the encoder's normalised mean-pooled embedding, the
-        decoder's last hidden state at the last position. ``head_scores(features(b))`` is ``logits(b)``: the
+        decoder's last hidden state at the last position (its model.decoder_head's reading of it: at unit norm, or
+        layer model.head_layer's state centred). ``head_scores(features(b))`` is ``logits(b)``: the
         frozen body's part of a forward, which a linear probe (and a step that trains only the head) needs
         once per record."""
         if self.generation:
