@@ -54,6 +54,7 @@ DELTA = 1e-5
 EPSILONS = (1.0, 3.0, 8.0)
 METHODS = ("zero-shot", "probe", "dp-probe", "dp-probe-recipe", "mezo", "dpzo", "dpzo-head", "finetune", "dpsgd",
            "dpsgd-lora", "fed-dpzo", "fed-dpsgd")
+PROBE_METHODS = ("probe", "dp-probe", "dp-probe-recipe")  # a linear head on frozen features (train_probe)
 TASKS = ("sst2", "trec", "rte")  # sst2: the embedded default; the others layer configs/<task>.toml
 ROWS_DIR = "rows.d"  # one JSON file per finished row
 ROW_FIELDS = ("task", "model", "method", "epsilon_target", "epsilon_spent", "delta", "test_accuracy", "zero_shot_accuracy",
@@ -234,7 +235,7 @@ def _fo_config(plan: ModelPlan, spec: RowSpec, out_dir: str, train_size: int, te
 
     private = spec.method not in ("finetune", "probe")
     lora = spec.method.endswith("lora")
-    probe = "probe" in spec.method
+    probe = spec.method in PROBE_METHODS
     recipe = spec.method == "dp-probe-recipe"  # the head stage's features, not the baseline's
     lr = plan.probe_lr if probe else plan.lora_lr if lora else (plan.fo_lr if private else plan.ft_lr)
     task, data = _task_sections(spec, train_size, test_size)
@@ -354,7 +355,7 @@ def run_row(spec: RowSpec) -> dict[str, Any]:
                    epsilon_spent=summary["epsilon"], trainable_params=summary["trainable_entries"],
                    noise_multiplier=summary["noise_std"], batch_size=plan.probe_batch, directions=k,
                    s_per_step=summary["train_s"] / spec.steps)
-    elif spec.method in ("probe", "dp-probe", "dp-probe-recipe"):
+    elif spec.method in PROBE_METHODS:
         from seedtune.client.baselines.probe import train_probe
 
         config = _fo_config(plan, spec, out_dir, plan.train_size, plan.test_size)
@@ -600,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             p.unlink()
     running = {p.stem for p in (out / ROWS_DIR).glob("*.pid") if _alive(int(p.read_text() or 0))}
     specs = [] if args.report_only else \
-        [replace(s, draws=args.probe_draws) if "probe" in s.method else s
+        [replace(s, draws=args.probe_draws) if s.method in PROBE_METHODS else s
          for s in plan_rows(args.mode, models, args.methods, args.threads, tuple(args.epsilons), tuple(args.tasks))
          if s.key not in done and not (args.resume and s.slug in running)]
     log.info("%d rows to run (%d kept), %d at a time", len(specs), len(done), args.jobs)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +52,13 @@ def _random_entries(replica: Replica, count: int, seed: int) -> tuple[list[Entry
     return entries, head
 
 
-def test_a_centred_decoder_head_exports_with_the_layers_above_it_cut():
+def test_a_centred_decoder_head_exports_with_the_layers_above_it_cut(tmp_path):
     """model.decoder_head = "centred" swaps the body's layer list during the forward; the exported graph must be the
     cut model's (export_onnx checks its per-example losses against torch's)."""
     replica = Replica(from_dict({"model": {"name": "tiny-decoder", "decoder_head": "centred", "head_layer": 1},
                                  "selection": {"mode": "head"}}).validate())
     replica.attach(replica.make_header(None))
-    with tempfile.TemporaryDirectory() as tmp:
-        report = export_onnx(replica, Path(tmp) / "model.onnx")
+    report = export_onnx(replica, tmp_path / "model.onnx")
     assert report["check"]["max_abs_diff"] < 1e-4 * max(1.0, report["check"]["scale"])
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -138,8 +138,9 @@ def train_probe(config: FirstOrderConfig, progress: bool = False,
     loop_start = time.perf_counter()
     accuracies = []
     for draw in range(draws):
-        if draw:
-            learner = ProbeLearner(train_x, train_split.labels, len(task.labels), config)
+        if draw:  # a fresh head, noise and batches; the noise multiplier calibrated once
+            learner = ProbeLearner(train_x, train_split.labels, len(task.labels), config if learner.noise is None
+                                   else replace(config, noise_multiplier=learner.noise.sigma))
         for _ in tqdm(range(config.steps), desc=config.method, disable=not progress):
             learner.step()
         accuracies.append(learner.accuracy(test_x, test_split.labels))

@@ -232,10 +232,9 @@ def load_saved(folder: str | Path, device: str = "cpu", dtype: str = "float32") 
     task = from_dict(meta["task"], TaskConfig, "task.")
     task.validate()
     # a decoder's own head (seedtune.json from before 2026-12-07 has no setting: its decoders kept the label rows)
-    head = {"decoder_head": meta.get("decoder_head", "label_rows"), "head_layer": meta.get("head_layer", 0)} \
-        if meta["kind"] == "decoder" else {}
     model = ModelConfig(name=str(folder), kind=meta["kind"], max_length=meta["max_length"], device=device,
-                        dtype=dtype, **head)
+                        dtype=dtype, decoder_head=meta.get("decoder_head", "label_rows"),
+                        head_layer=meta.get("head_layer", 0))
     model.validate()
     loaded = load_task_model(model, task)
     loaded.place(*placement(model))

@@ -67,6 +67,10 @@ class DecoderClassifier(nn.Module):
         with self._layers(slice(depth, None), final_norm=True):
             return self.label_logits(self.last_hidden(attention_mask, inputs_embeds=hidden))
 
+    @property
+    def layer_count(self) -> int:
+        return len(getattr(self.lm, self.lm.base_model_prefix).layers)
+
     def layer_of(self, name: str) -> int:
         """The first layer whose output depends on parameter ``name``; the layer count for the final norm."""
         body_prefix = f"lm.{self.lm.base_model_prefix}."
@@ -74,7 +78,7 @@ class DecoderClassifier(nn.Module):
         if name.startswith(body_prefix) and parts[0] == "layers":
             return int(parts[1])
         if name.startswith(body_prefix) and parts[0] == "norm":
-            return len(getattr(self.lm, self.lm.base_model_prefix).layers)
+            return self.layer_count
         return 0  # token embeddings (also the tied label rows) or untied output rows: conservatively none
 
     def label_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
@@ -144,7 +148,7 @@ class DecoderHeadClassifier(DecoderClassifier):
 
     def layer_of(self, name: str) -> int:
         if name.startswith("head."):  # it reads the final norm's output: every layer lies below it
-            return len(getattr(self.lm, self.lm.base_model_prefix).layers)
+            return self.layer_count
         return super().layer_of(name)
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -162,54 +166,40 @@ class DecoderHeadClassifier(DecoderClassifier):
 
 class DecoderUnitHeadClassifier(DecoderHeadClassifier):
     """:class:`DecoderHeadClassifier` on the last hidden state scaled to unit L2 norm (``model.decoder_head =
-    "unit"``).
+    "unit"``), or on layer ``depth``'s state less a centre, at unit norm (``"centred"``: ``model.head_layer``,
+    :meth:`set_centre`); the layers above ``depth`` never run.
 
-    Why: SmolLM2's last hidden state has norm about 48, so a head step that clips each example's gradient ``r x^T``
-    to norm C keeps about 1/48 of its signal against the same noise, where the DP linear probe, on unit-norm
-    features, keeps all of it (TREC at epsilon 1: 67.0 against the probe's 75.4). The scaling is per record and
-    data-free, and a positive scale per record leaves the zero-shot predictions of the copied rows unchanged."""
+    Why unit norm: SmolLM2's last hidden state has norm about 48, so a head step that clips each example's gradient
+    ``r x^T`` to norm C keeps about 1/48 of its signal against the same noise, where the DP linear probe, on
+    unit-norm features, keeps all of it (TREC at epsilon 1: 67.0 against the probe's 75.4). The scaling is per
+    record and data-free, and a positive scale per record leaves the zero-shot predictions of the copied rows
+    unchanged (with the zero centre and every layer).
 
-    def last_hidden(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
-        # every path to the head (forward, forward_from, features) reads this: cached and uncached scores agree
-        return nn.functional.normalize(super().last_hidden(attention_mask, **inputs).float(), dim=-1)
-
-
-class DecoderCentredHeadClassifier(DecoderHeadClassifier):
-    """A decoder classifier whose own head reads the output of layer ``depth`` (1..layers) at the last position,
-    less the same state of the prompt template with every text field empty, scaled to unit L2 norm
-    (``model.decoder_head = "centred"``, ``model.head_layer``); the layers above ``depth`` never run.
-
-    Why: SmolLM2's states all point nearly one way (the mean of its unit last states has norm 0.94), so a clipped
-    head step spends most of its norm on a direction no class differs in. The template's own state is that common
-    part, computed from the model and the public template alone (no record), so every node and the server derive
-    the same centre. On SST-2's public dev split (DP linear head at epsilon 3) the last state reads 82.6 raw and
-    84.6 centred, and layer 22's output centred 86.4; the records' own mean as the centre is no better
-    (docs/results.md). The head starts from the label words' rows: zero-shot scores are no longer the model's."""
+    Why centred: SmolLM2's unit states all point nearly one way (their mean has norm 0.94), so a clipped head step
+    spends most of its norm on a direction no class differs in. The centre is the state of the prompt template with
+    every text field empty, computed from the model and the public template alone (no record), so every node and
+    the server derive the same one. On SST-2's public dev split (DP linear head at epsilon 3) the last state reads
+    82.6 raw and 84.6 centred, and layer 22's output centred 86.4; the records' own mean as the centre is no better
+    (docs/results.md). The head still starts from the label words' rows, whose zero-shot scores are then no longer
+    the model's."""
 
     centre: torch.Tensor
 
-    def __init__(self, lm: nn.Module, label_token_ids: Sequence[int], depth: int) -> None:
+    def __init__(self, lm: nn.Module, label_token_ids: Sequence[int], depth: int = 0) -> None:
         super().__init__(lm, label_token_ids)
-        self.layer_count = len(getattr(self.lm, self.lm.base_model_prefix).layers)
         if not 0 <= depth <= self.layer_count:
             raise ValueError(f"the head reads layer 1 to {self.layer_count} (0: the last); got {depth}")
         self.depth = depth or self.layer_count
-        self._cut = False  # inside a _layers span, which is already cut at depth
-        self.register_buffer("centre", torch.zeros(self.hidden_size), persistent=False)
+        self.register_buffer("centre", torch.zeros(self.hidden_size), persistent=False)  # "unit": zero
 
     @contextmanager
     def _layers(self, span: slice, final_norm: bool) -> Iterator[nn.Module]:
-        start, stop, _ = span.indices(self.depth)  # no span reaches above the head's layer
-        outer, self._cut = self._cut, True
-        try:
-            with super()._layers(slice(start, stop), final_norm and self.depth == self.layer_count) as body:
-                yield body
-        finally:
-            self._cut = outer
+        # no span reaches above the head's layer; inside another span the list is already cut, so this is a no-op
+        start, stop, _ = span.indices(self.depth)
+        with super()._layers(slice(start, stop), final_norm and self.depth == self.layer_count) as body:
+            yield body
 
     def hidden_states(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
-        if self._cut:
-            return super().hidden_states(attention_mask, **inputs)
         with self._layers(slice(0, None), final_norm=True):
             return super().hidden_states(attention_mask, **inputs)
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from seedtune.shared.task.config import ConfigError, ModelConfig, TaskConfig, cache_root
-from seedtune.shared.task.decoder import (DecoderCentredHeadClassifier, DecoderClassifier, DecoderGenerator,
-                                          DecoderHeadClassifier, DecoderUnitHeadClassifier)
+from seedtune.shared.task.decoder import (DecoderClassifier, DecoderGenerator, DecoderHeadClassifier,
+                                          DecoderUnitHeadClassifier)
 from seedtune.shared.task.encoder import EncoderClassifier
 from seedtune.shared.task.models import TextClassifier
 
@@ -169,16 +169,15 @@ def load_task_model(config: ModelConfig, task: TaskConfig | None = None) -> Text
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         words = label_token_ids(tok, task.words)
-        if config.decoder_head == "centred":
+        if config.decoder_head in ("unit", "centred"):
             try:
-                module: DecoderClassifier = DecoderCentredHeadClassifier(body, words, config.head_layer)
+                module: DecoderClassifier = DecoderUnitHeadClassifier(body, words, config.head_layer)
             except ValueError as exc:
                 raise ConfigError(f"model.head_layer: {exc} ({name})") from None
         else:
-            module = {"linear": DecoderHeadClassifier, "unit": DecoderUnitHeadClassifier}.get(
-                config.decoder_head, DecoderClassifier)(body, words)
+            module = (DecoderHeadClassifier if config.decoder_head == "linear" else DecoderClassifier)(body, words)
         model = TextClassifier(name, kind, module, tok, config.max_length, task)
-        if isinstance(module, DecoderCentredHeadClassifier):
+        if config.decoder_head == "centred" and isinstance(module, DecoderUnitHeadClassifier):
             empty = model.collate(model.encode([("",) * len(task.text_fields)]), np.zeros(1, dtype=np.int64))
             module.set_centre(empty.input_ids, empty.attention_mask)
         if isinstance(module, DecoderHeadClassifier):
