@@ -25,7 +25,7 @@ holder status`` shows both.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -37,6 +37,7 @@ from seedtune.shared.privacy.noise import Noise, SecureRandom, Skellam
 from seedtune.shared.protocol.identity import sign_reply
 from seedtune.shared.protocol.proto import Instruction, Reply, ShareAnswer
 from seedtune.shared.protocol.secagg import NodeSession, PublicKeys, RoundGraph, SecAggError, round_context
+from seedtune.shared.task.config import directions_per_step
 
 if TYPE_CHECKING:
     from seedtune.client.node import Holder
@@ -59,7 +60,7 @@ def charged(holder: Holder, noise: Skellam, shares: int, rate: float, steps: int
     """The run the holder's budget is charged and checked with, and the other view of the same release with the
     budget it is recorded under: central and local noise, by whether the node trusts the server's protocol."""
     central = (noise, rate, steps)
-    local = (Skellam(noise.variance / shares, noise.sensitivity), rate, steps)
+    local = (replace(noise, variance=noise.variance / shares), rate, steps)
     if holder.trusts_secure_sum:
         return central, (local_budget(holder.spends), local)
     return local, (central_budget(holder.spends), central)
@@ -126,15 +127,19 @@ def begin(ins: Instruction, node_id: int, replica: LedgerFollower, ids: Sequence
     request = request_key(ins.header_digest, ins.round, ins.model_version, list(ins.seeds))
     if holder.ledger.reply_for(holder.spends, request) is not None:
         raise SecureRefusal(f"round {ins.round} was already released by this holder: a secure round is not rerun")
-    steps = len(ins.seeds)
+    k = directions_per_step(replica.config.zo.directions, replica.size)  # (client.node checked whole steps)
+    if noise.directions != k:  # its accounting would be for another release than the one this node makes
+        raise SecureRefusal(f"the header's Skellam noise is accounted for {noise.directions} directions per step, "
+                            f"this federation's steps have {k}")
+    steps = len(ins.seeds) // k
     holder.ledger.check(holder.spends, charged(holder, noise, shares, h.sample_rate, steps)[0], budget)
     prepare = getattr(replica.view, "prepare", None)  # a torch view: each record's frozen part, once
     if prepare is not None:
         prepare(ids, steps * h.sample_rate)
     vector = np.concatenate([
-        integer_release(estimates(replica.view, ids, labels, (seed,), h.mu, h.sample_rate,
+        integer_release(estimates(replica.view, ids, labels, tuple(ins.seeds[first:first + k]), h.mu, h.sample_rate,
                                   replica.config.model.microbatch, rng)[0], h.clip, noise, shares, rng)
-        for seed in ins.seeds])
+        for first in range(0, len(ins.seeds), k)])
     limit = (1 << 63) // len(step.ring) - 1  # no sum of the ring's vectors can wrap around 2^64
     if np.abs(vector).max(initial=0) > limit:  # (the value itself is private: not in the message)
         raise SecureRefusal(f"this node's vector passes the field's limit {limit} for {len(step.ring)} nodes")

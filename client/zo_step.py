@@ -205,8 +205,15 @@ def zo_step(
 def integer_release(g: np.ndarray, clip: float, noise: Skellam, share: int, rng: SecureRandom) -> np.ndarray:
     """A secure-aggregation step's vector from its estimates ``g`` (n, K) (shared.privacy.skellam): each
     example's clipped row in units of ``clip / noise.sensitivity``, rounded up or down at random (so one example
-    moves the sum by at most the sensitivity, whatever the coin flips), summed, plus this node's ``1 / share`` of
-    the central Skellam variance. int64, one per seed; the caller masks it before it leaves the node."""
+    moves the sum by at most the noise record's L2 and L1 sensitivities, whatever the coin flips), summed, plus this
+    node's ``1 / share`` of the central Skellam variance. int64, one per seed; the caller masks it before it leaves
+    the node."""
+    if g.shape[1] != noise.directions:
+        raise ValueError(f"{g.shape[1]} directions per step, but the Skellam noise is accounted for "
+                         f"{noise.directions}")
     clipped, _ = clip_rows(g, clip)
-    total = quantize(clipped, noise.sensitivity / clip, rng, limit=noise.sensitivity).sum(axis=0, dtype=np.int64)
+    # K coordinates: a hair under the units, so a row clipped in floating point (a few ulps over C) stays within
+    # the L2 bound the accountant takes (one coordinate is held to [-S, S] by the limit)
+    scale = noise.sensitivity / clip * (1.0 if noise.directions == 1 else 1.0 - 1e-9)
+    total = quantize(clipped, scale, rng, limit=noise.sensitivity).sum(axis=0, dtype=np.int64)
     return total + Skellam.integers(rng, g.shape[1], noise.variance / share)

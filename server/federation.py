@@ -90,13 +90,13 @@ class FederatedServer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rng, self.sampler = SecureRandom(), random.SystemRandom()
+        # K directions per local step (a Hadamard head frame: the power of two covering the head), one scalar
+        # per instructed seed on the wire
+        self.directions = directions_per_step(config.zo.directions, self.replica.selection.size)
         self.ledger, self.report = open_run(self.run_dir, config, self.replica, self._new_header,
                                             self.pins.digest if self.pins else "", self.key)
         params = self.ledger.header.noise_params
         self.noise: Noise | None = Noise.from_json(params) if params else None  # as pinned in the header
-        # K directions per local step (a Hadamard head frame: the power of two covering the head), one scalar
-        # per instructed seed on the wire
-        self.directions = directions_per_step(config.zo.directions, self.replica.selection.size)
         self.rule = RoundRule(config.federation.aggregation, update_scale(config.zo.lr, self.directions),
                               config.federation.trim)
         self.events, rate = config.privacy_events()  # privacy events per instructed holder per round, their rate
@@ -119,7 +119,7 @@ class FederatedServer:
         per_round, rate = self.config.privacy_events()
         events = fed.rounds * per_round
         if privacy.enabled and fed.secure_aggregation != "none":  # the central noise the survivors' shares sum to
-            noise = calibrate_skellam(privacy.epsilon, privacy.delta, rate, events, privacy.clip, 1,
+            noise = calibrate_skellam(privacy.epsilon, privacy.delta, rate, events, privacy.clip, self.directions,
                                       fed.min_replies).noise()
         elif privacy.enabled:
             noise = plan_noise(privacy, rate, events, nodes_stop_at_budget=True)

@@ -153,8 +153,8 @@ def test_a_decoders_own_head_is_a_classifiers():
 def test_the_federated_dpzo_recipe_overrides_the_head_stage_default_and_takes_secure_aggregation():
     """The main job defaults to the head stage; SEEDTUNE_RECIPE=configs/federated_dpzo.toml (scripts/simulate.sh) turns it
     back into DP-ZO over the pruned set. Its keys must be app-config keys (Flower refuses others), a key the user
-    sets must win without being given twice (Flower refuses that too), and secure aggregation, which takes one
-    direction per step, is refused on the default by name and accepted on the recipe."""
+    sets must win without being given twice (Flower refuses that too); secure aggregation takes either recipe (the
+    head stage's with configs/federated_head_secure.toml)."""
     with open(ROOT / "pyproject.toml", "rb") as fh:
         app = flatten_dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
     assert config_from_flower(app).selection.mode == "head"
@@ -170,8 +170,10 @@ def test_the_federated_dpzo_recipe_overrides_the_head_stage_default_and_takes_se
     assert "federation.local_steps=10" in recipe_overrides(ROOT / "configs" / "federated_dpzo.toml", quoted)
     secure = {"federation.secure_aggregation": "secagg+", "federation.min_replies": 5}
     assert config_from_flower({**app, **parsed, **secure}).federation.secure_aggregation == "secagg+"
-    with pytest.raises(ConfigError, match="zo.directions.*federated_dpzo"):
-        config_from_flower({**app, **secure})
+    secure_head = parse_config_args([recipe_overrides(ROOT / "configs" / "federated_head_secure.toml")])
+    assert set(secure_head) <= set(app)
+    head = config_from_flower({**app, **secure_head})  # the head stage's frame under secure aggregation
+    assert (head.selection.mode, head.zo.directions, head.federation.secure_aggregation) == ("head", 0, "secagg+")
     with pytest.raises(ConfigError, match="no-such.toml"):
         recipe_overrides(ROOT / "configs" / "no-such.toml")
 

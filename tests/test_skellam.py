@@ -9,8 +9,10 @@ import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import stats
 
-from seedtune.shared.privacy.accounting import calibrate_noise_multiplier
-from seedtune.shared.privacy.noise import SecureRandom, Skellam
+from seedtune.client.zo_step import integer_release
+from seedtune.shared.privacy.accounting import (PrivacyAccountant, StepRun, calibrate_noise_multiplier, noise_epsilon,
+                                                step_pld)
+from seedtune.shared.privacy.noise import Noise, SecureRandom, Skellam
 from seedtune.shared.privacy.skellam import (ORDERS, SkellamPlan, calibrate, pld_epsilon_1d, quantize,
                                              rdp_to_epsilon, subsampled_rdp)
 
@@ -137,3 +139,46 @@ def test_a_row_clipped_a_few_ulps_above_its_bound_never_rounds_past_the_sensitiv
     over = np.full((10_000, 1), 1.001)  # (further above, a coin would pass it in a tenth of the rows)
     assert quantize(over, 100.0, SecureRandom()).max() == 101
     assert quantize(over, 100.0, SecureRandom(), limit=100).max() == 100
+
+
+def test_a_k_direction_record_carries_k_and_a_one_direction_record_stays_as_it_was():
+    """The header pins the noise record: K > 1 must be in it (the accountant takes K coordinates' RDP from it), and
+    a one-direction record keeps its old bytes, so existing ledgers' header digests do not move."""
+    one = calibrate(3.0, 1e-5, 0.08, 100, clip=1.0, directions=1, threshold=10).noise()
+    assert "directions" not in one.to_json() and Skellam.from_json(one.to_json()) == one
+    many = calibrate(3.0, 1e-5, 0.08, 100, clip=1.0, directions=1024, threshold=10).noise()
+    assert '"directions": 1024' in many.to_json() and Skellam.from_json(many.to_json()) == many
+    assert many.sensitivity == 3200 and many.l2_sensitivity == 3200 + 32 and many.l1_sensitivity == 32 * 3200 + 1024
+
+
+def test_k_directions_are_accounted_by_their_rdp_bound_everywhere():
+    """Every accountant composes a K-coordinate Skellam record by its RDP bound: the plan, a holder's accountant
+    (PrivacyAccountant), and a history that also holds PLD-accounted steps (basic composition, delta split)."""
+    plan = calibrate(3.0, 1e-5, 0.25, 250, clip=1.0, directions=1024, threshold=10)
+    noise = plan.noise()
+    rdp = rdp_to_epsilon(plan.rdp(0.25, 250), 1e-5)
+    assert plan.epsilon(0.25, 250, 1e-5) == pytest.approx(rdp) and rdp <= 3.0
+    accountant = PrivacyAccountant()
+    accountant.record(noise, 0.25, 250)
+    assert accountant.epsilon(1e-5) == pytest.approx(rdp)
+    with pytest.raises(ValueError, match="no PLD"):
+        step_pld(noise, 0.25)
+    gaussian = Noise.gaussian(1.2)
+    accountant.record(gaussian, 0.1, 50)
+    mixed = accountant.epsilon(1e-5)
+    alone = noise_epsilon((StepRun(gaussian, 0.1, 50),), 5e-6)
+    assert mixed == pytest.approx(rdp_to_epsilon(plan.rdp(0.25, 250), 5e-6) + alone)
+    # the RDP bound never claims less than the exact Gaussian mechanism of the same L2 sensitivity and std
+    sigma = plan.noise_multiplier
+    assert rdp >= noise_epsilon((StepRun(Noise.gaussian(sigma), 0.25, 250),), 1e-5)
+
+
+def test_a_release_of_other_directions_than_the_record_is_refused():
+    noise = Skellam(1e6, 3200, 1024)
+    with pytest.raises(ValueError, match="1024"):
+        integer_release(np.zeros((3, 4)), 1.0, noise, 10, SecureRandom())
+    rows = np.random.default_rng(0).normal(size=(500, 1024))
+    released = integer_release(rows, 1.0, Skellam(1e-9, 3200, 1024), 1, SecureRandom())  # noise negligible
+    # each clipped row stays within the record's L2 sensitivity after rounding
+    one = quantize(rows[:1] / np.linalg.norm(rows[:1]), 3200 * (1 - 1e-9), SecureRandom(), limit=3200)
+    assert np.linalg.norm(one) <= noise.l2_sensitivity and released.shape == (1024,)

@@ -1,7 +1,9 @@
 """Privacy accounting: typed dp-accounting events, composed explicitly, evaluated with the PLD accountant.
 
 Every epsilon seedtune reports comes from :class:`PrivacyAccountant` (privacy loss distributions, the
-tightest valid bound measured in DESIGN.md section 4). RDP is offered as a looser cross-check; Opacus' GDP
+tightest valid bound measured in DESIGN.md section 4), except the one mechanism no PLD here covers, a
+K-dimensional Skellam release under secure aggregation, whose RDP bound (shared.privacy.rdp) is composed with the
+rest (:func:`noise_epsilon`). RDP is offered as a looser cross-check; Opacus' GDP
 accountant is never used because it is an approximation, not a bound.
 
 Steps are recorded as runs of identical steps: one ``SelfComposedDpEvent`` per (noise, rate) run rather than
@@ -287,6 +289,8 @@ def builtin_pld(noise: Noise, sample_rate: float, interval: float = _PLD_DISCRET
 @functools.lru_cache(maxsize=256)
 def step_pld(noise: Noise, sample_rate: float) -> pld_lib.PrivacyLossDistribution:
     """One step's PLD: dp-accounting's built-in where it has one (tightest), else the density-based one."""
+    if noise.rdp_curve(sample_rate) is not None:
+        raise ValueError(f"{noise.describe()} has no PLD here: its steps are composed by RDP (noise_epsilon)")
     pld = noise.builtin_pld(sample_rate, _PLD_DISCRETIZATION)
     if pld is not None:
         return pld
@@ -301,12 +305,33 @@ def noise_epsilon(runs: tuple[StepRun, ...], delta: float) -> float:
 
     The PLD describes the ideal noise; the sampler cuts it at its support (shared.privacy.noise.SecureRandom), which
     adds at most ``(1 + e^eps) * sum(steps * gap)`` to delta. That term is checked to be negligible (below a
-    millionth of delta) rather than silently assumed."""
+    millionth of delta) rather than silently assumed.
+
+    A noise no PLD covers (a K-dimensional Skellam release: :meth:`Noise.rdp_curve`) is composed by RDP
+    (shared.privacy.rdp). A history holding both kinds is split by basic composition: the PLD part at ``delta / 2``
+    plus the RDP part at ``delta / 2``, a valid (if looser) bound for the whole."""
     _check_delta(delta)
-    total, gap = None, 0.0
+    pld_runs, rdp_total = [], None
     for run in runs:
         if run.count <= 0:
             continue
+        curve = run.noise.rdp_curve(run.sample_rate)
+        if curve is None:
+            pld_runs.append(run)
+        else:
+            rdp_total = run.count * curve if rdp_total is None else rdp_total + run.count * curve
+    if rdp_total is None:
+        return _pld_runs_epsilon(pld_runs, delta)
+    from seedtune.shared.privacy.rdp import rdp_to_epsilon
+
+    if not pld_runs:
+        return rdp_to_epsilon(rdp_total, delta)
+    return _pld_runs_epsilon(pld_runs, delta / 2) + rdp_to_epsilon(rdp_total, delta / 2)
+
+
+def _pld_runs_epsilon(runs: list[StepRun], delta: float) -> float:
+    total, gap = None, 0.0
+    for run in runs:
         pld = step_pld(run.noise, run.sample_rate).self_compose(run.count)
         total = pld if total is None else total.compose(pld)
         gap += run.count * run.noise.support_gap()

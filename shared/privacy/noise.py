@@ -227,6 +227,11 @@ class Noise:
         """dp-accounting's own PLD of one Poisson-subsampled release, or None where it has none."""
         return None
 
+    def rdp_curve(self, sample_rate: float) -> np.ndarray | None:
+        """One Poisson-subsampled release's RDP over shared.privacy.rdp.ORDERS, for a noise no PLD covers (the
+        K-dimensional Skellam); None for the others, whose PLD the accountant composes."""
+        return None
+
     def gaussian_sigma(self) -> float | None:
         """The noise multiplier where this is a Gaussian (the RDP cross-check covers those only), else None."""
         return None
@@ -254,13 +259,20 @@ class Noise:
 @register_noise("skellam")
 @dataclass(frozen=True)
 class Skellam(Noise):
-    """Symmetric Skellam noise of ``variance`` on integers whose one-record change is at most ``sensitivity``
-    (an integer): the central noise of a secure-aggregation round (shared.privacy.skellam), which t nodes each
-    add a t-th of. At sensitivity 1 it is that integer noise divided by ``sensitivity``. Its PLD is exact: built
-    from the two output distributions of the subsampled one-coordinate mechanism (one direction per step)."""
+    """Symmetric Skellam noise of ``variance`` per coordinate on integer vectors of ``directions`` coordinates (one
+    step's K directions) in units of ``clip / sensitivity``: the central noise of a secure-aggregation round
+    (shared.privacy.skellam), which t nodes each add a t-th of.
+
+    Each example's clipped vector is rounded at random per coordinate, so one example moves the integer sum by at
+    most ``sensitivity`` for one coordinate (a value in [-S, S] rounds within it), and for K coordinates by at most
+    ``sensitivity + sqrt(K)`` in L2 and ``sqrt(K) sensitivity + K`` in L1 (each coordinate's rounding moves it by
+    less than 1). At sensitivity 1 it is that integer noise divided by ``sensitivity``. One coordinate's PLD is
+    exact, built from the two output distributions of the subsampled mechanism; K coordinates have no PLD here, and
+    are accounted by their RDP bound (shared.privacy.rdp)."""
 
     variance: float
     sensitivity: int
+    directions: int = 1
     family = "skellam"
 
     def __post_init__(self) -> None:
@@ -268,6 +280,20 @@ class Skellam(Noise):
             raise ValueError(f"skellam variance must be finite and > 0, got {self.variance}")
         if not (isinstance(self.sensitivity, int) and self.sensitivity >= 1):
             raise ValueError(f"skellam sensitivity must be an integer >= 1, got {self.sensitivity!r}")
+        if not (isinstance(self.directions, int) and self.directions >= 1):
+            raise ValueError(f"skellam directions must be an integer >= 1, got {self.directions!r}")
+
+    @property
+    def l2_sensitivity(self) -> float:
+        """How far one example moves the integer sum, in L2, whatever the rounding coins."""
+        return float(self.sensitivity) + (math.sqrt(self.directions) if self.directions > 1 else 0.0)
+
+    @property
+    def l1_sensitivity(self) -> float:
+        """The same in L1."""
+        if self.directions == 1:
+            return float(self.sensitivity)
+        return math.sqrt(self.directions) * self.sensitivity + self.directions
 
     def sample(self, rng: "SecureRandom", n: int) -> np.ndarray:
         return self.integers(rng, n, self.variance) / self.sensitivity
@@ -282,7 +308,8 @@ class Skellam(Noise):
         return math.sqrt(self.variance) / self.sensitivity
 
     def describe(self) -> str:
-        return f"skellam(variance={self.variance:.6g}, sensitivity={self.sensitivity})"
+        k = f", directions={self.directions}" if self.directions > 1 else ""
+        return f"skellam(variance={self.variance:.6g}, sensitivity={self.sensitivity}{k})"
 
     def support_gap(self) -> float:
         return 0.0  # the Poisson draws reach every integer an int64 holds
@@ -290,7 +317,9 @@ class Skellam(Noise):
     def builtin_pld(self, sample_rate: float, interval: float, connect_dots: bool = True) -> Any:
         """Both directions of add/remove, from the pmfs over 20 standard deviations each side (the mass beyond,
         below 1e-88, is past float64's reach); outcomes rarer than e^-60 count as an infinite loss (pessimistic:
-        their mass goes to delta)."""
+        their mass goes to delta). One coordinate only: K coordinates are accounted by :meth:`rdp_curve`."""
+        if self.directions > 1:
+            return None
         from dp_accounting.pld import privacy_loss_distribution as pld_lib
         from scipy.stats import skellam
 
@@ -305,12 +334,21 @@ class Skellam(Noise):
             {int(x): float(v) for x, v in zip(support, base)}, {int(x): float(v) for x, v in zip(support, mixed)},
             value_discretization_interval=interval, log_mass_truncation_bound=-60.0, symmetric=False)
 
+    def rdp_curve(self, sample_rate: float) -> np.ndarray | None:
+        if self.directions == 1:
+            return None
+        from seedtune.shared.privacy.rdp import subsampled_skellam_curve
+
+        return subsampled_skellam_curve(self.l1_sensitivity, self.l2_sensitivity, self.variance, sample_rate)
+
     def _record(self) -> dict[str, Any]:
-        return {"variance": self.variance, "sensitivity": self.sensitivity}
+        # one direction keeps the record it always had, so the headers (and digests) of such ledgers do not move
+        extra = {"directions": self.directions} if self.directions > 1 else {}
+        return {"variance": self.variance, "sensitivity": self.sensitivity, **extra}
 
     @classmethod
     def from_record(cls, family: str, record: dict[str, Any]) -> "Skellam":
-        return cls(float(record["variance"]), int(record["sensitivity"]))
+        return cls(float(record["variance"]), int(record["sensitivity"]), int(record.get("directions", 1)))
 
 
 @register_noise("gaussian")

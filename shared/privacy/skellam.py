@@ -22,71 +22,29 @@ With at least t nodes surviving, the sum carries Skellam noise of variance >= mu
 own noise of variance mu / t is what protects it: the *local* guarantee, accounted the same way
 (``local=True``). Each holder's ledger records both.
 
-Accounting is Renyi DP: the Skellam mechanism's RDP for integer vectors with L1 and L2 sensitivities
-(Agarwal et al. 2021, Corollary 3.6), amplified by Poisson sampling with Zhu and Wang's general bound (ICML 2019,
-Theorem 5, integer orders), composed over steps and converted to (epsilon, delta) by dp-accounting. No PLD
-library covers a multi-dimensional Skellam mechanism; for one coordinate (one direction per step, the main job)
-:func:`pld_epsilon_1d` computes the exact PLD of the subsampled mechanism from its two output distributions,
-which is what a one-direction plan reports (the tests check the RDP bound lies above it).
+Accounting: for one coordinate (one direction per step, the DP-ZO recipe) the exact PLD of the subsampled
+mechanism from its two output distributions (:func:`pld_epsilon_1d`); for K directions (the head stage's frame),
+which no PLD library covers, the Skellam mechanism's RDP for integer vectors with L1 and L2 sensitivities
+(Agarwal et al. 2021, Corollary 3.6) amplified by Poisson sampling with Zhu and Wang's general bound (ICML 2019,
+Theorem 5, integer orders), composed over steps and converted to (epsilon, delta) by dp-accounting
+(shared.privacy.rdp; the tests check the RDP bound lies above the exact PLD for one coordinate). The noise record
+(:class:`shared.privacy.noise.Skellam`) carries K, so every accountant (the server's, each holder's ledger) takes
+the right one.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
-from dp_accounting.rdp import rdp_privacy_accountant
-from scipy.special import gammaln, logsumexp
 
 from seedtune.shared.privacy.accounting import StepRun, noise_epsilon
 from seedtune.shared.privacy.noise import SecureRandom, Skellam
-
-ORDERS = tuple(range(2, 129)) + (160, 192, 256, 384, 512)  # integer RDP orders (the sampling bound needs them)
+from seedtune.shared.privacy.rdp import (ORDERS, rdp_to_epsilon, skellam_rdp, subsampled_rdp,  # noqa: F401 (API)
+                                         subsampled_skellam_curve)
 FIELD_BITS = 64  # secure aggregation adds modulo 2^64 (numpy uint64 arithmetic wraps exactly there)
 ROUNDING_SHARE = 0.01  # default scale: the rounding adds at most 1% to the L2 sensitivity
-
-
-def skellam_rdp(alpha: int, l1: float, l2: float, variance: float) -> float:
-    """RDP at integer order ``alpha`` of adding Skellam noise of ``variance`` per coordinate to an integer vector
-    of L1 sensitivity ``l1`` and L2 sensitivity ``l2`` (Agarwal, Kairouz, Liu 2021, Corollary 3.6): the Gaussian
-    mechanism's ``alpha l2^2 / (2 mu)`` plus a discretisation term that vanishes as mu grows."""
-    if alpha < 2 or variance <= 0:
-        raise ValueError(f"order must be >= 2 and variance > 0, got {alpha}, {variance}")
-    mu = variance
-    return alpha * l2**2 / (2 * mu) + min(((2 * alpha - 1) * l2**2 + 6 * l1) / (4 * mu**2), 3 * l1 / (2 * mu))
-
-
-def subsampled_rdp(alpha: int, rate: float, rdp: Callable[[int], float]) -> float:
-    """RDP at integer order ``alpha`` of a mechanism with RDP curve ``rdp`` run on a Poisson sample at ``rate``,
-    add/remove neighbours: Zhu and Wang (ICML 2019), Theorem 5, the bound that holds for any mechanism.
-
-        (alpha - 1) eps'(alpha) <= log[ (1-q)^(alpha-1) (alpha q - q + 1) + C(alpha, 2) q^2 (1-q)^(alpha-2) e^eps(2)
-                                        + 3 sum_{l=3..alpha} C(alpha, l) q^l (1-q)^(alpha-l) e^((l-1) eps(l)) ]
-
-    It is never above the unsampled curve's value, which is returned where it is smaller."""
-    if not 0 < rate <= 1:
-        raise ValueError(f"sampling rate must be in (0, 1], got {rate}")
-    if rate == 1:
-        return rdp(alpha)
-    log_q, log_1q = math.log(rate), math.log1p(-rate)
-    terms = [(alpha - 1) * log_1q + math.log(alpha * rate - rate + 1),
-             _log_comb(alpha, 2) + 2 * log_q + (alpha - 2) * log_1q + rdp(2)]
-    terms += [math.log(3) + _log_comb(alpha, l) + l * log_q + (alpha - l) * log_1q + (l - 1) * rdp(l)
-              for l in range(3, alpha + 1)]
-    return min(float(logsumexp(terms)) / (alpha - 1), rdp(alpha))
-
-
-def _log_comb(n: int, k: int) -> float:
-    return float(gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1))
-
-
-def rdp_to_epsilon(rdp: np.ndarray, delta: float) -> float:
-    """(epsilon at ``delta``) of an RDP curve over :data:`ORDERS`, by dp-accounting's conversion."""
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    return float(rdp_privacy_accountant.compute_epsilon(ORDERS, rdp, delta)[0])
 
 
 @dataclass(frozen=True)
@@ -112,19 +70,20 @@ class SkellamPlan:
             raise ValueError(f"directions and threshold must be >= 1, got {self.directions}, {self.threshold}")
 
     @property
+    def units(self) -> int:
+        """Integer units per clip: the scaled clip, rounded up (so the rounding never exceeds the sensitivity)."""
+        return int(math.ceil(self.scale * self.clip))
+
+    @property
     def l2_sensitivity(self) -> float:
-        """One example's rounded vector's L2 norm, at most: ``gamma C`` plus ``sqrt(K)`` (each coordinate moves
-        by less than 1 in rounding); ``ceil(gamma C)`` for one coordinate."""
-        if self.directions == 1:
-            return float(math.ceil(self.scale * self.clip))
-        return self.scale * self.clip + math.sqrt(self.directions)
+        """One example's rounded vector's L2 norm, at most: the units plus ``sqrt(K)`` (each coordinate moves by
+        less than 1 in rounding); the units alone for one coordinate."""
+        return self.noise().l2_sensitivity
 
     @property
     def l1_sensitivity(self) -> float:
-        """The same vector's L1 norm, at most: ``sqrt(K) gamma C + K`` (``ceil(gamma C)`` for one coordinate)."""
-        if self.directions == 1:
-            return self.l2_sensitivity
-        return math.sqrt(self.directions) * self.scale * self.clip + self.directions
+        """The same vector's L1 norm, at most: ``sqrt(K)`` units plus ``K`` (the units for one coordinate)."""
+        return self.noise().l1_sensitivity
 
     @property
     def node_variance(self) -> float:
@@ -139,22 +98,18 @@ class SkellamPlan:
     def rdp(self, sample_rate: float, steps: int, local: bool = False) -> np.ndarray:
         """RDP curve over :data:`ORDERS` of ``steps`` steps on Poisson samples at ``sample_rate``: with the
         central noise (at least ``threshold`` survivors), or with this node's own noise alone (``local``)."""
-        variance = self.node_variance if local else self.variance
-        l1, l2 = self.l1_sensitivity, self.l2_sensitivity
-        step = [subsampled_rdp(a, sample_rate, lambda o: skellam_rdp(o, l1, l2, variance)) for a in ORDERS]
-        return steps * np.array(step)
+        noise = self.noise(local)
+        return steps * subsampled_skellam_curve(noise.l1_sensitivity, noise.l2_sensitivity, noise.variance,
+                                                sample_rate)
 
     def epsilon(self, sample_rate: float, steps: int, delta: float, local: bool = False) -> float:
-        """(epsilon at ``delta``) after ``steps`` steps: central (default) or local. One direction per step:
-        the exact PLD of the one-coordinate mechanism, whose rounded example lies within ``ceil(gamma C)``;
-        several: the RDP bound (the general sampling bound costs about 40% more noise than the PLD at the
-        main job's settings, so K = 1 gets the PLD)."""
+        """(epsilon at ``delta``) after ``steps`` steps: central (default) or local, as every accountant composes
+        the noise record: one direction per step by the exact PLD of the one-coordinate mechanism; several by the
+        RDP bound (the general sampling bound costs about 40% more noise than the PLD at the main job's
+        settings)."""
         if steps == 0:
             return 0.0
-        if self.directions == 1:
-            return pld_epsilon_1d(int(self.l2_sensitivity), self.node_variance if local else self.variance,
-                                  sample_rate, steps, delta)
-        return rdp_to_epsilon(self.rdp(sample_rate, steps, local), delta)
+        return noise_epsilon((StepRun(self.noise(local), sample_rate, steps),), delta)
 
     def field_limit(self, nodes: int) -> int:
         """The largest |value| a node may contribute per coordinate so that no sum of ``nodes`` contributions
@@ -162,12 +117,10 @@ class SkellamPlan:
         gamma C = 3,200, the limit for 1,000 nodes is 4.6e15, a batch of 1.4e12 examples)."""
         return (1 << (FIELD_BITS - 1)) // max(nodes, 1) - 1
 
-    def noise(self) -> Skellam:
-        """The central noise as the ledger header pins and every accountant composes it (one direction only: the
-        exact PLD covers one coordinate)."""
-        if self.directions != 1:
-            raise ValueError(f"a Skellam noise record covers one direction per step, not {self.directions}")
-        return Skellam(self.variance, int(self.l2_sensitivity))
+    def noise(self, local: bool = False) -> Skellam:
+        """The central noise (or one node's share of it, ``local``) as the ledger header pins and every
+        accountant composes it."""
+        return Skellam(self.node_variance if local else self.variance, self.units, self.directions)
 
 
 def default_scale(clip: float, directions: int, share: float = ROUNDING_SHARE) -> float:

@@ -584,8 +584,6 @@ class RunConfig(Settings):
                  "adds 1/min_replies of the noise): at least 2", fed.min_replies)
         _require(fed.clients_per_round == 0 or fed.clients_per_round >= fed.min_replies, "federation.clients_per_round",
                  f"must be 0 or at least federation.min_replies ({fed.min_replies})", fed.clients_per_round)
-        _require(self.zo.directions == 1, "zo.directions", "must be 1 with secure aggregation (the exact Skellam PLD "
-                 "covers one direction per step; the main job: SEEDTUNE_RECIPE=configs/federated_dpzo.toml)", self.zo.directions)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
