@@ -114,16 +114,18 @@ class RowSpec:
 
     @property
     def key(self) -> str:
-        return row_key(self.task, self.model, self.method, self.epsilon, self.steps)
+        return row_key(self.task, self.model, self.method, self.epsilon, self.steps, self.draws)
 
     @property
     def slug(self) -> str:
         return self.key.replace("/", "-")
 
 
-def row_key(task: str, model: str, method: str, epsilon: float | None, steps: int) -> str:
-    """A row's identity; SST-2 rows keep the key they had before rows had a task (results/utility/)."""
-    return f"{model}/{method}/{epsilon}/{steps}" + ("" if task == "sst2" else f"/{task}")
+def row_key(task: str, model: str, method: str, epsilon: float | None, steps: int, draws: int = 1) -> str:
+    """A row's identity; SST-2 rows keep the key they had before rows had a task (results/utility/), one-draw
+    rows the key they had before probe rows had draws (a resumed run with another --probe-draws reruns them)."""
+    return (f"{model}/{method}/{epsilon}/{steps}" + ("" if task == "sst2" else f"/{task}")
+            + (f"/x{draws}" if draws > 1 else ""))
 
 
 FED_CLIENTS, FED_ROUNDS_DPZO, FED_LOCAL_STEPS_DPZO, FED_ROUNDS_FO, FED_LOCAL_STEPS_FO = 2, 1, 10, 2, 2
@@ -594,16 +596,17 @@ def main(argv: list[str] | None = None) -> int:
         kept += [p.read_text() for p in sorted((out / ROWS_DIR).glob("*.json"))]
         for line in kept:
             r = json.loads(line)
-            done[row_key(r.get("task", "sst2"), r["model"], r["method"], r["epsilon_target"], r["steps"])] = r
+            done[row_key(r.get("task", "sst2"), r["model"], r["method"], r["epsilon_target"], r["steps"],
+                         r.get("draws") or 1)] = r
     else:
         rows_path.unlink(missing_ok=True)
         for p in (out / ROWS_DIR).glob("*.json"):  # a fresh run starts from no rows
             p.unlink()
     running = {p.stem for p in (out / ROWS_DIR).glob("*.pid") if _alive(int(p.read_text() or 0))}
-    specs = [] if args.report_only else \
+    planned = [] if args.report_only else \
         [replace(s, draws=args.probe_draws) if s.method in PROBE_METHODS else s
-         for s in plan_rows(args.mode, models, args.methods, args.threads, tuple(args.epsilons), tuple(args.tasks))
-         if s.key not in done and not (args.resume and s.slug in running)]
+         for s in plan_rows(args.mode, models, args.methods, args.threads, tuple(args.epsilons), tuple(args.tasks))]
+    specs = [s for s in planned if s.key not in done and not (args.resume and s.slug in running)]
     log.info("%d rows to run (%d kept), %d at a time", len(specs), len(done), args.jobs)
     rows = list(done.values())
     failed = []

@@ -4,6 +4,7 @@ utility benchmark, on tiny random models."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import sys
 
@@ -212,6 +213,16 @@ def test_bench_utility_never_rewrites_rows_it_was_not_asked_to(tmp_path, capsys)
         main(["--mode", "quick", "--models", "tiny-encoder", "--methods", "zero-shot", "--out", str(out)])
     assert stop.value.code == 2 and "already holds rows" in capsys.readouterr().err
     assert (out / "rows.jsonl").read_text() == '{"kept": true}\n' and (out / "rows.d" / "x.json").exists()
+
+
+def test_a_probe_row_of_other_draws_is_another_row():
+    """A resumed bench with another --probe-draws must run its rows, not keep the old ones: the mean of ten
+    draws is not the one draw a kept row holds (one-draw rows keep their old key, so old row files resume)."""
+    from seedtune.simulations.bench_utility import RowSpec, row_key
+
+    one = RowSpec("minilm", "dp-probe", 3.0, 1000, "full", 2, task="trec")
+    assert one.key == row_key("trec", "minilm", "dp-probe", 3.0, 1000) == "minilm/dp-probe/3.0/1000/trec"
+    assert replace(one, draws=10).key == "minilm/dp-probe/3.0/1000/trec/x10" != one.key
 
 
 # --------------------------------------------------------------------------------------- linear probes
