@@ -31,7 +31,7 @@ from seedtune.shared.protocol.chain import ChainError, hash_along, header_digest
 from seedtune.shared.task.config import ConfigError, RunConfig, cache_root, directions_per_step
 from seedtune.shared.engine.follower import LedgerFollower, ReplicaError
 from seedtune.shared.protocol.identity import SigningKey, identity_bytes, position_bytes, sign_reply, verify
-from seedtune.shared.privacy.noise import Noise, SecureRandom
+from seedtune.shared.privacy.noise import Noise, SecureRandom, Skellam
 from seedtune.shared.privacy.noise_search import COUNT_SENSITIVITY, count_noise
 from seedtune.shared.task.onnx_task import DEFAULT_PROVIDERS
 from seedtune.shared.protocol.proto import (PROTOCOL_VERSION, REFUSAL_HISTORY, Challenge, Identity, Instruction,
@@ -340,6 +340,13 @@ def _privacy_of(ins: Instruction, replica: LedgerFollower, budget: Budget | None
     if noise != pinned:
         raise Refusal(f"noise {noise.describe()} differs from the ledger header's "
                       f"{pinned.describe() if pinned else 'none'}")
+    # The header's record must be a noise this federation's mode releases: a lattice (Skellam) added to a real
+    # sum in a plain round, or real noise under secure aggregation, would be accounted for another mechanism than
+    # the one released; and a family other than the configured one is not the privacy the run was set up with.
+    secure = config.federation.secure_aggregation != "none"
+    if isinstance(noise, Skellam) != secure or (not secure and config.privacy.noise not in ("auto", noise.family)):
+        raise Refusal(f"noise {noise.describe()} is not what this federation releases (secure aggregation "
+                      f"{config.federation.secure_aggregation!r}, privacy.noise {config.privacy.noise!r})")
     if h.clip != config.privacy.clip or h.sample_rate != config.federation.sample_rate:
         raise Refusal(f"clip {h.clip} / sample rate {h.sample_rate} differ from the ledger header's "
                       f"{config.privacy.clip} / {config.federation.sample_rate}")

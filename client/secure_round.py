@@ -1,10 +1,11 @@
 """A node's side of a secure-aggregation round (``federation.secure_aggregation = "secagg+"``).
 
 The train instruction opens the round (SecAgg+ stage 1): the node catches up and checks the instruction as for
-any round (client.node), then computes its vector: per seed, its Poisson sample's clipped estimates in integer
-units, rounded at random per example, summed, plus ``1 / min_replies`` of the Skellam variance the ledger
-header pins (client.zo_step.integer_release). It keeps the vector and a fresh SecAgg+ session in its own state and
-replies with its public keys only. Three ``train.secure`` messages follow: it shares its secrets among its
+any round (client.node), then computes its vector: per step of K seeds (one direction, or the head stage's frame),
+its Poisson sample's clipped K-vectors in integer units, rounded at random per example, summed, plus
+``1 / min_replies`` of the Skellam variance the ledger header pins (client.zo_step.integer_release); a header
+whose noise record is accounted for another K is refused. It keeps the vector and a fresh SecAgg+ session in its
+own state and replies with its public keys only. Three ``train.secure`` messages follow: it shares its secrets among its
 neighbours (stage 2), sends its masked vector (stage 3: the release, written to its holder's privacy ledger
 before the reply leaves) and answers the unmasking (stage 4). A re-delivered stage gets the same reply bytes.
 

@@ -46,7 +46,7 @@ from seedtune.shared.protocol.run_folder import check_anchor_home, write_home_an
 from seedtune.shared.task.tasks import load_split, with_labels
 from seedtune.shared.task.tracking import check_backend, open_tracker
 from seedtune.shared.privacy.noise import Noise, SecureRandom, Skellam
-from seedtune.shared.privacy.skellam import calibrate as calibrate_skellam
+from seedtune.shared.privacy.skellam import calibrate as calibrate_skellam, gaussian_ratio
 from seedtune.shared.privacy.noise_search import count_noise, plan_noise
 from seedtune.shared.protocol.wire import EVALUATE, SYNC
 from seedtune.server.courier import Courier
@@ -119,8 +119,16 @@ class FederatedServer:
         per_round, rate = self.config.privacy_events()
         events = fed.rounds * per_round
         if privacy.enabled and fed.secure_aggregation != "none":  # the central noise the survivors' shares sum to
-            noise = calibrate_skellam(privacy.epsilon, privacy.delta, rate, events, privacy.clip, self.directions,
-                                      fed.min_replies).noise()
+            plan = calibrate_skellam(privacy.epsilon, privacy.delta, rate, events, privacy.clip, self.directions,
+                                     fed.min_replies)
+            noise = plan.noise()
+            if self.directions > 1:  # the K-coordinate RDP bound is loose at high sampling rates: say what it costs
+                ratio = gaussian_ratio(plan, privacy.epsilon, privacy.delta, rate, events)
+                (log.warning if ratio > 1.5 else log.info)(
+                    "secure aggregation of %d directions per step: the RDP bound costs %.2fx the Gaussian's noise "
+                    "at sampling rate %.4g over %d steps%s", self.directions, ratio, rate, events,
+                    "; a lower federation.sample_rate costs less (configs/federated_head_secure.toml: 0.05)"
+                    if ratio > 1.5 else "")
         elif privacy.enabled:
             noise = plan_noise(privacy, rate, events, nodes_stop_at_budget=True)
         if noise is not None:

@@ -1,7 +1,7 @@
 """The model card a replay or an export writes beside the model: what it is, what it was trained for and with
 what privacy guarantee, and how to rebuild it.
 
-The guarantee is accounted afresh here (PLD, :class:`shared.privacy.accounting.PrivacyAccountant`) from the noise the
+The guarantee is accounted afresh here (:class:`shared.privacy.accounting.PrivacyAccountant`) from the noise the
 ledger header records as sampled and the steps the ledger holds, not copied from a log: a federated ledger
 records the private steps each data holder was asked to run (its instructions table) and the federation's
 sampling rate; a ``seedtune train`` ledger has one step per round, at the sampling rate its run folder's
@@ -13,14 +13,14 @@ published (the run folder's summary.json keeps it for the data holder).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from seedtune.shared.privacy.accounting import PrivacyAccountant
 from seedtune.shared.task.config import RunConfig
 from seedtune.shared.protocol.ledger import Ledger
-from seedtune.shared.privacy.noise import Noise
+from seedtune.shared.privacy.noise import Noise, Skellam
 from seedtune.shared.protocol.run_folder import SUMMARY_FILE
 
 CARD_FILE = "README.md"  # a Hugging Face folder's model card
@@ -36,6 +36,8 @@ class PrivacyRecord:
     epsilon: dict[str, float] | None  # holder -> epsilon; None when the sampling rate is not known
     steps: dict[str, int]  # holder -> private steps accounted
     federated: bool
+    accounting: str = "PLD (dp-accounting)"  # how the epsilon was composed (the RDP bound where no PLD covers it)
+    local_epsilon: float | None = None  # secure aggregation: the largest holder's guarantee from its own noise share
 
     @property
     def epsilon_max(self) -> float | None:
@@ -51,15 +53,23 @@ def privacy_record(ledger: Ledger, config: RunConfig, ledger_path: str | Path) -
     summary_path = Path(ledger_path).parent / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if not federated and summary_path.is_file() else {}
     rate = config.privacy_events()[1] if federated else summary.get("sample_rate")
-    epsilon = None
+    epsilon = local = None
     if noise is not None and rate is not None:
-        epsilon = {}
-        for holder, count in steps.items():
-            accountant = PrivacyAccountant()
-            accountant.record(noise, float(rate), count)
-            epsilon[holder] = accountant.epsilon(config.privacy.delta)
+        epsilon = {holder: _epsilon(noise, float(rate), count, config.privacy.delta) for holder, count in steps.items()}
+        if isinstance(noise, Skellam) and steps:  # what each node's own share of the noise protects alone
+            share = replace(noise, variance=noise.variance / config.federation.min_replies)
+            local = _epsilon(share, float(rate), max(steps.values()), config.privacy.delta)
+    accounting = ("RDP bound of a K-coordinate Skellam release (Agarwal et al. 2021 under Zhu and Wang's sampling "
+                  "bound), dp-accounting's conversion" if noise is not None and noise.accounted_by_rdp
+                  else "PLD (dp-accounting)")
     return PrivacyRecord(noise is not None, config.privacy.delta, noise.describe() if noise else "none", epsilon,
-                         steps, federated)
+                         steps, federated, accounting, local)
+
+
+def _epsilon(noise: Noise, rate: float, steps: int, delta: float) -> float:
+    accountant = PrivacyAccountant()
+    accountant.record(noise, rate, steps)
+    return accountant.epsilon(delta)
 
 
 def _fmt(value: float | None) -> str:
@@ -102,7 +112,12 @@ def model_card(info: dict[str, Any], config: RunConfig, record: PrivacyRecord, c
                                                        if record.epsilon and len(record.epsilon) > 1 else ""),
         f"- delta: {record.delta:g}",
         "- Privacy unit: one training example (add/remove), per data holder",
-        "- Accounting: PLD (dp-accounting) of the noise as sampled: " + record.noise,
+        f"- Accounting: {record.accounting} of the noise as sampled: " + record.noise,
+        *([f"- Secure aggregation: the server saw only each round's sums; the epsilon above holds while it followed "
+           f"the protocol and at least {config.federation.min_replies} nodes survived each round. Against a server "
+           f"that deviates, each holder is protected by its own share of the noise: epsilon "
+           f"{_fmt(record.local_epsilon)} (recorded in its privacy ledger, `seedtune holder status`)"]
+          if record.local_epsilon is not None else []),
         f"- Clip: {config.privacy.clip:g}; private steps: " + ", ".join(
             f"{h} {n}" for h, n in sorted(record.steps.items())),
         "- Data size: not stated (the size of a training set describes private data; a federation's server never "

@@ -17,7 +17,7 @@ from seedtune.client.zo_step import privatize, zo_step
 from seedtune.server.federation import FederatedServer, FederationHalted
 from seedtune.shared.protocol.chain import ChainError
 from seedtune.shared.privacy.accounting import StepRun, noise_epsilon, noise_pld, step_pld
-from seedtune.shared.privacy.noise import GAUSSIAN_SUPPORT, LaplaceMixture, Noise, SecureRandom
+from seedtune.shared.privacy.noise import GAUSSIAN_SUPPORT, LaplaceMixture, Noise, SecureRandom, Skellam
 from seedtune.shared.protocol.proto import Instruction, Reply
 from seedtune.shared.task.tasks import Split
 from seedtune.shared.protocol.wire import from_content, to_content
@@ -83,6 +83,21 @@ def test_a_non_private_or_weakened_instruction_to_a_private_node_is_refused_by_n
     change(ins.hyper)
     reply = _answer(grid, msg, ins)
     assert refusal in reply.refusal and not reply.scalars
+
+
+@pytest.mark.parametrize("forged", [Skellam(1e6, 100), Noise.laplace(0.5)], ids=["skellam", "laplace"])
+def test_a_node_refuses_a_header_noise_its_federation_does_not_release(tmp_path, monkeypatch, forged):
+    """A plain federation configured with the Gaussian: a header pinning Skellam noise (a lattice added to a real
+    sum, whose privacy loss is unbounded, yet accounted as finite) or another family than the configured one is
+    refused by every node, before anything is released."""
+    import seedtune.server.federation as federation
+
+    monkeypatch.setattr(federation, "plan_noise", lambda *args, **kwargs: forged)
+    server, _, exchanged, row = _train_round(tmp_path)
+    assert row["accepted"] == 0 and len(exchanged) == NODES
+    for _, msg in exchanged:
+        reply = from_content(msg.content, Reply)
+        assert "is not what this federation releases" in reply.refusal and not reply.scalars
 
 
 def test_a_head_frame_node_refuses_seeds_that_are_not_whole_steps(tmp_path):

@@ -112,6 +112,9 @@ def test_a_secure_run_replays_verifies_and_its_nodes_agree(secure_run, tmp_path)
                           "--out", str(tmp_path / "model")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["model_digest"] == summary["model_digest"]
+    card = (tmp_path / "model" / "README.md").read_text()  # the card names the accountant and the trust it needs
+    assert "- Secure aggregation: the server saw only each round's sums" in card
+    assert ("RDP bound of a K-coordinate Skellam release" in card) == (server.config.zo.directions > 1)
     checked = subprocess.run([sys.executable, "-m", "seedtune.cli", "verify", str(run_dir / "ledger.sqlite")],
                              capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert checked.returncode == 0, checked.stderr

@@ -13,8 +13,8 @@ from seedtune.client.zo_step import integer_release
 from seedtune.shared.privacy.accounting import (PrivacyAccountant, StepRun, calibrate_noise_multiplier, noise_epsilon,
                                                 step_pld)
 from seedtune.shared.privacy.noise import Noise, SecureRandom, Skellam
-from seedtune.shared.privacy.skellam import (ORDERS, SkellamPlan, calibrate, pld_epsilon_1d, quantize,
-                                             rdp_to_epsilon, subsampled_rdp)
+from seedtune.shared.privacy.rdp import ORDERS, rdp_to_epsilon, subsampled_rdp, subsampled_skellam_curve
+from seedtune.shared.privacy.skellam import SkellamPlan, calibrate, gaussian_ratio, pld_epsilon_1d, quantize
 
 
 def _fits(draws: np.ndarray, dist) -> bool:
@@ -63,7 +63,7 @@ def test_the_sampling_bound_is_never_below_the_exact_subsampled_gaussian():
 def test_the_rdp_bound_is_above_the_exact_pld_in_one_dimension():
     plan = SkellamPlan(clip=1.0, directions=1, scale=50.0, variance=(1.5 * 50) ** 2, threshold=1)
     for steps in (1, 50):
-        rdp = rdp_to_epsilon(plan.rdp(0.05, steps), 1e-5)
+        rdp = rdp_to_epsilon(steps * subsampled_skellam_curve(50.0, 50.0, plan.variance, 0.05), 1e-5)
         pld = pld_epsilon_1d(50, plan.variance, 0.05, steps, 1e-5)
         assert pld <= rdp
 
@@ -128,7 +128,7 @@ def test_a_bad_plan_is_refused_by_name(bad):
 
 def test_the_plan_converts_its_rdp_with_dp_accountings_conversion():
     plan = SkellamPlan(clip=1.0, directions=4, scale=200.0, variance=1e6, threshold=2)
-    rdp = plan.rdp(0.1, 10)
+    rdp = 10 * plan.noise().rdp_curve(0.1)
     assert plan.epsilon(0.1, 10, 1e-6) == pytest.approx(
         rdp_privacy_accountant.compute_epsilon(ORDERS, rdp, 1e-6)[0])
 
@@ -156,7 +156,7 @@ def test_k_directions_are_accounted_by_their_rdp_bound_everywhere():
     (PrivacyAccountant), and a history that also holds PLD-accounted steps (basic composition, delta split)."""
     plan = calibrate(3.0, 1e-5, 0.25, 250, clip=1.0, directions=1024, threshold=10)
     noise = plan.noise()
-    rdp = rdp_to_epsilon(plan.rdp(0.25, 250), 1e-5)
+    rdp = rdp_to_epsilon(250 * noise.rdp_curve(0.25), 1e-5)
     assert plan.epsilon(0.25, 250, 1e-5) == pytest.approx(rdp) and rdp <= 3.0
     accountant = PrivacyAccountant()
     accountant.record(noise, 0.25, 250)
@@ -167,18 +167,35 @@ def test_k_directions_are_accounted_by_their_rdp_bound_everywhere():
     accountant.record(gaussian, 0.1, 50)
     mixed = accountant.epsilon(1e-5)
     alone = noise_epsilon((StepRun(gaussian, 0.1, 50),), 5e-6)
-    assert mixed == pytest.approx(rdp_to_epsilon(plan.rdp(0.25, 250), 5e-6) + alone)
+    assert mixed == pytest.approx(rdp_to_epsilon(250 * noise.rdp_curve(0.25), 5e-6) + alone)
     # the RDP bound never claims less than the exact Gaussian mechanism of the same L2 sensitivity and std
     sigma = plan.noise_multiplier
     assert rdp >= noise_epsilon((StepRun(Noise.gaussian(sigma), 0.25, 250),), 1e-5)
 
 
-def test_a_release_of_other_directions_than_the_record_is_refused():
-    noise = Skellam(1e6, 3200, 1024)
-    with pytest.raises(ValueError, match="1024"):
-        integer_release(np.zeros((3, 4)), 1.0, noise, 10, SecureRandom())
-    rows = np.random.default_rng(0).normal(size=(500, 1024))
-    released = integer_release(rows, 1.0, Skellam(1e-9, 3200, 1024), 1, SecureRandom())  # noise negligible
-    # each clipped row stays within the record's L2 sensitivity after rounding
-    one = quantize(rows[:1] / np.linalg.norm(rows[:1]), 3200 * (1 - 1e-9), SecureRandom(), limit=3200)
-    assert np.linalg.norm(one) <= noise.l2_sensitivity and released.shape == (1024,)
+def test_one_examples_k_vector_moves_the_sum_by_at_most_the_records_sensitivities():
+    """Each example alone through integer_release (its noise negligible): rows far past the clip, rows a few ulps
+    over it, and rows whose every coordinate rounds by almost one unit stay within the record's L2 and L1
+    sensitivities and every coordinate within the units, whatever the coins; and a release of another K than
+    the record's is refused."""
+    k, units, rng = 64, 800, SecureRandom()
+    record, quiet = Skellam(1e6, units, k), Skellam(1e-12, units, k)
+    with pytest.raises(ValueError, match=f"accounted for {k}"):
+        integer_release(np.zeros((3, 4)), 1.0, record, 10, rng)
+    gen = np.random.default_rng(0)
+    far = 5 * gen.normal(size=(200, k))
+    ulps = far / np.linalg.norm(far, axis=1, keepdims=True) * (1 + 3e-14)
+    halves = np.tile(np.full(k, 1 / np.sqrt(k)) * (1 - 0.5 / (units / np.sqrt(k))), (200, 1))  # x.5 units each
+    for rows in (far, ulps, halves):
+        for row in rows:
+            released = integer_release(row[None, :], 1.0, quiet, 1, rng)
+            assert np.abs(released).max() <= units
+            assert np.linalg.norm(released) <= record.l2_sensitivity
+            assert np.abs(released).sum() <= record.l1_sensitivity
+
+
+def test_the_k_direction_bound_costs_little_at_low_rates_and_much_at_high_ones():
+    """What the server logs when it plans a K-direction secure run: the RDP bound's noise over the Gaussian's."""
+    low = calibrate(3.0, 1e-5, 0.02, 250, clip=1.0, directions=1024, threshold=10)
+    high = calibrate(3.0, 1e-5, 0.25, 250, clip=1.0, directions=1024, threshold=10)
+    assert 1.0 < gaussian_ratio(low, 3.0, 1e-5, 0.02, 250) < 1.25 < 3.5 < gaussian_ratio(high, 3.0, 1e-5, 0.25, 250)

@@ -67,7 +67,8 @@ class PrivacyAccountant:
     infinite for good.
 
     Epsilon comes from privacy loss distributions: dp-accounting's own for the Gaussian and the Laplace, the
-    density-based one of :func:`noise_pld` for other noises (LMO)."""
+    density-based one of :func:`noise_pld` for other noises (LMO); a K-dimensional Skellam release, which no PLD
+    here covers, by its RDP bound (:func:`noise_epsilon`)."""
 
     runs: list[StepRun] = field(default_factory=list)
     non_private: bool = False
@@ -99,7 +100,8 @@ class PrivacyAccountant:
         return sum(run.count for run in self.runs)
 
     def epsilon(self, delta: float) -> float:
-        """Tightest epsilon at ``delta`` (PLD); 0 before any step, infinite after a non-private release."""
+        """Epsilon at ``delta`` (:func:`noise_epsilon`: the PLD, or the RDP bound where no PLD covers a noise);
+        0 before any step, infinite after a non-private release."""
         return math.inf if self.non_private else noise_epsilon(tuple(self.runs), delta)
 
     def to_json(self) -> str:
@@ -289,7 +291,7 @@ def builtin_pld(noise: Noise, sample_rate: float, interval: float = _PLD_DISCRET
 @functools.lru_cache(maxsize=256)
 def step_pld(noise: Noise, sample_rate: float) -> pld_lib.PrivacyLossDistribution:
     """One step's PLD: dp-accounting's built-in where it has one (tightest), else the density-based one."""
-    if noise.rdp_curve(sample_rate) is not None:
+    if noise.accounted_by_rdp:
         raise ValueError(f"{noise.describe()} has no PLD here: its steps are composed by RDP (noise_epsilon)")
     pld = noise.builtin_pld(sample_rate, _PLD_DISCRETIZATION)
     if pld is not None:
@@ -315,11 +317,13 @@ def noise_epsilon(runs: tuple[StepRun, ...], delta: float) -> float:
     for run in runs:
         if run.count <= 0:
             continue
-        curve = run.noise.rdp_curve(run.sample_rate)
-        if curve is None:
+        if not run.noise.accounted_by_rdp:
             pld_runs.append(run)
-        else:
-            rdp_total = run.count * curve if rdp_total is None else rdp_total + run.count * curve
+            continue
+        if run.noise.support_gap() > 0:  # an RDP curve describes the ideal noise; no gap term is carried for it
+            raise RuntimeError(f"{run.noise.describe()}: an RDP-accounted noise must sample its whole support")
+        curve = run.count * run.noise.rdp_curve(run.sample_rate)
+        rdp_total = curve if rdp_total is None else rdp_total + curve
     if rdp_total is None:
         return _pld_runs_epsilon(pld_runs, delta)
     from seedtune.shared.privacy.rdp import rdp_to_epsilon

@@ -227,10 +227,16 @@ class Noise:
         """dp-accounting's own PLD of one Poisson-subsampled release, or None where it has none."""
         return None
 
-    def rdp_curve(self, sample_rate: float) -> np.ndarray | None:
-        """One Poisson-subsampled release's RDP over shared.privacy.rdp.ORDERS, for a noise no PLD covers (the
-        K-dimensional Skellam); None for the others, whose PLD the accountant composes."""
-        return None
+    @property
+    def accounted_by_rdp(self) -> bool:
+        """Whether no PLD here covers this noise's release (the K-dimensional Skellam), so the accountant composes
+        its :meth:`rdp_curve` instead."""
+        return False
+
+    def rdp_curve(self, sample_rate: float) -> np.ndarray:
+        """One Poisson-subsampled release's RDP over shared.privacy.rdp.ORDERS, for a noise
+        :attr:`accounted_by_rdp`."""
+        raise ValueError(f"{self.describe()} is accounted by its PLD, not by an RDP curve")
 
     def gaussian_sigma(self) -> float | None:
         """The noise multiplier where this is a Gaussian (the RDP cross-check covers those only), else None."""
@@ -334,9 +340,13 @@ class Skellam(Noise):
             {int(x): float(v) for x, v in zip(support, base)}, {int(x): float(v) for x, v in zip(support, mixed)},
             value_discretization_interval=interval, log_mass_truncation_bound=-60.0, symmetric=False)
 
-    def rdp_curve(self, sample_rate: float) -> np.ndarray | None:
-        if self.directions == 1:
-            return None
+    @property
+    def accounted_by_rdp(self) -> bool:
+        return self.directions > 1
+
+    def rdp_curve(self, sample_rate: float) -> np.ndarray:
+        if not self.accounted_by_rdp:
+            return super().rdp_curve(sample_rate)
         from seedtune.shared.privacy.rdp import subsampled_skellam_curve
 
         return subsampled_skellam_curve(self.l1_sensitivity, self.l2_sensitivity, self.variance, sample_rate)

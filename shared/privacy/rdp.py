@@ -11,6 +11,7 @@ curves.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -55,9 +56,13 @@ def _log_comb(n: int, k: int) -> float:
     return float(gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1))
 
 
+@functools.lru_cache(maxsize=256)
 def subsampled_skellam_curve(l1: float, l2: float, variance: float, rate: float) -> np.ndarray:
-    """One subsampled Skellam release's RDP over :data:`ORDERS`."""
-    return np.array([subsampled_rdp(a, rate, lambda o: skellam_rdp(o, l1, l2, variance)) for a in ORDERS])
+    """One subsampled Skellam release's RDP over :data:`ORDERS` (cached: every budget check of every holder asks
+    for the same curve; read-only, so that no caller can change the cached copy)."""
+    curve = np.array([subsampled_rdp(a, rate, lambda o: skellam_rdp(o, l1, l2, variance)) for a in ORDERS])
+    curve.setflags(write=False)
+    return curve
 
 
 def rdp_to_epsilon(rdp: np.ndarray, delta: float) -> float:

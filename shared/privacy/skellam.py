@@ -39,10 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from seedtune.shared.privacy.accounting import StepRun, noise_epsilon
+from seedtune.shared.privacy.accounting import StepRun, calibrate_noise_multiplier, noise_epsilon
 from seedtune.shared.privacy.noise import SecureRandom, Skellam
-from seedtune.shared.privacy.rdp import (ORDERS, rdp_to_epsilon, skellam_rdp, subsampled_rdp,  # noqa: F401 (API)
-                                         subsampled_skellam_curve)
 FIELD_BITS = 64  # secure aggregation adds modulo 2^64 (numpy uint64 arithmetic wraps exactly there)
 ROUNDING_SHARE = 0.01  # default scale: the rounding adds at most 1% to the L2 sensitivity
 
@@ -95,13 +93,6 @@ class SkellamPlan:
         """The central noise std over the L2 sensitivity: the Gaussian noise multiplier it compares with."""
         return math.sqrt(self.variance) / self.l2_sensitivity
 
-    def rdp(self, sample_rate: float, steps: int, local: bool = False) -> np.ndarray:
-        """RDP curve over :data:`ORDERS` of ``steps`` steps on Poisson samples at ``sample_rate``: with the
-        central noise (at least ``threshold`` survivors), or with this node's own noise alone (``local``)."""
-        noise = self.noise(local)
-        return steps * subsampled_skellam_curve(noise.l1_sensitivity, noise.l2_sensitivity, noise.variance,
-                                                sample_rate)
-
     def epsilon(self, sample_rate: float, steps: int, delta: float, local: bool = False) -> float:
         """(epsilon at ``delta``) after ``steps`` steps: central (default) or local, as every accountant composes
         the noise record: one direction per step by the exact PLD of the one-coordinate mechanism; several by the
@@ -151,6 +142,13 @@ def calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, clip
         mid = math.sqrt(lo * hi)
         lo, hi = (lo, mid) if plan(mid).epsilon(sample_rate, steps, delta) <= epsilon else (mid, hi)
     return plan(hi)
+
+
+def gaussian_ratio(plan: SkellamPlan, epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The plan's noise multiplier over the PLD-calibrated Gaussian's for the same target: about 1 for one
+    direction (the exact PLD), and for K directions what the RDP bound's general sampling amplification costs,
+    which grows fast with the sampling rate (1.16 at q = 0.02, 4.2 at q = 0.25 over 250 steps at epsilon 3)."""
+    return plan.noise_multiplier / calibrate_noise_multiplier(epsilon, delta, sample_rate, steps)
 
 
 def quantize(vectors: np.ndarray, scale: float, rng: SecureRandom, limit: int | None = None) -> np.ndarray:
