@@ -5,6 +5,7 @@ keeps the run's ledger, and rebuilds the trained weights from it on a fresh copy
 holding the ledger and the base weights could. Run it from the checkout (or with seedtune installed):
 
     python examples/own_model.py --out runs/own-model
+    python examples/own_model.py --out runs/own-model-frame --frame   # a full Hadamard frame per step
 
 Prints one JSON line: the epsilon spent, the held-out error before and after, and whether the replay matched.
 """
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="runs/own-model", help="folder for the run's ledger (must be new)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--epsilon", type=float, default=3.0)
+    parser.add_argument("--frame", action="store_true",
+                        help="K directions per step: a full Hadamard frame over the model's 321 weights (K = 512, "
+                             "513 forward passes a step), which makes each step DP-SGD from forward passes")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -59,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     before = test_mse(model)
     ledger = Path(args.out) / "ledger.sqlite"
     with seedtune.PrivateZO(model, loss_fn, num_examples=len(x_train), steps=args.steps, epsilon=args.epsilon,
-                            delta=1e-5, clip=2.0, batch_size=500, lr=0.02, mu=1e-3, ledger=ledger) as trainer:
+                            delta=1e-5, clip=2.0, batch_size=500, lr=0.02, mu=1e-3, ledger=ledger,
+                            **({"direction": "hadamard", "directions": 0} if args.frame else {})) as trainer:
         summary = trainer.fit(progress=not args.no_progress)
     after = test_mse(model)
 

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from seedtune.client.trainer import PrivacyPlan, private_step
 from seedtune.client.zo_step import StepResult
 from seedtune.shared.privacy.accounting import PrivacyAccountant
-from seedtune.shared.task.config import ConfigError, PrivacyConfig, RunConfig, load_config
+from seedtune.shared.task.config import ConfigError, PrivacyConfig, RunConfig, directions_per_step, load_config
 from seedtune.shared.protocol.digest import model_digest
-from seedtune.shared.engine.directions import DIRECTION_KINDS, DirectionKind
+from seedtune.shared.engine.directions import DIRECTION_KINDS, DirectionKind, step_seeds
 from seedtune.shared.protocol.chain import ChainError
 from seedtune.shared.protocol.ledger import Ledger
 from seedtune.shared.privacy.noise import SecureRandom
@@ -97,13 +97,18 @@ class PrivateZO:
     example added or removed, and moves the trainable parameters along the direction.
 
     ``trainable``: glob patterns of parameter names (``*`` spans dots: ``["head.*", "*norm*"]``), or None for
-    every parameter. ``ledger``: the file for the run's (seed, coefficient) history (None: none is kept).
+    every parameter. ``directions``: K public directions per step instead of one; each example's K one-sided
+    estimates (K + 1 forward passes of its batch) are clipped together in L2 and noised as one Gaussian release,
+    so the epsilon is the one-direction step's. With ``direction="hadamard"`` and ``directions=0`` the K
+    directions are a full Hadamard frame over the trainable entries, and the step is DP-SGD on them computed from
+    forward passes only (practical for a small trainable set: a head, an adapter, a small model). ``ledger``: the file for the run's (seed, coefficient) history (None: none is kept).
     ``private=False`` runs plain MeZO (no clipping or noise; epsilon is infinite).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, num_examples: int, *, steps: int, epsilon: float = 3.0,
                  delta: float = 1e-5, clip: float = 1.0, batch_size: int = 64, lr: float = 1e-3, mu: float = 1e-3,
-                 trainable: Iterable[str] | None = None, direction: str = "rademacher", noise: str = "gaussian",
+                 trainable: Iterable[str] | None = None, direction: str = "rademacher", directions: int = 1,
+                 noise: str = "gaussian",
                  microbatch: int = 256, ledger: str | Path | None = None, private: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -121,6 +126,13 @@ class PrivateZO:
             raise ConfigError(f"batch_size {batch_size} exceeds num_examples {num_examples}")
         if direction not in DIRECTION_KINDS:
             raise ConfigError(f"direction must be one of {DIRECTION_KINDS}, got {direction!r}")
+        if not isinstance(directions, int) or isinstance(directions, bool) or directions < 0 \
+                or (directions == 0 and direction != "hadamard"):
+            raise ConfigError(f"directions must be an integer >= 1, or 0 (a full frame) with direction='hadamard', "
+                              f"got {directions!r}")
+        if directions != 1 and noise != "gaussian":
+            raise ConfigError(f"directions other than 1 need noise='gaussian' (K scalars are one release of L2 "
+                              f"sensitivity clip), got {noise!r}")
         if not isinstance(private, bool):
             raise ConfigError(f"private must be true or false, got {private!r}")
         if trainable is not None and (isinstance(trainable, str) or not list(trainable)):
@@ -138,6 +150,10 @@ class PrivateZO:
             selection = select_patterns(model, patterns) if patterns else select_all(model)
         except ValueError as exc:
             raise ConfigError(f"trainable: {exc}") from exc
+        try:
+            self.directions = directions_per_step(directions, selection.size)
+        except ConfigError as exc:
+            raise ConfigError(f"directions: {exc}") from exc
         base_digest = model_digest(model)
         q = batch_size / num_examples
         self.plan = PrivacyPlan(q, plan_noise(self.privacy, q, steps) if private else None, steps)
@@ -151,15 +167,17 @@ class PrivateZO:
         self._labels = np.zeros(num_examples, dtype=np.int64)
         settings = {"model": type(model).__qualname__, "trainable": patterns, "steps": steps, "lr": self.lr,
                     "mu": self.mu, "clip": self.privacy.clip if private else None, "batch_size": batch_size,
-                    "epsilon": self.privacy.epsilon if private else None, "delta": self.privacy.delta}
+                    "epsilon": self.privacy.epsilon if private else None, "delta": self.privacy.delta,
+                    **({"directions": self.directions} if self.directions > 1 else {})}
         self.ledger = None
         self._broken: str | None = None  # why no further step may run (a step failed after its release)
         if self.ledger_path is not None:
             self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
             self.ledger = Ledger.create(self.ledger_path, own_model_header(
                 settings, base_digest, selection.digest(), direction, self.plan.noise))
-        log.info("PrivateZO: %d trainable entries of %s, %d steps at sampling rate %.3g, noise %s", selection.size,
-                 type(model).__name__, steps, q, self.plan.noise.describe() if self.plan.noise else "none")
+        log.info("PrivateZO: %d trainable entries of %s, %d steps of %d direction(s) at sampling rate %.3g, noise "
+                 "%s", selection.size, type(model).__name__, steps, self.directions, q,
+                 self.plan.noise.describe() if self.plan.noise else "none")
 
     @property
     def epsilon(self) -> float:
@@ -177,7 +195,8 @@ class PrivateZO:
                                f"epsilon {self.privacy.epsilon} over exactly that many")
         released = self.accountant.steps
         try:
-            result, _ = private_step(self.view, self._ids, self._labels, self.steps_done + 1, [self._rng.seed64()],
+            seeds = step_seeds(self.view.kind, iter(self._rng.seed64, None), self.directions)
+            result, _ = private_step(self.view, self._ids, self._labels, self.steps_done + 1, seeds,
                                      self.lr, self.mu, self.plan, self._rng,
                                      self.privacy.clip if self.plan.noise is not None else None, self.microbatch,
                                      self.ledger, self.accountant)

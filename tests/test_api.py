@@ -64,6 +64,39 @@ def test_private_zo_spends_its_budget_step_by_step_and_writes_a_replayable_ledge
         seedtune.replay(tmp_path / "l.sqlite", model=base)
 
 
+def test_a_full_frame_step_is_the_gradient_step_and_costs_what_one_direction_costs(tmp_path):
+    """directions=0 with Hadamard directions: K one-sided estimates along a full frame over the trainable entries
+    are the gradient in another basis, so a non-private step on a loss linear in the weights (where the finite
+    difference is exact) moves the weights by -lr times the mean gradient; privately, the K-vector is one
+    Gaussian release, so K directions spend what one spends, and the ledger replays the weights."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    model = nn.Linear(5, 3)
+    base = copy.deepcopy(model)
+
+    def loss_fn(m, index):  # linear in the weights: w_c . x + b_c of each example's class c = index % 3
+        idx = torch.from_numpy(index)
+        return m(x[idx]).gather(1, (idx % 3)[:, None]).squeeze(1)
+
+    plain = seedtune.PrivateZO(model, loss_fn, 64, steps=1, batch_size=64, lr=0.5, mu=1e-2, direction="hadamard",
+                               directions=0, private=False)
+    assert plain.directions == 32  # 18 entries: the frame of 32
+    plain.step()
+    model_rows = torch.nn.functional.one_hot(torch.arange(64) % 3, 3).float()
+    grad_w, grad_b = model_rows.T @ x / 64, model_rows.mean(0)
+    torch.testing.assert_close(model.weight, base.weight - 0.5 * grad_w, atol=2e-5, rtol=0)
+    torch.testing.assert_close(model.bias, base.bias - 0.5 * grad_b, atol=2e-5, rtol=0)
+    many = seedtune.PrivateZO(copy.deepcopy(base), loss_fn, 64, steps=5, batch_size=16, epsilon=2.0,
+                              direction="hadamard", directions=0, ledger=tmp_path / "k.sqlite")
+    one = seedtune.PrivateZO(copy.deepcopy(base), loss_fn, 64, steps=5, batch_size=16, epsilon=2.0)
+    summary = many.fit(progress=False)
+    one.fit(progress=False)
+    assert summary["epsilon"] == pytest.approx(one.epsilon) and summary["epsilon"] <= 2.0
+    many.close()
+    replayed = seedtune.replay(tmp_path / "k.sqlite", model=copy.deepcopy(base))
+    assert replayed["entries"] == 5 * 32 and replayed["ledger_head"] == summary["ledger_head"]
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"batch_size": 500}, "batch_size 500 exceeds num_examples 400"),
     ({"epsilon": 0.0}, "epsilon must be a positive number, got 0.0"),
@@ -73,6 +106,9 @@ def test_private_zo_spends_its_budget_step_by_step_and_writes_a_replayable_ledge
     ({"trainable": ["nothing.*"]}, "no parameter name matches"),
     ({"lr": float("nan")}, "lr must be a positive number"),
     ({"direction": "uniform"}, "direction must be one of"),
+    ({"directions": 0}, "or 0 (a full frame) with direction='hadamard', got 0"),
+    ({"directions": -2}, "directions must be an integer >= 1"),
+    ({"directions": 4, "noise": "laplace"}, "directions other than 1 need noise='gaussian'"),
 ])
 def test_private_zo_refuses_bad_settings_by_name(kwargs, message):
     model, loss_fn = _mlp_task()
