@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the one this file is in)")
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="RunConfig overrides")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="RunConfig overrides (values read as JSON where they parse: 5, 0.05, true)")
     args = parser.parse_args(argv)
     checkout = Path(args.checkout or Path(__file__).resolve().parents[1]).resolve()
     overrides = {}
@@ -58,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             print(f"--set {item!r}: expected KEY=VALUE", file=sys.stderr)
             return 2
-        overrides[key] = value
+        try:  # numbers and booleans as JSON reads them ("5", "0.05", "true"); anything else stays a string
+            overrides[key] = json.loads(value)
+        except ValueError:
+            overrides[key] = value
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
