@@ -369,6 +369,37 @@ def _at_instructed_version(ins: Instruction, state: NodeState, runtime: Runtime,
     return replica
 
 
+def _local_round(ins: Instruction, state: NodeState, replica: LedgerFollower, data: Partition, k: int,
+                 noise: Noise | None, rng: SecureRandom) -> list[float]:
+    """The round's local steps of k directions each, with local progress: every step's privatised scalars (with
+    ``noise``), or, without it (the data holder is the privacy unit), every step's plain mean estimates, which the
+    caller releases once as a whole. The model is back at the ledger's version afterwards."""
+    h = ins.hyper
+    microbatch = replica.config.model.microbatch
+    scalars: list[float] = []
+    losses: list[float] = []
+    nonfinite = 0
+    try:
+        lr = update_scale(h.lr, k)
+        for first in range(0, len(ins.seeds), k):
+            seeds = tuple(ins.seeds[first : first + k])
+            result = zo_step(replica.view, data.ids, data.labels, seeds=seeds, mu=h.mu,
+                             sample_rate=h.sample_rate, microbatch=microbatch, rng=rng,
+                             clip=h.clip if noise is not None else None, noise=noise)
+            scalars.extend(result.scalars)
+            losses.append(result.loss)
+            nonfinite += result.nonfinite
+            # local progress only, a step's entries in one call as every applier makes it (Hadamard frames)
+            replica.view.apply_all([(seed, coefficient(lr, s)) for seed, s in zip(seeds, result.scalars)])
+    finally:
+        # the model moves only by the ledger (state.values: set by the catch-up above)
+        replica.load_values(cast(np.ndarray, state.values), state.version, state.head)
+    # Kept in the node's own log, never sent: the loss and the non-finite count depend on the private batch.
+    log.info("round %d: mean batch loss %.4f, %d non-finite estimates zeroed (local only)", ins.round,
+             float(np.nanmean(losses)) if losses else math.nan, nonfinite)
+    return scalars
+
+
 def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder, rng: SecureRandom,
          runtime: Runtime, reply: Reply) -> Reply:
     replica = _at_instructed_version(ins, state, runtime, holder, reply)
@@ -386,7 +417,8 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
     data = _load(source, replica)
     if replica.config.federation.secure_aggregation != "none":  # the round is SecAgg+'s four steps
         reply, state.secure = secure_round.begin(ins, reply.node, replica, data.ids, data.labels, holder, budget,
-                                                 noise, rng, reply)
+                                                 noise, rng, reply,
+                                                 lambda: _local_round(ins, state, replica, data, k, None, rng))
         return reply
     request = request_key(ins.header_digest, ins.round, ins.model_version, list(ins.seeds))
     stored = holder.ledger.reply_for(holder.spends, request)
@@ -403,29 +435,7 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
     if prepare is not None:
         prepare(data.ids, len(ins.seeds) // k * h.sample_rate)
 
-    microbatch = replica.config.model.microbatch
-    scalars: list[float] = []
-    losses: list[float] = []
-    nonfinite = 0
-    try:
-        lr = update_scale(h.lr, k)
-        for first in range(0, len(ins.seeds), k):
-            seeds = tuple(ins.seeds[first : first + k])
-            result = zo_step(replica.view, data.ids, data.labels, seeds=seeds, mu=h.mu,
-                             sample_rate=h.sample_rate, microbatch=microbatch, rng=rng,
-                             clip=h.clip if h.private and not per_holder else None,
-                             noise=None if per_holder else noise)
-            scalars.extend(result.scalars)
-            losses.append(result.loss)
-            nonfinite += result.nonfinite
-            # local progress only, a step's entries in one call as every applier makes it (Hadamard frames)
-            replica.view.apply_all([(seed, coefficient(lr, s)) for seed, s in zip(seeds, result.scalars)])
-    finally:
-        # the model moves only by the ledger (state.values: set by the catch-up above)
-        replica.load_values(cast(np.ndarray, state.values), state.version, state.head)
-    # Kept in the node's own log, never sent: the loss and the non-finite count depend on the private batch.
-    log.info("round %d: mean batch loss %.4f, %d non-finite estimates zeroed (local only)", ins.round,
-             float(np.nanmean(losses)) if losses else math.nan, nonfinite)
+    scalars = _local_round(ins, state, replica, data, k, None if per_holder else noise, rng)
     if per_holder:  # the round's vector is released once, clipped as a whole and noised (its steps' means are not)
         scalars = list(holder_release(np.asarray(scalars), h.clip, rate, cast(Noise, noise), rng))
     reply.model_version = replica.version

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from seedtune.client.privacy_ledger import Budget, Run, request_key
-from seedtune.client.zo_step import estimates, integer_release
+from seedtune.client.zo_step import estimates, holder_integer_release, integer_release
 from seedtune.shared.engine.follower import LedgerFollower
 from seedtune.shared.privacy.noise import Noise, SecureRandom, Skellam
 from seedtune.shared.protocol.identity import sign_reply
@@ -106,9 +106,14 @@ class Pending:
 
 def begin(ins: Instruction, node_id: int, replica: LedgerFollower, ids: Sequence[Sequence[int]], labels: np.ndarray,
           holder: Holder, budget: Budget | None, noise: Noise | None, rng: SecureRandom,
-          reply: Reply) -> tuple[Reply, bytes]:
+          reply: Reply, local_round: Callable[[], list[float]]) -> tuple[Reply, bytes]:
     """Stage 1: compute this node's vector for the round and open its SecAgg+ session; the reply carries its
-    public keys and nothing derived from its data. Returns the signed reply and the pending state to keep."""
+    public keys and nothing derived from its data. Returns the signed reply and the pending state to keep.
+
+    When the data holder is the privacy unit (privacy.unit = "holder"), ``local_round`` gives the round's plain
+    mean estimates (local steps with local progress, nothing released), and the release is that whole vector,
+    clipped, let in by the holder's secret coin and rounded (client.zo_step.holder_integer_release): one
+    Skellam release of the round's length per round, at privacy.holder_rate."""
     h, shares = ins.hyper, replica.config.federation.min_replies
     if not ins.HasField("secure") or ins.secure.stage != 1:
         raise SecureRefusal("this federation's ledger header asks for secure aggregation: a train instruction must "
@@ -129,25 +134,31 @@ def begin(ins: Instruction, node_id: int, replica: LedgerFollower, ids: Sequence
     if holder.ledger.reply_for(holder.spends, request) is not None:
         raise SecureRefusal(f"round {ins.round} was already released by this holder: a secure round is not rerun")
     k = directions_per_step(replica.config.zo.directions, replica.size)  # (client.node checked whole steps)
-    if noise.directions != k:  # its accounting would be for another release than the one this node makes
-        raise SecureRefusal(f"the header's Skellam noise is accounted for {noise.directions} directions per step, "
-                            f"this federation's steps have {k}")
-    steps = len(ins.seeds) // k
-    holder.ledger.check(holder.spends, charged(holder, noise, shares, h.sample_rate, steps)[0], budget)
+    per_holder = replica.config.privacy.unit == "holder"
+    width = len(ins.seeds) if per_holder else k  # the coordinates of one release: the round's, or one step's
+    if noise.directions != width:  # its accounting would be for another release than the one this node makes
+        raise SecureRefusal(f"the header's Skellam noise is accounted for releases of {noise.directions} "
+                            f"coordinates, this node's have {width}")
+    steps, rate = replica.config.privacy_events() if per_holder else (len(ins.seeds) // k, h.sample_rate)
+    holder.ledger.check(holder.spends, charged(holder, noise, shares, rate, steps)[0], budget)
     prepare = getattr(replica.view, "prepare", None)  # a torch view: each record's frozen part, once
     if prepare is not None:
-        prepare(ids, steps * h.sample_rate)
-    vector = np.concatenate([
-        integer_release(estimates(replica.view, ids, labels, tuple(ins.seeds[first:first + k]), h.mu, h.sample_rate,
-                                  replica.config.model.microbatch, rng)[0], h.clip, noise, shares, rng)
-        for first in range(0, len(ins.seeds), k)])
+        prepare(ids, len(ins.seeds) // k * h.sample_rate)
+    if per_holder:
+        vector = holder_integer_release(np.asarray(local_round()), h.clip, rate, noise, shares, rng)
+    else:
+        vector = np.concatenate([
+            integer_release(estimates(replica.view, ids, labels, tuple(ins.seeds[first:first + k]), h.mu,
+                                      h.sample_rate, replica.config.model.microbatch, rng)[0], h.clip, noise, shares,
+                            rng)
+            for first in range(0, len(ins.seeds), k)])
     limit = (1 << 63) // len(step.ring) - 1  # no sum of the ring's vectors can wrap around 2^64
     if np.abs(vector).max(initial=0) > limit:  # (the value itself is private: not in the message)
         raise SecureRefusal(f"this node's vector passes the field's limit {limit} for {len(step.ring)} nodes")
     keys = session.advertise()
     reply.model_version = replica.version
     reply.secure.keys.encryption, reply.secure.keys.masking = keys.encryption, keys.masking
-    pending = Pending(ins.round, ins.header_digest, ins.model_version, request, steps, h.sample_rate, shares,
+    pending = Pending(ins.round, ins.header_digest, ins.model_version, request, steps, rate, shares,
                       [int(v) for v in vector], session.dump().decode())
     return pending.seal(reply, 1, session, holder)
 

@@ -202,6 +202,18 @@ def zo_step(
                       float(losses.mean()) if len(losses) else float("nan"))
 
 
+def holder_integer_release(values: np.ndarray, clip: float, rate: float, noise: Skellam, share: int,
+                           rng: SecureRandom) -> np.ndarray:
+    """:func:`holder_release` under secure aggregation: the round's vector clipped to L2 norm C as a whole, let in
+    with probability ``rate`` by a secret CSPRNG coin (else zeros, and nobody can tell which), rounded to integer
+    units as :func:`integer_release` rounds one example's row, plus this node's ``1 / share`` of the central
+    Skellam variance. Adding or removing the holder moves the sum by at most the record's sensitivities: one
+    Poisson-subsampled Skellam release per round. The server divides the sum by ``rate`` (not by a batch)."""
+    row = np.asarray(values, dtype=np.float64)[None, :]
+    kept = row if rng.uniform(1)[0] < rate else np.zeros_like(row)
+    return integer_release(kept, clip, noise, share, rng)
+
+
 def integer_release(g: np.ndarray, clip: float, noise: Skellam, share: int, rng: SecureRandom) -> np.ndarray:
     """A secure-aggregation step's vector from its estimates ``g`` (n, K) (shared.privacy.skellam): each
     example's clipped row in units of ``clip / noise.sensitivity``, rounded up or down at random (so one example

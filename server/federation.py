@@ -119,14 +119,16 @@ class FederatedServer:
         per_round, rate = self.config.privacy_events()
         events = fed.rounds * per_round
         if privacy.enabled and fed.secure_aggregation != "none":  # the central noise the survivors' shares sum to
-            plan = calibrate_skellam(privacy.epsilon, privacy.delta, rate, events, privacy.clip, self.directions,
+            # one release: a step's K directions, or a holder-unit node's whole round (client.secure_round)
+            width = self.directions * (fed.local_steps if privacy.unit == "holder" else 1)
+            plan = calibrate_skellam(privacy.epsilon, privacy.delta, rate, events, privacy.clip, width,
                                      fed.min_replies)
             noise = plan.noise()
-            if self.directions > 1:  # the K-coordinate RDP bound is loose at high sampling rates: say what it costs
+            if width > 1:  # the K-coordinate RDP bound is loose at high sampling rates: say what it costs
                 ratio = gaussian_ratio(plan, privacy.epsilon, privacy.delta, rate, events)
                 (log.warning if ratio > 1.5 else log.info)(
-                    "secure aggregation of %d directions per step: the RDP bound costs %.2fx the Gaussian's noise "
-                    "at sampling rate %.4g over %d steps%s", self.directions, ratio, rate, events,
+                    "secure aggregation of releases of %d coordinates: the RDP bound costs %.2fx the Gaussian's "
+                    "noise at sampling rate %.4g over %d releases%s", width, ratio, rate, events,
                     "; a lower federation.sample_rate costs less (configs/federated_head_secure.toml: 0.05)"
                     if ratio > 1.5 else "")
         elif privacy.enabled:

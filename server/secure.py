@@ -181,7 +181,10 @@ class SecureRound:
         out.provenance = [Provenance(n, holders.get(n, ""), in_sum if n in masked else fate.get(n, DROPPED))
                           for n in plan.nodes if n in masked or n in fate]
         if total is not None:
-            scale = self.config.privacy.clip / (self.noise.sensitivity * fed.secure_batch * len(masked))
+            # a node's vector is its sample's clipped sum (divided by its public expected batch), or, when the
+            # holder is the privacy unit, its round's clipped vector behind a coin (divided by the coin's rate)
+            per_node = self.config.privacy.holder_rate if self.config.privacy.unit == "holder" else fed.secure_batch
+            scale = self.config.privacy.clip / (self.noise.sensitivity * per_node * len(masked))
             aggregate = (total.astype(np.float64) * scale).astype("<f4")
             out.provenance.append(Provenance(0, "", SECURE_SUM, aggregate.tobytes()))
         return out

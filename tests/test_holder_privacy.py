@@ -13,10 +13,10 @@ import pytest
 
 from seedtune.client.privacy_ledger import open_privacy_ledger
 from seedtune.client.trainer import plan_privacy
-from seedtune.client.zo_step import holder_release
+from seedtune.client.zo_step import holder_integer_release, holder_release
 from seedtune.server.federation import FederatedServer
 from seedtune.shared.privacy.accounting import StepRun, noise_epsilon
-from seedtune.shared.privacy.noise import Noise, SecureRandom
+from seedtune.shared.privacy.noise import Noise, SecureRandom, Skellam
 from seedtune.shared.task.config import ConfigError
 from seedtune.simulations.inprocess import InProcessGrid
 from tests.test_federation import fed_config
@@ -72,7 +72,6 @@ def test_the_model_card_states_the_holder_level_guarantee(holder_run, tmp_path):
 
 
 @pytest.mark.parametrize("extra, key", [
-    ({"federation.secure_aggregation": "secagg+", "federation.min_replies": 2}, "privacy.unit"),
     ({"privacy.noise": "laplace"}, "privacy.unit"),
     ({"privacy.enabled": False}, "privacy.unit"),
     ({"privacy.holder_rate": 0.0}, "privacy.holder_rate"),
@@ -85,3 +84,42 @@ def test_what_holder_level_dp_cannot_account_is_refused_by_name(tmp_path, extra,
 def test_a_centralized_run_refuses_the_holder_unit(tmp_path):
     with pytest.raises(ConfigError, match="privacy.unit"):
         plan_privacy(fed_config(tmp_path, **HOLDER_RUN), 1000)
+
+
+def test_a_holder_round_under_secure_aggregation_is_one_skellam_release_of_the_rounds_length(tmp_path, monkeypatch):
+    """privacy.unit = "holder" with secure aggregation: each node's round vector (every local step's mean
+    estimate) is clipped as a whole, let in by its coin, rounded and noised with its share of the Skellam noise
+    accounted for that vector's length; the server learns the sum, divides it by the coin's rate, and each holder
+    is charged one release per round at that rate, central and local."""
+    from tests.test_secure_aggregation import NODES, SECURE_RUN, STEPS, Recorder
+
+    grid = InProcessGrid(NODES, privacy_ledger=str(tmp_path / "holders.sqlite"))
+    recorder = Recorder(grid, monkeypatch)
+    config = fed_config(tmp_path / "run", **{**SECURE_RUN, **HOLDER_RUN})
+    server = FederatedServer(config, grid, tmp_path / "run")
+    summary = server.run()
+    noise = server.noise
+    assert isinstance(noise, Skellam) and noise.directions == STEPS  # the round's vector, one direction a step
+    assert summary["clients_agree"] and summary["epsilon_agree"] and len(server.ledger) == 2 * STEPS
+    expected = noise_epsilon((StepRun(noise, 0.5, 2),), 1e-5)  # 2 rounds at the coin's rate
+    assert expected <= 3.0
+    rows = {row["budget"]: row for row in open_privacy_ledger(tmp_path / "holders.sqlite").summary(1e-5)}
+    for holder, spent in summary["epsilon_holders"].items():
+        assert spent == pytest.approx(expected) and rows[holder]["steps"] == 2
+        assert rows[f"{holder}#local"]["epsilon"] > 1.3 * expected
+    for rnd in (1, 2):  # the aggregate is the nodes' vectors' sum over the coin's rate
+        total = sum(recorder.vectors[rnd, node] for node in server.courier.live())
+        aggregate = next(p for p in server.ledger.replies(rnd) if p.status == "secure_sum").values()
+        np.testing.assert_allclose(aggregate, (total * config.privacy.clip / (noise.sensitivity * 0.5 * NODES))
+                                   .astype("<f4"), rtol=1e-6)
+
+
+def test_a_holder_vector_is_clipped_whole_let_in_by_the_coin_and_rounded_within_the_sensitivity():
+    rng = SecureRandom()
+    quiet = Skellam(1e-12, 400, 16)
+    large = np.full(16, 3.0)  # norm 12: clipped to C = 1 as a whole
+    draws = np.array([holder_integer_release(large, 1.0, 0.25, quiet, 1, rng) for _ in range(2000)])
+    kept = np.any(draws != 0, axis=1)
+    assert abs(kept.mean() - 0.25) < 0.04
+    assert np.all(np.abs(draws[kept] - 100) <= 1)  # 400 units / sqrt(16) per coordinate, rounded
+    assert np.linalg.norm(draws, axis=1).max() <= quiet.l2_sensitivity

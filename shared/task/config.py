@@ -538,11 +538,9 @@ class RunConfig(Settings):
                  self.zo.directions)
         if self.federation.secure_aggregation != "none":
             self._check_secure_aggregation()
-        _require(self.privacy.unit == "example" or (self.privacy.enabled and self.privacy.noise == "gaussian"
-                                                    and self.federation.secure_aggregation == "none"),
+        _require(self.privacy.unit == "example" or (self.privacy.enabled and self.privacy.noise == "gaussian"),
                  "privacy.unit", "'holder' needs privacy.enabled with privacy.noise = 'gaussian' (a node's whole vector "
-                 "is one Gaussian release) and plain rounds (its Skellam counterpart under secure aggregation would "
-                 "need the multi-coordinate accounting)", self.privacy.unit)
+                 "is one Gaussian release, or under secure aggregation one Skellam release)", self.privacy.unit)
         _require(self.federation.partition != "dirichlet" or self.task.kind == "classification",
                  "federation.partition", "'dirichlet' skews labels: a classification task's only", "dirichlet")
         _require(self.model.head_layer == 0 or self.model.decoder_head == "centred", "model.head_layer",
