@@ -12,9 +12,11 @@ before the reply leaves) and answers the unmasking (stage 4). A re-delivered sta
 No local progress within the round: every step is computed at the round's model version. Under secure
 aggregation the server sees only sums, so a node's own noised value is not a release, and moving its local
 copy by it (as a plain round does with its released scalars) would make its later steps depend on a value that
-carries only a share of the noise, outside the central accounting.
+carries only a share of the noise, outside the central accounting. (When the data holder is the privacy unit,
+the whole round is one release, so its local steps move by their plain means, as in a plain holder round.)
 
-What the node's holder is charged: each step is one subsampled Skellam release, seen two ways: at the header's
+What the node's holder is charged: each step (for the holder unit, each round) is one subsampled Skellam
+release, seen two ways: at the header's
 central variance (the central guarantee, given at least ``min_replies`` survivors and a server that follows the
 protocol) and at the node's own share of it (the local guarantee, against any server). Its budget is checked
 against the local one unless its operator trusts the server's protocol (node config

@@ -129,8 +129,8 @@ class FederatedServer:
                 (log.warning if ratio > 1.5 else log.info)(
                     "secure aggregation of releases of %d coordinates: the RDP bound costs %.2fx the Gaussian's "
                     "noise at sampling rate %.4g over %d releases%s", width, ratio, rate, events,
-                    "; a lower federation.sample_rate costs less (configs/federated_head_secure.toml: 0.05)"
-                    if ratio > 1.5 else "")
+                    f"; a lower {'privacy.holder_rate' if privacy.unit == 'holder' else 'federation.sample_rate'} "
+                    "costs less (configs/federated_head_secure.toml samples at 0.05)" if ratio > 1.5 else "")
         elif privacy.enabled:
             noise = plan_noise(privacy, rate, events, nodes_stop_at_budget=True)
         if noise is not None:

@@ -111,7 +111,8 @@ def model_card(info: dict[str, Any], config: RunConfig, record: PrivacyRecord, c
         f"- epsilon: {_fmt(record.epsilon_max)}" + (f" (the largest of {len(record.epsilon)} holders)"
                                                        if record.epsilon and len(record.epsilon) > 1 else ""),
         f"- delta: {record.delta:g}",
-        "- Privacy unit: one training example (add/remove), per data holder",
+        "- Privacy unit: " + ("a data holder's whole data (add/remove)" if config.privacy.unit == "holder"
+                              else "one training example (add/remove), per data holder"),
         f"- Accounting: {record.accounting} of the noise as sampled: " + record.noise,
         *([f"- Secure aggregation: the server saw only each round's sums; the epsilon above holds while it followed "
            f"the protocol and at least {config.federation.min_replies} nodes survived each round. Against a server "

@@ -10,7 +10,8 @@ and nothing else; each stage's replies pass the same envelope checks as a plain 
 
 A round with fewer than ``federation.min_replies`` masked vectors, or whose masks cannot all be removed, commits
 nothing. Otherwise the per-seed aggregate is the sum in scalar units divided by the survivors and the public
-``federation.secure_batch``; it is the round's one ``secure_sum`` provenance row, and each node in the sum has a
+``federation.secure_batch`` (for the holder unit, by ``privacy.holder_rate``: a node's vector is its round's,
+clipped whole, behind its coin); it is the round's one ``secure_sum`` provenance row, and each node in the sum has a
 ``masked`` row without scalars: the ledger's verifier recomputes the coefficients from the aggregate, and no
 node's scalars are stored because none were seen.
 """

@@ -67,8 +67,9 @@ def test_the_model_card_states_the_holder_level_guarantee(holder_run, tmp_path):
                           "--out", str(tmp_path / "model")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["epsilon"] == pytest.approx(summary["epsilon_max"])
-    assert "for one data holder's whole data added to or removed from the federation" in \
-        (tmp_path / "model" / "README.md").read_text()
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "for one data holder's whole data added to or removed from the federation" in card
+    assert "- Privacy unit: a data holder's whole data (add/remove)" in card and "one training example" not in card
 
 
 @pytest.mark.parametrize("extra, key", [
