@@ -417,7 +417,7 @@ def _run(ins: Instruction, state: NodeState, source: DataSource, holder: Holder,
     data = _load(source, replica)
     if replica.config.federation.secure_aggregation != "none":  # the round is SecAgg+'s four steps
         reply, state.secure = secure_round.begin(ins, reply.node, replica, data.ids, data.labels, holder, budget,
-                                                 noise, rng, reply,
+                                                 noise, rng, reply, k,
                                                  lambda: _local_round(ins, state, replica, data, k, None, rng))
         return reply
     request = request_key(ins.header_digest, ins.round, ins.model_version, list(ins.seeds))

@@ -28,7 +28,7 @@ holder status`` shows both.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -40,7 +40,6 @@ from seedtune.shared.privacy.noise import Noise, SecureRandom, Skellam
 from seedtune.shared.protocol.identity import sign_reply
 from seedtune.shared.protocol.proto import Instruction, Reply, ShareAnswer
 from seedtune.shared.protocol.secagg import NodeSession, PublicKeys, RoundGraph, SecAggError, round_context
-from seedtune.shared.task.config import directions_per_step
 
 if TYPE_CHECKING:
     from seedtune.client.node import Holder
@@ -63,7 +62,7 @@ def charged(holder: Holder, noise: Skellam, shares: int, rate: float, steps: int
     """The run the holder's budget is charged and checked with, and the other view of the same release with the
     budget it is recorded under: central and local noise, by whether the node trusts the server's protocol."""
     central = (noise, rate, steps)
-    local = (replace(noise, variance=noise.variance / shares), rate, steps)
+    local = (noise.share(shares), rate, steps)
     if holder.trusts_secure_sum:
         return central, (local_budget(holder.spends), local)
     return local, (central_budget(holder.spends), central)
@@ -108,9 +107,10 @@ class Pending:
 
 def begin(ins: Instruction, node_id: int, replica: LedgerFollower, ids: Sequence[Sequence[int]], labels: np.ndarray,
           holder: Holder, budget: Budget | None, noise: Noise | None, rng: SecureRandom,
-          reply: Reply, local_round: Callable[[], list[float]]) -> tuple[Reply, bytes]:
+          reply: Reply, k: int, local_round: Callable[[], list[float]]) -> tuple[Reply, bytes]:
     """Stage 1: compute this node's vector for the round and open its SecAgg+ session; the reply carries its
-    public keys and nothing derived from its data. Returns the signed reply and the pending state to keep.
+    public keys and nothing derived from its data. Returns the signed reply and the pending state to keep. ``k``:
+    the header's directions per step (client.node checked the seeds are whole steps of it).
 
     When the data holder is the privacy unit (privacy.unit = "holder"), ``local_round`` gives the round's plain
     mean estimates (local steps with local progress, nothing released), and the release is that whole vector,
@@ -135,7 +135,6 @@ def begin(ins: Instruction, node_id: int, replica: LedgerFollower, ids: Sequence
     request = request_key(ins.header_digest, ins.round, ins.model_version, list(ins.seeds))
     if holder.ledger.reply_for(holder.spends, request) is not None:
         raise SecureRefusal(f"round {ins.round} was already released by this holder: a secure round is not rerun")
-    k = directions_per_step(replica.config.zo.directions, replica.size)  # (client.node checked whole steps)
     per_holder = replica.config.privacy.unit == "holder"
     width = len(ins.seeds) if per_holder else k  # the coordinates of one release: the round's, or one step's
     if noise.directions != width:  # its accounting would be for another release than the one this node makes

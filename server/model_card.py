@@ -13,7 +13,7 @@ published (the run folder's summary.json keeps it for the data holder).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,7 @@ def privacy_record(ledger: Ledger, config: RunConfig, ledger_path: str | Path) -
     if noise is not None and rate is not None:
         epsilon = {holder: _epsilon(noise, float(rate), count, config.privacy.delta) for holder, count in steps.items()}
         if isinstance(noise, Skellam) and steps:  # what each node's own share of the noise protects alone
-            share = replace(noise, variance=noise.variance / config.federation.min_replies)
-            local = _epsilon(share, float(rate), max(steps.values()), config.privacy.delta)
+            local = _epsilon(noise.share(config.federation.min_replies), float(rate), max(steps.values()), config.privacy.delta)
     accounting = ("RDP bound of a K-coordinate Skellam release (Agarwal et al. 2021 under Zhu and Wang's sampling "
                   "bound), dp-accounting's conversion" if noise is not None and noise.accounted_by_rdp
                   else "PLD (dp-accounting)")

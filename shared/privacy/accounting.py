@@ -26,6 +26,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
 from seedtune.shared.privacy.noise import Noise
+from seedtune.shared.privacy.rdp import rdp_to_epsilon
 
 _RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 _PLD_DISCRETIZATION = 1e-4
@@ -326,8 +327,6 @@ def noise_epsilon(runs: tuple[StepRun, ...], delta: float) -> float:
         rdp_total = curve if rdp_total is None else rdp_total + curve
     if rdp_total is None:
         return _pld_runs_epsilon(pld_runs, delta)
-    from seedtune.shared.privacy.rdp import rdp_to_epsilon
-
     if not pld_runs:
         return rdp_to_epsilon(rdp_total, delta)
     return _pld_runs_epsilon(pld_runs, delta / 2) + rdp_to_epsilon(rdp_total, delta / 2)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
+
+from seedtune.shared.privacy.rdp import subsampled_skellam_curve
 
 
 class SecureRandom:
@@ -301,6 +303,11 @@ class Skellam(Noise):
             return float(self.sensitivity)
         return math.sqrt(self.directions) * self.sensitivity + self.directions
 
+    def share(self, parts: int) -> "Skellam":
+        """What one of ``parts`` nodes adds (a ``parts``-th of the variance; ``parts`` of them sum to this noise):
+        the noise that alone protects a node's release if the secure sum fails (its local guarantee)."""
+        return replace(self, variance=self.variance / parts)
+
     def sample(self, rng: "SecureRandom", n: int) -> np.ndarray:
         return self.integers(rng, n, self.variance) / self.sensitivity
 
@@ -347,8 +354,6 @@ class Skellam(Noise):
     def rdp_curve(self, sample_rate: float) -> np.ndarray:
         if not self.accounted_by_rdp:
             return super().rdp_curve(sample_rate)
-        from seedtune.shared.privacy.rdp import subsampled_skellam_curve
-
         return subsampled_skellam_curve(self.l1_sensitivity, self.l2_sensitivity, self.variance, sample_rate)
 
     def _record(self) -> dict[str, Any]:

@@ -111,7 +111,8 @@ class SkellamPlan:
     def noise(self, local: bool = False) -> Skellam:
         """The central noise (or one node's share of it, ``local``) as the ledger header pins and every
         accountant composes it."""
-        return Skellam(self.node_variance if local else self.variance, self.units, self.directions)
+        central = Skellam(self.variance, self.units, self.directions)
+        return central.share(self.threshold) if local else central
 
 
 def default_scale(clip: float, directions: int, share: float = ROUNDING_SHARE) -> float:
